@@ -1,0 +1,411 @@
+"""Audience packages: immutable, versioned snapshots of a segment's result.
+
+A package is built by streaming the segment query from its source into the workspace
+database in batches, so memory stays O(batch) whatever the audience size. Its manifest
+records the flow, segment, SQL sha256, parameters, build time, size and counts per tier.
+Rows are numbered (``seq``) so a run can read any chunk by range.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import secrets
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    Integer,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from herald.flows.db import metadata
+from herald.flows.errors import AudienceError, WorkspaceError
+from herald.flows.spec import FlowSpec, Scalar
+from herald.flows.workspace import Workspace
+
+DEFAULT_TIER = "default"
+INSERT_BATCH = 5000
+
+packages = Table(
+    "herald_packages", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("flow", String(128), nullable=False, index=True),
+    Column("segment", String(255), nullable=False),
+    Column("source", String(128), nullable=False),
+    Column("sql_sha256", String(64), nullable=False),
+    Column("params", Text, nullable=False),
+    Column("key_column", String(128), nullable=False),
+    Column("tier_column", String(128)),
+    Column("columns", Text, nullable=False),
+    Column("built_at", DateTime(timezone=True), nullable=False),
+    Column("size", Integer, nullable=False, default=0),
+    Column("tiers", Text, nullable=False, default="{}"),
+    Column("status", String(16), nullable=False),  # building | ready
+)
+
+package_rows = Table(
+    "herald_package_rows", metadata,
+    Column("package_id", String(40), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("key", String(255), nullable=False),
+    Column("tier", String(128), nullable=False),
+    Column("data", Text, nullable=False),
+    # A duplicate key in the segment's result would mean two messages to one person.
+    UniqueConstraint("package_id", "key", name="uq_herald_package_rows_key"),
+)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A segment query ready to run: its file, text, hash and bound parameters."""
+
+    name: str
+    file: str  # workspace-relative, for messages
+    sql: str
+    sha256: str
+    params: dict[str, Scalar]
+
+
+@dataclass(frozen=True)
+class Package:
+    """A package's manifest."""
+
+    id: str
+    flow: str
+    segment: str
+    source: str
+    sql_sha256: str
+    params: dict[str, Any]
+    key_column: str
+    tier_column: str | None
+    columns: list[str]
+    built_at: datetime
+    size: int
+    tiers: dict[str, int]
+    status: str
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "flow": self.flow, "segment": self.segment,
+            "source": self.source, "sql_sha256": self.sql_sha256, "params": self.params,
+            "key": self.key_column, "tier_column": self.tier_column,
+            "columns": self.columns, "built_at": self.built_at.isoformat(),
+            "size": self.size, "tiers": self.tiers, "status": self.status,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    """One row of a package."""
+
+    seq: int
+    key: str
+    tier: str
+    data: dict[str, Any]
+
+
+def load_segment(ws: Workspace, flow: FlowSpec, overrides: Mapping[str, Scalar] | None = None
+                 ) -> Segment:
+    """Read the flow's segment SQL (the source dialect's variant if any) and bind params."""
+    engine = ws.source(flow.audience.source)
+    path = ws.segment_file(flow.audience.segment, engine.dialect.name)
+    rel = ws.relative(path)
+    try:
+        sql = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WorkspaceError(f"{rel}: not valid UTF-8 (byte {exc.start})") from None
+    sql = sql.strip().rstrip(";").rstrip()
+    if not sql:
+        raise AudienceError(f"{rel}: the segment is empty")
+    params: dict[str, Scalar] = {**flow.audience.params, **(overrides or {})}
+    used = set(text(sql).compile().binds)
+    missing = sorted(used - params.keys())
+    if missing:
+        raise AudienceError(f"{rel}: parameter{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(':' + m for m in missing)} not given (set "
+                            "audience.params in the flow or pass -p name=value)")
+    unused = sorted(params.keys() - used)
+    if unused:
+        raise AudienceError(f"{rel}: unknown parameter{'s' if len(unused) > 1 else ''} "
+                            f"{', '.join(unused)} (the SQL uses: "
+                            f"{', '.join(sorted(used)) or 'none'})")
+    digest = hashlib.sha256(sql.encode("utf-8")).hexdigest()
+    return Segment(flow.audience.segment, rel, sql, digest, {k: params[k] for k in used})
+
+
+def probe_columns(ws: Workspace, flow: FlowSpec, segment: Segment) -> list[str]:
+    """The segment's result columns, without fetching its rows."""
+    engine = ws.source(flow.audience.source)
+    probe = f"SELECT * FROM (\n{segment.sql}\n) AS herald_probe LIMIT 0"
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(text(probe), segment.params).keys())
+    except DBAPIError as exc:
+        raise AudienceError(f"{segment.file}: the query failed: {_db_message(exc)}") from None
+
+
+def _db_message(exc: DBAPIError) -> str:
+    return str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc).splitlines()[0]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    if isinstance(value, bytes | memoryview):
+        return bytes(value).decode("utf-8", errors="replace")
+    return value
+
+
+def build(ws: Workspace, flow: FlowSpec, segment: Segment) -> Package:
+    """Run ``segment`` streamed and store its rows as a new, immutable package."""
+    source = ws.source(flow.audience.source)
+    store = ws.store
+    key_col, tier_col = flow.audience.key, flow.audience.tier
+    package_id = f"pkg-{secrets.token_hex(5)}"
+    built_at = datetime.now(UTC)
+    with store.begin() as conn:
+        conn.execute(insert(packages).values(
+            id=package_id, flow=flow.name, segment=segment.name, source=flow.audience.source,
+            sql_sha256=segment.sha256, params=json.dumps(segment.params), key_column=key_col,
+            tier_column=tier_col, columns="[]", built_at=built_at, size=0, tiers="{}",
+            status="building"))
+    tiers: Counter[str] = Counter()
+    size = 0
+    columns: list[str] = []
+    try:
+        with source.connect() as src:
+            result = src.execution_options(stream_results=True, yield_per=INSERT_BATCH).execute(
+                text(segment.sql), segment.params)
+            columns = list(result.keys())
+            for needed, what in ((key_col, "audience.key"), (tier_col, "audience.tier")):
+                if needed and needed not in columns:
+                    raise AudienceError(f"{segment.file}: the result has no column "
+                                        f"'{needed}' ({what}; columns: {', '.join(columns)})")
+            for batch in result.mappings().partitions(INSERT_BATCH):
+                rows: list[dict[str, Any]] = []
+                for row in batch:
+                    key = row[key_col]
+                    if key is None:
+                        raise AudienceError(f"{segment.file}: row {size + len(rows) + 1} has "
+                                            f"NULL in key column '{key_col}'")
+                    tier = str(row[tier_col]) if tier_col and row[tier_col] is not None \
+                        else DEFAULT_TIER
+                    tiers[tier] += 1
+                    rows.append({"package_id": package_id, "seq": size + len(rows),
+                                 "key": str(key), "tier": tier,
+                                 "data": json.dumps({c: _jsonable(v) for c, v in row.items()},
+                                                    ensure_ascii=False)})
+                _insert_rows(store, rows, segment.file)
+                size += len(rows)
+    except DBAPIError as exc:
+        _discard(store, package_id)
+        raise AudienceError(f"{segment.file}: the query failed: {_db_message(exc)}") from None
+    except BaseException:
+        _discard(store, package_id)
+        raise
+    with store.begin() as conn:
+        conn.execute(update(packages).where(packages.c.id == package_id).values(
+            size=size, tiers=json.dumps(dict(sorted(tiers.items()))),
+            columns=json.dumps(columns), status="ready"))
+    return get(ws, package_id)
+
+
+def _insert_rows(store: Engine, rows: list[dict[str, Any]], file: str) -> None:
+    try:
+        with store.begin() as conn:
+            conn.execute(insert(package_rows), rows)
+    except IntegrityError:
+        keys = Counter(r["key"] for r in rows)
+        dup = [k for k, n in keys.items() if n > 1]
+        if not dup:
+            with store.connect() as conn:
+                found = conn.execute(select(package_rows.c.key).where(
+                    package_rows.c.package_id == rows[0]["package_id"],
+                    package_rows.c.key.in_(list(keys)))).scalars().all()
+            dup = list(found)
+        shown = ", ".join(repr(k) for k in sorted(dup)[:5])
+        raise AudienceError(f"{file}: duplicate key{'s' if len(dup) > 1 else ''} {shown} in "
+                            "the result: each recipient must appear once (a duplicate would "
+                            "be sent twice)") from None
+
+
+def _discard(store: Engine, package_id: str) -> None:
+    with store.begin() as conn:
+        conn.execute(delete(package_rows).where(package_rows.c.package_id == package_id))
+        conn.execute(delete(packages).where(packages.c.id == package_id))
+
+
+def _package(row: Any) -> Package:
+    built_at = row.built_at if row.built_at.tzinfo else row.built_at.replace(tzinfo=UTC)
+    return Package(row.id, row.flow, row.segment, row.source, row.sql_sha256,
+                   json.loads(row.params), row.key_column, row.tier_column,
+                   json.loads(row.columns), built_at, row.size, json.loads(row.tiers),
+                   row.status)
+
+
+def get(ws: Workspace, package_id: str) -> Package:
+    with ws.store.connect() as conn:
+        row = conn.execute(select(packages).where(packages.c.id == package_id)).first()
+    if row is None or row.status != "ready":
+        raise WorkspaceError(f"no audience package '{package_id}' (see: herald audience list)")
+    return _package(row)
+
+
+def list_packages(ws: Workspace, flow: str | None = None, limit: int = 50) -> list[Package]:
+    query = select(packages).where(packages.c.status == "ready")
+    if flow:
+        query = query.where(packages.c.flow == flow)
+    query = query.order_by(packages.c.built_at.desc()).limit(limit)
+    with ws.store.connect() as conn:
+        return [_package(r) for r in conn.execute(query)]
+
+
+def read(ws: Workspace, package_id: str, start: int = 0, stop: int | None = None
+         ) -> list[Recipient]:
+    """Rows ``start <= seq < stop`` of a package, in order."""
+    query = select(package_rows.c.seq, package_rows.c.key, package_rows.c.tier,
+                   package_rows.c.data).where(package_rows.c.package_id == package_id,
+                                              package_rows.c.seq >= start)
+    if stop is not None:
+        query = query.where(package_rows.c.seq < stop)
+    with ws.store.connect() as conn:
+        return [Recipient(r.seq, r.key, r.tier, json.loads(r.data))
+                for r in conn.execute(query.order_by(package_rows.c.seq))]
+
+
+def iter_rows(ws: Workspace, package_id: str, batch: int = INSERT_BATCH
+              ) -> Iterator[Recipient]:
+    """Every row of a package, ``batch`` rows in memory at a time."""
+    start = 0
+    while True:
+        rows = read(ws, package_id, start, start + batch)
+        if not rows:
+            return
+        yield from rows
+        start += batch
+
+
+def sample(ws: Workspace, package_id: str, tier: str | None, limit: int) -> list[Recipient]:
+    query = select(package_rows.c.seq, package_rows.c.key, package_rows.c.tier,
+                   package_rows.c.data).where(package_rows.c.package_id == package_id)
+    if tier:
+        query = query.where(package_rows.c.tier == tier)
+    with ws.store.connect() as conn:
+        return [Recipient(r.seq, r.key, r.tier, json.loads(r.data))
+                for r in conn.execute(query.order_by(package_rows.c.seq).limit(limit))]
+
+
+def count_rows(ws: Workspace, package_id: str) -> int:
+    with ws.store.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(package_rows).where(
+            package_rows.c.package_id == package_id)).scalar_one())
+
+
+def export(ws: Workspace, package_id: str, to: Path) -> int:
+    """Write a package to CSV or Parquet (by the file's suffix); return the row count."""
+    package = get(ws, package_id)
+    suffix = to.suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        raise WorkspaceError(f"{to}: export to .csv or .parquet")
+    to.parent.mkdir(parents=True, exist_ok=True)
+    tmp = to.with_name(to.name + ".part")
+    count = 0
+    if suffix == ".csv":
+        with tmp.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=package.columns, extrasaction="ignore")
+            writer.writeheader()
+            for row in iter_rows(ws, package_id):
+                writer.writerow(row.data)
+                count += 1
+    else:
+        count = _export_parquet(ws, package, tmp)
+    tmp.replace(to)  # never leave a half-written export under the real name
+    return count
+
+
+def _export_parquet(ws: Workspace, package: Package, path: Path) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def arrow_type(value: Any) -> pa.DataType:
+        if isinstance(value, bool):
+            return pa.bool_()
+        if isinstance(value, int):
+            return pa.int64()
+        if isinstance(value, float):
+            return pa.float64()
+        return pa.string()
+
+    writer = None
+    count = 0
+    types: dict[str, pa.DataType] = {}
+    batch: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        nonlocal writer
+        if not batch:
+            return
+        if writer is None:
+            for col in package.columns:
+                first = next((r[col] for r in batch if r.get(col) is not None), None)
+                # a column that only mixes ints and floats is a float column
+                kinds = {type(r[col]) for r in batch if r.get(col) is not None}
+                types[col] = pa.float64() if kinds == {int, float} else arrow_type(first)
+            schema = pa.schema([(c, types[c]) for c in package.columns])
+            writer = pq.ParquetWriter(path, schema)
+        table = pa.Table.from_pylist(
+            [{c: _coerce(r.get(c), types[c]) for c in package.columns} for r in batch],
+            schema=writer.schema)
+        writer.write_table(table)
+        batch.clear()
+
+    for row in iter_rows(ws, package.id):
+        batch.append(row.data)
+        count += 1
+        if len(batch) >= INSERT_BATCH:
+            flush()
+    flush()
+    if writer is None:  # an empty package still gets a file with its columns
+        import pyarrow as pa  # noqa: F811
+
+        pq.write_table(pa.table({c: pa.array([], pa.string()) for c in package.columns}),
+                       path)
+    else:
+        writer.close()
+    return count
+
+
+def _coerce(value: Any, kind: Any) -> Any:
+    import pyarrow as pa
+
+    if value is None:
+        return None
+    if kind == pa.string() and not isinstance(value, str):
+        return str(value)
+    if kind == pa.float64() and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind == pa.int64() and not isinstance(value, int):
+        return None if not isinstance(value, float) or value != int(value) else int(value)
+    return value

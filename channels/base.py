@@ -1,0 +1,179 @@
+"""The channel adapter interface.
+
+A channel adapter is one class in one module. It declares what it is (``type_name``,
+the message ``kinds`` it can carry, its batch size, default rate and body limit, and a
+pydantic ``Settings`` model) and implements one coroutine, ``send_batch``, which returns
+one ``SendResult`` per message, in order. Throttling, retries, ledger bookkeeping and
+the contact policy live in the dispatcher (``herald.flows.engine``), never in adapters.
+
+    class PigeonChannel(Channel):
+        type_name = "pigeon"
+        kinds = frozenset({"sms"})
+        Settings = PigeonSettings
+
+        async def send_batch(self, messages):
+            ...
+            return [SendResult.sent(provider_id=...) for m in messages]
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Annotated, Any, ClassVar, Self
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+# What a message is, independent of who carries it. Each kind has the recipient column
+# that holds its address unless the channel's YAML names another (`address: column`).
+KINDS: dict[str, str] = {
+    "email": "email",
+    "sms": "phone",
+    "wechat": "wechat_openid",
+    "webhook": "webhook_url",
+}
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_PER_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
+                "h": 3600, "hour": 3600}
+
+
+def parse_rate(value: Any) -> float | None:
+    """Parse ``"50/s"``, ``"3000/min"`` or ``"100/h"`` into messages per second."""
+    if value is None or isinstance(value, float | int):
+        return None if value is None else float(value)
+    match = _RATE.match(str(value))
+    if not match:
+        raise ValueError("rate must look like 50/s, 3000/min or 100/h")
+    per_second = float(match.group(1)) / _PER_SECONDS[match.group(2)]
+    if per_second <= 0:
+        raise ValueError("rate must be positive")
+    return per_second
+
+
+Rate = Annotated[float | None, BeforeValidator(parse_rate)]
+
+
+class ChannelSettings(BaseModel):
+    """Settings every channel accepts; adapters subclass it with their own fields.
+
+    Secret fields (passwords, tokens) are ``SecretStr`` so they never print.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    kind: str | None = None
+    address: str | None = None
+    rate: Rate = None
+    batch_size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One rendered message to one recipient, ready for a channel."""
+
+    recipient: str
+    address: str
+    kind: str
+    body: str
+    subject: str | None = None
+    html: str | None = None
+    message_id: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    meta: Mapping[str, str] = field(default_factory=dict)
+
+
+class Outcome(StrEnum):
+    """How a provider answered one message."""
+
+    SENT = "sent"
+    RETRYABLE = "retryable"  # try again later: throttled, busy, timed out
+    PERMANENT = "permanent"  # never for this recipient: bad address, unsubscribed, bounced
+    FATAL = "fatal"  # the channel cannot work: bad credentials, banned sender
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """The outcome of one message: what happened, the provider's code and message id."""
+
+    outcome: Outcome
+    code: str | None = None
+    detail: str | None = None
+    provider_id: str | None = None
+    retry_after: float | None = None
+    suppress: bool = False  # add the address to the suppression list (unsubscribe, bounce)
+
+    @classmethod
+    def sent(cls, provider_id: str | None = None) -> SendResult:
+        return cls(Outcome.SENT, provider_id=provider_id)
+
+    @classmethod
+    def retryable(cls, code: str | None, detail: str, retry_after: float | None = None
+                  ) -> SendResult:
+        return cls(Outcome.RETRYABLE, code=code, detail=detail, retry_after=retry_after)
+
+    @classmethod
+    def permanent(cls, code: str | None, detail: str, suppress: bool = False) -> SendResult:
+        return cls(Outcome.PERMANENT, code=code, detail=detail, suppress=suppress)
+
+    @classmethod
+    def fatal(cls, code: str | None, detail: str) -> SendResult:
+        return cls(Outcome.FATAL, code=code, detail=detail)
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelContext:
+    """Where a channel runs: the workspace, and which flow run it sends for."""
+
+    workspace: Path
+    flow: str
+    run_key: str
+    run_id: str
+
+
+class Channel(ABC):
+    """Base class of every channel adapter. Use it as an async context manager."""
+
+    type_name: ClassVar[str]
+    kinds: ClassVar[frozenset[str]]
+    Settings: ClassVar[type[ChannelSettings]] = ChannelSettings
+    batch_size: ClassVar[int] = 100
+    default_rate: ClassVar[float | None] = None  # messages per second; None: unlimited
+    max_body: ClassVar[int | None] = None  # characters
+
+    def __init__(self, name: str, settings: ChannelSettings, context: ChannelContext) -> None:
+        self.name = name
+        self.settings = settings
+        self.context = context
+
+    @property
+    def kind(self) -> str:
+        """The kind of message this configured channel carries."""
+        if self.settings.kind:
+            return self.settings.kind
+        return next(iter(self.kinds)) if len(self.kinds) == 1 else self.name
+
+    @abstractmethod
+    async def send_batch(self, messages: Sequence[Message]) -> list[SendResult]:
+        """Send ``messages``; return one result per message, in the same order."""
+
+    async def aclose(self) -> None:
+        """Release connections. Safe to call more than once."""
+        return None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,188 @@
+"""The dispatcher: sends a chunk's messages through their channels, once each.
+
+Per channel: batches of the adapter's size, under the channel's rate limit (a token
+bucket shared by every chunk of the run in this process); each batch is marked
+``sending`` in the ledger just before it goes out and settled right after. Retryable
+answers are retried with backoff; a permanent answer fails that recipient (and adds the
+address to the suppression list when the provider says so); a fatal answer stops the
+channel for the rest of the chunk, the unsent messages recorded as failed with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from herald.channels import ledger
+from herald.channels.base import Channel, ChannelContext, Message, Outcome, SendResult
+from herald.channels.registry import channel_class
+from herald.flows.workspace import Workspace
+
+log = logging.getLogger("herald.dispatch")
+
+MAX_ATTEMPTS = 3
+BACKOFF_SECONDS = 0.5
+MAX_BACKOFF_SECONDS = 30.0
+
+
+class TokenBucket:
+    """A thread-safe token bucket: ``rate`` tokens a second, bursts up to ``burst``."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = max(1.0, burst if burst is not None else rate)
+        self._tokens = self.burst
+        self._stamp = time.monotonic()
+        self._lock = threading.Lock()
+
+    def _take(self, n: float) -> float:
+        """Take ``n`` tokens now, going into debt; return how long to wait for them."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            self._tokens -= n
+            return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+    async def acquire(self, n: int = 1) -> None:
+        wait = self._take(n)
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+
+_buckets: dict[tuple[str, str], TokenBucket] = {}
+_buckets_lock = threading.Lock()
+
+
+def bucket_for(run_id: str, channel: str, rate: float) -> TokenBucket:
+    """The run's bucket for a channel, shared by all its chunks in this process."""
+    with _buckets_lock:
+        key = (run_id, channel)
+        if key not in _buckets:
+            _buckets[key] = TokenBucket(rate)
+        return _buckets[key]
+
+
+def forget_buckets(run_id: str) -> None:
+    with _buckets_lock:
+        for key in [k for k in _buckets if k[0] == run_id]:
+            del _buckets[key]
+
+
+@dataclass(frozen=True)
+class Job:
+    """Which run a dispatch belongs to."""
+
+    flow: str
+    run_key: str
+    run_id: str
+
+
+def open_channel(ws: Workspace, name: str, job: Job) -> Channel:
+    settings = ws.channels[name]
+    cls = channel_class(settings.type)
+    return cls(name, settings, ChannelContext(ws.root, job.flow, job.run_key, job.run_id))
+
+
+async def dispatch(ws: Workspace, job: Job, messages: dict[str, list[Message]]) -> None:
+    """Send every message (grouped by channel name), settling each in the ledger."""
+    await asyncio.gather(*(_send_channel(ws, job, name, msgs)
+                           for name, msgs in messages.items() if msgs))
+
+
+async def _send_channel(ws: Workspace, job: Job, name: str, messages: list[Message]) -> None:
+    settings = ws.channels[name]
+    cls = channel_class(settings.type)
+    size = settings.batch_size or cls.batch_size
+    rate = settings.rate or cls.default_rate
+    bucket = bucket_for(job.run_id, name, rate) if rate else None
+    stopped: str | None = None
+    async with open_channel(ws, name, job) as channel:
+        for start in range(0, len(messages), size):
+            batch = messages[start:start + size]
+            if stopped:
+                await _settle(ws, job, [ledger.Outcome(
+                    m.recipient, "failed", f"fatal: channel stopped: {stopped}", attempts=0)
+                    for m in batch])
+                continue
+            outcomes, fatal = await _send_batch(ws, job, channel, batch, bucket)
+            await _settle(ws, job, outcomes)
+            if fatal:
+                stopped = fatal
+                log.error("channel %s stopped: %s", name, fatal)
+
+
+async def _send_batch(ws: Workspace, job: Job, channel: Channel, batch: Sequence[Message],
+                      bucket: TokenBucket | None) -> tuple[list[ledger.Outcome], str | None]:
+    await asyncio.to_thread(ledger.mark, ws.store, job.flow, job.run_key,
+                            [m.recipient for m in batch], "sending")
+    pending = list(batch)
+    done: dict[str, ledger.Outcome] = {}
+    suppress: list[tuple[str, str | None, str | None]] = []
+    fatal: str | None = None
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        if bucket:
+            await bucket.acquire(len(pending))
+        results = await _guarded(channel, pending)
+        retry: list[Message] = []
+        waits: list[float] = []
+        for message, result in zip(pending, results, strict=True):
+            if result.outcome is Outcome.SENT:
+                done[message.recipient] = ledger.Outcome(
+                    message.recipient, "sent", code=result.code,
+                    provider_id=result.provider_id, attempts=attempt)
+            elif result.outcome is Outcome.RETRYABLE and attempt < MAX_ATTEMPTS and not fatal:
+                retry.append(message)
+                waits.append(result.retry_after or BACKOFF_SECONDS * 2 ** (attempt - 1))
+            else:
+                kind = result.outcome.value
+                if result.outcome is Outcome.RETRYABLE:
+                    kind = f"retryable, gave up after {attempt} attempts"
+                done[message.recipient] = ledger.Outcome(
+                    message.recipient, "failed", f"{kind}: {result.detail or 'no detail'}",
+                    code=result.code, attempts=attempt)
+                if result.outcome is Outcome.FATAL:
+                    fatal = result.detail or "fatal provider answer"
+                if result.suppress:
+                    suppress.append((message.address, channel.name,
+                                     f"provider: {result.code or ''} {result.detail or ''}"
+                                     .strip()))
+        if not retry:
+            break
+        await asyncio.sleep(min(MAX_BACKOFF_SECONDS, max(waits)))
+        pending = retry
+    if suppress:
+        await asyncio.to_thread(ledger.suppress, ws.store, suppress, "provider")
+    return [done[m.recipient] for m in batch], fatal
+
+
+async def _guarded(channel: Channel, messages: Sequence[Message]) -> list[SendResult]:
+    """Call the adapter. An exception or a wrong-length answer leaves the outcome unknown:
+    some messages may have gone out, so the batch fails without a retry (never twice)."""
+    try:
+        results = await channel.send_batch(messages)
+    except Exception as exc:  # an adapter bug must not lose the batch's ledger rows
+        log.exception("channel %s raised while sending", channel.name)
+        detail = f"adapter raised {type(exc).__name__}; outcome unknown, not retried"
+        return [SendResult.permanent("adapter_error", detail) for _ in messages]
+    if len(results) != len(messages):
+        detail = (f"adapter returned {len(results)} results for {len(messages)} messages; "
+                  "outcome unknown, not retried")
+        return [SendResult.permanent("adapter_error", detail) for _ in messages]
+    return results
+
+
+async def _settle(ws: Workspace, job: Job, outcomes: list[ledger.Outcome]) -> None:
+    await asyncio.to_thread(ledger.settle, ws.store, job.flow, job.run_key, outcomes)
+
+
+def group(messages: Sequence[tuple[str, Message]]) -> dict[str, list[Message]]:
+    out: dict[str, list[Message]] = defaultdict(list)
+    for channel, message in messages:
+        out[channel].append(message)
+    return out

@@ -1,0 +1,365 @@
+"""The ledger: one row per recipient per run key, with a status and the reason for it.
+
+A row's life: the contact policy reserves it as ``queued`` (inside one transaction with
+the cap checks), the dispatcher marks a batch ``sending`` just before handing it to the
+provider, and the provider's answer settles it as ``sent`` or ``failed``. Recipients the
+policy stops are written straight away as ``held_out``, ``suppressed``, ``capped``,
+``no_address`` or ``render_error``. The unique key (flow, run_key, recipient) is what makes
+a rerun, a retried task or a resumed crash send nobody twice: at most one message per
+recipient per run key, whichever channel carries it.
+
+A ``queued`` row was never handed to a provider, so a later run with the same run key
+sends it. A ``sending`` row's outcome is unknown (the process died while the provider
+had it); it is never resent automatically.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    bindparam,
+    func,
+    insert,
+    select,
+    update,
+)
+
+from herald.flows.db import metadata
+
+# Every status a ledger row or a run report can show, in report order.
+STATUSES = ("sent", "failed", "capped", "suppressed", "held_out", "no_address",
+            "render_error", "duplicate", "queued", "sending")
+# Rows that count against frequency caps: sent, or reserved for sending.
+COUNTED = ("queued", "sending", "sent")
+
+runs = Table(
+    "herald_runs", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("flow", String(128), nullable=False, index=True),
+    Column("run_key", String(128), nullable=False),
+    Column("package_id", String(40)),
+    Column("dry_run", Boolean, nullable=False, default=False),
+    Column("status", String(16), nullable=False),  # running | completed | failed
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("summary", Text),
+    Column("error", Text),
+)
+
+deliveries = Table(
+    "herald_deliveries", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("flow", String(128), nullable=False),
+    Column("run_key", String(128), nullable=False),
+    Column("recipient", String(255), nullable=False),
+    Column("run_id", String(40), nullable=False, index=True),
+    Column("package_id", String(40), nullable=False),
+    Column("tier", String(128), nullable=False),
+    Column("channel", String(64)),
+    Column("address", String(512)),
+    Column("status", String(16), nullable=False),
+    Column("reason", Text),
+    Column("code", String(64)),
+    Column("provider_id", String(255)),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("sent_at", DateTime(timezone=True)),
+    UniqueConstraint("flow", "run_key", "recipient", name="uq_herald_deliveries_once"),
+    Index("ix_herald_deliveries_caps", "recipient", "created_at"),
+)
+
+suppressions = Table(
+    "herald_suppressions", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("value", String(512), nullable=False),
+    Column("channel", String(64), nullable=False),  # "*": every channel
+    Column("reason", Text),
+    Column("source", String(32), nullable=False),  # operator | import | provider
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("value", "channel", name="uq_herald_suppressions"),
+)
+
+ALL_CHANNELS = "*"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def normalize(value: str) -> str:
+    """How addresses and keys are compared in the suppression list."""
+    return value.strip().lower()
+
+
+@dataclass
+class Entry:
+    """A ledger row to write."""
+
+    recipient: str
+    tier: str
+    status: str
+    channel: str | None = None
+    address: str | None = None
+    reason: str | None = None
+
+
+@dataclass
+class Outcome:
+    """A settled send: what to write back to a ``sending`` row."""
+
+    recipient: str
+    status: str  # sent | failed
+    reason: str | None = None
+    code: str | None = None
+    provider_id: str | None = None
+    attempts: int = 1
+
+
+@dataclass
+class RunCounts:
+    """Counts of a run by status, tier and channel (every status present)."""
+
+    deliveries: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
+    by_tier: dict[str, dict[str, int]] = field(default_factory=dict)
+    by_channel: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, status: str, tier: str, channel: str | None, n: int = 1) -> None:
+        self.deliveries[status] = self.deliveries.get(status, 0) + n
+        for table, name in ((self.by_tier, tier), (self.by_channel, channel)):
+            if name is None:
+                continue
+            row = table.setdefault(name, dict.fromkeys(STATUSES, 0))
+            row[status] = row.get(status, 0) + n
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"deliveries": self.deliveries, "by_tier": self.by_tier,
+                "by_channel": self.by_channel}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunCounts:
+        counts = cls()
+        counts.deliveries.update(data.get("deliveries", {}))
+        counts.by_tier = data.get("by_tier", {})
+        counts.by_channel = data.get("by_channel", {})
+        return counts
+
+
+# -- runs ----------------------------------------------------------------------------
+def start_run(engine: Engine, run_id: str, flow: str, run_key: str, dry_run: bool) -> None:
+    with engine.begin() as conn:
+        conn.execute(insert(runs).values(id=run_id, flow=flow, run_key=run_key,
+                                         dry_run=dry_run, status="running",
+                                         started_at=now()))
+
+
+def set_run_package(engine: Engine, run_id: str, package_id: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(runs).where(runs.c.id == run_id).values(package_id=package_id))
+
+
+def finish_run(engine: Engine, run_id: str, status: str, summary: dict[str, Any] | None,
+               error: str | None = None) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(runs).where(runs.c.id == run_id).values(
+            status=status, finished_at=now(),
+            summary=json.dumps(summary, ensure_ascii=False) if summary else None,
+            error=error))
+
+
+def get_run(engine: Engine, run_id: str | None = None, flow: str | None = None
+            ) -> Any | None:
+    """A run by id, or the latest run (of ``flow`` if given)."""
+    query = select(runs)
+    if run_id:
+        query = query.where(runs.c.id == run_id)
+    if flow:
+        query = query.where(runs.c.flow == flow)
+    with engine.connect() as conn:
+        return conn.execute(query.order_by(runs.c.started_at.desc()).limit(1)).first()
+
+
+def list_runs(engine: Engine, limit: int = 20) -> list[Any]:
+    with engine.connect() as conn:
+        return list(conn.execute(select(runs).order_by(runs.c.started_at.desc()).limit(limit)))
+
+
+# -- deliveries ----------------------------------------------------------------------
+def existing(conn: Connection, flow: str, run_key: str, recipients: Sequence[str]
+             ) -> dict[str, tuple[str, str | None, str]]:
+    """Rows already in the ledger for these recipients: {recipient: (status, channel, tier)}."""
+    out: dict[str, tuple[str, str | None, str]] = {}
+    for part in _slices(recipients):
+        rows = conn.execute(select(deliveries.c.recipient, deliveries.c.status,
+                                   deliveries.c.channel, deliveries.c.tier).where(
+            deliveries.c.flow == flow, deliveries.c.run_key == run_key,
+            deliveries.c.recipient.in_(part)))
+        out.update({r.recipient: (r.status, r.channel, r.tier) for r in rows})
+    return out
+
+
+def write_entries(conn: Connection, entries: Iterable[Entry], *, flow: str, run_key: str,
+                  run_id: str, package_id: str) -> None:
+    stamp = now()
+    rows = [{"flow": flow, "run_key": run_key, "recipient": e.recipient, "run_id": run_id,
+             "package_id": package_id, "tier": e.tier, "channel": e.channel,
+             "address": e.address, "status": e.status, "reason": e.reason,
+             "attempts": 0, "created_at": stamp, "updated_at": stamp} for e in entries]
+    if rows:
+        conn.execute(insert(deliveries), rows)
+
+
+def adopt(conn: Connection, flow: str, run_key: str, recipients: Sequence[str],
+          run_id: str) -> None:
+    """Take over ``queued`` rows left by an earlier run with the same run key."""
+    for part in _slices(recipients):
+        conn.execute(update(deliveries).where(
+            deliveries.c.flow == flow, deliveries.c.run_key == run_key,
+            deliveries.c.status == "queued", deliveries.c.recipient.in_(part)).values(
+            run_id=run_id, updated_at=now()))
+
+
+def mark(engine: Engine, flow: str, run_key: str, recipients: Sequence[str], status: str,
+         reason: str | None = None) -> None:
+    """Move rows to ``status`` (e.g. ``sending`` just before a batch goes out)."""
+    with engine.begin() as conn:
+        for part in _slices(recipients):
+            values: dict[str, Any] = {"status": status, "updated_at": now()}
+            if reason is not None:
+                values["reason"] = reason
+            conn.execute(update(deliveries).where(
+                deliveries.c.flow == flow, deliveries.c.run_key == run_key,
+                deliveries.c.recipient.in_(part)).values(**values))
+
+
+def settle(engine: Engine, flow: str, run_key: str, outcomes: Sequence[Outcome]) -> None:
+    """Write providers' answers for a batch in one transaction."""
+    if not outcomes:
+        return
+    stamp = now()
+    statement = update(deliveries).where(
+        deliveries.c.flow == bindparam("b_flow"), deliveries.c.run_key == bindparam("b_key"),
+        deliveries.c.recipient == bindparam("b_recipient")).values(
+        status=bindparam("b_status"), reason=bindparam("b_reason"), code=bindparam("b_code"),
+        provider_id=bindparam("b_provider_id"), attempts=bindparam("b_attempts"),
+        updated_at=bindparam("b_updated"), sent_at=bindparam("b_sent_at"))
+    params = [{"b_flow": flow, "b_key": run_key, "b_recipient": o.recipient,
+               "b_status": o.status, "b_reason": o.reason, "b_code": o.code,
+               "b_provider_id": o.provider_id, "b_attempts": o.attempts,
+               "b_updated": stamp, "b_sent_at": stamp if o.status == "sent" else None}
+              for o in outcomes]
+    with engine.begin() as conn:
+        conn.execute(statement, params)
+
+
+def cap_counts(conn: Connection, recipients: Sequence[str], since: datetime,
+               channel: str | None, flow: str | None) -> Counter[str]:
+    """How many messages each recipient got (or has reserved) since ``since`` in a scope."""
+    counts: Counter[str] = Counter()
+    for part in _slices(recipients):
+        query = select(deliveries.c.recipient, func.count()).where(
+            deliveries.c.recipient.in_(part), deliveries.c.status.in_(COUNTED),
+            deliveries.c.created_at >= since)
+        if channel:
+            query = query.where(deliveries.c.channel == channel)
+        if flow:
+            query = query.where(deliveries.c.flow == flow)
+        for recipient, n in conn.execute(query.group_by(deliveries.c.recipient)):
+            counts[recipient] = int(n)
+    return counts
+
+
+def run_counts(engine: Engine, run_id: str) -> RunCounts:
+    """Counts of a run's ledger rows by status, tier and channel."""
+    counts = RunCounts()
+    query = select(deliveries.c.status, deliveries.c.tier, deliveries.c.channel,
+                   func.count()).where(deliveries.c.run_id == run_id).group_by(
+        deliveries.c.status, deliveries.c.tier, deliveries.c.channel)
+    with engine.connect() as conn:
+        for status, tier, channel, n in conn.execute(query):
+            counts.add(status, tier, channel, int(n))
+    return counts
+
+
+def failures(engine: Engine, run_id: str, limit: int = 20) -> list[Any]:
+    """The most common failure reasons of a run, with their counts."""
+    query = select(deliveries.c.channel, deliveries.c.status, deliveries.c.reason,
+                   func.count().label("n")).where(
+        deliveries.c.run_id == run_id,
+        deliveries.c.status.in_(("failed", "render_error", "capped", "suppressed",
+                                 "no_address"))).group_by(
+        deliveries.c.channel, deliveries.c.status, deliveries.c.reason).order_by(
+        func.count().desc()).limit(limit)
+    with engine.connect() as conn:
+        return list(conn.execute(query))
+
+
+# -- suppression list ---------------------------------------------------------------
+def suppressed(conn: Connection, values: Iterable[str]) -> dict[str, set[str]]:
+    """{normalized value: channels it is suppressed on ("*" for every channel)}."""
+    wanted = sorted({normalize(v) for v in values if v})
+    out: dict[str, set[str]] = defaultdict(set)
+    for part in _slices(wanted):
+        for value, channel in conn.execute(select(suppressions.c.value,
+                                                  suppressions.c.channel).where(
+                suppressions.c.value.in_(part))):
+            out[value].add(channel)
+    return out
+
+
+def suppress(engine: Engine, items: Iterable[tuple[str, str | None, str | None]],
+             source: str) -> int:
+    """Add (value, channel, reason) items; return how many were new."""
+    added = 0
+    with engine.begin() as conn:
+        for value, channel, reason in items:
+            norm, chan = normalize(value), channel or ALL_CHANNELS
+            if not norm:
+                continue
+            exists = conn.execute(select(suppressions.c.id).where(
+                suppressions.c.value == norm, suppressions.c.channel == chan)).first()
+            if exists:
+                continue
+            conn.execute(insert(suppressions).values(value=norm, channel=chan, reason=reason,
+                                                     source=source, created_at=now()))
+            added += 1
+    return added
+
+
+def unsuppress(engine: Engine, value: str, channel: str | None) -> int:
+    query = suppressions.delete().where(suppressions.c.value == normalize(value))
+    if channel:
+        query = query.where(suppressions.c.channel == channel)
+    with engine.begin() as conn:
+        return int(conn.execute(query).rowcount or 0)
+
+
+def list_suppressions(engine: Engine, limit: int | None = None) -> list[Any]:
+    query = select(suppressions).order_by(suppressions.c.created_at, suppressions.c.id)
+    if limit:
+        query = query.limit(limit)
+    with engine.connect() as conn:
+        return list(conn.execute(query))
+
+
+def _slices(values: Sequence[str], size: int = 500) -> Iterable[Sequence[str]]:
+    # IN lists stay well under SQLite's bound-parameter limit
+    for i in range(0, len(values), size):
+        yield values[i:i + size]

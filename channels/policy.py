@@ -1,0 +1,139 @@
+"""The contact policy: who may be contacted, through which channel, and why not.
+
+For each recipient of a chunk, in this order: a holdout draw (deterministic), the
+suppression list (the recipient's key, then each address), the tier's channels in order
+of preference (skipping those without a valid address, suppressed, or capped for that
+channel), then the caps that cover every channel. All lookups are batched: a few queries
+per chunk, never one per recipient. ``decide`` runs inside the transaction that reserves
+the chosen sends in the ledger, so caps are checked and reserved atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from email_validator import EmailNotValidError, validate_email
+from sqlalchemy import Connection
+
+from herald.audiences.store import Recipient
+from herald.channels import ledger
+from herald.flows.spec import CapRule, FlowSpec
+from herald.flows.workspace import Workspace
+
+SEND = "send"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the policy decided for one recipient."""
+
+    recipient: Recipient
+    tier: str  # the tier entry used: the recipient's own tier or "default"
+    status: str  # SEND, or the ledger status that stops it
+    channel: str | None = None
+    address: str | None = None
+    reason: str | None = None
+
+
+def in_holdout(flow: str, key: str, fraction: float) -> bool:
+    """A stable draw per (flow, recipient): the same people are held out on every run."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(f"{flow}\x00{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def clean_address(kind: str, value: object) -> tuple[str | None, str | None]:
+    """(address, None) when usable, else (None, why not)."""
+    if value is None:
+        return None, "empty"
+    text = str(value).strip()
+    if not text:
+        return None, "empty"
+    if len(text) > 512:
+        return None, "too long"
+    if kind == "email":
+        try:
+            return validate_email(text, check_deliverability=False).normalized, None
+        except EmailNotValidError:
+            return None, "invalid"
+    return text, None
+
+
+class Policy:
+    """The rules for one flow: its tiers, the workspace's and the flow's caps, holdout."""
+
+    def __init__(self, ws: Workspace, flow: FlowSpec) -> None:
+        self.ws = ws
+        self.flow = flow
+        self.caps: list[CapRule] = [*ws.config.caps, *flow.cap_rules()]
+        self.kinds = {name: ws.channel_kind(name) for name in flow.channel_names()}
+        self.columns = {name: ws.address_column(name) for name in flow.channel_names()}
+
+    def decide(self, conn: Connection, rows: Sequence[Recipient], at: datetime
+               ) -> list[Decision]:
+        keys = [r.key for r in rows]
+        values = set(keys)
+        candidates: dict[str, list[tuple[str, str | None, str | None]]] = {}
+        tiers: dict[str, str] = {}
+        for row in rows:
+            entry = self.flow.tier_for(row.tier)
+            assert entry is not None, "validation guarantees a tier entry or a default"
+            tiers[row.key] = entry[0]
+            options = []
+            for channel in entry[1].channels:
+                address, why = clean_address(self.kinds[channel],
+                                             row.data.get(self.columns[channel]))
+                options.append((channel, address, why))
+                if address:
+                    values.add(address)
+            candidates[row.key] = options
+        listed = ledger.suppressed(conn, values)
+        counts = [(rule, ledger.cap_counts(conn, keys, at - rule.per, rule.channel, rule.flow))
+                  for rule in self.caps]
+        return [self._one(row, tiers[row.key], candidates[row.key], listed, counts)
+                for row in rows]
+
+    def _one(self, row: Recipient, tier: str,
+             options: list[tuple[str, str | None, str | None]],
+             listed: dict[str, set[str]], counts: list[tuple[CapRule, Counter[str]]]
+             ) -> Decision:
+        if in_holdout(self.flow.name, row.key, self.flow.holdout):
+            return Decision(row, tier, "held_out",
+                            reason=f"control group ({self.flow.holdout:.0%} holdout)")
+        key_channels = listed.get(ledger.normalize(row.key), set())
+        if ledger.ALL_CHANNELS in key_channels:
+            return Decision(row, tier, "suppressed", reason="recipient is on the suppression list")
+        for rule, seen in counts:
+            if rule.channel is None and seen[row.key] >= rule.max:
+                return Decision(row, tier, "capped", reason=f"cap {rule.describe()}")
+        stops: list[tuple[str, str, str | None, str]] = []  # (status, channel, address, why)
+        for channel, address, why in options:
+            if address is None:
+                stops.append(("no_address", channel, None,
+                              f"{self.columns[channel]} {why}"))
+                continue
+            blocked = listed.get(ledger.normalize(address), set()) | key_channels
+            if ledger.ALL_CHANNELS in blocked or channel in blocked:
+                stops.append(("suppressed", channel, address,
+                              f"{channel} address is on the suppression list"))
+                continue
+            capped = next((rule for rule, seen in counts
+                           if rule.channel == channel and seen[row.key] >= rule.max), None)
+            if capped:
+                stops.append(("capped", channel, address, f"cap {capped.describe()}"))
+                continue
+            return Decision(row, tier, SEND, channel=channel, address=address)
+        # No channel left: report the most telling reason (a cap or the suppression
+        # list says more than a missing address).
+        for status in ("capped", "suppressed", "no_address"):
+            hits = [s for s in stops if s[0] == status]
+            if hits:
+                reason = "; ".join(f"{s[1]}: {s[3]}" for s in stops)
+                return Decision(row, tier, status, channel=hits[0][1], address=hits[0][2],
+                                reason=reason)
+        raise AssertionError("a tier has at least one channel")

@@ -1,0 +1,452 @@
+"""The ``herald`` command line.
+
+Each command is thin: it opens the workspace, calls the engine, prints. A HeraldError
+becomes one red line on stderr and exit status 1 (a traceback only with ``--debug``);
+usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from herald.flows.errors import HeraldError
+from herald.flows.spec import Scalar
+from herald.flows.workspace import Workspace
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Herald: SQL segments, Jinja messages, contact policy, Prefect flows.")
+audience_app = typer.Typer(no_args_is_help=True, help="Build, list, inspect and export "
+                           "audience packages.")
+suppress_app = typer.Typer(no_args_is_help=True, help="The suppression list.")
+app.add_typer(audience_app, name="audience")
+app.add_typer(suppress_app, name="suppress")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class State:
+    workspace: str | None = None
+    debug: bool = False
+
+
+state = State()
+
+WorkspaceOpt = Annotated[str | None, typer.Option(
+    "--workspace", "-w", envvar="HERALD_WORKSPACE", help="Workspace folder (default: .)")]
+ParamOpt = Annotated[list[str] | None, typer.Option(
+    "--param", "-p", help="Segment parameter NAME=VALUE (repeatable)")]
+
+
+@app.callback()
+def _root(workspace: WorkspaceOpt = None,
+          debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks")] = False
+          ) -> None:
+    state.workspace = workspace
+    state.debug = debug
+
+
+def _ws(workspace: str | None) -> Workspace:
+    return Workspace.open(workspace or state.workspace)
+
+
+def _params(items: list[str] | None) -> dict[str, Scalar]:
+    """``-p days=30``: values are parsed like YAML scalars (30 is a number, "30" text)."""
+    from herald.flows.yamlio import parse_yaml
+
+    params: dict[str, Scalar] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise typer.BadParameter(f"'{item}' is not NAME=VALUE", param_hint="-p")
+        parsed = parse_yaml(value, "-p", {}).data if value.strip() else ""
+        if isinstance(parsed, dict | list):
+            parsed = value
+        params[name.strip()] = parsed
+    return params
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n")
+
+
+# -- validate ---------------------------------------------------------------------------
+@app.command()
+def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (default: all)")]
+             = None, workspace: WorkspaceOpt = None) -> None:
+    """Check flows, SQL, templates and channels; exit 1 listing every problem."""
+    from herald.flows.validate import check_flow, templates_for
+
+    ws = _ws(workspace)
+    names = flows or ws.flow_names()
+    if not names:
+        raise HeraldError("no flows in config/flows/")
+    templates = templates_for(ws)
+    problems: list[str] = []
+    for name in names:
+        try:
+            checked = check_flow(ws, name, templates=templates)
+        except HeraldError as exc:
+            problems.extend(str(exc).splitlines())
+            err.print(f"[red]✗[/] {name}")
+            continue
+        out.print(f"[green]✓[/] {name}: segment {checked.segment.file} "
+                  f"({len(checked.columns)} columns), {len(checked.spec.tiers)} tiers, "
+                  f"{checked.templates} templates, channels "
+                  f"{', '.join(checked.spec.channel_names())}")
+    if problems:
+        for line in problems:
+            err.print(f"  {line}", markup=False)
+        raise typer.Exit(1)
+
+
+# -- audience ---------------------------------------------------------------------------
+@audience_app.command("build")
+def audience_build(flow: str, param: ParamOpt = None, workspace: WorkspaceOpt = None,
+                   as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Build and store an audience package for FLOW; print its summary."""
+    from herald.audiences import store
+
+    ws = _ws(workspace)
+    spec = ws.flow(flow)
+    package = store.build(ws, spec, store.load_segment(ws, spec, _params(param)))
+    if as_json:
+        _print_json(package.manifest())
+    else:
+        _show_package(package)
+
+
+def _show_package(package: Any) -> None:
+    out.print(f"[bold]{package.id}[/]  flow {package.flow}  segment {package.segment}")
+    out.print(f"  built {package.built_at:%Y-%m-%d %H:%M:%S %Z}  size {package.size}  "
+              f"params {json.dumps(package.params, ensure_ascii=False)}")
+    out.print(f"  sql sha256 {package.sql_sha256}")
+    table = Table("tier", "recipients", box=None, pad_edge=False)
+    for tier, n in package.tiers.items():
+        table.add_row(tier, str(n))
+    out.print(table)
+
+
+@audience_app.command("list")
+def audience_list(flow: Annotated[str | None, typer.Option("--flow")] = None,
+                  workspace: WorkspaceOpt = None,
+                  as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List stored audience packages, newest first."""
+    from herald.audiences import store
+
+    packages = store.list_packages(_ws(workspace), flow)
+    if as_json:
+        _print_json([p.manifest() for p in packages])
+        return
+    table = Table("id", "flow", "segment", "size", "built", "sql sha256")
+    for p in packages:
+        table.add_row(p.id, p.flow, p.segment, str(p.size),
+                      f"{p.built_at:%Y-%m-%d %H:%M}", p.sql_sha256[:12])
+    out.print(table)
+
+
+@audience_app.command("show")
+def audience_show(package_id: str, workspace: WorkspaceOpt = None,
+                  rows: Annotated[int, typer.Option("--rows", min=0)] = 5,
+                  as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show a package's manifest and its first rows."""
+    from herald.audiences import store
+
+    ws = _ws(workspace)
+    package = store.get(ws, package_id)
+    sample = store.read(ws, package_id, 0, rows)
+    if as_json:
+        _print_json({**package.manifest(), "rows": [r.data for r in sample]})
+        return
+    _show_package(package)
+    if sample:
+        table = Table(*package.columns)
+        for r in sample:
+            table.add_row(*(_mask_cell(c, r.data.get(c)) for c in package.columns))
+        out.print(table)
+
+
+def _mask_cell(column: str, value: Any) -> str:
+    from herald.channels.base import KINDS
+
+    if value is None:
+        return ""
+    return mask(str(value)) if column in KINDS.values() else str(value)
+
+
+def mask(value: str) -> str:
+    """Show enough of an address to recognise it, not enough to use it."""
+    if "@" in value:
+        name, _, domain = value.partition("@")
+        return f"{name[:1]}***@{domain}"
+    return f"{value[:3]}***{value[-2:]}" if len(value) > 6 else "***"
+
+
+@audience_app.command("export")
+def audience_export(package_id: str,
+                    to: Annotated[Path, typer.Option("--to", help="FILE.csv or FILE.parquet")],
+                    workspace: WorkspaceOpt = None) -> None:
+    """Export a package to CSV or Parquet."""
+    from herald.audiences import store
+
+    count = store.export(_ws(workspace), package_id, to)
+    out.print(f"exported {count} rows of {package_id} to {to}")
+
+
+# -- preview ----------------------------------------------------------------------------
+@app.command()
+def preview(flow: str, tier: Annotated[str | None, typer.Option("--tier")] = None,
+            limit: Annotated[int, typer.Option("--limit", min=1, max=100)] = 3,
+            param: ParamOpt = None, workspace: WorkspaceOpt = None,
+            as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Render FLOW's messages for sample recipients; send nothing."""
+    from herald.flows.preview import render_samples
+
+    ws = _ws(workspace)
+    samples = render_samples(ws, flow, _params(param), tier, limit)
+    if as_json:
+        _print_json(samples)
+        return
+    if not samples:
+        out.print(f"no recipients{f' in tier {tier}' if tier else ''}")
+    for s in samples:
+        out.rule(f"{s['recipient']} · tier {s['tier']} · {s['channel'] or '-'}", style="dim")
+        if s.get("error"):
+            out.print(f"[red]{s['status']}[/]: {s['error']}", markup=True)
+            continue
+        out.print(f"to: {mask(s['address'])}", markup=False)
+        if s.get("subject"):
+            out.print(f"subject: {s['subject']}", markup=False)
+        out.print(s["body"], markup=False)
+        if s.get("html"):
+            out.print(f"[dim](+ HTML part, {len(s['html'])} characters)[/]")
+
+
+# -- run and report ---------------------------------------------------------------------
+@app.command()
+def run(flow: str, param: ParamOpt = None,
+        run_key: Annotated[str | None, typer.Option("--run-key", help="Default: today's date "
+                                                    "in the flow's time zone")] = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Decide and render; send "
+                                              "and record nothing")] = False,
+        as_json: Annotated[bool, typer.Option("--json")] = False,
+        workspace: WorkspaceOpt = None) -> None:
+    """Run FLOW once, now, as a Prefect flow run."""
+    from herald.flows.engine import default_run_key
+
+    ws = _ws(workspace)
+    params = _params(param)
+    key = run_key or default_run_key(ws, flow)
+    from herald.flows.validate import check_flow
+
+    check_flow(ws, flow, params)  # fail fast, before Prefect starts
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "herald")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if as_json:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from herald.flows import campaign
+
+    summary = campaign.run(ws, flow, params, key, dry_run)
+    if as_json:
+        _print_json(summary)
+    else:
+        _print_summary(summary)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    package = summary["package"]
+    title = "dry run" if summary.get("dry_run") else "run"
+    out.print(f"[bold]{summary['flow']}[/] {title} {summary['run_id']} · run key "
+              f"{summary['run_key']} · package {package['id']} ({package['size']} recipients)")
+    shown = [s for s, n in summary["deliveries"].items() if n] or ["sent"]
+    table = Table("channel", *shown)
+    for channel, row in sorted(summary["by_channel"].items()):
+        table.add_row(channel, *(str(row.get(s, 0)) for s in shown))
+    table.add_row("[bold]all[/]", *(f"[bold]{summary['deliveries'].get(s, 0)}[/]"
+                                    for s in shown))
+    out.print(table)
+    tiers = Table("tier", *shown)
+    for tier, row in sorted(summary["by_tier"].items()):
+        tiers.add_row(tier, *(str(row.get(s, 0)) for s in shown))
+    out.print(tiers)
+
+
+@app.command()
+def report(run_id: Annotated[str | None, typer.Argument(
+               metavar="[RUN]", help="Run id or flow name (default: the latest run)")] = None,
+           workspace: WorkspaceOpt = None,
+           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Delivery report of a run, from the ledger."""
+    from herald.channels import ledger
+
+    ws = _ws(workspace)
+    row = ledger.get_run(ws.store, run_id=run_id) if run_id else ledger.get_run(ws.store)
+    if row is None and run_id:
+        row = ledger.get_run(ws.store, flow=run_id)
+    if row is None:
+        raise HeraldError(f"no run '{run_id}'" if run_id else "no runs yet")
+    summary = json.loads(row.summary) if row.summary else None
+    counts = ledger.run_counts(ws.store, row.id)
+    if summary is not None:  # duplicates are counted in the summary, not in the ledger
+        for status in ("duplicate",):
+            counts.deliveries[status] = summary["deliveries"].get(status, 0)
+    data = {"run_id": row.id, "flow": row.flow, "run_key": row.run_key,
+            "status": row.status, "dry_run": row.dry_run,
+            "package": summary["package"] if summary else {"id": row.package_id},
+            "error": row.error, **counts.to_dict(),
+            "reasons": [{"channel": r.channel, "status": r.status, "reason": r.reason,
+                         "count": int(r.n)} for r in ledger.failures(ws.store, row.id)]}
+    if row.dry_run and summary:
+        data.update({k: summary[k] for k in ("deliveries", "by_tier", "by_channel")})
+    if as_json:
+        _print_json(data)
+        return
+    data.setdefault("package", {}).setdefault("size", "?")
+    _print_summary(data)
+    out.print(f"status: {row.status}" + (f" ({row.error})" if row.error else ""))
+    if data["reasons"]:
+        reasons = Table("status", "channel", "reason", "count")
+        for r in data["reasons"]:
+            reasons.add_row(r["status"], r["channel"] or "-", r["reason"] or "-",
+                            str(r["count"]))
+        out.print(reasons)
+
+
+# -- suppression list -------------------------------------------------------------------
+ChannelOpt = Annotated[str | None, typer.Option("--channel", help="Only this channel "
+                                                "(default: every channel)")]
+
+
+@suppress_app.command("add")
+def suppress_add(values: list[str], channel: ChannelOpt = None,
+                 reason: Annotated[str | None, typer.Option("--reason")] = None,
+                 workspace: WorkspaceOpt = None) -> None:
+    """Suppress addresses or recipient keys."""
+    from herald.channels import ledger
+
+    ws = _ws(workspace)
+    _check_channel(ws, channel)
+    added = ledger.suppress(ws.store, [(v, channel, reason) for v in values], "operator")
+    out.print(f"{added} added, {len(values) - added} already suppressed")
+
+
+@suppress_app.command("import")
+def suppress_import(file: Path, channel: ChannelOpt = None,
+                    reason: Annotated[str | None, typer.Option("--reason")] = None,
+                    workspace: WorkspaceOpt = None) -> None:
+    """Import a file: one value per line, or CSV with value[,channel[,reason]] columns."""
+    from herald.channels import ledger
+
+    ws = _ws(workspace)
+    _check_channel(ws, channel)
+    try:
+        text = file.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise HeraldError(f"{file}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise HeraldError(f"{file}: not valid UTF-8 (byte {exc.start})") from None
+    items: list[tuple[str, str | None, str | None]] = []
+    for number, row in enumerate(csv.reader(text.splitlines()), start=1):
+        if not row or not row[0].strip() or row[0].startswith("#"):
+            continue
+        if number == 1 and row[0].strip().lower() in ("value", "address", "email", "phone"):
+            continue  # a header line
+        if len(row) > 3:
+            raise HeraldError(f"{file}:{number}: expected value[,channel[,reason]]")
+        row_channel = (row[1].strip() or None) if len(row) > 1 else channel
+        _check_channel(ws, row_channel, f"{file}:{number}")
+        items.append((row[0], row_channel,
+                      (row[2].strip() or None) if len(row) > 2 else reason))
+    added = ledger.suppress(ws.store, items, "import")
+    out.print(f"{added} added, {len(items) - added} already suppressed")
+
+
+@suppress_app.command("list")
+def suppress_list(workspace: WorkspaceOpt = None,
+                  as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the suppression list."""
+    from herald.channels import ledger
+
+    rows = ledger.list_suppressions(_ws(workspace).store)
+    if as_json:
+        _print_json([{"value": r.value, "channel": r.channel, "reason": r.reason,
+                      "source": r.source, "created_at": r.created_at} for r in rows])
+        return
+    table = Table("value", "channel", "reason", "source", "added")
+    for r in rows:
+        table.add_row(mask(r.value), r.channel, r.reason or "", r.source,
+                      f"{r.created_at:%Y-%m-%d %H:%M}")
+    out.print(table)
+
+
+@suppress_app.command("remove")
+def suppress_remove(value: str, channel: ChannelOpt = None,
+                    workspace: WorkspaceOpt = None) -> None:
+    """Remove a value from the suppression list."""
+    from herald.channels import ledger
+
+    removed = ledger.unsuppress(_ws(workspace).store, value, channel)
+    if not removed:
+        raise HeraldError(f"'{mask(value)}' is not on the suppression list")
+    out.print(f"{removed} removed")
+
+
+def _check_channel(ws: Workspace, channel: str | None, where: str = "--channel") -> None:
+    if channel and channel != "*" and channel not in ws.channels:
+        raise HeraldError(f"{where}: unknown channel '{channel}' "
+                          f"(configured: {', '.join(ws.channels)})")
+
+
+# -- demo -------------------------------------------------------------------------------
+@app.command("demo-data")
+def demo_data(customers: Annotated[int, typer.Option(min=100)] = 20000,
+              source: Annotated[str, typer.Option(help="Source to fill")] = "shop",
+              workspace: WorkspaceOpt = None) -> None:
+    """(Re)build the deterministic demo shop database behind a source."""
+    from herald.audiences.demo_shop import build_demo_shop
+    from herald.flows.db import resolve_url
+
+    ws = _ws(workspace)
+    if source not in ws.config.sources:
+        raise HeraldError(f"unknown source '{source}'")
+    url = resolve_url(ws.config.sources[source], ws.root)
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    counts = build_demo_shop(url, customers=customers)
+    out.print("demo shop built: " + ", ".join(f"{n} {t}" for t, n in counts.items()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: HeraldError → one line per problem on stderr, exit 1; usage → 2."""
+    import click
+
+    try:
+        code = app(args=argv, prog_name="herald", standalone_mode=False)
+    except HeraldError as exc:
+        if state.debug:
+            raise
+        lines = str(exc).splitlines() or [type(exc).__name__]
+        if len(lines) > 1:
+            err.print(f"[red]error:[/] {len(lines)} problems")
+            for line in lines:
+                err.print(f"  {line}", markup=False)
+        else:
+            err.print(f"[red]error:[/] {escape(lines[0])}")
+        sys.exit(1)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(1)
+    except click.ClickException as exc:  # usage errors: exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,87 @@
+"""Database engines for sources and the workspace store.
+
+SQLite paths in URLs are relative to the workspace, not the current directory, so a
+workspace behaves the same wherever Herald is started from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy.engine import make_url
+
+# Every table Herald keeps in the workspace database (package store, ledger, runs,
+# suppression list) is declared on this one MetaData.
+metadata = MetaData()
+
+
+def resolve_url(url: str, root: Path) -> str:
+    """Make a relative SQLite path absolute against ``root``; other URLs pass through."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return url
+    if parsed.database == ":memory:" or parsed.database.startswith("file:"):
+        return url
+    path = Path(parsed.database)
+    if not path.is_absolute():
+        path = root / path
+    return parsed.set(database=str(path)).render_as_string(hide_password=False)
+
+
+def make_engine(url: str, root: Path) -> Engine:
+    """An engine for ``url``; SQLite files get WAL, a busy timeout and their folder."""
+    resolved = resolve_url(url, root)
+    parsed = make_url(resolved)
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"timeout": 30}
+    else:
+        kwargs["pool_pre_ping"] = True
+    engine = create_engine(resolved, **kwargs)
+    if parsed.get_backend_name() == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+        begin_immediate(engine)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets chunk threads read while another writes; busy_timeout waits for the
+    # writer lock instead of failing at once.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Create Herald's tables in the workspace database if they do not exist yet."""
+    # The modules that own the tables declare them on `metadata` when imported.
+    import herald.audiences.store  # noqa: F401
+    import herald.channels.ledger  # noqa: F401
+
+    metadata.create_all(engine)
+
+
+def begin_immediate(engine: Engine) -> None:
+    """Make ``connection.execution_options(immediate=True)`` take SQLite's write lock at BEGIN.
+
+    pysqlite defers BEGIN until the first write, so two writers can both read and then
+    both write; a reservation must hold the lock from its first read (SQLAlchemy's
+    documented recipe for SQLite transactions).
+    """
+    if engine.dialect.name != "sqlite":
+        return
+
+    @event.listens_for(engine, "connect")
+    def _autocommit_driver(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        immediate = conn.get_execution_options().get("immediate")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

@@ -1,0 +1,325 @@
+"""One campaign run, as plain functions the Prefect flow wires together.
+
+    prepare()    load and validate the flow, build the audience package, plan chunks
+    run_chunk()  policy + reservation, render, dispatch, ledger: one chunk of recipients
+    finish()     the run's report, from the ledger
+
+Nothing here imports Prefect: the same functions run under the Prefect flow in
+``herald.flows.campaign``, in tests, and on any worker that can reach the workspace
+database (a chunk job is a small picklable value).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import threading
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from herald.audiences import store
+from herald.channels import ledger
+from herald.channels.base import Message
+from herald.channels.dispatch import Job, dispatch, forget_buckets, group
+from herald.channels.policy import SEND, Decision, Policy
+from herald.flows.errors import HeraldError, Problem, ValidationFailed
+from herald.flows.spec import Scalar
+from herald.flows.validate import check_flow, templates_for
+from herald.flows.workspace import Workspace
+from herald.templates.render import RenderError, Templates
+
+log = logging.getLogger("herald.run")
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """Everything a worker needs to run one chunk (picklable, no secrets)."""
+
+    workspace: str
+    flow: str
+    run_id: str
+    run_key: str
+    package_id: str
+    index: int
+    start: int
+    stop: int
+    dry_run: bool
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated run with its audience package built and its chunks planned."""
+
+    run_id: str
+    flow: str
+    run_key: str
+    dry_run: bool
+    package: store.Package
+    chunks: list[ChunkJob]
+    templates: int
+
+
+def default_run_key(ws: Workspace, flow: str) -> str:
+    """Today's date in the flow's time zone: one campaign a day unless told otherwise."""
+    return datetime.now(ZoneInfo(ws.timezone(ws.flow(flow)))).date().isoformat()
+
+
+def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None = None,
+            run_key: str | None = None, dry_run: bool = False) -> Prepared:
+    """Validate, record the run, build the package and plan its chunks."""
+    adopt_workspace(ws)
+    checked = check_flow(ws, flow_name, params, _templates[str(ws.root)])
+    flow = checked.spec
+    key = run_key or default_run_key(ws, flow_name)
+    run_id = f"run-{datetime.now(UTC):%Y%m%d%H%M%S}-{secrets.token_hex(3)}"
+    ledger.start_run(ws.store, run_id, flow.name, key, dry_run)
+    try:
+        package = store.build(ws, flow, checked.segment)
+        orphans = [t for t in package.tiers if flow.tier_for(t) is None]
+        if orphans:
+            raise ValidationFailed([Problem(
+                f"tier{'s' if len(orphans) > 1 else ''} {', '.join(map(repr, orphans))} "
+                "returned by the segment ha{} no entry in tiers and there is no 'default' "
+                "tier".format("ve" if len(orphans) > 1 else "s"),
+                file=ws.flow_file(flow.name), line=ws.flow_line(flow.name, ("tiers",)),
+                field="tiers")])
+        ledger.set_run_package(ws.store, run_id, package.id)
+    except HeraldError as exc:
+        ledger.finish_run(ws.store, run_id, "failed", None, str(exc))
+        raise
+    size = ws.chunk_size(flow)
+    chunks = [ChunkJob(str(ws.root), flow.name, run_id, key, package.id, i, start,
+                       min(start + size, package.size), dry_run)
+              for i, start in enumerate(range(0, package.size, size))]
+    return Prepared(run_id, flow.name, key, dry_run, package, chunks, checked.templates)
+
+
+# -- one chunk --------------------------------------------------------------------------
+_workspaces: dict[str, Workspace] = {}
+_templates: dict[str, Templates] = {}
+_lock = threading.Lock()
+
+
+def _open(root: str) -> tuple[Workspace, Templates]:
+    """One Workspace (engines, parsed YAML) and template cache per process and folder."""
+    with _lock:
+        if root not in _workspaces:
+            ws = Workspace.open(root)
+            _workspaces[root] = ws
+            _templates[root] = templates_for(ws)
+        return _workspaces[root], _templates[root]
+
+
+def adopt_workspace(ws: Workspace) -> None:
+    """Make ``ws`` the one chunks of this process use for its folder."""
+    with _lock:
+        root = str(ws.root)
+        if _workspaces.get(root) is not ws:
+            _workspaces[root] = ws
+            _templates[root] = templates_for(ws)
+
+
+def forget_workspace(root: str | Path) -> None:
+    """Drop the cached workspace for ``root`` (its YAML or databases changed)."""
+    with _lock:
+        ws = _workspaces.pop(str(root), None)
+        _templates.pop(str(root), None)
+    if ws:
+        ws.dispose()
+
+
+def forget_all() -> None:
+    """Drop every cached workspace (tests that drop their databases)."""
+    for root in list(_workspaces):
+        forget_workspace(root)
+
+
+ChunkCounts = list[tuple[str, str, str | None, int]]  # (status, tier, channel, n)
+
+
+def run_chunk(job: ChunkJob) -> ChunkCounts:
+    """Run one chunk: decide, reserve, render, send, settle. Returns its counts."""
+    ws, templates = _open(job.workspace)
+    flow = ws.flow(job.flow)
+    rows = store.read(ws, job.package_id, job.start, job.stop)
+    policy = Policy(ws, flow)
+    counts: Counter[tuple[str, str, str | None]] = Counter()
+
+    # Decide and reserve in one transaction holding the write lock, so that two runs
+    # checking the same person's caps at once cannot both pass.
+    with ws.store.connect().execution_options(immediate=True) as conn, conn.begin():
+        _lock_ledger(conn)
+        seen = ledger.existing(conn, flow.name, job.run_key, [r.key for r in rows])
+        resumed = [r for r in rows if seen.get(r.key, ("",))[0] == "queued"]
+        for r in rows:
+            if r.key in seen and seen[r.key][0] != "queued":
+                status, channel, tier = seen[r.key]
+                counts["duplicate", tier, channel] += 1
+        fresh = [r for r in rows if r.key not in seen]
+        decisions = policy.decide(conn, fresh, ledger.now())
+        if not job.dry_run:
+            ledger.write_entries(conn, (ledger.Entry(
+                d.recipient.key, d.tier, "queued" if d.status == SEND else d.status,
+                d.channel, d.address, d.reason) for d in decisions),
+                flow=flow.name, run_key=job.run_key, run_id=job.run_id,
+                package_id=job.package_id)
+            if resumed:
+                ledger.adopt(conn, flow.name, job.run_key, [r.key for r in resumed],
+                             job.run_id)
+    if resumed:
+        decisions += _resume_decisions(ws, flow.name, job, resumed)
+
+    outgoing: list[tuple[str, Message]] = []
+    render_errors: list[ledger.Outcome] = []
+    for d in decisions:
+        if d.status != SEND:
+            counts[d.status, d.tier, d.channel] += 1
+            continue
+        assert d.channel is not None and d.address is not None
+        try:
+            message = build_message(ws, templates, job, d)
+        except RenderError as exc:
+            render_errors.append(ledger.Outcome(d.recipient.key, "render_error", str(exc),
+                                                attempts=0))
+            counts["render_error", d.tier, d.channel] += 1
+            continue
+        outgoing.append((d.channel, message))
+        if job.dry_run:
+            counts["sent", d.tier, d.channel] += 1
+    if job.dry_run:
+        return [(*k, n) for k, n in counts.items()]
+    if render_errors:
+        ledger.settle(ws.store, flow.name, job.run_key, render_errors)
+    if outgoing:
+        asyncio.run(dispatch(ws, Job(flow.name, job.run_key, job.run_id), group(outgoing)))
+        for status, tier, channel, n in _settled(ws, job, [m.recipient for _, m in outgoing]):
+            counts[status, tier, channel] += n
+    return [(*k, n) for k, n in counts.items()]
+
+
+def _lock_ledger(conn: Any) -> None:
+    # SQLite: BEGIN IMMEDIATE already holds the database's write lock. Postgres: one
+    # advisory lock serialises reservations across runs and workers.
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7242817)")
+
+
+def _resume_decisions(ws: Workspace, flow: str, job: ChunkJob,
+                      rows: list[store.Recipient]) -> list[Decision]:
+    """Queued rows from an interrupted run: send them on the channel they reserved."""
+    out = []
+    with ws.store.connect() as conn:
+        found = ledger.existing(conn, flow, job.run_key, [r.key for r in rows])
+        addresses = dict(conn.execute(
+            ledger.deliveries.select().with_only_columns(
+                ledger.deliveries.c.recipient, ledger.deliveries.c.address).where(
+                ledger.deliveries.c.flow == flow,
+                ledger.deliveries.c.run_key == job.run_key,
+                ledger.deliveries.c.recipient.in_([r.key for r in rows]))).tuples().all())
+    for r in rows:
+        _, channel, tier = found[r.key]
+        out.append(Decision(r, tier, SEND, channel=channel, address=addresses.get(r.key)))
+    return out
+
+
+def _settled(ws: Workspace, job: ChunkJob, recipients: list[str]) -> ChunkCounts:
+    counts: Counter[tuple[str, str, str | None]] = Counter()
+    with ws.store.connect() as conn:
+        for part in range(0, len(recipients), 500):
+            for status, tier, channel in conn.execute(
+                    ledger.deliveries.select().with_only_columns(
+                        ledger.deliveries.c.status, ledger.deliveries.c.tier,
+                        ledger.deliveries.c.channel).where(
+                        ledger.deliveries.c.flow == job.flow,
+                        ledger.deliveries.c.run_key == job.run_key,
+                        ledger.deliveries.c.recipient.in_(recipients[part:part + 500]))):
+                counts[status, tier, channel] += 1
+    return [(*k, n) for k, n in counts.items()]
+
+
+def message_id(flow: str, run_key: str, recipient: str) -> str:
+    """Stable per (flow, run key, recipient): a provider can use it to drop duplicates."""
+    digest = hashlib.sha256(f"{flow}\x00{run_key}\x00{recipient}".encode()).hexdigest()
+    return f"<{digest[:32]}.{flow}@herald>"
+
+
+def build_message(ws: Workspace, templates: Templates, job: ChunkJob | Job,
+                  d: Decision) -> Message:
+    """Render the message a decision sends (RenderError when a template fails)."""
+    flow = ws.flow(job.flow)
+    assert d.channel is not None and d.address is not None
+    kind = ws.channel_kind(d.channel)
+    locale_col = flow.audience.locale
+    locale = d.recipient.data.get(locale_col) if locale_col else None
+    variables = {**d.recipient.data, "flow": flow.name, "tier": d.recipient.tier,
+                 "run_key": job.run_key, "channel": d.channel}
+    rendered = templates.render(flow, d.tier, kind, str(locale) if locale else None, variables)
+    return Message(recipient=d.recipient.key, address=d.address, kind=kind,
+                   body=rendered.body, subject=rendered.subject, html=rendered.html,
+                   message_id=message_id(flow.name, job.run_key, d.recipient.key),
+                   meta={"flow": flow.name, "run_key": job.run_key, "tier": d.tier})
+
+
+# -- the report -------------------------------------------------------------------------
+def finish(ws: Workspace, prepared: Prepared, chunk_counts: list[ChunkCounts],
+           started: datetime) -> dict[str, Any]:
+    """The run's summary (the ``herald run --json`` object), recorded with the run."""
+    forget_buckets(prepared.run_id)
+    counts = ledger.RunCounts()
+    if prepared.dry_run:
+        for chunk in chunk_counts:
+            for status, tier, channel, n in chunk:
+                counts.add(status, tier, channel, n)
+    else:
+        counts = ledger.run_counts(ws.store, prepared.run_id)
+        for chunk in chunk_counts:  # duplicates are not rows of this run
+            for status, tier, channel, n in chunk:
+                if status == "duplicate":
+                    counts.add(status, tier, channel, n)
+    finished = datetime.now(UTC)
+    summary = {
+        "run_id": prepared.run_id,
+        "flow": prepared.flow,
+        "run_key": prepared.run_key,
+        "dry_run": prepared.dry_run,
+        "status": "completed",
+        "package": {"id": prepared.package.id, "size": prepared.package.size,
+                    "tiers": prepared.package.tiers,
+                    "segment": prepared.package.segment,
+                    "sql_sha256": prepared.package.sql_sha256},
+        **counts.to_dict(),
+        "chunks": len(prepared.chunks),
+        "started_at": started.isoformat(),
+        "finished_at": finished.isoformat(),
+        "duration_seconds": round((finished - started).total_seconds(), 3),
+    }
+    ledger.finish_run(ws.store, prepared.run_id, "completed", summary)
+    return summary
+
+
+def fail(ws: Workspace, run_id: str, error: BaseException) -> None:
+    ledger.finish_run(ws.store, run_id, "failed", None, f"{type(error).__name__}: {error}")
+
+
+def run_local(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None = None,
+              run_key: str | None = None, dry_run: bool = False,
+              max_workers: int | None = None) -> dict[str, Any]:
+    """Run a campaign on a thread pool without Prefect (tests, embedded use)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = datetime.now(UTC)
+    prepared = prepare(ws, flow_name, params, run_key, dry_run)
+    try:
+        with ThreadPoolExecutor(max_workers or ws.config.max_workers) as pool:
+            results = list(pool.map(run_chunk, prepared.chunks))
+        return finish(ws, prepared, results, started)
+    except BaseException as exc:
+        fail(ws, prepared.run_id, exc)
+        raise

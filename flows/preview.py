@@ -1,0 +1,75 @@
+"""``herald preview``: render a flow's messages for a few recipients, send nothing.
+
+Preview reads sample rows straight from the segment (no package is stored), picks each
+recipient's channel by the tier's order and the addresses present, and renders. It does
+not consult caps or the suppression list: it shows what the message would look like.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import text
+
+from herald.audiences.store import DEFAULT_TIER, Recipient, _jsonable
+from herald.channels.dispatch import Job
+from herald.channels.policy import SEND, Decision, clean_address
+from herald.flows.engine import build_message, default_run_key
+from herald.flows.errors import AudienceError
+from herald.flows.spec import Scalar
+from herald.flows.validate import check_flow, templates_for
+from herald.flows.workspace import Workspace
+from herald.templates.render import RenderError
+
+
+def render_samples(ws: Workspace, flow_name: str, params: Mapping[str, Scalar],
+                   tier: str | None, limit: int) -> list[dict[str, Any]]:
+    templates = templates_for(ws)
+    checked = check_flow(ws, flow_name, params, templates)
+    flow = checked.spec
+    engine = ws.source(flow.audience.source)
+    bind: dict[str, Any] = dict(checked.segment.params)
+    where = ""
+    if tier:
+        if not flow.audience.tier:
+            raise AudienceError(f"--tier: flow '{flow_name}' has no audience.tier column")
+        column = engine.dialect.identifier_preparer.quote(flow.audience.tier)
+        where = f" WHERE herald_sample.{column} = :herald_tier"
+        bind["herald_tier"] = tier
+    bind["herald_limit"] = limit
+    sql = (f"SELECT * FROM (\n{checked.segment.sql}\n) AS herald_sample{where} "
+           "LIMIT :herald_limit")
+    with engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(text(sql), bind).mappings()]
+    job = Job(flow.name, default_run_key(ws, flow_name), "preview")
+    samples = []
+    for i, row in enumerate(rows):
+        data = {k: _jsonable(v) for k, v in row.items()}
+        row_tier = str(data.get(flow.audience.tier) or DEFAULT_TIER) if flow.audience.tier \
+            else DEFAULT_TIER
+        recipient = Recipient(i, str(data[flow.audience.key]), row_tier, data)
+        entry = flow.tier_for(row_tier)
+        sample: dict[str, Any] = {"recipient": recipient.key, "tier": row_tier,
+                                  "channel": None, "status": "no_address"}
+        if entry is None:
+            sample.update(status="no_tier", error=f"tier '{row_tier}' has no entry in tiers")
+            samples.append(sample)
+            continue
+        for channel in entry[1].channels:
+            address, _ = clean_address(ws.channel_kind(channel),
+                                       data.get(ws.address_column(channel)))
+            if address:
+                decision = Decision(recipient, entry[0], SEND, channel, address)
+                sample.update(channel=channel, address=address, status="would_send")
+                try:
+                    message = build_message(ws, templates, job, decision)
+                except RenderError as exc:
+                    sample.update(status="render_error", error=str(exc))
+                    break
+                sample.update(subject=message.subject, body=message.body, html=message.html)
+                break
+        else:
+            sample["error"] = "no address for any of " + ", ".join(entry[1].channels)
+        samples.append(sample)
+    return samples

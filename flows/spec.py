@@ -1,0 +1,164 @@
+"""The YAML schema: workspace settings (``config/herald.yaml``) and flows (``config/flows/*.yaml``).
+
+Models are strict (``extra="forbid"``); cross-references (a tier naming a channel, an
+audience naming a source) are checked by ``herald.flows.workspace`` where both sides are
+known, so those errors carry file and line too.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_DURATION = re.compile(r"^\s*(\d+)\s*(m|min|h|d|w)\s*$")
+_UNIT = {"m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(value: Any) -> timedelta:
+    """``30m``, ``12h``, ``7d`` or ``2w`` as a timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    match = _DURATION.match(str(value))
+    if not match or int(match.group(1)) <= 0:
+        raise ValueError("duration must look like 30m, 12h, 7d or 2w")
+    return timedelta(seconds=int(match.group(1)) * _UNIT[match.group(2)])
+
+
+def _check_timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone '{value}' (use an IANA name such as "
+                         "Asia/Shanghai or UTC)") from None
+    return value
+
+
+def _check_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"'{value}' is not a valid name (letters, digits, _ and -)")
+    return value
+
+
+def _check_url(value: str) -> str:
+    try:
+        make_url(value)
+    except ArgumentError:
+        raise ValueError("not a database URL (e.g. sqlite:///.herald/shop.db or "
+                         "postgresql+psycopg://user@host/db)") from None
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+TimeZone = Annotated[str, AfterValidator(_check_timezone)]
+Name = Annotated[str, BeforeValidator(_check_name)]
+DatabaseUrl = Annotated[str, BeforeValidator(_check_url)]
+Scalar = str | int | float | bool | None
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CapRule(Strict):
+    """At most ``max`` messages per ``per`` window to one recipient, within a scope."""
+
+    max: int = Field(ge=1)
+    per: Duration
+    channel: str | None = None
+    flow: str | None = None
+
+    def describe(self) -> str:
+        scope = [f"channel {self.channel}" if self.channel else "",
+                 f"flow {self.flow}" if self.flow else ""]
+        where = ", ".join(s for s in scope if s) or "all channels"
+        return f"max {self.max} per {_fmt_duration(self.per)} ({where})"
+
+
+def _fmt_duration(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    for unit, size in (("w", 7 * 86400), ("d", 86400), ("h", 3600)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds // 60}m"
+
+
+class FlowCapRule(Strict):
+    """A cap in a flow's YAML: it always applies to that flow only."""
+
+    max: int = Field(ge=1)
+    per: Duration
+    channel: str | None = None
+
+
+class WorkspaceConfig(Strict):
+    """``config/herald.yaml``."""
+
+    timezone: TimeZone = "UTC"
+    default_locale: str = Field(default="en", pattern=r"^[A-Za-z]{2,3}(?:[_-][A-Za-z0-9]+)*$")
+    sources: dict[Name, DatabaseUrl] = Field(default_factory=dict)
+    store: DatabaseUrl = "sqlite:///.herald/herald.db"
+    channels: dict[Name, dict[str, Any]] = Field(default_factory=dict)
+    caps: list[CapRule] = Field(default_factory=list)
+    chunk_size: int = Field(default=2000, ge=1, le=100_000)
+    max_workers: int = Field(default=4, ge=1, le=64)
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _channel_tables(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for name, settings in value.items():
+                if not isinstance(settings, dict):
+                    raise ValueError(f"channel '{name}' must be a mapping with a 'type'")
+        return value
+
+
+class AudienceSpec(Strict):
+    source: Name
+    segment: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_/-]*$")
+    params: dict[str, Scalar] = Field(default_factory=dict)
+    key: str
+    tier: str | None = None
+    locale: str | None = None
+
+
+class TierSpec(Strict):
+    channels: list[str] = Field(min_length=1)
+    template: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_/.-]*$")
+
+
+class FlowSpec(Strict):
+    """``config/flows/NAME.yaml``: one campaign."""
+
+    name: Name
+    description: str = ""
+    timezone: TimeZone | None = None
+    audience: AudienceSpec
+    tiers: dict[Name, TierSpec] = Field(min_length=1)
+    caps: list[FlowCapRule] = Field(default_factory=list)
+    holdout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    chunk_size: int | None = Field(default=None, ge=1, le=100_000)
+
+    def tier_for(self, tier: str) -> tuple[str, TierSpec] | None:
+        """The tier entry a recipient of ``tier`` uses: its own, else ``default``."""
+        if tier in self.tiers:
+            return tier, self.tiers[tier]
+        if "default" in self.tiers:
+            return "default", self.tiers["default"]
+        return None
+
+    def channel_names(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for tier in self.tiers.values():
+            seen.update(dict.fromkeys(tier.channels))
+        return list(seen)
+
+    def cap_rules(self) -> list[CapRule]:
+        return [CapRule(max=c.max, per=c.per, channel=c.channel, flow=self.name)
+                for c in self.caps]

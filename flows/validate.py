@@ -1,0 +1,74 @@
+"""Pre-send validation: everything a run needs is checked before its first message.
+
+The segment compiles against its source and returns the key, tier, locale and address
+columns the flow needs; every template compiles and uses only variables the segment
+returns; every channel the flow names is configured (checked when the flow loads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from herald.audiences.store import Segment, load_segment, probe_columns
+from herald.flows.errors import AudienceError, Problem, ValidationFailed, WorkspaceError
+from herald.flows.spec import FlowSpec, Scalar
+from herald.flows.workspace import Workspace
+from herald.templates.render import Templates
+
+
+@dataclass(frozen=True)
+class CheckedFlow:
+    """A flow that passed validation, with what validation learned."""
+
+    spec: FlowSpec
+    segment: Segment
+    columns: list[str]
+    templates: int
+
+
+def templates_for(ws: Workspace) -> Templates:
+    return Templates(ws.templates_dir, ws.config.default_locale)
+
+
+def check_flow(ws: Workspace, name: str, overrides: Mapping[str, Scalar] | None = None,
+               templates: Templates | None = None) -> CheckedFlow:
+    """Validate one flow; ValidationFailed lists every problem found."""
+    flow = ws.flow(name)  # ConfigError for the YAML itself
+    file = ws.flow_file(name)
+    problems: list[Problem] = []
+    try:
+        segment = load_segment(ws, flow, overrides)
+        columns = probe_columns(ws, flow, segment)
+    except (AudienceError, WorkspaceError) as exc:
+        problems.append(Problem(str(exc)))
+        raise ValidationFailed(problems) from None
+
+    have = set(columns)
+    audience = flow.audience
+    for field, column in (("key", audience.key), ("tier", audience.tier),
+                          ("locale", audience.locale)):
+        if column and column not in have:
+            problems.append(Problem(
+                f"column '{column}' is not in the result of {segment.file} "
+                f"(columns: {', '.join(columns)})", file=file,
+                line=ws.flow_line(name, ("audience", field)), field=f"audience.{field}"))
+    for tier_name, tier in flow.tiers.items():
+        for i, channel in enumerate(tier.channels):
+            column = ws.address_column(channel)
+            if column not in have:
+                problems.append(Problem(
+                    f"channel '{channel}' sends to column '{column}', which {segment.file} "
+                    "does not return", file=file,
+                    line=ws.flow_line(name, ("tiers", tier_name, "channels", i)),
+                    field=f"tiers.{tier_name}.channels[{i}]"))
+    engine = templates or templates_for(ws)
+    kinds = {tier: {ws.channel_kind(c) for c in spec.channels}
+             for tier, spec in flow.tiers.items()}
+    problems.extend(engine.check(flow, kinds, have))
+    if problems:
+        raise ValidationFailed(problems)
+    files = {name for tier, ks in kinds.items() for kind in ks
+             for part in ("subject", "txt", "html")
+             for name in engine.variants(flow, tier, kind, part)}
+    return CheckedFlow(flow, segment, columns, len(files))

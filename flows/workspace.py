@@ -1,0 +1,206 @@
+"""A workspace: a folder with ``config/``, ``audiences/`` (SQL) and ``templates/``.
+
+``Workspace.open()`` loads and checks ``config/herald.yaml``; flows load on demand.
+Every problem found in a file is reported together, each with its line and field.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import Engine
+
+from herald.channels.base import KINDS, ChannelSettings
+from herald.channels.registry import channel_class
+from herald.flows.db import ensure_schema, make_engine
+from herald.flows.errors import ChannelError, ConfigError, Problem, WorkspaceError
+from herald.flows.spec import FlowSpec, WorkspaceConfig
+from herald.flows.yamlio import Located, load_yaml, problems_from, validate
+
+CONFIG_FILE = "config/herald.yaml"
+FLOWS_DIR = "config/flows"
+
+
+class Workspace:
+    """The operator's files and the databases they name."""
+
+    def __init__(self, root: Path, config: WorkspaceConfig,
+                 channels: dict[str, ChannelSettings], doc: Located) -> None:
+        self.root = root
+        self.config = config
+        self.channels = channels
+        self._doc = doc
+        self._flows: dict[str, FlowSpec] = {}
+        self._flow_docs: dict[str, Located] = {}
+        self._engines: dict[str, Engine] = {}
+
+    @classmethod
+    def open(cls, root: str | Path | None = None) -> Workspace:
+        """Open the workspace at ``root``, ``$HERALD_WORKSPACE`` or the current folder."""
+        path = Path(root or os.environ.get("HERALD_WORKSPACE") or ".").resolve()
+        if not (path / CONFIG_FILE).is_file():
+            raise WorkspaceError(f"{path} is not a Herald workspace: {CONFIG_FILE} not found "
+                                 "(use --workspace DIR or set HERALD_WORKSPACE)")
+        doc = load_yaml(path / CONFIG_FILE, CONFIG_FILE)
+        config = validate(WorkspaceConfig, doc)
+        channels, problems = _channel_settings(config, doc)
+        if problems:
+            raise ConfigError(problems)
+        return cls(path, config, channels, doc)
+
+    # -- flows ---------------------------------------------------------------------
+    def flow_names(self) -> list[str]:
+        folder = self.root / FLOWS_DIR
+        return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+    def flow(self, name: str) -> FlowSpec:
+        """Load and check ``config/flows/NAME.yaml``."""
+        if name not in self._flows:
+            self._flows[name] = self._load_flow(name)
+        return self._flows[name]
+
+    def _load_flow(self, name: str) -> FlowSpec:
+        rel = f"{FLOWS_DIR}/{name}.yaml"
+        if not (self.root / rel).is_file():
+            known = ", ".join(self.flow_names()) or "none"
+            raise WorkspaceError(f"unknown flow '{name}': {rel} not found (flows: {known})")
+        doc = load_yaml(self.root / rel, rel)
+        spec = validate(FlowSpec, doc)
+        self._flow_docs[name] = doc
+        problems: list[Problem] = []
+        if spec.name != name:
+            problems.append(Problem(f"name '{spec.name}' must match the file name '{name}'",
+                                    file=rel, line=doc.line_of(("name",)), field="name"))
+        if spec.audience.source not in self.config.sources:
+            problems.append(Problem(
+                f"unknown source '{spec.audience.source}' (sources in {CONFIG_FILE}: "
+                f"{', '.join(self.config.sources) or 'none'})",
+                file=rel, line=doc.line_of(("audience", "source")), field="audience.source"))
+        for tier_name, tier in spec.tiers.items():
+            for i, channel in enumerate(tier.channels):
+                if channel not in self.channels:
+                    loc = ("tiers", tier_name, "channels", i)
+                    problems.append(Problem(
+                        f"unknown channel '{channel}' (configured in {CONFIG_FILE}: "
+                        f"{', '.join(self.channels) or 'none'})",
+                        file=rel, line=doc.line_of(loc),
+                        field=f"tiers.{tier_name}.channels[{i}]"))
+        for i, cap in enumerate(spec.caps):
+            if cap.channel and cap.channel not in self.channels:
+                problems.append(Problem(f"unknown channel '{cap.channel}'", file=rel,
+                                        line=doc.line_of(("caps", i, "channel")),
+                                        field=f"caps[{i}].channel"))
+        if problems:
+            raise ConfigError(problems)
+        return spec
+
+    def flow_file(self, name: str) -> str:
+        return f"{FLOWS_DIR}/{name}.yaml"
+
+    def flow_line(self, name: str, loc: tuple[str | int, ...]) -> int | None:
+        """The line of a field in a loaded flow's YAML (for error messages)."""
+        doc = self._flow_docs.get(name)
+        return doc.line_of(loc) if doc else None
+
+    # -- files ---------------------------------------------------------------------
+    def segment_file(self, segment: str, dialect: str) -> Path:
+        """``audiences/SEGMENT.<dialect>.sql`` if present, else ``audiences/SEGMENT.sql``."""
+        for candidate in (f"audiences/{segment}.{dialect}.sql", f"audiences/{segment}.sql"):
+            if (self.root / candidate).is_file():
+                return self.root / candidate
+        raise WorkspaceError(f"segment '{segment}' not found: audiences/{segment}.sql "
+                             "does not exist")
+
+    def relative(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+    @property
+    def templates_dir(self) -> Path:
+        return self.root / "templates"
+
+    # -- databases -----------------------------------------------------------------
+    @cached_property
+    def store(self) -> Engine:
+        """The workspace database (package store, ledger, runs, suppression list)."""
+        engine = make_engine(self.config.store, self.root)
+        ensure_schema(engine)
+        return engine
+
+    def source(self, name: str) -> Engine:
+        if name not in self._engines:
+            if name not in self.config.sources:
+                raise WorkspaceError(f"unknown source '{name}'")
+            self._engines[name] = make_engine(self.config.sources[name], self.root)
+        return self._engines[name]
+
+    def channel_kind(self, channel: str) -> str:
+        return _kind_of(channel, self.channels[channel])
+
+    def address_column(self, channel: str) -> str:
+        settings = self.channels[channel]
+        return settings.address or KINDS[self.channel_kind(channel)]
+
+    def timezone(self, flow: FlowSpec) -> str:
+        return flow.timezone or self.config.timezone
+
+    def chunk_size(self, flow: FlowSpec) -> int:
+        return flow.chunk_size or self.config.chunk_size
+
+    def dispose(self) -> None:
+        for engine in self._engines.values():
+            engine.dispose()
+        if "store" in self.__dict__:
+            self.store.dispose()
+
+
+def _kind_of(name: str, settings: ChannelSettings) -> str:
+    if settings.kind:
+        return settings.kind
+    kinds = channel_class(settings.type).kinds
+    if len(kinds) == 1:
+        return next(iter(kinds))
+    return name  # validated in _channel_settings: name is a kind then
+
+
+def _channel_settings(config: WorkspaceConfig, doc: Located
+                      ) -> tuple[dict[str, ChannelSettings], list[Problem]]:
+    """Validate each channel's settings against its adapter's Settings model."""
+    out: dict[str, ChannelSettings] = {}
+    problems: list[Problem] = []
+    for name, raw in config.channels.items():
+        loc: tuple[str, ...] = ("channels", name)
+        type_name = raw.get("type")
+        if not isinstance(type_name, str):
+            problems.append(Problem("required key 'type' is missing", file=doc.file,
+                                    line=doc.line_of(loc), field=f"channels.{name}.type"))
+            continue
+        try:
+            cls = channel_class(type_name)
+        except ChannelError as exc:
+            problems.append(Problem(str(exc), file=doc.file,
+                                    line=doc.line_of((*loc, "type")),
+                                    field=f"channels.{name}.type"))
+            continue
+        try:
+            settings: Any = cls.Settings.model_validate(raw)
+        except ValidationError as exc:
+            problems.extend(problems_from(exc, doc, cls.Settings, loc))
+            continue
+        kind = settings.kind or (next(iter(cls.kinds)) if len(cls.kinds) == 1 else None)
+        if kind is None and name in cls.kinds:
+            kind = name
+        if kind is None or kind not in cls.kinds or kind not in KINDS:
+            allowed = ", ".join(sorted(cls.kinds & KINDS.keys()))
+            problems.append(Problem(f"set kind to one of: {allowed}", file=doc.file,
+                                    line=doc.line_of((*loc, "kind")) or doc.line_of(loc),
+                                    field=f"channels.{name}.kind"))
+            continue
+        out[name] = settings
+    return out, problems

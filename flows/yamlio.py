@@ -1,0 +1,226 @@
+"""Load operators' YAML with line numbers, YAML 1.2 scalars and ``${ENV}`` interpolation.
+
+PyYAML composes the node tree (which keeps each node's position); we convert the nodes
+ourselves so that ``no``, ``on`` and ``2024-01-01`` stay strings (YAML 1.2 core schema,
+not PyYAML's 1.1 surprises), duplicate keys are errors, and every value remembers its
+line. Validation errors from pydantic are then mapped back to ``file:line field``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from herald.flows.errors import ConfigError, Problem
+
+Loc = tuple[str | int, ...]
+M = TypeVar("M", bound=BaseModel)
+
+_NULL = re.compile(r"^(?:~|null|Null|NULL|)$")
+_BOOL = {"true": True, "True": True, "TRUE": True,
+         "false": False, "False": False, "FALSE": False}
+_INT = re.compile(r"^[-+]?[0-9]+$")
+_FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$")
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class Located:
+    """The parsed document plus the line of every value, by path."""
+
+    def __init__(self, file: str, data: Any, lines: dict[Loc, int]) -> None:
+        self.file = file
+        self.data = data
+        self.lines = lines
+
+    def line_of(self, loc: Loc) -> int | None:
+        """The line of ``loc``, or of its nearest ancestor that has one."""
+        for end in range(len(loc), -1, -1):
+            line = self.lines.get(tuple(loc[:end]))
+            if line is not None:
+                return line
+        return None
+
+
+def load_yaml(path: Path, display: str | None = None, env: Mapping[str, str] | None = None
+              ) -> Located:
+    """Read ``path``; raise ConfigError naming the file and line on any problem."""
+    name = display or str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([Problem("file not found", file=name)]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError([Problem("not valid UTF-8", file=name, line=line)]) from None
+    return parse_yaml(text, name, os.environ if env is None else env)
+
+
+def parse_yaml(text: str, file: str, env: Mapping[str, str]) -> Located:
+    """Parse YAML text (see module docstring) into a ``Located`` document."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        msg = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError([Problem(f"invalid YAML: {msg}", file=file, line=line)]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([Problem(f"invalid YAML: {exc}", file=file)]) from None
+    lines: dict[Loc, int] = {}
+    problems: list[Problem] = []
+    data = {} if root is None else _convert(root, (), lines, problems, file, env)
+    if problems:
+        raise ConfigError(problems)
+    return Located(file, data, lines)
+
+
+def _convert(node: yaml.Node, loc: Loc, lines: dict[Loc, int], problems: list[Problem],
+             file: str, env: Mapping[str, str]) -> Any:
+    lines[loc] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is None or key == "<<":
+                problems.append(Problem("keys must be plain strings (no merge keys)",
+                                        file=file, line=key_node.start_mark.line + 1,
+                                        field=_dotted(loc)))
+                continue
+            if key in out:
+                problems.append(Problem(f"duplicate key '{key}'", file=file,
+                                        line=key_node.start_mark.line + 1,
+                                        field=_dotted(loc)))
+                continue
+            out[key] = _convert(value_node, (*loc, key), lines, problems, file, env)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_convert(item, (*loc, i), lines, problems, file, env)
+                for i, item in enumerate(node.value)]
+    assert isinstance(node, yaml.ScalarNode)
+    if node.tag not in ("tag:yaml.org,2002:str", "tag:yaml.org,2002:int",
+                        "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool",
+                        "tag:yaml.org,2002:null", "tag:yaml.org,2002:timestamp",
+                        "tag:yaml.org,2002:value", "tag:yaml.org,2002:merge"):
+        problems.append(Problem(f"unsupported YAML tag {node.tag}", file=file,
+                                line=lines[loc], field=_dotted(loc)))
+        return None
+    value = node.value
+    if "${" in value:
+        value = _interpolate(value, env, lambda msg: problems.append(
+            Problem(msg, file=file, line=lines[loc], field=_dotted(loc))))
+        return value  # an interpolated value is always a string
+    if node.style is not None:  # quoted or block scalar: a string, whatever it looks like
+        return value
+    if _NULL.match(value):
+        return None
+    if value in _BOOL:
+        return _BOOL[value]
+    if _INT.match(value):
+        return int(value)
+    if _FLOAT.match(value):
+        return float(value)
+    return value
+
+
+def _interpolate(value: str, env: Mapping[str, str], report: Any) -> str:
+    def sub(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        report(f"environment variable {name} is not set")
+        return ""
+
+    return _ENV.sub(sub, value)
+
+
+def _dotted(loc: Sequence[str | int]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def validate(model: type[M], doc: Located, context: dict[str, Any] | None = None,
+             prefix: Loc = ()) -> M:
+    """Validate ``doc.data`` (or the part at ``prefix``) into ``model``.
+
+    Every pydantic error becomes a Problem with the file, the line and the field path;
+    unknown keys get a "did you mean" suggestion.
+    """
+    data: Any = doc.data
+    for part in prefix:
+        data = data[part]
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise ConfigError(problems_from(exc, doc, model, prefix)) from None
+
+
+def problems_from(exc: ValidationError, doc: Located, model: type[BaseModel] | None = None,
+                  prefix: Loc = ()) -> list[Problem]:
+    """Turn a pydantic ValidationError into located Problems (never echoing values)."""
+    problems: list[Problem] = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = (*prefix, *_clean_loc(err["loc"]))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key '{loc[-1]}'"
+            hint = _suggest(model, loc[len(prefix):]) if model else None
+            if hint:
+                msg += f" (did you mean '{hint}'?)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        problems.append(Problem(msg, file=doc.file, line=doc.line_of(loc),
+                                field=_dotted(loc) or None))
+    return problems
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> Loc:
+    # pydantic inserts union/validator names (e.g. 'function-after[...]'); drop them
+    return tuple(p for p in loc if isinstance(p, int) or not (
+        "[" in p and "]" in p or p in ("str", "int", "float", "dict", "list")))
+
+
+def _suggest(model: type[BaseModel], loc: Loc) -> str | None:
+    """Find the model that owns the unknown key and suggest its closest field."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or current is None:
+            continue
+        fields = getattr(current, "model_fields", {})
+        if part in fields:
+            current = _model_in(fields[part].annotation)
+        # keys of a dict[str, Model] field: stay on the value model
+    fields = getattr(current, "model_fields", None)
+    if not fields:
+        return None
+    names = [f.alias or n for n, f in fields.items()]
+    match = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel inside ``annotation`` (``X``, ``list[X]``, ``dict[str, X]``, ``X|None``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,209 @@
+"""Operators' Jinja templates: found by flow, tier, channel kind and locale; rendered in
+the sandbox; checked against the segment's columns before anything is sent.
+
+A template file is ``templates/<flow>/<tier>.<kind>.<part>[.<locale>].j2``:
+
+- ``kind`` is the channel's kind (email, sms, wechat, webhook);
+- ``part`` is ``subject``, ``txt`` or ``html`` (email: subject and txt required, html
+  optional; every other kind: txt);
+- ``locale`` is tried as the recipient's full locale (``zh_CN``), then its language
+  (``zh``), then no suffix, then the workspace's default language;
+- a tier without its own file uses ``<flow>/default``; ``template: winback/vip`` in a tier
+  replaces ``<flow>/<tier>``.
+
+Templates see the segment's columns plus ``flow``, ``tier``, ``run_key`` and ``channel``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jinja2 import FileSystemLoader, StrictUndefined, TemplateSyntaxError, meta, nodes
+from jinja2.exceptions import SecurityError, TemplateError, UndefinedError
+from jinja2.sandbox import SandboxedEnvironment
+
+from herald.flows.errors import Problem
+from herald.flows.spec import FlowSpec
+
+GLOBALS = frozenset({"flow", "tier", "run_key", "channel"})
+PARTS: dict[str, tuple[tuple[str, bool], ...]] = {
+    # kind: ((part, required), ...)
+    "email": (("subject", True), ("txt", True), ("html", False)),
+    "sms": (("txt", True),),
+    "wechat": (("txt", True),),
+    "webhook": (("txt", True),),
+}
+_VARIANT = re.compile(
+    r"^(?P<base>.+)\.(?P<part>subject|txt|html)(?:\.(?P<locale>[A-Za-z_-]+))?\.j2$")
+
+
+def _autoescape(name: str | None) -> bool:
+    return bool(name) and ".html." in f"{name}."
+
+
+@dataclass(frozen=True)
+class Rendered:
+    subject: str | None
+    body: str
+    html: str | None
+
+
+class RenderError(Exception):
+    """A template failed for one recipient (recorded as that recipient's outcome)."""
+
+
+class Templates:
+    """Find, compile and render a workspace's templates (one instance per run)."""
+
+    def __init__(self, root: Path, default_locale: str = "en") -> None:
+        self.root = root
+        self.default_locale = default_locale
+        self.env = SandboxedEnvironment(
+            loader=FileSystemLoader(str(root), encoding="utf-8"),
+            undefined=StrictUndefined,
+            autoescape=_autoescape,
+            keep_trailing_newline=False,
+            auto_reload=False,
+        )
+        self._found: dict[tuple[str, ...], str | None] = {}
+
+    def prefixes(self, flow: FlowSpec, tier: str) -> list[str]:
+        """The file prefixes a tier's templates are looked up under, in order."""
+        spec = flow.tiers.get(tier)
+        first = spec.template if spec and spec.template else f"{flow.name}/{tier}"
+        default = f"{flow.name}/default"
+        return [first] if first == default else [first, default]
+
+    def find(self, flow: FlowSpec, tier: str, kind: str, part: str,
+             locale: str | None) -> str | None:
+        """The template name for one message part, or None when there is none."""
+        cache_key = (flow.name, tier, kind, part, locale or "")
+        if cache_key in self._found:
+            return self._found[cache_key]
+        found = None
+        for prefix in self.prefixes(flow, tier):
+            for suffix in self._locale_suffixes(locale):
+                name = f"{prefix}.{kind}.{part}{suffix}.j2"
+                if (self.root / name).is_file():
+                    found = name
+                    break
+            if found:
+                break
+        self._found[cache_key] = found
+        return found
+
+    def _locale_suffixes(self, locale: str | None) -> list[str]:
+        out: list[str] = []
+        if locale:
+            out.append(f".{locale}")
+            lang = re.split(r"[_-]", locale)[0]
+            if lang != locale:
+                out.append(f".{lang}")
+        out.append("")
+        out.append(f".{self.default_locale}")
+        return list(dict.fromkeys(out))
+
+    def render(self, flow: FlowSpec, tier: str, kind: str, locale: str | None,
+               variables: dict[str, Any]) -> Rendered:
+        """Render every part of one message; RenderError says which part failed and why."""
+        parts: dict[str, str | None] = {}
+        for part, required in PARTS[kind]:
+            name = self.find(flow, tier, kind, part, locale)
+            if name is None:
+                if required:
+                    raise RenderError(f"no {kind} {part} template for tier '{tier}'"
+                                      f"{f' and locale {locale}' if locale else ''}")
+                parts[part] = None
+                continue
+            try:
+                parts[part] = self.env.get_template(name).render(variables)
+            except UndefinedError as exc:
+                raise RenderError(f"{name}: {exc.message}") from None
+            except SecurityError as exc:
+                raise RenderError(f"{name}: blocked by the sandbox: {exc}") from None
+            except (TemplateError, ArithmeticError, TypeError, ValueError) as exc:
+                raise RenderError(f"{name}: {type(exc).__name__}: {exc}") from None
+        subject = parts.get("subject")
+        if subject is not None:
+            subject = " ".join(subject.split())  # a header is one line
+            if not subject:
+                raise RenderError("the email subject rendered empty")
+        body = (parts.get("txt") or "").strip()
+        if not body:
+            raise RenderError(f"the {kind} text rendered empty")
+        return Rendered(subject, body, parts.get("html"))
+
+    # -- validation ----------------------------------------------------------------
+    def check(self, flow: FlowSpec, kinds_by_tier: dict[str, set[str]],
+              columns: set[str]) -> list[Problem]:
+        """Every template a flow may use: present, compiling, using only known variables."""
+        problems: list[Problem] = []
+        checked: set[str] = set()
+        available = columns | GLOBALS
+        for tier, kinds in kinds_by_tier.items():
+            for kind in sorted(kinds):
+                for part, required in PARTS[kind]:
+                    if required and self.find(flow, tier, kind, part, None) is None:
+                        tried = " or ".join(f"templates/{p}.{kind}.{part}.j2"
+                                            for p in self.prefixes(flow, tier))
+                        problems.append(Problem(f"missing template: {tried}",
+                                                field=f"tiers.{tier}"))
+                    for name in self.variants(flow, tier, kind, part):
+                        if name in checked:
+                            continue
+                        checked.add(name)
+                        problems.extend(self._check_one(name, available, columns))
+        return problems
+
+    def variants(self, flow: FlowSpec, tier: str, kind: str, part: str) -> list[str]:
+        """Every file (all locales) that can serve this tier, kind and part."""
+        out = []
+        for prefix in self.prefixes(flow, tier):
+            folder = (self.root / prefix).parent
+            stem = Path(prefix).name
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.glob(f"{stem}.{kind}.{part}*.j2")):
+                match = _VARIANT.match(path.name)
+                if match and match["base"] == f"{stem}.{kind}" and match["part"] == part:
+                    out.append(str(path.relative_to(self.root)))
+        return out
+
+    def _check_one(self, name: str, available: set[str], columns: set[str]) -> list[Problem]:
+        file = f"templates/{name}"
+        try:
+            source = (self.root / name).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return [Problem(f"not valid UTF-8 (byte {exc.start})", file=file)]
+        try:
+            ast = self.env.parse(source, name=name)
+        except TemplateSyntaxError as exc:
+            return [Problem(f"syntax error: {exc.message}", file=file, line=exc.lineno)]
+        unknown = sorted(meta.find_undeclared_variables(ast) - available)
+        problems = []
+        if unknown:
+            line = _first_line(ast, set(unknown))
+            problems.append(Problem(
+                f"uses {', '.join(repr(u) for u in unknown)}, which the segment does not "
+                f"return (columns: {', '.join(sorted(columns))}; also: "
+                f"{', '.join(sorted(GLOBALS))})", file=file, line=line))
+        for node in ast.find_all(nodes.Getattr):
+            if node.attr.startswith("_"):
+                problems.append(Problem(f"access to '{node.attr}' is not allowed",
+                                        file=file, line=node.lineno))
+        try:
+            self.env.from_string(source)  # compiles: catches errors parse() lets through
+        except TemplateSyntaxError as exc:
+            problems.append(Problem(f"syntax error: {exc.message}", file=file,
+                                    line=exc.lineno))
+        return problems
+
+
+def _first_line(ast: nodes.Template, names: set[str]) -> int | None:
+    for node in ast.find_all(nodes.Name):
+        if node.name in names and node.ctx == "load":
+            return int(node.lineno)
+    return None

@@ -1,0 +1,150 @@
+"""Audience packages: streamed builds, manifests, duplicates, parameters, exports."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from herald.audiences import store
+from herald.flows.errors import AudienceError, WorkspaceError
+
+from .conftest import people
+
+
+def build(ws, params=None):
+    flow = ws.flow("promo")
+    return store.build(ws, flow, store.load_segment(ws, flow, params))
+
+
+def test_manifest_records_what_was_built(make_workspace) -> None:
+    ws = make_workspace(rows=250)
+    package = build(ws, {"min_score": 5})
+    sql = (ws.root / "audiences/people.sql").read_text().strip()
+    assert package.sql_sha256 == hashlib.sha256(sql.encode()).hexdigest()
+    assert package.params == {"min_score": 5}
+    assert package.size == 125  # scores 5..9 of 0..9
+    expected: dict[str, int] = {}
+    for person in people(250):
+        if person["score"] >= 5:
+            expected[person["tier"]] = expected.get(person["tier"], 0) + 1
+    assert package.tiers == dict(sorted(expected.items()))
+    assert sum(package.tiers.values()) == package.size
+    assert package.columns == ["id", "name", "email", "phone", "tier", "locale", "score"]
+    assert store.count_rows(ws, package.id) == 125
+    again = store.get(ws, package.id)
+    assert again.manifest() == package.manifest()
+    assert [p.id for p in store.list_packages(ws)] == [package.id]
+
+
+def test_tier_counts_match_rows(make_workspace) -> None:
+    ws = make_workspace(rows=100)
+    package = build(ws)
+    rows = list(store.iter_rows(ws, package.id, batch=7))
+    assert [r.seq for r in rows] == list(range(100))
+    counted: dict[str, int] = {}
+    for r in rows:
+        counted[r.tier] = counted.get(r.tier, 0) + 1
+    assert counted == package.tiers == {"bronze": 25, "gold": 25, "silver": 50}
+
+
+def test_packages_are_snapshots(make_workspace) -> None:
+    ws = make_workspace(rows=30)
+    first = build(ws)
+    import sqlite3
+
+    with sqlite3.connect(ws.root / "crm.db") as conn:
+        conn.execute("DELETE FROM people WHERE id > 10")
+    second = build(ws)
+    assert (first.size, second.size) == (30, 10)
+    assert store.count_rows(ws, first.id) == 30  # the earlier package is unchanged
+
+
+def test_duplicate_keys_are_an_error_not_a_double_send(make_workspace) -> None:
+    ws = make_workspace({"audiences/people.sql":
+                         "SELECT * FROM people WHERE score >= :min_score\n"
+                         "UNION ALL SELECT * FROM people WHERE id = 3"}, rows=20)
+    with pytest.raises(AudienceError, match=r"audiences/people.sql: duplicate key '3'"):
+        build(ws)
+    assert store.list_packages(ws) == []  # nothing half-written is left behind
+
+
+def test_missing_and_unknown_parameters(make_workspace) -> None:
+    ws = make_workspace({"config/flows/promo.yaml": """\
+        name: promo
+        audience: {source: crm, segment: people, key: id, tier: tier}
+        tiers: {default: {channels: [sms]}}
+        """})
+    with pytest.raises(AudienceError, match=r"people.sql: parameter :min_score not given"):
+        build(ws)
+    with pytest.raises(AudienceError, match=r"unknown parameter dayz \(the SQL uses: "
+                                            r"min_score\)"):
+        build(ws, {"min_score": 1, "dayz": 3})
+
+
+def test_parameters_are_bound_never_formatted(make_workspace) -> None:
+    ws = make_workspace(rows=20)
+    evil = "0; DROP TABLE people; --"
+    package = build(ws, {"min_score": evil})
+    # SQLite compares the text value with the integer column: no row matches, the
+    # statement was not split, and the table is still there.
+    assert package.size == 0
+    assert build(ws, {"min_score": 0}).size == 20
+
+
+def test_missing_key_column_and_null_keys(make_workspace) -> None:
+    ws = make_workspace({"audiences/people.sql":
+                         "SELECT id AS pid, name, tier FROM people WHERE score >= :min_score"})
+    with pytest.raises(AudienceError, match=r"no column 'id' \(audience.key"):
+        build(ws)
+    ws = make_workspace({"audiences/people.sql":
+                         "SELECT CASE WHEN id = 4 THEN NULL ELSE id END AS id, name, tier "
+                         "FROM people WHERE score >= :min_score"}, folder="ws2")
+    with pytest.raises(AudienceError, match=r"row 4 has NULL in key column 'id'"):
+        build(ws)
+
+
+def test_failing_sql_names_the_file(make_workspace) -> None:
+    ws = make_workspace({"audiences/people.sql": "SELECT nope FROM people WHERE 1 = :min_score"})
+    with pytest.raises(AudienceError, match=r"audiences/people.sql: the query failed: "
+                                            r"no such column: nope"):
+        build(ws)
+
+
+def test_dialect_variant_is_preferred(make_workspace) -> None:
+    ws = make_workspace({"audiences/people.sqlite.sql":
+                         "SELECT * FROM people WHERE score >= :min_score AND id <= 5"})
+    assert build(ws).size == 5
+    with pytest.raises(WorkspaceError, match=r"segment 'gone' not found"):
+        ws.segment_file("gone", "sqlite")
+
+
+def test_export_csv_and_parquet(make_workspace, tmp_path) -> None:
+    ws = make_workspace(rows=60)
+    package = build(ws)
+    assert store.export(ws, package.id, tmp_path / "out/a.csv") == 60
+    with (tmp_path / "out/a.csv").open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 60 and rows[6]["email"] == "" and rows[0]["email"] == "user1@example.com"
+    assert store.export(ws, package.id, tmp_path / "a.parquet") == 60
+    table = pq.read_table(tmp_path / "a.parquet")
+    assert table.num_rows == 60
+    assert table.column_names == package.columns
+    assert table.column("score").to_pylist()[:3] == [1, 2, 3]
+    with pytest.raises(WorkspaceError, match=r"export to .csv or .parquet"):
+        store.export(ws, package.id, tmp_path / "a.xlsx")
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_rows_keep_their_values(make_workspace) -> None:
+    ws = make_workspace(rows=10)
+    package = build(ws)
+    first = store.read(ws, package.id, 0, 1)[0]
+    assert first.key == "1"
+    assert first.data == {"id": 1, "name": "User 1", "email": "user1@example.com",
+                          "phone": "+14155550001", "tier": "silver", "locale": "en_US",
+                          "score": 1}
+    assert json.loads(json.dumps(first.data)) == first.data

@@ -1,0 +1,134 @@
+"""The YAML loader and the schema: errors name the file, the line and the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from herald.flows.errors import ConfigError, WorkspaceError
+from herald.flows.spec import FlowSpec, WorkspaceConfig
+from herald.flows.workspace import Workspace
+from herald.flows.yamlio import parse_yaml, validate
+
+
+def problems(exc: pytest.ExceptionInfo[ConfigError]) -> list[str]:
+    return [str(p) for p in exc.value.problems]
+
+
+def test_yaml_12_scalars_stay_what_they_look_like() -> None:
+    doc = parse_yaml("a: no\nb: on\nc: 2024-01-01\nd: 12\ne: 1.5\nf: '12'\ng: ~\nh: true\n",
+                     "x.yaml", {})
+    assert doc.data == {"a": "no", "b": "on", "c": "2024-01-01", "d": 12, "e": 1.5,
+                        "f": "12", "g": None, "h": True}
+    assert doc.lines[("c",)] == 3
+
+
+def test_env_interpolation_and_missing_variable_names_line_and_field() -> None:
+    doc = parse_yaml("x:\n  host: ${HOST}\n  port: ${PORT:-587}\n", "h.yaml", {"HOST": "mx"})
+    assert doc.data == {"x": {"host": "mx", "port": "587"}}
+    with pytest.raises(ConfigError) as exc:
+        parse_yaml("x:\n  token: ${NOPE_TOKEN}\n", "h.yaml", {})
+    assert problems(exc) == ["h.yaml:2 x.token: environment variable NOPE_TOKEN is not set"]
+
+
+def test_malformed_yaml_and_duplicate_keys() -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_yaml("a: 1\nb: [1, 2\n", "bad.yaml", {})
+    assert problems(exc)[0].startswith("bad.yaml:3: invalid YAML")
+    with pytest.raises(ConfigError) as exc:
+        parse_yaml("a: 1\nb: 2\na: 3\n", "dup.yaml", {})
+    assert problems(exc) == ["dup.yaml:3: duplicate key 'a'"]
+
+
+def test_unknown_key_suggests_and_every_error_is_reported() -> None:
+    text = ("name: promo\naudience:\n  source: crm\n  segmnt: people\n  key: id\n"
+            "tiers:\n  gold: {channels: []}\nholdout: lots\n")
+    with pytest.raises(ConfigError) as exc:
+        validate(FlowSpec, parse_yaml(text, "f.yaml", {}))
+    found = problems(exc)
+    assert "f.yaml:4 audience.segmnt: unknown key 'segmnt' (did you mean 'segment'?)" in found
+    assert "f.yaml:2 audience.segment: required key is missing" in found
+    assert any(p.startswith("f.yaml:7 tiers.gold.channels: List should have at least 1")
+               for p in found)
+    assert any(p.startswith("f.yaml:8 holdout: Input should be a valid number")
+               for p in found)
+    assert len(found) == 4
+
+
+def test_workspace_settings_types() -> None:
+    text = "timezone: Mars/Base\nchunk_size: 0\ncaps:\n  - {max: 2, per: fortnight}\n"
+    with pytest.raises(ConfigError) as exc:
+        validate(WorkspaceConfig, parse_yaml(text, "herald.yaml", {}))
+    found = problems(exc)
+    assert any(p.startswith("herald.yaml:1 timezone: unknown time zone 'Mars/Base'")
+               for p in found)
+    assert any(p.startswith("herald.yaml:2 chunk_size:") for p in found)
+    assert any(p.startswith("herald.yaml:4 caps[0].per: duration must look like")
+               for p in found)
+
+
+def test_flow_cross_references(make_workspace) -> None:
+    ws = make_workspace({"config/flows/promo.yaml": """\
+        name: promo
+        audience: {source: nowhere, segment: people, key: id}
+        tiers:
+          gold: {channels: [email, wchat]}
+        """})
+    with pytest.raises(ConfigError) as exc:
+        ws.flow("promo")
+    assert problems(exc) == [
+        "config/flows/promo.yaml:2 audience.source: unknown source 'nowhere' "
+        "(sources in config/herald.yaml: crm)",
+        "config/flows/promo.yaml:4 tiers.gold.channels[1]: unknown channel 'wchat' "
+        "(configured in config/herald.yaml: email, sms)",
+    ]
+
+
+def test_flow_name_must_match_file_and_unknown_flow(make_workspace) -> None:
+    ws = make_workspace({"config/flows/other.yaml":
+                         "name: promo2\naudience: {source: crm, segment: people, key: id}\n"
+                         "tiers: {default: {channels: [sms]}}\n"})
+    with pytest.raises(ConfigError, match=r"other.yaml:1 name: name 'promo2' must match"):
+        ws.flow("other")
+    with pytest.raises(WorkspaceError, match=r"unknown flow 'nope'.*flows: other, promo"):
+        ws.flow("nope")
+
+
+def test_unknown_channel_type_lists_installed(make_workspace) -> None:
+    with pytest.raises(ConfigError) as exc:
+        make_workspace({"config/herald.yaml": """\
+            sources: {crm: "sqlite:///crm.db"}
+            channels:
+              push: {type: wecom}
+              email: {type: smtp, host: mx.example.com, sender: "a@example.com", prot: 25}
+            """})
+    found = problems(exc)
+    assert found[0].startswith("config/herald.yaml:3 channels.push.type: unknown channel "
+                               "type 'wecom' (installed: ")
+    assert "outbox" in found[0] and "smtp" in found[0]
+    assert found[1] == ("config/herald.yaml:4 channels.email.prot: unknown key 'prot' "
+                        "(did you mean 'port'?)")
+
+
+def test_missing_secret_env_var_is_named_not_printed(make_workspace, monkeypatch) -> None:
+    monkeypatch.delenv("HERALD_TEST_SMTP_PASSWORD", raising=False)
+    with pytest.raises(ConfigError) as exc:
+        make_workspace({"config/herald.yaml": """\
+            sources: {crm: "sqlite:///crm.db"}
+            channels:
+              email: {type: smtp, host: mx.example.com, sender: "a@example.com",
+                      password: "${HERALD_TEST_SMTP_PASSWORD}"}
+            """})
+    assert problems(exc) == ["config/herald.yaml:4 channels.email.password: environment "
+                             "variable HERALD_TEST_SMTP_PASSWORD is not set"]
+
+
+def test_not_a_workspace(tmp_path) -> None:
+    with pytest.raises(WorkspaceError, match="not a Herald workspace"):
+        Workspace.open(tmp_path)
+
+
+def test_non_utf8_yaml(make_workspace) -> None:
+    ws = make_workspace()
+    (ws.root / "config/flows/promo.yaml").write_bytes(b"name: promo\ndescription: \xff\n")
+    with pytest.raises(ConfigError, match=r"promo.yaml:2: not valid UTF-8"):
+        Workspace.open(ws.root).flow("promo")

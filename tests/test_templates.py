@@ -1,0 +1,98 @@
+"""Templates: lookup by tier, kind and locale; the sandbox; validation against columns."""
+
+from __future__ import annotations
+
+import pytest
+
+from herald.flows.errors import ValidationFailed
+from herald.flows.validate import check_flow, templates_for
+from herald.templates.render import RenderError
+
+VARS = {"id": 4, "name": "Li Lei", "email": "a@example.com", "phone": "+14155550004",
+        "tier": "gold", "locale": "zh_CN", "score": 4, "flow": "promo", "run_key": "k",
+        "channel": "email"}
+
+
+def test_tier_locale_and_default_fallbacks(make_workspace) -> None:
+    ws = make_workspace()
+    t = templates_for(ws)
+    flow = ws.flow("promo")
+    zh = t.render(flow, "gold", "email", "zh_CN", VARS)
+    assert zh.subject == "Li Lei，送您一份礼物"
+    assert zh.body == "亲爱的Li Lei，金卡会员专享。"
+    assert zh.html == "<p>Hello <b>Li Lei</b></p>"  # no gold html: the default tier's
+    en = t.render(flow, "gold", "email", "en_US", VARS)
+    assert en.subject == "A gift for you, Li Lei"
+    other = t.render(flow, "default", "sms", None, VARS)
+    assert other.body == "Hi Li Lei, score 4. Reply STOP to opt out"
+    assert other.subject is None
+
+
+def test_html_is_autoescaped_text_is_not(make_workspace) -> None:
+    ws = make_workspace()
+    t = templates_for(ws)
+    evil = {**VARS, "name": "<script>x</script>&"}
+    rendered = t.render(ws.flow("promo"), "default", "email", None, evil)
+    assert rendered.html == "<p>Hello <b>&lt;script&gt;x&lt;/script&gt;&amp;</b></p>"
+    assert rendered.body.startswith("Hello <script>x</script>&,")
+
+
+def test_strict_undefined_is_a_render_error(make_workspace) -> None:
+    ws = make_workspace()
+    t = templates_for(ws)
+    missing = {k: v for k, v in VARS.items() if k != "score"}
+    with pytest.raises(RenderError, match=r"promo/default.sms.txt.j2: 'score' is undefined"):
+        t.render(ws.flow("promo"), "default", "sms", None, missing)
+
+
+def test_sandbox_blocks_escapes(make_workspace) -> None:
+    ws = make_workspace({"templates/promo/default.sms.txt.j2":
+                         "{{ name.__class__.__mro__[1].__subclasses__() }}"})
+    t = templates_for(ws)
+    with pytest.raises(RenderError, match=r"sandbox|unsafe|__class__"):
+        t.render(ws.flow("promo"), "default", "sms", None, VARS)
+    with pytest.raises(ValidationFailed, match=r"access to '__class__' is not allowed"):
+        check_flow(ws, "promo")
+
+
+def test_validate_names_template_line_and_unknown_column(make_workspace) -> None:
+    ws = make_workspace({"templates/promo/gold.email.txt.zh.j2":
+                         "亲爱的{{ name }}\n您的积分：{{ points }}\n"})
+    with pytest.raises(ValidationFailed) as exc:
+        check_flow(ws, "promo")
+    (problem,) = exc.value.problems
+    assert problem.file == "templates/promo/gold.email.txt.zh.j2"
+    assert problem.line == 2
+    assert "uses 'points', which the segment does not return" in problem.message
+
+
+def test_validate_syntax_error_and_missing_required_part(make_workspace) -> None:
+    ws = make_workspace({"templates/promo/default.sms.txt.j2": "Hi {{ name }\n",
+                         "templates/promo/default.email.subject.j2": None})
+    (ws.root / "templates/promo/default.email.subject.j2").unlink(missing_ok=True)
+    with pytest.raises(ValidationFailed) as exc:
+        check_flow(ws, "promo")
+    text = str(exc.value)
+    assert "templates/promo/default.sms.txt.j2:1: syntax error" in text
+    assert "missing template: templates/promo/default.email.subject.j2" in text
+
+
+def test_validate_checks_columns_the_flow_needs(make_workspace) -> None:
+    ws = make_workspace({"audiences/people.sql":
+                         "SELECT id, name, email, tier, locale, score FROM people "
+                         "WHERE score >= :min_score"})
+    with pytest.raises(ValidationFailed) as exc:
+        check_flow(ws, "promo")
+    assert [str(p) for p in exc.value.problems] == [
+        "config/flows/promo.yaml:12 tiers.gold.channels[1]: channel 'sms' sends to column "
+        "'phone', which audiences/people.sql does not return",
+        "config/flows/promo.yaml:13 tiers.default.channels[0]: channel 'sms' sends to column "
+        "'phone', which audiences/people.sql does not return",
+    ]
+
+
+def test_a_valid_flow_passes(make_workspace) -> None:
+    ws = make_workspace()
+    checked = check_flow(ws, "promo")
+    assert checked.columns == ["id", "name", "email", "phone", "tier", "locale", "score"]
+    assert checked.templates == 8  # every file under templates/promo/
