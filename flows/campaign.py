@@ -33,7 +33,7 @@ def _artifact_key(flow_name: str, what: str) -> str:
     return f"herald-{flow_name.lower().replace('_', '-')}-{what}"
 
 
-@task(name="build-audience", cache_policy=NO_CACHE)
+@task(name="build-audience", task_run_name="build-audience", cache_policy=NO_CACHE)
 def build_audience(ws: Workspace, flow_name: str, params: dict[str, Scalar], run_key: str,
                    dry_run: bool) -> engine.Prepared:
     prepared = engine.prepare(ws, flow_name, params, run_key, dry_run)

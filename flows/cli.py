@@ -428,8 +428,6 @@ def demo_data(customers: Annotated[int, typer.Option(min=100)] = 20000,
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: HeraldError → one line per problem on stderr, exit 1; usage → 2."""
-    import click
-
     try:
         code = app(args=argv, prog_name="herald", standalone_mode=False)
     except HeraldError as exc:
@@ -443,10 +441,12 @@ def main(argv: list[str] | None = None) -> None:
         else:
             err.print(f"[red]error:[/] {escape(lines[0])}")
         sys.exit(1)
-    except click.exceptions.Abort:
+    except typer.Abort:
         err.print("aborted")
         sys.exit(1)
-    except click.ClickException as exc:  # usage errors: exit 2
-        exc.show()
-        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # usage errors (click's, vendored by typer): exit 2
+        show = getattr(exc, "show", None)
+        if show:
+            show()
+        sys.exit(getattr(exc, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)

@@ -222,7 +222,7 @@ def _resume_decisions(ws: Workspace, flow: str, job: ChunkJob,
                 ledger.deliveries.c.recipient, ledger.deliveries.c.address).where(
                 ledger.deliveries.c.flow == flow,
                 ledger.deliveries.c.run_key == job.run_key,
-                ledger.deliveries.c.recipient.in_([r.key for r in rows]))).tuples().all())
+                ledger.deliveries.c.recipient.in_([r.key for r in rows]))).all())
     for r in rows:
         _, channel, tier = found[r.key]
         out.append(Decision(r, tier, SEND, channel=channel, address=addresses.get(r.key)))

@@ -83,7 +83,7 @@ class CapRule(Strict):
 
 def _fmt_duration(delta: timedelta) -> str:
     seconds = int(delta.total_seconds())
-    for unit, size in (("w", 7 * 86400), ("d", 86400), ("h", 3600)):
+    for unit, size in (("d", 86400), ("h", 3600)):
         if seconds % size == 0:
             return f"{seconds // size}{unit}"
     return f"{seconds // 60}m"

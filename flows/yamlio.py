@@ -101,6 +101,8 @@ def _convert(node: yaml.Node, loc: Loc, lines: dict[Loc, int], problems: list[Pr
                                         field=_dotted(loc)))
                 continue
             out[key] = _convert(value_node, (*loc, key), lines, problems, file, env)
+            # point at the key's line: for a nested mapping that is where "key:" stands
+            lines[(*loc, key)] = key_node.start_mark.line + 1
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_convert(item, (*loc, i), lines, problems, file, env)

@@ -48,7 +48,7 @@ def test_tier_counts_match_rows(make_workspace) -> None:
     counted: dict[str, int] = {}
     for r in rows:
         counted[r.tier] = counted.get(r.tier, 0) + 1
-    assert counted == package.tiers == {"bronze": 25, "gold": 25, "silver": 50}
+    assert counted == package.tiers == {"bronze": 50, "gold": 25, "silver": 25}
 
 
 def test_packages_are_snapshots(make_workspace) -> None:

@@ -84,9 +84,9 @@ def test_validate_checks_columns_the_flow_needs(make_workspace) -> None:
     with pytest.raises(ValidationFailed) as exc:
         check_flow(ws, "promo")
     assert [str(p) for p in exc.value.problems] == [
-        "config/flows/promo.yaml:12 tiers.gold.channels[1]: channel 'sms' sends to column "
+        "config/flows/promo.yaml:11 tiers.gold.channels[1]: channel 'sms' sends to column "
         "'phone', which audiences/people.sql does not return",
-        "config/flows/promo.yaml:13 tiers.default.channels[0]: channel 'sms' sends to column "
+        "config/flows/promo.yaml:12 tiers.default.channels[0]: channel 'sms' sends to column "
         "'phone', which audiences/people.sql does not return",
     ]
 

@@ -1,0 +1,167 @@
+"""The command line: the contract in DESIGN.md, exit statuses, and what operators see."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from herald.flows.cli import main
+
+from .conftest import outbox_messages, people
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    captured = capsys.readouterr()
+    return int(exc.value.code or 0), captured.out, captured.err
+
+
+def test_validate_ok_and_problems(make_workspace, capsys) -> None:
+    ws = make_workspace()
+    code, out, _ = cli(capsys, "validate", "--workspace", str(ws.root))
+    assert code == 0
+    assert "promo: segment audiences/people.sql (7 columns), 2 tiers, 8 templates" in out
+    (ws.root / "templates/promo/gold.email.txt.j2").write_text("{{ nickname }}")
+    code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+    assert code == 1
+    assert "templates/promo/gold.email.txt.j2:1: uses 'nickname'" in err
+
+
+def test_bad_template_stops_run_before_anything_is_sent(make_workspace, capsys) -> None:
+    ws = make_workspace({"templates/promo/default.sms.txt.j2": "{{ points }} left"})
+    code, out, err = cli(capsys, "run", "promo", "-w", str(ws.root), "--json")
+    assert code == 1
+    assert out == ""
+    assert "templates/promo/default.sms.txt.j2:1: uses 'points'" in err
+    assert outbox_messages(ws) == 0
+
+
+def test_usage_errors_exit_2(make_workspace, capsys) -> None:
+    ws = make_workspace()
+    assert cli(capsys, "run", "-w", str(ws.root))[0] == 2
+    code, _, err = cli(capsys, "run", "promo", "-w", str(ws.root), "-p", "nonsense")
+    assert code == 2 and "'nonsense' is not NAME=VALUE" in err
+    assert cli(capsys, "frobnicate")[0] == 2
+
+
+def test_unknown_flow_and_bad_workspace_exit_1(make_workspace, tmp_path, capsys) -> None:
+    ws = make_workspace()
+    code, _, err = cli(capsys, "run", "nope", "-w", str(ws.root))
+    assert code == 1 and "unknown flow 'nope'" in err
+    code, _, err = cli(capsys, "validate", "-w", str(tmp_path / "empty"))
+    assert code == 1 and "is not a Herald workspace" in err
+
+
+def test_audience_commands(make_workspace, tmp_path, capsys) -> None:
+    ws = make_workspace(rows=30)
+    code, out, _ = cli(capsys, "audience", "build", "promo", "-w", str(ws.root),
+                       "-p", "min_score=5", "--json")
+    assert code == 0
+    manifest = json.loads(out)
+    assert manifest["size"] == 15 and manifest["params"] == {"min_score": 5}
+    expected: dict[str, int] = {}
+    for person in people(30):
+        if person["score"] >= 5:
+            expected[person["tier"]] = expected.get(person["tier"], 0) + 1
+    assert manifest["tiers"] == dict(sorted(expected.items()))
+    code, out, _ = cli(capsys, "audience", "list", "-w", str(ws.root), "--json")
+    assert [p["id"] for p in json.loads(out)] == [manifest["id"]]
+    code, out, _ = cli(capsys, "audience", "show", manifest["id"], "-w", str(ws.root),
+                       "--json", "--rows", "2")
+    shown = json.loads(out)
+    assert shown["sql_sha256"] == manifest["sql_sha256"] and len(shown["rows"]) == 2
+    code, out, _ = cli(capsys, "audience", "show", manifest["id"], "-w", str(ws.root))
+    assert code == 0 and "u***@example.com" in out and "user5@example.com" not in out
+    target = tmp_path / "export.csv"
+    code, out, _ = cli(capsys, "audience", "export", manifest["id"], "--to", str(target),
+                       "-w", str(ws.root))
+    assert code == 0 and len(target.read_text().splitlines()) == 16
+    code, _, err = cli(capsys, "audience", "show", "pkg-missing", "-w", str(ws.root))
+    assert code == 1 and "no audience package 'pkg-missing'" in err
+
+
+def test_preview_sends_nothing(make_workspace, capsys) -> None:
+    ws = make_workspace(rows=30)
+    code, out, _ = cli(capsys, "preview", "promo", "--tier", "gold", "--limit", "2",
+                       "-w", str(ws.root), "--json")
+    assert code == 0
+    samples = json.loads(out)
+    assert [s["recipient"] for s in samples] == ["4", "8"]
+    assert samples[0]["subject"] == "User 4，送您一份礼物"  # zh_CN locale
+    assert samples[0]["channel"] == "email" and samples[0]["status"] == "would_send"
+    code, out, _ = cli(capsys, "preview", "promo", "-w", str(ws.root))
+    assert code == 0 and "Reply STOP to opt out" in out
+    assert outbox_messages(ws) == 0
+
+
+def test_suppress_commands(make_workspace, tmp_path, capsys) -> None:
+    ws = make_workspace()
+    assert cli(capsys, "suppress", "add", "a@example.com", "B@Example.com", "--channel",
+               "email", "-w", str(ws.root))[0] == 0
+    listing = tmp_path / "list.csv"
+    listing.write_text("value,channel,reason\n+14155550001,sms,STOP\nc@example.com,,\n"
+                       "a@example.com,email,again\n", encoding="utf-8")
+    code, out, _ = cli(capsys, "suppress", "import", str(listing), "-w", str(ws.root))
+    assert code == 0 and "2 added, 1 already suppressed" in out
+    code, out, _ = cli(capsys, "suppress", "list", "--json", "-w", str(ws.root))
+    values = {(r["value"], r["channel"]) for r in json.loads(out)}
+    assert values == {("a@example.com", "email"), ("b@example.com", "email"),
+                      ("+14155550001", "sms"), ("c@example.com", "*")}
+    assert cli(capsys, "suppress", "remove", "c@example.com", "-w", str(ws.root))[0] == 0
+    code, _, err = cli(capsys, "suppress", "add", "x", "--channel", "fax", "-w", str(ws.root))
+    assert code == 1 and "unknown channel 'fax'" in err
+    listing.write_text("x@example.com,pigeon\n", encoding="utf-8")
+    code, _, err = cli(capsys, "suppress", "import", str(listing), "-w", str(ws.root))
+    assert code == 1 and f"{listing}:1: unknown channel 'pigeon'" in err
+
+
+@pytest.mark.prefect
+def test_run_json_contract_and_rerun(make_workspace, prefect_harness, capsys) -> None:
+    ws = make_workspace(rows=100)
+    code, out, _ = cli(capsys, "run", "promo", "-w", str(ws.root), "--json",
+                       "--run-key", "2026-11-22")
+    assert code == 0
+    summary = json.loads(out)
+    assert {"run_id", "flow", "package", "deliveries", "by_channel"} <= summary.keys()
+    assert summary["flow"] == "promo"
+    assert summary["package"]["size"] == 100
+    assert summary["package"]["tiers"] == {"bronze": 50, "gold": 25, "silver": 25}
+    assert set(summary["deliveries"]) == {"sent", "failed", "capped", "suppressed",
+                                          "held_out", "no_address", "render_error",
+                                          "duplicate", "queued", "sending"}
+    assert summary["deliveries"]["sent"] == 98
+    assert summary["by_channel"]["email"]["sent"] + summary["by_channel"]["sms"]["sent"] == 98
+    assert outbox_messages(ws) == 98
+
+    code, out, _ = cli(capsys, "run", "promo", "-w", str(ws.root), "--json",
+                       "--run-key", "2026-11-22")
+    again = json.loads(out)
+    assert code == 0 and again["deliveries"]["sent"] == 0
+    assert again["deliveries"]["duplicate"] == 100
+    assert outbox_messages(ws) == 98
+
+    code, out, _ = cli(capsys, "report", summary["run_id"], "-w", str(ws.root), "--json")
+    report = json.loads(out)
+    assert report["deliveries"]["sent"] == 98 and report["status"] == "completed"
+    assert report["deliveries"]["no_address"] == 2
+    code, out, _ = cli(capsys, "report", "-w", str(ws.root))
+    assert code == 0 and again["run_id"] in out
+
+
+def test_cli_runs_without_a_prefect_server(make_workspace, tmp_path) -> None:
+    """The installed `herald` command, in a fresh process with no PREFECT_API_URL."""
+    ws = make_workspace(rows=20)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    herald = os.path.join(os.path.dirname(sys.executable), "herald")
+    proc = subprocess.run([herald, "run", "promo", "--json", "-w", str(ws.root)],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    assert summary["deliveries"]["sent"] == 20 and summary["dry_run"] is False
+    assert outbox_messages(ws) == 20

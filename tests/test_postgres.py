@@ -1,0 +1,68 @@
+"""The same campaign with Postgres as the source and as the workspace database."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, func, insert, select
+
+from herald.audiences import store
+from herald.channels import ledger
+from herald.flows import campaign
+from herald.flows.engine import run_local
+from herald.flows.errors import AudienceError
+
+from .conftest import HERALD_YAML, outbox_messages, people
+
+pytestmark = pytest.mark.postgres
+
+
+def pg_workspace(make_workspace, url: str, rows: int, folder: str = "ws"):
+    source = create_engine(url)
+    meta = MetaData()
+    table = Table("people", meta, Column("id", Integer), Column("name", String),
+                  Column("email", String), Column("phone", String), Column("tier", String),
+                  Column("locale", String), Column("score", Integer))
+    meta.create_all(source)
+    with source.begin() as conn:
+        conn.execute(insert(table), people(rows))
+    source.dispose()
+    config = HERALD_YAML.replace('crm: "sqlite:///crm.db"', f'crm: "{url}"').replace(
+        'store: "sqlite:///.herald/herald.db"', f'store: "{url}"')
+    return make_workspace({"config/herald.yaml": config}, rows=rows, folder=folder)
+
+
+def test_end_to_end_on_postgres(make_workspace, pg_database) -> None:
+    ws = pg_workspace(make_workspace, pg_database, 150)
+    assert ws.store.dialect.name == "postgresql"
+    first = run_local(ws, "promo", run_key="pg-1")
+    assert first["package"]["size"] == 150 and first["chunks"] == 4
+    assert first["deliveries"]["sent"] == 146  # 35, 70, 105 and 140 have no address
+    assert first["deliveries"]["no_address"] == 4
+    assert outbox_messages(ws) == 146
+    with ws.store.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(ledger.deliveries)).scalar() == 150
+    again = run_local(ws, "promo", run_key="pg-1")
+    assert again["deliveries"]["sent"] == 0 and again["deliveries"]["duplicate"] == 150
+    assert outbox_messages(ws) == 146
+
+
+@pytest.mark.prefect
+def test_prefect_flow_on_postgres(make_workspace, pg_database, prefect_harness) -> None:
+    ws = pg_workspace(make_workspace, pg_database, 90)
+    summary = campaign.run(ws, "promo", {"min_score": 3}, "pg-prefect", False)
+    expected = sum(1 for p in people(90) if p["score"] >= 3)
+    assert summary["package"]["size"] == expected
+    assert summary["deliveries"]["sent"] + summary["deliveries"]["no_address"] == expected
+    assert outbox_messages(ws) == summary["deliveries"]["sent"]
+    assert ledger.get_run(ws.store, summary["run_id"]).status == "completed"
+
+
+def test_duplicate_keys_on_postgres(make_workspace, pg_database) -> None:
+    ws = pg_workspace(make_workspace, pg_database, 10)
+    (ws.root / "audiences/people.sql").write_text(
+        "SELECT * FROM people WHERE score >= :min_score UNION ALL "
+        "SELECT * FROM people WHERE id = 2")
+    flow = ws.flow("promo")
+    with pytest.raises(AudienceError, match=r"duplicate key '2'"):
+        store.build(ws, flow, store.load_segment(ws, flow))
+    assert store.list_packages(ws) == []
