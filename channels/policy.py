@@ -32,7 +32,7 @@ class Decision:
     """What the policy decided for one recipient."""
 
     recipient: Recipient
-    tier: str  # the tier entry used: the recipient's own tier or "default"
+    tier: str  # the tier entry that applies (templates, channels): its own or "default"
     status: str  # SEND, or the ledger status that stops it
     channel: str | None = None
     address: str | None = None

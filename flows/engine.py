@@ -166,7 +166,7 @@ def run_chunk(job: ChunkJob) -> ChunkCounts:
         decisions = policy.decide(conn, fresh, ledger.now())
         if not job.dry_run:
             ledger.write_entries(conn, (ledger.Entry(
-                d.recipient.key, d.tier, "queued" if d.status == SEND else d.status,
+                d.recipient.key, d.recipient.tier, "queued" if d.status == SEND else d.status,
                 d.channel, d.address, d.reason) for d in decisions),
                 flow=flow.name, run_key=job.run_key, run_id=job.run_id,
                 package_id=job.package_id)
@@ -180,7 +180,7 @@ def run_chunk(job: ChunkJob) -> ChunkCounts:
     render_errors: list[ledger.Outcome] = []
     for d in decisions:
         if d.status != SEND:
-            counts[d.status, d.tier, d.channel] += 1
+            counts[d.status, d.recipient.tier, d.channel] += 1
             continue
         assert d.channel is not None and d.address is not None
         try:
@@ -188,11 +188,11 @@ def run_chunk(job: ChunkJob) -> ChunkCounts:
         except RenderError as exc:
             render_errors.append(ledger.Outcome(d.recipient.key, "render_error", str(exc),
                                                 attempts=0))
-            counts["render_error", d.tier, d.channel] += 1
+            counts["render_error", d.recipient.tier, d.channel] += 1
             continue
         outgoing.append((d.channel, message))
         if job.dry_run:
-            counts["sent", d.tier, d.channel] += 1
+            counts["sent", d.recipient.tier, d.channel] += 1
     if job.dry_run:
         return [(*k, n) for k, n in counts.items()]
     if render_errors:
@@ -224,8 +224,10 @@ def _resume_decisions(ws: Workspace, flow: str, job: ChunkJob,
                 ledger.deliveries.c.run_key == job.run_key,
                 ledger.deliveries.c.recipient.in_([r.key for r in rows]))).all())
     for r in rows:
-        _, channel, tier = found[r.key]
-        out.append(Decision(r, tier, SEND, channel=channel, address=addresses.get(r.key)))
+        _, channel, _ = found[r.key]
+        entry = ws.flow(flow).tier_for(r.tier)
+        assert entry is not None, "the row was reserved under this flow's tiers"
+        out.append(Decision(r, entry[0], SEND, channel=channel, address=addresses.get(r.key)))
     return out
 
 
@@ -264,7 +266,7 @@ def build_message(ws: Workspace, templates: Templates, job: ChunkJob | Job,
     return Message(recipient=d.recipient.key, address=d.address, kind=kind,
                    body=rendered.body, subject=rendered.subject, html=rendered.html,
                    message_id=message_id(flow.name, job.run_key, d.recipient.key),
-                   meta={"flow": flow.name, "run_key": job.run_key, "tier": d.tier})
+                   meta={"flow": flow.name, "run_key": job.run_key, "tier": d.recipient.tier})
 
 
 # -- the report -------------------------------------------------------------------------

@@ -54,6 +54,9 @@ def test_every_recipient_gets_one_ledger_row_and_messages_land(make_workspace) -
     by_channel = {c: summary["by_channel"][c]["sent"] for c in ("email", "sms")}
     assert by_channel == {"email": sum(1 for c in sent.values() if c == "email"),
                           "sms": sum(1 for c in sent.values() if c == "sms")}
+    # tiers are reported by the recipients' own tier, not the "default" entry they used
+    assert set(summary["by_tier"]) == {"gold", "silver", "bronze"}
+    assert summary["by_tier"]["gold"]["sent"] == 25
     ledger_rows = rows(ws, summary["run_id"])
     assert len(ledger_rows) == 100
     assert {k: r.channel for k, r in ledger_rows.items() if r.status == "sent"} == sent
