@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(BIN)/herald run welcome
 	$(BIN)/herald run member_upgrade
 	$(BIN)/herald report
+	@echo "Messages the demo would have sent are in .herald/outbox/ (nothing left this machine)."
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from herald.flows.errors import HeraldError
+from herald.flows.errors import HeraldError, RunError
 from herald.flows.spec import Scalar
 from herald.flows.workspace import Workspace
 
@@ -256,7 +256,14 @@ def run(flow: str, param: ParamOpt = None,
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from herald.flows import campaign
 
-    summary = campaign.run(ws, flow, params, key, dry_run)
+    try:
+        summary = campaign.run(ws, flow, params, key, dry_run)
+    except HeraldError:
+        raise
+    except Exception as exc:  # reported in one line; --debug shows the traceback
+        if state.debug:
+            raise
+        raise RunError(f"run of {flow} failed: {type(exc).__name__}: {exc}") from exc
     if as_json:
         _print_json(summary)
     else:
