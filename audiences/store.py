@@ -14,6 +14,7 @@ import json
 import secrets
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
@@ -195,9 +196,11 @@ def build(ws: Workspace, flow: FlowSpec, segment: Segment) -> Package:
     size = 0
     columns: list[str] = []
     try:
-        with source.connect() as src:
+        with source.connect() as src, ExitStack() as stack:
             result = src.execution_options(stream_results=True, yield_per=INSERT_BATCH).execute(
                 text(segment.sql), segment.params)
+            # close the server-side cursor on every exit, a duplicate key included
+            stack.callback(result.close)
             columns = list(result.keys())
             for needed, what in ((key_col, "audience.key"), (tier_col, "audience.tier")):
                 if needed and needed not in columns:

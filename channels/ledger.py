@@ -79,6 +79,10 @@ deliveries = Table(
     Column("code", String(64)),
     Column("provider_id", String(255)),
     Column("attempts", Integer, nullable=False, default=0),
+    # what frequency caps see: the sending flow's priority, and whether it counts at all
+    # (an exempt, transactional flow's messages do not)
+    Column("priority", Integer, nullable=False, default=0),
+    Column("counted", Boolean, nullable=False, default=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("sent_at", DateTime(timezone=True)),
@@ -216,12 +220,14 @@ def existing(conn: Connection, flow: str, run_key: str, recipients: Sequence[str
 
 
 def write_entries(conn: Connection, entries: Iterable[Entry], *, flow: str, run_key: str,
-                  run_id: str, package_id: str) -> None:
-    stamp = now()
+                  run_id: str, package_id: str, priority: int = 0, counted: bool = True,
+                  at: datetime | None = None) -> None:
+    stamp = at or now()
     rows = [{"flow": flow, "run_key": run_key, "recipient": e.recipient, "run_id": run_id,
              "package_id": package_id, "tier": e.tier, "channel": e.channel,
              "address": e.address, "status": e.status, "reason": e.reason,
-             "attempts": 0, "created_at": stamp, "updated_at": stamp} for e in entries]
+             "attempts": 0, "priority": priority, "counted": counted,
+             "created_at": stamp, "updated_at": stamp} for e in entries]
     if rows:
         conn.execute(insert(deliveries), rows)
 
@@ -270,13 +276,16 @@ def settle(engine: Engine, flow: str, run_key: str, outcomes: Sequence[Outcome])
 
 
 def cap_counts(conn: Connection, recipients: Sequence[str], since: datetime,
-               channel: str | None, flow: str | None) -> Counter[str]:
-    """How many messages each recipient got (or has reserved) since ``since`` in a scope."""
+               channel: str | None, flow: str | None, min_priority: int = -100
+               ) -> Counter[str]:
+    """How many messages each recipient got (or has reserved) since ``since`` in a scope,
+    counting only flows of priority ``min_priority`` or higher that are not exempt."""
     counts: Counter[str] = Counter()
     for part in _slices(recipients):
         query = select(deliveries.c.recipient, func.count()).where(
             deliveries.c.recipient.in_(part), deliveries.c.status.in_(COUNTED),
-            deliveries.c.created_at >= since)
+            deliveries.c.created_at >= since, deliveries.c.counted.is_(True),
+            deliveries.c.priority >= min_priority)
         if channel:
             query = query.where(deliveries.c.channel == channel)
         if flow:

@@ -11,10 +11,11 @@ the chosen sends in the ledger, so caps are checked and reserved atomically.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import Connection
@@ -73,6 +74,8 @@ class Policy:
         self.caps: list[CapRule] = [*ws.config.caps, *flow.cap_rules()]
         self.kinds = {name: ws.channel_kind(name) for name in flow.channel_names()}
         self.columns = {name: ws.address_column(name) for name in flow.channel_names()}
+        self.zone = ZoneInfo(ws.timezone(flow))
+        self._zones: dict[str, ZoneInfo] = {}
 
     def decide(self, conn: Connection, rows: Sequence[Recipient], at: datetime
                ) -> list[Decision]:
@@ -93,10 +96,40 @@ class Policy:
                     values.add(address)
             candidates[row.key] = options
         listed = ledger.suppressed(conn, values)
-        counts = [(rule, ledger.cap_counts(conn, keys, at - rule.per, rule.channel, rule.flow))
-                  for rule in self.caps]
+        counts = [] if self.flow.exempt else [
+            (rule, self._counts(conn, rule, rows, at)) for rule in self.caps]
         return [self._one(row, tiers[row.key], candidates[row.key], listed, counts)
                 for row in rows]
+
+    def _counts(self, conn: Connection, rule: CapRule, rows: Sequence[Recipient],
+                at: datetime) -> Counter[str]:
+        """Each recipient's count under ``rule``: one query, or one per time zone for a
+        calendar window (its start is local midnight)."""
+        applies = [r for r in rows if rule.tier is None or r.tier == rule.tier]
+        if not rule.calendar:
+            return ledger.cap_counts(conn, [r.key for r in applies], rule.since(at, self.zone),
+                                     rule.channel, rule.flow, self.flow.priority)
+        by_zone: dict[ZoneInfo, list[str]] = defaultdict(list)
+        for r in applies:
+            by_zone[self.zone_of(r)].append(r.key)
+        counts: Counter[str] = Counter()
+        for zone, keys in by_zone.items():
+            counts.update(ledger.cap_counts(conn, keys, rule.since(at, zone), rule.channel,
+                                            rule.flow, self.flow.priority))
+        return counts
+
+    def zone_of(self, row: Recipient) -> ZoneInfo:
+        """The recipient's time zone (the audience's timezone column), else the flow's."""
+        column = self.flow.audience.timezone
+        name = row.data.get(column) if column else None
+        if not name:
+            return self.zone
+        if name not in self._zones:
+            try:
+                self._zones[name] = ZoneInfo(str(name))
+            except (ZoneInfoNotFoundError, ValueError):
+                self._zones[name] = self.zone  # a malformed zone: the flow's
+        return self._zones[name]
 
     def _one(self, row: Recipient, tier: str,
              options: list[tuple[str, str | None, str | None]],
@@ -108,8 +141,8 @@ class Policy:
         key_channels = listed.get(ledger.normalize(row.key), set())
         if ledger.ALL_CHANNELS in key_channels:
             return Decision(row, tier, "suppressed", reason="recipient is on the suppression list")
-        for rule, seen in counts:
-            if rule.channel is None and seen[row.key] >= rule.max:
+        for rule, seen in counts:  # a tier-scoped rule only counted its tier's recipients
+            if rule.channel is None and seen[row.key] >= rule.max and _applies(rule, row):
                 return Decision(row, tier, "capped", reason=f"cap {rule.describe()}")
         stops: list[tuple[str, str, str | None, str]] = []  # (status, channel, address, why)
         for channel, address, why in options:
@@ -123,7 +156,8 @@ class Policy:
                               f"{channel} address is on the suppression list"))
                 continue
             capped = next((rule for rule, seen in counts
-                           if rule.channel == channel and seen[row.key] >= rule.max), None)
+                           if rule.channel == channel and seen[row.key] >= rule.max
+                           and _applies(rule, row)), None)
             if capped:
                 stops.append(("capped", channel, address, f"cap {capped.describe()}"))
                 continue
@@ -137,3 +171,7 @@ class Policy:
                 return Decision(row, tier, status, channel=hits[0][1], address=hits[0][2],
                                 reason=reason)
         raise AssertionError("a tier has at least one channel")
+
+
+def _applies(rule: CapRule, row: Recipient) -> bool:
+    return rule.tier is None or rule.tier == row.tier

@@ -169,7 +169,7 @@ def run_chunk(job: ChunkJob) -> ChunkCounts:
                 d.recipient.key, d.recipient.tier, "queued" if d.status == SEND else d.status,
                 d.channel, d.address, d.reason) for d in decisions),
                 flow=flow.name, run_key=job.run_key, run_id=job.run_id,
-                package_id=job.package_id)
+                package_id=job.package_id, priority=flow.priority, counted=not flow.exempt)
             if resumed:
                 ledger.adopt(conn, flow.name, job.run_key, [r.key for r in resumed],
                              job.run_id)

@@ -8,7 +8,7 @@ known, so those errors carry file and line too.
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -66,19 +66,59 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class CapRule(Strict):
-    """At most ``max`` messages per ``per`` window to one recipient, within a scope."""
+def parse_window(value: Any) -> timedelta | str:
+    """A cap's window: a rolling duration (``7d``) or a calendar ``day`` / ``week``."""
+    if value in CALENDAR:
+        return str(value)
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise ValueError("per must be a duration like 12h or 7d, or day or week "
+                         "(calendar, in the recipient's time zone)") from None
 
+
+CALENDAR = ("day", "week")
+Window = Annotated[timedelta | str, BeforeValidator(parse_window)]
+
+
+class _Cap(Strict):
     max: int = Field(ge=1)
-    per: Duration
+    per: Window
     channel: str | None = None
+    tier: str | None = None
+
+
+class CapRule(_Cap):
+    """At most ``max`` messages per window to one recipient, within a scope.
+
+    ``per`` is rolling (the last 7 days) or a calendar day/week in the recipient's time
+    zone (since local midnight; weeks start on Monday). ``channel`` and ``flow`` narrow
+    which messages count; ``tier`` limits the rule to recipients of that tier.
+    """
+
     flow: str | None = None
+
+    @property
+    def calendar(self) -> bool:
+        return isinstance(self.per, str)
+
+    def since(self, now: datetime, zone: ZoneInfo) -> datetime:
+        """Where this rule's window starts, for a recipient in ``zone``."""
+        if isinstance(self.per, timedelta):
+            return now - self.per
+        local = now.astimezone(zone)
+        start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        if self.per == "week":
+            start -= timedelta(days=local.weekday())
+        return start.astimezone(UTC)
 
     def describe(self) -> str:
         scope = [f"channel {self.channel}" if self.channel else "",
-                 f"flow {self.flow}" if self.flow else ""]
+                 f"flow {self.flow}" if self.flow else "",
+                 f"tier {self.tier}" if self.tier else ""]
         where = ", ".join(s for s in scope if s) or "all channels"
-        return f"max {self.max} per {_fmt_duration(self.per)} ({where})"
+        per = self.per if isinstance(self.per, str) else _fmt_duration(self.per)
+        return f"max {self.max} per {per} ({where})"
 
 
 def _fmt_duration(delta: timedelta) -> str:
@@ -89,12 +129,8 @@ def _fmt_duration(delta: timedelta) -> str:
     return f"{seconds // 60}m"
 
 
-class FlowCapRule(Strict):
+class FlowCapRule(_Cap):
     """A cap in a flow's YAML: it always applies to that flow only."""
-
-    max: int = Field(ge=1)
-    per: Duration
-    channel: str | None = None
 
 
 class WorkspaceConfig(Strict):
@@ -126,6 +162,7 @@ class AudienceSpec(Strict):
     key: str
     tier: str | None = None
     locale: str | None = None
+    timezone: str | None = None  # column with each recipient's IANA time zone
 
 
 class TierSpec(Strict):
@@ -143,6 +180,8 @@ class FlowSpec(Strict):
     tiers: dict[Name, TierSpec] = Field(min_length=1)
     caps: list[FlowCapRule] = Field(default_factory=list)
     holdout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    exempt: bool = False  # transactional: not capped, and not counted by any cap
+    priority: int = Field(default=0, ge=-100, le=100)
     chunk_size: int | None = Field(default=None, ge=1, le=100_000)
 
     def tier_for(self, tier: str) -> tuple[str, TierSpec] | None:
@@ -160,5 +199,5 @@ class FlowSpec(Strict):
         return list(seen)
 
     def cap_rules(self) -> list[CapRule]:
-        return [CapRule(max=c.max, per=c.per, channel=c.channel, flow=self.name)
-                for c in self.caps]
+        return [CapRule(max=c.max, per=c.per, channel=c.channel, tier=c.tier,
+                        flow=self.name) for c in self.caps]

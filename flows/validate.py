@@ -47,7 +47,7 @@ def check_flow(ws: Workspace, name: str, overrides: Mapping[str, Scalar] | None 
     have = set(columns)
     audience = flow.audience
     for field, column in (("key", audience.key), ("tier", audience.tier),
-                          ("locale", audience.locale)):
+                          ("locale", audience.locale), ("timezone", audience.timezone)):
         if column and column not in have:
             problems.append(Problem(
                 f"column '{column}' is not in the result of {segment.file} "

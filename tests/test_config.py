@@ -62,7 +62,7 @@ def test_workspace_settings_types() -> None:
     assert any(p.startswith("herald.yaml:1 timezone: unknown time zone 'Mars/Base'")
                for p in found)
     assert any(p.startswith("herald.yaml:2 chunk_size:") for p in found)
-    assert any(p.startswith("herald.yaml:4 caps[0].per: duration must look like")
+    assert any(p.startswith("herald.yaml:4 caps[0].per: per must be a duration like")
                for p in found)
 
 
