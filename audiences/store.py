@@ -39,7 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from herald.flows.db import metadata
+from herald.flows.db import metadata, writing
 from herald.flows.errors import AudienceError, WorkspaceError
 from herald.flows.spec import FlowSpec, Scalar
 from herald.flows.workspace import Workspace
@@ -186,7 +186,7 @@ def build(ws: Workspace, flow: FlowSpec, segment: Segment) -> Package:
     key_col, tier_col = flow.audience.key, flow.audience.tier
     package_id = f"pkg-{secrets.token_hex(5)}"
     built_at = datetime.now(UTC)
-    with store.begin() as conn:
+    with writing(store) as conn:
         conn.execute(insert(packages).values(
             id=package_id, flow=flow.name, segment=segment.name, source=flow.audience.source,
             sql_sha256=segment.sha256, params=json.dumps(segment.params), key_column=key_col,
@@ -228,7 +228,7 @@ def build(ws: Workspace, flow: FlowSpec, segment: Segment) -> Package:
     except BaseException:
         _discard(store, package_id)
         raise
-    with store.begin() as conn:
+    with writing(store) as conn:
         conn.execute(update(packages).where(packages.c.id == package_id).values(
             size=size, tiers=json.dumps(dict(sorted(tiers.items()))),
             columns=json.dumps(columns), status="ready"))
@@ -237,7 +237,7 @@ def build(ws: Workspace, flow: FlowSpec, segment: Segment) -> Package:
 
 def _insert_rows(store: Engine, rows: list[dict[str, Any]], file: str) -> None:
     try:
-        with store.begin() as conn:
+        with writing(store) as conn:
             conn.execute(insert(package_rows), rows)
     except IntegrityError:
         keys = Counter(r["key"] for r in rows)
@@ -255,7 +255,7 @@ def _insert_rows(store: Engine, rows: list[dict[str, Any]], file: str) -> None:
 
 
 def _discard(store: Engine, package_id: str) -> None:
-    with store.begin() as conn:
+    with writing(store) as conn:
         conn.execute(delete(package_rows).where(package_rows.c.package_id == package_id))
         conn.execute(delete(packages).where(packages.c.id == package_id))
 

@@ -41,7 +41,7 @@ from sqlalchemy import (
     update,
 )
 
-from herald.flows.db import metadata
+from herald.flows.db import metadata, writing
 
 # Every status a ledger row or a run report can show, in report order.
 STATUSES = ("sent", "failed", "capped", "suppressed", "held_out", "no_address",
@@ -168,20 +168,20 @@ class RunCounts:
 
 # -- runs ----------------------------------------------------------------------------
 def start_run(engine: Engine, run_id: str, flow: str, run_key: str, dry_run: bool) -> None:
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         conn.execute(insert(runs).values(id=run_id, flow=flow, run_key=run_key,
                                          dry_run=dry_run, status="running",
                                          started_at=now()))
 
 
 def set_run_package(engine: Engine, run_id: str, package_id: str) -> None:
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         conn.execute(update(runs).where(runs.c.id == run_id).values(package_id=package_id))
 
 
 def finish_run(engine: Engine, run_id: str, status: str, summary: dict[str, Any] | None,
                error: str | None = None) -> None:
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         conn.execute(update(runs).where(runs.c.id == run_id).values(
             status=status, finished_at=now(),
             summary=json.dumps(summary, ensure_ascii=False) if summary else None,
@@ -245,7 +245,7 @@ def adopt(conn: Connection, flow: str, run_key: str, recipients: Sequence[str],
 def mark(engine: Engine, flow: str, run_key: str, recipients: Sequence[str], status: str,
          reason: str | None = None) -> None:
     """Move rows to ``status`` (e.g. ``sending`` just before a batch goes out)."""
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         for part in _slices(recipients):
             values: dict[str, Any] = {"status": status, "updated_at": now()}
             if reason is not None:
@@ -271,7 +271,7 @@ def settle(engine: Engine, flow: str, run_key: str, outcomes: Sequence[Outcome])
                "b_provider_id": o.provider_id, "b_attempts": o.attempts,
                "b_updated": stamp, "b_sent_at": stamp if o.status == "sent" else None}
               for o in outcomes]
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         conn.execute(statement, params)
 
 
@@ -337,7 +337,7 @@ def suppress(engine: Engine, items: Iterable[tuple[str, str | None, str | None]]
              source: str) -> int:
     """Add (value, channel, reason) items; return how many were new."""
     added = 0
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         for value, channel, reason in items:
             norm, chan = normalize(value), channel or ALL_CHANNELS
             if not norm:
@@ -356,7 +356,7 @@ def unsuppress(engine: Engine, value: str, channel: str | None) -> int:
     query = suppressions.delete().where(suppressions.c.value == normalize(value))
     if channel:
         query = query.where(suppressions.c.channel == channel)
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         return int(conn.execute(query).rowcount or 0)
 
 

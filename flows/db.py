@@ -6,10 +6,12 @@ workspace behaves the same wherever Herald is started from.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy import Connection, Engine, MetaData, create_engine, event
 from sqlalchemy.engine import make_url
 
 # Every table Herald keeps in the workspace database (package store, ledger, runs,
@@ -52,19 +54,35 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets chunk threads read while another writes; busy_timeout waits for the
     # writer lock instead of failing at once.
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
 
 
 def ensure_schema(engine: Engine) -> None:
-    """Create Herald's tables in the workspace database if they do not exist yet."""
+    """Create Herald's tables in the workspace database if they do not exist yet.
+
+    Several processes may open a new workspace database at once (parallel runs,
+    workers): creation happens under a lock so they do not trip over each other.
+    """
     # The modules that own the tables declare them on `metadata` when imported.
     import herald.audiences.store  # noqa: F401
     import herald.channels.ledger  # noqa: F401
 
-    metadata.create_all(engine)
+    with writing(engine) as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7242816)")
+        metadata.create_all(conn)
+
+
+@contextmanager
+def writing(engine: Engine) -> Iterator[Connection]:
+    """A transaction that writes. On SQLite it takes the write lock at BEGIN
+    (``BEGIN IMMEDIATE``), so it waits its turn instead of failing with "database is
+    locked" when another process wrote since it started reading."""
+    with engine.connect().execution_options(immediate=True) as conn, conn.begin():
+        yield conn
 
 
 def begin_immediate(engine: Engine) -> None:

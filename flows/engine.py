@@ -29,6 +29,7 @@ from herald.channels import ledger
 from herald.channels.base import Message
 from herald.channels.dispatch import Job, dispatch, forget_buckets, group
 from herald.channels.policy import SEND, Decision, Policy
+from herald.flows.db import writing
 from herald.flows.errors import HeraldError, Problem, ValidationFailed
 from herald.flows.spec import Scalar
 from herald.flows.validate import check_flow, templates_for
@@ -154,7 +155,7 @@ def run_chunk(job: ChunkJob) -> ChunkCounts:
 
     # Decide and reserve in one transaction holding the write lock, so that two runs
     # checking the same person's caps at once cannot both pass.
-    with ws.store.connect().execution_options(immediate=True) as conn, conn.begin():
+    with writing(ws.store) as conn:
         _lock_ledger(conn)
         seen = ledger.existing(conn, flow.name, job.run_key, [r.key for r in rows])
         resumed = [r for r in rows if seen.get(r.key, ("",))[0] == "queued"]
