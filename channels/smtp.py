@@ -1,0 +1,186 @@
+"""Email over SMTP: one connection reused for every message a channel instance sends.
+
+Answers are classified per message: accepted → sent (with the server's queue id when it
+gives one); a refused recipient or message with a 5xx → permanent (hard bounces such as
+550/551/553 also go to the suppression list); a 4xx → retryable; a connection dropped
+while a message was on the wire → retryable, and the next message reconnects; bad
+credentials, a refused sender or a server that cannot be reached → fatal for the channel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from email.utils import format_datetime, getaddresses, make_msgid
+from typing import Literal
+from urllib.parse import quote
+
+import aiosmtplib
+from pydantic import SecretStr, field_validator
+
+from herald.channels.base import Channel, ChannelSettings, Message, SendResult
+
+_QUEUED = re.compile(r"queued as\s+([A-Za-z0-9._-]+)", re.IGNORECASE)
+HARD_BOUNCES = frozenset({550, 551, 553})
+
+
+class SmtpSettings(ChannelSettings):
+    host: str
+    port: int = 587
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    username: str | None = None
+    password: SecretStr | None = None
+    sender: str
+    reply_to: str | None = None
+    timeout: float = 30.0
+    validate_certs: bool = True
+    # e.g. "https://shop.example/unsubscribe?m={message_id}" or "mailto:unsub@shop.example"
+    list_unsubscribe: str | None = None
+
+    @field_validator("sender", "reply_to")
+    @classmethod
+    def _one_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        found = getaddresses([value])
+        if len(found) != 1 or "@" not in found[0][1]:
+            raise ValueError("must be one address, like 'Shop <news@shop.example>'")
+        return value
+
+
+def build_email(message: Message, sender: str, reply_to: str | None = None,
+                extra_headers: Mapping[str, str] | None = None) -> EmailMessage:
+    """The MIME message for ``message``: text, plus HTML as an alternative when present."""
+    email = EmailMessage(policy=SMTP_POLICY)
+    email["From"] = sender
+    email["To"] = Address(addr_spec=message.address)
+    email["Subject"] = message.subject or ""
+    email["Date"] = format_datetime(datetime.now(UTC))
+    email["Message-ID"] = message.message_id or make_msgid(domain="herald")
+    if reply_to:
+        email["Reply-To"] = reply_to
+    for name, value in {**(extra_headers or {}), **message.headers}.items():
+        email[name] = value
+    email.set_content(message.body, charset="utf-8")
+    if message.html:
+        email.add_alternative(message.html, subtype="html", charset="utf-8")
+    return email
+
+
+class SmtpChannel(Channel):
+    """Send email through an SMTP server (STARTTLS, implicit TLS or plain)."""
+
+    type_name = "smtp"
+    kinds = frozenset({"email"})
+    Settings = SmtpSettings
+    batch_size = 50
+
+    _client: aiosmtplib.SMTP | None = None  # opened on the first message, then reused
+
+    @property
+    def _settings(self) -> SmtpSettings:
+        assert isinstance(self.settings, SmtpSettings)
+        return self.settings
+
+    async def _connected(self) -> aiosmtplib.SMTP:
+        if self._client is not None and self._client.is_connected:
+            return self._client
+        s = self._settings
+        client = aiosmtplib.SMTP(
+            hostname=s.host, port=s.port, timeout=s.timeout,
+            use_tls=s.security == "tls", start_tls=s.security == "starttls",
+            validate_certs=s.validate_certs, username=s.username,
+            password=s.password.get_secret_value() if s.password else None)
+        await client.connect()
+        self._client = client
+        return client
+
+    def _headers(self, message: Message) -> dict[str, str]:
+        template = self._settings.list_unsubscribe
+        if not template:
+            return {}
+        target = template.format(recipient=quote(message.recipient, safe=""),
+                                 message_id=quote(message.message_id.strip("<>"), safe=""))
+        headers = {"List-Unsubscribe": f"<{target}>"}
+        if target.startswith("https://"):  # RFC 8058 one-click
+            headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        return headers
+
+    async def send_batch(self, messages: Sequence[Message]) -> list[SendResult]:
+        results: list[SendResult] = []
+        fatal: SendResult | None = None
+        for message in messages:
+            if fatal is None:
+                result = await self._send(message)
+                if result.outcome.value == "fatal":
+                    fatal = result
+            else:
+                result = fatal  # the channel cannot work: the rest share the reason
+            results.append(result)
+        return results
+
+    async def _send(self, message: Message) -> SendResult:
+        s = self._settings
+        where = f"{s.host}:{s.port}"
+        try:
+            client = await self._connected()
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            return SendResult.fatal(str(exc.code), f"authentication failed at {where} "
+                                                   f"({exc.code})")
+        except aiosmtplib.SMTPResponseException as exc:
+            return SendResult.fatal(str(exc.code), f"{where} refused the session: "
+                                                   f"{exc.code} {exc.message[:120]}")
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            return SendResult.fatal("connect", f"cannot connect to {where}: "
+                                               f"{type(exc).__name__}")
+        email = build_email(message, s.sender, s.reply_to, self._headers(message))
+        try:
+            errors, response = await client.send_message(email, recipients=[message.address])
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            refused = exc.recipients[0]
+            return _classify(refused.code, refused.message, recipient=True)
+        except aiosmtplib.SMTPSenderRefused as exc:
+            if exc.code >= 500:
+                return SendResult.fatal(str(exc.code), f"sender refused: {exc.code} "
+                                                       f"{exc.message[:120]}")
+            return SendResult.retryable(str(exc.code), f"sender deferred: {exc.message[:120]}")
+        except aiosmtplib.SMTPResponseException as exc:
+            return _classify(exc.code, exc.message, recipient=False)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError,
+                ConnectionError) as exc:
+            # the next message reconnects; this one may be retried
+            await self._drop()
+            return SendResult.retryable("disconnected", f"connection to {where} lost while "
+                                        f"sending ({type(exc).__name__})")
+        if errors:  # only one recipient: errors means it was refused
+            code, text = next(iter(errors.values()))
+            return _classify(code, text, recipient=True)
+        match = _QUEUED.search(response)
+        return SendResult.sent(provider_id=match.group(1) if match else email["Message-ID"])
+
+    async def _drop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):  # already gone
+                client.close()
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None and client.is_connected:
+            try:
+                await client.quit()
+            except (aiosmtplib.SMTPException, OSError):
+                client.close()
+
+
+def _classify(code: int, text: str, recipient: bool) -> SendResult:
+    detail = f"{code} {text.strip()[:200]}"
+    if 400 <= code < 500:
+        return SendResult.retryable(str(code), detail)
+    return SendResult.permanent(str(code), detail,
+                                suppress=recipient and code in HARD_BOUNCES)
