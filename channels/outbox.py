@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from email.errors import MessageError
 from pathlib import Path
 
 from herald.channels.base import KINDS, Channel, ChannelSettings, Message, SendResult
@@ -85,7 +86,10 @@ class OutboxChannel(Channel):
         path = folder / f"{safe_name(message.recipient)}.eml"
         settings = self.settings
         assert isinstance(settings, OutboxSettings)
-        email = build_email(message, sender=settings.sender)
+        try:
+            email = build_email(message, sender=settings.sender)
+        except (ValueError, MessageError) as exc:  # the refusal SMTP would give too
+            return SendResult.permanent("invalid_address", f"cannot build the message: {exc}")
         tmp = path.with_suffix(".eml.part")
         tmp.write_bytes(email.as_bytes())
         tmp.replace(path)  # a reader never sees half a message

@@ -13,6 +13,7 @@ import contextlib
 import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from email.errors import MessageError
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
@@ -138,7 +139,10 @@ class SmtpChannel(Channel):
         except (aiosmtplib.SMTPException, OSError) as exc:
             return SendResult.fatal("connect", f"cannot connect to {where}: "
                                                f"{type(exc).__name__}")
-        email = build_email(message, s.sender, s.reply_to, self._headers(message))
+        try:
+            email = build_email(message, s.sender, s.reply_to, self._headers(message))
+        except (ValueError, MessageError) as exc:  # an address or header email cannot carry
+            return SendResult.permanent("invalid_address", f"cannot build the message: {exc}")
         try:
             errors, response = await client.send_message(email, recipients=[message.address])
         except aiosmtplib.SMTPRecipientsRefused as exc:

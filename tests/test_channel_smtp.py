@@ -1,0 +1,210 @@
+"""The SMTP channel against a real SMTP server on loopback (aiosmtpd)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from email import message_from_bytes
+from email.policy import default as default_policy
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from herald.channels.base import ChannelContext, Message, Outcome
+from herald.channels.smtp import SmtpChannel, SmtpSettings
+
+
+class Handler:
+    """Records what it accepts; refuses or drops on cue."""
+
+    def __init__(self) -> None:
+        self.received: list[Any] = []
+        self.sessions: set[int] = set()
+        self.refuse: dict[str, str] = {}
+        self.drop_at_rcpt: set[str] = set()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address in self.drop_at_rcpt:
+            self.drop_at_rcpt.discard(address)  # only the first time
+            server.transport.close()
+            return "421 closing"
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.sessions.add(id(session))
+        self.received.append(message_from_bytes(envelope.content, policy=default_policy))
+        return f"250 2.0.0 Ok: queued as Q{len(self.received):04d}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[tuple[Handler, int]]:
+    handler = Handler()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield handler, port
+    controller.stop()
+
+
+def channel(port: int, tmp_path, **extra: Any) -> SmtpChannel:
+    settings = SmtpSettings(type="smtp", host="127.0.0.1", port=port, security="none",
+                            sender="Lumen Shop <news@shop.example>", timeout=5, **extra)
+    return SmtpChannel("email", settings, ChannelContext(tmp_path, "f", "k", "r"))
+
+
+def message(i: int, address: str | None = None, **extra: Any) -> Message:
+    fields: dict[str, Any] = {"body": f"Hello {i}", "subject": f"Hi {i}",
+                              "message_id": f"<m{i}.f@herald>", **extra}
+    return Message(recipient=str(i), address=address or f"user{i}@example.com", kind="email",
+                   **fields)
+
+
+def send(ch: SmtpChannel, messages: list[Message]):
+    async def go():
+        async with ch:
+            return await ch.send_batch(messages)
+    return asyncio.run(go())
+
+
+def test_many_messages_over_one_connection(smtp_server, tmp_path) -> None:
+    handler, port = smtp_server
+    results = send(channel(port, tmp_path), [message(i) for i in range(12)])
+    assert [r.outcome for r in results] == [Outcome.SENT] * 12
+    assert [r.provider_id for r in results[:2]] == ["Q0001", "Q0002"]
+    assert len(handler.received) == 12
+    assert len(handler.sessions) == 1
+
+
+def test_multipart_chinese_subject_and_headers(smtp_server, tmp_path) -> None:
+    handler, port = smtp_server
+    ch = channel(port, tmp_path, list_unsubscribe="https://shop.example/u?m={message_id}",
+                 reply_to="care@shop.example")
+    m = message(1, subject="刘静，好久不见！", html="<p>您好 <b>刘静</b></p>")
+    assert send(ch, [m])[0].outcome is Outcome.SENT
+    got = handler.received[0]
+    assert got["Subject"] == "刘静，好久不见！"
+    assert got["Message-ID"] == "<m1.f@herald>"
+    assert got["Reply-To"] == "care@shop.example"
+    assert got["List-Unsubscribe"] == "<https://shop.example/u?m=m1.f%40herald>"
+    assert got["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert got.get_content_type() == "multipart/alternative"
+    assert got.get_body(("plain",)).get_content().strip() == "Hello 1"
+    assert got.get_body(("html",)).get_content().strip() == "<p>您好 <b>刘静</b></p>"
+
+
+def test_refusals_are_classified_per_recipient(smtp_server, tmp_path) -> None:
+    handler, port = smtp_server
+    handler.refuse = {"user1@example.com": "550 5.1.1 no such user",
+                      "user2@example.com": "450 4.2.1 mailbox busy",
+                      "user3@example.com": "554 5.7.1 rejected"}
+    results = send(channel(port, tmp_path), [message(i) for i in range(5)])
+    assert [r.outcome for r in results] == [Outcome.SENT, Outcome.PERMANENT,
+                                            Outcome.RETRYABLE, Outcome.PERMANENT,
+                                            Outcome.SENT]
+    assert (results[1].code, results[1].suppress) == ("550", True)
+    assert results[1].detail == "550 5.1.1 no such user"
+    assert (results[3].code, results[3].suppress) == ("554", False)
+    assert len(handler.received) == 2
+
+
+def test_dropped_connection_reconnects_for_the_rest(smtp_server, tmp_path) -> None:
+    handler, port = smtp_server
+    handler.drop_at_rcpt = {"user2@example.com"}
+    results = send(channel(port, tmp_path), [message(i) for i in range(5)])
+    assert [r.outcome for r in results] == [Outcome.SENT, Outcome.SENT, Outcome.RETRYABLE,
+                                            Outcome.SENT, Outcome.SENT]
+    assert [m["To"] for m in handler.received] == [
+        "user0@example.com", "user1@example.com", "user3@example.com", "user4@example.com"]
+    assert len(handler.sessions) == 2  # one reconnect, then the connection was reused
+
+
+def test_nothing_listening_is_fatal(tmp_path) -> None:
+    results = send(channel(free_port(), tmp_path), [message(1), message(2)])
+    assert [r.outcome for r in results] == [Outcome.FATAL, Outcome.FATAL]
+    assert results[0].detail.startswith("cannot connect to 127.0.0.1:")
+
+
+# plain-text AUTH is fine on loopback; aiosmtpd rightly warns about it anywhere else
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
+def test_bad_credentials_are_fatal_and_never_echo_the_password(tmp_path) -> None:
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        ok = isinstance(auth_data, LoginPassword) and auth_data.password == b"right"
+        return AuthResult(success=ok, handled=False)  # let the server answer 535
+
+    port = free_port()
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port,
+                            authenticator=authenticator, auth_required=True,
+                            auth_require_tls=False)
+    controller.start()
+    try:
+        bad = channel(port, tmp_path, username="shop", password="s3cr3t-wrong")
+        results = send(bad, [message(1), message(2)])
+        assert [r.outcome for r in results] == [Outcome.FATAL, Outcome.FATAL]
+        assert "authentication failed" in results[0].detail
+        assert "s3cr3t-wrong" not in repr(results) + repr(bad.settings)
+        good = channel(port, tmp_path, username="shop", password="right")
+        assert send(good, [message(3)])[0].outcome is Outcome.SENT
+    finally:
+        controller.stop()
+
+
+def test_settings_validation() -> None:
+    with pytest.raises(ValueError, match="must be one address"):
+        SmtpSettings(type="smtp", host="h", sender="not an address")
+
+
+def test_a_run_through_smtp_records_bounces_and_retries(make_workspace, smtp_server
+                                                       ) -> None:
+    from sqlalchemy import select
+
+    from herald.channels import ledger
+    from herald.flows.engine import run_local
+
+    handler, port = smtp_server
+    handler.refuse = {"user1@example.com": "550 5.1.1 no such user",
+                      "user2@example.com": "450 4.2.1 try later"}
+    handler.drop_at_rcpt = {"user3@example.com"}  # dropped once, then delivered
+    config = f"""\
+timezone: UTC
+sources: {{crm: "sqlite:///crm.db"}}
+channels:
+  email: {{type: smtp, host: 127.0.0.1, port: {port}, security: none, timeout: 5,
+           sender: "Shop <news@shop.example>"}}
+  sms: {{type: outbox, kind: sms}}
+chunk_size: 10
+"""
+    flow = """\
+name: promo
+audience: {source: crm, segment: people, params: {min_score: 0}, key: id, tier: tier}
+tiers:
+  default: {channels: [email]}
+"""
+    ws = make_workspace({"config/herald.yaml": config, "config/flows/promo.yaml": flow},
+                        rows=20)
+    summary = run_local(ws, "promo", run_key="smtp")
+    with ws.store.connect() as conn:
+        got = {r.recipient: r for r in conn.execute(select(ledger.deliveries))}
+    assert got["1"].status == "failed" and got["1"].code == "550"
+    assert got["1"].reason == "permanent: 550 5.1.1 no such user"
+    assert got["2"].status == "failed" and got["2"].attempts == 3
+    assert got["2"].reason == "retryable, gave up after 3 attempts: 450 4.2.1 try later"
+    assert (got["3"].status, got["3"].attempts) == ("sent", 2)
+    assert got["4"].provider_id.startswith("Q")
+    # ids 7 and 14 have no email: no_address; everyone else sent exactly once
+    assert summary["deliveries"]["sent"] == 16 and summary["deliveries"]["failed"] == 2
+    delivered = [m["To"] for m in handler.received]
+    assert len(delivered) == len(set(delivered)) == 16
+    listed = {(r.value, r.channel) for r in ledger.list_suppressions(ws.store)}
+    assert listed == {("user1@example.com", "email")}
