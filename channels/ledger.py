@@ -45,9 +45,10 @@ from herald.flows.db import metadata, writing
 
 # Every status a ledger row or a run report can show, in report order.
 STATUSES = ("sent", "failed", "capped", "suppressed", "held_out", "no_address",
-            "render_error", "duplicate", "queued", "sending")
-# Rows that count against frequency caps: sent, or reserved for sending.
-COUNTED = ("queued", "sending", "sent")
+            "render_error", "quiet_hours", "deferred", "duplicate", "queued", "sending")
+# Rows that count against frequency caps: sent, or reserved for sending (a deferred
+# recipient keeps its place until its quiet hours end).
+COUNTED = ("queued", "sending", "sent", "deferred")
 
 runs = Table(
     "herald_runs", metadata,
@@ -86,6 +87,7 @@ deliveries = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("sent_at", DateTime(timezone=True)),
+    Column("not_before", DateTime(timezone=True)),  # deferred: send after this
     UniqueConstraint("flow", "run_key", "recipient", name="uq_herald_deliveries_once"),
     Index("ix_herald_deliveries_caps", "recipient", "created_at"),
 )
@@ -123,6 +125,25 @@ class Entry:
     channel: str | None = None
     address: str | None = None
     reason: str | None = None
+    not_before: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Existing:
+    """What the ledger already holds for a recipient under this run key."""
+
+    status: str
+    channel: str | None
+    tier: str
+    address: str | None
+    not_before: datetime | None
+
+    def due(self, at: datetime) -> bool:
+        """A deferred row whose quiet hours are over."""
+        if self.status != "deferred" or self.not_before is None:
+            return False
+        when = self.not_before
+        return (when if when.tzinfo else when.replace(tzinfo=UTC)) <= at
 
 
 @dataclass
@@ -207,16 +228,30 @@ def list_runs(engine: Engine, limit: int = 20) -> list[Any]:
 
 # -- deliveries ----------------------------------------------------------------------
 def existing(conn: Connection, flow: str, run_key: str, recipients: Sequence[str]
-             ) -> dict[str, tuple[str, str | None, str]]:
-    """Rows already in the ledger for these recipients: {recipient: (status, channel, tier)}."""
-    out: dict[str, tuple[str, str | None, str]] = {}
+             ) -> dict[str, Existing]:
+    """Rows already in the ledger for these recipients under this run key."""
+    out: dict[str, Existing] = {}
     for part in _slices(recipients):
         rows = conn.execute(select(deliveries.c.recipient, deliveries.c.status,
-                                   deliveries.c.channel, deliveries.c.tier).where(
+                                   deliveries.c.channel, deliveries.c.tier,
+                                   deliveries.c.address, deliveries.c.not_before).where(
             deliveries.c.flow == flow, deliveries.c.run_key == run_key,
             deliveries.c.recipient.in_(part)))
-        out.update({r.recipient: (r.status, r.channel, r.tier) for r in rows})
+        out.update({r.recipient: Existing(r.status, r.channel, r.tier, r.address,
+                                          r.not_before) for r in rows})
     return out
+
+
+def rewrite(conn: Connection, entries: Iterable[Entry], *, flow: str, run_key: str,
+            run_id: str) -> None:
+    """Decide again for deferred rows: the row keeps its place, takes the new outcome."""
+    stamp = now()
+    for e in entries:
+        conn.execute(update(deliveries).where(
+            deliveries.c.flow == flow, deliveries.c.run_key == run_key,
+            deliveries.c.recipient == e.recipient).values(
+            status=e.status, channel=e.channel, address=e.address, reason=e.reason,
+            not_before=e.not_before, run_id=run_id, created_at=stamp, updated_at=stamp))
 
 
 def write_entries(conn: Connection, entries: Iterable[Entry], *, flow: str, run_key: str,
@@ -227,7 +262,8 @@ def write_entries(conn: Connection, entries: Iterable[Entry], *, flow: str, run_
              "package_id": package_id, "tier": e.tier, "channel": e.channel,
              "address": e.address, "status": e.status, "reason": e.reason,
              "attempts": 0, "priority": priority, "counted": counted,
-             "created_at": stamp, "updated_at": stamp} for e in entries]
+             "not_before": e.not_before, "created_at": stamp, "updated_at": stamp}
+            for e in entries]
     if rows:
         conn.execute(insert(deliveries), rows)
 
@@ -276,10 +312,11 @@ def settle(engine: Engine, flow: str, run_key: str, outcomes: Sequence[Outcome])
 
 
 def cap_counts(conn: Connection, recipients: Sequence[str], since: datetime,
-               channel: str | None, flow: str | None, min_priority: int = -100
-               ) -> Counter[str]:
+               channel: str | None, flow: str | None, min_priority: int = -100,
+               own: tuple[str, str] | None = None) -> Counter[str]:
     """How many messages each recipient got (or has reserved) since ``since`` in a scope,
-    counting only flows of priority ``min_priority`` or higher that are not exempt."""
+    counting only flows of priority ``min_priority`` or higher that are not exempt, and
+    not the row of ``own`` (flow, run key): a deferred row does not cap itself."""
     counts: Counter[str] = Counter()
     for part in _slices(recipients):
         query = select(deliveries.c.recipient, func.count()).where(
@@ -290,6 +327,9 @@ def cap_counts(conn: Connection, recipients: Sequence[str], since: datetime,
             query = query.where(deliveries.c.channel == channel)
         if flow:
             query = query.where(deliveries.c.flow == flow)
+        if own:
+            query = query.where(~((deliveries.c.flow == own[0])
+                                  & (deliveries.c.run_key == own[1])))
         for recipient, n in conn.execute(query.group_by(deliveries.c.recipient)):
             counts[recipient] = int(n)
     return counts
@@ -372,3 +412,14 @@ def _slices(values: Sequence[str], size: int = 500) -> Iterable[Sequence[str]]:
     # IN lists stay well under SQLite's bound-parameter limit
     for i in range(0, len(values), size):
         yield values[i:i + size]
+
+
+def deferred_until(engine: Engine, flow: str, run_key: str) -> datetime | None:
+    """When the earliest deferred recipient of a run key may be sent (UTC), if any."""
+    with engine.connect() as conn:
+        when = conn.execute(select(func.min(deliveries.c.not_before)).where(
+            deliveries.c.flow == flow, deliveries.c.run_key == run_key,
+            deliveries.c.status == "deferred")).scalar()
+    if when is None:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)

@@ -38,6 +38,7 @@ class Decision:
     channel: str | None = None
     address: str | None = None
     reason: str | None = None
+    not_before: datetime | None = None  # deferred until (UTC)
 
 
 def in_holdout(flow: str, key: str, fraction: float) -> bool:
@@ -76,9 +77,11 @@ class Policy:
         self.columns = {name: ws.address_column(name) for name in flow.channel_names()}
         self.zone = ZoneInfo(ws.timezone(flow))
         self._zones: dict[str, ZoneInfo] = {}
+        self.quiet = None if flow.quiet_hours is False else (
+            flow.quiet_hours or ws.config.quiet_hours)
 
-    def decide(self, conn: Connection, rows: Sequence[Recipient], at: datetime
-               ) -> list[Decision]:
+    def decide(self, conn: Connection, rows: Sequence[Recipient], at: datetime,
+               run_key: str | None = None) -> list[Decision]:
         keys = [r.key for r in rows]
         values = set(keys)
         candidates: dict[str, list[tuple[str, str | None, str | None]]] = {}
@@ -96,27 +99,43 @@ class Policy:
                     values.add(address)
             candidates[row.key] = options
         listed = ledger.suppressed(conn, values)
+        own = (self.flow.name, run_key) if run_key else None
         counts = [] if self.flow.exempt else [
-            (rule, self._counts(conn, rule, rows, at)) for rule in self.caps]
-        return [self._one(row, tiers[row.key], candidates[row.key], listed, counts)
+            (rule, self._counts(conn, rule, rows, at, own)) for rule in self.caps]
+        return [self._one(row, tiers[row.key], candidates[row.key], listed, counts, at)
                 for row in rows]
 
     def _counts(self, conn: Connection, rule: CapRule, rows: Sequence[Recipient],
-                at: datetime) -> Counter[str]:
+                at: datetime, own: tuple[str, str] | None) -> Counter[str]:
         """Each recipient's count under ``rule``: one query, or one per time zone for a
         calendar window (its start is local midnight)."""
         applies = [r for r in rows if rule.tier is None or r.tier == rule.tier]
         if not rule.calendar:
             return ledger.cap_counts(conn, [r.key for r in applies], rule.since(at, self.zone),
-                                     rule.channel, rule.flow, self.flow.priority)
+                                     rule.channel, rule.flow, self.flow.priority, own)
         by_zone: dict[ZoneInfo, list[str]] = defaultdict(list)
         for r in applies:
             by_zone[self.zone_of(r)].append(r.key)
         counts: Counter[str] = Counter()
         for zone, keys in by_zone.items():
             counts.update(ledger.cap_counts(conn, keys, rule.since(at, zone), rule.channel,
-                                            rule.flow, self.flow.priority))
+                                            rule.flow, self.flow.priority, own))
         return counts
+
+    def _quiet(self, row: Recipient, tier: str, at: datetime) -> Decision | None:
+        """Quiet hours for someone we would send to now: skip or defer, else None."""
+        if not self.quiet:
+            return None
+        zone = self.zone_of(row)
+        until = self.quiet.until(at, zone)
+        if until is None:
+            return None
+        quiet = (f"{at.astimezone(zone):%H:%M} in {zone.key} is within quiet hours "
+                 f"{self.quiet.describe()}")
+        if self.quiet.mode == "skip":
+            return Decision(row, tier, "quiet_hours", reason=f"skipped: {quiet}")
+        return Decision(row, tier, "deferred", not_before=until,
+                        reason=f"deferred to {until:%Y-%m-%d %H:%M} UTC: {quiet}")
 
     def zone_of(self, row: Recipient) -> ZoneInfo:
         """The recipient's time zone (the audience's timezone column), else the flow's."""
@@ -133,8 +152,8 @@ class Policy:
 
     def _one(self, row: Recipient, tier: str,
              options: list[tuple[str, str | None, str | None]],
-             listed: dict[str, set[str]], counts: list[tuple[CapRule, Counter[str]]]
-             ) -> Decision:
+             listed: dict[str, set[str]], counts: list[tuple[CapRule, Counter[str]]],
+             at: datetime) -> Decision:
         if in_holdout(self.flow.name, row.key, self.flow.holdout):
             return Decision(row, tier, "held_out",
                             reason=f"control group ({self.flow.holdout:.0%} holdout)")
@@ -161,7 +180,8 @@ class Policy:
             if capped:
                 stops.append(("capped", channel, address, f"cap {capped.describe()}"))
                 continue
-            return Decision(row, tier, SEND, channel=channel, address=address)
+            return self._quiet(row, tier, at) or Decision(row, tier, SEND, channel=channel,
+                                                          address=address)
         # No channel left: report the most telling reason (a cap or the suppression
         # list says more than a missing address).
         for status in ("capped", "suppressed", "no_address"):

@@ -94,6 +94,8 @@ def campaign(workspace: str, flow_name: str, run_key: str,
         table=[{"channel": channel, **{s: row.get(s, 0) for s in statuses}}
                for channel, row in summary["by_channel"].items()]
         + [{"channel": "all", **{s: summary["deliveries"].get(s, 0) for s in statuses}}])
+    if summary.get("deferred_until"):
+        _follow_up(flow_name, run_key, dict(params or {}), summary["deferred_until"])
     logger.info("run %s finished: %s", prepared.run_id,
                 ", ".join(f"{s}={n}" for s, n in summary["deliveries"].items() if n) or "nothing")
     return summary
@@ -106,3 +108,26 @@ def run(ws: Workspace, flow_name: str, params: dict[str, Scalar] | None, run_key
     runner: Any = ThreadPoolTaskRunner(max_workers=ws.config.max_workers)
     configured = campaign.with_options(task_runner=runner)
     return configured(str(ws.root), flow_name, run_key, params or {}, dry_run)
+
+
+def _follow_up(flow_name: str, run_key: str, params: dict[str, Scalar], when: str) -> None:
+    """Schedule the run that sends deferred recipients once their quiet hours end.
+
+    From a deployment (``herald serve`` / ``herald deploy``) the same deployment gets a
+    flow run at that time with the same run key; without one there is nothing to
+    schedule on, so the log says which command to run.
+    """
+    from prefect.runtime import deployment
+
+    logger = get_run_logger()
+    if not deployment.id:
+        logger.warning("recipients deferred by quiet hours until %s: run `herald run %s "
+                       "--run-key %s` after that time to send them", when, flow_name, run_key)
+        return
+    from prefect.deployments import run_deployment
+
+    run_deployment(name=deployment.id, parameters={**deployment.parameters,
+                                                   "run_key": run_key},
+                   scheduled_time=datetime.fromisoformat(when), timeout=0,
+                   as_subflow=False)
+    logger.info("follow-up run of %s (%s) scheduled for %s", flow_name, run_key, when)

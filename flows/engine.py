@@ -143,6 +143,10 @@ def forget_all() -> None:
 
 
 ChunkCounts = list[tuple[str, str, str | None, int]]  # (status, tier, channel, n)
+# Recipients of a chunk that have no row of this run: counted from the chunk's results
+# (a deferred recipient still waiting is reported as deferred).
+WAITING = "waiting"
+CARRIED = {"duplicate": "duplicate", WAITING: "deferred"}
 
 
 def run_chunk(job: ChunkJob) -> ChunkCounts:
@@ -157,23 +161,30 @@ def run_chunk(job: ChunkJob) -> ChunkCounts:
     # checking the same person's caps at once cannot both pass.
     with writing(ws.store) as conn:
         _lock_ledger(conn)
+        at = ledger.now()
         seen = ledger.existing(conn, flow.name, job.run_key, [r.key for r in rows])
-        resumed = [r for r in rows if seen.get(r.key, ("",))[0] == "queued"]
+        resumed = [r for r in rows if r.key in seen and seen[r.key].status == "queued"]
+        due = [r for r in rows if r.key in seen and seen[r.key].due(at)]
         for r in rows:
-            if r.key in seen and seen[r.key][0] != "queued":
-                status, channel, tier = seen[r.key]
-                counts["duplicate", tier, channel] += 1
+            old = seen.get(r.key)
+            if old and old.status != "queued" and not old.due(at):
+                # already handled under this run key; a deferred row still waits
+                status = WAITING if old.status == "deferred" else "duplicate"
+                counts[status, old.tier, old.channel] += 1
         fresh = [r for r in rows if r.key not in seen]
-        decisions = policy.decide(conn, fresh, ledger.now())
+        decisions = policy.decide(conn, fresh, at, job.run_key)
+        redecided = policy.decide(conn, due, at, job.run_key) if due else []
         if not job.dry_run:
-            ledger.write_entries(conn, (ledger.Entry(
-                d.recipient.key, d.recipient.tier, "queued" if d.status == SEND else d.status,
-                d.channel, d.address, d.reason) for d in decisions),
-                flow=flow.name, run_key=job.run_key, run_id=job.run_id,
-                package_id=job.package_id, priority=flow.priority, counted=not flow.exempt)
+            ledger.write_entries(conn, map(_entry, decisions),
+                                 flow=flow.name, run_key=job.run_key, run_id=job.run_id,
+                                 package_id=job.package_id, priority=flow.priority,
+                                 counted=not flow.exempt)
+            ledger.rewrite(conn, map(_entry, redecided), flow=flow.name,
+                           run_key=job.run_key, run_id=job.run_id)
             if resumed:
                 ledger.adopt(conn, flow.name, job.run_key, [r.key for r in resumed],
                              job.run_id)
+    decisions += redecided
     if resumed:
         decisions += _resume_decisions(ws, flow.name, job, resumed)
 
@@ -205,6 +216,12 @@ def run_chunk(job: ChunkJob) -> ChunkCounts:
     return [(*k, n) for k, n in counts.items()]
 
 
+def _entry(d: Decision) -> ledger.Entry:
+    return ledger.Entry(d.recipient.key, d.recipient.tier,
+                        "queued" if d.status == SEND else d.status, d.channel, d.address,
+                        d.reason, d.not_before)
+
+
 def _lock_ledger(conn: Any) -> None:
     # SQLite: BEGIN IMMEDIATE already holds the database's write lock. Postgres: one
     # advisory lock serialises reservations across runs and workers.
@@ -218,17 +235,11 @@ def _resume_decisions(ws: Workspace, flow: str, job: ChunkJob,
     out = []
     with ws.store.connect() as conn:
         found = ledger.existing(conn, flow, job.run_key, [r.key for r in rows])
-        addresses = dict(conn.execute(
-            ledger.deliveries.select().with_only_columns(
-                ledger.deliveries.c.recipient, ledger.deliveries.c.address).where(
-                ledger.deliveries.c.flow == flow,
-                ledger.deliveries.c.run_key == job.run_key,
-                ledger.deliveries.c.recipient.in_([r.key for r in rows]))).all())
     for r in rows:
-        _, channel, _ = found[r.key]
         entry = ws.flow(flow).tier_for(r.tier)
         assert entry is not None, "the row was reserved under this flow's tiers"
-        out.append(Decision(r, entry[0], SEND, channel=channel, address=addresses.get(r.key)))
+        out.append(Decision(r, entry[0], SEND, channel=found[r.key].channel,
+                            address=found[r.key].address))
     return out
 
 
@@ -279,13 +290,13 @@ def finish(ws: Workspace, prepared: Prepared, chunk_counts: list[ChunkCounts],
     if prepared.dry_run:
         for chunk in chunk_counts:
             for status, tier, channel, n in chunk:
-                counts.add(status, tier, channel, n)
+                counts.add(CARRIED.get(status, status), tier, channel, n)
     else:
         counts = ledger.run_counts(ws.store, prepared.run_id)
-        for chunk in chunk_counts:  # duplicates are not rows of this run
+        for chunk in chunk_counts:  # rows this run did not write
             for status, tier, channel, n in chunk:
-                if status == "duplicate":
-                    counts.add(status, tier, channel, n)
+                if status in CARRIED:
+                    counts.add(CARRIED[status], tier, channel, n)
     finished = datetime.now(UTC)
     summary = {
         "run_id": prepared.run_id,
@@ -298,11 +309,15 @@ def finish(ws: Workspace, prepared: Prepared, chunk_counts: list[ChunkCounts],
                     "segment": prepared.package.segment,
                     "sql_sha256": prepared.package.sql_sha256},
         **counts.to_dict(),
+        "deferred_until": None,
         "chunks": len(prepared.chunks),
         "started_at": started.isoformat(),
         "finished_at": finished.isoformat(),
         "duration_seconds": round((finished - started).total_seconds(), 3),
     }
+    if counts.deliveries.get("deferred") and not prepared.dry_run:
+        until = ledger.deferred_until(ws.store, prepared.flow, prepared.run_key)
+        summary["deferred_until"] = until.isoformat() if until else None
     ledger.finish_run(ws.store, prepared.run_id, "completed", summary)
     return summary
 

@@ -8,8 +8,8 @@ known, so those errors carry file and line too.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from datetime import UTC, datetime, time, timedelta
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
@@ -63,7 +63,7 @@ Scalar = str | int | float | bool | None
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 def parse_window(value: Any) -> timedelta | str:
@@ -133,6 +133,50 @@ class FlowCapRule(_Cap):
     """A cap in a flow's YAML: it always applies to that flow only."""
 
 
+_CLOCK = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+
+
+def _clock(value: Any) -> time:
+    if isinstance(value, time):
+        return value
+    match = _CLOCK.match(str(value))
+    if not match:
+        raise ValueError("a time of day like 21:00")
+    return time(int(match.group(1)), int(match.group(2)))
+
+
+Clock = Annotated[time, BeforeValidator(_clock)]
+
+
+class QuietHours(Strict):
+    """No messages between ``from`` and ``to`` in the recipient's local time.
+
+    ``defer`` keeps the recipient for a later run with the same run key once the window
+    has passed; ``skip`` records them as ``quiet_hours`` and moves on.
+    """
+
+    start: Clock = Field(alias="from")
+    end: Clock = Field(alias="to")
+    mode: Literal["defer", "skip"] = "defer"
+
+    def until(self, now: datetime, zone: ZoneInfo) -> datetime | None:
+        """When the quiet window ends (UTC) if ``now`` is inside it, else None."""
+        local = now.astimezone(zone)
+        clock = local.time().replace(tzinfo=None)
+        if self.start == self.end:
+            return None
+        inside = (self.start <= clock < self.end) if self.start < self.end else (
+            clock >= self.start or clock < self.end)
+        if not inside:
+            return None
+        end_day = local.date() if clock < self.end else local.date() + timedelta(days=1)
+        end = datetime.combine(end_day, self.end, tzinfo=zone)
+        return end.astimezone(UTC)
+
+    def describe(self) -> str:
+        return f"{self.start:%H:%M}-{self.end:%H:%M}"
+
+
 class WorkspaceConfig(Strict):
     """``config/herald.yaml``."""
 
@@ -142,6 +186,7 @@ class WorkspaceConfig(Strict):
     store: DatabaseUrl = "sqlite:///.herald/herald.db"
     channels: dict[Name, dict[str, Any]] = Field(default_factory=dict)
     caps: list[CapRule] = Field(default_factory=list)
+    quiet_hours: QuietHours | None = None
     chunk_size: int = Field(default=2000, ge=1, le=100_000)
     max_workers: int = Field(default=4, ge=1, le=64)
 
@@ -180,6 +225,8 @@ class FlowSpec(Strict):
     tiers: dict[Name, TierSpec] = Field(min_length=1)
     caps: list[FlowCapRule] = Field(default_factory=list)
     holdout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # quiet hours for this flow; `false` turns the workspace's off (e.g. transactional)
+    quiet_hours: QuietHours | Literal[False] | None = None
     exempt: bool = False  # transactional: not capped, and not counted by any cap
     priority: int = Field(default=0, ge=-100, le=100)
     chunk_size: int | None = Field(default=None, ge=1, le=100_000)

@@ -1,0 +1,114 @@
+"""Quiet hours in the recipient's local time: skip, or defer to a later run."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import select, update
+
+from herald.channels import ledger
+from herald.flows.engine import run_local
+from herald.flows.spec import QuietHours
+
+from .conftest import outbox_messages
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+
+def test_window_wraps_midnight_in_the_local_zone() -> None:
+    quiet = QuietHours.model_validate({"from": "21:00", "to": "09:00"})
+    late = datetime(2026, 11, 22, 14, 14, tzinfo=UTC)  # 22:14 in Shanghai
+    assert quiet.until(late, SHANGHAI) == datetime(2026, 11, 23, 1, 0, tzinfo=UTC)
+    early = datetime(2026, 11, 22, 0, 0, tzinfo=UTC)  # 08:00 in Shanghai
+    assert quiet.until(early, SHANGHAI) == datetime(2026, 11, 22, 1, 0, tzinfo=UTC)
+    noon = datetime(2026, 11, 22, 4, 0, tzinfo=UTC)
+    assert quiet.until(noon, SHANGHAI) is None
+    assert quiet.until(late, ZoneInfo("Europe/London")) is None  # 14:14 in London
+    day = QuietHours.model_validate({"from": "12:00", "to": "13:00", "mode": "skip"})
+    assert day.until(noon, SHANGHAI) == datetime(2026, 11, 22, 5, 0, tzinfo=UTC)
+
+
+def around_now(mode: str) -> str:
+    """A quiet window that holds the current UTC time, whenever the test runs."""
+    now = datetime.now(UTC)
+    start, end = now - timedelta(hours=1), now + timedelta(hours=1)
+    return f'quiet_hours: {{from: "{start:%H:%M}", to: "{end:%H:%M}", mode: {mode}}}\n'
+
+
+CONFIG = """\
+timezone: UTC
+sources: {crm: "sqlite:///crm.db"}
+channels:
+  email: {type: outbox, kind: email}
+  sms: {type: outbox, kind: sms}
+caps:
+  - {max: 1, per: 1d}
+"""
+
+
+def statuses(ws) -> dict[str, ledger.Existing]:
+    with ws.store.connect() as conn:
+        return ledger.existing(conn, "promo", "q", [str(i) for i in range(1, 100)])
+
+
+def test_skip_records_quiet_hours_and_sends_nothing(make_workspace) -> None:
+    ws = make_workspace({"config/herald.yaml": CONFIG + around_now("skip")}, rows=20)
+    summary = run_local(ws, "promo", run_key="q")
+    assert summary["deliveries"]["quiet_hours"] == 20 - summary["deliveries"]["no_address"]
+    assert summary["deliveries"]["sent"] == 0 and outbox_messages(ws) == 0
+    with ws.store.connect() as conn:
+        reasons = set(conn.execute(select(ledger.deliveries.c.reason)).scalars())
+    assert len(reasons) == 1 and reasons.pop().startswith("skipped: ")
+
+
+def test_defer_keeps_the_place_and_a_later_run_sends(make_workspace) -> None:
+    ws = make_workspace({"config/herald.yaml": CONFIG + around_now("defer")}, rows=20)
+    first = run_local(ws, "promo", run_key="q")
+    deferred = first["deliveries"]["deferred"]
+    assert deferred == 20 and first["deliveries"]["sent"] == 0
+    rows = statuses(ws)
+    ends = {r.not_before.replace(tzinfo=UTC) for r in rows.values() if r.status == "deferred"}
+    assert len(ends) == 1  # everyone is in UTC here: one end of the window
+    assert datetime.fromisoformat(first["deferred_until"]) == ends.pop() > datetime.now(UTC)
+    # too early: the rerun leaves them waiting and sends nothing
+    again = run_local(ws, "promo", run_key="q")
+    assert again["deliveries"]["deferred"] == 20 and again["deliveries"]["sent"] == 0
+    # the quiet window ends (the rows' not_before passes) and one person unsubscribes
+    with ws.store.begin() as conn:
+        conn.execute(update(ledger.deliveries).where(
+            ledger.deliveries.c.status == "deferred").values(
+            not_before=datetime.now(UTC) - timedelta(minutes=1)))
+    ledger.suppress(ws.store, [("3", None, "unsubscribed overnight")], "operator")
+    quiet_off = CONFIG  # the window is over: no quiet hours at this time
+    (ws.root / "config/herald.yaml").write_text(quiet_off)
+    from herald.flows.engine import forget_workspace
+    from herald.flows.workspace import Workspace
+
+    forget_workspace(ws.root)
+    ws2 = Workspace.open(ws.root)
+    later = run_local(ws2, "promo", run_key="q")
+    assert later["deliveries"]["sent"] == 19
+    assert later["deliveries"]["suppressed"] == 1  # checked again, not sent blindly
+    assert later["deliveries"]["capped"] == 0  # its own reservation does not cap it
+    assert outbox_messages(ws2) == 19
+    ws2.dispose()
+
+
+def test_deferred_rows_hold_their_cap_slot(make_workspace) -> None:
+    other = ("name: other\naudience: {source: crm, segment: people, params: {min_score: 0}, "
+             "key: id, tier: tier}\ntiers: {default: {channels: [sms, email]}}\n"
+             "quiet_hours: false\n")
+    files = {"config/herald.yaml": CONFIG + around_now("defer"),
+             "config/flows/other.yaml": other,
+             "templates/other/default.sms.txt.j2": "x {{ name }}",
+             "templates/other/default.email.subject.j2": "x",
+             "templates/other/default.email.txt.j2": "x {{ name }}"}
+    ws = make_workspace(files, rows=10)
+    assert run_local(ws, "promo", run_key="q")["deliveries"]["deferred"] == 10
+    # `other` turns quiet hours off, but the daily cap is taken by the deferred promo
+    other_run = run_local(ws, "other", run_key="q")
+    assert other_run["deliveries"]["capped"] == 10 and other_run["deliveries"]["sent"] == 0
+    with ws.store.connect() as conn:
+        assert conn.execute(select(ledger.deliveries.c.status).where(
+            ledger.deliveries.c.flow == "other")).scalars().all() == ["capped"] * 10
