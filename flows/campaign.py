@@ -54,7 +54,7 @@ def build_audience(ws: Workspace, flow_name: str, params: dict[str, Scalar], run
 
 @task(name="send-chunk", task_run_name="chunk-{job.index:04d}", cache_policy=NO_CACHE,
       retries=2, retry_delay_seconds=5)
-def send_chunk(job: engine.ChunkJob) -> engine.ChunkCounts:
+def send_chunk(job: engine.ChunkJob) -> engine.ChunkResult:
     # A retried chunk is safe: the ledger holds who was already reserved or sent.
     return engine.run_chunk(job)
 
@@ -74,7 +74,7 @@ def campaign(workspace: str, flow_name: str, run_key: str,
     progress = cast(UUID, create_progress_artifact(
         0.0, key=_artifact_key(flow_name, "progress"),
         description=f"Sending {flow_name} {run_key}"))
-    results: list[engine.ChunkCounts] = []
+    results: list[engine.ChunkResult] = []
     try:
         futures = [send_chunk.submit(job) for job in prepared.chunks]
         for done, future in enumerate(as_completed(futures), start=1):

@@ -286,6 +286,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
     for tier, row in sorted(summary["by_tier"].items()):
         tiers.add_row(tier, *(str(row.get(s, 0)) for s in shown))
     out.print(tiers)
+    if summary.get("reasons"):
+        reasons = Table("would be", "reason", "recipients")
+        for r in summary["reasons"]:
+            reasons.add_row(r["status"], r["reason"], str(r["count"]))
+        out.print(reasons)
+    if summary.get("deferred_until"):
+        out.print(f"deferred by quiet hours until {summary['deferred_until']}: a run with "
+                  f"run key {summary['run_key']} after that time sends them")
 
 
 @app.command()

@@ -6,6 +6,8 @@ workspace behaves the same wherever Herald is started from.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,19 +34,21 @@ def resolve_url(url: str, root: Path) -> str:
     return parsed.set(database=str(path)).render_as_string(hide_password=False)
 
 
-def make_engine(url: str, root: Path) -> Engine:
-    """An engine for ``url``; SQLite files get WAL, a busy timeout and their folder."""
+def make_engine(url: str, root: Path, store: bool = False) -> Engine:
+    """An engine for ``url``. SQLite waits up to 30 s for a lock; the workspace ``store``
+    also gets its folder, WAL and write transactions that lock at BEGIN. A source is the
+    operator's database: Herald only reads it and leaves its settings alone."""
     resolved = resolve_url(url, root)
     parsed = make_url(resolved)
     kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
+        if store and parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"timeout": 30}
     else:
         kwargs["pool_pre_ping"] = True
     engine = create_engine(resolved, **kwargs)
-    if parsed.get_backend_name() == "sqlite":
+    if store and parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         begin_immediate(engine)
     return engine
@@ -55,7 +59,16 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # writer lock instead of failing at once.
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA journal_mode=WAL")
+    # Switching to WAL needs a moment alone with the file; when several processes open
+    # a new workspace database at once, the losers retry (the mode then persists).
+    for attempt in range(50):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError:
+            if attempt == 49:
+                raise
+            time.sleep(0.1)
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
 

@@ -143,13 +143,22 @@ def forget_all() -> None:
 
 
 ChunkCounts = list[tuple[str, str, str | None, int]]  # (status, tier, channel, n)
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """What a chunk reports: counts, and (dry runs) why recipients would not be sent."""
+
+    counts: ChunkCounts
+    reasons: list[tuple[str, str, int]]  # (status, reason, n)
+
 # Recipients of a chunk that have no row of this run: counted from the chunk's results
 # (a deferred recipient still waiting is reported as deferred).
 WAITING = "waiting"
 CARRIED = {"duplicate": "duplicate", WAITING: "deferred"}
 
 
-def run_chunk(job: ChunkJob) -> ChunkCounts:
+def run_chunk(job: ChunkJob) -> ChunkResult:
     """Run one chunk: decide, reserve, render, send, settle. Returns its counts."""
     ws, templates = _open(job.workspace)
     flow = ws.flow(job.flow)
@@ -190,9 +199,12 @@ def run_chunk(job: ChunkJob) -> ChunkCounts:
 
     outgoing: list[tuple[str, Message]] = []
     render_errors: list[ledger.Outcome] = []
+    reasons: Counter[tuple[str, str]] = Counter()
     for d in decisions:
         if d.status != SEND:
             counts[d.status, d.recipient.tier, d.channel] += 1
+            if job.dry_run:
+                reasons[d.status, _reason_kind(d)] += 1
             continue
         assert d.channel is not None and d.address is not None
         try:
@@ -201,19 +213,30 @@ def run_chunk(job: ChunkJob) -> ChunkCounts:
             render_errors.append(ledger.Outcome(d.recipient.key, "render_error", str(exc),
                                                 attempts=0))
             counts["render_error", d.recipient.tier, d.channel] += 1
+            if job.dry_run:
+                reasons["render_error", str(exc)] += 1
             continue
         outgoing.append((d.channel, message))
         if job.dry_run:
             counts["sent", d.recipient.tier, d.channel] += 1
     if job.dry_run:
-        return [(*k, n) for k, n in counts.items()]
+        return ChunkResult([(*k, n) for k, n in counts.items()],
+                           [(*k, n) for k, n in reasons.items()])
     if render_errors:
         ledger.settle(ws.store, flow.name, job.run_key, render_errors)
     if outgoing:
         asyncio.run(dispatch(ws, Job(flow.name, job.run_key, job.run_id), group(outgoing)))
         for status, tier, channel, n in _settled(ws, job, [m.recipient for _, m in outgoing]):
             counts[status, tier, channel] += n
-    return [(*k, n) for k, n in counts.items()]
+    return ChunkResult([(*k, n) for k, n in counts.items()], [])
+
+
+def _reason_kind(d: Decision) -> str:
+    """A decision's reason without the per-recipient details (local times, dates)."""
+    reason = d.reason or d.status
+    if d.status in ("deferred", "quiet_hours"):
+        return reason.split(":")[0] + " (quiet hours)"
+    return reason
 
 
 def _entry(d: Decision) -> ledger.Entry:
@@ -282,19 +305,22 @@ def build_message(ws: Workspace, templates: Templates, job: ChunkJob | Job,
 
 
 # -- the report -------------------------------------------------------------------------
-def finish(ws: Workspace, prepared: Prepared, chunk_counts: list[ChunkCounts],
+def finish(ws: Workspace, prepared: Prepared, chunk_results: list[ChunkResult],
            started: datetime) -> dict[str, Any]:
     """The run's summary (the ``herald run --json`` object), recorded with the run."""
     forget_buckets(prepared.run_id)
     counts = ledger.RunCounts()
+    reasons: Counter[tuple[str, str]] = Counter()
     if prepared.dry_run:
-        for chunk in chunk_counts:
-            for status, tier, channel, n in chunk:
+        for chunk in chunk_results:
+            for status, tier, channel, n in chunk.counts:
                 counts.add(CARRIED.get(status, status), tier, channel, n)
+            for status, reason, n in chunk.reasons:
+                reasons[status, reason] += n
     else:
         counts = ledger.run_counts(ws.store, prepared.run_id)
-        for chunk in chunk_counts:  # rows this run did not write
-            for status, tier, channel, n in chunk:
+        for chunk in chunk_results:  # rows this run did not write
+            for status, tier, channel, n in chunk.counts:
                 if status in CARRIED:
                     counts.add(CARRIED[status], tier, channel, n)
     finished = datetime.now(UTC)
@@ -310,6 +336,8 @@ def finish(ws: Workspace, prepared: Prepared, chunk_counts: list[ChunkCounts],
                     "sql_sha256": prepared.package.sql_sha256},
         **counts.to_dict(),
         "deferred_until": None,
+        **({"reasons": [{"status": s, "reason": r, "count": n}
+                        for (s, r), n in reasons.most_common()]} if prepared.dry_run else {}),
         "chunks": len(prepared.chunks),
         "started_at": started.isoformat(),
         "finished_at": finished.isoformat(),

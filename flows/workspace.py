@@ -129,7 +129,7 @@ class Workspace:
     @cached_property
     def store(self) -> Engine:
         """The workspace database (package store, ledger, runs, suppression list)."""
-        engine = make_engine(self.config.store, self.root)
+        engine = make_engine(self.config.store, self.root, store=True)
         ensure_schema(engine)
         return engine
 

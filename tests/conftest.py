@@ -97,7 +97,8 @@ def make_workspace(tmp_path: Path) -> Iterator[WorkspaceFactory]:
     opened: list[Workspace] = []
 
     def factory(files: dict[str, str | None] | None = None, rows: int = 100,
-                folder: str = "ws") -> Workspace:
+                folder: str = "ws", store: str | None = None) -> Workspace:
+        """``store``: the workspace database URL to use instead of the YAML's."""
         root = tmp_path / folder
         merged: dict[str, str | None] = {**FILES, **(files or {})}
         for rel, content in merged.items():
@@ -107,6 +108,11 @@ def make_workspace(tmp_path: Path) -> Iterator[WorkspaceFactory]:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(textwrap.dedent(content), encoding="utf-8")
         write_people(root / "crm.db", people(rows))
+        if store:
+            config = root / "config/herald.yaml"
+            lines = [line for line in config.read_text().splitlines()
+                     if not line.startswith("store:")]
+            config.write_text("\n".join([*lines, f'store: "{store}"', ""]))
         ws = Workspace.open(root)
         opened.append(ws)
         return ws
@@ -163,6 +169,14 @@ def pg_database() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """Run a test with the workspace database on SQLite, then on Postgres."""
+    if request.param == "sqlite":
+        return None
+    return str(request.getfixturevalue("pg_database"))
 
 
 # -- Prefect ------------------------------------------------------------------------------

@@ -52,9 +52,15 @@ def _run(root: str, flow: str, run_key: str, start: multiprocessing.synchronize.
     from herald.flows.engine import run_local
     from herald.flows.workspace import Workspace
 
-    ws = Workspace.open(root)
-    start.wait(30)
-    out.put(run_local(ws, flow, run_key=run_key)["deliveries"])
+    try:
+        ws = Workspace.open(root)
+        start.wait(30)
+        out.put(run_local(ws, flow, run_key=run_key)["deliveries"])
+    except BaseException as exc:  # report it instead of leaving the parent waiting
+        import traceback
+
+        out.put({"error": "".join(traceback.format_exception(exc))})
+        raise
 
 
 def race(ws) -> list[dict[str, int]]:
@@ -68,6 +74,8 @@ def race(ws) -> list[dict[str, int]]:
     time.sleep(2.0)  # both processes imported and waiting
     start.set()
     results = [out.get(timeout=240) for _ in procs]
+    errors = [r["error"] for r in results if "error" in r]
+    assert not errors, errors[0]
     for p in procs:
         p.join(60)
         assert p.exitcode == 0

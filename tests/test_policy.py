@@ -30,90 +30,143 @@ exempt: %(exempt)s
 caps: %(caps)s
 """
 
-SQL = ("SELECT id, name, email, phone, tier, locale, score, "
-       "CASE WHEN id % 2 = 0 THEN 'Asia/Shanghai' ELSE 'America/New_York' END AS tz "
-       "FROM people WHERE score >= :min_score ORDER BY id")
+SQL = (
+    "SELECT id, name, email, phone, tier, locale, score, "
+    "CASE WHEN id % 2 = 0 THEN 'Asia/Shanghai' ELSE 'America/New_York' END AS tz "
+    "FROM people WHERE score >= :min_score ORDER BY id"
+)
 
-TEMPLATES = {f"templates/{flow}/default.{part}.j2": "Hi {{ name }}"
-             for flow in ("promo", "urgent", "receipt")
-             for part in ("email.subject", "email.txt", "sms.txt")}
+TEMPLATES = {
+    f"templates/{flow}/default.{part}.j2": "Hi {{ name }}"
+    for flow in ("promo", "urgent", "receipt")
+    for part in ("email.subject", "email.txt", "sms.txt")
+}
 
 
-def workspace(make_workspace, caps: str = "  []", flows: dict | None = None, rows: int = 10):
+def workspace(
+    make_workspace,
+    caps: str = "  []",
+    flows: dict | None = None,
+    rows: int = 10,
+    store: str | None = None,
+):
     files = {"config/herald.yaml": BASE % caps, "audiences/people.sql": SQL, **TEMPLATES}
     for name, (priority, exempt, flow_caps) in (flows or {"promo": (0, False, "[]")}).items():
         files[f"config/flows/{name}.yaml"] = FLOW % {
-            "name": name, "priority": priority, "exempt": str(exempt).lower(),
-            "caps": flow_caps}
-    return make_workspace(files, rows=rows)
+            "name": name,
+            "priority": priority,
+            "exempt": str(exempt).lower(),
+            "caps": flow_caps,
+        }
+    return make_workspace(files, rows=rows, store=store)
 
 
 def recipient(key: int, tier: str = "gold", tz: str = "UTC") -> Recipient:
-    return Recipient(key, str(key), tier, {"id": key, "name": "x", "tier": tier, "tz": tz,
-                                           "email": f"u{key}@example.com", "phone": None})
+    return Recipient(
+        key,
+        str(key),
+        tier,
+        {
+            "id": key,
+            "name": "x",
+            "tier": tier,
+            "tz": tz,
+            "email": f"u{key}@example.com",
+            "phone": None,
+        },
+    )
 
 
-def history(ws, entries: list[tuple[str, str, str, datetime]], priority: int = 0,
-            counted: bool = True) -> None:
+def history(
+    ws, entries: list[tuple[str, str, str, datetime]], priority: int = 0, counted: bool = True
+) -> None:
     """Write sent messages (recipient, flow, channel, when) into the ledger."""
     with ws.store.begin() as conn:
         for i, (key, flow, channel, at) in enumerate(entries):
-            ledger.write_entries(conn, [ledger.Entry(key, "gold", "sent", channel)],
-                                 flow=flow, run_key=f"h{i}-{key}", run_id="history",
-                                 package_id="p", priority=priority, counted=counted, at=at)
+            ledger.write_entries(
+                conn,
+                [ledger.Entry(key, "gold", "sent", channel)],
+                flow=flow,
+                run_key=f"h{i}-{key}",
+                run_id="history",
+                package_id="p",
+                priority=priority,
+                counted=counted,
+                at=at,
+            )
 
 
 def decide(ws, flow: str, rows: list[Recipient], at: datetime) -> dict[str, tuple[str, str]]:
     policy = Policy(ws, ws.flow(flow))
     with ws.store.connect() as conn:
-        return {d.recipient.key: (d.status, d.reason or d.channel or "")
-                for d in policy.decide(conn, rows, at)}
+        return {
+            d.recipient.key: (d.status, d.reason or d.channel or "")
+            for d in policy.decide(conn, rows, at)
+        }
 
 
 NOW = datetime(2026, 11, 22, 16, 30, tzinfo=UTC)  # 00:30 on the 23rd in Shanghai
 
 
-def test_rolling_window(make_workspace) -> None:
-    ws = workspace(make_workspace, "  - {max: 2, per: 12h}")
-    history(ws, [("1", "other", "email", NOW - timedelta(hours=3)),
-                 ("1", "other", "sms", NOW - timedelta(hours=11)),
-                 ("2", "other", "email", NOW - timedelta(hours=3)),
-                 ("2", "other", "sms", NOW - timedelta(hours=13))])  # outside the window
+def test_rolling_window(make_workspace, store_url) -> None:
+    ws = workspace(make_workspace, "  - {max: 2, per: 12h}", store=store_url)
+    history(
+        ws,
+        [
+            ("1", "other", "email", NOW - timedelta(hours=3)),
+            ("1", "other", "sms", NOW - timedelta(hours=11)),
+            ("2", "other", "email", NOW - timedelta(hours=3)),
+            ("2", "other", "sms", NOW - timedelta(hours=13)),
+        ],
+    )  # outside the window
     got = decide(ws, "promo", [recipient(1), recipient(2)], NOW)
     assert got["1"] == ("capped", "cap max 2 per 12h (all channels)")
     assert got["2"][0] == SEND
 
 
-def test_calendar_day_is_the_recipients_local_day(make_workspace) -> None:
-    ws = workspace(make_workspace, "  - {max: 1, per: day}")
+def test_calendar_day_is_the_recipients_local_day(make_workspace, store_url) -> None:
+    ws = workspace(make_workspace, "  - {max: 1, per: day}", store=store_url)
     an_hour_ago = NOW - timedelta(hours=1)  # 15:30 UTC: the 22nd in New York and Shanghai
     history(ws, [("1", "other", "email", an_hour_ago), ("2", "other", "email", an_hour_ago)])
-    got = decide(ws, "promo", [recipient(1, tz="America/New_York"),
-                               recipient(2, tz="Asia/Shanghai")], NOW)
+    got = decide(
+        ws, "promo", [recipient(1, tz="America/New_York"), recipient(2, tz="Asia/Shanghai")], NOW
+    )
     assert got["1"] == ("capped", "cap max 1 per day (all channels)")  # still the 22nd
     assert got["2"][0] == SEND  # already the 23rd in Shanghai
 
 
-def test_calendar_week_starts_monday(make_workspace) -> None:
-    ws = workspace(make_workspace, "  - {max: 1, per: week}")
+def test_calendar_week_starts_monday(make_workspace, store_url) -> None:
+    ws = workspace(make_workspace, "  - {max: 1, per: week}", store=store_url)
     monday = datetime(2026, 11, 23, 9, tzinfo=UTC)
-    history(ws, [("1", "other", "email", monday - timedelta(hours=10)),   # Sunday
-                 ("2", "other", "email", monday - timedelta(hours=2))])   # Monday 07:00
+    history(
+        ws,
+        [
+            ("1", "other", "email", monday - timedelta(hours=10)),  # Sunday
+            ("2", "other", "email", monday - timedelta(hours=2)),
+        ],
+    )  # Monday 07:00
     got = decide(ws, "promo", [recipient(1), recipient(2)], monday)
     assert got["1"][0] == SEND
     assert got["2"][0] == "capped"
 
 
-def test_scopes_channel_flow_and_tier(make_workspace) -> None:
-    caps = ("  - {channel: email, max: 1, per: 1d}\n"
-            "  - {flow: promo, max: 1, per: 7d}\n"
-            "  - {tier: vip, max: 1, per: 30d}")
-    ws = workspace(make_workspace, caps)
+def test_scopes_channel_flow_and_tier(make_workspace, store_url) -> None:
+    caps = (
+        "  - {channel: email, max: 1, per: 1d}\n"
+        "  - {flow: promo, max: 1, per: 7d}\n"
+        "  - {tier: vip, max: 1, per: 30d}"
+    )
+    ws = workspace(make_workspace, caps, store=store_url)
     yesterday = NOW - timedelta(hours=20)
-    history(ws, [("1", "other", "email", yesterday),      # email cap: falls back to sms
-                 ("2", "promo", "sms", NOW - timedelta(days=3)),  # flow cap
-                 ("3", "other", "sms", NOW - timedelta(days=10)),  # tier cap, vip only
-                 ("4", "other", "sms", NOW - timedelta(days=10))])
+    history(
+        ws,
+        [
+            ("1", "other", "email", yesterday),  # email cap: falls back to sms
+            ("2", "promo", "sms", NOW - timedelta(days=3)),  # flow cap
+            ("3", "other", "sms", NOW - timedelta(days=10)),  # tier cap, vip only
+            ("4", "other", "sms", NOW - timedelta(days=10)),
+        ],
+    )
     one = recipient(1)
     one.data["phone"] = "+14155550001"
     got = decide(ws, "promo", [one, recipient(2), recipient(3, tier="vip"), recipient(4)], NOW)
@@ -123,21 +176,24 @@ def test_scopes_channel_flow_and_tier(make_workspace) -> None:
     assert got["4"][0] == SEND
 
 
-def test_priority_counts_only_messages_of_equal_or_higher_priority(make_workspace) -> None:
+def test_priority_counts_only_messages_of_equal_or_higher_priority(
+    make_workspace, store_url
+) -> None:
     flows = {"promo": (0, False, "[]"), "urgent": (10, False, "[]")}
-    ws = workspace(make_workspace, "  - {max: 1, per: 1d}", flows)
+    ws = workspace(make_workspace, "  - {max: 1, per: 1d}", flows, store=store_url)
     history(ws, [("1", "promo", "email", NOW - timedelta(hours=1))], priority=0)
     history(ws, [("2", "urgent", "email", NOW - timedelta(hours=1))], priority=10)
     assert decide(ws, "urgent", [recipient(1)], NOW)["1"][0] == SEND  # promo is lower
     assert decide(ws, "urgent", [recipient(2)], NOW)["2"][0] == "capped"
     assert decide(ws, "promo", [recipient(1), recipient(2)], NOW) == {
         "1": ("capped", "cap max 1 per 1d (all channels)"),
-        "2": ("capped", "cap max 1 per 1d (all channels)")}
+        "2": ("capped", "cap max 1 per 1d (all channels)"),
+    }
 
 
-def test_exempt_flows_are_not_capped_and_not_counted(make_workspace) -> None:
+def test_exempt_flows_are_not_capped_and_not_counted(make_workspace, store_url) -> None:
     flows = {"promo": (0, False, "[]"), "receipt": (0, True, "[]")}
-    ws = workspace(make_workspace, "  - {max: 1, per: 1d}", flows, rows=6)
+    ws = workspace(make_workspace, "  - {max: 1, per: 1d}", flows, rows=6, store=store_url)
     history(ws, [(str(i), "promo", "email", NOW - timedelta(hours=1)) for i in range(1, 4)])
     receipts = run_local(ws, "receipt", run_key="r1")
     assert receipts["deliveries"]["sent"] == 6 and receipts["deliveries"]["capped"] == 0

@@ -52,8 +52,10 @@ def statuses(ws) -> dict[str, ledger.Existing]:
         return ledger.existing(conn, "promo", "q", [str(i) for i in range(1, 100)])
 
 
-def test_skip_records_quiet_hours_and_sends_nothing(make_workspace) -> None:
-    ws = make_workspace({"config/herald.yaml": CONFIG + around_now("skip")}, rows=20)
+def test_skip_records_quiet_hours_and_sends_nothing(make_workspace, store_url) -> None:
+    ws = make_workspace(
+        {"config/herald.yaml": CONFIG + around_now("skip")}, rows=20, store=store_url
+    )
     summary = run_local(ws, "promo", run_key="q")
     assert summary["deliveries"]["quiet_hours"] == 20 - summary["deliveries"]["no_address"]
     assert summary["deliveries"]["sent"] == 0 and outbox_messages(ws) == 0
@@ -62,8 +64,10 @@ def test_skip_records_quiet_hours_and_sends_nothing(make_workspace) -> None:
     assert len(reasons) == 1 and reasons.pop().startswith("skipped: ")
 
 
-def test_defer_keeps_the_place_and_a_later_run_sends(make_workspace) -> None:
-    ws = make_workspace({"config/herald.yaml": CONFIG + around_now("defer")}, rows=20)
+def test_defer_keeps_the_place_and_a_later_run_sends(make_workspace, store_url) -> None:
+    ws = make_workspace(
+        {"config/herald.yaml": CONFIG + around_now("defer")}, rows=20, store=store_url
+    )
     first = run_local(ws, "promo", run_key="q")
     deferred = first["deliveries"]["deferred"]
     assert deferred == 20 and first["deliveries"]["sent"] == 0
@@ -76,12 +80,15 @@ def test_defer_keeps_the_place_and_a_later_run_sends(make_workspace) -> None:
     assert again["deliveries"]["deferred"] == 20 and again["deliveries"]["sent"] == 0
     # the quiet window ends (the rows' not_before passes) and one person unsubscribes
     with ws.store.begin() as conn:
-        conn.execute(update(ledger.deliveries).where(
-            ledger.deliveries.c.status == "deferred").values(
-            not_before=datetime.now(UTC) - timedelta(minutes=1)))
+        conn.execute(
+            update(ledger.deliveries)
+            .where(ledger.deliveries.c.status == "deferred")
+            .values(not_before=datetime.now(UTC) - timedelta(minutes=1))
+        )
     ledger.suppress(ws.store, [("3", None, "unsubscribed overnight")], "operator")
-    quiet_off = CONFIG  # the window is over: no quiet hours at this time
-    (ws.root / "config/herald.yaml").write_text(quiet_off)
+    config = ws.root / "config/herald.yaml"  # the window is over: drop quiet hours
+    config.write_text("".join(line for line in config.read_text().splitlines(True)
+                              if not line.startswith("quiet_hours:")))
     from herald.flows.engine import forget_workspace
     from herald.flows.workspace import Workspace
 
@@ -95,20 +102,30 @@ def test_defer_keeps_the_place_and_a_later_run_sends(make_workspace) -> None:
     ws2.dispose()
 
 
-def test_deferred_rows_hold_their_cap_slot(make_workspace) -> None:
-    other = ("name: other\naudience: {source: crm, segment: people, params: {min_score: 0}, "
-             "key: id, tier: tier}\ntiers: {default: {channels: [sms, email]}}\n"
-             "quiet_hours: false\n")
-    files = {"config/herald.yaml": CONFIG + around_now("defer"),
-             "config/flows/other.yaml": other,
-             "templates/other/default.sms.txt.j2": "x {{ name }}",
-             "templates/other/default.email.subject.j2": "x",
-             "templates/other/default.email.txt.j2": "x {{ name }}"}
-    ws = make_workspace(files, rows=10)
+def test_deferred_rows_hold_their_cap_slot(make_workspace, store_url) -> None:
+    other = (
+        "name: other\naudience: {source: crm, segment: people, params: {min_score: 0}, "
+        "key: id, tier: tier}\ntiers: {default: {channels: [sms, email]}}\n"
+        "quiet_hours: false\n"
+    )
+    files = {
+        "config/herald.yaml": CONFIG + around_now("defer"),
+        "config/flows/other.yaml": other,
+        "templates/other/default.sms.txt.j2": "x {{ name }}",
+        "templates/other/default.email.subject.j2": "x",
+        "templates/other/default.email.txt.j2": "x {{ name }}",
+    }
+    ws = make_workspace(files, rows=10, store=store_url)
     assert run_local(ws, "promo", run_key="q")["deliveries"]["deferred"] == 10
     # `other` turns quiet hours off, but the daily cap is taken by the deferred promo
     other_run = run_local(ws, "other", run_key="q")
     assert other_run["deliveries"]["capped"] == 10 and other_run["deliveries"]["sent"] == 0
     with ws.store.connect() as conn:
-        assert conn.execute(select(ledger.deliveries.c.status).where(
-            ledger.deliveries.c.flow == "other")).scalars().all() == ["capped"] * 10
+        assert (
+            conn.execute(
+                select(ledger.deliveries.c.status).where(ledger.deliveries.c.flow == "other")
+            )
+            .scalars()
+            .all()
+            == ["capped"] * 10
+        )

@@ -219,3 +219,17 @@ def test_queued_rows_are_resumed_sending_rows_are_not_resent(make_workspace) -> 
     after = rows(ws)
     assert {after[k].run_id for k in queued} == {again["run_id"]}
     assert {after[k].status for k in in_flight} == {"sending"}
+
+
+def test_dry_run_says_which_rule_stops_whom(make_workspace) -> None:
+    ws = make_workspace({"config/herald.yaml": CAP_WEEKLY}, rows=50)
+    ledger.suppress(ws.store, [("9", None, "asked")], "operator")
+    run_local(ws, "promo", run_key="monday")
+    preview = run_local(ws, "promo", run_key="tuesday", dry_run=True)
+    assert preview["deliveries"]["capped"] == 48 and preview["deliveries"]["sent"] == 0
+    assert {(r["status"], r["reason"]): r["count"] for r in preview["reasons"]} == {
+        ("capped", "cap max 1 per 7d (all channels)"): 48,
+        ("suppressed", "recipient is on the suppression list"): 1,
+        ("no_address", "sms: phone empty; email: email empty"): 1,
+    }
+    assert len(rows(ws)) == 50  # only the real run's rows
