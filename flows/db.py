@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, MetaData, create_engine, event
+from sqlalchemy import Connection, Engine, MetaData, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 
 # Every table Herald keeps in the workspace database (package store, ledger, runs,
@@ -87,6 +87,17 @@ def ensure_schema(engine: Engine) -> None:
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7242816)")
         metadata.create_all(conn)
+        inspector = inspect(conn)
+        for table in metadata.sorted_tables:
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            missing = [c.name for c in table.columns if c.name not in have]
+            if missing:
+                from herald.flows.errors import WorkspaceError
+
+                raise WorkspaceError(
+                    f"the workspace database ({engine.url.render_as_string()}) was made by an "
+                    f"older Herald: table {table.name} lacks {', '.join(missing)}. Move it "
+                    "aside to start a new one (there are no migrations yet)")
 
 
 @contextmanager

@@ -132,3 +132,15 @@ def test_non_utf8_yaml(make_workspace) -> None:
     (ws.root / "config/flows/promo.yaml").write_bytes(b"name: promo\ndescription: \xff\n")
     with pytest.raises(ConfigError, match=r"promo.yaml:2: not valid UTF-8"):
         Workspace.open(ws.root).flow("promo")
+
+
+def test_a_workspace_database_from_an_older_herald_is_named(make_workspace) -> None:
+    import sqlite3
+
+    ws = make_workspace()
+    (ws.root / ".herald").mkdir(exist_ok=True)
+    with sqlite3.connect(ws.root / ".herald/herald.db") as conn:
+        conn.execute("CREATE TABLE herald_runs (id TEXT PRIMARY KEY)")
+    with pytest.raises(WorkspaceError, match=r"made by an older Herald: table herald_runs "
+                                             r"lacks flow, run_key"):
+        Workspace.open(ws.root).store
