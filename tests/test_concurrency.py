@@ -139,20 +139,36 @@ def outbox_recipients(ws) -> Counter[str]:
     return seen
 
 
-def test_killed_mid_send_then_rerun_sends_each_remaining_recipient_once(make_workspace
-                                                                       ) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres",
+                                                              marks=pytest.mark.postgres)])
+def test_killed_mid_send_then_rerun_sends_each_remaining_recipient_once(
+        make_workspace, request, backend) -> None:
     rows = 600
+    if backend == "postgres":
+        url = request.getfixturevalue("pg_database")
+        fill_postgres(url, rows)
+        source = store = url
+    else:
+        source, store = "sqlite:///crm.db", "sqlite:///.herald/herald.db"
     # SMS at 150/s: the run takes about 4 s to send, long enough to kill it midway
-    ws = workspace(make_workspace, "sqlite:///crm.db", "sqlite:///.herald/herald.db", rows,
-                   rate=", rate: 150/s")
+    ws = workspace(make_workspace, source, store, rows, rate=", rate: 150/s")
     # no one has an email, so the outbox's SMS lines are the whole record of sends
-    with __import__("sqlite3").connect(ws.root / "crm.db") as conn:
-        conn.execute("UPDATE people SET email = NULL, phone = '+1415555' || printf('%04d', id)")
-    herald = os.path.join(os.path.dirname(sys.executable), "python")
+    update_people = ("UPDATE people SET email = NULL, "
+                     "phone = '+1415555' || lpad(CAST(id AS text), 4, '0')")
+    if backend == "postgres":
+        engine = create_engine(source)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(update_people)
+        engine.dispose()
+    else:
+        with __import__("sqlite3").connect(ws.root / "crm.db") as conn:
+            conn.execute("UPDATE people SET email = NULL, "
+                         "phone = '+1415555' || printf('%04d', id)")
+    python = os.path.join(os.path.dirname(sys.executable), "python")
     code = ("import sys; from herald.flows.workspace import Workspace; "
             "from herald.flows.engine import run_local; "
             "run_local(Workspace.open(sys.argv[1]), 'promo', run_key='crash')")
-    proc = subprocess.Popen([herald, "-c", code, str(ws.root)])
+    proc = subprocess.Popen([python, "-c", code, str(ws.root)])
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # wait until it is really sending
         if sum(outbox_recipients(ws).values()) >= 150:

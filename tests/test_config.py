@@ -143,4 +143,4 @@ def test_a_workspace_database_from_an_older_herald_is_named(make_workspace) -> N
         conn.execute("CREATE TABLE herald_runs (id TEXT PRIMARY KEY)")
     with pytest.raises(WorkspaceError, match=r"made by an older Herald: table herald_runs "
                                              r"lacks flow, run_key"):
-        Workspace.open(ws.root).store
+        Workspace.open(ws.root).store.connect()  # the database opens on first use
