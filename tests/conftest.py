@@ -88,6 +88,21 @@ def write_people(path: Path, rows: list[dict[str, Any]]) -> None:
                          ":locale, :score)", rows)
 
 
+def fill_people(url: str, rows: int) -> None:
+    """Create and fill the CRM's people table in any database (Postgres sources)."""
+    from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, insert
+
+    engine = create_engine(url)
+    meta = MetaData()
+    table = Table("people", meta, Column("id", Integer), Column("name", String),
+                  Column("email", String), Column("phone", String), Column("tier", String),
+                  Column("locale", String), Column("score", Integer))
+    meta.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(table), people(rows))
+    engine.dispose()
+
+
 WorkspaceFactory = Callable[..., Workspace]
 
 

@@ -16,11 +16,11 @@ import time
 from collections import Counter
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, insert, select
+from sqlalchemy import create_engine, select
 
 from herald.channels import ledger
 
-from .conftest import outbox_files, people
+from .conftest import fill_people, outbox_files, people
 
 CONFIG = """\
 timezone: UTC
@@ -95,18 +95,6 @@ def workspace(make_workspace, source: str, store: str, rows: int, rate: str = ""
     return make_workspace(files, rows=rows)
 
 
-def fill_postgres(url: str, rows: int) -> None:
-    engine = create_engine(url)
-    meta = MetaData()
-    table = Table("people", meta, Column("id", Integer), Column("name", String),
-                  Column("email", String), Column("phone", String), Column("tier", String),
-                  Column("locale", String), Column("score", Integer))
-    meta.create_all(engine)
-    with engine.begin() as conn:
-        conn.execute(insert(table), people(rows))
-    engine.dispose()
-
-
 def check_race(ws, rows: int) -> None:
     results = race(ws)
     reachable = sum(1 for p in people(rows) if p["email"] or p["phone"])
@@ -123,7 +111,7 @@ def test_two_runs_racing_on_sqlite_respect_the_cap(make_workspace) -> None:
 
 @pytest.mark.postgres
 def test_two_runs_racing_on_postgres_respect_the_cap(make_workspace, pg_database) -> None:
-    fill_postgres(pg_database, 600)
+    fill_people(pg_database, 600)
     ws = workspace(make_workspace, pg_database, pg_database, 600)
     check_race(ws, 600)
 
@@ -146,7 +134,7 @@ def test_killed_mid_send_then_rerun_sends_each_remaining_recipient_once(
     rows = 600
     if backend == "postgres":
         url = request.getfixturevalue("pg_database")
-        fill_postgres(url, rows)
+        fill_people(url, rows)
         source = store = url
     else:
         source, store = "sqlite:///crm.db", "sqlite:///.herald/herald.db"

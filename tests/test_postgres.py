@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, func, insert, select
+from sqlalchemy import func, select
 
 from herald.audiences import store
 from herald.channels import ledger
@@ -11,21 +11,13 @@ from herald.flows import campaign
 from herald.flows.engine import run_local
 from herald.flows.errors import AudienceError
 
-from .conftest import HERALD_YAML, outbox_messages, people
+from .conftest import HERALD_YAML, fill_people, outbox_messages, people
 
 pytestmark = pytest.mark.postgres
 
 
 def pg_workspace(make_workspace, url: str, rows: int, folder: str = "ws"):
-    source = create_engine(url)
-    meta = MetaData()
-    table = Table("people", meta, Column("id", Integer), Column("name", String),
-                  Column("email", String), Column("phone", String), Column("tier", String),
-                  Column("locale", String), Column("score", Integer))
-    meta.create_all(source)
-    with source.begin() as conn:
-        conn.execute(insert(table), people(rows))
-    source.dispose()
+    fill_people(url, rows)
     config = HERALD_YAML.replace('crm: "sqlite:///crm.db"', f'crm: "{url}"').replace(
         'store: "sqlite:///.herald/herald.db"', f'store: "{url}"')
     return make_workspace({"config/herald.yaml": config}, rows=rows, folder=folder)
