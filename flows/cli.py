@@ -286,7 +286,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     for tier, row in sorted(summary["by_tier"].items()):
         tiers.add_row(tier, *(str(row.get(s, 0)) for s in shown))
     out.print(tiers)
-    if summary.get("reasons"):
+    if summary.get("dry_run") and summary.get("reasons"):
         reasons = Table("would be", "reason", "recipients")
         for r in summary["reasons"]:
             reasons.add_row(r["status"], r["reason"], str(r["count"]))
