@@ -12,7 +12,15 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -177,6 +185,56 @@ class QuietHours(Strict):
         return f"{self.start:%H:%M}-{self.end:%H:%M}"
 
 
+class Alerts(Strict):
+    """Thresholds past which a finished run also emits a ``herald.run.alert`` event."""
+
+    failure_rate: float | None = Field(default=0.05, ge=0.0, le=1.0)
+
+
+class ScheduleSpec(Strict):
+    """When a flow runs by itself: exactly one of ``cron``, ``interval`` or ``rrule``.
+
+    Times are in ``timezone`` (default: the flow's, then the workspace's). ``active:
+    false`` pauses the schedule without deleting it; ``params`` override the audience
+    parameters for runs of this schedule; ``name`` keeps the schedule's identity on the
+    Prefect server when the list is reordered.
+    """
+
+    name: Name | None = None
+    cron: str | None = None
+    interval: Duration | None = None
+    anchor: datetime | None = None  # where an interval starts counting
+    rrule: str | None = None
+    timezone: TimeZone | None = None
+    active: bool = True
+    params: dict[str, Scalar] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ScheduleSpec:
+        given = [k for k in ("cron", "interval", "rrule") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a schedule needs exactly one of cron, interval or rrule"
+                             + (f" (found {', '.join(given)})" if given else ""))
+        if self.anchor is not None and self.interval is None:
+            raise ValueError("anchor applies to interval schedules only")
+        # Prefect's own checks, so that a schedule valid here is valid on the server.
+        from prefect.schedules import Cron, RRule
+
+        try:
+            if self.cron is not None:
+                Cron(self.cron)
+            if self.rrule is not None:
+                RRule(self.rrule)
+        except ValueError as exc:
+            raise ValueError(str(exc).strip().splitlines()[0]) from None
+        return self
+
+    def describe(self) -> str:
+        what = (f"cron {self.cron}" if self.cron else f"rrule {self.rrule}" if self.rrule
+                else f"every {_fmt_duration(self.interval or timedelta())}")
+        return what + ("" if self.active else " (paused)")
+
+
 class WorkspaceConfig(Strict):
     """``config/herald.yaml``."""
 
@@ -189,6 +247,7 @@ class WorkspaceConfig(Strict):
     quiet_hours: QuietHours | None = None
     chunk_size: int = Field(default=2000, ge=1, le=100_000)
     max_workers: int = Field(default=4, ge=1, le=64)
+    alerts: Alerts = Field(default_factory=lambda: Alerts())
 
     @field_validator("channels", mode="before")
     @classmethod
@@ -230,6 +289,16 @@ class FlowSpec(Strict):
     exempt: bool = False  # transactional: not capped, and not counted by any cap
     priority: int = Field(default=0, ge=-100, le=100)
     chunk_size: int | None = Field(default=None, ge=1, le=100_000)
+    schedules: list[ScheduleSpec] = Field(default_factory=list)
+    alerts: Alerts | None = None  # overrides the workspace's
+
+    @field_validator("schedules")
+    @classmethod
+    def _distinct_names(cls, value: list[ScheduleSpec]) -> list[ScheduleSpec]:
+        names = [s.name for s in value if s.name]
+        if len(names) != len(set(names)):
+            raise ValueError("schedule names must be distinct")
+        return value
 
     def tier_for(self, tier: str) -> tuple[str, TierSpec] | None:
         """The tier entry a recipient of ``tier`` uses: its own, else ``default``."""

@@ -144,3 +144,57 @@ def test_a_workspace_database_from_an_older_herald_is_named(make_workspace) -> N
     with pytest.raises(WorkspaceError, match=r"made by an older Herald: table herald_runs "
                                              r"lacks flow, run_key"):
         Workspace.open(ws.root).store.connect()  # the database opens on first use
+
+
+def test_schedules_are_checked_with_line_and_field() -> None:
+    text = ("name: promo\naudience: {source: crm, segment: people, key: id}\n"
+            "tiers: {default: {channels: [email]}}\nschedules:\n"
+            "  - {cron: '0 10 * * *', interval: 1h}\n"
+            "  - {cron: '61 * * * *'}\n"
+            "  - {rrule: 'FREQ=SOMETIMES'}\n"
+            "  - {active: false}\n"
+            "  - {cron: '0 9 * * 1', anchor: '2026-01-01T08:00'}\n"
+            "  - {interval: 1h, timezone: Moon/Base}\n")
+    with pytest.raises(ConfigError) as exc:
+        validate(FlowSpec, parse_yaml(text, "f.yaml", {}))
+    found = problems(exc)
+    assert ("f.yaml:5 schedules[0]: a schedule needs exactly one of cron, interval or "
+            "rrule (found cron, interval)") in found
+    assert any(p.startswith("f.yaml:6 schedules[1]: Invalid cron string") for p in found)
+    assert any(p.startswith('f.yaml:7 schedules[2]: Invalid RRule string') for p in found)
+    assert ("f.yaml:8 schedules[3]: a schedule needs exactly one of cron, interval or "
+            "rrule") in found
+    assert "f.yaml:9 schedules[4]: anchor applies to interval schedules only" in found
+    assert any(p.startswith("f.yaml:10 schedules[5].timezone: unknown time zone 'Moon/Base'")
+               for p in found)
+    assert len(found) == 6
+    twice = ("name: promo\naudience: {source: crm, segment: people, key: id}\n"
+             "tiers: {default: {channels: [email]}}\nschedules:\n"
+             "  - {name: a, cron: '0 9 * * *'}\n  - {name: a, interval: 2h}\n")
+    with pytest.raises(ConfigError) as exc:
+        validate(FlowSpec, parse_yaml(twice, "f.yaml", {}))
+    assert problems(exc) == ["f.yaml:4 schedules: schedule names must be distinct"]
+
+
+def test_schedules_become_prefect_schedules(make_workspace) -> None:
+    from herald.flows.deploy import schedule
+
+    ws = make_workspace({"config/flows/promo.yaml": (
+        "name: promo\naudience: {source: crm, segment: people, key: id, tier: tier}\n"
+        "timezone: Asia/Shanghai\ntiers: {default: {channels: [email]}}\nschedules:\n"
+        "  - {name: am, cron: '0 10 * * *', params: {min_score: 5}}\n"
+        "  - {interval: 6h, active: false}\n"
+        "  - {rrule: 'FREQ=WEEKLY;BYDAY=MO', timezone: UTC}\n")})
+    specs = ws.flow("promo").schedules
+    cron, interval, rrule = (schedule(ws, "promo", i, s) for i, s in enumerate(specs))
+    assert (cron.cron, cron.timezone, cron.slug, cron.active) == (
+        "0 10 * * *", "Asia/Shanghai", "promo-am", True)
+    assert cron.parameters == {"params": {"min_score": 5}}
+    assert interval.interval is not None and interval.interval.total_seconds() == 6 * 3600
+    assert interval.slug == "promo-1" and interval.active is False
+    # counted from local midnight, so "every 6h" fires at 00, 06, 12 and 18 Shanghai time
+    assert interval.anchor_date is not None
+    assert (interval.anchor_date.hour, str(interval.anchor_date.tzinfo)) == (
+        0, "Asia/Shanghai")
+    assert (rrule.rrule, rrule.timezone, rrule.parameters) == ("FREQ=WEEKLY;BYDAY=MO", "UTC",
+                                                               {})
