@@ -7,11 +7,13 @@ for the audience summary, the delivery report and the sending progress.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, cast
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -19,8 +21,10 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.client.schemas.objects import FlowRun
+from prefect.context import FlowRunContext
+from prefect.events import emit_event
+from prefect.futures import PrefectFuture, as_completed
 
 from herald.channels.ledger import STATUSES
 from herald.flows import engine
@@ -59,29 +63,68 @@ def send_chunk(job: engine.ChunkJob) -> engine.ChunkResult:
     return engine.run_chunk(job)
 
 
-@flow(name="herald-campaign", flow_run_name="{flow_name}/{run_key}", log_prints=False,
+def resolve_run_key(ws: Workspace, flow_name: str, run_key: str | None,
+                    flow_run: FlowRun | None = None) -> str:
+    """The run key of a flow run: the one given, else the scheduled time, else today.
+
+    A run created by a schedule takes its scheduled time (minute precision, in the flow's
+    time zone), so a retried or re-triggered scheduled run has the same key and the ledger
+    sends nobody twice. Other runs default to today's date, as ``herald run`` does.
+    """
+    if run_key:
+        return run_key
+    if flow_run is not None and flow_run.auto_scheduled and flow_run.expected_start_time:
+        zone = ZoneInfo(ws.timezone(ws.flow(flow_name)))
+        return flow_run.expected_start_time.astimezone(zone).strftime("%Y-%m-%dT%H:%M")
+    return engine.default_run_key(ws, flow_name)
+
+
+def _run_name() -> str:
+    ctx = FlowRunContext.get()
+    assert ctx is not None and ctx.parameters is not None
+    params = ctx.parameters
+    ws = engine.workspace_at(params["workspace"])
+    key = resolve_run_key(ws, params["flow_name"], params.get("run_key"), ctx.flow_run)
+    return f"{params['flow_name']}/{key}"
+
+
+def run_tags(ws: Workspace, flow_name: str) -> list[str]:
+    """Tags of a flow's runs in the UI: the flow, its segment and its channels."""
+    spec = ws.flow(flow_name)
+    return ["herald", f"flow:{flow_name}", f"segment:{spec.audience.segment}",
+            *(f"channel:{c}" for c in spec.channel_names())]
+
+
+@flow(name="herald-campaign", flow_run_name=_run_name, log_prints=False,
       validate_parameters=False)
-def campaign(workspace: str, flow_name: str, run_key: str,
+def campaign(workspace: str, flow_name: str, run_key: str | None = None,
              params: dict[str, Scalar] | None = None, dry_run: bool = False) -> dict[str, Any]:
     """Run one campaign: build its audience, send chunk by chunk, report."""
     logger = get_run_logger()
     started = datetime.now(UTC)
-    ws = Workspace.open(workspace)
-    # Prefect's sync/async decorators confuse type checkers: these calls are synchronous.
-    prepared = cast(engine.Prepared,
-                    build_audience(ws, flow_name, dict(params or {}), run_key, dry_run))
+    ws = engine.workspace_at(workspace)
+    ctx = FlowRunContext.get()
+    key = resolve_run_key(ws, flow_name, run_key, ctx.flow_run if ctx else None)
+    try:
+        # Prefect's sync/async decorators confuse type checkers: these calls are synchronous.
+        prepared = cast(engine.Prepared,
+                        build_audience(ws, flow_name, dict(params or {}), key, dry_run))
+    except BaseException as exc:
+        _emit_failed(flow_name, key, None, exc)
+        raise
     total = len(prepared.chunks)
     progress = cast(UUID, create_progress_artifact(
         0.0, key=_artifact_key(flow_name, "progress"),
-        description=f"Sending {flow_name} {run_key}"))
+        description=f"Sending {flow_name} {key}"))
     results: list[engine.ChunkResult] = []
     try:
-        futures = [send_chunk.submit(job) for job in prepared.chunks]
-        for done, future in enumerate(as_completed(futures), start=1):
-            results.append(future.result())
+        for done, result in enumerate(_send_all(prepared.chunks, ws.config.max_workers),
+                                      start=1):
+            results.append(result)
             update_progress_artifact(progress, 100.0 * done / total)
     except BaseException as exc:
         engine.fail(ws, prepared.run_id, exc)
+        _emit_failed(flow_name, key, prepared.run_id, exc)
         raise
     if not total:
         update_progress_artifact(progress, 100.0)
@@ -90,24 +133,79 @@ def campaign(workspace: str, flow_name: str, run_key: str,
                 or summary["deliveries"].get(s)]
     create_table_artifact(
         key=_artifact_key(flow_name, "delivery"),
-        description=f"Deliveries of {flow_name} {run_key} ({prepared.run_id})",
+        description=f"Deliveries of {flow_name} {key} ({prepared.run_id})",
         table=[{"channel": channel, **{s: row.get(s, 0) for s in statuses}}
                for channel, row in summary["by_channel"].items()]
         + [{"channel": "all", **{s: summary["deliveries"].get(s, 0) for s in statuses}}])
     if summary.get("deferred_until"):
-        _follow_up(flow_name, run_key, dict(params or {}), summary["deferred_until"])
+        _follow_up(flow_name, key, dict(params or {}), summary["deferred_until"])
+    _emit_finished(ws, summary)
     logger.info("run %s finished: %s", prepared.run_id,
                 ", ".join(f"{s}={n}" for s, n in summary["deliveries"].items() if n) or "nothing")
     return summary
 
 
+def _send_all(chunks: list[engine.ChunkJob], workers: int) -> Iterator[engine.ChunkResult]:
+    """Send chunks with at most ``workers`` in flight, yielding results as they finish.
+
+    Bounding the submissions here (not in the task runner's constructor) keeps the
+    workspace's ``max_workers`` in force however the flow was started: ``herald run``,
+    ``herald serve`` or a worker.
+    """
+    waiting = list(reversed(chunks))
+    running: set[PrefectFuture[engine.ChunkResult]] = set()
+    while waiting or running:
+        while waiting and len(running) < workers:
+            running.add(send_chunk.submit(waiting.pop()))
+        done = next(as_completed(list(running)))
+        running.discard(done)
+        yield done.result()
+
+
+def failure_rate(deliveries: dict[str, int]) -> float:
+    """Failed over attempted (sent + failed); 0 when nothing was attempted."""
+    attempted = deliveries.get("sent", 0) + deliveries.get("failed", 0)
+    return deliveries.get("failed", 0) / attempted if attempted else 0.0
+
+
+def _resource(flow_name: str, run_key: str, run_id: str | None) -> dict[str, str]:
+    return {"prefect.resource.id": f"herald.flow.{flow_name}",
+            "prefect.resource.name": flow_name,
+            "herald.run-key": run_key, "herald.run-id": run_id or ""}
+
+
+def _emit_finished(ws: Workspace, summary: dict[str, Any]) -> None:
+    """One event per finished run with its counts; an alert event past a threshold."""
+    if summary["dry_run"]:
+        return
+    deliveries = {s: n for s, n in summary["deliveries"].items() if n}
+    rate = failure_rate(deliveries)
+    resource = _resource(summary["flow"], summary["run_key"], summary["run_id"])
+    payload = {"deliveries": deliveries, "failure_rate": round(rate, 4),
+               "recipients": summary["package"]["size"], "package": summary["package"]["id"],
+               "duration_seconds": summary["duration_seconds"]}
+    emit_event(event="herald.run.completed", resource=resource, payload=payload)
+    alerts = ws.flow(summary["flow"]).alerts or ws.config.alerts
+    if alerts.failure_rate is not None and rate > alerts.failure_rate:
+        get_run_logger().warning("failure rate %.1f%% is above the alert threshold %.1f%%",
+                                 100 * rate, 100 * alerts.failure_rate)
+        emit_event(event="herald.run.alert", resource=resource,
+                   payload={**payload, "threshold": alerts.failure_rate,
+                            "reason": f"failure rate {rate:.1%} above "
+                                      f"{alerts.failure_rate:.1%}"})
+
+
+def _emit_failed(flow_name: str, run_key: str, run_id: str | None, exc: BaseException) -> None:
+    emit_event(event="herald.run.failed", resource=_resource(flow_name, run_key, run_id),
+               payload={"error": f"{type(exc).__name__}: {exc}"})
+
+
 def run(ws: Workspace, flow_name: str, params: dict[str, Scalar] | None, run_key: str,
         dry_run: bool) -> dict[str, Any]:
-    """Run the campaign flow with a bounded thread pool for its chunks."""
+    """Run the campaign flow here and now (``herald run``), tagged like a deployment's."""
     engine.adopt_workspace(ws)
-    runner: Any = ThreadPoolTaskRunner(max_workers=ws.config.max_workers)
-    configured = campaign.with_options(task_runner=runner)
-    return configured(str(ws.root), flow_name, run_key, params or {}, dry_run)
+    with tags(*run_tags(ws, flow_name)):
+        return campaign(str(ws.root), flow_name, run_key, params or {}, dry_run)
 
 
 def _follow_up(flow_name: str, run_key: str, params: dict[str, Scalar], when: str) -> None:

@@ -118,6 +118,11 @@ def _open(root: str) -> tuple[Workspace, Templates]:
         return _workspaces[root], _templates[root]
 
 
+def workspace_at(root: str) -> Workspace:
+    """The workspace of this process for ``root``, opened once."""
+    return _open(root)[0]
+
+
 def adopt_workspace(ws: Workspace) -> None:
     """Make ``ws`` the one chunks of this process use for its folder."""
     with _lock:

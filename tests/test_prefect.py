@@ -44,6 +44,8 @@ def test_one_flow_run_one_task_per_chunk_and_artifacts(make_workspace, prefect_h
     assert summary["deliveries"]["sent"] == 98
     run, tasks, artifacts = flow_run("promo/pf-1")
     assert run.state.is_completed()
+    assert set(run.tags) == {"herald", "flow:promo", "segment:people", "channel:email",
+                             "channel:sms"}
     names = sorted(t.name for t in tasks)
     assert names == ["build-audience", "chunk-0000", "chunk-0001", "chunk-0002"]
     by_key = {a.key: a for a in artifacts}
