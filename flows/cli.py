@@ -103,7 +103,9 @@ def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (defa
         out.print(f"[green]✓[/] {name}: segment {checked.segment.file} "
                   f"({len(checked.columns)} columns), {len(checked.spec.tiers)} tiers, "
                   f"{checked.templates} templates, channels "
-                  f"{', '.join(checked.spec.channel_names())}")
+                  f"{', '.join(checked.spec.channel_names())}"
+                  + (f"; schedules: {'; '.join(x.describe() for x in checked.spec.schedules)}"
+                     if checked.spec.schedules else ""))
     if problems:
         for line in problems:
             err.print(f"  {line}", markup=False)
@@ -250,8 +252,7 @@ def run(flow: str, param: ParamOpt = None,
     from herald.flows.validate import check_flow
 
     check_flow(ws, flow, params)  # fail fast, before Prefect starts
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "herald")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _prefect_env()
     if as_json:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from herald.flows import campaign
@@ -268,6 +269,53 @@ def run(flow: str, param: ParamOpt = None,
         _print_json(summary)
     else:
         _print_summary(summary)
+
+
+def _prefect_env() -> None:
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "herald")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _require_server(command: str) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise HeraldError(f"herald {command} needs a Prefect server: start one with `prefect "
+                          "server start` and set PREFECT_API_URL (e.g. "
+                          "http://127.0.0.1:4200/api)")
+
+
+@app.command()
+def serve(flows: Annotated[list[str] | None, typer.Argument(help="Flows (default: all)")]
+          = None,
+          limit: Annotated[int | None, typer.Option(
+              "--limit", min=1, help="At most this many runs at once")] = None,
+          workspace: WorkspaceOpt = None) -> None:
+    """Serve flows as Prefect deployments, with their schedules, until stopped."""
+    ws = _ws(workspace)
+    _prefect_env()
+    _require_server("serve")
+    from herald.flows import deploy
+
+    deploy.serve(ws, flows or None, limit)
+
+
+@app.command()
+def deploy(flows: Annotated[list[str] | None, typer.Argument(help="Flows (default: all)")]
+           = None,
+           pool: Annotated[str, typer.Option("--pool", help="Work pool whose workers run "
+                                             "the flows")] = ...,  # type: ignore[assignment]
+           workspace: WorkspaceOpt = None) -> None:
+    """Register flows as deployments on the Prefect server, for a work pool's workers."""
+    ws = _ws(workspace)
+    _prefect_env()
+    _require_server("deploy")
+    from herald.flows import deploy as deploying
+
+    names = flows or ws.flow_names()
+    for name, deployment_id in zip(names, deploying.deploy(ws, pool, flows or None),
+                                   strict=True):
+        out.print(f"[green]✓[/] herald-campaign/{name} → pool {pool} ({deployment_id})")
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

@@ -1,0 +1,130 @@
+"""Flows as Prefect deployments: ``herald serve`` and ``herald deploy``.
+
+Each Herald flow becomes one deployment of the ``herald-campaign`` Prefect flow, named
+after the Herald flow (``herald-campaign/winback``), with the flow's YAML schedules, its
+tags and its parameters. Deployments are upserted by name and schedules carry a slug, so
+serving or deploying again after a YAML change updates the deployment in place.
+
+The entrypoint is the module path ``herald.flows.campaign.campaign``: whoever executes a
+run (the serving process, or a worker of a work pool) needs Herald installed and the
+workspace folder at the same path, nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, cast
+from uuid import UUID
+from zoneinfo import ZoneInfo
+
+from herald.flows.errors import ConfigError, Problem
+from herald.flows.spec import ScheduleSpec
+from herald.flows.validate import check_flow
+from herald.flows.workspace import Workspace
+
+if TYPE_CHECKING:
+    from prefect.deployments.runner import RunnerDeployment
+    from prefect.schedules import Schedule
+
+
+def schedule(ws: Workspace, flow_name: str, index: int, spec: ScheduleSpec) -> Schedule:
+    """The Prefect schedule for one entry of a flow's ``schedules``."""
+    from prefect.schedules import Cron, Interval, RRule
+
+    zone = spec.timezone or ws.timezone(ws.flow(flow_name))
+    slug = f"{flow_name}-{spec.name or index}"
+    parameters: dict[str, Any] = {"params": dict(spec.params)} if spec.params else {}
+    common: dict[str, Any] = {"timezone": zone, "active": spec.active,
+                              "parameters": parameters, "slug": slug}
+    if spec.cron is not None:
+        return Cron(spec.cron, **common)
+    if spec.rrule is not None:
+        return RRule(spec.rrule, **common)
+    assert spec.interval is not None
+    # Without an anchor, "every 6h" counts from local midnight of a fixed day (00, 06,
+    # 12, 18), not from whenever the deployment was last served.
+    anchor = spec.anchor or datetime(2020, 1, 1)
+    if anchor.tzinfo is None:
+        anchor = anchor.replace(tzinfo=ZoneInfo(zone))
+    return Interval(spec.interval, anchor_date=anchor, **common)
+
+
+def deployment(ws: Workspace, flow_name: str, work_pool: str | None = None
+               ) -> RunnerDeployment:
+    """The deployment of one Herald flow, checked first like ``herald validate``."""
+    from prefect.types.entrypoint import EntrypointType
+
+    from herald.flows.campaign import campaign, run_tags
+
+    check_flow(ws, flow_name)
+    spec = ws.flow(flow_name)
+    flow_file = ws.root / ws.flow_file(flow_name)
+    version = hashlib.sha256(flow_file.read_bytes()).hexdigest()[:12]
+    return campaign.to_deployment(
+        name=flow_name,
+        schedules=[schedule(ws, flow_name, i, s) for i, s in enumerate(spec.schedules)],
+        parameters={"workspace": str(ws.root), "flow_name": flow_name},
+        description=spec.description or f"Herald flow {flow_name}",
+        tags=run_tags(ws, flow_name),
+        version=version,
+        work_pool_name=work_pool,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def _flows(ws: Workspace, names: list[str] | None) -> list[str]:
+    known = ws.flow_names()
+    unknown = [n for n in names or [] if n not in known]
+    if unknown:
+        raise ConfigError([Problem(f"unknown flow '{n}' (flows: {', '.join(known)})")
+                           for n in unknown])
+    chosen = names or known
+    if not chosen:
+        raise ConfigError([Problem("no flows in config/flows/")])
+    return chosen
+
+
+def register(dep: RunnerDeployment, work_pool: str | None = None) -> UUID:
+    """Create or update ``dep`` on the server; drop schedules no longer in the YAML.
+
+    Prefect upserts schedules by slug but keeps the ones a new list leaves out, so a
+    schedule removed from the YAML would go on firing without this.
+    """
+    from prefect.client.orchestration import get_client
+
+    deployment_id = cast(UUID, dep.apply(work_pool_name=work_pool))  # sync here
+    wanted = {s.slug for s in dep.schedules or []}
+    with get_client(sync_client=True) as client:
+        for existing in client.read_deployment_schedules(deployment_id):
+            if existing.slug not in wanted:
+                client.delete_deployment_schedule(deployment_id, existing.id)
+    return deployment_id
+
+
+def serve(ws: Workspace, names: list[str] | None = None, limit: int | None = None) -> None:
+    """Serve the flows as deployments in this process until it is stopped."""
+    from prefect import serve as prefect_serve
+
+    deployments = [deployment(ws, name) for name in _flows(ws, names)]
+    for dep in deployments:
+        register(dep)
+    prefect_serve(*deployments, limit=limit, print_starting_message=True)
+
+
+def deploy(ws: Workspace, pool: str, names: list[str] | None = None) -> list[str]:
+    """Register the flows on the Prefect server for the workers of work pool ``pool``."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            raise ConfigError([Problem(f"work pool '{pool}' not found on the Prefect server "
+                                       f"(create it: prefect work-pool create {pool} "
+                                       "--type process)")]) from None
+    ids = []
+    for name in _flows(ws, names):
+        ids.append(str(register(deployment(ws, name, work_pool=pool), pool)))
+    return ids
