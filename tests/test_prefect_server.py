@@ -263,6 +263,9 @@ def test_served_flow_runs_from_the_api_and_from_its_schedule(
             "run_key": f"{soon:%Y-%m-%dT%H:%M}"})
     assert finished(server, again.id).state.is_completed()  # type: ignore[union-attr]
     assert outbox_messages(ws) == 98 * 2  # the api-1 run and the scheduled one, once each
+    logs = serve.output()
+    assert "audience package" in logs and "finished: sent=98, no_address=2" in logs
+    assert "@example.com" not in logs and "+1415555" not in logs  # no contact details
 
 
 def test_failed_run_says_why_in_its_state(make_workspace, server, background) -> None:
