@@ -7,6 +7,7 @@ for the audience summary, the delivery report and the sending progress.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -25,10 +26,11 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext
 from prefect.events import emit_event
 from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from herald.channels.ledger import STATUSES
 from herald.flows import engine
-from herald.flows.spec import Scalar
+from herald.flows.spec import Scalar, TaskRunnerSpec
 from herald.flows.workspace import Workspace
 
 
@@ -200,12 +202,42 @@ def _emit_failed(flow_name: str, run_key: str, run_id: str | None, exc: BaseExce
                payload={"error": f"{type(exc).__name__}: {exc}"})
 
 
+def task_runner(spec: TaskRunnerSpec) -> TaskRunner[Any]:
+    """The Prefect task runner for ``spec``: threads, or a Dask cluster (local or not)."""
+    if spec.type == "threads":
+        return ThreadPoolTaskRunner()
+    from prefect_dask import DaskTaskRunner
+
+    if spec.address:
+        return DaskTaskRunner(address=spec.address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": spec.workers, "processes": True,
+                                          "threads_per_worker": 1,
+                                          "dashboard_address": None})
+
+
 def run(ws: Workspace, flow_name: str, params: dict[str, Scalar] | None, run_key: str,
-        dry_run: bool) -> dict[str, Any]:
+        dry_run: bool, runner: TaskRunnerSpec | None = None) -> dict[str, Any]:
     """Run the campaign flow here and now (``herald run``), tagged like a deployment's."""
     engine.adopt_workspace(ws)
+    configured = campaign.with_options(task_runner=task_runner(runner or ws.config.task_runner))
     with tags(*run_tags(ws, flow_name)):
-        return campaign(str(ws.root), flow_name, run_key, params or {}, dry_run)
+        return configured(str(ws.root), flow_name, run_key, params or {}, dry_run)
+
+
+DASK_ADDRESS_ENV = "HERALD_DASK_ADDRESS"
+DASK_WORKERS_ENV = "HERALD_DASK_WORKERS"
+
+
+def __getattr__(name: str) -> Any:
+    # ``herald.flows.campaign.campaign_dask``: the entrypoint of deployments whose
+    # workspace runs chunks on Dask. Built on first use, so that importing this module
+    # does not import Dask; the cluster comes from the environment of the process that
+    # executes the run (set by `herald serve`, or by `herald deploy` as job variables).
+    if name == "campaign_dask":
+        spec = TaskRunnerSpec(type="dask", address=os.environ.get(DASK_ADDRESS_ENV) or None,
+                              workers=int(os.environ.get(DASK_WORKERS_ENV) or 2))
+        return campaign.with_options(task_runner=task_runner(spec))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _follow_up(flow_name: str, run_key: str, params: dict[str, Scalar], when: str) -> None:

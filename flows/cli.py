@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from herald.flows.errors import HeraldError, RunError
-from herald.flows.spec import Scalar
+from herald.flows.spec import Scalar, TaskRunnerSpec
 from herald.flows.workspace import Workspace
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -242,6 +242,12 @@ def run(flow: str, param: ParamOpt = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Decide and render; send "
                                               "and record nothing")] = False,
         as_json: Annotated[bool, typer.Option("--json")] = False,
+        task_runner: Annotated[str | None, typer.Option(
+            "--task-runner", help="threads or dask (default: the workspace's task_runner)")
+        ] = None,
+        dask_address: Annotated[str | None, typer.Option(
+            "--dask-address", help="Dask scheduler, e.g. tcp://10.0.0.5:8786 (implies "
+            "--task-runner dask; default: a local cluster)")] = None,
         workspace: WorkspaceOpt = None) -> None:
     """Run FLOW once, now, as a Prefect flow run."""
     from herald.flows.engine import default_run_key
@@ -249,6 +255,7 @@ def run(flow: str, param: ParamOpt = None,
     ws = _ws(workspace)
     params = _params(param)
     key = run_key or default_run_key(ws, flow)
+    runner = _runner(ws, task_runner, dask_address)
     from herald.flows.validate import check_flow
 
     check_flow(ws, flow, params)  # fail fast, before Prefect starts
@@ -258,7 +265,7 @@ def run(flow: str, param: ParamOpt = None,
     from herald.flows import campaign
 
     try:
-        summary = campaign.run(ws, flow, params, key, dry_run)
+        summary = campaign.run(ws, flow, params, key, dry_run, runner)
     except HeraldError:
         raise
     except Exception as exc:  # reported in one line; --debug shows the traceback
@@ -269,6 +276,20 @@ def run(flow: str, param: ParamOpt = None,
         _print_json(summary)
     else:
         _print_summary(summary)
+
+
+def _runner(ws: Workspace, kind: str | None, address: str | None) -> TaskRunnerSpec | None:
+    if kind is None and address is None:
+        return None
+    if kind not in (None, "threads", "dask"):
+        raise typer.BadParameter(f"'{kind}' (use threads or dask)", param_hint="--task-runner")
+    if kind == "threads" and address:
+        raise typer.BadParameter("--dask-address needs --task-runner dask",
+                                 param_hint="--dask-address")
+    if kind == "threads":
+        return TaskRunnerSpec(type="threads")
+    base = ws.config.task_runner
+    return TaskRunnerSpec(type="dask", address=address or base.address, workers=base.workers)
 
 
 def _prefect_env() -> None:

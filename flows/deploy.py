@@ -13,6 +13,7 @@ workspace folder at the same path, nothing else.
 from __future__ import annotations
 
 import hashlib
+import os
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
@@ -61,7 +62,7 @@ def deployment(ws: Workspace, flow_name: str, work_pool: str | None = None
     spec = ws.flow(flow_name)
     flow_file = ws.root / ws.flow_file(flow_name)
     version = hashlib.sha256(flow_file.read_bytes()).hexdigest()[:12]
-    return campaign.to_deployment(
+    dep = campaign.to_deployment(
         name=flow_name,
         schedules=[schedule(ws, flow_name, i, s) for i, s in enumerate(spec.schedules)],
         parameters={"workspace": str(ws.root), "flow_name": flow_name},
@@ -70,7 +71,22 @@ def deployment(ws: Workspace, flow_name: str, work_pool: str | None = None
         version=version,
         work_pool_name=work_pool,
         entrypoint_type=EntrypointType.MODULE_PATH,
+        job_variables={"env": dask_env(ws)} if dask_env(ws) else None,
     )
+    if ws.config.task_runner.type == "dask":
+        dep.entrypoint = "herald.flows.campaign.campaign_dask"
+    return dep
+
+
+def dask_env(ws: Workspace) -> dict[str, str]:
+    """What the process executing a run needs to find the workspace's Dask cluster."""
+    from herald.flows.campaign import DASK_ADDRESS_ENV, DASK_WORKERS_ENV
+
+    spec = ws.config.task_runner
+    if spec.type != "dask":
+        return {}
+    return {DASK_WORKERS_ENV: str(spec.workers),
+            **({DASK_ADDRESS_ENV: spec.address} if spec.address else {})}
 
 
 def _flows(ws: Workspace, names: list[str] | None) -> list[str]:
@@ -107,6 +123,7 @@ def serve(ws: Workspace, names: list[str] | None = None, limit: int | None = Non
     from prefect import serve as prefect_serve
 
     deployments = [deployment(ws, name) for name in _flows(ws, names)]
+    os.environ.update(dask_env(ws))  # runs execute in subprocesses of this one
     for dep in deployments:
         register(dep)
     prefect_serve(*deployments, limit=limit, print_starting_message=True)

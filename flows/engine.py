@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import secrets
+import socket
 import threading
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -156,6 +158,7 @@ class ChunkResult:
 
     counts: ChunkCounts
     reasons: list[tuple[str, str, int]]  # (status, reason, n)
+    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
 # Recipients of a chunk that have no row of this run: counted from the chunk's results
 # (a deferred recipient still waiting is reported as deferred).
@@ -344,6 +347,7 @@ def finish(ws: Workspace, prepared: Prepared, chunk_results: list[ChunkResult],
         **({"reasons": [{"status": s, "reason": r, "count": n}
                         for (s, r), n in reasons.most_common()]} if prepared.dry_run else {}),
         "chunks": len(prepared.chunks),
+        "workers": sorted({chunk.worker for chunk in chunk_results}),  # host:pid
         "started_at": started.isoformat(),
         "finished_at": finished.isoformat(),
         "duration_seconds": round((finished - started).total_seconds(), 3),

@@ -235,6 +235,24 @@ class ScheduleSpec(Strict):
         return what + ("" if self.active else " (paused)")
 
 
+class TaskRunnerSpec(Strict):
+    """Where a run's chunks execute: threads of the flow's process, or a Dask cluster.
+
+    ``dask`` without ``address`` starts a local cluster of ``workers`` processes for the
+    run; with ``address`` (``tcp://scheduler:8786``) it uses that cluster's workers.
+    """
+
+    type: Literal["threads", "dask"] = "threads"
+    address: str | None = None
+    workers: int = Field(default=2, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _address_for_dask(self) -> TaskRunnerSpec:
+        if self.address is not None and self.type != "dask":
+            raise ValueError("address applies to the dask task runner only")
+        return self
+
+
 class WorkspaceConfig(Strict):
     """``config/herald.yaml``."""
 
@@ -248,6 +266,7 @@ class WorkspaceConfig(Strict):
     chunk_size: int = Field(default=2000, ge=1, le=100_000)
     max_workers: int = Field(default=4, ge=1, le=64)
     alerts: Alerts = Field(default_factory=lambda: Alerts())
+    task_runner: TaskRunnerSpec = Field(default_factory=lambda: TaskRunnerSpec())
 
     @field_validator("channels", mode="before")
     @classmethod
