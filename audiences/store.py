@@ -45,7 +45,7 @@ from herald.flows.spec import FlowSpec, Scalar
 from herald.flows.workspace import Workspace
 
 DEFAULT_TIER = "default"
-INSERT_BATCH = 5000
+INSERT_BATCH = 20_000
 
 packages = Table(
     "herald_packages", metadata,
@@ -169,6 +169,32 @@ def _db_message(exc: DBAPIError) -> str:
     return str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc).splitlines()[0]
 
 
+def _json_default(value: Any) -> Any:
+    """JSON for the values a driver returns beyond JSON's own types."""
+    converted = _jsonable(value)
+    if converted is value:
+        return str(value)
+    return converted
+
+
+def _driver_integrity_errors() -> tuple[type[Exception], ...]:
+    import sqlite3
+
+    errors: list[type[Exception]] = [sqlite3.IntegrityError]
+    try:
+        import psycopg
+    except ImportError:
+        pass
+    else:
+        errors.append(psycopg.errors.IntegrityError)
+    return tuple(errors)
+
+
+# What a duplicate key raises: through SQLAlchemy, or from the driver's own cursor.
+_INTEGRITY_ERRORS: tuple[type[BaseException], ...] = (IntegrityError,
+                                                      *_driver_integrity_errors())
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Decimal):
         return float(value)
@@ -206,20 +232,21 @@ def build(ws: Workspace, flow: FlowSpec, segment: Segment) -> Package:
                 if needed and needed not in columns:
                     raise AudienceError(f"{segment.file}: the result has no column "
                                         f"'{needed}' ({what}; columns: {', '.join(columns)})")
-            for batch in result.mappings().partitions(INSERT_BATCH):
-                rows: list[dict[str, Any]] = []
+            key_at = columns.index(key_col)
+            tier_at = columns.index(tier_col) if tier_col else None
+            encode = json.JSONEncoder(ensure_ascii=False, default=_json_default).encode
+            for batch in result.partitions(INSERT_BATCH):
+                rows: list[tuple[str, int, str, str, str]] = []
                 for row in batch:
-                    key = row[key_col]
+                    key = row[key_at]
                     if key is None:
                         raise AudienceError(f"{segment.file}: row {size + len(rows) + 1} has "
                                             f"NULL in key column '{key_col}'")
-                    tier = str(row[tier_col]) if tier_col and row[tier_col] is not None \
-                        else DEFAULT_TIER
+                    value = row[tier_at] if tier_at is not None else None
+                    tier = DEFAULT_TIER if value is None else str(value)
                     tiers[tier] += 1
-                    rows.append({"package_id": package_id, "seq": size + len(rows),
-                                 "key": str(key), "tier": tier,
-                                 "data": json.dumps({c: _jsonable(v) for c, v in row.items()},
-                                                    ensure_ascii=False)})
+                    rows.append((package_id, size + len(rows), str(key), tier,
+                                 encode(dict(zip(columns, row, strict=True)))))
                 _insert_rows(store, rows, segment.file)
                 size += len(rows)
     except DBAPIError as exc:
@@ -235,17 +262,36 @@ def build(ws: Workspace, flow: FlowSpec, segment: Segment) -> Package:
     return get(ws, package_id)
 
 
-def _insert_rows(store: Engine, rows: list[dict[str, Any]], file: str) -> None:
+def _insert_rows(store: Engine, rows: list[tuple[str, int, str, str, str]], file: str
+                 ) -> None:
+    """Store a batch of rows: COPY on Postgres, one executemany elsewhere.
+
+    Both go straight to the driver: building SQLAlchemy parameters for each row cost
+    more than the database's own work (see BENCHMARKS.md).
+    """
     try:
         with writing(store) as conn:
-            conn.execute(insert(package_rows), rows)
-    except IntegrityError:
-        keys = Counter(r["key"] for r in rows)
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                if store.dialect.name == "postgresql":
+                    with cursor.copy(f"COPY {package_rows.name} (package_id, seq, key, tier, "
+                                     "data) FROM STDIN") as copy:
+                        for row in rows:
+                            copy.write_row(row)
+                else:
+                    mark = "?" if store.dialect.paramstyle == "qmark" else "%s"
+                    marks = ", ".join([mark] * 5)
+                    cursor.executemany(f"INSERT INTO {package_rows.name} (package_id, seq, "
+                                       f"key, tier, data) VALUES ({marks})", rows)
+            finally:
+                cursor.close()
+    except _INTEGRITY_ERRORS:
+        keys = Counter(r[2] for r in rows)
         dup = [k for k, n in keys.items() if n > 1]
         if not dup:
             with store.connect() as conn:
                 found = conn.execute(select(package_rows.c.key).where(
-                    package_rows.c.package_id == rows[0]["package_id"],
+                    package_rows.c.package_id == rows[0][0],
                     package_rows.c.key.in_(list(keys)))).scalars().all()
             dup = list(found)
         shown = ", ".join(repr(k) for k in sorted(dup)[:5])
