@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -34,12 +34,16 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    any_,
     bindparam,
     func,
     insert,
     select,
+    text,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.sql.elements import ColumnElement
 
 from herald.flows.db import metadata, writing
 
@@ -231,12 +235,11 @@ def existing(conn: Connection, flow: str, run_key: str, recipients: Sequence[str
              ) -> dict[str, Existing]:
     """Rows already in the ledger for these recipients under this run key."""
     out: dict[str, Existing] = {}
-    for part in _slices(recipients):
+    for part in among(conn, deliveries.c.recipient, recipients):
         rows = conn.execute(select(deliveries.c.recipient, deliveries.c.status,
                                    deliveries.c.channel, deliveries.c.tier,
                                    deliveries.c.address, deliveries.c.not_before).where(
-            deliveries.c.flow == flow, deliveries.c.run_key == run_key,
-            deliveries.c.recipient.in_(part)))
+            deliveries.c.flow == flow, deliveries.c.run_key == run_key, part))
         out.update({r.recipient: Existing(r.status, r.channel, r.tier, r.address,
                                           r.not_before) for r in rows})
     return out
@@ -271,10 +274,10 @@ def write_entries(conn: Connection, entries: Iterable[Entry], *, flow: str, run_
 def adopt(conn: Connection, flow: str, run_key: str, recipients: Sequence[str],
           run_id: str) -> None:
     """Take over ``queued`` rows left by an earlier run with the same run key."""
-    for part in _slices(recipients):
+    for part in among(conn, deliveries.c.recipient, recipients):
         conn.execute(update(deliveries).where(
             deliveries.c.flow == flow, deliveries.c.run_key == run_key,
-            deliveries.c.status == "queued", deliveries.c.recipient.in_(part)).values(
+            deliveries.c.status == "queued", part).values(
             run_id=run_id, updated_at=now()))
 
 
@@ -282,13 +285,13 @@ def mark(engine: Engine, flow: str, run_key: str, recipients: Sequence[str], sta
          reason: str | None = None) -> None:
     """Move rows to ``status`` (e.g. ``sending`` just before a batch goes out)."""
     with writing(engine) as conn:
-        for part in _slices(recipients):
+        for part in among(conn, deliveries.c.recipient, recipients):
             values: dict[str, Any] = {"status": status, "updated_at": now()}
             if reason is not None:
                 values["reason"] = reason
             conn.execute(update(deliveries).where(
-                deliveries.c.flow == flow, deliveries.c.run_key == run_key,
-                deliveries.c.recipient.in_(part)).values(**values))
+                deliveries.c.flow == flow, deliveries.c.run_key == run_key, part
+            ).values(**values))
 
 
 def settle(engine: Engine, flow: str, run_key: str, outcomes: Sequence[Outcome]) -> None:
@@ -318,9 +321,9 @@ def cap_counts(conn: Connection, recipients: Sequence[str], since: datetime,
     counting only flows of priority ``min_priority`` or higher that are not exempt, and
     not the row of ``own`` (flow, run key): a deferred row does not cap itself."""
     counts: Counter[str] = Counter()
-    for part in _slices(recipients):
+    for part in among(conn, deliveries.c.recipient, recipients):
         query = select(deliveries.c.recipient, func.count()).where(
-            deliveries.c.recipient.in_(part), deliveries.c.status.in_(COUNTED),
+            part, deliveries.c.status.in_(COUNTED),
             deliveries.c.created_at >= since, deliveries.c.counted.is_(True),
             deliveries.c.priority >= min_priority)
         if channel:
@@ -365,10 +368,9 @@ def suppressed(conn: Connection, values: Iterable[str]) -> dict[str, set[str]]:
     """{normalized value: channels it is suppressed on ("*" for every channel)}."""
     wanted = sorted({normalize(v) for v in values if v})
     out: dict[str, set[str]] = defaultdict(set)
-    for part in _slices(wanted):
+    for part in among(conn, suppressions.c.value, wanted):
         for value, channel in conn.execute(select(suppressions.c.value,
-                                                  suppressions.c.channel).where(
-                suppressions.c.value.in_(part))):
+                                                  suppressions.c.channel).where(part)):
             out[value].add(channel)
     return out
 
@@ -408,10 +410,36 @@ def list_suppressions(engine: Engine, limit: int | None = None) -> list[Any]:
         return list(conn.execute(query))
 
 
-def _slices(values: Sequence[str], size: int = 500) -> Iterable[Sequence[str]]:
-    # IN lists stay well under SQLite's bound-parameter limit
-    for i in range(0, len(values), size):
-        yield values[i:i + size]
+def refresh_statistics(engine: Engine) -> None:
+    """Let Postgres's planner see the ledger as it is after a chunk's reservations.
+
+    A run's first chunks fill a table the planner last saw empty; with those statistics
+    it scans every row of the run key for each batch's ``recipient = ANY(...)`` instead
+    of using the index, and a million-recipient run turns quadratic.
+    """
+    if engine.dialect.name != "postgresql":
+        return
+    with engine.connect() as conn:
+        conn.execute(text(f"ANALYZE {deliveries.name}"))
+        conn.commit()
+
+
+def among(conn: Connection, column: ColumnElement[Any], values: Sequence[str]
+          ) -> Iterator[ColumnElement[bool]]:
+    """``column IN values`` as conditions, one per slice of ``values``.
+
+    On Postgres one slice of up to 20,000 values bound as a single array (``= ANY``): an
+    IN list of hundreds of parameters cost more to render, parse and plan than to run,
+    and made the ledger ten times slower than on SQLite. Elsewhere, IN lists of 500 stay
+    well under SQLite's bound-parameter limit.
+    """
+    if conn.dialect.name == "postgresql":
+        for i in range(0, len(values), 20_000):
+            yield column == any_(bindparam(None, list(values[i:i + 20_000]),
+                                           type_=ARRAY(String)))
+        return
+    for i in range(0, len(values), 500):
+        yield column.in_(values[i:i + 500])
 
 
 def deferred_until(engine: Engine, flow: str, run_key: str) -> datetime | None:

@@ -201,6 +201,8 @@ def run_chunk(job: ChunkJob) -> ChunkResult:
             if resumed:
                 ledger.adopt(conn, flow.name, job.run_key, [r.key for r in resumed],
                              job.run_id)
+    if not job.dry_run and len(decisions) >= 1000:
+        ledger.refresh_statistics(ws.store)
     decisions += redecided
     if resumed:
         decisions += _resume_decisions(ws, flow.name, job, resumed)
@@ -277,14 +279,13 @@ def _resume_decisions(ws: Workspace, flow: str, job: ChunkJob,
 def _settled(ws: Workspace, job: ChunkJob, recipients: list[str]) -> ChunkCounts:
     counts: Counter[tuple[str, str, str | None]] = Counter()
     with ws.store.connect() as conn:
-        for part in range(0, len(recipients), 500):
+        for part in ledger.among(conn, ledger.deliveries.c.recipient, recipients):
             for status, tier, channel in conn.execute(
                     ledger.deliveries.select().with_only_columns(
                         ledger.deliveries.c.status, ledger.deliveries.c.tier,
                         ledger.deliveries.c.channel).where(
                         ledger.deliveries.c.flow == job.flow,
-                        ledger.deliveries.c.run_key == job.run_key,
-                        ledger.deliveries.c.recipient.in_(recipients[part:part + 500]))):
+                        ledger.deliveries.c.run_key == job.run_key, part)):
                 counts[status, tier, channel] += 1
     return [(*k, n) for k, n in counts.items()]
 
