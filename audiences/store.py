@@ -21,6 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     Column,
     DateTime,
@@ -169,6 +170,18 @@ def _db_message(exc: DBAPIError) -> str:
     return str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc).splitlines()[0]
 
 
+_slow_encode = json.JSONEncoder(ensure_ascii=False, default=lambda v: _json_default(v)).encode
+
+
+def _encode(row: dict[str, Any]) -> str:
+    """A row as JSON text: orjson (3x faster than json), json for what orjson refuses
+    (integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(row, default=_json_default).decode()
+    except TypeError:
+        return _slow_encode(row)
+
+
 def _json_default(value: Any) -> Any:
     """JSON for the values a driver returns beyond JSON's own types."""
     converted = _jsonable(value)
@@ -234,7 +247,6 @@ def build(ws: Workspace, flow: FlowSpec, segment: Segment) -> Package:
                                         f"'{needed}' ({what}; columns: {', '.join(columns)})")
             key_at = columns.index(key_col)
             tier_at = columns.index(tier_col) if tier_col else None
-            encode = json.JSONEncoder(ensure_ascii=False, default=_json_default).encode
             for batch in result.partitions(INSERT_BATCH):
                 rows: list[tuple[str, int, str, str, str]] = []
                 for row in batch:
@@ -246,7 +258,7 @@ def build(ws: Workspace, flow: FlowSpec, segment: Segment) -> Package:
                     tier = DEFAULT_TIER if value is None else str(value)
                     tiers[tier] += 1
                     rows.append((package_id, size + len(rows), str(key), tier,
-                                 encode(dict(zip(columns, row, strict=True)))))
+                                 _encode(dict(zip(columns, row, strict=True)))))
                 _insert_rows(store, rows, segment.file)
                 size += len(rows)
     except DBAPIError as exc:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jinja2 import FileSystemLoader, StrictUndefined, TemplateSyntaxError, meta, nodes
+from jinja2 import FileSystemLoader, StrictUndefined, Template, TemplateSyntaxError, meta, nodes
 from jinja2.exceptions import SecurityError, TemplateError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -69,6 +69,7 @@ class Templates:
             auto_reload=False,
         )
         self._found: dict[tuple[str, ...], str | None] = {}
+        self._compiled: dict[str, Template] = {}  # jinja's own cache locks on each lookup
 
     def prefixes(self, flow: FlowSpec, tier: str) -> list[str]:
         """The file prefixes a tier's templates are looked up under, in order."""
@@ -119,7 +120,10 @@ class Templates:
                 parts[part] = None
                 continue
             try:
-                parts[part] = self.env.get_template(name).render(variables)
+                template = self._compiled.get(name)
+                if template is None:
+                    template = self._compiled[name] = self.env.get_template(name)
+                parts[part] = template.render(variables)
             except UndefinedError as exc:
                 raise RenderError(f"{name}: {exc.message}") from None
             except SecurityError as exc:
