@@ -1,0 +1,108 @@
+"""A real HTTP server on loopback that answers the way a script says.
+
+Each request is recorded (path, headers, body). Answers are looked up by a key taken
+from the request (the JSON body's ``recipient`` by default) and consumed in order:
+``("ok", body)``, ``("status", code, headers)``, ``("timeout", seconds)`` (answers
+late), ``("reset",)`` (closes the connection without an answer). A key with no script
+left gets ``ok``.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+Action = tuple[Any, ...]
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Peer:
+    key: Callable[[Request], str] = lambda r: str(r.json().get("recipient"))
+    scripts: dict[str, list[Action]] = field(default_factory=lambda: defaultdict(list))
+    requests: list[Request] = field(default_factory=list)
+    ok_body: Callable[[Request], dict[str, Any]] = lambda r: {"id": f"p-{len(r.body)}"}
+    url: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def script(self, key: str, *actions: Action) -> None:
+        self.scripts[key].extend(actions)
+
+    def next_action(self, request: Request) -> Action:
+        with self.lock:
+            self.requests.append(request)
+            queue = self.scripts.get(self.key(request))
+            return queue.pop(0) if queue else ("ok",)
+
+    def delivered(self) -> dict[str, int]:
+        """How many requests per key were answered 2xx (what actually got through)."""
+        return dict(self._ok)
+
+    _ok: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+def serve(peer: Peer) -> tuple[ThreadingHTTPServer, Peer]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            length = int(self.headers.get("Content-Length") or 0)
+            request = Request("POST", self.path, {k.lower(): v for k, v in self.headers.items()},
+                              self.rfile.read(length))
+            action = peer.next_action(request)
+            if action[0] == "reset":
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                           b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                self.close_connection = True
+                self.connection.close()
+                return
+            if action[0] == "timeout":
+                time.sleep(action[1])
+                action = ("ok",)
+            if action[0] == "ok":
+                body = json.dumps(action[1] if len(action) > 1 else peer.ok_body(request))
+                with peer.lock:
+                    peer._ok[peer.key(request)] += 1
+                self._answer(200, body.encode(), {})
+                return
+            _, status, *rest = action
+            headers = rest[0] if rest else {}
+            self._answer(status, json.dumps({"error": status}).encode(), headers)
+
+        def _answer(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (a timeout): what a real server sees too
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    peer.url = f"http://127.0.0.1:{server.server_port}"
+    return server, peer

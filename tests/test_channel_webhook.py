@@ -1,0 +1,119 @@
+"""The webhook channel against a real HTTP server on loopback: signatures, and every kind
+of answer a provider gives, as they land in the ledger and the suppression list."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+from herald.channels.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from herald.flows import engine
+
+from .conftest import PROMO_YAML
+from .http_peer import Peer, serve
+
+SECRET = "whsec-test-3f9a"
+
+
+@pytest.fixture
+def peer() -> Iterator[Peer]:
+    server, found = serve(Peer())
+    yield found
+    server.shutdown()
+    server.server_close()
+
+
+def hook_workspace(make_workspace, peer: Peer, monkeypatch, **extra: str):
+    monkeypatch.setenv("HOOK_SECRET", SECRET)
+    options = "".join(f", {k}: {v}" for k, v in extra.items())
+    return make_workspace({
+        "config/herald.yaml": (
+            "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
+            f"  hook: {{type: webhook, url: \"{peer.url}/v1/messages\", "
+            f"secret: \"${{HOOK_SECRET}}\", address: email, timeout: 1{options}}}\n"
+            "chunk_size: 40\n"),
+        "config/flows/promo.yaml": PROMO_YAML.replace(
+            "gold: {channels: [email, sms]}", "gold: {channels: [hook]}").replace(
+            "default: {channels: [sms, email]}", "default: {channels: [hook]}"),
+        "templates/promo/default.webhook.txt.j2": "Hello {{ name }}, score {{ score }}",
+    }, rows=12)
+
+
+def ledger_rows(ws) -> dict[str, tuple]:
+    with sqlite3.connect(ws.root / ".herald" / "herald.db") as conn:
+        return {r[0]: r[1:] for r in conn.execute(
+            "SELECT recipient, status, code, attempts, provider_id, reason "
+            "FROM herald_deliveries")}
+
+
+def suppressed(ws) -> set[str]:
+    with sqlite3.connect(ws.root / ".herald" / "herald.db") as conn:
+        return {r[0] for r in conn.execute("SELECT value FROM herald_suppressions")}
+
+
+def test_answers_are_classified_retried_and_recorded(make_workspace, peer, monkeypatch
+                                                     ) -> None:
+    ws = hook_workspace(make_workspace, peer, monkeypatch)
+    peer.script("1", ("status", 500))
+    peer.script("2", ("status", 429, {"Retry-After": "1"}))
+    peer.script("3", ("timeout", 1.5))
+    peer.script("4", ("reset",))
+    peer.script("5", ("status", 410))
+    peer.script("6", ("status", 400))
+    peer.script("8", ("status", 503), ("status", 502), ("status", 504))
+    summary = engine.run_local(ws, "promo", run_key="hooks")
+    rows = ledger_rows(ws)
+
+    assert rows["1"][:3] == ("sent", None, 2)
+    assert rows["2"][:3] == ("sent", None, 2)
+    assert rows["3"][:3] == ("sent", None, 2)
+    assert rows["4"][:3] == ("sent", None, 2)
+    assert rows["5"][:3] == ("failed", "410", 1) and "gone" in rows["5"][4]
+    assert rows["6"][:3] == ("failed", "400", 1)
+    assert rows["8"][:3] == ("failed", "504", 3)
+    assert "retryable, gave up after 3 attempts" in rows["8"][4]
+    for plain in ("9", "10", "11", "12"):  # no fault scripted: sent, with the peer's id
+        assert rows[plain][0] == "sent" and rows[plain][3].startswith("p-")
+    assert rows["7"][0] == "no_address"  # every 7th person has no email
+    assert summary["deliveries"]["sent"] == 8 and summary["deliveries"]["failed"] == 3
+    assert suppressed(ws) == {"user5@example.com"}  # 410 Gone only; 400 is not
+
+    # every request is signed, and a retry carries the same idempotency key
+    keys: Counter[str] = Counter()
+    for request in peer.requests:
+        ts = request.headers[TIMESTAMP_HEADER.lower()]
+        signature = request.headers[SIGNATURE_HEADER.lower()]
+        assert signature == sign(SECRET, ts, request.body)
+        keys[request.headers["idempotency-key"]] += 1
+        assert request.path == "/v1/messages"
+    by_recipient = Counter(r.json()["recipient"] for r in peer.requests)
+    assert by_recipient["1"] == by_recipient["3"] == by_recipient["4"] == 2
+    assert len(keys) == 11 and max(keys.values()) == 3  # recipient 8: three tries
+    # The late answer to recipient 3 reached the server as well as the retry: the
+    # receiver drops the second by its Idempotency-Key, nobody is *delivered* twice.
+    delivered = peer.delivered()
+    assert all(n == 1 for r, n in delivered.items() if r != "3")
+    assert SECRET not in repr(rows)
+
+    again = engine.run_local(ws, "promo", run_key="hooks")
+    assert again["deliveries"]["duplicate"] == 12 and again["deliveries"]["sent"] == 0
+
+
+def test_refused_credentials_stop_the_channel(make_workspace, peer, monkeypatch) -> None:
+    ws = hook_workspace(make_workspace, peer, monkeypatch, concurrency="1")
+    peer.script("1", ("status", 401))
+    for i in range(2, 13):
+        peer.script(str(i), ("status", 401))
+    summary = engine.run_local(ws, "promo", run_key="denied")
+    rows = ledger_rows(ws)
+    assert summary["deliveries"]["failed"] == 11 and summary["deliveries"]["sent"] == 0
+    assert all(r[0] == "failed" for k, r in rows.items() if k != "7")
+    stopped = [r for r in rows.values() if "channel stopped" in (r[4] or "")]
+    refused = [r for r in rows.values() if r[1] == "401" and r not in stopped]
+    assert len(refused) == 1 and len(stopped) == 10
+    assert len(peer.requests) == 1  # the channel stopped; the rest were never sent
+    assert "refused the channel's credentials" in refused[0][4]
+    assert suppressed(ws) == set()
