@@ -28,8 +28,18 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check flows channels audiences templates tests
+	$(BIN)/ruff check flows channels audiences templates tests bench
 	$(BIN)/mypy flows channels audiences templates
+
+# The benchmark suite (bench/run.py): 100,000 and 1,000,000 recipients, SQLite and
+# Postgres, each stage against its baseline; updates the figures in BENCHMARKS.md.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -c requirements.lock -e ".[test,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .herald

@@ -1,0 +1,30 @@
+"""A local HTTP endpoint that accepts every POST with a small JSON answer (the benchmarks'
+peer for HTTP channels).
+
+    python bench/http_sink.py PORT      # prints "ready" once listening
+"""
+
+from __future__ import annotations
+
+import sys
+from itertools import count
+
+from aiohttp import web
+
+_ids = count(1)
+
+
+async def accept(request: web.Request) -> web.Response:
+    await request.read()
+    return web.json_response({"id": f"m{next(_ids)}"})
+
+
+def main() -> None:
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", accept)
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=lambda *_: print(
+        "ready", flush=True), access_log=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,464 @@
+"""Herald's benchmark suite: each stage against a baseline measured in the same run.
+
+    .venv/bin/python bench/run.py [--sizes 100000,1000000] [--only build,render,...]
+
+Stages (ratios are Herald's throughput over the baseline's, except where noted):
+
+- build:   audience build (segment → stored package) vs a bare streamed SELECT of the
+           same rows; reported as a time ratio (Herald / bare), target <= 1.5x.
+- render:  Herald's template rendering (tier and locale lookup, sandbox) vs a bare jinja2
+           loop over the same templates and rows; target >= 0.8x.
+- smtp:    the SMTP adapter through the dispatcher's batching vs a bare aiosmtplib loop,
+           to the same local SMTP server (a separate process); target >= 0.8x.
+- http:    an HTTP adapter vs a bare aiohttp loop at the same concurrency to the same
+           local sink (when an HTTP channel is installed); target >= 0.7x.
+- policy:  contact policy + ledger cost per recipient (a real run minus a dry run).
+- e2e:     the whole run through the outbox channel, with Prefect (``herald run``) and
+           without (the engine alone), each in its own process: wall time, recipients per
+           second, the share orchestration takes, and peak memory (RSS); the peak at the
+           largest size must stay within 1.2x of the smallest.
+
+Results go to bench/results.json and between the figure markers of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+from bench.workload import make_source, make_workspace  # noqa: E402
+
+PG_ADMIN = os.environ.get("HERALD_BENCH_POSTGRES_URL",
+                          "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+BIN = Path(sys.executable).parent
+RESULTS: dict[str, Any] = {}
+
+
+def timed(fn: Callable[[], Any], repeat: int = 1) -> float:
+    """The best of ``repeat`` wall times of ``fn()`` (best: least disturbed by the OS)."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def record(stage: str, name: str, **values: Any) -> None:
+    RESULTS.setdefault(stage, []).append({"case": name, **values})
+    shown = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in values.items())
+    print(f"[{stage}] {name}: {shown}", flush=True)
+
+
+# -- sources --------------------------------------------------------------------------
+def pg_database(name: str) -> str | None:
+    """A fresh Postgres database for the bench, or None when no server answers."""
+    try:
+        import psycopg
+    except ImportError:
+        return None
+    dsn = PG_ADMIN.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError:
+        return None
+    base, _, _ = PG_ADMIN.rpartition("/")
+    return f"{base}/{name}"
+
+
+def sources(tmp: Path, n: int) -> dict[str, str]:
+    found = {"sqlite": f"sqlite:///{tmp}/crm-{n}.db"}
+    pg = pg_database(f"herald_bench_{n}")
+    if pg:
+        found["postgres"] = pg
+    for url in found.values():
+        make_source(url, n)
+    return found
+
+
+def open_ws(folder: Path, source: str, store: str, **kw: Any) -> Any:
+    from herald.flows.workspace import Workspace
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    return Workspace.open(make_workspace(folder, source, store, **kw))
+
+
+# -- stages ---------------------------------------------------------------------------
+def bench_build(tmp: Path, n: int, urls: dict[str, str]) -> None:
+    for kind, url in urls.items():
+        _build_case(tmp, n, kind, url)
+
+
+def _build_case(tmp: Path, n: int, kind: str, url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    from herald.audiences import store
+    from herald.flows import engine
+
+    store_url = "sqlite:///.herald/herald.db" if kind == "sqlite" else url
+    ws = open_ws(tmp / f"ws-build-{kind}", url, store_url)
+    flow = ws.flow("bench")
+    segment = store.load_segment(ws, flow)
+
+    def bare() -> None:
+        eng = create_engine(url)
+        with eng.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=5000).execute(
+                text(segment.sql), segment.params)
+            for _ in result.partitions(5000):
+                pass
+        eng.dispose()
+
+    def herald() -> None:
+        store.build(ws, flow, segment)
+
+    def copy_floor() -> None:
+        # the least any stored snapshot costs: the same SELECT, each row written
+        # as-is (no JSON, no index) into a table of the same kind of database
+        import sqlite3
+
+        scratch = tmp / "floor.db"
+        scratch.unlink(missing_ok=True)
+        out = sqlite3.connect(scratch)
+        out.execute("CREATE TABLE t (id, name, email, phone, tier, locale, points, city)")
+        eng = create_engine(url)
+        with eng.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=20_000).execute(
+                text(segment.sql), segment.params)
+            for part in result.partitions(20_000):
+                out.executemany("INSERT INTO t VALUES (?, ?, ?, ?, ?, ?, ?, ?)", part)
+                out.commit()
+        out.close()
+        eng.dispose()
+
+    base = timed(bare, 2)
+    floor = timed(copy_floor, 2)
+    ours = timed(herald, 2)
+    record("build", f"{kind} source, {n:,} rows", bare_s=base, copy_floor_s=floor,
+           herald_s=ours, time_ratio=ours / base, floor_ratio=floor / base,
+           target="<= 1.5x", met=ours / base <= 1.5)
+    engine.forget_workspace(ws.root)
+    ws.dispose()
+
+
+def bench_render(tmp: Path, n: int, urls: dict[str, str]) -> None:
+    import jinja2
+
+    from bench.workload import sample_rows
+    from herald.flows.validate import templates_for
+
+    ws = open_ws(tmp / "ws-render", urls["sqlite"], "sqlite:///.herald/herald.db")
+    flow = ws.flow("bench")
+    templates = templates_for(ws)
+    rows = sample_rows(min(n, 200_000))
+    folder = ws.root / "templates" / "bench"
+    bare_env = jinja2.Environment(loader=jinja2.FileSystemLoader(folder),
+                                  undefined=jinja2.StrictUndefined, autoescape=False)
+    compiled = {loc: bare_env.get_template(f"default.sms.txt.{loc}.j2") for loc in ("zh", "en")}
+
+    def bare() -> None:
+        for row in rows:
+            compiled["zh" if row["locale"].startswith("zh") else "en"].render(row)
+
+    def herald() -> None:
+        for row in rows:
+            templates.render(flow, row["tier"], "sms", row["locale"], row)
+
+    base = timed(bare, 3)
+    ours = timed(herald, 3)
+    record("render", f"{len(rows):,} SMS messages", bare_per_s=len(rows) / base,
+           herald_per_s=len(rows) / ours, throughput_ratio=base / ours, target=">= 0.8x",
+           met=base / ours >= 0.8)
+    ws.dispose()
+
+
+def bench_smtp(tmp: Path, n: int) -> None:
+    import aiosmtplib
+
+    from herald.channels.base import ChannelContext, Message
+    from herald.channels.smtp import SmtpChannel, SmtpSettings, build_email
+
+    count = min(n, 20_000)
+    port = _free_port()
+    sink = subprocess.Popen([sys.executable, str(HERE / "smtp_sink.py"), str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert sink.stdout is not None
+        sink.stdout.readline()  # "ready"
+        messages = [Message(recipient=str(i), address=f"c{i}@example.com", kind="email",
+                            subject=f"Hello {i}", body=f"Dear customer {i}, welcome back.",
+                            html=f"<p>Dear customer <b>{i}</b></p>",
+                            message_id=f"<{i}.bench@herald>") for i in range(count)]
+        settings = SmtpSettings(type="smtp", host="127.0.0.1", port=port, security="none",
+                                sender="shop@example.com")
+
+        async def bare() -> None:
+            async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port,
+                                       use_tls=False, start_tls=False) as smtp:
+                for m in messages:
+                    await smtp.send_message(build_email(m, sender="shop@example.com"))
+
+        async def herald() -> None:
+            context = ChannelContext(tmp, "bench", "smtp", "run-bench")
+            async with SmtpChannel("email", settings, context) as channel:
+                size = SmtpChannel.batch_size
+                for start in range(0, len(messages), size):
+                    results = await channel.send_batch(messages[start:start + size])
+                    assert all(r.outcome.value == "sent" for r in results), results[0]
+
+        base = timed(lambda: asyncio.run(bare()), 2)
+        ours = timed(lambda: asyncio.run(herald()), 2)
+        record("smtp", f"{count:,} emails, one connection", bare_per_s=count / base,
+               herald_per_s=count / ours, throughput_ratio=base / ours, target=">= 0.8x",
+               met=base / ours >= 0.8)
+    finally:
+        sink.terminate()
+        sink.wait()
+
+
+def bench_http(tmp: Path, n: int, concurrency: int = 32) -> None:
+    import aiohttp
+    import httpx
+
+    from herald.channels.base import ChannelContext, Message
+    from herald.channels.webhook import WebhookChannel, WebhookSettings
+
+    count = min(n, 20_000)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/v1/messages"
+    sink = subprocess.Popen([sys.executable, str(HERE / "http_sink.py"), str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert sink.stdout is not None
+        sink.stdout.readline()  # "ready"
+        messages = [Message(recipient=str(i), address=f"+8613800{i:06d}", kind="webhook",
+                            body=f"Customer {i}, your points are waiting.",
+                            message_id=f"<{i}.bench@herald>") for i in range(count)]
+        settings = WebhookSettings(type="webhook", url=url, concurrency=concurrency)
+        context = ChannelContext(tmp, "bench", "http", "run-bench")
+        payload = WebhookChannel("hook", settings, context).payload
+
+        async def bare() -> None:
+            gate = asyncio.Semaphore(concurrency)
+            async with aiohttp.ClientSession() as session:
+                async def one(m: Message) -> None:
+                    async with gate, session.post(url, json=payload(m)) as response:
+                        await response.json()
+                await asyncio.gather(*(one(m) for m in messages))
+
+        async def plain_httpx() -> None:
+            gate = asyncio.Semaphore(concurrency)
+            async with httpx.AsyncClient() as client:
+                async def one(m: Message) -> None:
+                    async with gate:
+                        (await client.post(url, json=payload(m))).json()
+                await asyncio.gather(*(one(m) for m in messages))
+
+        async def herald() -> None:
+            async with WebhookChannel("hook", settings, context) as channel:
+                size = WebhookChannel.batch_size
+                for start in range(0, len(messages), size):
+                    results = await channel.send_batch(messages[start:start + size])
+                    assert all(r.outcome.value == "sent" for r in results), results[0]
+
+        base = timed(lambda: asyncio.run(bare()), 2)
+        default = timed(lambda: asyncio.run(plain_httpx()), 1)
+        ours = timed(lambda: asyncio.run(herald()), 2)
+        record("http", f"{count:,} webhook POSTs, concurrency {concurrency}",
+               bare_per_s=count / base, httpx_default_per_s=count / default,
+               herald_per_s=count / ours, throughput_ratio=base / ours,
+               httpx_default_ratio=base / default, target=">= 0.7x", met=base / ours >= 0.7)
+    finally:
+        sink.terminate()
+        sink.wait()
+
+
+def bench_policy(tmp: Path, n: int, urls: dict[str, str]) -> None:
+    for kind, url in urls.items():
+        _policy_case(tmp, n, kind, url)
+
+
+def _policy_case(tmp: Path, n: int, kind: str, url: str) -> None:
+    from herald.flows import engine
+
+    store_url = "sqlite:///.herald/herald.db" if kind == "sqlite" else url
+    ws = open_ws(tmp / f"ws-policy-{kind}", url, store_url, chunk_size=10_000)
+    dry = timed(lambda: engine.run_local(ws, "bench", run_key="dry", dry_run=True,
+                                         max_workers=1))
+    real = timed(lambda: engine.run_local(ws, "bench", run_key="real", max_workers=1))
+    record("policy", f"{kind} store, {n:,} recipients, one worker",
+           dry_run_us_per_recipient=1e6 * dry / n, run_us_per_recipient=1e6 * real / n,
+           ledger_us_per_recipient=1e6 * (real - dry) / n)
+    engine.forget_workspace(ws.root)
+    ws.dispose()
+
+
+def bench_e2e(tmp: Path, n: int, urls: dict[str, str]) -> None:
+    kind = "postgres" if "postgres" in urls else "sqlite"
+    url = urls[kind]
+    store_url = url if kind == "postgres" else "sqlite:///.herald/herald.db"
+    for mode in ("engine", "prefect"):
+        folder = make_workspace(tmp / f"ws-e2e-{mode}-{n}", url, store_url)
+        if kind == "postgres":  # a fresh ledger for each mode
+            _reset_store(url)
+        wall, rss, summary = _in_child(folder, mode)
+        record("e2e", f"{mode}, {kind}, {n:,} recipients", wall_s=wall,
+               per_s=n / wall, peak_rss_mb=rss / 1024, sent=summary["deliveries"]["sent"])
+        RESULTS.setdefault("_e2e", {})[(mode, n).__repr__()] = {"wall": wall, "rss": rss}
+
+
+def _reset_store(url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    eng = create_engine(url)
+    with eng.begin() as conn:
+        for table in ("herald_deliveries", "herald_runs", "herald_package_rows",
+                      "herald_packages", "herald_suppressions"):
+            conn.execute(text(f"DROP TABLE IF EXISTS {table} CASCADE"))
+    eng.dispose()
+
+
+def _in_child(folder: Path, mode: str) -> tuple[float, int, dict[str, Any]]:
+    """Run the flow in a child process; its wall time, peak RSS (KiB) and summary."""
+    out = folder / "child.json"
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(HERE / "child.py"), mode, str(folder),
+                           str(out)], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} run failed: {proc.stderr[-3000:]}")
+    data = json.loads(out.read_text())
+    return wall, int(data["peak_kib"]), data["summary"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- report ---------------------------------------------------------------------------
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} "
+            f"{platform.release()}, Python {platform.python_version()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="100000,1000000")
+    parser.add_argument("--only", default="build,render,smtp,http,policy,e2e")
+    parser.add_argument("--no-write", action="store_true", help="don't update BENCHMARKS.md")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    only = set(args.only.split(","))
+    started = datetime.now(UTC)
+    with tempfile.TemporaryDirectory(prefix="herald-bench-") as folder:
+        tmp = Path(folder)
+        for n in sizes:
+            print(f"== {n:,} recipients", flush=True)
+            urls = sources(tmp, n)
+            if "build" in only:
+                bench_build(tmp, n, urls)
+            if "policy" in only and n == sizes[0]:
+                bench_policy(tmp, n, urls)
+            if "e2e" in only:
+                bench_e2e(tmp, n, urls)
+        if "render" in only:
+            bench_render(tmp, max(sizes), {"sqlite": f"sqlite:///{tmp}/crm-{sizes[0]}.db"})
+        if "smtp" in only:
+            bench_smtp(tmp, max(sizes))
+        if "http" in only:
+            bench_http(tmp, max(sizes))
+    summarize(sizes)
+    RESULTS["machine"] = machine()
+    RESULTS["date"] = started.date().isoformat()
+    RESULTS.pop("_e2e", None)
+    path = HERE / "results.json"
+    if args.only != parser.get_default("only") and path.exists():
+        # a partial pass replaces the stages it measured and keeps the others
+        RESULTS.update({k: v for k, v in {**json.loads(path.read_text()), **RESULTS}.items()
+                        if k not in RESULTS})
+    path.write_text(json.dumps(RESULTS, indent=2, default=str) + "\n")
+    if not args.no_write:
+        write_markdown()
+
+
+def summarize(sizes: list[int]) -> None:
+    runs = RESULTS.get("e2e", [])
+    if len(sizes) < 2 or not runs:
+        return
+    for mode in ("engine", "prefect"):
+        small = next(r for r in runs if r["case"].startswith(mode)
+                     and r["case"].endswith(f"{sizes[0]:,} recipients"))
+        large = next(r for r in runs if r["case"].startswith(mode)
+                     and r["case"].endswith(f"{sizes[-1]:,} recipients"))
+        ratio = large["peak_rss_mb"] / small["peak_rss_mb"]
+        record("memory", f"{mode}: peak RSS {sizes[-1]:,} vs {sizes[0]:,}",
+               small_mb=small["peak_rss_mb"], large_mb=large["peak_rss_mb"],
+               ratio=ratio, target="<= 1.2x", met=ratio <= 1.2)
+    for n in sizes:
+        engine_run = next(r for r in runs if r["case"].startswith("engine")
+                          and r["case"].endswith(f"{n:,} recipients"))
+        prefect_run = next(r for r in runs if r["case"].startswith("prefect")
+                           and r["case"].endswith(f"{n:,} recipients"))
+        share = max(0.0, prefect_run["wall_s"] - engine_run["wall_s"]) / prefect_run["wall_s"]
+        record("orchestration", f"{n:,} recipients", engine_s=engine_run["wall_s"],
+               prefect_s=prefect_run["wall_s"], orchestration_share=share)
+
+
+def write_markdown() -> None:
+    lines = [f"Measured {RESULTS['date']} on {RESULTS['machine']}.", ""]
+    for stage, rows in RESULTS.items():
+        if not isinstance(rows, list):
+            continue
+        keys = [k for k in rows[0] if k != "case"]
+        lines += [f"**{stage}**", "", "| case | " + " | ".join(keys) + " |",
+                  "|---|" + "---|" * len(keys)]
+        for row in rows:
+            cells = [(f"{row[k]:,.3f}" if isinstance(row.get(k), float) else
+                      ("yes" if row.get(k) is True else "**no**" if row.get(k) is False
+                       else str(row.get(k, "")))) for k in keys]
+            lines.append(f"| {row['case']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    path = REPO / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "<!-- figures -->\n<!-- /figures -->\n"
+    head, _, rest = text.partition("<!-- figures -->")
+    _, _, tail = rest.partition("<!-- /figures -->")
+    path.write_text(head + "<!-- figures -->\n" + "\n".join(lines) + "<!-- /figures -->"
+                    + tail)
+
+
+if __name__ == "__main__":
+    main()
