@@ -194,16 +194,35 @@ class Templates:
                 f"uses {', '.join(repr(u) for u in unknown)}, which the segment does not "
                 f"return (columns: {', '.join(sorted(columns))}; also: "
                 f"{', '.join(sorted(GLOBALS))})", file=file, line=line))
-        for node in ast.find_all(nodes.Getattr):
-            if node.attr.startswith("_"):
-                problems.append(Problem(f"access to '{node.attr}' is not allowed",
-                                        file=file, line=node.lineno))
+        # The sandbox refuses these when rendering too; refusing them here means a
+        # template that tries to reach Python's internals never starts a run.
+        for attr, lineno in _private_access(ast):
+            problems.append(Problem(f"access to '{attr}' is not allowed (sandbox)",
+                                    file=file, line=lineno))
         try:
             self.env.from_string(source)  # compiles: catches errors parse() lets through
         except TemplateSyntaxError as exc:
             problems.append(Problem(f"syntax error: {exc.message}", file=file,
                                     line=exc.lineno))
         return problems
+
+
+def _private_access(ast: nodes.Template) -> list[tuple[str, int]]:
+    """``x._y``, ``x['_y']`` and ``x|attr('_y')``: where a template reaches for a private
+    or dunder attribute."""
+    found: list[tuple[str, int]] = []
+    for node in ast.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)):
+        name: object = None
+        if isinstance(node, nodes.Getattr):
+            name = node.attr
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+            name = node.arg.value
+        elif isinstance(node, nodes.Filter) and node.name == "attr" and node.args \
+                and isinstance(node.args[0], nodes.Const):
+            name = node.args[0].value
+        if isinstance(name, str) and name.startswith("_"):
+            found.append((name, node.lineno))
+    return found
 
 
 def _first_line(ast: nodes.Template, names: set[str]) -> int | None:
