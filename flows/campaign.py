@@ -14,7 +14,7 @@ from typing import Any, cast
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
-from prefect import flow, get_run_logger, tags, task
+from prefect import State, flow, get_run_logger, tags, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -25,11 +25,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext
 from prefect.events import emit_event
+from prefect.exceptions import FailedRun
 from prefect.futures import PrefectFuture, as_completed
+from prefect.states import Failed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from herald.channels.ledger import STATUSES
 from herald.flows import engine
+from herald.flows.errors import HeraldError, RunError
 from herald.flows.spec import Scalar, TaskRunnerSpec
 from herald.flows.workspace import Workspace
 
@@ -41,8 +44,12 @@ def _artifact_key(flow_name: str, what: str) -> str:
 
 @task(name="build-audience", task_run_name="build-audience", cache_policy=NO_CACHE)
 def build_audience(ws: Workspace, flow_name: str, params: dict[str, Scalar], run_key: str,
-                   dry_run: bool) -> engine.Prepared:
-    prepared = engine.prepare(ws, flow_name, params, run_key, dry_run)
+                   dry_run: bool) -> engine.Prepared | State:
+    try:
+        prepared = engine.prepare(ws, flow_name, params, run_key, dry_run)
+    except HeraldError as exc:
+        get_run_logger().error("%s", exc)
+        return Failed(message=str(exc))
     package = prepared.package
     get_run_logger().info("audience package %s: %d recipients in %d chunks (%s)",
                           package.id, package.size, len(prepared.chunks),
@@ -107,13 +114,14 @@ def campaign(workspace: str, flow_name: str, run_key: str | None = None,
     ws = engine.workspace_at(workspace)
     ctx = FlowRunContext.get()
     key = resolve_run_key(ws, flow_name, run_key, ctx.flow_run if ctx else None)
-    try:
-        # Prefect's sync/async decorators confuse type checkers: these calls are synchronous.
-        prepared = cast(engine.Prepared,
-                        build_audience(ws, flow_name, dict(params or {}), key, dry_run))
-    except BaseException as exc:
-        _emit_failed(flow_name, key, None, exc)
-        raise
+    built = build_audience(ws, flow_name, dict(params or {}), key, dry_run,
+                           return_state=True)
+    if built.is_failed():
+        # An operator's mistake (a duplicate key, a failing query): the run fails with the
+        # message that names the file, without a traceback in the logs.
+        _emit_failed(flow_name, key, None, built.message or "the audience build failed")
+        return Failed(message=built.message)  # type: ignore[return-value]
+    prepared = cast(engine.Prepared, built.result())
     total = len(prepared.chunks)
     progress = cast(UUID, create_progress_artifact(
         0.0, key=_artifact_key(flow_name, "progress"),
@@ -197,9 +205,11 @@ def _emit_finished(ws: Workspace, summary: dict[str, Any]) -> None:
                                       f"{alerts.failure_rate:.1%}"})
 
 
-def _emit_failed(flow_name: str, run_key: str, run_id: str | None, exc: BaseException) -> None:
+def _emit_failed(flow_name: str, run_key: str, run_id: str | None,
+                 error: BaseException | str) -> None:
+    detail = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     emit_event(event="herald.run.failed", resource=_resource(flow_name, run_key, run_id),
-               payload={"error": f"{type(exc).__name__}: {exc}"})
+               payload={"error": detail})
 
 
 def task_runner(spec: TaskRunnerSpec) -> TaskRunner[Any]:
@@ -221,7 +231,14 @@ def run(ws: Workspace, flow_name: str, params: dict[str, Scalar] | None, run_key
     engine.adopt_workspace(ws)
     configured = campaign.with_options(task_runner=task_runner(runner or ws.config.task_runner))
     with tags(*run_tags(ws, flow_name)):
-        return configured(str(ws.root), flow_name, run_key, params or {}, dry_run)
+        state = configured(str(ws.root), flow_name, run_key, params or {}, dry_run,
+                           return_state=True)
+    if state.is_failed():
+        outcome = state.result(raise_on_failure=False)
+        if isinstance(outcome, BaseException) and not isinstance(outcome, FailedRun):
+            raise outcome  # unexpected: the CLI shows its type (--debug, its traceback)
+        raise RunError(state.message or f"run of {flow_name} failed")
+    return cast(dict[str, Any], state.result())
 
 
 DASK_ADDRESS_ENV = "HERALD_DASK_ADDRESS"

@@ -15,7 +15,7 @@ from prefect.client.schemas.filters import (
 )
 
 from herald.flows import campaign
-from herald.flows.errors import ValidationFailed
+from herald.flows.errors import RunError
 
 from .conftest import outbox_messages
 
@@ -63,7 +63,7 @@ def test_one_flow_run_one_task_per_chunk_and_artifacts(make_workspace, prefect_h
 
 def test_failed_validation_fails_the_flow_run(make_workspace, prefect_harness) -> None:
     ws = make_workspace({"templates/promo/default.sms.txt.j2": "{{ nope }}"})
-    with pytest.raises(ValidationFailed):
+    with pytest.raises(RunError, match=r"templates/promo/default.sms.txt.j2:1: uses 'nope'"):
         campaign.run(ws, "promo", None, "pf-bad", False)
     run, _, _ = flow_run("promo/pf-bad")
     assert run.state.is_failed()
