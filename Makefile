@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean install
+.PHONY: demo test lint bench reliability clean install
 
 install: $(STAMP)
 
@@ -40,6 +40,12 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# The reliability catalogue (tests/test_reliability.py, also part of make test):
+# runs it and rewrites RELIABILITY.md with each entry's outcome and the totals.
+reliability: $(STAMP)
+	HERALD_CATALOGUE=build/catalogue.json $(BIN)/python -m pytest -q tests/test_reliability.py
+	$(BIN)/python -m tests.catalogue build/catalogue.json > RELIABILITY.md
 
 clean:
 	rm -rf $(VENV) .herald

@@ -202,3 +202,20 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# -- the reliability catalogue -------------------------------------------------------------
+@pytest.fixture
+def catalogue() -> Callable[..., None]:
+    """Record a catalogue entry (tests/catalogue.py) once the test's assertions passed."""
+    from . import catalogue as entries
+
+    return entries.record
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    path = os.environ.get("HERALD_CATALOGUE")
+    if path:
+        from . import catalogue as entries
+
+        entries.save(Path(path))

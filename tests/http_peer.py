@@ -28,6 +28,7 @@ class Request:
     path: str
     headers: dict[str, str]  # names in lower case
     body: bytes
+    status: int | None = None  # what the server answered (None: no answer)
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -55,6 +56,15 @@ class Peer:
         """How many requests per key were answered 2xx (what actually got through)."""
         return dict(self._ok)
 
+    def kept(self) -> dict[str, int]:
+        """Per key, the messages a receiver keeps: distinct Idempotency-Keys answered 2xx
+        (a retry of a request that did arrive carries the same key and is dropped)."""
+        keys: dict[str, set[str]] = defaultdict(set)
+        for request in self.requests:
+            if request.status is not None and 200 <= request.status < 300:
+                keys[self.key(request)].add(request.headers.get("idempotency-key", ""))
+        return {k: len(v) for k, v in keys.items()}
+
     _ok: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -80,10 +90,12 @@ def serve(peer: Peer) -> tuple[ThreadingHTTPServer, Peer]:
                 body = json.dumps(action[1] if len(action) > 1 else peer.ok_body(request))
                 with peer.lock:
                     peer._ok[peer.key(request)] += 1
+                request.status = 200
                 self._answer(200, body.encode(), {})
                 return
             _, status, *rest = action
             headers = rest[0] if rest else {}
+            request.status = status
             self._answer(status, json.dumps({"error": status}).encode(), headers)
 
         def _answer(self, status: int, body: bytes, headers: dict[str, str]) -> None:
@@ -101,7 +113,10 @@ def serve(peer: Peer) -> tuple[ThreadingHTTPServer, Peer]:
         def log_message(self, *args: object) -> None:
             return None
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 256  # a burst of connections is never refused at accept
+
+    server = Server(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     peer.url = f"http://127.0.0.1:{server.server_port}"
