@@ -108,10 +108,11 @@ class SendResult:
     provider_id: str | None = None
     retry_after: float | None = None
     suppress: bool = False  # add the address to the suppression list (unsubscribe, bounce)
+    segments: int | None = None  # provider units the message cost (SMS parts)
 
     @classmethod
-    def sent(cls, provider_id: str | None = None) -> SendResult:
-        return cls(Outcome.SENT, provider_id=provider_id)
+    def sent(cls, provider_id: str | None = None, segments: int | None = None) -> SendResult:
+        return cls(Outcome.SENT, provider_id=provider_id, segments=segments)
 
     @classmethod
     def retryable(cls, code: str | None, detail: str, retry_after: float | None = None

@@ -135,7 +135,8 @@ async def _send_batch(ws: Workspace, job: Job, channel: Channel, batch: Sequence
             if result.outcome is Outcome.SENT:
                 done[message.recipient] = ledger.Outcome(
                     message.recipient, "sent", code=result.code,
-                    provider_id=result.provider_id, attempts=attempt)
+                    provider_id=result.provider_id, attempts=attempt,
+                    segments=result.segments)
             elif result.outcome is Outcome.RETRYABLE and attempt < MAX_ATTEMPTS and not fatal:
                 retry.append(message)
                 waits.append(result.retry_after or BACKOFF_SECONDS * 2 ** (attempt - 1))

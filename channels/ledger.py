@@ -92,6 +92,7 @@ deliveries = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("sent_at", DateTime(timezone=True)),
     Column("not_before", DateTime(timezone=True)),  # deferred: send after this
+    Column("segments", Integer),  # what the message cost in provider units (SMS parts)
     UniqueConstraint("flow", "run_key", "recipient", name="uq_herald_deliveries_once"),
     Index("ix_herald_deliveries_caps", "recipient", "created_at"),
 )
@@ -160,6 +161,7 @@ class Outcome:
     code: str | None = None
     provider_id: str | None = None
     attempts: int = 1
+    segments: int | None = None
 
 
 @dataclass
@@ -304,11 +306,13 @@ def settle(engine: Engine, flow: str, run_key: str, outcomes: Sequence[Outcome])
         deliveries.c.recipient == bindparam("b_recipient")).values(
         status=bindparam("b_status"), reason=bindparam("b_reason"), code=bindparam("b_code"),
         provider_id=bindparam("b_provider_id"), attempts=bindparam("b_attempts"),
-        updated_at=bindparam("b_updated"), sent_at=bindparam("b_sent_at"))
+        updated_at=bindparam("b_updated"), sent_at=bindparam("b_sent_at"),
+        segments=bindparam("b_segments"))
     params = [{"b_flow": flow, "b_key": run_key, "b_recipient": o.recipient,
                "b_status": o.status, "b_reason": o.reason, "b_code": o.code,
                "b_provider_id": o.provider_id, "b_attempts": o.attempts,
-               "b_updated": stamp, "b_sent_at": stamp if o.status == "sent" else None}
+               "b_updated": stamp, "b_sent_at": stamp if o.status == "sent" else None,
+               "b_segments": o.segments}
               for o in outcomes]
     with writing(engine) as conn:
         conn.execute(statement, params)

@@ -82,6 +82,7 @@ def ensure_schema(engine: Engine) -> None:
     # The modules that own the tables declare them on `metadata` when imported.
     import herald.audiences.store  # noqa: F401
     import herald.channels.ledger  # noqa: F401
+    import herald.channels.wechat  # noqa: F401  (its shared access tokens)
 
     with writing(engine) as conn:
         if conn.dialect.name == "postgresql":
@@ -90,6 +91,13 @@ def ensure_schema(engine: Engine) -> None:
         inspector = inspect(conn)
         for table in metadata.sorted_tables:
             have = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have and column.nullable and column.default is None:
+                    # a column added since: nullable, so older rows simply lack it
+                    kind = column.type.compile(dialect=conn.dialect)
+                    conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN '
+                                         f'"{column.name}" {kind}')
+                    have.add(column.name)
             missing = [c.name for c in table.columns if c.name not in have]
             if missing:
                 from herald.flows.errors import WorkspaceError

@@ -146,6 +146,29 @@ def test_a_workspace_database_from_an_older_herald_is_named(make_workspace) -> N
         Workspace.open(ws.root).store.connect()  # the database opens on first use
 
 
+def test_a_nullable_column_added_since_is_added_to_an_existing_ledger(make_workspace
+                                                                      ) -> None:
+    import sqlite3
+
+    from herald.flows import engine
+
+    ws = make_workspace(rows=5)
+    engine.run_local(ws, "promo", run_key="before")
+    ws.dispose()
+    db = ws.root / ".herald/herald.db"
+    with sqlite3.connect(db) as conn:  # the ledger as an older Herald left it
+        conn.execute("ALTER TABLE herald_deliveries DROP COLUMN segments")
+    engine.forget_workspace(ws.root)
+    again = Workspace.open(ws.root)
+    engine.adopt_workspace(again)
+    assert engine.run_local(again, "promo", run_key="before")["deliveries"]["duplicate"] == 5
+    with sqlite3.connect(db) as conn:
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(herald_deliveries)")]
+        assert "segments" in columns
+        assert conn.execute("SELECT count(*) FROM herald_deliveries").fetchone()[0] == 5
+    again.dispose()
+
+
 def test_schedules_are_checked_with_line_and_field() -> None:
     text = ("name: promo\naudience: {source: crm, segment: people, key: id}\n"
             "tiers: {default: {channels: [email]}}\nschedules:\n"
