@@ -49,8 +49,11 @@ def in_holdout(flow: str, key: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def clean_address(kind: str, value: object) -> tuple[str | None, str | None]:
-    """(address, None) when usable, else (None, why not)."""
+def clean_address(kind: str, value: object, region: str | None = None
+                  ) -> tuple[str | None, str | None]:
+    """(address, None) when usable, else (None, why not). E-mail addresses are
+    normalized; phone numbers become E.164 (``region``: the country of numbers written
+    without a country code)."""
     if value is None:
         return None, "empty"
     text = str(value).strip()
@@ -63,7 +66,23 @@ def clean_address(kind: str, value: object) -> tuple[str | None, str | None]:
             return validate_email(text, check_deliverability=False).normalized, None
         except EmailNotValidError:
             return None, "invalid"
+    if kind == "sms":
+        return e164(text, region)
     return text, None
+
+
+def e164(text: str, region: str | None) -> tuple[str | None, str | None]:
+    """A phone number in E.164 (``+8613812345678``), or (None, why not)."""
+    import phonenumbers
+
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        return None, "invalid" if region or text.startswith("+") else \
+            "invalid (no country code, and no phone_region in herald.yaml)"
+    if not phonenumbers.is_valid_number(number):
+        return None, "invalid"
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), None
 
 
 class Policy:
@@ -93,7 +112,8 @@ class Policy:
             options = []
             for channel in entry[1].channels:
                 address, why = clean_address(self.kinds[channel],
-                                             row.data.get(self.columns[channel]))
+                                             row.data.get(self.columns[channel]),
+                                             self.ws.config.phone_region)
                 options.append((channel, address, why))
                 if address:
                     values.add(address)

@@ -258,6 +258,8 @@ class WorkspaceConfig(Strict):
 
     timezone: TimeZone = "UTC"
     default_locale: str = Field(default="en", pattern=r"^[A-Za-z]{2,3}(?:[_-][A-Za-z0-9]+)*$")
+    # the country of phone numbers written without a country code (ISO 3166, e.g. CN)
+    phone_region: str | None = Field(default=None, pattern=r"^[A-Z]{2}$")
     sources: dict[Name, DatabaseUrl] = Field(default_factory=dict)
     store: DatabaseUrl = "sqlite:///.herald/herald.db"
     channels: dict[Name, dict[str, Any]] = Field(default_factory=dict)

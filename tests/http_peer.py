@@ -39,7 +39,7 @@ class Peer:
     key: Callable[[Request], str] = lambda r: str(r.json().get("recipient"))
     scripts: dict[str, list[Action]] = field(default_factory=lambda: defaultdict(list))
     requests: list[Request] = field(default_factory=list)
-    ok_body: Callable[[Request], dict[str, Any]] = lambda r: {"id": f"p-{len(r.body)}"}
+    ok_body: Callable[[Request], Any] = lambda r: {"id": f"p-{len(r.body)}"}
     url: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -86,6 +86,15 @@ def serve(peer: Peer) -> tuple[ThreadingHTTPServer, Peer]:
             if action[0] == "timeout":
                 time.sleep(action[1])
                 action = ("ok",)
+            if action[0] == "json":  # ("json", status, body[, headers])
+                status, body_obj = action[1], action[2]
+                request.status = status
+                if 200 <= status < 300:
+                    with peer.lock:
+                        peer._ok[peer.key(request)] += 1
+                self._answer(status, json.dumps(body_obj).encode(),
+                             action[3] if len(action) > 3 else {})
+                return
             if action[0] == "ok":
                 body = json.dumps(action[1] if len(action) > 1 else peer.ok_body(request))
                 with peer.lock:

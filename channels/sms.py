@@ -1,0 +1,275 @@
+"""The SMS channel: one class, three provider profiles over HTTP.
+
+- ``twilio``: ``POST {base_url}/2010-04-01/Accounts/{account_sid}/Messages.json``, a form
+  (To, From or MessagingServiceSid, Body), HTTP basic auth; errors as Twilio documents
+  them (``{"code": 21211, "message": ...}``).
+- ``aliyun``: Dysmsapi ``SendSms`` (RPC style, signature version 1.0, HMAC-SHA1 over the
+  sorted, percent-encoded query), with ``sign_name`` and ``template_code``; the flow's
+  SMS template renders the ``TemplateParam`` JSON object. Errors by ``Code``.
+- ``generic``: ``POST {base_url}`` with ``{"to", "text", "message_id"}`` and a bearer
+  token; answers classified like the webhook channel's.
+
+Recipients' numbers arrive in E.164 (the contact policy normalizes them with
+phonenumbers; an invalid one is ``no_address`` and never reaches a channel). Each sent
+message records the number of SMS parts it costs: GSM-7 160 characters (153 a part when
+split), otherwise UCS-2 70 (67), so Chinese text counts right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Literal
+from urllib.parse import quote
+
+import httpx
+from pydantic import Field, SecretStr, model_validator
+
+from herald.channels.base import (
+    Channel,
+    ChannelContext,
+    ChannelSettings,
+    Message,
+    Outcome,
+    SendResult,
+)
+from herald.channels.webhook import classify, retry_after
+
+DEFAULT_URLS = {"twilio": "https://api.twilio.com", "aliyun": "https://dysmsapi.aliyuncs.com"}
+
+# GSM 03.38: the basic set, and the extension set whose characters take two septets
+_GSM = set("@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLM"
+           "NOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà")
+_GSM_EXT = set("^{}\\[~]|€\f")
+
+
+def segments(text: str) -> int:
+    """How many SMS parts ``text`` costs (GSM-7 160/153, else UCS-2 70/67)."""
+    if all(c in _GSM or c in _GSM_EXT for c in text):
+        septets = len(text) + sum(1 for c in text if c in _GSM_EXT)
+        return 1 if septets <= 160 else -(-septets // 153)
+    units = len(text.encode("utf-16-le")) // 2  # characters beyond the BMP take two
+    return 1 if units <= 70 else -(-units // 67)
+
+
+class SmsSettings(ChannelSettings):
+    provider: Literal["twilio", "aliyun", "generic"]
+    base_url: str | None = None  # the provider's host by default; a gateway or test server
+    timeout: float = Field(default=10.0, gt=0)
+    concurrency: int = Field(default=16, ge=1, le=1000)
+    # twilio
+    account_sid: str | None = None
+    auth_token: SecretStr | None = None
+    sender: str | None = None  # From: a number or an alphanumeric sender id
+    messaging_service_sid: str | None = None
+    # aliyun
+    access_key_id: str | None = None
+    access_key_secret: SecretStr | None = None
+    sign_name: str | None = None
+    template_code: str | None = None
+    region_id: str = "cn-hangzhou"
+    # generic
+    token: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _provider_fields(self) -> SmsSettings:
+        needed = {"twilio": ["account_sid", "auth_token"],
+                  "aliyun": ["access_key_id", "access_key_secret", "sign_name",
+                             "template_code"],
+                  "generic": ["base_url"]}[self.provider]
+        missing = [f for f in needed if getattr(self, f) is None]
+        if self.provider == "twilio" and not (self.sender or self.messaging_service_sid):
+            missing.append("sender (or messaging_service_sid)")
+        if missing:
+            raise ValueError(f"provider {self.provider} needs {', '.join(missing)}")
+        return self
+
+    @property
+    def url(self) -> str:
+        return (self.base_url or DEFAULT_URLS[self.provider]).rstrip("/")
+
+
+# Twilio error codes (https://www.twilio.com/docs/api/errors) by what they mean here.
+TWILIO_SUPPRESS = {21610}  # the recipient replied STOP
+TWILIO_PERMANENT = {21211, 21214, 21217, 21612, 21614, 21408, 21635, 30003, 30005, 30006}
+TWILIO_FATAL = {20003, 20005, 20404, 21606, 21659, 21660, 30002}  # auth, sender, account
+TWILIO_RETRY = {20429, 30001, 30008}
+
+# Aliyun Dysmsapi SendSms codes.
+ALIYUN_PERMANENT = {"isv.MOBILE_NUMBER_ILLEGAL", "isv.MOBILE_COUNT_OVER_LIMIT",
+                    "isv.BLACK_KEY_CONTROL_LIMIT", "isv.PARAM_LENGTH_LIMIT",
+                    "isv.INVALID_JSON_PARAM", "isv.TEMPLATE_MISSING_PARAMETERS"}
+ALIYUN_THROTTLE = {"isv.BUSINESS_LIMIT_CONTROL", "Throttling.User", "isp.SYSTEM_ERROR",
+                   "isv.DAY_LIMIT_CONTROL", "ServiceUnavailable"}
+ALIYUN_FATAL = {"InvalidAccessKeyId.NotFound", "SignatureDoesNotMatch",
+                "isv.ACCOUNT_NOT_EXISTS", "isv.ACCOUNT_ABNORMAL", "isv.AMOUNT_NOT_ENOUGH",
+                "isv.SMS_TEMPLATE_ILLEGAL", "isv.SMS_SIGNATURE_ILLEGAL",
+                "isp.RAM_PERMISSION_DENY", "isv.OUT_OF_SERVICE", "Forbidden.RAM"}
+
+
+def percent_encode(value: str) -> str:
+    """Aliyun's RPC percent-encoding (RFC 3986, space as %20, ``~`` kept)."""
+    return quote(value, safe="~")
+
+
+def aliyun_signature(params: Mapping[str, str], secret: str, method: str = "POST") -> str:
+    """Signature version 1.0: HMAC-SHA1 of METHOD&%2F&encoded(sorted query), base64."""
+    query = "&".join(f"{percent_encode(k)}={percent_encode(v)}"
+                     for k, v in sorted(params.items()))
+    to_sign = f"{method}&{percent_encode('/')}&{percent_encode(query)}"
+    digest = hmac.new(f"{secret}&".encode(), to_sign.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+class SmsChannel(Channel):
+    """Text messages through Twilio, Aliyun or a generic JSON gateway."""
+
+    type_name = "sms"
+    kinds = frozenset({"sms"})
+    Settings = SmsSettings
+    batch_size = 100
+    max_body = 1000
+
+    def __init__(self, name: str, settings: ChannelSettings, context: ChannelContext) -> None:
+        super().__init__(name, settings, context)
+        assert isinstance(settings, SmsSettings)
+        self.options = settings
+        self._client: httpx.AsyncClient | None = None
+        self._stopped: SendResult | None = None
+
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            from httpx_aiohttp import AiohttpTransport  # see webhook.py and BENCHMARKS.md
+
+            self._client = httpx.AsyncClient(transport=AiohttpTransport(),
+                                             timeout=self.options.timeout)
+        return self._client
+
+    async def send_batch(self, messages: Sequence[Message]) -> list[SendResult]:
+        gate = asyncio.Semaphore(self.options.concurrency)
+
+        async def one(message: Message) -> SendResult:
+            async with gate:
+                if self._stopped is not None:
+                    return SendResult.fatal(self._stopped.code, "not sent: the channel "
+                                            f"stopped: {self._stopped.detail}")
+                try:
+                    result = await self._send(message)
+                except httpx.TimeoutException:
+                    result = SendResult.retryable("timeout", "no answer within "
+                                                  f"{self.options.timeout:g} s")
+                except httpx.TransportError as exc:
+                    result = SendResult.retryable("connection", "connection failed: "
+                                                  f"{type(exc).__name__}")
+                if result.outcome is Outcome.FATAL:
+                    self._stopped = result
+                return result
+
+        return list(await asyncio.gather(*(one(m) for m in messages)))
+
+    async def _send(self, message: Message) -> SendResult:
+        if self.options.provider == "twilio":
+            return await self._twilio(message)
+        if self.options.provider == "aliyun":
+            return await self._aliyun(message)
+        return await self._generic(message)
+
+    # -- twilio ---------------------------------------------------------------------
+    async def _twilio(self, message: Message) -> SendResult:
+        o = self.options
+        assert o.account_sid and o.auth_token
+        form = {"To": message.address, "Body": message.body}
+        if o.messaging_service_sid:
+            form["MessagingServiceSid"] = o.messaging_service_sid
+        else:
+            form["From"] = o.sender or ""
+        response = await self.client().post(
+            f"{o.url}/2010-04-01/Accounts/{o.account_sid}/Messages.json", data=form,
+            auth=(o.account_sid, o.auth_token.get_secret_value()))
+        if response.status_code in (200, 201):
+            sid = _json(response).get("sid")
+            return SendResult.sent(provider_id=str(sid) if sid else None,
+                                   segments=segments(message.body))
+        body = _json(response)
+        code = body.get("code")
+        detail = f"Twilio {code or response.status_code}: {body.get('message') or ''}".strip()
+        if code in TWILIO_SUPPRESS:
+            return SendResult.permanent(str(code), detail, suppress=True)
+        if code in TWILIO_FATAL or response.status_code in (401, 403):
+            return SendResult.fatal(str(code or response.status_code), detail)
+        if code in TWILIO_RETRY or response.status_code == 429 or response.status_code >= 500:
+            return SendResult.retryable(str(code or response.status_code), detail,
+                                        retry_after(response.headers.get("Retry-After")))
+        return SendResult.permanent(str(code or response.status_code), detail)
+
+    # -- aliyun ---------------------------------------------------------------------
+    async def _aliyun(self, message: Message) -> SendResult:
+        o = self.options
+        assert o.access_key_id and o.access_key_secret and o.sign_name and o.template_code
+        try:
+            template_param = json.loads(message.body)
+            if not isinstance(template_param, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            return SendResult.permanent("template_param", "the SMS template must render the "
+                                        "TemplateParam JSON object for provider aliyun")
+        params = {
+            "Action": "SendSms", "Version": "2017-05-25", "Format": "JSON",
+            "AccessKeyId": o.access_key_id, "SignatureMethod": "HMAC-SHA1",
+            "SignatureVersion": "1.0", "SignatureNonce": uuid.uuid4().hex,
+            "Timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "RegionId": o.region_id,
+            # mainland numbers without +86, others in international form
+            "PhoneNumbers": message.address.removeprefix("+86") if message.address
+            .startswith("+86") else message.address.lstrip("+"),
+            "SignName": o.sign_name, "TemplateCode": o.template_code,
+            "TemplateParam": json.dumps(template_param, ensure_ascii=False),
+            "OutId": message.message_id[:64],
+        }
+        params["Signature"] = aliyun_signature(params, o.access_key_secret.get_secret_value())
+        response = await self.client().post(f"{o.url}/", data=params)
+        body = _json(response)
+        code = str(body.get("Code") or response.status_code)
+        detail = f"Aliyun {code}: {body.get('Message') or ''}".strip()
+        if code == "OK":
+            return SendResult.sent(provider_id=str(body.get("BizId") or "") or None,
+                                   segments=None)
+        if code in ALIYUN_FATAL or response.status_code in (401, 403):
+            return SendResult.fatal(code, detail)
+        if code in ALIYUN_THROTTLE or response.status_code == 429 \
+                or response.status_code >= 500:
+            return SendResult.retryable(code, detail, 60.0 if "LIMIT" in code else None)
+        return SendResult.permanent(code, detail)
+
+    # -- generic --------------------------------------------------------------------
+    async def _generic(self, message: Message) -> SendResult:
+        o = self.options
+        headers = {"Idempotency-Key": message.message_id}
+        if o.token is not None:
+            headers["Authorization"] = f"Bearer {o.token.get_secret_value()}"
+        response = await self.client().post(o.url, json={
+            "to": message.address, "text": message.body, "message_id": message.message_id},
+            headers=headers)
+        result = classify(response, message.message_id)
+        if result.outcome is Outcome.SENT:
+            return SendResult.sent(result.provider_id, segments=segments(message.body))
+        return result
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        data = response.json()
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,223 @@
+"""The SMS channel against real HTTP servers on loopback that answer like Twilio, Aliyun
+and a generic gateway, as their documentation says; what lands in the ledger and in the
+suppression list."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import sqlite3
+from collections.abc import Iterator
+from urllib.parse import parse_qs, quote
+
+import pytest
+
+from herald.channels.sms import segments
+from herald.flows import engine
+
+from .conftest import PROMO_YAML
+from .http_peer import Peer, Request, serve
+
+
+def form(request: Request) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(request.body.decode()).items()}
+
+
+@pytest.fixture
+def twilio() -> Iterator[Peer]:
+    peer = Peer(key=lambda r: form(r)["To"],
+                ok_body=lambda r: {"sid": "SM" + hashlib.md5(r.body).hexdigest()[:32],
+                                   "status": "queued"})
+    server, found = serve(peer)
+    yield found
+    server.shutdown()
+    server.server_close()
+
+
+def sms_workspace(make_workspace, settings: str, rows: int = 12, template: str | None = None):
+    files = {
+        "config/herald.yaml": (
+            "timezone: UTC\nphone_region: US\nsources:\n  crm: \"sqlite:///crm.db\"\n"
+            f"channels:\n  text: {{type: sms, {settings}}}\nchunk_size: 40\n"),
+        "config/flows/promo.yaml": PROMO_YAML.replace(
+            "gold: {channels: [email, sms]}", "gold: {channels: [text]}").replace(
+            "default: {channels: [sms, email]}", "default: {channels: [text]}"),
+    }
+    if template:
+        files["templates/promo/default.sms.txt.j2"] = template
+    return make_workspace(files, rows=rows)
+
+
+def ledger(ws) -> dict[str, tuple]:
+    with sqlite3.connect(ws.root / ".herald" / "herald.db") as conn:
+        return {r[0]: r[1:] for r in conn.execute(
+            "SELECT recipient, status, code, segments, provider_id, reason "
+            "FROM herald_deliveries")}
+
+
+def suppressed(ws) -> set[str]:
+    with sqlite3.connect(ws.root / ".herald" / "herald.db") as conn:
+        return {r[0] for r in conn.execute("SELECT value FROM herald_suppressions")}
+
+
+def number(i: int) -> str:
+    return f"+1415555{i:04d}"
+
+
+def test_segments_count_gsm7_and_ucs2() -> None:
+    assert segments("x" * 160) == 1 and segments("x" * 161) == 2 and segments("x" * 306) == 2
+    assert segments("x" * 307) == 3
+    assert segments("{" * 80) == 1 and segments("{" * 81) == 2  # extension chars: 2 septets
+    assert segments("您" * 70) == 1 and segments("您" * 71) == 2 and segments("您" * 134) == 2
+    assert segments("您" * 135) == 3
+    assert segments("a" * 69 + "😀") == 2  # an emoji is two UTF-16 units: UCS-2, 71 > 70
+
+
+def test_twilio_answers(make_workspace, twilio) -> None:
+    ws = sms_workspace(make_workspace, f'provider: twilio, base_url: "{twilio.url}", '
+                       'account_sid: AC123, auth_token: "tok-1", sender: "+15005550006", '
+                       "timeout: 1", template="{{ name }}，您的积分即将到期。" + "回T退订" * 16)
+    twilio.script(number(1), ("json", 400, {"code": 21211, "message": "Invalid 'To' Phone "
+                                            "Number", "status": 400}))
+    twilio.script(number(2), ("json", 400, {"code": 21610, "message": "Attempt to send to "
+                                            "unsubscribed recipient", "status": 400}))
+    twilio.script(number(3), ("json", 429, {"code": 20429, "message": "Too Many Requests",
+                                            "status": 429}, {"Retry-After": "1"}))
+    twilio.script(number(4), ("json", 503, {"message": "unavailable"}))
+    twilio.script(number(6), ("timeout", 1.5))
+    summary = engine.run_local(ws, "promo", run_key="tw")
+    rows = ledger(ws)
+    assert rows["1"][:2] == ("failed", "21211") and "Invalid 'To'" in rows["1"][4]
+    assert rows["2"][:2] == ("failed", "21610")
+    assert suppressed(ws) == {number(2)}  # STOP: never texted again
+    assert rows["3"][0] == rows["4"][0] == "sent"  # throttled, then sent
+    assert rows["5"][0] == "no_address"  # every 5th person has no phone
+    assert rows["8"][0] == "sent" and rows["8"][3].startswith("SM")
+    body = "User 8，您的积分即将到期。" + "回T退订" * 16
+    assert len(body) == 80 and rows["8"][2] == segments(body) == 2  # UCS-2 > 70: two parts
+    assert rows["6"][0] == "sent"  # timed out once, retried
+    requests = [r for r in twilio.requests if form(r)["To"] == number(8)]
+    assert len(requests) == 1
+    sent = form(requests[0])
+    assert sent == {"To": number(8), "From": "+15005550006", "Body": body}
+    assert requests[0].path == "/2010-04-01/Accounts/AC123/Messages.json"
+    auth = base64.b64decode(requests[0].headers["authorization"].split()[1]).decode()
+    assert auth == "AC123:tok-1"
+    assert summary["deliveries"]["failed"] == 2
+
+
+def test_twilio_bad_credentials_stop_the_channel(make_workspace, twilio) -> None:
+    ws = sms_workspace(make_workspace, f'provider: twilio, base_url: "{twilio.url}", '
+                       'account_sid: AC123, auth_token: "wrong", sender: "+15005550006", '
+                       "concurrency: 1")
+    for i in range(1, 13):
+        twilio.script(number(i), ("json", 401, {"code": 20003, "message": "Authenticate"}))
+    summary = engine.run_local(ws, "promo", run_key="tw401")
+    assert summary["deliveries"]["sent"] == 0 and summary["deliveries"]["failed"] == 10
+    assert len(twilio.requests) == 1  # nothing more was sent after the refusal
+    assert suppressed(ws) == set()
+
+
+def test_invalid_numbers_are_recorded_never_sent(make_workspace, twilio) -> None:
+    ws = sms_workspace(make_workspace, f'provider: twilio, base_url: "{twilio.url}", '
+                       'account_sid: AC1, auth_token: "t", sender: "+15005550006"', rows=4)
+    with sqlite3.connect(ws.root / "crm.db") as conn:
+        conn.executemany("UPDATE people SET phone = ? WHERE id = ?",
+                         [("12345", 1), ("(415) 555-0102", 2), ("not a number", 3)])
+    engine.run_local(ws, "promo", run_key="numbers")
+    rows = ledger(ws)
+    assert rows["1"][0] == rows["3"][0] == "no_address"
+    assert rows["1"][4] == "text: phone invalid"
+    assert rows["2"][0] == "sent"  # national format, phone_region US: +14155550102
+    assert sorted(form(r)["To"] for r in twilio.requests) == ["+14155550004", "+14155550102"]
+
+
+SECRET = "aliyun-secret-9"
+
+
+def check_aliyun(request: Request) -> dict[str, str]:
+    """What Dysmsapi checks: the signature over every other parameter."""
+    params = form(request)
+    signature = params.pop("Signature")
+
+    def enc(value: str) -> str:
+        return quote(value, safe="~")
+
+    query = "&".join(f"{enc(k)}={enc(v)}" for k, v in sorted(params.items()))
+    to_sign = "POST&%2F&" + enc(query)
+    expected = base64.b64encode(hmac.new(f"{SECRET}&".encode(), to_sign.encode(),
+                                         hashlib.sha1).digest()).decode()
+    assert signature == expected, "SignatureDoesNotMatch"
+    return params
+
+
+@pytest.fixture
+def aliyun() -> Iterator[Peer]:
+    peer = Peer(key=lambda r: form(r)["PhoneNumbers"],
+                ok_body=lambda r: {"Code": "OK", "Message": "OK", "BizId": "900619746936498440^0",
+                                   "RequestId": "F655A8D5"})
+    server, found = serve(peer)
+    yield found
+    server.shutdown()
+    server.server_close()
+
+
+def test_aliyun_signed_requests_and_codes(make_workspace, aliyun, monkeypatch) -> None:
+    monkeypatch.setenv("ALIYUN_SECRET", SECRET)
+    ws = sms_workspace(make_workspace, f'provider: aliyun, base_url: "{aliyun.url}", '
+                       'access_key_id: LTAI5tKey, access_key_secret: "${ALIYUN_SECRET}", '
+                       'sign_name: 阿里云短信测试, template_code: SMS_154950909',
+                       template='{"name": {{ name|tojson }}, "score": "{{ score }}"}')
+    aliyun.script("14155550001", ("json", 200, {"Code": "isv.MOBILE_NUMBER_ILLEGAL",
+                                                "Message": "非法手机号"}))
+    aliyun.script("14155550002", ("json", 200, {"Code": "Throttling.User",
+                                                "Message": "Request was denied due to user "
+                                                "flow control."}))
+    summary = engine.run_local(ws, "promo", run_key="ali")
+    rows = ledger(ws)
+    assert rows["1"][:2] == ("failed", "isv.MOBILE_NUMBER_ILLEGAL")
+    assert rows["8"][:2] == ("sent", None) and rows["8"][3] == "900619746936498440^0"
+    for request in aliyun.requests:
+        params = check_aliyun(request)
+        assert params["Action"] == "SendSms" and params["SignName"] == "阿里云短信测试"
+        assert params["TemplateCode"] == "SMS_154950909"
+    sent = next(check_aliyun(r) for r in aliyun.requests
+                if form(r)["PhoneNumbers"] == "14155550008")
+    assert json.loads(sent["TemplateParam"]) == {"name": "User 8", "score": "8"}
+    assert rows["2"][0] == "sent"  # flow control: retried, then sent
+    # 12 people, 2 without a phone (5 and 10), 1 refused number
+    assert summary["deliveries"]["sent"] == 9 and summary["deliveries"]["failed"] == 1
+
+
+def test_aliyun_balance_exhausted_is_fatal(make_workspace, aliyun) -> None:
+    ws = sms_workspace(make_workspace, f'provider: aliyun, base_url: "{aliyun.url}", '
+                       f'access_key_id: K, access_key_secret: "{SECRET}", sign_name: S, '
+                       'template_code: SMS_1, concurrency: 1',
+                       template='{"name": {{ name|tojson }}}')
+    for i in range(1, 13):
+        aliyun.script(f"1415555{i:04d}", ("json", 200, {"Code": "isv.AMOUNT_NOT_ENOUGH",
+                                                        "Message": "账户余额不足"}))
+    summary = engine.run_local(ws, "promo", run_key="broke")
+    assert summary["deliveries"]["sent"] == 0 and len(aliyun.requests) == 1
+
+
+def test_generic_gateway(make_workspace, monkeypatch) -> None:
+    server, peer = serve(Peer(key=lambda r: r.json()["to"]))
+    try:
+        monkeypatch.setenv("GATEWAY_TOKEN", "gw-token")
+        ws = sms_workspace(make_workspace, f'provider: generic, base_url: "{peer.url}/sms", '
+                           'token: "${GATEWAY_TOKEN}"')
+        peer.script(number(1), ("status", 410))
+        peer.script(number(2), ("status", 500))
+        engine.run_local(ws, "promo", run_key="gw")
+        rows = ledger(ws)
+        assert rows["1"][:2] == ("failed", "410") and suppressed(ws) == {number(1)}
+        assert rows["2"][0] == "sent" and rows["8"][0] == "sent" and rows["8"][2] == 1
+        request = next(r for r in peer.requests if r.json()["to"] == number(8))
+        assert request.headers["authorization"] == "Bearer gw-token"
+        assert request.json()["text"] == "Hi User 8, score 8. Reply STOP to opt out"
+    finally:
+        server.shutdown()
+        server.server_close()
