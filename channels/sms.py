@@ -17,28 +17,20 @@ split), otherwise UCS-2 70 (67), so Chinese text counts right.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import quote
 
-import httpx
-from pydantic import Field, SecretStr, model_validator
+from pydantic import SecretStr, model_validator
 
-from herald.channels.base import (
-    Channel,
-    ChannelContext,
-    ChannelSettings,
-    Message,
-    Outcome,
-    SendResult,
-)
+from herald.channels.base import ChannelContext, ChannelSettings, Message, Outcome, SendResult
+from herald.channels.http import HttpChannel, HttpSettings, json_body
 from herald.channels.webhook import classify, retry_after
 
 DEFAULT_URLS = {"twilio": "https://api.twilio.com", "aliyun": "https://dysmsapi.aliyuncs.com"}
@@ -58,11 +50,9 @@ def segments(text: str) -> int:
     return 1 if units <= 70 else -(-units // 67)
 
 
-class SmsSettings(ChannelSettings):
+class SmsSettings(HttpSettings):
     provider: Literal["twilio", "aliyun", "generic"]
     base_url: str | None = None  # the provider's host by default; a gateway or test server
-    timeout: float = Field(default=10.0, gt=0)
-    concurrency: int = Field(default=16, ge=1, le=1000)
     # twilio
     account_sid: str | None = None
     auth_token: SecretStr | None = None
@@ -127,7 +117,7 @@ def aliyun_signature(params: Mapping[str, str], secret: str, method: str = "POST
     return base64.b64encode(digest).decode()
 
 
-class SmsChannel(Channel):
+class SmsChannel(HttpChannel):
     """Text messages through Twilio, Aliyun or a generic JSON gateway."""
 
     type_name = "sms"
@@ -140,40 +130,8 @@ class SmsChannel(Channel):
         super().__init__(name, settings, context)
         assert isinstance(settings, SmsSettings)
         self.options = settings
-        self._client: httpx.AsyncClient | None = None
-        self._stopped: SendResult | None = None
 
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            from httpx_aiohttp import AiohttpTransport  # see webhook.py and BENCHMARKS.md
-
-            self._client = httpx.AsyncClient(transport=AiohttpTransport(),
-                                             timeout=self.options.timeout)
-        return self._client
-
-    async def send_batch(self, messages: Sequence[Message]) -> list[SendResult]:
-        gate = asyncio.Semaphore(self.options.concurrency)
-
-        async def one(message: Message) -> SendResult:
-            async with gate:
-                if self._stopped is not None:
-                    return SendResult.fatal(self._stopped.code, "not sent: the channel "
-                                            f"stopped: {self._stopped.detail}")
-                try:
-                    result = await self._send(message)
-                except httpx.TimeoutException:
-                    result = SendResult.retryable("timeout", "no answer within "
-                                                  f"{self.options.timeout:g} s")
-                except httpx.TransportError as exc:
-                    result = SendResult.retryable("connection", "connection failed: "
-                                                  f"{type(exc).__name__}")
-                if result.outcome is Outcome.FATAL:
-                    self._stopped = result
-                return result
-
-        return list(await asyncio.gather(*(one(m) for m in messages)))
-
-    async def _send(self, message: Message) -> SendResult:
+    async def send_one(self, message: Message) -> SendResult:
         if self.options.provider == "twilio":
             return await self._twilio(message)
         if self.options.provider == "aliyun":
@@ -193,10 +151,10 @@ class SmsChannel(Channel):
             f"{o.url}/2010-04-01/Accounts/{o.account_sid}/Messages.json", data=form,
             auth=(o.account_sid, o.auth_token.get_secret_value()))
         if response.status_code in (200, 201):
-            sid = _json(response).get("sid")
+            sid = json_body(response).get("sid")
             return SendResult.sent(provider_id=str(sid) if sid else None,
                                    segments=segments(message.body))
-        body = _json(response)
+        body = json_body(response)
         code = body.get("code")
         detail = f"Twilio {code or response.status_code}: {body.get('message') or ''}".strip()
         if code in TWILIO_SUPPRESS:
@@ -234,7 +192,7 @@ class SmsChannel(Channel):
         }
         params["Signature"] = aliyun_signature(params, o.access_key_secret.get_secret_value())
         response = await self.client().post(f"{o.url}/", data=params)
-        body = _json(response)
+        body = json_body(response)
         code = str(body.get("Code") or response.status_code)
         detail = f"Aliyun {code}: {body.get('Message') or ''}".strip()
         if code == "OK":
@@ -260,16 +218,3 @@ class SmsChannel(Channel):
         if result.outcome is Outcome.SENT:
             return SendResult.sent(result.provider_id, segments=segments(message.body))
         return result
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
-
-
-def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        data = response.json()
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}

@@ -21,36 +21,27 @@ other 4xx                        permanent for this recipient
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
 import time
-from collections.abc import Sequence
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 from pydantic import Field, SecretStr, field_validator
 
-from herald.channels.base import (
-    Channel,
-    ChannelContext,
-    ChannelSettings,
-    Message,
-    Outcome,
-    SendResult,
-)
+from herald.channels.base import ChannelContext, ChannelSettings, Message, SendResult
+from herald.channels.http import HttpChannel, HttpSettings
 
 SIGNATURE_HEADER = "X-Herald-Signature"
 TIMESTAMP_HEADER = "X-Herald-Timestamp"
 
 
-class WebhookSettings(ChannelSettings):
+class WebhookSettings(HttpSettings):
     url: str | None = None  # one endpoint for all; default: each recipient's address
     secret: SecretStr | None = None
     headers: dict[str, str] = Field(default_factory=dict)
-    timeout: float = Field(default=10.0, gt=0)
     concurrency: int = Field(default=32, ge=1, le=1000)
 
     @field_validator("url")
@@ -106,7 +97,7 @@ def classify(response: httpx.Response, message_id: str) -> SendResult:
     return SendResult.permanent(code, detail)
 
 
-class WebhookChannel(Channel):
+class WebhookChannel(HttpChannel):
     """Signed JSON POSTs, ``concurrency`` at a time, over one connection pool."""
 
     type_name = "webhook"
@@ -120,33 +111,18 @@ class WebhookChannel(Channel):
         self.options = settings
         self._transport: httpx.AsyncBaseTransport | None = None
         self._urls: dict[str, httpx.URL] = {}
-        self._stopped: SendResult | None = None  # a fatal answer: send nothing more
 
     def transport(self) -> httpx.AsyncBaseTransport:
         if self._transport is None:
-            # httpx's request and response types over aiohttp's connection pool, called
-            # at the transport: httpx's default transport sent a tenth, and its client
-            # layer (redirects, cookies, hooks) a half, of the requests a second that
-            # this sends to the same endpoint (BENCHMARKS.md, http).
+            # Called at the transport, below httpx's client layer (redirects, cookies,
+            # hooks), which halved the requests a second (BENCHMARKS.md, http).
             from httpx_aiohttp import AiohttpTransport
 
             self._transport = AiohttpTransport()
         return self._transport
 
-    async def send_batch(self, messages: Sequence[Message]) -> list[SendResult]:
-        gate = asyncio.Semaphore(self.options.concurrency)
-
-        async def one(message: Message) -> SendResult:
-            async with gate:
-                if self._stopped is not None:
-                    return SendResult.fatal(self._stopped.code, "not sent: the channel "
-                                            f"stopped: {self._stopped.detail}")
-                result = await self._post(message)
-                if result.outcome is Outcome.FATAL:
-                    self._stopped = result
-                return result
-
-        return list(await asyncio.gather(*(one(m) for m in messages)))
+    async def send_one(self, message: Message) -> SendResult:
+        return await self._post(message)
 
     async def _post(self, message: Message) -> SendResult:
         url = self.options.url or message.address
@@ -164,16 +140,8 @@ class WebhookChannel(Channel):
         request = httpx.Request("POST", target, content=body, headers=headers, extensions={
             "timeout": {"connect": self.options.timeout, "read": self.options.timeout,
                         "write": self.options.timeout, "pool": self.options.timeout}})
-        try:
-            response = await self.transport().handle_async_request(request)
-            await response.aread()
-        except httpx.TimeoutException:
-            return SendResult.retryable("timeout", f"no answer within {self.options.timeout:g} s")
-        except (httpx.UnsupportedProtocol, httpx.InvalidURL):
-            return SendResult.permanent("bad_url", "the address is not an http(s) URL")
-        except httpx.TransportError as exc:
-            return SendResult.retryable("connection", f"connection failed: "
-                                        f"{type(exc).__name__}")
+        response = await self.transport().handle_async_request(request)
+        await response.aread()
         return classify(response, message.message_id)
 
     def payload(self, message: Message) -> dict[str, Any]:
@@ -186,3 +154,4 @@ class WebhookChannel(Channel):
         if self._transport is not None:
             await self._transport.aclose()
             self._transport = None
+        await super().aclose()

@@ -22,22 +22,14 @@ import asyncio
 import json
 import re
 import threading
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-import httpx
-from pydantic import Field, SecretStr
+from pydantic import SecretStr
 from sqlalchemy import Column, DateTime, String, Table, Text, select
 
-from herald.channels.base import (
-    Channel,
-    ChannelContext,
-    ChannelSettings,
-    Message,
-    Outcome,
-    SendResult,
-)
+from herald.channels.base import ChannelContext, ChannelSettings, Message, SendResult
+from herald.channels.http import HttpChannel, HttpSettings, json_body
 from herald.flows.db import metadata, writing
 
 tokens = Table(
@@ -90,21 +82,19 @@ def check_fields(data: dict[str, Any], kind: str) -> list[str]:
     return problems
 
 
-class WechatSettings(ChannelSettings):
+class WechatSettings(HttpSettings):
     appid: str
     secret: SecretStr
     message: Literal["template", "subscribe"]
     template_id: str
     link: str | None = None  # template: url; subscribe: page
     base_url: str = "https://api.weixin.qq.com"
-    timeout: float = Field(default=10.0, gt=0)
-    concurrency: int = Field(default=16, ge=1, le=1000)
 
 
 _token_locks: dict[tuple[str, str], threading.Lock] = {}
 
 
-class WechatChannel(Channel):
+class WechatChannel(HttpChannel):
     """Template messages or subscription notifications of one WeChat account."""
 
     type_name = "wechat"
@@ -116,16 +106,6 @@ class WechatChannel(Channel):
         super().__init__(name, settings, context)
         assert isinstance(settings, WechatSettings)
         self.options = settings
-        self._client: httpx.AsyncClient | None = None
-        self._stopped: SendResult | None = None
-
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            from httpx_aiohttp import AiohttpTransport  # see webhook.py and BENCHMARKS.md
-
-            self._client = httpx.AsyncClient(transport=AiohttpTransport(),
-                                             timeout=self.options.timeout)
-        return self._client
 
     # -- the shared access token --------------------------------------------------------
     def _store(self) -> Any:
@@ -163,7 +143,7 @@ class WechatChannel(Channel):
                 json={"grant_type": "client_credential", "appid": self.options.appid,
                       "secret": self.options.secret.get_secret_value(),
                       "force_refresh": stale is not None})
-            body = _json(response)
+            body = json_body(response)
             if not body.get("access_token"):
                 raise TokenRefused(int(body.get("errcode") or response.status_code),
                                    str(body.get("errmsg") or response.reason_phrase))
@@ -183,30 +163,12 @@ class WechatChannel(Channel):
             lock.release()
 
     # -- sending --------------------------------------------------------------------
-    async def send_batch(self, messages: Sequence[Message]) -> list[SendResult]:
-        gate = asyncio.Semaphore(self.options.concurrency)
-
-        async def one(message: Message) -> SendResult:
-            async with gate:
-                if self._stopped is not None:
-                    return SendResult.fatal(self._stopped.code, "not sent: the channel "
-                                            f"stopped: {self._stopped.detail}")
-                try:
-                    result = await self._send(message)
-                except TokenRefused as exc:
-                    result = SendResult.fatal(str(exc.code), f"access token refused: "
-                                              f"{exc.code} {exc.message}")
-                except httpx.TimeoutException:
-                    result = SendResult.retryable("timeout", "no answer within "
-                                                  f"{self.options.timeout:g} s")
-                except httpx.TransportError as exc:
-                    result = SendResult.retryable("connection", "connection failed: "
-                                                  f"{type(exc).__name__}")
-                if result.outcome is Outcome.FATAL:
-                    self._stopped = result
-                return result
-
-        return list(await asyncio.gather(*(one(m) for m in messages)))
+    async def send_one(self, message: Message) -> SendResult:
+        try:
+            return await self._send(message)
+        except TokenRefused as exc:
+            return SendResult.fatal(str(exc.code), f"access token refused: {exc.code} "
+                                    f"{exc.message}")
 
     async def _send(self, message: Message) -> SendResult:
         try:
@@ -230,7 +192,7 @@ class WechatChannel(Channel):
         for attempt in (1, 2):
             response = await self.client().post(f"{o.base_url}{path}",
                                                 params={"access_token": token}, json=payload)
-            body = _json(response)
+            body = json_body(response)
             code = int(body.get("errcode", 0 if response.status_code == 200 else -1))
             if code in TOKEN_ERRORS and attempt == 1:
                 token = await self.token(stale=token)  # refreshed, then this message again
@@ -254,22 +216,9 @@ class WechatChannel(Channel):
             return SendResult.fatal(str(code), f"{detail} (even with a fresh access token)")
         return SendResult.permanent(str(code), detail)
 
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
-
-
 class TokenRefused(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(f"{code} {message}")
         self.code = code
         self.message = message
 
-
-def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        data = response.json()
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
