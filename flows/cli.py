@@ -106,6 +106,8 @@ def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (defa
                   f"{', '.join(checked.spec.channel_names())}"
                   + (f"; schedules: {'; '.join(x.describe() for x in checked.spec.schedules)}"
                      if checked.spec.schedules else ""))
+        for warning in checked.warnings:
+            err.print(f"  [yellow]warning:[/] {warning}", highlight=False)
     if problems:
         for line in problems:
             err.print(f"  {line}", markup=False)

@@ -25,6 +25,11 @@ class CheckedFlow:
     segment: Segment
     columns: list[str]
     templates: int
+    warnings: tuple[str, ...] = ()
+
+
+# Carriers in mainland China require marketing SMS to say how to opt out.
+OPT_OUT_MARKERS = ("退订", "回T", "拒收", "回TD")
 
 
 def templates_for(ws: Workspace) -> Templates:
@@ -71,4 +76,26 @@ def check_flow(ws: Workspace, name: str, overrides: Mapping[str, Scalar] | None 
     files = {name for tier, ks in kinds.items() for kind in ks
              for part in ("subject", "txt", "html")
              for name in engine.variants(flow, tier, kind, part)}
-    return CheckedFlow(flow, segment, columns, len(files))
+    return CheckedFlow(flow, segment, columns, len(files),
+                       tuple(_opt_out_warnings(ws, flow, engine, kinds)))
+
+
+def _opt_out_warnings(ws: Workspace, flow: FlowSpec, engine: Templates,
+                      kinds: dict[str, set[str]]) -> list[str]:
+    """Marketing SMS templates in Chinese (what mainland numbers get) without opt-out
+    text. Exempt (transactional) flows need none."""
+    if flow.exempt:
+        return []
+    default_zh = ws.config.default_locale.startswith("zh")
+    found = []
+    for tier, ks in kinds.items():
+        if "sms" not in ks:
+            continue
+        for name in engine.variants(flow, tier, "sms", "txt"):
+            locale = name.rsplit("/", 1)[-1].split(".")[3:-1]
+            chinese = locale[0].startswith("zh") if locale else default_zh
+            text = (ws.templates_dir / name).read_text(encoding="utf-8")
+            if chinese and not any(marker in text for marker in OPT_OUT_MARKERS):
+                found.append(f"templates/{name}: a marketing SMS to mainland China must say "
+                             "how to opt out (e.g. 回T退订)")
+    return sorted(set(found))

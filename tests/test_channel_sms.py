@@ -221,3 +221,23 @@ def test_generic_gateway(make_workspace, monkeypatch) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_validate_warns_when_chinese_marketing_sms_lacks_opt_out(make_workspace, capsys
+                                                                 ) -> None:
+    from herald.flows.cli import main
+
+    ws = make_workspace({"templates/promo/default.sms.txt.zh.j2": "{{ name }}，积分翻倍！",
+                         "templates/promo/gold.sms.txt.zh.j2": "{{ name }}，积分翻倍，回T退订"})
+    with pytest.raises(SystemExit) as exc:
+        main(["validate", "-w", str(ws.root)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 0  # a warning, not an error
+    assert ("warning: templates/promo/default.sms.txt.zh.j2: a marketing SMS to mainland "
+            "China must say how to opt out") in err
+    assert "gold.sms.txt.zh.j2" not in err
+    flow = (ws.root / "config/flows/promo.yaml")
+    flow.write_text(flow.read_text() + "exempt: true\n")  # transactional: no opt-out needed
+    with pytest.raises(SystemExit):
+        main(["validate", "-w", str(ws.root)])
+    assert "warning" not in capsys.readouterr().err
