@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -243,7 +244,7 @@ def bench_http(tmp: Path, n: int, concurrency: int = 32) -> None:
     from herald.channels.base import ChannelContext, Message
     from herald.channels.webhook import WebhookChannel, WebhookSettings
 
-    count = min(n, 20_000)
+    count = min(n, 10_000)
     port = _free_port()
     url = f"http://127.0.0.1:{port}/v1/messages"
     sink = subprocess.Popen([sys.executable, str(HERE / "http_sink.py"), str(port)],
@@ -281,13 +282,21 @@ def bench_http(tmp: Path, n: int, concurrency: int = 32) -> None:
                     results = await channel.send_batch(messages[start:start + size])
                     assert all(r.outcome.value == "sent" for r in results), results[0]
 
-        base = timed(lambda: asyncio.run(bare()), 2)
-        default = timed(lambda: asyncio.run(plain_httpx()), 1)
-        ours = timed(lambda: asyncio.run(herald()), 2)
-        record("http", f"{count:,} webhook POSTs, concurrency {concurrency}",
-               bare_per_s=count / base, httpx_default_per_s=count / default,
-               herald_per_s=count / ours, throughput_ratio=base / ours,
-               httpx_default_ratio=base / default, target=">= 0.7x", met=base / ours >= 0.7)
+        # Rounds alternate baseline and Herald, and the ratio is the median of each
+        # round's: what else runs on the machine then weighs on both sides alike.
+        ratios, bases, ours_s = [], [], []
+        for _ in range(5):
+            base = timed(lambda: asyncio.run(bare()))
+            ours = timed(lambda: asyncio.run(herald()))
+            ratios.append(base / ours)
+            bases.append(base)
+            ours_s.append(ours)
+        default = timed(lambda: asyncio.run(plain_httpx()))
+        ratio = statistics.median(ratios)
+        record("http", f"{count:,} webhook POSTs, concurrency {concurrency}, 5 rounds",
+               bare_per_s=count / min(bases), httpx_default_per_s=count / default,
+               herald_per_s=count / min(ours_s), throughput_ratio=ratio,
+               httpx_default_ratio=min(bases) / default, target=">= 0.7x", met=ratio >= 0.7)
     finally:
         sink.terminate()
         sink.wait()
