@@ -72,6 +72,13 @@ def forget_buckets(run_id: str) -> None:
     with _buckets_lock:
         for key in [k for k in _buckets if k[0] == run_id]:
             del _buckets[key]
+        for key in [k for k in _stopped if k[0] == run_id]:
+            del _stopped[key]
+
+
+# Channels a fatal answer stopped, per run: the other chunks of the run in this process
+# send nothing more on them either.
+_stopped: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)
@@ -101,7 +108,7 @@ async def _send_channel(ws: Workspace, job: Job, name: str, messages: list[Messa
     size = settings.batch_size or cls.batch_size
     rate = settings.rate or cls.default_rate
     bucket = bucket_for(job.run_id, name, rate) if rate else None
-    stopped: str | None = None
+    stopped: str | None = _stopped.get((job.run_id, name))
     async with open_channel(ws, name, job) as channel:
         for start in range(0, len(messages), size):
             batch = messages[start:start + size]
@@ -114,6 +121,8 @@ async def _send_channel(ws: Workspace, job: Job, name: str, messages: list[Messa
             await _settle(ws, job, outcomes)
             if fatal:
                 stopped = fatal
+                with _buckets_lock:
+                    _stopped[job.run_id, name] = fatal
                 log.error("channel %s stopped: %s", name, fatal)
 
 
