@@ -20,6 +20,7 @@ bounded by ``:since`` / ``:until``); the ledger is read in slices, never whole.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -116,6 +117,8 @@ class ConversionReport:
     assigned: Group = field(default_factory=Group)  # the whole campaign arm
     tiers: dict[str, Row] = field(default_factory=dict)
     channels: dict[str, Row] = field(default_factory=dict)
+    # recipient -> (first attributed conversion, revenue), whatever their status
+    converted: dict[str, tuple[datetime, float]] = field(default_factory=dict, repr=False)
 
     @property
     def closes_at(self) -> datetime | None:
@@ -314,16 +317,18 @@ def compute(ws: Workspace, flow_name: str, run_key: str, now: datetime | None = 
             for recipient, status, tier, channel, start in rows:
                 opened = utc(start)
                 assert opened is not None
-                hits = [amount for at, amount in found[recipient]
+                hits = [(at, amount) for at, amount in found[recipient]
                         if opened <= at < opened + conv.window]
                 if not hits:
                     continue
+                revenue = sum(amount for _, amount in hits)
+                report.converted[recipient] = (min(at for at, _ in hits), revenue)
                 groups_hit = _arm(report, status, tier, channel)
                 if status != HELD_OUT:
                     groups_hit.append(report.assigned)
                 for group in groups_hit:
                     group.converted += 1
-                    group.revenue += sum(hits)
+                    group.revenue += revenue
     return report
 
 
@@ -346,6 +351,42 @@ def _ordered(tiers: dict[str, Row], flow: FlowSpec) -> dict[str, Row]:
     """Tiers in the flow's order, then the ones that fell back to ``default``."""
     declared = [t for t in flow.tiers if t in tiers]
     return {name: tiers[name] for name in [*declared, *sorted(set(tiers) - set(declared))]}
+
+
+# -- the whole report of a run ----------------------------------------------------------
+def find_run(ws: Workspace, run: str | None) -> Any:
+    """A run by id, else the latest run of the flow named ``run``, else the latest run."""
+    row = ledger.get_run(ws.store, run_id=run) if run else ledger.get_run(ws.store)
+    if row is None and run:
+        row = ledger.get_run(ws.store, flow=run)
+    if row is None:
+        raise HeraldError(f"no run '{run}'" if run else "no runs yet")
+    return row
+
+
+def run_report(ws: Workspace, row: Any) -> dict[str, Any]:
+    """A run's delivery report from the ledger (``herald report --json`` without the
+    conversions)."""
+    summary = json.loads(row.summary) if row.summary else None
+    counts = ledger.run_counts(ws.store, row.id)
+    if summary is not None:  # duplicates are counted in the summary, not in the ledger
+        counts.deliveries["duplicate"] = summary["deliveries"].get("duplicate", 0)
+    data = {"run_id": row.id, "flow": row.flow, "run_key": row.run_key,
+            "status": row.status, "dry_run": row.dry_run,
+            "package": summary["package"] if summary else {"id": row.package_id},
+            "error": row.error, **counts.to_dict(),
+            "reasons": [{"channel": r.channel, "status": r.status, "reason": r.reason,
+                         "count": int(r.n)} for r in ledger.failures(ws.store, row.id)]}
+    if row.dry_run and summary:
+        data.update({k: summary[k] for k in ("deliveries", "by_tier", "by_channel")})
+    return data
+
+
+def measures(ws: Workspace, row: Any) -> bool:
+    """Whether a run's conversions can be measured: a real run of a flow that declares
+    a conversion (and still exists in config/flows)."""
+    return (not row.dry_run and row.flow in ws.flow_names()
+            and ws.flow(row.flow).conversion is not None)
 
 
 # -- ledger views for reports and the demo ----------------------------------------------

@@ -12,7 +12,7 @@ import sqlite3
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
 
 from herald.channels import ledger
 from herald.flows.errors import AudienceError, HeraldError, ValidationFailed
@@ -64,13 +64,19 @@ ORDERS = [
 ]
 
 
-def write_orders(ws, orders) -> None:
-    with sqlite3.connect(ws.root / "crm.db") as conn:
-        conn.execute("DROP TABLE IF EXISTS orders")
-        conn.execute("CREATE TABLE orders (customer INTEGER, placed_at TEXT, amount REAL)")
-        conn.executemany("INSERT INTO orders VALUES (?, ?, ?)",
-                         [(o[0], o[1].replace(tzinfo=None).isoformat(" ", "seconds"),
-                           o[2] if len(o) > 2 else 5.0) for o in orders])
+def write_orders(ws, orders, source: str = "crm") -> None:
+    """The CRM's orders (naive UTC timestamps; text on SQLite, as the demo shop's)."""
+    engine = ws.source(source)
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS orders")
+        conn.exec_driver_sql("CREATE TABLE orders (customer INTEGER, placed_at "
+                             f"{'TEXT' if sqlite else 'TIMESTAMP'}, amount REAL)")
+        rows = [{"c": o[0], "a": o[2] if len(o) > 2 else 5.0,
+                 "p": (o[1].replace(tzinfo=None).isoformat(" ", "seconds") if sqlite
+                       else o[1].replace(tzinfo=None))} for o in orders]
+        if rows:
+            conn.execute(text("INSERT INTO orders VALUES (:c, :p, :a)"), rows)
 
 
 def write_ledger(ws, entries, run_key: str = "k1") -> None:
