@@ -96,6 +96,10 @@ def campaign(workspace: str, flow_name: str, run_key: str,
         + [{"channel": "all", **{s: summary["deliveries"].get(s, 0) for s in statuses}}])
     if summary.get("deferred_until"):
         _follow_up(flow_name, run_key, dict(params or {}), summary["deferred_until"])
+    if not dry_run:  # write-back and the conversion report once its window closes
+        from herald.flows.conversion_report import after_run
+
+        after_run(ws, summary, logger)
     logger.info("run %s finished: %s", prepared.run_id,
                 ", ".join(f"{s}={n}" for s, n in summary["deliveries"].items() if n) or "nothing")
     return summary

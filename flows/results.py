@@ -353,6 +353,19 @@ def _ordered(tiers: dict[str, Row], flow: FlowSpec) -> dict[str, Row]:
     return {name: tiers[name] for name in [*declared, *sorted(set(tiers) - set(declared))]}
 
 
+def window_closes(ws: Workspace, flow_name: str, run_key: str) -> datetime | None:
+    """When the last contacted or held-out recipient's attribution window closes."""
+    conv = ws.flow(flow_name).conversion
+    if conv is None:
+        return None
+    with ws.store.connect() as conn:
+        last = conn.execute(select(func.max(_START)).where(
+            _d.c.flow == flow_name, _d.c.run_key == run_key,
+            _d.c.status.in_((CONTACTED, HELD_OUT)))).scalar()
+    opened = utc(last)
+    return opened + conv.window if opened else None
+
+
 # -- the whole report of a run ----------------------------------------------------------
 def find_run(ws: Workspace, run: str | None) -> Any:
     """A run by id, else the latest run of the flow named ``run``, else the latest run."""
