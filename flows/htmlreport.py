@@ -127,31 +127,57 @@ def _deliveries(run: dict[str, Any], timeline: Timeline) -> list[str]:
 
 
 # -- charts -----------------------------------------------------------------------------
+def el(tag: str, content: str = "", **attrs: Any) -> str:
+    """An SVG element with quoted, escaped attributes (``stroke_width`` → ``stroke-width``,
+    ``cls`` → ``class``); floats are rounded to one decimal."""
+    parts = []
+    for name, value in attrs.items():
+        if isinstance(value, float):
+            value = f"{value:.1f}"
+        key = "class" if name == "cls" else name.replace("_", "-")
+        parts.append(f'{key}="{escape(str(value))}"')
+    opening = f"<{tag} {' '.join(parts)}" if parts else f"<{tag}"
+    return f"{opening}>{content}</{tag}>" if content else f"{opening}/>"
+
+
 def _svg(width: int, height: int, label: str, parts: list[str]) -> str:
-    return (f"<svg class=chart role=img aria-label='{escape(label)}' width={width} "
-            f"height={height} viewBox='0 0 {width} {height}' "
-            f"xmlns='http://www.w3.org/2000/svg'><title>{escape(label)}</title>"
-            + "".join(parts) + "</svg>")
+    return el("svg", el("title", escape(label)) + "".join(parts), cls="chart", role="img",
+              aria_label=label, width=width, height=height,
+              viewBox=f"0 0 {width} {height}", xmlns="http://www.w3.org/2000/svg")
+
+
+def _text(x: float, y: float, words: str, **attrs: Any) -> str:
+    return el("text", escape(words), x=x, y=y, **attrs)
 
 
 def _legend(x: float, y: float, items: list[tuple[str, str]]) -> list[str]:
     out = []
     for label, colour in items:
-        out.append(f"<rect x={x:.0f} y={y - 10:.0f} width=12 height=12 fill='{colour}'/>"
-                   f"<text x={x + 17:.0f} y={y:.0f}>{escape(label)}</text>")
+        out += [el("rect", x=x, y=y - 10, width=12, height=12, fill=colour),
+                _text(x + 17, y, label)]
         x += 30 + 7 * len(label)
     return out
 
 
-def _nice_max(value: float) -> float:
-    """A round axis maximum at or above ``value`` (a fraction for rates, counts else)."""
-    if value <= 0:
-        return 1.0
-    step = 10 ** len(str(int(value))) / 10 if value >= 1 else 0.01
-    top = step
-    while top < value:
-        top += step if value >= 1 or top < 0.1 else 0.05
-    return top
+def _nice_max(value: float, percent: bool) -> float:
+    """An axis maximum at or above ``value`` whose quarters are round numbers."""
+    if percent:
+        return next((c for c in (0.02, 0.04, 0.08, 0.2, 0.4, 0.6, 0.8) if c >= value), 1.0)
+    return float(next(m * 10 ** e for e in range(15) for m in (4, 8, 20) if m * 10 ** e >= value))
+
+
+def _axis(left: float, top: float, width: float, plot_h: float, ymax: float,
+          percent: bool) -> list[str]:
+    parts = []
+    for k in range(5):
+        value = ymax * k / 4
+        y = top + plot_h - plot_h * k / 4
+        label = f"{value:,.0f}"
+        if percent:
+            label = f"{value * 100:.1f}%" if ymax < 0.04 else f"{value * 100:.0f}%"
+        parts += [el("line", x1=left, x2=width - 10, y1=y, y2=y, stroke=GRID),
+                  _text(left - 6, y + 4, label, text_anchor="end")]
+    return parts
 
 
 def rate_chart(rows: list[Row]) -> str:
@@ -162,51 +188,36 @@ def rate_chart(rows: list[Row]) -> str:
     plot_h = height - bottom - top
     highs = [wilson(g.converted, g.recipients)[1] for r in rows
              for g in (r.contacted, r.held_out) if g.recipients]
-    ymax = _nice_max(max(highs, default=0.01))
+    ymax = _nice_max(max(highs, default=0.01), percent=True)
     band = (width - left - 10) / len(rows)
     bar = min(48.0, band / 3)
     parts = _axis(left, top, width, plot_h, ymax, percent=True)
     for i, row in enumerate(rows):
-        x0 = left + i * band + band / 2 - bar
+        centre = left + i * band + band / 2
         for j, (group, colour, name) in enumerate(((row.contacted, CONTACTED, "contacted"),
                                                    (row.held_out, HELD_OUT, "held out"))):
-            x = x0 + j * bar
+            x = centre - bar + j * bar
             if not group.recipients:
-                parts.append(f"<text x={x + bar / 2:.1f} y={top + plot_h - 4} "
-                             "text-anchor=middle font-size=10>n/a</text>")
+                parts.append(_text(x + bar / 2, top + plot_h - 4, "n/a", text_anchor="middle",
+                                   font_size=10))
                 continue
             rate = group.converted / group.recipients
             h = plot_h * rate / ymax
             low, high = wilson(group.converted, group.recipients)
             tip = (f"{row.name}, {name}: {group.converted:,} of {group.recipients:,} "
                    f"({pct(rate)}; 95% CI {pct(low)} to {pct(high)})")
-            parts.append(f"<rect class=bar x={x + 2:.1f} y={top + plot_h - h:.1f} "
-                         f"width={bar - 4:.1f} height={max(h, 0.5):.1f} fill='{colour}'>"
-                         f"<title>{escape(tip)}</title></rect>")
             y_low, y_high = (top + plot_h - plot_h * v / ymax for v in (low, high))
             cx = x + bar / 2
-            parts.append(f"<path d='M{cx:.1f} {y_low:.1f}V{y_high:.1f}M{cx - 4:.1f} "
-                         f"{y_low:.1f}h8M{cx - 4:.1f} {y_high:.1f}h8' stroke='{INK}' "
-                         "fill=none stroke-width=1.2/>")
-        parts.append(f"<text x={left + i * band + band / 2:.1f} y={height - bottom + 18} "
-                     f"text-anchor=middle>{escape(row.name)}</text>")
+            parts.append(el(
+                "g", el("title", escape(tip))
+                + el("rect", cls="bar", x=x + 2, y=top + plot_h - h, width=bar - 4,
+                     height=max(h, 0.5), fill=colour)
+                + el("path", d=f"M{cx:.1f} {y_low:.1f}V{y_high:.1f}M{cx - 4:.1f} {y_low:.1f}"
+                              f"h8M{cx - 4:.1f} {y_high:.1f}h8",
+                     stroke=INK, fill="none", stroke_width=1.2)))
+        parts.append(_text(centre, height - bottom + 18, row.name, text_anchor="middle"))
     parts += _legend(left, 16, [("contacted", CONTACTED), ("held out", HELD_OUT)])
     return _svg(width, height, "Conversion rate by tier, contacted and held out", parts)
-
-
-def _axis(left: float, top: float, width: float, plot_h: float, ymax: float,
-          percent: bool) -> list[str]:
-    parts = []
-    for k in range(5):
-        value = ymax * k / 4
-        y = top + plot_h - plot_h * k / 4
-        label = f"{value * 100:.0f}%" if percent else f"{value:,.0f}"
-        if percent and ymax < 0.04:
-            label = f"{value * 100:.1f}%"
-        parts.append(f"<line x1={left} x2={width - 10} y1={y:.1f} y2={y:.1f} "
-                     f"stroke='{GRID}'/><text x={left - 6} y={y + 4:.1f} "
-                     f"text-anchor=end>{label}</text>")
-    return parts
 
 
 def uplift_chart(rows: list[Row]) -> str:
@@ -221,24 +232,23 @@ def uplift_chart(rows: list[Row]) -> str:
     def x_of(v: float) -> float:
         return left + plot_w * (v + span) / (2 * span)
 
-    parts = [f"<line x1={x_of(0):.1f} x2={x_of(0):.1f} y1=8 y2={height - 24} "
-             f"stroke='{INK}' stroke-dasharray='3 3'/>"]
+    parts = [el("line", x1=x_of(0), x2=x_of(0), y1=8, y2=height - 24, stroke=INK,
+                stroke_dasharray="3 3")]
     for tick in (-span, -span / 2, 0.0, span / 2, span):
-        parts.append(f"<text x={x_of(tick):.1f} y={height - 8} text-anchor=middle>"
-                     f"{tick * 100:+.1f} pp</text>")
+        parts.append(_text(x_of(tick), height - 8, f"{tick * 100:+.1f} pp",
+                           text_anchor="middle"))
     for i, (row, found) in enumerate(measured):
         y = 20 + i * row_h
-        parts.append(f"<text x=8 y={y + 4}>{escape(row.name)}</text>")
+        parts.append(_text(8, y + 4, row.name))
         if found is None:
-            parts.append(f"<text x={x_of(0) + 8:.1f} y={y + 4} fill='#6b7280'>"
-                         f"{escape(row.note or '')}</text>")
+            parts.append(_text(x_of(0) + 8, y + 4, row.note or "", fill="#6b7280"))
             continue
         colour = "#15803d" if found.low > 0 else FAILED if found.high < 0 else CONTACTED
-        tip = f"{row.name}: {describe_uplift(row)}"
-        parts.append(f"<g class=uplift><title>{escape(tip)}</title>"
-                     f"<line x1={x_of(found.low):.1f} x2={x_of(found.high):.1f} y1={y} "
-                     f"y2={y} stroke='{colour}' stroke-width=3/>"
-                     f"<circle cx={x_of(found.absolute):.1f} cy={y} r=5 fill='{colour}'/></g>")
+        parts.append(el("g", el("title", escape(f"{row.name}: {describe_uplift(row)}"))
+                        + el("line", x1=x_of(found.low), x2=x_of(found.high), y1=y, y2=y,
+                             stroke=colour, stroke_width=3)
+                        + el("circle", cx=x_of(found.absolute), cy=y, r=5, fill=colour),
+                        cls="uplift"))
     return _svg(width, height, "Uplift per tier with 95% intervals", parts)
 
 
@@ -249,7 +259,8 @@ def timeline_chart(timeline: Timeline) -> str:
     width, height, left, bottom, top = 760, 240, 56, 40, 30
     plot_h = height - bottom - top
     n = len(timeline.sent)
-    ymax = _nice_max(max(s + f for s, f in zip(timeline.sent, timeline.failed, strict=True)))
+    ymax = _nice_max(max(s + f for s, f in zip(timeline.sent, timeline.failed, strict=True)),
+                     percent=False)
     band = (width - left - 10) / n
     parts = _axis(left, top, width, plot_h, ymax, percent=False)
     fmt = "%H:%M:%S" if timeline.step < timedelta(minutes=1) else (
@@ -259,18 +270,19 @@ def timeline_chart(timeline: Timeline) -> str:
         when = timeline.start + i * timeline.step
         h_sent, h_failed = plot_h * sent / ymax, plot_h * failed / ymax
         tip = f"{when:%Y-%m-%d %H:%M:%S} UTC: {sent:,} sent, {failed:,} failed"
-        parts.append(f"<g class=bucket><title>{escape(tip)}</title>"
-                     f"<rect x={x + 1:.1f} y={top + plot_h - h_sent:.1f} "
-                     f"width={max(band - 2, 1):.1f} height={h_sent:.1f} fill='{CONTACTED}'/>"
-                     f"<rect x={x + 1:.1f} y={top + plot_h - h_sent - h_failed:.1f} "
-                     f"width={max(band - 2, 1):.1f} height={h_failed:.1f} fill='{FAILED}'/>"
-                     "</g>")
+        parts.append(el("g", el("title", escape(tip))
+                        + el("rect", x=x + 1, y=top + plot_h - h_sent, width=max(band - 2, 1),
+                             height=h_sent, fill=CONTACTED)
+                        + el("rect", x=x + 1, y=top + plot_h - h_sent - h_failed,
+                             width=max(band - 2, 1), height=h_failed, fill=FAILED),
+                        cls="bucket"))
         if i in (0, n - 1) or (n > 2 and i == n // 2):
-            parts.append(f"<text x={x + band / 2:.1f} y={height - bottom + 18} "
-                         f"text-anchor=middle>{when:{fmt}}</text>")
+            parts.append(_text(x + band / 2, height - bottom + 18, f"{when:{fmt}}",
+                               text_anchor="middle"))
     parts += _legend(left, 16, [("sent", CONTACTED), ("failed", FAILED)])
-    label = f"Messages sent and failed per {format_duration(timeline.step)}" \
-        if timeline.step >= timedelta(minutes=1) else \
-        f"Messages sent and failed per {int(timeline.step.total_seconds())} s"
-    parts.append(f"<text x={width - 10} y=16 text-anchor=end>{escape(label)}</text>")
+    step = timeline.step
+    label = "Messages sent and failed per " + (
+        format_duration(step) if step >= timedelta(minutes=1)
+        else f"{int(step.total_seconds())} s")
+    parts.append(_text(width - 10, 16, label, text_anchor="end"))
     return _svg(width, height, label, parts)
