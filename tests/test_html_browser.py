@@ -22,7 +22,8 @@ import pytest
 from websockets.sync.client import connect
 
 from .test_cli import cli
-from .test_report import reported  # noqa: F401 (fixture)
+from .test_report import recorded_run
+from .test_results import FILES, ORDERS, write_orders
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -131,7 +132,10 @@ CHARTS = """JSON.stringify(Array.from(document.querySelectorAll('svg.chart')).ma
 }))"""
 
 
-def test_html_report_renders_in_a_browser(reported, browser, capsys) -> None:
+def test_html_report_renders_in_a_browser(make_workspace, browser, capsys) -> None:
+    reported = make_workspace(FILES)
+    write_orders(reported, ORDERS)
+    recorded_run(reported)
     assert cli(capsys, "report", "promo", "-w", str(reported.root), "--html")[0] == 0
     path = reported.root / "reports/promo/k1.html"
     browser.open(path.as_uri())
