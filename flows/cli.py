@@ -361,7 +361,7 @@ def _print_conversion(report: Any) -> None:
     for first, rows in (("tier", [report.total, *report.tiers.values()]),
                         ("channel", list(report.channels.values()))):
         table = Table(first, "contacted", "held out", "uplift", "95% CI", "relative",
-                      *(["revenue"] if money else []), box=box.SIMPLE_HEAD, padding=(0, 1),
+                      *(["revenue"] if money else []), box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True,
                       pad_edge=False)
         for column in table.columns[1:]:
             column.justify = "right"
@@ -398,7 +398,7 @@ def _print_conversion(report: Any) -> None:
 def _arm_cell(group: Any) -> str:
     if not group.recipients:
         return "0"
-    return f"{group.converted:,}/{group.recipients:,} {group.converted / group.recipients:6.1%}"
+    return f"{group.converted:,}/{group.recipients:,} {group.converted / group.recipients:.1%}"
 
 
 def _money(group: Any) -> str:
