@@ -361,8 +361,8 @@ def _print_conversion(report: Any) -> None:
     for first, rows in (("tier", [report.total, *report.tiers.values()]),
                         ("channel", list(report.channels.values()))):
         table = Table(first, "contacted", "held out", "uplift", "95% CI", "relative",
-                      *(["revenue"] if money else []), box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True,
-                      pad_edge=False)
+                      *(["revenue"] if money else []), box=box.SIMPLE_HEAD, padding=(0, 1),
+                      collapse_padding=True, pad_edge=False)
         for column in table.columns[1:]:
             column.justify = "right"
         for row in rows:
