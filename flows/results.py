@@ -415,21 +415,12 @@ class Contact:
 
 def contacts(ws: Workspace, flow: str, run_key: str) -> Iterator[Contact]:
     """The contacted and held-out recipients of a run key, a slice at a time."""
-    last = ""
-    while True:
-        with ws.store.connect() as conn:
-            rows = list(conn.execute(select(_d.c.recipient, _d.c.tier, _d.c.status, _START)
-                                     .where(_d.c.flow == flow, _d.c.run_key == run_key,
-                                            _d.c.status.in_((CONTACTED, HELD_OUT)),
-                                            _d.c.recipient > last)
-                                     .order_by(_d.c.recipient).limit(5000)))
-        if not rows:
-            return
+    for rows in ledger.run_key_rows(ws.store, flow, run_key, [_d.c.tier, _d.c.status, _START],
+                                    statuses=(CONTACTED, HELD_OUT)):
         for recipient, tier, status, start in rows:
             opened = utc(start)
             assert opened is not None
             yield Contact(recipient, tier, status == CONTACTED, opened)
-        last = rows[-1][0]
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,6 @@ from sqlalchemy import (
     Text,
     delete,
     insert,
-    select,
 )
 
 from herald.channels import ledger
@@ -115,16 +114,9 @@ def write_back(ws: Workspace, flow: str, run_key: str,
 def _ledger_rows(ws: Workspace, flow: str, run_key: str,
                  conversion: ConversionReport | None) -> Iterator[list[dict[str, Any]]]:
     d = ledger.deliveries
-    last = ""
-    while True:
-        with ws.store.connect() as conn:
-            rows = list(conn.execute(
-                select(d.c.run_id, d.c.recipient, d.c.tier, d.c.channel, d.c.status,
-                       d.c.reason, d.c.created_at, d.c.sent_at)
-                .where(d.c.flow == flow, d.c.run_key == run_key, d.c.recipient > last)
-                .order_by(d.c.recipient).limit(5000)))
-        if not rows:
-            return
+    for rows in ledger.run_key_rows(ws.store, flow, run_key, [
+            d.c.run_id, d.c.tier, d.c.channel, d.c.status, d.c.reason, d.c.created_at,
+            d.c.sent_at]):
         batch = []
         for r in rows:
             hit = conversion.converted.get(r.recipient) if conversion else None
@@ -138,7 +130,6 @@ def _ledger_rows(ws: Workspace, flow: str, run_key: str,
                 "converted_at": hit[0] if hit else None,
                 "revenue": hit[1] if hit else None})
         yield batch
-        last = rows[-1].recipient
 
 
 def _write_results(conn: Connection, results: Table, report: ConversionReport) -> int:

@@ -156,3 +156,19 @@ def test_writeback_names_an_unknown_source(make_workspace) -> None:
     with pytest.raises(ConfigError, match=r"config/herald.yaml:11 writeback.source: unknown "
                                           r"source 'nope' \(sources: crm\)"):
         make_workspace({"config/herald.yaml": HERALD_YAML + "writeback: {source: nope}\n"})
+
+
+def test_a_run_writes_its_ledger_back_before_conversions_are_known(make_workspace) -> None:
+    import logging
+
+    from herald.flows.conversion_report import after_run
+
+    ws = make_workspace({**FILES, "config/herald.yaml": WRITEBACK}, rows=30)
+    write_orders(ws, [])
+    summary = run_local(ws, "promo", run_key="wb-1")
+    after_run(ws, summary, logging.getLogger("test"))
+    rows = written(f"sqlite:///{ws.root / 'crm.db'}", "an_deliveries")
+    assert len(rows) == 30 and {r["run_key"] for r in rows} == {"wb-1"}
+    assert {r["converted"] for r in rows} == {None}
+    arms = {r["arm"] for r in rows}
+    assert arms <= {"contacted", "held_out", "not_contacted"} and "contacted" in arms
