@@ -88,6 +88,7 @@ def _print_json(data: Any) -> None:
 def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (default: all)")]
              = None, workspace: WorkspaceOpt = None) -> None:
     """Check flows, SQL, templates and channels; exit 1 listing every problem."""
+    from herald.flows.spec import format_duration
     from herald.flows.validate import check_flow, templates_for
 
     ws = _ws(workspace)
@@ -106,7 +107,9 @@ def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (defa
         out.print(f"[green]✓[/] {name}: segment {checked.segment.file} "
                   f"({len(checked.columns)} columns), {len(checked.spec.tiers)} tiers, "
                   f"{checked.templates} templates, channels "
-                  f"{', '.join(checked.spec.channel_names())}")
+                  f"{', '.join(checked.spec.channel_names())}"
+                  + (f", conversion {conv.segment} within {format_duration(conv.window)}"
+                     if (conv := checked.spec.conversion) else ""))
     if problems:
         for line in problems:
             err.print(f"  {line}", markup=False)

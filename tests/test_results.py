@@ -100,7 +100,10 @@ def by_name(rows):
     return {row["name"]: row for row in rows}
 
 
-def test_figures_known_by_hand(measured) -> None:
+def test_figures_known_by_hand(make_workspace, store_url) -> None:
+    measured = make_workspace(FILES, store=store_url)  # the ledger on SQLite, then Postgres
+    write_orders(measured, ORDERS)
+    write_ledger(measured, LEDGER)
     report = compute(measured, "promo", "k1", now=T0 + timedelta(days=30)).to_dict()
     total = report["total"]
     assert total["contacted"] == {"recipients": 24, "converted": 6, "rate": 0.25,
