@@ -317,13 +317,13 @@ def report(run_id: Annotated[str | None, typer.Argument(
     ws = _ws(workspace)
     row = results.find_run(ws, run_id)
     data = results.run_report(ws, row)
-    conversion = None
+    conversion, written = None, None
     if results.measures(ws, row):
         conversion = results.compute(ws, row.flow, row.run_key)
         data["conversion"] = conversion.to_dict()
         from herald.flows.writeback import write_back
 
-        write_back(ws, row.flow, row.run_key, conversion)
+        written = write_back(ws, row.flow, row.run_key, conversion)
     path = None
     if html or to:
         from herald.flows.htmlreport import render
@@ -346,6 +346,10 @@ def report(run_id: Annotated[str | None, typer.Argument(
         out.print(reasons)
     if conversion is not None:
         _print_conversion(conversion)
+    if written and ws.config.writeback:
+        out.print(f"written back to source {ws.config.writeback.source}: "
+                  f"{written['deliveries']} deliveries, {written['conversion_results']} "
+                  "result rows")
     if path:
         out.print(f"HTML report: {path}")
 

@@ -67,7 +67,7 @@ def test_outbox_holds_chinese_and_english(demo) -> None:
     assert any("STOP" in t for t in texts)
 
 
-def test_simulated_response_gives_an_explainable_uplift(demo) -> None:
+def test_simulated_response_gives_an_explainable_uplift(demo, capsys) -> None:
     """The demo's simulated week after the win-back: contacted customers order more often,
     and the report measures exactly the orders the simulation placed."""
     from herald.audiences.demo_shop import RESPONSE, simulate_response
@@ -93,3 +93,14 @@ def test_simulated_response_gives_an_explainable_uplift(demo) -> None:
     uplift = report.total.uplift
     assert uplift is not None and uplift.absolute > 0
     assert report.has_revenue and report.total.contacted.revenue > 0
+    # the command the Makefile's demo runs: the same orders again, and says what it did
+    from .test_cli import cli
+
+    code, out, _ = cli(capsys, "demo-data", "--simulate-response", "winback",
+                       "-w", str(demo.root))
+    assert code == 0 and "demo data, not a measurement" in out
+    champions = next(s for s in first if s.tier == "champions" and s.contacted)
+    rows = [line.split() for line in out.splitlines()]
+    assert ["champions", "contacted", f"{champions.recipients:,}", f"{champions.ordered:,}",
+            f"{champions.chance:.0%}"] in rows
+    assert compute(demo, "winback", "demo-test").total.contacted.converted == got

@@ -113,7 +113,9 @@ def written(url: str, table: str) -> list[dict]:
 
 def check_writeback(ws, url: str, capsys) -> None:
     for _ in range(2):  # writing again replaces the run key's rows
-        assert cli(capsys, "report", "promo", "-w", str(ws.root))[0] == 0
+        code, out, _ = cli(capsys, "report", "promo", "-w", str(ws.root))
+        assert code == 0
+        assert "written back to source crm: 38 deliveries, 7 result rows" in out
     deliveries = written(url, "an_deliveries")
     assert len(deliveries) == len(LEDGER)
     by_key = {d["recipient"]: d for d in deliveries}
