@@ -129,8 +129,20 @@ class Recipient:
 def load_segment(ws: Workspace, flow: FlowSpec, overrides: Mapping[str, Scalar] | None = None
                  ) -> Segment:
     """Read the flow's segment SQL (the source dialect's variant if any) and bind params."""
-    engine = ws.source(flow.audience.source)
-    path = ws.segment_file(flow.audience.segment, engine.dialect.name)
+    return load_sql(ws, flow.audience.segment, flow.audience.source,
+                    {**flow.audience.params, **(overrides or {})},
+                    hint="set audience.params in the flow or pass -p name=value")
+
+
+def load_sql(ws: Workspace, name: str, source: str, params: Mapping[str, Scalar],
+             supplied: tuple[str, ...] = (), hint: str = "") -> Segment:
+    """Read ``audiences/NAME[.dialect].sql`` for ``source`` and check its parameters.
+
+    Every parameter the SQL uses must be in ``params`` or ``supplied`` (bound later, at
+    run time); every one of ``params`` must be used. Only used parameters are kept.
+    """
+    engine = ws.source(source)
+    path = ws.segment_file(name, engine.dialect.name)
     rel = ws.relative(path)
     try:
         sql = path.read_bytes().decode("utf-8")
@@ -138,30 +150,35 @@ def load_segment(ws: Workspace, flow: FlowSpec, overrides: Mapping[str, Scalar] 
         raise WorkspaceError(f"{rel}: not valid UTF-8 (byte {exc.start})") from None
     sql = sql.strip().rstrip(";").rstrip()
     if not sql:
-        raise AudienceError(f"{rel}: the segment is empty")
-    params: dict[str, Scalar] = {**flow.audience.params, **(overrides or {})}
+        raise AudienceError(f"{rel}: the query is empty")
     used = set(text(sql).compile().binds)
-    missing = sorted(used - params.keys())
+    missing = sorted(used - params.keys() - set(supplied))
     if missing:
         raise AudienceError(f"{rel}: parameter{'s' if len(missing) > 1 else ''} "
-                            f"{', '.join(':' + m for m in missing)} not given (set "
-                            "audience.params in the flow or pass -p name=value)")
+                            f"{', '.join(':' + m for m in missing)} not given"
+                            + (f" ({hint})" if hint else ""))
     unused = sorted(params.keys() - used)
     if unused:
         raise AudienceError(f"{rel}: unknown parameter{'s' if len(unused) > 1 else ''} "
                             f"{', '.join(unused)} (the SQL uses: "
                             f"{', '.join(sorted(used)) or 'none'})")
     digest = hashlib.sha256(sql.encode("utf-8")).hexdigest()
-    return Segment(flow.audience.segment, rel, sql, digest, {k: params[k] for k in used})
+    return Segment(name, rel, sql, digest, {k: params[k] for k in used if k in params})
 
 
 def probe_columns(ws: Workspace, flow: FlowSpec, segment: Segment) -> list[str]:
     """The segment's result columns, without fetching its rows."""
-    engine = ws.source(flow.audience.source)
-    probe = f"SELECT * FROM (\n{segment.sql}\n) AS herald_probe LIMIT 0"
+    return probe(ws, flow.audience.source, segment, segment.params)
+
+
+def probe(ws: Workspace, source: str, segment: Segment, params: Mapping[str, Any]
+          ) -> list[str]:
+    """A query's result columns on ``source``, without fetching its rows."""
+    engine = ws.source(source)
+    wrapped = f"SELECT * FROM (\n{segment.sql}\n) AS herald_probe LIMIT 0"
     try:
         with engine.connect() as conn:
-            return list(conn.execute(text(probe), segment.params).keys())
+            return list(conn.execute(text(wrapped), dict(params)).keys())
     except DBAPIError as exc:
         raise AudienceError(f"{segment.file}: the query failed: {_db_message(exc)}") from None
 

@@ -342,6 +342,26 @@ def cap_counts(conn: Connection, recipients: Sequence[str], since: datetime,
     return counts
 
 
+def run_key_rows(engine: Engine, flow: str, run_key: str, columns: Sequence[Any],
+                 statuses: Sequence[str] | None = None, size: int = 5000
+                 ) -> Iterator[list[Any]]:
+    """The rows of (flow, run key), ``size`` at a time in recipient order (each slice a
+    short query of its own, so a long consumer holds no transaction open)."""
+    last = ""
+    while True:
+        query = select(deliveries.c.recipient, *columns).where(
+            deliveries.c.flow == flow, deliveries.c.run_key == run_key,
+            deliveries.c.recipient > last)
+        if statuses is not None:
+            query = query.where(deliveries.c.status.in_(statuses))
+        with engine.connect() as conn:
+            rows = list(conn.execute(query.order_by(deliveries.c.recipient).limit(size)))
+        if not rows:
+            return
+        yield rows
+        last = rows[-1].recipient
+
+
 def run_counts(engine: Engine, run_id: str) -> RunCounts:
     """Counts of a run's ledger rows by status, tier and channel."""
     counts = RunCounts()

@@ -8,6 +8,7 @@ for the audience summary, the delivery report and the sending progress.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -88,6 +89,19 @@ def resolve_run_key(ws: Workspace, flow_name: str, run_key: str | None,
     return engine.default_run_key(ws, flow_name)
 
 
+def _not_before_scheduled_time(flow_run: FlowRun | None, limit: float = 60.0) -> None:
+    """Wait for the scheduled time when a runner started the run a little early.
+
+    Runners fetch runs a few seconds ahead; a quiet-hours follow-up started 0.3 s before
+    the window ends would find everyone still inside it and defer them once more.
+    """
+    if flow_run is None or flow_run.expected_start_time is None:
+        return
+    early = flow_run.expected_start_time.timestamp() - datetime.now(UTC).timestamp()
+    if 0 < early <= limit:
+        time.sleep(early)
+
+
 def _run_name() -> str:
     ctx = FlowRunContext.get()
     assert ctx is not None and ctx.parameters is not None
@@ -114,6 +128,7 @@ def campaign(workspace: str, flow_name: str, run_key: str | None = None,
     ws = engine.workspace_at(workspace)
     ctx = FlowRunContext.get()
     key = resolve_run_key(ws, flow_name, run_key, ctx.flow_run if ctx else None)
+    _not_before_scheduled_time(ctx.flow_run if ctx else None)
     built = build_audience(ws, flow_name, dict(params or {}), key, dry_run,
                            return_state=True)
     if built.is_failed():
@@ -150,6 +165,10 @@ def campaign(workspace: str, flow_name: str, run_key: str | None = None,
     if summary.get("deferred_until"):
         _follow_up(flow_name, key, dict(params or {}), summary["deferred_until"])
     _emit_finished(ws, summary)
+    if not dry_run:  # write-back and the conversion report once its window closes
+        from herald.flows.conversion_report import after_run
+
+        after_run(ws, summary, logger)
     logger.info("run %s finished: %s", prepared.run_id,
                 ", ".join(f"{s}={n}" for s, n in summary["deliveries"].items() if n) or "nothing")
     return summary
@@ -222,7 +241,7 @@ def task_runner(spec: TaskRunnerSpec) -> TaskRunner[Any]:
         return DaskTaskRunner(address=spec.address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": spec.workers, "processes": True,
                                           "threads_per_worker": 1,
-                                          "dashboard_address": None})
+                                          "dashboard_address": ":0"})  # any free port
 
 
 def run(ws: Workspace, flow_name: str, params: dict[str, Scalar] | None, run_key: str,

@@ -38,6 +38,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 class State:
     workspace: str | None = None
     debug: bool = False
+    opened: list[Workspace] = []  # closed when the command ends
 
 
 state = State()
@@ -57,7 +58,9 @@ def _root(workspace: WorkspaceOpt = None,
 
 
 def _ws(workspace: str | None) -> Workspace:
-    return Workspace.open(workspace or state.workspace)
+    ws = Workspace.open(workspace or state.workspace)
+    state.opened.append(ws)
+    return ws
 
 
 def _params(items: list[str] | None) -> dict[str, Scalar]:
@@ -85,6 +88,7 @@ def _print_json(data: Any) -> None:
 def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (default: all)")]
              = None, workspace: WorkspaceOpt = None) -> None:
     """Check flows, SQL, templates and channels; exit 1 listing every problem."""
+    from herald.flows.spec import format_duration
     from herald.flows.validate import check_flow, templates_for
 
     ws = _ws(workspace)
@@ -105,7 +109,9 @@ def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (defa
                   f"{checked.templates} templates, channels "
                   f"{', '.join(checked.spec.channel_names())}"
                   + (f"; schedules: {'; '.join(x.describe() for x in checked.spec.schedules)}"
-                     if checked.spec.schedules else ""))
+                     if checked.spec.schedules else "")
+                  + (f", conversion {conv.segment} within {format_duration(conv.window)}"
+                     if (conv := checked.spec.conversion) else ""))
         for warning in checked.warnings:
             err.print(f"  [yellow]warning:[/] {warning}", highlight=False)
     if problems:
@@ -371,31 +377,34 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def report(run_id: Annotated[str | None, typer.Argument(
                metavar="[RUN]", help="Run id or flow name (default: the latest run)")] = None,
            workspace: WorkspaceOpt = None,
-           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Delivery report of a run, from the ledger."""
-    from herald.channels import ledger
+           as_json: Annotated[bool, typer.Option("--json")] = False,
+           html: Annotated[bool, typer.Option("--html", help="Also write the HTML report "
+                                              "(reports/FLOW/RUN_KEY.html)")] = False,
+           to: Annotated[Path | None, typer.Option("--to", help="Write the HTML report "
+                                                   "here (implies --html)")] = None) -> None:
+    """Delivery report of a run from the ledger, with its conversions and uplift."""
+    from herald.flows import results
 
     ws = _ws(workspace)
-    row = ledger.get_run(ws.store, run_id=run_id) if run_id else ledger.get_run(ws.store)
-    if row is None and run_id:
-        row = ledger.get_run(ws.store, flow=run_id)
-    if row is None:
-        raise HeraldError(f"no run '{run_id}'" if run_id else "no runs yet")
-    summary = json.loads(row.summary) if row.summary else None
-    counts = ledger.run_counts(ws.store, row.id)
-    if summary is not None:  # duplicates are counted in the summary, not in the ledger
-        for status in ("duplicate",):
-            counts.deliveries[status] = summary["deliveries"].get(status, 0)
-    data = {"run_id": row.id, "flow": row.flow, "run_key": row.run_key,
-            "status": row.status, "dry_run": row.dry_run,
-            "package": summary["package"] if summary else {"id": row.package_id},
-            "error": row.error, **counts.to_dict(),
-            "reasons": [{"channel": r.channel, "status": r.status, "reason": r.reason,
-                         "count": int(r.n)} for r in ledger.failures(ws.store, row.id)]}
-    if row.dry_run and summary:
-        data.update({k: summary[k] for k in ("deliveries", "by_tier", "by_channel")})
+    row = results.find_run(ws, run_id)
+    data = results.run_report(ws, row)
+    conversion, written = None, None
+    if results.measures(ws, row):
+        conversion = results.compute(ws, row.flow, row.run_key)
+        data["conversion"] = conversion.to_dict()
+        from herald.flows.writeback import write_back
+
+        written = write_back(ws, row.flow, row.run_key, conversion)
+    path = None
+    if html or to:
+        from herald.flows.htmlreport import render
+
+        path = to or ws.root / "reports" / row.flow / f"{row.run_key}.html"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render(data, conversion, results.timeline(ws, row.flow, row.run_key)),
+                        encoding="utf-8")
     if as_json:
-        _print_json(data)
+        _print_json({**data, **({"html": str(path)} if path else {})})
         return
     data.setdefault("package", {}).setdefault("size", "?")
     _print_summary(data)
@@ -406,6 +415,73 @@ def report(run_id: Annotated[str | None, typer.Argument(
             reasons.add_row(r["status"], r["channel"] or "-", r["reason"] or "-",
                             str(r["count"]))
         out.print(reasons)
+    if conversion is not None:
+        _print_conversion(conversion)
+    if written and ws.config.writeback:
+        out.print(f"written back to source {ws.config.writeback.source}: "
+                  f"{written['deliveries']} deliveries, {written['conversion_results']} "
+                  "result rows")
+    if path:
+        out.print(f"HTML report: {path}")
+
+
+def _print_conversion(report: Any) -> None:
+    """Conversions in tables that fit 80 columns: one row per tier, then per channel."""
+    from rich import box
+
+    from herald.flows.spec import format_duration
+
+    state = ("[green]closed[/]" if report.window_closed else
+             f"[yellow]open until {report.closes_at:%Y-%m-%d %H:%M} UTC: partial figures[/]")
+    out.print(f"\n[bold]conversions[/] ({escape(report.segment)}, "
+              f"{format_duration(report.window)} after contact) · attribution window {state}")
+    money = report.has_revenue and out.width >= 100
+    for first, rows in (("tier", [report.total, *report.tiers.values()]),
+                        ("channel", list(report.channels.values()))):
+        table = Table(first, "contacted", "held out", "uplift", "95% CI", "relative",
+                      *(["revenue"] if money else []), box=box.SIMPLE_HEAD, padding=(0, 1),
+                      collapse_padding=True, pad_edge=False)
+        for column in table.columns[1:]:
+            column.justify = "right"
+        for row in rows:
+            found = row.uplift
+            if found is None:
+                why = (row.note or "").split(":")[0].replace("held-out recipients",
+                                                             "holdout")
+                cells = ["–", f"[dim]{why}[/]", "–"]
+            else:
+                style = "green" if found.low > 0 else "red" if found.high < 0 else "default"
+                cells = [f"[{style}]{found.absolute * 100:+.1f} pp[/]",
+                         f"[{found.low * 100:+.1f}, {found.high * 100:+.1f}]".replace(
+                             "[", "\\["),
+                         f"{found.relative * 100:+.0f}%" if found.relative is not None
+                         else "–"]
+            table.add_row(escape(row.name), _arm_cell(row.contacted), _arm_cell(row.held_out),
+                          *cells, *([f"{row.contacted.revenue:,.2f}"] if money else []))
+        out.print(table)
+    total = report.total
+    if report.has_revenue:
+        out.print("revenue: contacted " + _money(total.contacted) + ", held out "
+                  + _money(total.held_out))
+    itt = report.intent_to_treat
+    out.print(f"campaign arm {report.assigned.recipients:,} (contacted "
+              f"{total.contacted.recipients:,}, not contacted {total.not_contacted:,}); "
+              "intent to treat vs held out: "
+              + (f"{itt.absolute * 100:+.2f} pp \\[{itt.low * 100:+.2f}, {itt.high * 100:+.2f}]"
+                 if itt else "not measurable"))
+    out.print("[dim]channels are not randomised: a channel's uplift compares its recipients "
+              "with the whole held-out group[/]")
+
+
+def _arm_cell(group: Any) -> str:
+    if not group.recipients:
+        return "0"
+    return f"{group.converted:,}/{group.recipients:,} {group.converted / group.recipients:.1%}"
+
+
+def _money(group: Any) -> str:
+    each = f" ({group.revenue / group.recipients:,.2f} each)" if group.recipients else ""
+    return f"{group.revenue:,.2f}{each}"
 
 
 # -- suppression list -------------------------------------------------------------------
@@ -497,12 +573,19 @@ def _check_channel(ws: Workspace, channel: str | None, where: str = "--channel")
 @app.command("demo-data")
 def demo_data(customers: Annotated[int, typer.Option(min=100)] = 20000,
               source: Annotated[str, typer.Option(help="Source to fill")] = "shop",
+              simulate_response: Annotated[str | None, typer.Option(
+                  "--simulate-response", metavar="RUN|FLOW",
+                  help="Instead: add the orders the run's customers place afterwards "
+                  "(a simulation, more likely when contacted)")] = None,
               workspace: WorkspaceOpt = None) -> None:
     """(Re)build the deterministic demo shop database behind a source."""
     from herald.audiences.demo_shop import build_demo_shop
     from herald.flows.db import resolve_url
 
     ws = _ws(workspace)
+    if simulate_response:
+        _simulate(ws, simulate_response)
+        return
     if source not in ws.config.sources:
         raise HeraldError(f"unknown source '{source}'")
     url = resolve_url(ws.config.sources[source], ws.root)
@@ -510,6 +593,29 @@ def demo_data(customers: Annotated[int, typer.Option(min=100)] = 20000,
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     counts = build_demo_shop(url, customers=customers)
     out.print("demo shop built: " + ", ".join(f"{n} {t}" for t, n in counts.items()))
+
+
+def _simulate(ws: Workspace, run: str) -> None:
+    from herald.audiences.demo_shop import simulate_response
+    from herald.flows import results
+    from herald.flows.db import resolve_url
+
+    row = results.find_run(ws, run)
+    flow = ws.flow(row.flow)
+    source = flow.conversion_source()
+    if flow.conversion is None or source is None:
+        raise HeraldError(f"flow '{flow.name}' declares no conversion to simulate")
+    contacts = ((c.recipient, c.tier, c.contacted, c.at)
+                for c in results.contacts(ws, flow.name, row.run_key))
+    done = simulate_response(resolve_url(ws.config.sources[source], ws.root), contacts,
+                             flow.conversion.window)
+    table = Table("tier", "group", "customers", "ordered", "chance", box=None)
+    for s in done:
+        table.add_row(s.tier, "contacted" if s.contacted else "held out", f"{s.recipients:,}",
+                      f"{s.ordered:,}", f"{s.chance:.0%}")
+    out.print(f"simulated orders after {flow.name} {row.run_key} (demo data, not a "
+              "measurement):")
+    out.print(table)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -535,4 +641,11 @@ def main(argv: list[str] | None = None) -> None:
         if show:
             show()
         sys.exit(getattr(exc, "exit_code", 2))
+    finally:
+        _close()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _close() -> None:
+    while state.opened:
+        state.opened.pop().dispose()

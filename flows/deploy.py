@@ -122,7 +122,12 @@ def serve(ws: Workspace, names: list[str] | None = None, limit: int | None = Non
     """Serve the flows as deployments in this process until it is stopped."""
     from prefect import serve as prefect_serve
 
-    deployments = [deployment(ws, name) for name in _flows(ws, names)]
+    chosen = _flows(ws, names)
+    deployments = [deployment(ws, name) for name in chosen]
+    if any(ws.flow(name).conversion for name in chosen):
+        from herald.flows.conversion_report import deployment as report_deployment
+
+        deployments.append(report_deployment())  # runs when attribution windows close
     os.environ.update(dask_env(ws))  # runs execute in subprocesses of this one
     for dep in deployments:
         register(dep)
@@ -142,6 +147,11 @@ def deploy(ws: Workspace, pool: str, names: list[str] | None = None) -> list[str
                                        f"(create it: prefect work-pool create {pool} "
                                        "--type process)")]) from None
     ids = []
-    for name in _flows(ws, names):
+    chosen = _flows(ws, names)
+    for name in chosen:
         ids.append(str(register(deployment(ws, name, work_pool=pool), pool)))
+    if any(ws.flow(name).conversion for name in chosen):
+        from herald.flows.conversion_report import deployment as report_deployment
+
+        register(report_deployment(pool), pool)
     return ids

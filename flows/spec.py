@@ -125,11 +125,11 @@ class CapRule(_Cap):
                  f"flow {self.flow}" if self.flow else "",
                  f"tier {self.tier}" if self.tier else ""]
         where = ", ".join(s for s in scope if s) or "all channels"
-        per = self.per if isinstance(self.per, str) else _fmt_duration(self.per)
+        per = self.per if isinstance(self.per, str) else format_duration(self.per)
         return f"max {self.max} per {per} ({where})"
 
 
-def _fmt_duration(delta: timedelta) -> str:
+def format_duration(delta: timedelta) -> str:
     seconds = int(delta.total_seconds())
     for unit, size in (("d", 86400), ("h", 3600)):
         if seconds % size == 0:
@@ -231,7 +231,7 @@ class ScheduleSpec(Strict):
 
     def describe(self) -> str:
         what = (f"cron {self.cron}" if self.cron else f"rrule {self.rrule}" if self.rrule
-                else f"every {_fmt_duration(self.interval or timedelta())}")
+                else f"every {format_duration(self.interval or timedelta())}")
         return what + ("" if self.active else " (paused)")
 
 
@@ -253,6 +253,14 @@ class TaskRunnerSpec(Strict):
         return self
 
 
+class WritebackSpec(Strict):
+    """Opt-in copies of the ledger and the conversion results in a source database, for
+    analysts: tables ``<prefix>deliveries`` and ``<prefix>conversion_results``."""
+
+    source: Name
+    prefix: str = Field(default="herald_", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,30}$")
+
+
 class WorkspaceConfig(Strict):
     """``config/herald.yaml``."""
 
@@ -269,6 +277,7 @@ class WorkspaceConfig(Strict):
     max_workers: int = Field(default=4, ge=1, le=64)
     alerts: Alerts = Field(default_factory=lambda: Alerts())
     task_runner: TaskRunnerSpec = Field(default_factory=lambda: TaskRunnerSpec())
+    writeback: WritebackSpec | None = None
 
     @field_validator("channels", mode="before")
     @classmethod
@@ -288,6 +297,24 @@ class AudienceSpec(Strict):
     tier: str | None = None
     locale: str | None = None
     timezone: str | None = None  # column with each recipient's IANA time zone
+
+
+class ConversionSpec(Strict):
+    """What counts as a conversion and for how long after contact it is attributed.
+
+    ``segment`` names a SQL file beside the audience segments (``audiences/NAME.sql``,
+    dialect variants too) returning one row per conversion: the recipient key, a
+    timestamp and optionally an amount. It may use the bound parameters ``:since`` and
+    ``:until`` (the period that can hold attributed conversions) and ``params``.
+    """
+
+    segment: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_/-]*$")
+    window: Duration
+    source: Name | None = None  # default: the audience's source
+    key: str | None = None  # default: the audience's key column
+    at: str = "converted_at"
+    amount: str | None = None
+    params: dict[str, Scalar] = Field(default_factory=dict)
 
 
 class TierSpec(Strict):
@@ -320,6 +347,7 @@ class FlowSpec(Strict):
         if len(names) != len(set(names)):
             raise ValueError("schedule names must be distinct")
         return value
+    conversion: ConversionSpec | None = None
 
     def tier_for(self, tier: str) -> tuple[str, TierSpec] | None:
         """The tier entry a recipient of ``tier`` uses: its own, else ``default``."""
@@ -334,6 +362,12 @@ class FlowSpec(Strict):
         for tier in self.tiers.values():
             seen.update(dict.fromkeys(tier.channels))
         return list(seen)
+
+    def conversion_source(self) -> str | None:
+        """The source the conversion SQL runs against, if the flow measures conversions."""
+        if self.conversion is None:
+            return None
+        return self.conversion.source or self.audience.source
 
     def cap_rules(self) -> list[CapRule]:
         return [CapRule(max=c.max, per=c.per, channel=c.channel, tier=c.tier,

@@ -67,6 +67,10 @@ def check_flow(ws: Workspace, name: str, overrides: Mapping[str, Scalar] | None 
                     "does not return", file=file,
                     line=ws.flow_line(name, ("tiers", tier_name, "channels", i)),
                     field=f"tiers.{tier_name}.channels[{i}]"))
+    if flow.conversion:
+        from herald.flows.results import check_conversion
+
+        problems.extend(check_conversion(ws, flow))
     engine = templates or templates_for(ws)
     kinds = {tier: {ws.channel_kind(c) for c in spec.channels}
              for tier, spec in flow.tiers.items()}

@@ -48,6 +48,11 @@ class Workspace:
         doc = load_yaml(path / CONFIG_FILE, CONFIG_FILE)
         config = validate(WorkspaceConfig, doc)
         channels, problems = _channel_settings(config, doc)
+        if config.writeback and config.writeback.source not in config.sources:
+            problems.append(Problem(
+                f"unknown source '{config.writeback.source}' (sources: "
+                f"{', '.join(config.sources) or 'none'})", file=doc.file,
+                line=doc.line_of(("writeback", "source")), field="writeback.source"))
         if problems:
             raise ConfigError(problems)
         return cls(path, config, channels, doc)
@@ -80,6 +85,13 @@ class Workspace:
                 f"unknown source '{spec.audience.source}' (sources in {CONFIG_FILE}: "
                 f"{', '.join(self.config.sources) or 'none'})",
                 file=rel, line=doc.line_of(("audience", "source")), field="audience.source"))
+        if spec.conversion and spec.conversion.source and \
+                spec.conversion.source not in self.config.sources:
+            problems.append(Problem(
+                f"unknown source '{spec.conversion.source}' (sources in {CONFIG_FILE}: "
+                f"{', '.join(self.config.sources) or 'none'})",
+                file=rel, line=doc.line_of(("conversion", "source")),
+                field="conversion.source"))
         for tier_name, tier in spec.tiers.items():
             for i, channel in enumerate(tier.channels):
                 if channel not in self.channels:

@@ -1,0 +1,525 @@
+"""What a campaign achieved: conversions of contacted and held-out recipients, per run key.
+
+A flow that declares ``conversion:`` names a SQL file returning one row per conversion
+(recipient key, timestamp, optional amount). For one run key of the flow:
+
+- the **contacted** group is every ledger row ``sent``; their clock starts at ``sent_at``;
+- the **held-out** group is every row ``held_out`` (the deterministic control group);
+  their clock starts when the policy held them out, the moment they would have been sent;
+- a recipient **converted** if a conversion falls in ``[start, start + window)``; revenue
+  is the sum of those conversions' amounts.
+
+Uplift is contacted over held out (``herald.flows.stats``). Recipients of the campaign
+arm who were not contacted (capped, suppressed, no address, failed...) are counted apart;
+comparing the whole arm with the control group (``intent_to_treat``) answers "what did
+running this campaign change", free of the policy's selection of who could be reached.
+
+Memory: conversions of the attribution period are held per recipient key (the period is
+bounded by ``:since`` / ``:until``); the ledger is read in slices, never whole.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, and_, case, func, select, text
+from sqlalchemy.exc import DBAPIError
+
+from herald.audiences.store import Segment, load_sql, probe
+from herald.channels import ledger
+from herald.flows.errors import AudienceError, HeraldError, Problem, WorkspaceError
+from herald.flows.spec import FlowSpec, format_duration
+from herald.flows.stats import Uplift, uplift
+from herald.flows.workspace import Workspace
+
+CONTACTED = "sent"
+HELD_OUT = "held_out"
+SUPPLIED = ("since", "until")  # bound at run time, not from the YAML
+SLICE = 500
+
+_d = ledger.deliveries
+# when a recipient's attribution window opens: the send, else the policy's decision
+_START = func.coalesce(_d.c.sent_at, _d.c.created_at)
+
+
+@dataclass
+class Group:
+    """One arm of one row: how many, how many converted, how much they spent."""
+
+    recipients: int = 0
+    converted: int = 0
+    revenue: float = 0.0
+
+    @property
+    def rate(self) -> float | None:
+        return self.converted / self.recipients if self.recipients else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipients": self.recipients, "converted": self.converted,
+                "rate": self.rate, "revenue": round(self.revenue, 2),
+                "revenue_per_recipient": (round(self.revenue / self.recipients, 4)
+                                          if self.recipients else None)}
+
+
+@dataclass
+class Row:
+    """Contacted against held out, for the whole run, one tier or one channel."""
+
+    name: str
+    contacted: Group = field(default_factory=Group)
+    held_out: Group = field(default_factory=Group)
+    not_contacted: int = 0  # in the campaign arm, stopped by the policy or a provider
+
+    @property
+    def uplift(self) -> Uplift | None:
+        if not self.contacted.recipients or not self.held_out.recipients:
+            return None
+        return uplift(self.contacted.converted, self.contacted.recipients,
+                      self.held_out.converted, self.held_out.recipients)
+
+    @property
+    def note(self) -> str | None:
+        """Why there is no uplift, in words."""
+        if not self.contacted.recipients and not self.held_out.recipients:
+            return "no recipients"
+        if not self.held_out.recipients:
+            return "no held-out recipients: uplift cannot be measured"
+        if not self.contacted.recipients:
+            return "nobody contacted: uplift cannot be measured"
+        if self.held_out.converted == 0:
+            return "no held-out conversions: relative uplift undefined"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        found = self.uplift
+        return {"name": self.name, "contacted": self.contacted.to_dict(),
+                "held_out": self.held_out.to_dict(), "not_contacted": self.not_contacted,
+                "uplift": found.to_dict() if found else None, "note": self.note}
+
+
+@dataclass
+class ConversionReport:
+    """Conversions of one run key of a flow, by tier and channel."""
+
+    flow: str
+    run_key: str
+    segment: str
+    window: timedelta
+    has_revenue: bool
+    computed_at: datetime
+    first_contact: datetime | None = None
+    last_contact: datetime | None = None
+    total: Row = field(default_factory=lambda: Row("all"))
+    assigned: Group = field(default_factory=Group)  # the whole campaign arm
+    tiers: dict[str, Row] = field(default_factory=dict)
+    channels: dict[str, Row] = field(default_factory=dict)
+    # recipient -> (first attributed conversion, revenue), whatever their status
+    converted: dict[str, tuple[datetime, float]] = field(default_factory=dict, repr=False)
+
+    @property
+    def closes_at(self) -> datetime | None:
+        """When the last recipient's attribution window closes."""
+        return self.last_contact + self.window if self.last_contact else None
+
+    @property
+    def window_closed(self) -> bool:
+        return self.closes_at is None or self.closes_at <= self.computed_at
+
+    @property
+    def intent_to_treat(self) -> Uplift | None:
+        if not self.assigned.recipients or not self.total.held_out.recipients:
+            return None
+        return uplift(self.assigned.converted, self.assigned.recipients,
+                      self.total.held_out.converted, self.total.held_out.recipients)
+
+    def to_dict(self) -> dict[str, Any]:
+        itt = self.intent_to_treat
+        return {
+            "flow": self.flow, "run_key": self.run_key, "segment": self.segment,
+            "window": format_duration(self.window),
+            "window_seconds": int(self.window.total_seconds()),
+            "first_contact": _iso(self.first_contact), "closes_at": _iso(self.closes_at),
+            "window_closed": self.window_closed, "computed_at": _iso(self.computed_at),
+            "has_revenue": self.has_revenue,
+            "total": self.total.to_dict(),
+            "intent_to_treat": {"assigned": self.assigned.to_dict(),
+                                "held_out": self.total.held_out.to_dict(),
+                                "uplift": itt.to_dict() if itt else None},
+            "by_tier": [row.to_dict() for row in self.tiers.values()],
+            "by_channel": [row.to_dict() for row in self.channels.values()],
+        }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def utc(value: Any) -> datetime | None:
+    """A timestamp from a database as aware UTC (naive values are UTC by convention)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    elif isinstance(value, date) and not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day)
+    if not isinstance(value, datetime):
+        raise ValueError(f"not a timestamp: {value!r}")
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# -- the conversion query ---------------------------------------------------------------
+def conversion_query(ws: Workspace, flow: FlowSpec) -> tuple[str, Segment]:
+    """The flow's conversion SQL and the source it runs on (AudienceError if unusable)."""
+    conv = flow.conversion
+    source = flow.conversion_source()
+    if conv is None or source is None:
+        raise HeraldError(f"flow '{flow.name}' declares no conversion (add conversion: "
+                          "{segment: ..., window: 7d} to its YAML)")
+    query = load_sql(ws, conv.segment, source, conv.params, SUPPLIED,
+                     hint="set conversion.params in the flow")
+    return source, query
+
+
+def conversion_columns(flow: FlowSpec) -> dict[str, str]:
+    """{field: column} the conversion SQL must return."""
+    assert flow.conversion is not None
+    wanted = {"key": flow.conversion.key or flow.audience.key, "at": flow.conversion.at}
+    if flow.conversion.amount:
+        wanted["amount"] = flow.conversion.amount
+    return wanted
+
+
+def check_conversion(ws: Workspace, flow: FlowSpec) -> list[Problem]:
+    """Validate the conversion SQL like a segment: it compiles on its source and returns
+    the key, timestamp and (if named) amount columns."""
+    file = ws.flow_file(flow.name)
+    try:
+        source, query = conversion_query(ws, flow)
+        now = datetime.now(UTC)
+        have = probe(ws, source, query, bind_period(ws.source(source), query, now, now))
+    except WorkspaceError as exc:
+        return [Problem(str(exc), file=file, field="conversion.segment",
+                        line=ws.flow_line(flow.name, ("conversion", "segment")))]
+    except AudienceError as exc:
+        return [Problem(str(exc))]
+    return [Problem(f"column '{column}' is not in the result of {query.file} "
+                    f"(columns: {', '.join(have)})", file=file,
+                    line=ws.flow_line(flow.name, ("conversion", name)),
+                    field=f"conversion.{name}")
+            for name, column in conversion_columns(flow).items() if column not in have]
+
+
+def bind_period(engine: Engine, query: Segment, since: datetime, until: datetime
+                ) -> dict[str, Any]:
+    """The query's parameters with ``:since`` / ``:until`` as naive UTC: datetimes, or
+    ``YYYY-MM-DD HH:MM:SS`` text on SQLite, where timestamps are text that sorts."""
+    period: dict[str, Any] = {"since": since.astimezone(UTC).replace(tzinfo=None),
+                              "until": until.astimezone(UTC).replace(tzinfo=None)}
+    if engine.dialect.name == "sqlite":
+        period = {k: v.isoformat(" ", "seconds") for k, v in period.items()}
+    used = set(text(query.sql).compile().binds)
+    return {**query.params, **{k: v for k, v in period.items() if k in used}}
+
+
+def _conversions(ws: Workspace, flow: FlowSpec, since: datetime, until: datetime
+                 ) -> tuple[str, dict[str, list[tuple[datetime, float]]]]:
+    source, query = conversion_query(ws, flow)
+    columns = conversion_columns(flow)
+    engine = ws.source(source)
+    found: dict[str, list[tuple[datetime, float]]] = {}
+    try:
+        with engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=5000).execute(
+                text(query.sql), bind_period(engine, query, since, until))
+            try:
+                have = list(result.keys())
+                missing = [c for c in columns.values() if c not in have]
+                if missing:
+                    raise AudienceError(f"{query.file}: the result has no column "
+                                        f"{', '.join(map(repr, missing))} (columns: "
+                                        f"{', '.join(have)})")
+                for row in result.mappings():
+                    key, at = row[columns["key"]], row[columns["at"]]
+                    if key is None or at is None:
+                        continue
+                    try:
+                        stamp = utc(at)
+                    except ValueError:
+                        raise AudienceError(f"{query.file}: column '{columns['at']}' holds "
+                                            f"{at!r}, not a timestamp") from None
+                    assert stamp is not None
+                    amount = row[columns["amount"]] if "amount" in columns else None
+                    found.setdefault(str(key), []).append(
+                        (stamp, float(amount) if amount is not None else 0.0))
+            finally:
+                result.close()
+    except DBAPIError as exc:
+        first = str(exc.orig or exc).strip().splitlines()[0]
+        raise AudienceError(f"{query.file}: the query failed: {first}") from None
+    return query.file, found
+
+
+# -- the report -------------------------------------------------------------------------
+def compute(ws: Workspace, flow_name: str, run_key: str, now: datetime | None = None
+            ) -> ConversionReport:
+    """Conversions of everyone the ledger holds for (flow, run key)."""
+    flow = ws.flow(flow_name)
+    conv = flow.conversion
+    if conv is None:
+        conversion_query(ws, flow)  # raises, naming the missing YAML
+    assert conv is not None
+    report = ConversionReport(flow.name, run_key, "", conv.window, bool(conv.amount),
+                              now or datetime.now(UTC))
+    for tier in flow.tiers:
+        if tier != "default":
+            report.tiers[tier] = Row(tier)
+    for channel in flow.channel_names():
+        report.channels[channel] = Row(channel)
+    # one held-out group for every channel row: channels are not randomised
+    for row in report.channels.values():
+        row.held_out = report.total.held_out
+
+    where = and_(_d.c.flow == flow.name, _d.c.run_key == run_key)
+    counts = select(_d.c.status, _d.c.tier, _d.c.channel, func.count(),
+                    func.min(_START), func.max(_START)).where(where).group_by(
+        _d.c.status, _d.c.tier, _d.c.channel)
+    with ws.store.connect() as conn:
+        groups = list(conn.execute(counts))
+    starts: list[datetime] = []
+    for status, tier, channel, n, first, last in groups:
+        arm = _arm(report, status, tier, channel)
+        for group in arm:
+            group.recipients += int(n)
+        if status != HELD_OUT:
+            report.assigned.recipients += int(n)
+            if status != CONTACTED:
+                report.total.not_contacted += int(n)
+                report.tiers.setdefault(tier, Row(tier)).not_contacted += int(n)
+        if status in (CONTACTED, HELD_OUT):
+            starts += [s for s in (utc(first), utc(last)) if s is not None]
+    report.tiers = _ordered(report.tiers, flow)
+    if not starts:
+        report.segment = conversion_query(ws, flow)[1].file
+        return report
+    report.first_contact, report.last_contact = min(starts), max(starts)
+    report.segment, found = _conversions(ws, flow, report.first_contact,
+                                         report.last_contact + conv.window)
+    keys = sorted(found)
+    with ws.store.connect() as conn:
+        for part in range(0, len(keys), SLICE):
+            rows = conn.execute(select(_d.c.recipient, _d.c.status, _d.c.tier, _d.c.channel,
+                                       _START).where(where,
+                                                     _d.c.recipient.in_(keys[part:part + SLICE])))
+            for recipient, status, tier, channel, start in rows:
+                opened = utc(start)
+                assert opened is not None
+                hits = [(at, amount) for at, amount in found[recipient]
+                        if opened <= at < opened + conv.window]
+                if not hits:
+                    continue
+                revenue = sum(amount for _, amount in hits)
+                report.converted[recipient] = (min(at for at, _ in hits), revenue)
+                groups_hit = _arm(report, status, tier, channel)
+                if status != HELD_OUT:
+                    groups_hit.append(report.assigned)
+                for group in groups_hit:
+                    group.converted += 1
+                    group.revenue += revenue
+    return report
+
+
+def _arm(report: ConversionReport, status: str, tier: str, channel: str | None
+         ) -> list[Group]:
+    """The groups a ledger row of ``status`` counts in (none unless contacted or held out)."""
+    if status == CONTACTED:
+        out = [report.total.contacted, report.tiers.setdefault(tier, Row(tier)).contacted]
+        if channel:
+            row = report.channels.setdefault(channel, Row(channel))
+            row.held_out = report.total.held_out
+            out.append(row.contacted)
+        return out
+    if status == HELD_OUT:
+        return [report.total.held_out, report.tiers.setdefault(tier, Row(tier)).held_out]
+    return []
+
+
+def _ordered(tiers: dict[str, Row], flow: FlowSpec) -> dict[str, Row]:
+    """Tiers in the flow's order, then the ones that fell back to ``default``."""
+    declared = [t for t in flow.tiers if t in tiers]
+    return {name: tiers[name] for name in [*declared, *sorted(set(tiers) - set(declared))]}
+
+
+def window_closes(ws: Workspace, flow_name: str, run_key: str) -> datetime | None:
+    """When the last contacted or held-out recipient's attribution window closes."""
+    conv = ws.flow(flow_name).conversion
+    if conv is None:
+        return None
+    with ws.store.connect() as conn:
+        last = conn.execute(select(func.max(_START)).where(
+            _d.c.flow == flow_name, _d.c.run_key == run_key,
+            _d.c.status.in_((CONTACTED, HELD_OUT)))).scalar()
+    opened = utc(last)
+    return opened + conv.window if opened else None
+
+
+# -- the whole report of a run ----------------------------------------------------------
+def find_run(ws: Workspace, run: str | None) -> Any:
+    """A run by id, else the latest run of the flow named ``run``, else the latest run."""
+    row = ledger.get_run(ws.store, run_id=run) if run else ledger.get_run(ws.store)
+    if row is None and run:
+        row = ledger.get_run(ws.store, flow=run)
+    if row is None:
+        raise HeraldError(f"no run '{run}'" if run else "no runs yet")
+    return row
+
+
+def run_report(ws: Workspace, row: Any) -> dict[str, Any]:
+    """A run's delivery report from the ledger (``herald report --json`` without the
+    conversions)."""
+    summary = json.loads(row.summary) if row.summary else None
+    counts = ledger.run_counts(ws.store, row.id)
+    if summary is not None:  # duplicates are counted in the summary, not in the ledger
+        counts.deliveries["duplicate"] = summary["deliveries"].get("duplicate", 0)
+    data = {"run_id": row.id, "flow": row.flow, "run_key": row.run_key,
+            "status": row.status, "dry_run": row.dry_run,
+            "package": summary["package"] if summary else {"id": row.package_id},
+            "error": row.error, **counts.to_dict(),
+            "reasons": [{"channel": r.channel, "status": r.status, "reason": r.reason,
+                         "count": int(r.n)} for r in ledger.failures(ws.store, row.id)]}
+    if row.dry_run and summary:
+        data.update({k: summary[k] for k in ("deliveries", "by_tier", "by_channel")})
+    return data
+
+
+def measures(ws: Workspace, row: Any) -> bool:
+    """Whether a run's conversions can be measured: a real run of a flow that declares
+    a conversion (and still exists in config/flows)."""
+    return (not row.dry_run and row.flow in ws.flow_names()
+            and ws.flow(row.flow).conversion is not None)
+
+
+# -- ledger views for reports and the demo ----------------------------------------------
+@dataclass(frozen=True)
+class Contact:
+    """A recipient of the contacted or held-out group and when their window opened."""
+
+    recipient: str
+    tier: str
+    contacted: bool
+    at: datetime
+
+
+def contacts(ws: Workspace, flow: str, run_key: str) -> Iterator[Contact]:
+    """The contacted and held-out recipients of a run key, a slice at a time."""
+    for rows in ledger.run_key_rows(ws.store, flow, run_key, [_d.c.tier, _d.c.status, _START],
+                                    statuses=(CONTACTED, HELD_OUT)):
+        for recipient, tier, status, start in rows:
+            opened = utc(start)
+            assert opened is not None
+            yield Contact(recipient, tier, status == CONTACTED, opened)
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Sends and failures of a run key per time bucket."""
+
+    start: datetime | None
+    step: timedelta
+    sent: list[int]
+    failed: list[int]
+
+
+_STEPS = [timedelta(seconds=s) for s in (1, 5, 10, 30, 60, 300, 900, 1800, 3600, 3 * 3600,
+                                          6 * 3600, 86400, 7 * 86400)]
+
+
+def timeline(ws: Workspace, flow: str, run_key: str, buckets: int = 40) -> Timeline:
+    """Sends (``sent_at``) and failures (``updated_at``) over time, at most about
+    ``buckets`` buckets of a round size; counted while streaming, O(buckets) memory."""
+    at = case((_d.c.status == CONTACTED, _d.c.sent_at), else_=_d.c.updated_at)
+    where = and_(_d.c.flow == flow, _d.c.run_key == run_key,
+                 _d.c.status.in_((CONTACTED, "failed")))
+    with ws.store.connect() as conn:
+        first, last = conn.execute(select(func.min(at), func.max(at)).where(where)).one()
+        start, end = utc(first), utc(last)
+        if start is None or end is None:
+            return Timeline(None, _STEPS[0], [], [])
+        span = end - start
+        step = next((s for s in _STEPS if span / s < buckets), _STEPS[-1])
+        start = datetime.fromtimestamp(start.timestamp() // step.total_seconds()
+                                       * step.total_seconds(), UTC)
+        size = int((end - start) / step) + 1
+        sent, failed = [0] * size, [0] * size
+        result = conn.execution_options(yield_per=5000).execute(
+            select(_d.c.status, at).where(where))
+        for status, when in result:
+            stamp = utc(when)
+            assert stamp is not None
+            (sent if status == CONTACTED else failed)[int((stamp - start) / step)] += 1
+    return Timeline(start, step, sent, failed)
+
+
+# -- text forms -------------------------------------------------------------------------
+def pct(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value * 100:+.2f}%" if signed else f"{value * 100:.2f}%"
+
+
+def pp(value: float) -> str:
+    """A difference of rates in percentage points."""
+    return f"{value * 100:+.2f} pp"
+
+
+def describe_uplift(row: Row) -> str:
+    """``+4.10 pp [1.20, 7.00] (+85.3%)`` or why there is none."""
+    found = row.uplift
+    if found is None:
+        return row.note or "–"
+    text_ = (f"{pp(found.absolute)} [{found.low * 100:+.2f}, {found.high * 100:+.2f}]")
+    return text_ + (f" ({pct(found.relative, signed=True)})" if found.relative is not None
+                    else "")
+
+
+def markdown(report: ConversionReport) -> str:
+    """The summary as Markdown (the Prefect artifact)."""
+    money = report.has_revenue
+    head = ["", "contacted", "converted", "rate", "held out", "converted", "rate",
+            "uplift (95% CI) (relative)", *(["revenue contacted", "revenue held out"]
+                                            if money else [])]
+
+    def line(row: Row) -> str:
+        cells = [row.name, str(row.contacted.recipients), str(row.contacted.converted),
+                 pct(row.contacted.rate), str(row.held_out.recipients),
+                 str(row.held_out.converted), pct(row.held_out.rate), describe_uplift(row)]
+        if money:
+            cells += [f"{row.contacted.revenue:,.2f}", f"{row.held_out.revenue:,.2f}"]
+        return "| " + " | ".join(cells) + " |"
+
+    def table(rows: list[Row], first: str) -> str:
+        return "\n".join(["| " + " | ".join([first, *head[1:]]) + " |",
+                          "|" + "---|" * len(head), *map(line, rows)])
+
+    state = ("closed" if report.window_closed else
+             f"open until {report.closes_at:%Y-%m-%d %H:%M} UTC: figures are partial")
+    itt = report.intent_to_treat
+    parts = [f"# Conversions: {report.flow} ({report.run_key})", "",
+             f"- conversion: `{report.segment}`, window {format_duration(report.window)} "
+             f"after contact",
+             f"- attribution window: {state}",
+             f"- campaign arm (everyone not held out): {report.assigned.recipients}, of "
+             f"whom {report.total.contacted.recipients} contacted and "
+             f"{report.total.not_contacted} not (caps, suppression, no address, failures)",
+             "- intent to treat (whole arm vs held out): "
+             + (f"{pp(itt.absolute)} [{itt.low * 100:+.2f}, {itt.high * 100:+.2f}]"
+                if itt else "not measurable (no held-out recipients or no arm)"),
+             "", table([report.total], "run"), "", "## By tier", "",
+             table(list(report.tiers.values()), "tier"), "", "## By channel", "",
+             table(list(report.channels.values()), "channel"), "",
+             "Channels are not randomised: a channel's uplift compares its recipients "
+             "with the whole held-out group.", ""]
+    return "\n".join(parts)

@@ -1,0 +1,64 @@
+"""Confidence intervals for conversion rates and their differences (stdlib only).
+
+A campaign's uplift is the difference of two proportions: the conversion rate of the
+contacted recipients minus that of the held-out ones. Its interval is Newcombe's hybrid
+score interval (method 10 of Newcombe, *Statistics in Medicine* 1998), built from the two
+groups' Wilson score intervals: unlike the Wald interval it stays inside [-1, 1] and
+behaves with zero conversions or small groups, which is where campaigns' tiers live.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+CONFIDENCE = 0.95
+Z = NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)  # 1.959963984540054
+
+
+def wilson(successes: int, n: int, z: float = Z) -> tuple[float, float]:
+    """Wilson score interval of ``successes / n`` (n > 0)."""
+    if n <= 0:
+        raise ValueError("a proportion needs at least one observation")
+    if not 0 <= successes <= n:
+        raise ValueError(f"{successes} successes out of {n} is not a proportion")
+    p = successes / n
+    z2 = z * z
+    denominator = 1 + z2 / n
+    centre = (p + z2 / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denominator
+    # clamp rounding noise: the interval of 0/n starts at exactly 0
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class Uplift:
+    """Contacted over held out: absolute (percentage points as a fraction), its
+    interval, and relative to the held-out rate (None when that rate is 0)."""
+
+    absolute: float
+    low: float
+    high: float
+    relative: float | None
+
+    @property
+    def significant(self) -> bool:
+        """The interval excludes zero."""
+        return self.low > 0 or self.high < 0
+
+    def to_dict(self) -> dict[str, float | bool | None]:
+        return {"absolute": self.absolute, "ci_low": self.low, "ci_high": self.high,
+                "relative": self.relative, "significant": self.significant,
+                "confidence": CONFIDENCE}
+
+
+def uplift(x1: int, n1: int, x2: int, n2: int, z: float = Z) -> Uplift:
+    """Uplift of group 1 (``x1`` of ``n1`` converted) over group 2 (``x2`` of ``n2``)."""
+    p1, p2 = x1 / n1, x2 / n2
+    l1, u1 = wilson(x1, n1, z)
+    l2, u2 = wilson(x2, n2, z)
+    d = p1 - p2
+    low = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+    high = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    return Uplift(d, low, high, d / p2 if p2 > 0 else None)

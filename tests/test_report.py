@@ -1,0 +1,176 @@
+"""``herald report``: conversions in the terminal and as JSON, the HTML file, write-back."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from herald.channels import ledger
+from herald.flows.engine import run_local
+
+from .conftest import HERALD_YAML, fill_people
+from .test_cli import cli
+from .test_results import FILES, LEDGER, ORDERS, write_ledger, write_orders
+
+WRITEBACK = HERALD_YAML + "writeback: {source: crm, prefix: an_}\n"
+
+
+def recorded_run(ws, run_key: str = "k1") -> None:
+    ledger.start_run(ws.store, "run-1", "promo", run_key, False)
+    write_ledger(ws, LEDGER, run_key)
+    ledger.finish_run(ws.store, "run-1", "completed", None)
+
+
+@pytest.fixture
+def reported(make_workspace):
+    ws = make_workspace(FILES)
+    write_orders(ws, ORDERS)
+    recorded_run(ws)
+    return ws
+
+
+def test_report_json_carries_the_conversions(reported, capsys) -> None:
+    code, out, _ = cli(capsys, "report", "promo", "-w", str(reported.root), "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["deliveries"]["sent"] == 24 and data["deliveries"]["held_out"] == 9
+    conversion = data["conversion"]
+    assert conversion["total"]["contacted"]["converted"] == 6
+    assert conversion["total"]["held_out"]["converted"] == 1
+    assert [t["name"] for t in conversion["by_tier"]] == ["gold", "silver", "bronze",
+                                                         "platinum"]
+    assert "html" not in data
+
+
+def test_report_tables_in_the_terminal(reported, capsys) -> None:
+    code, out, _ = cli(capsys, "report", "run-1", "-w", str(reported.root))
+    assert code == 0
+    assert "conversions (audiences/orders_after.sql, 7d after contact)" in out
+    assert "attribution window closed" in out
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert lines["all"] == ["all", "6/24", "25.0%", "1/9", "11.1%", "+13.9", "pp",
+                            "[-21.0,", "+35.8]", "+125%"]
+    assert lines["gold"] == ["gold", "4/10", "40.0%", "1/5", "20.0%", "+20.0", "pp",
+                             "[-28.4,", "+53.1]", "+100%"]
+    assert lines["silver"] == ["silver", "2/8", "25.0%", "0", "–", "no", "holdout", "–"]
+    assert lines["bronze"][-1] == "–"  # no relative uplift without held-out conversions
+    assert lines["platinum"] == ["platinum", "0", "0", "–", "no", "recipients", "–"]
+    assert lines["sms"][:3] == ["sms", "2/14", "14.3%"]
+    assert "revenue: contacted 315.00 (13.12 each), held out 60.00 (6.67 each)" in out
+    assert "intent to treat vs held out: +13.03 pp [-21.49, +33.18]" in out
+
+
+def test_html_report_is_one_self_contained_file(reported, capsys, tmp_path) -> None:
+    code, out, _ = cli(capsys, "report", "promo", "-w", str(reported.root), "--html")
+    path = reported.root / "reports/promo/k1.html"
+    assert code == 0 and f"HTML report: {path}" in out
+    page = path.read_text(encoding="utf-8")
+    parser = Tags()
+    parser.feed(page)
+    assert parser.counts["svg"] == 3
+    assert parser.counts.get("script", 0) == 0
+    assert not parser.external  # nothing fetched when the file opens
+    assert "Conversion rate by tier" in page and "40.00%" in page
+    target = tmp_path / "elsewhere" / "r.html"
+    code, out, _ = cli(capsys, "report", "promo", "-w", str(reported.root), "--to",
+                       str(target), "--json")
+    assert code == 0 and json.loads(out)["html"] == str(target) and target.is_file()
+
+
+class Tags(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag, attrs) -> None:
+        self.counts[tag] = self.counts.get(tag, 0) + 1
+        for name, value in attrs:
+            if name in ("src", "href") and value and not value.startswith("#"):
+                self.external.append(value)
+
+
+def test_report_of_a_flow_without_conversion(make_workspace, capsys) -> None:
+    ws = make_workspace(rows=20)
+    run_local(ws, "promo", run_key="plain")
+    code, out, _ = cli(capsys, "report", "promo", "-w", str(ws.root), "--json", "--html")
+    data = json.loads(out)
+    assert code == 0 and "conversion" not in data
+    page = (ws.root / "reports/promo/plain.html").read_text()
+    assert "declares no <code>conversion:</code>" in page and page.count("<svg") == 1
+
+
+def written(url: str, table: str) -> list[dict]:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(text(f"SELECT * FROM {table}"))]
+    engine.dispose()
+    return rows
+
+
+def check_writeback(ws, url: str, capsys) -> None:
+    for _ in range(2):  # writing again replaces the run key's rows
+        code, out, _ = cli(capsys, "report", "promo", "-w", str(ws.root))
+        assert code == 0
+        assert "written back to source crm: 38 deliveries, 7 result rows" in out
+    deliveries = written(url, "an_deliveries")
+    assert len(deliveries) == len(LEDGER)
+    by_key = {d["recipient"]: d for d in deliveries}
+    assert (by_key["1"]["arm"], by_key["1"]["converted"], by_key["1"]["revenue"]) == (
+        "contacted", True, 150.0)
+    assert (by_key["11"]["arm"], by_key["11"]["converted"]) == ("held_out", True)
+    assert (by_key["16"]["arm"], by_key["16"]["status"]) == ("not_contacted", "capped")
+    assert by_key["5"]["converted"] is False or by_key["5"]["converted"] == 0
+    assert "address" not in by_key["1"]
+    results = {(r["scope"], r["name"]): r for r in written(url, "an_conversion_results")}
+    assert len(results) == 1 + 4 + 2  # the run, four tiers, two channels
+    run = results["run", "all"]
+    assert (run["contacted"], run["contacted_converted"], run["held_out"],
+            run["held_out_converted"], run["not_contacted"]) == (24, 6, 9, 1, 5)
+    assert run["uplift_ci_low"] == pytest.approx(-0.210118, abs=1e-6)
+    assert results["tier", "silver"]["uplift"] is None
+    assert results["tier", "silver"]["note"].startswith("no held-out recipients")
+
+
+def test_writeback_to_sqlite(make_workspace, capsys) -> None:
+    ws = make_workspace({**FILES, "config/herald.yaml": WRITEBACK})
+    write_orders(ws, ORDERS)
+    recorded_run(ws)
+    check_writeback(ws, f"sqlite:///{ws.root / 'crm.db'}", capsys)
+
+
+@pytest.mark.postgres
+def test_writeback_to_postgres(make_workspace, pg_database, capsys) -> None:
+    fill_people(pg_database, 40)
+    config = WRITEBACK.replace('crm: "sqlite:///crm.db"', f'crm: "{pg_database}"')
+    ws = make_workspace({**FILES, "config/herald.yaml": config})
+    write_orders(ws, ORDERS)
+    recorded_run(ws)
+    check_writeback(ws, pg_database, capsys)
+
+
+def test_writeback_names_an_unknown_source(make_workspace) -> None:
+    from herald.flows.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"config/herald.yaml:11 writeback.source: unknown "
+                                          r"source 'nope' \(sources: crm\)"):
+        make_workspace({"config/herald.yaml": HERALD_YAML + "writeback: {source: nope}\n"})
+
+
+def test_a_run_writes_its_ledger_back_before_conversions_are_known(make_workspace) -> None:
+    import logging
+
+    from herald.flows.conversion_report import after_run
+
+    ws = make_workspace({**FILES, "config/herald.yaml": WRITEBACK}, rows=30)
+    write_orders(ws, [])
+    summary = run_local(ws, "promo", run_key="wb-1")
+    after_run(ws, summary, logging.getLogger("test"))
+    rows = written(f"sqlite:///{ws.root / 'crm.db'}", "an_deliveries")
+    assert len(rows) == 30 and {r["run_key"] for r in rows} == {"wb-1"}
+    assert {r["converted"] for r in rows} == {None}
+    arms = {r["arm"] for r in rows}
+    assert arms <= {"contacted", "held_out", "not_contacted"} and "contacted" in arms
