@@ -117,18 +117,21 @@ def test_subscription_notifications_one_shared_token_and_answers(
     assert len([r for r in wechat.requests if key(r) == "token"]) == before
 
 
-def test_template_messages_and_a_banned_template_stops_the_channel(
-        make_workspace, wechat, monkeypatch) -> None:
+@pytest.mark.parametrize(("errcode", "errmsg", "why"), [
+    (40037, "invalid template_id", "invalid or banned"),
+    (45009, "reach max api daily quota limit", "daily API quota is used up")])
+def test_template_messages_and_a_banned_template_or_the_quota_stops_the_channel(
+        errcode, errmsg, why, make_workspace, wechat, monkeypatch) -> None:
     ws = wechat_ws(make_workspace, wechat, "template", monkeypatch, rows=6,
                    extra=", concurrency: 1")
     wechat.script("token", ("json", 200, {"access_token": "T1", "expires_in": 7200}))
     for i in range(1, 7):
-        wechat.script(openid(i), ("json", 200, {"errcode": 40037,
-                                                "errmsg": "invalid template_id"}))
+        wechat.script(openid(i), ("json", 200, {"errcode": errcode, "errmsg": errmsg}))
     summary = engine.run_local(ws, "promo", run_key="banned", max_workers=1)
     rows = ledger(ws)
+    # the run itself completes: the channel stopped, each recipient failed with the reason
     assert summary["deliveries"]["sent"] == 0 and summary["deliveries"]["failed"] == 6
-    assert "invalid or banned" in rows["1"][4]
+    assert why in rows["1"][4] and all(why in r[4] for r in rows.values())
     sends = [r for r in wechat.requests if key(r) != "token"]
     assert len(sends) == 1  # the channel stopped for the whole run after the answer
     assert all(r.path.startswith("/cgi-bin/message/template/send") for r in sends)
