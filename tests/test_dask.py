@@ -11,24 +11,11 @@ from sqlalchemy import create_engine, text
 from herald.flows import campaign
 from herald.flows.spec import TaskRunnerSpec
 
-from .conftest import outbox_messages
+from .conftest import PROMO_YAML, outbox_messages
 
 pytestmark = [pytest.mark.prefect]
 
-HOLDOUT = """\
-name: promo
-audience:
-  source: crm
-  segment: people
-  params: {min_score: 0}
-  key: id
-  tier: tier
-  locale: locale
-tiers:
-  gold: {channels: [email, sms]}
-  default: {channels: [sms, email]}
-holdout: 0.1
-"""
+HOLDOUT = PROMO_YAML + "holdout: 0.1\n"
 
 
 def ledger(url: str, run_key: str) -> list[tuple[str, str, str | None, str]]:
