@@ -54,6 +54,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import make_url
 
+from herald.core import clock
+
 DEFAULT_URL = "sqlite:///.herald/demo.db"
 DEFAULT_CUSTOMERS = 20_000
 DEFAULT_SEED = 20261122
@@ -434,9 +436,9 @@ def generate(customers_n: int = DEFAULT_CUSTOMERS, seed: int = DEFAULT_SEED,
 
 
 def _utc_today() -> date:
-    # Timestamps are UTC and the segments compare them with the database's UTC "now":
+    # Timestamps are UTC and the segments compare them with Herald's clock (:now, UTC):
     # the UTC date keeps every generated event in the past wherever the demo is built.
-    return datetime.now(UTC).date()
+    return clock.now().date()
 
 
 # -- database -------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 -- keeps a high frequency and monetary score, which is exactly who a win-back should try
 -- hardest to win. Scores are quintiles (NTILE 5), 5 = best; ties are broken by the other
 -- measures and then customer_id so a rerun gives every customer the same scores.
--- Timestamps are stored as UTC without a zone, hence now() AT TIME ZONE 'UTC'.
+-- Timestamps are stored as UTC without a zone; :now is Herald's clock, bound as UTC.
 WITH paid AS (
     SELECT customer_id,
            MAX(placed_at)        AS last_order_at,
@@ -43,7 +43,7 @@ SELECT c.customer_id,
            ELSE 'hibernating'
        END AS tier,
        CAST(s.last_order_at AS date) AS last_order_date,
-       CAST(FLOOR(EXTRACT(EPOCH FROM (now() AT TIME ZONE 'UTC') - s.last_order_at) / 86400)
+       CAST(FLOOR(EXTRACT(EPOCH FROM CAST(:now AS timestamp) - s.last_order_at) / 86400)
             AS integer) AS days_since_order,
        s.order_count,
        s.total_spent,
@@ -52,5 +52,5 @@ SELECT c.customer_id,
        s.monetary_score
 FROM scored AS s
 JOIN customers AS c ON c.customer_id = s.customer_id
-WHERE s.last_order_at < (now() AT TIME ZONE 'UTC') - CAST(:days AS integer) * INTERVAL '1 day'
+WHERE s.last_order_at < CAST(:now AS timestamp) - CAST(:days AS integer) * INTERVAL '1 day'
 ORDER BY c.customer_id

@@ -5,7 +5,7 @@
 -- keeps a high frequency and monetary score, which is exactly who a win-back should try
 -- hardest to win. Scores are quintiles (NTILE 5), 5 = best; ties are broken by the other
 -- measures and then customer_id so a rerun gives every customer the same scores.
--- Timestamps are stored as UTC; julianday('now') is UTC too.
+-- Timestamps are stored as UTC; :now is Herald's clock (bound as UTC text by Herald).
 WITH paid AS (
     SELECT customer_id,
            MAX(placed_at)        AS last_order_at,
@@ -42,7 +42,7 @@ SELECT c.customer_id,
            ELSE 'hibernating'
        END AS tier,
        date(s.last_order_at) AS last_order_date,
-       CAST(julianday('now') - julianday(s.last_order_at) AS INTEGER) AS days_since_order,
+       CAST(julianday(:now) - julianday(s.last_order_at) AS INTEGER) AS days_since_order,
        s.order_count,
        s.total_spent,
        s.recency_score,
@@ -50,5 +50,5 @@ SELECT c.customer_id,
        s.monetary_score
 FROM scored AS s
 JOIN customers AS c ON c.customer_id = s.customer_id
-WHERE julianday(s.last_order_at) < julianday('now') - :days
+WHERE julianday(s.last_order_at) < julianday(:now) - :days
 ORDER BY c.customer_id

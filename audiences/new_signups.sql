@@ -1,11 +1,11 @@
 -- Welcome audience (flow: welcome): customers who signed up within the last `days` days.
 -- Tier 'ordered' when they have already placed an order (paid or not), else 'browsing'.
--- Timestamps are stored as UTC; julianday('now') is UTC too.
+-- Timestamps are stored as UTC; :now is Herald's clock (bound as UTC text by Herald).
 WITH recent AS (
     SELECT customer_id, first_name, last_name, email, phone, wechat_openid, locale,
            timezone, city, signup_at
     FROM customers
-    WHERE julianday(signup_at) >= julianday('now') - :days
+    WHERE julianday(signup_at) >= julianday(:now) - :days
 ),
 placed AS (
     SELECT customer_id, COUNT(*) AS order_count
@@ -24,7 +24,7 @@ SELECT r.customer_id,
        r.city,
        CASE WHEN p.customer_id IS NULL THEN 'browsing' ELSE 'ordered' END AS tier,
        r.signup_at,
-       CAST(julianday('now') - julianday(r.signup_at) AS INTEGER) AS days_since_signup,
+       CAST(julianday(:now) - julianday(r.signup_at) AS INTEGER) AS days_since_signup,
        COALESCE(p.order_count, 0) AS order_count
 FROM recent AS r
 LEFT JOIN placed AS p ON p.customer_id = r.customer_id

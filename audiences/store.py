@@ -40,6 +40,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from herald.core import clock
 from herald.flows.db import metadata, writing
 from herald.flows.errors import AudienceError, WorkspaceError
 from herald.flows.spec import FlowSpec, Scalar
@@ -128,18 +129,34 @@ class Recipient:
 
 def load_segment(ws: Workspace, flow: FlowSpec, overrides: Mapping[str, Scalar] | None = None
                  ) -> Segment:
-    """Read the flow's segment SQL (the source dialect's variant if any) and bind params."""
+    """Read the flow's segment SQL (the source dialect's variant if any) and bind params.
+
+    ``:now``, when the SQL uses it and no parameter overrides it, is Herald's clock as a
+    naive UTC timestamp: segments measure "days since" against the run's clock, not the
+    database's, so a rehearsal (``--now``) selects who a run at that moment would select.
+    """
+    moment = bind_time(ws.source(flow.audience.source), clock.now())
     return load_sql(ws, flow.audience.segment, flow.audience.source,
                     {**flow.audience.params, **(overrides or {})},
-                    hint="set audience.params in the flow or pass -p name=value")
+                    hint="set audience.params in the flow or pass -p name=value",
+                    defaults={"now": moment})
+
+
+def bind_time(engine: Engine, moment: datetime) -> Any:
+    """``moment`` as a source binds a timestamp: naive UTC, as ``YYYY-MM-DD HH:MM:SS``
+    text on SQLite (where timestamps are text that sorts)."""
+    naive = moment.astimezone(UTC).replace(tzinfo=None)
+    return naive.isoformat(" ", "seconds") if engine.dialect.name == "sqlite" else naive
 
 
 def load_sql(ws: Workspace, name: str, source: str, params: Mapping[str, Scalar],
-             supplied: tuple[str, ...] = (), hint: str = "") -> Segment:
+             supplied: tuple[str, ...] = (), hint: str = "",
+             defaults: Mapping[str, Any] | None = None) -> Segment:
     """Read ``audiences/NAME[.dialect].sql`` for ``source`` and check its parameters.
 
-    Every parameter the SQL uses must be in ``params`` or ``supplied`` (bound later, at
-    run time); every one of ``params`` must be used. Only used parameters are kept.
+    Every parameter the SQL uses must be in ``params``, ``defaults`` or ``supplied``
+    (bound later, at run time); every one of ``params`` must be used. Only used
+    parameters are kept.
     """
     engine = ws.source(source)
     path = ws.segment_file(name, engine.dialect.name)
@@ -152,6 +169,7 @@ def load_sql(ws: Workspace, name: str, source: str, params: Mapping[str, Scalar]
     if not sql:
         raise AudienceError(f"{rel}: the query is empty")
     used = set(text(sql).compile().binds)
+    params = {**{k: v for k, v in (defaults or {}).items() if k in used}, **params}
     missing = sorted(used - params.keys() - set(supplied))
     if missing:
         raise AudienceError(f"{rel}: parameter{'s' if len(missing) > 1 else ''} "
@@ -241,7 +259,7 @@ def build(ws: Workspace, flow: FlowSpec, segment: Segment) -> Package:
     store = ws.store
     key_col, tier_col = flow.audience.key, flow.audience.tier
     package_id = f"pkg-{secrets.token_hex(5)}"
-    built_at = datetime.now(UTC)
+    built_at = clock.now()
     with writing(store) as conn:
         conn.execute(insert(packages).values(
             id=package_id, flow=flow.name, segment=segment.name, source=flow.audience.source,

@@ -45,6 +45,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.elements import ColumnElement
 
+from herald.core import clock
 from herald.flows.db import metadata, writing
 
 # Every status a ledger row or a run report can show, in report order.
@@ -112,7 +113,8 @@ ALL_CHANNELS = "*"
 
 
 def now() -> datetime:
-    return datetime.now(UTC)
+    """Herald's clock (see herald.core.clock): what the ledger stamps and caps count by."""
+    return clock.now()
 
 
 def normalize(value: str) -> str:

@@ -14,11 +14,11 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from email.errors import MessageError
 from pathlib import Path
 
 from herald.channels.base import KINDS, Channel, ChannelSettings, Message, SendResult
+from herald.core import clock
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.@+-]")
 
@@ -71,7 +71,7 @@ class OutboxChannel(Channel):
                 line = json.dumps({
                     "recipient": m.recipient, "address": m.address, "kind": m.kind,
                     "body": m.body, "message_id": m.message_id, "meta": dict(m.meta),
-                    "written_at": datetime.now(UTC).isoformat()}, ensure_ascii=False)
+                    "written_at": clock.now().isoformat()}, ensure_ascii=False)
                 os.write(fd, (line + "\n").encode("utf-8"))
                 results.append(SendResult.sent(provider_id=f"{path.name}#{m.message_id}"))
         finally:

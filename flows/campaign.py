@@ -32,6 +32,7 @@ from prefect.states import Failed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from herald.channels.ledger import STATUSES
+from herald.core import clock
 from herald.flows import engine
 from herald.flows.errors import HeraldError, RunError
 from herald.flows.spec import Scalar, TaskRunnerSpec
@@ -107,8 +108,14 @@ def _run_name() -> str:
     assert ctx is not None and ctx.parameters is not None
     params = ctx.parameters
     ws = engine.workspace_at(params["workspace"])
-    key = resolve_run_key(ws, params["flow_name"], params.get("run_key"), ctx.flow_run)
+    with clock.using(_clock_of(params.get("now"))):
+        key = resolve_run_key(ws, params["flow_name"], params.get("run_key"), ctx.flow_run)
     return f"{params['flow_name']}/{key}"
+
+
+def _clock_of(now: str | None) -> clock.Clock | None:
+    """The ``now`` parameter (a rehearsal of a deployment): a clock set to it, or None."""
+    return clock.Clock(clock.parse(now)) if now else None
 
 
 def run_tags(ws: Workspace, flow_name: str) -> list[str]:
@@ -121,10 +128,20 @@ def run_tags(ws: Workspace, flow_name: str) -> list[str]:
 @flow(name="herald-campaign", flow_run_name=_run_name, log_prints=False,
       validate_parameters=False)
 def campaign(workspace: str, flow_name: str, run_key: str | None = None,
-             params: dict[str, Scalar] | None = None, dry_run: bool = False) -> dict[str, Any]:
-    """Run one campaign: build its audience, send chunk by chunk, report."""
+             params: dict[str, Scalar] | None = None, dry_run: bool = False,
+             now: str | None = None) -> dict[str, Any]:
+    """Run one campaign: build its audience, send chunk by chunk, report.
+
+    ``now`` (ISO 8601) sets Herald's clock for this run, e.g. a rehearsal with --dry-run.
+    """
+    with clock.using(_clock_of(now)):
+        return _campaign(workspace, flow_name, run_key, params, dry_run)
+
+
+def _campaign(workspace: str, flow_name: str, run_key: str | None,
+              params: dict[str, Scalar] | None, dry_run: bool) -> dict[str, Any]:
     logger = get_run_logger()
-    started = datetime.now(UTC)
+    started = clock.now()
     ws = engine.workspace_at(workspace)
     ctx = FlowRunContext.get()
     key = resolve_run_key(ws, flow_name, run_key, ctx.flow_run if ctx else None)

@@ -47,14 +47,31 @@ WorkspaceOpt = Annotated[str | None, typer.Option(
     "--workspace", "-w", envvar="HERALD_WORKSPACE", help="Workspace folder (default: .)")]
 ParamOpt = Annotated[list[str] | None, typer.Option(
     "--param", "-p", help="Segment parameter NAME=VALUE (repeatable)")]
+NowOpt = Annotated[str | None, typer.Option(
+    "--now", envvar="HERALD_NOW", metavar="TIME",
+    help="Set Herald's clock to this ISO 8601 time for the command (a rehearsal), "
+    "e.g. 2026-12-01T10:00+08:00; it runs on from there. Default: the real time")]
+
+
+def _set_now(value: str | None) -> None:
+    """``--now``: set Herald's one clock (run keys, caps, quiet hours, windows)."""
+    if value is None:
+        return
+    from herald.core import clock
+
+    try:
+        clock.set_to(clock.parse(value))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--now") from None
 
 
 @app.callback()
 def _root(workspace: WorkspaceOpt = None,
-          debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks")] = False
-          ) -> None:
+          debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks")] = False,
+          now: NowOpt = None) -> None:
     state.workspace = workspace
     state.debug = debug
+    _set_now(now)
 
 
 def _ws(workspace: str | None) -> Workspace:
@@ -256,10 +273,12 @@ def run(flow: str, param: ParamOpt = None,
         dask_address: Annotated[str | None, typer.Option(
             "--dask-address", help="Dask scheduler, e.g. tcp://10.0.0.5:8786 (implies "
             "--task-runner dask; default: a local cluster)")] = None,
+        now: NowOpt = None,
         workspace: WorkspaceOpt = None) -> None:
-    """Run FLOW once, now, as a Prefect flow run."""
+    """Run FLOW once, now (by Herald's clock), as a Prefect flow run."""
     from herald.flows.engine import default_run_key
 
+    _set_now(now)
     ws = _ws(workspace)
     params = _params(param)
     key = run_key or default_run_key(ws, flow)
@@ -381,10 +400,12 @@ def report(run_id: Annotated[str | None, typer.Argument(
            html: Annotated[bool, typer.Option("--html", help="Also write the HTML report "
                                               "(reports/FLOW/RUN_KEY.html)")] = False,
            to: Annotated[Path | None, typer.Option("--to", help="Write the HTML report "
-                                                   "here (implies --html)")] = None) -> None:
+                                                   "here (implies --html)")] = None,
+           now: NowOpt = None) -> None:
     """Delivery report of a run from the ledger, with its conversions and uplift."""
     from herald.flows import results
 
+    _set_now(now)
     ws = _ws(workspace)
     row = results.find_run(ws, run_id)
     data = results.run_report(ws, row)
@@ -577,11 +598,14 @@ def demo_data(customers: Annotated[int, typer.Option(min=100)] = 20000,
                   "--simulate-response", metavar="RUN|FLOW",
                   help="Instead: add the orders the run's customers place afterwards "
                   "(a simulation, more likely when contacted)")] = None,
+              now: NowOpt = None,
               workspace: WorkspaceOpt = None) -> None:
-    """(Re)build the deterministic demo shop database behind a source."""
+    """(Re)build the deterministic demo shop database behind a source; its dates are
+    relative to today by Herald's clock (``--now``)."""
     from herald.audiences.demo_shop import build_demo_shop
     from herald.flows.db import resolve_url
 
+    _set_now(now)
     ws = _ws(workspace)
     if simulate_response:
         _simulate(ws, simulate_response)

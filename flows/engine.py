@@ -21,7 +21,7 @@ import threading
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -31,6 +31,7 @@ from herald.channels import ledger
 from herald.channels.base import Message
 from herald.channels.dispatch import Job, dispatch, forget_buckets, group
 from herald.channels.policy import SEND, Decision, Policy
+from herald.core import clock
 from herald.flows.db import writing
 from herald.flows.errors import HeraldError, Problem, ValidationFailed
 from herald.flows.spec import Scalar
@@ -54,6 +55,9 @@ class ChunkJob:
     start: int
     stop: int
     dry_run: bool
+    # the clock of the run that planned the chunk, so a worker process decides caps and
+    # quiet hours at the same "now" as the run (the real time unless the clock was set)
+    clock: clock.Clock = clock.REAL
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,9 @@ class Prepared:
 
 
 def default_run_key(ws: Workspace, flow: str) -> str:
-    """Today's date in the flow's time zone: one campaign a day unless told otherwise."""
-    return datetime.now(ZoneInfo(ws.timezone(ws.flow(flow)))).date().isoformat()
+    """Today's date in the flow's time zone by Herald's clock: one campaign a day unless
+    told otherwise. The one home of this default (CLI, Prefect flow and engine use it)."""
+    return clock.now().astimezone(ZoneInfo(ws.timezone(ws.flow(flow)))).date().isoformat()
 
 
 def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None = None,
@@ -81,7 +86,7 @@ def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None =
     checked = check_flow(ws, flow_name, params, _templates[str(ws.root)])
     flow = checked.spec
     key = run_key or default_run_key(ws, flow_name)
-    run_id = f"run-{datetime.now(UTC):%Y%m%d%H%M%S}-{secrets.token_hex(3)}"
+    run_id = f"run-{clock.now():%Y%m%d%H%M%S}-{secrets.token_hex(3)}"
     ledger.start_run(ws.store, run_id, flow.name, key, dry_run)
     try:
         package = store.build(ws, flow, checked.segment)
@@ -99,7 +104,7 @@ def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None =
         raise
     size = ws.chunk_size(flow)
     chunks = [ChunkJob(str(ws.root), flow.name, run_id, key, package.id, i, start,
-                       min(start + size, package.size), dry_run)
+                       min(start + size, package.size), dry_run, clock.current())
               for i, start in enumerate(range(0, package.size, size))]
     return Prepared(run_id, flow.name, key, dry_run, package, chunks, checked.templates)
 
@@ -168,6 +173,12 @@ CARRIED = {"duplicate": "duplicate", WAITING: "deferred"}
 
 def run_chunk(job: ChunkJob) -> ChunkResult:
     """Run one chunk: decide, reserve, render, send, settle. Returns its counts."""
+    if clock.current() != job.clock:  # a worker process started with another clock
+        clock.install(job.clock)
+    return _run_chunk(job)
+
+
+def _run_chunk(job: ChunkJob) -> ChunkResult:
     ws, templates = _open(job.workspace)
     flow = ws.flow(job.flow)
     rows = store.read(ws, job.package_id, job.start, job.stop)
@@ -332,7 +343,7 @@ def finish(ws: Workspace, prepared: Prepared, chunk_results: list[ChunkResult],
             for status, tier, channel, n in chunk.counts:
                 if status in CARRIED:
                     counts.add(CARRIED[status], tier, channel, n)
-    finished = datetime.now(UTC)
+    finished = clock.now()
     summary = {
         "run_id": prepared.run_id,
         "flow": prepared.flow,
@@ -370,7 +381,7 @@ def run_local(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None
     """Run a campaign on a thread pool without Prefect (tests, embedded use)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    started = datetime.now(UTC)
+    started = clock.now()
     prepared = prepare(ws, flow_name, params, run_key, dry_run)
     try:
         with ThreadPoolExecutor(max_workers or ws.config.max_workers) as pool:

@@ -29,8 +29,9 @@ from typing import Any
 from sqlalchemy import Engine, and_, case, func, select, text
 from sqlalchemy.exc import DBAPIError
 
-from herald.audiences.store import Segment, load_sql, probe
+from herald.audiences.store import Segment, bind_time, load_sql, probe
 from herald.channels import ledger
+from herald.core import clock
 from herald.flows.errors import AudienceError, HeraldError, Problem, WorkspaceError
 from herald.flows.spec import FlowSpec, format_duration
 from herald.flows.stats import Uplift, uplift
@@ -199,7 +200,7 @@ def check_conversion(ws: Workspace, flow: FlowSpec) -> list[Problem]:
     file = ws.flow_file(flow.name)
     try:
         source, query = conversion_query(ws, flow)
-        now = datetime.now(UTC)
+        now = clock.now()
         have = probe(ws, source, query, bind_period(ws.source(source), query, now, now))
     except WorkspaceError as exc:
         return [Problem(str(exc), file=file, field="conversion.segment",
@@ -217,10 +218,7 @@ def bind_period(engine: Engine, query: Segment, since: datetime, until: datetime
                 ) -> dict[str, Any]:
     """The query's parameters with ``:since`` / ``:until`` as naive UTC: datetimes, or
     ``YYYY-MM-DD HH:MM:SS`` text on SQLite, where timestamps are text that sorts."""
-    period: dict[str, Any] = {"since": since.astimezone(UTC).replace(tzinfo=None),
-                              "until": until.astimezone(UTC).replace(tzinfo=None)}
-    if engine.dialect.name == "sqlite":
-        period = {k: v.isoformat(" ", "seconds") for k, v in period.items()}
+    period = {"since": bind_time(engine, since), "until": bind_time(engine, until)}
     used = set(text(query.sql).compile().binds)
     return {**query.params, **{k: v for k, v in period.items() if k in used}}
 
@@ -273,7 +271,7 @@ def compute(ws: Workspace, flow_name: str, run_key: str, now: datetime | None = 
         conversion_query(ws, flow)  # raises, naming the missing YAML
     assert conv is not None
     report = ConversionReport(flow.name, run_key, "", conv.window, bool(conv.amount),
-                              now or datetime.now(UTC))
+                              now or clock.now())
     for tier in flow.tiers:
         if tier != "default":
             report.tiers[tier] = Row(tier)

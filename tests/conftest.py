@@ -8,11 +8,13 @@ import sqlite3
 import textwrap
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from herald.core import clock
 from herald.flows import engine
 from herald.flows.workspace import Workspace
 
@@ -104,6 +106,44 @@ def fill_people(url: str, rows: int) -> None:
 
 
 WorkspaceFactory = Callable[..., Workspace]
+
+
+# -- the clock ----------------------------------------------------------------------------
+# Tests that depend on "now" set Herald's clock, and run at each of these moments with the
+# same expected outcomes: the day they were written, a month and a year later, a US DST
+# change (New York moves to UTC-4 at 07:00 UTC that day) and a year end (00:30 on
+# 1 January in Shanghai). All at 16:30 UTC, so local days fall alike in every zone.
+MOMENTS = {
+    "written": datetime(2026, 11, 22, 16, 30, tzinfo=UTC),
+    "month-later": datetime(2026, 12, 22, 16, 30, tzinfo=UTC),
+    "year-later": datetime(2027, 11, 22, 16, 30, tzinfo=UTC),
+    "dst-change": datetime(2027, 3, 14, 16, 30, tzinfo=UTC),
+    "year-end": datetime(2026, 12, 31, 16, 30, tzinfo=UTC),
+}
+
+
+# `make test HERALD_TEST_NOW=2027-11-29T12:00Z` runs the whole suite with Herald's clock
+# set that far away (running on from there), in this process and in the herald processes
+# tests start: outcomes must not depend on the date the suite runs.
+TEST_NOW = os.environ.get("HERALD_TEST_NOW", "").strip()
+BASE_CLOCK = clock.Clock(clock.parse(TEST_NOW)) if TEST_NOW else clock.REAL
+if TEST_NOW:
+    os.environ[clock.ENV] = TEST_NOW
+
+
+@pytest.fixture(autouse=True)
+def _base_clock() -> Iterator[None]:
+    """Every test starts on the suite's clock (the real one unless HERALD_TEST_NOW is
+    set), and a test that sets the clock cannot leak it into the next."""
+    with clock.using(BASE_CLOCK):
+        yield
+
+
+@pytest.fixture(params=list(MOMENTS.values()), ids=list(MOMENTS))
+def now(request: pytest.FixtureRequest) -> Iterator[datetime]:
+    """Herald's clock frozen at each of MOMENTS in turn; the test gets the moment."""
+    with clock.using(clock.Clock(request.param, frozen=True)):
+        yield request.param
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import re
 import sqlite3
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from datetime import UTC, date, datetime
+from datetime import date
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,8 @@ from jinja2.sandbox import SandboxedEnvironment
 from sqlalchemy import create_engine, text
 
 from herald.audiences.demo_shop import LEVELS, build_demo_shop
+from herald.audiences.store import bind_time
+from herald.core import clock
 
 ROOT = Path(__file__).resolve().parents[1]
 GLOBALS = {"flow", "tier", "run_key", "channel"}
@@ -79,7 +81,9 @@ def run_segment(url: str, flow: str, dialect: str = "") -> tuple[list[str], list
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
-            result = conn.execute(text(sql), audience["params"])
+            # :now is bound by Herald from its clock, as a run binds it
+            now = {"now": bind_time(engine, clock.now())} if ":now" in sql else {}
+            result = conn.execute(text(sql), {**audience["params"], **now})
             return list(result.keys()), [dict(row) for row in result.mappings()]
     finally:
         engine.dispose()
@@ -372,7 +376,7 @@ def test_templates_render_for_real_rows(segments: dict[str, Any]) -> None:
 @pytest.mark.postgres
 def test_postgres_variants_match_sqlite(pg_database: str, tmp_path: Path) -> None:
     """The ``.postgresql.sql`` variants return the same columns, rows and tiers."""
-    day = datetime.now(UTC).date()
+    day = clock.now().date()
     lite = sqlite_url(tmp_path / "small.db")
     assert build_demo_shop(pg_database, customers=2000, today=day) == build_demo_shop(
         lite, customers=2000, today=day)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from herald.audiences.store import Recipient
 from herald.channels import ledger
@@ -105,39 +105,40 @@ def decide(ws, flow: str, rows: list[Recipient], at: datetime) -> dict[str, tupl
         }
 
 
-NOW = datetime(2026, 11, 22, 16, 30, tzinfo=UTC)  # 00:30 on the 23rd in Shanghai
+# ``now`` (conftest): Herald's clock frozen at 16:30 UTC on several dates, which is already
+# 00:30 of the next day in Shanghai and still the same day in New York.
 
 
-def test_rolling_window(make_workspace, store_url) -> None:
+def test_rolling_window(make_workspace, store_url, now) -> None:
     ws = workspace(make_workspace, "  - {max: 2, per: 12h}", store=store_url)
     history(
         ws,
         [
-            ("1", "other", "email", NOW - timedelta(hours=3)),
-            ("1", "other", "sms", NOW - timedelta(hours=11)),
-            ("2", "other", "email", NOW - timedelta(hours=3)),
-            ("2", "other", "sms", NOW - timedelta(hours=13)),
+            ("1", "other", "email", now - timedelta(hours=3)),
+            ("1", "other", "sms", now - timedelta(hours=11)),
+            ("2", "other", "email", now - timedelta(hours=3)),
+            ("2", "other", "sms", now - timedelta(hours=13)),
         ],
     )  # outside the window
-    got = decide(ws, "promo", [recipient(1), recipient(2)], NOW)
+    got = decide(ws, "promo", [recipient(1), recipient(2)], now)
     assert got["1"] == ("capped", "cap max 2 per 12h (all channels)")
     assert got["2"][0] == SEND
 
 
-def test_calendar_day_is_the_recipients_local_day(make_workspace, store_url) -> None:
+def test_calendar_day_is_the_recipients_local_day(make_workspace, store_url, now) -> None:
     ws = workspace(make_workspace, "  - {max: 1, per: day}", store=store_url)
-    an_hour_ago = NOW - timedelta(hours=1)  # 15:30 UTC: the 22nd in New York and Shanghai
+    an_hour_ago = now - timedelta(hours=1)  # 15:30 UTC: the same day in New York and Shanghai
     history(ws, [("1", "other", "email", an_hour_ago), ("2", "other", "email", an_hour_ago)])
     got = decide(
-        ws, "promo", [recipient(1, tz="America/New_York"), recipient(2, tz="Asia/Shanghai")], NOW
+        ws, "promo", [recipient(1, tz="America/New_York"), recipient(2, tz="Asia/Shanghai")], now
     )
-    assert got["1"] == ("capped", "cap max 1 per day (all channels)")  # still the 22nd
-    assert got["2"][0] == SEND  # already the 23rd in Shanghai
+    assert got["1"] == ("capped", "cap max 1 per day (all channels)")  # still the same day
+    assert got["2"][0] == SEND  # already the next day in Shanghai
 
 
-def test_calendar_week_starts_monday(make_workspace, store_url) -> None:
+def test_calendar_week_starts_monday(make_workspace, store_url, now) -> None:
     ws = workspace(make_workspace, "  - {max: 1, per: week}", store=store_url)
-    monday = datetime(2026, 11, 23, 9, tzinfo=UTC)
+    monday = (now - timedelta(days=now.weekday())).replace(hour=9, minute=0)
     history(
         ws,
         [
@@ -150,26 +151,26 @@ def test_calendar_week_starts_monday(make_workspace, store_url) -> None:
     assert got["2"][0] == "capped"
 
 
-def test_scopes_channel_flow_and_tier(make_workspace, store_url) -> None:
+def test_scopes_channel_flow_and_tier(make_workspace, store_url, now) -> None:
     caps = (
         "  - {channel: email, max: 1, per: 1d}\n"
         "  - {flow: promo, max: 1, per: 7d}\n"
         "  - {tier: vip, max: 1, per: 30d}"
     )
     ws = workspace(make_workspace, caps, store=store_url)
-    yesterday = NOW - timedelta(hours=20)
+    yesterday = now - timedelta(hours=20)
     history(
         ws,
         [
             ("1", "other", "email", yesterday),  # email cap: falls back to sms
-            ("2", "promo", "sms", NOW - timedelta(days=3)),  # flow cap
-            ("3", "other", "sms", NOW - timedelta(days=10)),  # tier cap, vip only
-            ("4", "other", "sms", NOW - timedelta(days=10)),
+            ("2", "promo", "sms", now - timedelta(days=3)),  # flow cap
+            ("3", "other", "sms", now - timedelta(days=10)),  # tier cap, vip only
+            ("4", "other", "sms", now - timedelta(days=10)),
         ],
     )
     one = recipient(1)
     one.data["phone"] = "+14155550001"
-    got = decide(ws, "promo", [one, recipient(2), recipient(3, tier="vip"), recipient(4)], NOW)
+    got = decide(ws, "promo", [one, recipient(2), recipient(3, tier="vip"), recipient(4)], now)
     assert got["1"] == (SEND, "sms")
     assert got["2"] == ("capped", "cap max 1 per 7d (flow promo)")
     assert got["3"] == ("capped", "cap max 1 per 30d (tier vip)")
@@ -177,24 +178,24 @@ def test_scopes_channel_flow_and_tier(make_workspace, store_url) -> None:
 
 
 def test_priority_counts_only_messages_of_equal_or_higher_priority(
-    make_workspace, store_url
+    make_workspace, store_url, now
 ) -> None:
     flows = {"promo": (0, False, "[]"), "urgent": (10, False, "[]")}
     ws = workspace(make_workspace, "  - {max: 1, per: 1d}", flows, store=store_url)
-    history(ws, [("1", "promo", "email", NOW - timedelta(hours=1))], priority=0)
-    history(ws, [("2", "urgent", "email", NOW - timedelta(hours=1))], priority=10)
-    assert decide(ws, "urgent", [recipient(1)], NOW)["1"][0] == SEND  # promo is lower
-    assert decide(ws, "urgent", [recipient(2)], NOW)["2"][0] == "capped"
-    assert decide(ws, "promo", [recipient(1), recipient(2)], NOW) == {
+    history(ws, [("1", "promo", "email", now - timedelta(hours=1))], priority=0)
+    history(ws, [("2", "urgent", "email", now - timedelta(hours=1))], priority=10)
+    assert decide(ws, "urgent", [recipient(1)], now)["1"][0] == SEND  # promo is lower
+    assert decide(ws, "urgent", [recipient(2)], now)["2"][0] == "capped"
+    assert decide(ws, "promo", [recipient(1), recipient(2)], now) == {
         "1": ("capped", "cap max 1 per 1d (all channels)"),
         "2": ("capped", "cap max 1 per 1d (all channels)"),
     }
 
 
-def test_exempt_flows_are_not_capped_and_not_counted(make_workspace, store_url) -> None:
+def test_exempt_flows_are_not_capped_and_not_counted(make_workspace, store_url, now) -> None:
     flows = {"promo": (0, False, "[]"), "receipt": (0, True, "[]")}
     ws = workspace(make_workspace, "  - {max: 1, per: 1d}", flows, rows=6, store=store_url)
-    history(ws, [(str(i), "promo", "email", NOW - timedelta(hours=1)) for i in range(1, 4)])
+    history(ws, [(str(i), "promo", "email", now - timedelta(hours=1)) for i in range(1, 4)])
     receipts = run_local(ws, "receipt", run_key="r1")
     assert receipts["deliveries"]["sent"] == 6 and receipts["deliveries"]["capped"] == 0
     promo = run_local(ws, "promo", run_key="p1")

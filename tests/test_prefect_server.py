@@ -52,7 +52,10 @@ def _free_port() -> int:
 
 
 def _env(home: Path, api: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    # Prefect's scheduler and runners work in real time, so served runs here read the real
+    # clock too (HERALD_NOW, set by `make test HERALD_TEST_NOW=...`, is not passed on).
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PREFECT_") and k != "HERALD_NOW"}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_RUNNER_POLL_FREQUENCY="1", PREFECT_WORKER_QUERY_SECONDS="1",
                PREFECT_LOGGING_LEVEL="INFO")

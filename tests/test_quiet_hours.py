@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from herald.channels import ledger
+from herald.core import clock
 from herald.flows.engine import run_local
 from herald.flows.spec import QuietHours
 
@@ -30,10 +31,8 @@ def test_window_wraps_midnight_in_the_local_zone() -> None:
 
 
 def around_now(mode: str) -> str:
-    """A quiet window that holds the current UTC time, whenever the test runs."""
-    now = datetime.now(UTC)
-    start, end = now - timedelta(hours=1), now + timedelta(hours=1)
-    return f'quiet_hours: {{from: "{start:%H:%M}", to: "{end:%H:%M}", mode: {mode}}}\n'
+    """A quiet window 16:00-18:00 UTC: it holds ``now`` (conftest), 16:30 UTC each day."""
+    return f'quiet_hours: {{from: "16:00", to: "18:00", mode: {mode}}}\n'
 
 
 CONFIG = """\
@@ -52,7 +51,7 @@ def statuses(ws) -> dict[str, ledger.Existing]:
         return ledger.existing(conn, "promo", "q", [str(i) for i in range(1, 100)])
 
 
-def test_skip_records_quiet_hours_and_sends_nothing(make_workspace, store_url) -> None:
+def test_skip_records_quiet_hours_and_sends_nothing(make_workspace, store_url, now) -> None:
     ws = make_workspace(
         {"config/herald.yaml": CONFIG + around_now("skip")}, rows=20, store=store_url
     )
@@ -64,7 +63,7 @@ def test_skip_records_quiet_hours_and_sends_nothing(make_workspace, store_url) -
     assert len(reasons) == 1 and reasons.pop().startswith("skipped: ")
 
 
-def test_defer_keeps_the_place_and_a_later_run_sends(make_workspace, store_url) -> None:
+def test_defer_keeps_the_place_and_a_later_run_sends(make_workspace, store_url, now) -> None:
     ws = make_workspace(
         {"config/herald.yaml": CONFIG + around_now("defer")}, rows=20, store=store_url
     )
@@ -73,36 +72,24 @@ def test_defer_keeps_the_place_and_a_later_run_sends(make_workspace, store_url) 
     assert deferred == 20 and first["deliveries"]["sent"] == 0
     rows = statuses(ws)
     ends = {r.not_before.replace(tzinfo=UTC) for r in rows.values() if r.status == "deferred"}
-    assert len(ends) == 1  # everyone is in UTC here: one end of the window
-    assert datetime.fromisoformat(first["deferred_until"]) == ends.pop() > datetime.now(UTC)
+    window_end = now.replace(hour=18, minute=0)
+    assert ends == {window_end}  # everyone is in UTC here: one end of the window
+    assert datetime.fromisoformat(first["deferred_until"]) == window_end
     # too early: the rerun leaves them waiting and sends nothing
+    clock.advance(timedelta(hours=1))
     again = run_local(ws, "promo", run_key="q")
     assert again["deliveries"]["deferred"] == 20 and again["deliveries"]["sent"] == 0
-    # the quiet window ends (the rows' not_before passes) and one person unsubscribes
-    with ws.store.begin() as conn:
-        conn.execute(
-            update(ledger.deliveries)
-            .where(ledger.deliveries.c.status == "deferred")
-            .values(not_before=datetime.now(UTC) - timedelta(minutes=1))
-        )
+    # the quiet window ends and one person unsubscribes meanwhile
     ledger.suppress(ws.store, [("3", None, "unsubscribed overnight")], "operator")
-    config = ws.root / "config/herald.yaml"  # the window is over: drop quiet hours
-    config.write_text("".join(line for line in config.read_text().splitlines(True)
-                              if not line.startswith("quiet_hours:")))
-    from herald.flows.engine import forget_workspace
-    from herald.flows.workspace import Workspace
-
-    forget_workspace(ws.root)
-    ws2 = Workspace.open(ws.root)
-    later = run_local(ws2, "promo", run_key="q")
+    clock.advance(timedelta(minutes=31))
+    later = run_local(ws, "promo", run_key="q")
     assert later["deliveries"]["sent"] == 19
     assert later["deliveries"]["suppressed"] == 1  # checked again, not sent blindly
     assert later["deliveries"]["capped"] == 0  # its own reservation does not cap it
-    assert outbox_messages(ws2) == 19
-    ws2.dispose()
+    assert outbox_messages(ws) == 19
 
 
-def test_deferred_rows_hold_their_cap_slot(make_workspace, store_url) -> None:
+def test_deferred_rows_hold_their_cap_slot(make_workspace, store_url, now) -> None:
     other = (
         "name: other\naudience: {source: crm, segment: people, params: {min_score: 0}, "
         "key: id, tier: tier}\ntiers: {default: {channels: [sms, email]}}\n"
