@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+CODE   := core audiences channels delivery reporting flows
 
 .PHONY: demo test lint bench reliability clean install browser
 
@@ -26,9 +27,8 @@ demo: $(STAMP)
 	$(BIN)/herald report winback --html
 	@echo "Messages the demo would have sent are in .herald/outbox/ (nothing left this machine)."
 
-# The HTML report's test drives a headless Chromium. As root with apt (CI, a fresh
-# machine) Debian's package is installed once (~25 s); elsewhere that test skips and
-# says why.
+# The HTML report's test drives a headless Chromium; without one it skips and says why.
+# `make browser` installs Debian's package (as root with apt, ~25 s); CI runs it first.
 browser:
 	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
 	    && command -v apt-get >/dev/null 2>&1; then \
@@ -38,21 +38,16 @@ browser:
 	    || { apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null; }; \
 	fi
 
-test: $(STAMP) browser
+test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check flows channels audiences templates tests bench
-	$(BIN)/mypy flows channels audiences templates
+	$(BIN)/ruff check $(CODE) tests bench
+	$(BIN)/mypy $(CODE)
 
 # The benchmark suite (bench/run.py): 100,000 and 1,000,000 recipients, SQLite and
 # Postgres, each stage against its baseline; updates the figures in BENCHMARKS.md.
-BENCH_STAMP := $(VENV)/.bench-installed
-$(BENCH_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -c requirements.lock -e ".[test,bench]"
-	touch $(BENCH_STAMP)
-
-bench: $(BENCH_STAMP)
+bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # The reliability catalogue (tests/test_reliability.py, also part of make test):

@@ -8,29 +8,19 @@ Rows are numbered (``seq``) so a run can read any chunk by range.
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import secrets
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import orjson
 from sqlalchemy import (
-    Column,
-    DateTime,
     Engine,
-    Integer,
-    String,
-    Table,
-    Text,
-    UniqueConstraint,
     delete,
     func,
     insert,
@@ -40,54 +30,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from herald.audiences.sql import Segment, db_message
 from herald.core import clock
-from herald.flows.db import metadata, writing
-from herald.flows.errors import AudienceError, WorkspaceError
-from herald.flows.spec import FlowSpec, Scalar
-from herald.flows.workspace import Workspace
+from herald.core.db import package_rows, packages, writing
+from herald.core.errors import AudienceError, WorkspaceError
+from herald.core.spec import FlowSpec
+from herald.core.workspace import Workspace
 
 DEFAULT_TIER = "default"
 INSERT_BATCH = 20_000
-
-packages = Table(
-    "herald_packages", metadata,
-    Column("id", String(40), primary_key=True),
-    Column("flow", String(128), nullable=False, index=True),
-    Column("segment", String(255), nullable=False),
-    Column("source", String(128), nullable=False),
-    Column("sql_sha256", String(64), nullable=False),
-    Column("params", Text, nullable=False),
-    Column("key_column", String(128), nullable=False),
-    Column("tier_column", String(128)),
-    Column("columns", Text, nullable=False),
-    Column("built_at", DateTime(timezone=True), nullable=False),
-    Column("size", Integer, nullable=False, default=0),
-    Column("tiers", Text, nullable=False, default="{}"),
-    Column("status", String(16), nullable=False),  # building | ready
-)
-
-package_rows = Table(
-    "herald_package_rows", metadata,
-    Column("package_id", String(40), primary_key=True),
-    Column("seq", Integer, primary_key=True, autoincrement=False),
-    Column("key", String(255), nullable=False),
-    Column("tier", String(128), nullable=False),
-    Column("data", Text, nullable=False),
-    # A duplicate key in the segment's result would mean two messages to one person.
-    UniqueConstraint("package_id", "key", name="uq_herald_package_rows_key"),
-)
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A segment query ready to run: its file, text, hash and bound parameters."""
-
-    name: str
-    file: str  # workspace-relative, for messages
-    sql: str
-    sha256: str
-    params: dict[str, Scalar]
-
 
 @dataclass(frozen=True)
 class Package:
@@ -127,84 +78,6 @@ class Recipient:
     data: dict[str, Any]
 
 
-def load_segment(ws: Workspace, flow: FlowSpec, overrides: Mapping[str, Scalar] | None = None
-                 ) -> Segment:
-    """Read the flow's segment SQL (the source dialect's variant if any) and bind params.
-
-    ``:now``, when the SQL uses it and no parameter overrides it, is Herald's clock as a
-    naive UTC timestamp: segments measure "days since" against the run's clock, not the
-    database's, so a rehearsal (``--now``) selects who a run at that moment would select.
-    """
-    moment = bind_time(ws.source(flow.audience.source), clock.now())
-    return load_sql(ws, flow.audience.segment, flow.audience.source,
-                    {**flow.audience.params, **(overrides or {})},
-                    hint="set audience.params in the flow or pass -p name=value",
-                    defaults={"now": moment})
-
-
-def bind_time(engine: Engine, moment: datetime) -> Any:
-    """``moment`` as a source binds a timestamp: naive UTC, as ``YYYY-MM-DD HH:MM:SS``
-    text on SQLite (where timestamps are text that sorts)."""
-    naive = moment.astimezone(UTC).replace(tzinfo=None)
-    return naive.isoformat(" ", "seconds") if engine.dialect.name == "sqlite" else naive
-
-
-def load_sql(ws: Workspace, name: str, source: str, params: Mapping[str, Scalar],
-             supplied: tuple[str, ...] = (), hint: str = "",
-             defaults: Mapping[str, Any] | None = None) -> Segment:
-    """Read ``audiences/NAME[.dialect].sql`` for ``source`` and check its parameters.
-
-    Every parameter the SQL uses must be in ``params``, ``defaults`` or ``supplied``
-    (bound later, at run time); every one of ``params`` must be used. Only used
-    parameters are kept.
-    """
-    engine = ws.source(source)
-    path = ws.segment_file(name, engine.dialect.name)
-    rel = ws.relative(path)
-    try:
-        sql = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise WorkspaceError(f"{rel}: not valid UTF-8 (byte {exc.start})") from None
-    sql = sql.strip().rstrip(";").rstrip()
-    if not sql:
-        raise AudienceError(f"{rel}: the query is empty")
-    used = set(text(sql).compile().binds)
-    params = {**{k: v for k, v in (defaults or {}).items() if k in used}, **params}
-    missing = sorted(used - params.keys() - set(supplied))
-    if missing:
-        raise AudienceError(f"{rel}: parameter{'s' if len(missing) > 1 else ''} "
-                            f"{', '.join(':' + m for m in missing)} not given"
-                            + (f" ({hint})" if hint else ""))
-    unused = sorted(params.keys() - used)
-    if unused:
-        raise AudienceError(f"{rel}: unknown parameter{'s' if len(unused) > 1 else ''} "
-                            f"{', '.join(unused)} (the SQL uses: "
-                            f"{', '.join(sorted(used)) or 'none'})")
-    digest = hashlib.sha256(sql.encode("utf-8")).hexdigest()
-    return Segment(name, rel, sql, digest, {k: params[k] for k in used if k in params})
-
-
-def probe_columns(ws: Workspace, flow: FlowSpec, segment: Segment) -> list[str]:
-    """The segment's result columns, without fetching its rows."""
-    return probe(ws, flow.audience.source, segment, segment.params)
-
-
-def probe(ws: Workspace, source: str, segment: Segment, params: Mapping[str, Any]
-          ) -> list[str]:
-    """A query's result columns on ``source``, without fetching its rows."""
-    engine = ws.source(source)
-    wrapped = f"SELECT * FROM (\n{segment.sql}\n) AS herald_probe LIMIT 0"
-    try:
-        with engine.connect() as conn:
-            return list(conn.execute(text(wrapped), dict(params)).keys())
-    except DBAPIError as exc:
-        raise AudienceError(f"{segment.file}: the query failed: {_db_message(exc)}") from None
-
-
-def _db_message(exc: DBAPIError) -> str:
-    return str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc).splitlines()[0]
-
-
 _slow_encode = json.JSONEncoder(ensure_ascii=False, default=lambda v: _json_default(v)).encode
 
 
@@ -219,7 +92,7 @@ def _encode(row: dict[str, Any]) -> str:
 
 def _json_default(value: Any) -> Any:
     """JSON for the values a driver returns beyond JSON's own types."""
-    converted = _jsonable(value)
+    converted = jsonable(value)
     if converted is value:
         return str(value)
     return converted
@@ -243,7 +116,7 @@ _INTEGRITY_ERRORS: tuple[type[BaseException], ...] = (IntegrityError,
                                                       *_driver_integrity_errors())
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, Decimal):
         return float(value)
     if isinstance(value, datetime | date | time):
@@ -298,7 +171,7 @@ def build(ws: Workspace, flow: FlowSpec, segment: Segment) -> Package:
                 size += len(rows)
     except DBAPIError as exc:
         _discard(store, package_id)
-        raise AudienceError(f"{segment.file}: the query failed: {_db_message(exc)}") from None
+        raise AudienceError(f"{segment.file}: the query failed: {db_message(exc)}") from None
     except BaseException:
         _discard(store, package_id)
         raise
@@ -419,89 +292,3 @@ def count_rows(ws: Workspace, package_id: str) -> int:
             package_rows.c.package_id == package_id)).scalar_one())
 
 
-def export(ws: Workspace, package_id: str, to: Path) -> int:
-    """Write a package to CSV or Parquet (by the file's suffix); return the row count."""
-    package = get(ws, package_id)
-    suffix = to.suffix.lower()
-    if suffix not in (".csv", ".parquet"):
-        raise WorkspaceError(f"{to}: export to .csv or .parquet")
-    to.parent.mkdir(parents=True, exist_ok=True)
-    tmp = to.with_name(to.name + ".part")
-    count = 0
-    if suffix == ".csv":
-        with tmp.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=package.columns, extrasaction="ignore")
-            writer.writeheader()
-            for row in iter_rows(ws, package_id):
-                writer.writerow(row.data)
-                count += 1
-    else:
-        count = _export_parquet(ws, package, tmp)
-    tmp.replace(to)  # never leave a half-written export under the real name
-    return count
-
-
-def _export_parquet(ws: Workspace, package: Package, path: Path) -> int:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    def arrow_type(value: Any) -> pa.DataType:
-        if isinstance(value, bool):
-            return pa.bool_()
-        if isinstance(value, int):
-            return pa.int64()
-        if isinstance(value, float):
-            return pa.float64()
-        return pa.string()
-
-    writer = None
-    count = 0
-    types: dict[str, pa.DataType] = {}
-    batch: list[dict[str, Any]] = []
-
-    def flush() -> None:
-        nonlocal writer
-        if not batch:
-            return
-        if writer is None:
-            for col in package.columns:
-                first = next((r[col] for r in batch if r.get(col) is not None), None)
-                # a column that only mixes ints and floats is a float column
-                kinds = {type(r[col]) for r in batch if r.get(col) is not None}
-                types[col] = pa.float64() if kinds == {int, float} else arrow_type(first)
-            schema = pa.schema([(c, types[c]) for c in package.columns])
-            writer = pq.ParquetWriter(path, schema)
-        table = pa.Table.from_pylist(
-            [{c: _coerce(r.get(c), types[c]) for c in package.columns} for r in batch],
-            schema=writer.schema)
-        writer.write_table(table)
-        batch.clear()
-
-    for row in iter_rows(ws, package.id):
-        batch.append(row.data)
-        count += 1
-        if len(batch) >= INSERT_BATCH:
-            flush()
-    flush()
-    if writer is None:  # an empty package still gets a file with its columns
-        import pyarrow as pa  # noqa: F811
-
-        pq.write_table(pa.table({c: pa.array([], pa.string()) for c in package.columns}),
-                       path)
-    else:
-        writer.close()
-    return count
-
-
-def _coerce(value: Any, kind: Any) -> Any:
-    import pyarrow as pa
-
-    if value is None:
-        return None
-    if kind == pa.string() and not isinstance(value, str):
-        return str(value)
-    if kind == pa.float64() and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if kind == pa.int64() and not isinstance(value, int):
-        return None if not isinstance(value, float) or value != int(value) else int(value)
-    return value

@@ -21,8 +21,8 @@ def main() -> None:
     mode, folder, out = sys.argv[1:4]
     start = time.perf_counter()
     if mode == "engine":
+        from herald.core.workspace import Workspace
         from herald.flows.engine import run_local
-        from herald.flows.workspace import Workspace
 
         summary = run_local(Workspace.open(folder), "bench", run_key="e2e")
     else:

@@ -18,7 +18,8 @@ Stages (ratios are Herald's throughput over the baseline's, except where noted):
            second, the share orchestration takes, and peak memory (RSS); the peak at the
            largest size must stay within 1.2x of the smallest.
 
-Results go to bench/results.json and between the figure markers of BENCHMARKS.md.
+Raw results go to build/bench-results.json (not committed: one machine's output);
+the figures go between the markers of BENCHMARKS.md, the record.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def sources(tmp: Path, n: int) -> dict[str, str]:
 
 
 def open_ws(folder: Path, source: str, store: str, **kw: Any) -> Any:
-    from herald.flows.workspace import Workspace
+    from herald.core.workspace import Workspace
 
     if folder.exists():
         shutil.rmtree(folder)
@@ -113,13 +114,13 @@ def bench_build(tmp: Path, n: int, urls: dict[str, str]) -> None:
 def _build_case(tmp: Path, n: int, kind: str, url: str) -> None:
     from sqlalchemy import create_engine, text
 
-    from herald.audiences import store
+    from herald.audiences import sql, store
     from herald.flows import engine
 
     store_url = "sqlite:///.herald/herald.db" if kind == "sqlite" else url
     ws = open_ws(tmp / f"ws-build-{kind}", url, store_url)
     flow = ws.flow("bench")
-    segment = store.load_segment(ws, flow)
+    segment = sql.load_segment(ws, flow)
 
     def bare() -> None:
         eng = create_engine(url)
@@ -414,7 +415,8 @@ def main() -> None:
     RESULTS["machine"] = machine()
     RESULTS["date"] = started.date().isoformat()
     RESULTS.pop("_e2e", None)
-    path = HERE / "results.json"
+    path = HERE.parent / "build" / "bench-results.json"  # this machine's raw output
+    path.parent.mkdir(exist_ok=True)
     if args.only != parser.get_default("only") and path.exists():
         # a partial pass replaces the stages it measured and keeps the others
         RESULTS.update({k: v for k, v in {**json.loads(path.read_text()), **RESULTS}.items()

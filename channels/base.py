@@ -18,61 +18,20 @@ the contact policy live in the dispatcher (``herald.flows.engine``), never in ad
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Any, ClassVar, Self
+from typing import ClassVar, Self
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from sqlalchemy import Engine
 
-# What a message is, independent of who carries it. Each kind has the recipient column
-# that holds its address unless the channel's YAML names another (`address: column`).
-KINDS: dict[str, str] = {
-    "email": "email",
-    "sms": "phone",
-    "wechat": "wechat_openid",
-    "webhook": "webhook_url",
-}
+from herald.core.spec import KINDS, ChannelSettings, Rate, channel_kind, parse_rate
 
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
-_PER_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
-                "h": 3600, "hour": 3600}
-
-
-def parse_rate(value: Any) -> float | None:
-    """Parse ``"50/s"``, ``"3000/min"`` or ``"100/h"`` into messages per second."""
-    if value is None or isinstance(value, float | int):
-        return None if value is None else float(value)
-    match = _RATE.match(str(value))
-    if not match:
-        raise ValueError("rate must look like 50/s, 3000/min or 100/h")
-    per_second = float(match.group(1)) / _PER_SECONDS[match.group(2)]
-    if per_second <= 0:
-        raise ValueError("rate must be positive")
-    return per_second
-
-
-Rate = Annotated[float | None, BeforeValidator(parse_rate)]
-
-
-class ChannelSettings(BaseModel):
-    """Settings every channel accepts; adapters subclass it with their own fields.
-
-    Secret fields (passwords, tokens) are ``SecretStr`` so they never print.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    type: str
-    kind: str | None = None
-    address: str | None = None
-    rate: Rate = None
-    batch_size: int | None = None
-
+__all__ = ["KINDS", "Channel", "ChannelContext", "ChannelSettings", "Message", "Outcome",
+           "Rate", "SendResult", "parse_rate"]
 
 @dataclass(frozen=True, slots=True)
 class Message:
@@ -136,6 +95,9 @@ class ChannelContext:
     flow: str
     run_key: str
     run_id: str
+    # the workspace database, for state a channel shares across workers and runs (an
+    # access token); a channel never reaches into the engine for it
+    store: Engine | None = None
 
 
 class Channel(ABC):
@@ -155,10 +117,9 @@ class Channel(ABC):
 
     @property
     def kind(self) -> str:
-        """The kind of message this configured channel carries."""
-        if self.settings.kind:
-            return self.settings.kind
-        return next(iter(self.kinds)) if len(self.kinds) == 1 else self.name
+        """The kind of message this configured channel carries (decided once, by
+        ``herald.core.spec.channel_kind``, when the workspace is loaded)."""
+        return channel_kind(self.name, self.settings, self.kinds) or self.name
 
     @abstractmethod
     async def send_batch(self, messages: Sequence[Message]) -> list[SendResult]:

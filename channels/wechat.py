@@ -26,19 +26,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import SecretStr
-from sqlalchemy import Column, DateTime, String, Table, Text, select
+from sqlalchemy import select
 
 from herald.channels.base import ChannelContext, ChannelSettings, Message, SendResult
 from herald.channels.http import HttpChannel, HttpSettings, json_body
-from herald.flows.db import metadata, writing
-
-tokens = Table(
-    "herald_channel_tokens", metadata,
-    Column("channel", String(64), primary_key=True),
-    Column("account", String(128), primary_key=True),
-    Column("token", Text, nullable=False),
-    Column("expires_at", DateTime(timezone=True), nullable=False),
-)
+from herald.core.db import channel_tokens as tokens
+from herald.core.db import writing
 
 TOKEN_ERRORS = {40001, 40014, 42001}
 SUPPRESS = {43004: "the user does not follow the account", 43101: "the user refused",
@@ -109,9 +102,10 @@ class WechatChannel(HttpChannel):
 
     # -- the shared access token --------------------------------------------------------
     def _store(self) -> Any:
-        from herald.flows.engine import workspace_at
-
-        return workspace_at(str(self.context.workspace)).store
+        if self.context.store is None:
+            raise RuntimeError("the WeChat channel needs the workspace database "
+                               "(ChannelContext.store) to share its access token")
+        return self.context.store
 
     async def token(self, stale: str | None = None) -> str:
         """The account's access token: the shared one unless it is ``stale``."""

@@ -31,17 +31,13 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Failed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from herald.channels.ledger import STATUSES
 from herald.core import clock
+from herald.core.errors import HeraldError, RunError
+from herald.core.spec import Scalar, TaskRunnerSpec
+from herald.core.workspace import Workspace
+from herald.delivery.ledger import STATUSES
 from herald.flows import engine
-from herald.flows.errors import HeraldError, RunError
-from herald.flows.spec import Scalar, TaskRunnerSpec
-from herald.flows.workspace import Workspace
-
-
-def _artifact_key(flow_name: str, what: str) -> str:
-    # artifact keys allow lowercase letters, digits and dashes only
-    return f"herald-{flow_name.lower().replace('_', '-')}-{what}"
+from herald.flows.artifacts import artifact_key
 
 
 @task(name="build-audience", task_run_name="build-audience", cache_policy=NO_CACHE)
@@ -58,7 +54,7 @@ def build_audience(ws: Workspace, flow_name: str, params: dict[str, Scalar], run
                           ", ".join(f"{t}={n}" for t, n in package.tiers.items()) or "empty")
     rows = "\n".join(f"| {tier} | {n} |" for tier, n in package.tiers.items())
     create_markdown_artifact(
-        key=_artifact_key(flow_name, "audience"),
+        key=artifact_key(flow_name, "audience"),
         description=f"Audience of {flow_name} {run_key}",
         markdown=(f"# Audience: {flow_name} ({run_key})\n\n"
                   f"- package: `{package.id}`\n- segment: `{package.segment}`\n"
@@ -156,7 +152,7 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
     prepared = cast(engine.Prepared, built.result())
     total = len(prepared.chunks)
     progress = cast(UUID, create_progress_artifact(
-        0.0, key=_artifact_key(flow_name, "progress"),
+        0.0, key=artifact_key(flow_name, "progress"),
         description=f"Sending {flow_name} {key}"))
     results: list[engine.ChunkResult] = []
     try:
@@ -174,7 +170,7 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
     statuses = [s for s in STATUSES if any(row.get(s) for row in summary["by_channel"].values())
                 or summary["deliveries"].get(s)]
     create_table_artifact(
-        key=_artifact_key(flow_name, "delivery"),
+        key=artifact_key(flow_name, "delivery"),
         description=f"Deliveries of {flow_name} {key} ({prepared.run_id})",
         table=[{"channel": channel, **{s: row.get(s, 0) for s in statuses}}
                for channel, row in summary["by_channel"].items()]

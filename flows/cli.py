@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from herald.flows.errors import HeraldError, RunError
-from herald.flows.spec import Scalar, TaskRunnerSpec
-from herald.flows.workspace import Workspace
+from herald.core.errors import HeraldError, RunError
+from herald.core.spec import Scalar, TaskRunnerSpec
+from herald.core.workspace import Workspace
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Herald: SQL segments, Jinja messages, contact policy, Prefect flows.")
@@ -82,7 +82,7 @@ def _ws(workspace: str | None) -> Workspace:
 
 def _params(items: list[str] | None) -> dict[str, Scalar]:
     """``-p days=30``: values are parsed like YAML scalars (30 is a number, "30" text)."""
-    from herald.flows.yamlio import parse_yaml
+    from herald.core.yamlio import parse_yaml
 
     params: dict[str, Scalar] = {}
     for item in items or []:
@@ -105,7 +105,7 @@ def _print_json(data: Any) -> None:
 def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (default: all)")]
              = None, workspace: WorkspaceOpt = None) -> None:
     """Check flows, SQL, templates and channels; exit 1 listing every problem."""
-    from herald.flows.spec import format_duration
+    from herald.core.spec import format_duration
     from herald.flows.validate import check_flow, templates_for
 
     ws = _ws(workspace)
@@ -142,11 +142,11 @@ def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (defa
 def audience_build(flow: str, param: ParamOpt = None, workspace: WorkspaceOpt = None,
                    as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Build and store an audience package for FLOW; print its summary."""
-    from herald.audiences import store
+    from herald.audiences import sql, store
 
     ws = _ws(workspace)
     spec = ws.flow(flow)
-    package = store.build(ws, spec, store.load_segment(ws, spec, _params(param)))
+    package = store.build(ws, spec, sql.load_segment(ws, spec, _params(param)))
     if as_json:
         _print_json(package.manifest())
     else:
@@ -224,9 +224,9 @@ def audience_export(package_id: str,
                     to: Annotated[Path, typer.Option("--to", help="FILE.csv or FILE.parquet")],
                     workspace: WorkspaceOpt = None) -> None:
     """Export a package to CSV or Parquet."""
-    from herald.audiences import store
+    from herald.audiences import export
 
-    count = store.export(_ws(workspace), package_id, to)
+    count = export.export(_ws(workspace), package_id, to)
     out.print(f"exported {count} rows of {package_id} to {to}")
 
 
@@ -403,26 +403,26 @@ def report(run_id: Annotated[str | None, typer.Argument(
                                                    "here (implies --html)")] = None,
            now: NowOpt = None) -> None:
     """Delivery report of a run from the ledger, with its conversions and uplift."""
-    from herald.flows import results
+    from herald.reporting import conversions, runs
 
     _set_now(now)
     ws = _ws(workspace)
-    row = results.find_run(ws, run_id)
-    data = results.run_report(ws, row)
+    row = runs.find_run(ws, run_id)
+    data = runs.run_report(ws, row)
     conversion, written = None, None
-    if results.measures(ws, row):
-        conversion = results.compute(ws, row.flow, row.run_key)
+    if runs.measures(ws, row):
+        conversion = conversions.compute(ws, row.flow, row.run_key)
         data["conversion"] = conversion.to_dict()
-        from herald.flows.writeback import write_back
+        from herald.reporting.writeback import write_back
 
         written = write_back(ws, row.flow, row.run_key, conversion)
     path = None
     if html or to:
-        from herald.flows.htmlreport import render
+        from herald.reporting.htmlreport import render
 
         path = to or ws.root / "reports" / row.flow / f"{row.run_key}.html"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render(data, conversion, results.timeline(ws, row.flow, row.run_key)),
+        path.write_text(render(data, conversion, runs.timeline(ws, row.flow, row.run_key)),
                         encoding="utf-8")
     if as_json:
         _print_json({**data, **({"html": str(path)} if path else {})})
@@ -450,7 +450,7 @@ def _print_conversion(report: Any) -> None:
     """Conversions in tables that fit 80 columns: one row per tier, then per channel."""
     from rich import box
 
-    from herald.flows.spec import format_duration
+    from herald.core.spec import format_duration
 
     state = ("[green]closed[/]" if report.window_closed else
              f"[yellow]open until {report.closes_at:%Y-%m-%d %H:%M} UTC: partial figures[/]")
@@ -515,7 +515,7 @@ def suppress_add(values: list[str], channel: ChannelOpt = None,
                  reason: Annotated[str | None, typer.Option("--reason")] = None,
                  workspace: WorkspaceOpt = None) -> None:
     """Suppress addresses or recipient keys."""
-    from herald.channels import ledger
+    from herald.delivery import ledger
 
     ws = _ws(workspace)
     _check_channel(ws, channel)
@@ -528,7 +528,7 @@ def suppress_import(file: Path, channel: ChannelOpt = None,
                     reason: Annotated[str | None, typer.Option("--reason")] = None,
                     workspace: WorkspaceOpt = None) -> None:
     """Import a file: one value per line, or CSV with value[,channel[,reason]] columns."""
-    from herald.channels import ledger
+    from herald.delivery import ledger
 
     ws = _ws(workspace)
     _check_channel(ws, channel)
@@ -558,7 +558,7 @@ def suppress_import(file: Path, channel: ChannelOpt = None,
 def suppress_list(workspace: WorkspaceOpt = None,
                   as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the suppression list."""
-    from herald.channels import ledger
+    from herald.delivery import ledger
 
     rows = ledger.list_suppressions(_ws(workspace).store)
     if as_json:
@@ -576,7 +576,7 @@ def suppress_list(workspace: WorkspaceOpt = None,
 def suppress_remove(value: str, channel: ChannelOpt = None,
                     workspace: WorkspaceOpt = None) -> None:
     """Remove a value from the suppression list."""
-    from herald.channels import ledger
+    from herald.delivery import ledger
 
     removed = ledger.unsuppress(_ws(workspace).store, value, channel)
     if not removed:
@@ -603,7 +603,7 @@ def demo_data(customers: Annotated[int, typer.Option(min=100)] = 20000,
     """(Re)build the deterministic demo shop database behind a source; its dates are
     relative to today by Herald's clock (``--now``)."""
     from herald.audiences.demo_shop import build_demo_shop
-    from herald.flows.db import resolve_url
+    from herald.core.db import resolve_url
 
     _set_now(now)
     ws = _ws(workspace)
@@ -621,16 +621,16 @@ def demo_data(customers: Annotated[int, typer.Option(min=100)] = 20000,
 
 def _simulate(ws: Workspace, run: str) -> None:
     from herald.audiences.demo_shop import simulate_response
-    from herald.flows import results
-    from herald.flows.db import resolve_url
+    from herald.core.db import resolve_url
+    from herald.reporting import runs
 
-    row = results.find_run(ws, run)
+    row = runs.find_run(ws, run)
     flow = ws.flow(row.flow)
     source = flow.conversion_source()
     if flow.conversion is None or source is None:
         raise HeraldError(f"flow '{flow.name}' declares no conversion to simulate")
     contacts = ((c.recipient, c.tier, c.contacted, c.at)
-                for c in results.contacts(ws, flow.name, row.run_key))
+                for c in runs.contacts(ws, flow.name, row.run_key))
     done = simulate_response(resolve_url(ws.config.sources[source], ws.root), contacts,
                              flow.conversion.window)
     table = Table("tier", "group", "customers", "ordered", "chance", box=None)

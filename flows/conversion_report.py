@@ -1,6 +1,6 @@
 """The conversion report as a Prefect flow, run once a campaign's attribution window closes.
 
-``herald-conversion-report`` computes a run key's conversions (``herald.flows.results``),
+``herald-conversion-report`` computes a run key's conversions (``herald.reporting.conversions``),
 publishes them as artifacts (``herald-FLOW-conversions``: the Markdown summary;
 ``herald-FLOW-conversions-by-tier``: a table) and writes them back to the source database
 when the workspace asks for it.
@@ -22,9 +22,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from herald.flows import results
-from herald.flows.campaign import _artifact_key
-from herald.flows.workspace import Workspace
+from herald.core.workspace import Workspace
+from herald.flows.artifacts import artifact_key
+from herald.reporting import conversions, text
 
 FLOW_NAME = "herald-conversion-report"
 DEPLOYMENT_NAME = "conversion-report"
@@ -36,9 +36,9 @@ def conversion_report(workspace: str, flow_name: str, run_key: str) -> dict[str,
     """Compute, publish and (if configured) write back the conversions of a run key."""
     ws = Workspace.open(workspace)
     try:
-        report = results.compute(ws, flow_name, run_key)
+        report = conversions.compute(ws, flow_name, run_key)
         publish(report)
-        from herald.flows.writeback import write_back
+        from herald.reporting.writeback import write_back
 
         written = write_back(ws, flow_name, run_key, report)
     finally:
@@ -47,23 +47,23 @@ def conversion_report(workspace: str, flow_name: str, run_key: str) -> dict[str,
     get_run_logger().info(
         "conversions of %s %s: contacted %d/%d, held out %d/%d, uplift %s%s", flow_name,
         run_key, total.contacted.converted, total.contacted.recipients,
-        total.held_out.converted, total.held_out.recipients, results.describe_uplift(total),
+        total.held_out.converted, total.held_out.recipients, text.describe_uplift(total),
         f"; written back: {written}" if written else "")
     return report.to_dict()
 
 
-def publish(report: results.ConversionReport) -> None:
+def publish(report: conversions.ConversionReport) -> None:
     """The report as a Markdown artifact and a table artifact, keyed by flow."""
     create_markdown_artifact(
-        key=_artifact_key(report.flow, "conversions"), markdown=results.markdown(report),
+        key=artifact_key(report.flow, "conversions"), markdown=text.markdown(report),
         description=f"Conversions of {report.flow} {report.run_key}")
     create_table_artifact(
-        key=_artifact_key(report.flow, "conversions-by-tier"),
+        key=artifact_key(report.flow, "conversions-by-tier"),
         description=f"Conversions of {report.flow} {report.run_key} by tier",
         table=[_table_row(row) for row in [report.total, *report.tiers.values()]])
 
 
-def _table_row(row: results.Row) -> dict[str, Any]:
+def _table_row(row: conversions.Row) -> dict[str, Any]:
     found = row.uplift
     return {"tier": row.name, "contacted": row.contacted.recipients,
             "contacted_converted": row.contacted.converted,
@@ -88,7 +88,7 @@ def after_run(ws: Workspace, summary: dict[str, Any],
               log: logging.Logger | logging.LoggerAdapter[Any]) -> None:
     """After a real campaign run: write the ledger back (if configured) and arrange for
     the conversions to be measured once the attribution window has closed."""
-    from herald.flows.writeback import write_back
+    from herald.reporting.writeback import write_back
 
     flow_name, run_key = summary["flow"], summary["run_key"]
     try:
@@ -98,7 +98,7 @@ def after_run(ws: Workspace, summary: dict[str, Any],
                   type(exc).__name__, exc)
     if ws.flow(flow_name).conversion is None:
         return
-    closes = results.window_closes(ws, flow_name, run_key)
+    closes = conversions.window_closes(ws, flow_name, run_key)
     if closes is None:
         return
     from prefect.runtime import deployment as current

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
-from herald.flows.errors import ConfigError, Problem
-from herald.flows.spec import ScheduleSpec
+from herald.core.errors import ConfigError, Problem
+from herald.core.spec import ScheduleSpec
+from herald.core.workspace import Workspace
 from herald.flows.validate import check_flow
-from herald.flows.workspace import Workspace
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment

@@ -27,17 +27,17 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from herald.audiences import store
-from herald.channels import ledger
 from herald.channels.base import Message
-from herald.channels.dispatch import Job, dispatch, forget_buckets, group
-from herald.channels.policy import SEND, Decision, Policy
 from herald.core import clock
-from herald.flows.db import writing
-from herald.flows.errors import HeraldError, Problem, ValidationFailed
-from herald.flows.spec import Scalar
+from herald.core.db import writing
+from herald.core.errors import HeraldError, Problem, ValidationFailed
+from herald.core.spec import Scalar
+from herald.core.workspace import Workspace
+from herald.delivery import ledger
+from herald.delivery.dispatch import Job, dispatch, forget_buckets, group
+from herald.delivery.policy import SEND, Decision, Policy
+from herald.delivery.render import RenderError, Templates
 from herald.flows.validate import check_flow, templates_for
-from herald.flows.workspace import Workspace
-from herald.templates.render import RenderError, Templates
 
 log = logging.getLogger("herald.run")
 

@@ -12,15 +12,15 @@ from typing import Any
 
 from sqlalchemy import text
 
-from herald.audiences.store import DEFAULT_TIER, Recipient, _jsonable
-from herald.channels.dispatch import Job
-from herald.channels.policy import SEND, Decision, clean_address
+from herald.audiences.store import DEFAULT_TIER, Recipient, jsonable
+from herald.core.errors import AudienceError
+from herald.core.spec import Scalar
+from herald.core.workspace import Workspace
+from herald.delivery.dispatch import Job
+from herald.delivery.policy import SEND, Decision, clean_address
+from herald.delivery.render import RenderError
 from herald.flows.engine import build_message, default_run_key
-from herald.flows.errors import AudienceError
-from herald.flows.spec import Scalar
 from herald.flows.validate import check_flow, templates_for
-from herald.flows.workspace import Workspace
-from herald.templates.render import RenderError
 
 
 def render_samples(ws: Workspace, flow_name: str, params: Mapping[str, Scalar],
@@ -45,7 +45,7 @@ def render_samples(ws: Workspace, flow_name: str, params: Mapping[str, Scalar],
     job = Job(flow.name, default_run_key(ws, flow_name), "preview")
     samples = []
     for i, row in enumerate(rows):
-        data = {k: _jsonable(v) for k, v in row.items()}
+        data = {k: jsonable(v) for k, v in row.items()}
         row_tier = str(data.get(flow.audience.tier) or DEFAULT_TIER) if flow.audience.tier \
             else DEFAULT_TIER
         recipient = Recipient(i, str(data[flow.audience.key]), row_tier, data)

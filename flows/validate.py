@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from herald.audiences.store import Segment, load_segment, probe_columns
-from herald.flows.errors import AudienceError, Problem, ValidationFailed, WorkspaceError
-from herald.flows.spec import FlowSpec, Scalar
-from herald.flows.workspace import Workspace
-from herald.templates.render import Templates
+from herald.audiences.sql import Segment, load_segment, probe_columns
+from herald.core.errors import AudienceError, Problem, ValidationFailed, WorkspaceError
+from herald.core.spec import FlowSpec, Scalar
+from herald.core.workspace import Workspace
+from herald.delivery.render import Templates
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def check_flow(ws: Workspace, name: str, overrides: Mapping[str, Scalar] | None 
                     line=ws.flow_line(name, ("tiers", tier_name, "channels", i)),
                     field=f"tiers.{tier_name}.channels[{i}]"))
     if flow.conversion:
-        from herald.flows.results import check_conversion
+        from herald.reporting.conversions import check_conversion
 
         problems.extend(check_conversion(ws, flow))
     engine = templates or templates_for(ws)

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from herald.core import clock
+from herald.core.workspace import Workspace
 from herald.flows import engine
-from herald.flows.workspace import Workspace
 
 PG_URL = os.environ.get("HERALD_TEST_POSTGRES_URL",
                         "postgresql+psycopg://postgres@127.0.0.1:5432/test")

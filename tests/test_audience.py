@@ -9,15 +9,15 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from herald.audiences import store
-from herald.flows.errors import AudienceError, WorkspaceError
+from herald.audiences import export, sql, store
+from herald.core.errors import AudienceError, WorkspaceError
 
 from .conftest import people
 
 
 def build(ws, params=None):
     flow = ws.flow("promo")
-    return store.build(ws, flow, store.load_segment(ws, flow, params))
+    return store.build(ws, flow, sql.load_segment(ws, flow, params))
 
 
 def test_manifest_records_what_was_built(make_workspace) -> None:
@@ -125,17 +125,17 @@ def test_dialect_variant_is_preferred(make_workspace) -> None:
 def test_export_csv_and_parquet(make_workspace, tmp_path) -> None:
     ws = make_workspace(rows=60)
     package = build(ws)
-    assert store.export(ws, package.id, tmp_path / "out/a.csv") == 60
+    assert export.export(ws, package.id, tmp_path / "out/a.csv") == 60
     with (tmp_path / "out/a.csv").open(encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 60 and rows[6]["email"] == "" and rows[0]["email"] == "user1@example.com"
-    assert store.export(ws, package.id, tmp_path / "a.parquet") == 60
+    assert export.export(ws, package.id, tmp_path / "a.parquet") == 60
     table = pq.read_table(tmp_path / "a.parquet")
     assert table.num_rows == 60
     assert table.column_names == package.columns
     assert table.column("score").to_pylist()[:3] == [1, 2, 3]
     with pytest.raises(WorkspaceError, match=r"export to .csv or .parquet"):
-        store.export(ws, package.id, tmp_path / "a.xlsx")
+        export.export(ws, package.id, tmp_path / "a.xlsx")
     assert not list(tmp_path.glob("*.part"))
 
 

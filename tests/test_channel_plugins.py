@@ -10,8 +10,8 @@ import textwrap
 import pytest
 
 from herald.channels import registry
+from herald.core.errors import ChannelError
 from herald.flows import engine
-from herald.flows.errors import ChannelError
 
 from .conftest import PROMO_YAML
 
@@ -95,7 +95,7 @@ def test_a_registered_third_party_channel_is_found_and_sends(make_workspace,
 
 def test_a_third_party_channel_settings_are_validated_with_its_model(
         make_workspace, pigeon_installed) -> None:
-    from herald.flows.errors import ConfigError
+    from herald.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"config/herald.yaml:5 channels.sms.loft: "
                                           r"required key is missing"):

@@ -169,7 +169,7 @@ def test_a_run_through_smtp_records_bounces_and_retries(make_workspace, smtp_ser
                                                        ) -> None:
     from sqlalchemy import select
 
-    from herald.channels import ledger
+    from herald.delivery import ledger
     from herald.flows.engine import run_local
 
     handler, port = smtp_server

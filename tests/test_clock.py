@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-from herald.audiences import store
-from herald.channels import ledger
+from herald.audiences import sql, store
 from herald.core import clock
+from herald.delivery import ledger
 from herald.flows import engine
 from herald.flows.cli import main
 
@@ -62,7 +62,7 @@ def test_default_run_key_is_today_in_the_flows_zone_by_the_clock(make_workspace)
         config.write_text(config.read_text().replace("timezone: UTC",
                                                      "timezone: Asia/Shanghai"))
         engine.forget_workspace(ws.root)
-        from herald.flows.workspace import Workspace
+        from herald.core.workspace import Workspace
 
         shanghai = Workspace.open(ws.root)
         try:
@@ -76,14 +76,14 @@ def test_segment_now_is_bound_from_the_clock(make_workspace, now) -> None:
         "SELECT id, name, email, phone, tier, locale, score, :now AS as_of\n"
         "FROM people WHERE score >= :min_score ORDER BY id\n")}, rows=3)
     spec = ws.flow("promo")
-    segment = store.load_segment(ws, spec)
+    segment = sql.load_segment(ws, spec)
     assert segment.params["now"] == now.strftime("%Y-%m-%d %H:%M:%S")  # SQLite: UTC text
     package = store.build(ws, spec, segment)
     assert package.built_at.replace(tzinfo=UTC) == now
     rows = store.read(ws, package.id, 0, 3)
     assert {r.data["as_of"] for r in rows} == {now.strftime("%Y-%m-%d %H:%M:%S")}
     # an explicit parameter still wins over the clock
-    assert store.load_segment(ws, spec, {"now": "2000-01-01"}).params["now"] == "2000-01-01"
+    assert sql.load_segment(ws, spec, {"now": "2000-01-01"}).params["now"] == "2000-01-01"
 
 
 def test_a_chunk_job_carries_the_clock_of_its_run(make_workspace, now) -> None:

@@ -18,7 +18,7 @@ from collections import Counter
 import pytest
 from sqlalchemy import create_engine, select
 
-from herald.channels import ledger
+from herald.delivery import ledger
 
 from .conftest import fill_people, outbox_files, people
 
@@ -49,8 +49,8 @@ TEMPLATES = {f"templates/{flow}/default.{part}.j2": "Hi {{ name }} from " + flow
 
 def _run(root: str, flow: str, run_key: str, start: multiprocessing.synchronize.Event,
          out: multiprocessing.Queue) -> None:
+    from herald.core.workspace import Workspace
     from herald.flows.engine import run_local
-    from herald.flows.workspace import Workspace
 
     try:
         ws = Workspace.open(root)
@@ -153,7 +153,7 @@ def test_killed_mid_send_then_rerun_sends_each_remaining_recipient_once(
             conn.execute("UPDATE people SET email = NULL, "
                          "phone = '+1415555' || printf('%04d', id)")
     python = os.path.join(os.path.dirname(sys.executable), "python")
-    code = ("import sys; from herald.flows.workspace import Workspace; "
+    code = ("import sys; from herald.core.workspace import Workspace; "
             "from herald.flows.engine import run_local; "
             "run_local(Workspace.open(sys.argv[1]), 'promo', run_key='crash')")
     proc = subprocess.Popen([python, "-c", code, str(ws.root)])

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from herald.flows.errors import ConfigError, WorkspaceError
-from herald.flows.spec import FlowSpec, WorkspaceConfig
-from herald.flows.workspace import Workspace
-from herald.flows.yamlio import parse_yaml, validate
+from herald.core.errors import ConfigError, WorkspaceError
+from herald.core.spec import FlowSpec, WorkspaceConfig
+from herald.core.workspace import Workspace
+from herald.core.yamlio import parse_yaml, validate
 
 
 def problems(exc: pytest.ExceptionInfo[ConfigError]) -> list[str]:

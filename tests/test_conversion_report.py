@@ -16,7 +16,8 @@ from prefect.client.schemas.filters import (
     DeploymentFilterName,
 )
 
-from herald.flows import campaign, conversion_report, results
+from herald.flows import campaign, conversion_report
+from herald.reporting import conversions
 
 from .test_report import recorded_run
 from .test_results import FILES, ORDERS, write_orders
@@ -62,7 +63,7 @@ def test_campaign_from_a_deployment_schedules_the_report(make_workspace, prefect
                        "00000000-0000-0000-0000-000000000001")
     summary = campaign.run(ws, "promo", None, "dep-1", False)
     assert summary["deliveries"]["held_out"] > 0
-    closes = results.window_closes(ws, "promo", "dep-1")
+    closes = conversions.window_closes(ws, "promo", "dep-1")
     assert closes is not None
 
     async def scheduled():

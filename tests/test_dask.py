@@ -8,8 +8,8 @@ import socket
 import pytest
 from sqlalchemy import create_engine, text
 
+from herald.core.spec import TaskRunnerSpec
 from herald.flows import campaign
-from herald.flows.spec import TaskRunnerSpec
 
 from .conftest import PROMO_YAML, outbox_messages
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from herald.audiences.demo_shop import build_demo_shop
-from herald.flows.db import resolve_url
+from herald.core.db import resolve_url
+from herald.core.workspace import Workspace
 from herald.flows.engine import run_local
 from herald.flows.validate import check_flow
-from herald.flows.workspace import Workspace
 
 from .conftest import outbox_files, outbox_messages
 
@@ -71,7 +71,8 @@ def test_simulated_response_gives_an_explainable_uplift(demo, capsys) -> None:
     """The demo's simulated week after the win-back: contacted customers order more often,
     and the report measures exactly the orders the simulation placed."""
     from herald.audiences.demo_shop import RESPONSE, simulate_response
-    from herald.flows.results import compute, contacts
+    from herald.reporting.conversions import compute
+    from herald.reporting.runs import contacts
 
     run_local(demo, "winback", run_key="demo-test")  # a no-op if it already ran
     people = [(c.recipient, c.tier, c.contacted, c.at)

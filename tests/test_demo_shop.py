@@ -20,7 +20,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from sqlalchemy import create_engine, text
 
 from herald.audiences.demo_shop import LEVELS, build_demo_shop
-from herald.audiences.store import bind_time
+from herald.audiences.sql import bind_time
 from herald.core import clock
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from herald.audiences.store import Recipient
-from herald.channels import ledger
-from herald.channels.policy import SEND, Policy, in_holdout
+from herald.delivery import ledger
+from herald.delivery.policy import SEND, Policy, in_holdout
 from herald.flows.engine import run_local
 
 BASE = """\

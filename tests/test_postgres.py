@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
-from herald.audiences import store
-from herald.channels import ledger
+from herald.audiences import sql, store
+from herald.core.errors import AudienceError
+from herald.delivery import ledger
 from herald.flows import campaign
 from herald.flows.engine import run_local
-from herald.flows.errors import AudienceError
 
 from .conftest import HERALD_YAML, fill_people, outbox_messages, people
 
@@ -56,5 +56,5 @@ def test_duplicate_keys_on_postgres(make_workspace, pg_database) -> None:
         "SELECT * FROM people WHERE id = 2")
     flow = ws.flow("promo")
     with pytest.raises(AudienceError, match=r"duplicate key '2'"):
-        store.build(ws, flow, store.load_segment(ws, flow))
+        store.build(ws, flow, sql.load_segment(ws, flow))
     assert store.list_packages(ws) == []

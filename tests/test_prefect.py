@@ -14,8 +14,8 @@ from prefect.client.schemas.filters import (
     FlowRunFilterName,
 )
 
+from herald.core.errors import RunError
 from herald.flows import campaign
-from herald.flows.errors import RunError
 
 from .conftest import outbox_messages
 

@@ -7,10 +7,10 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import select
 
-from herald.channels import ledger
 from herald.core import clock
+from herald.core.spec import QuietHours
+from herald.delivery import ledger
 from herald.flows.engine import run_local
-from herald.flows.spec import QuietHours
 
 from .conftest import outbox_messages
 

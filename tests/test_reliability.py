@@ -298,7 +298,7 @@ def test_workspace_database_connections_killed_mid_run(make_workspace, pg_databa
     thread.join()
     admin.dispose()
     engine.forget_workspace(ws.root)
-    from herald.flows.workspace import Workspace
+    from herald.core.workspace import Workspace
 
     ws2 = Workspace.open(ws.root)
     engine.adopt_workspace(ws2)
@@ -331,7 +331,7 @@ def test_process_killed_mid_send_then_rerun(make_workspace, catalogue) -> None:
         "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
         "  email: {type: outbox, kind: email, rate: 100/s}\n"
         "  sms: {type: outbox, kind: sms, rate: 100/s}\nchunk_size: 50\n")}, rows=300)
-    code = ("import sys; from herald.flows.workspace import Workspace; "
+    code = ("import sys; from herald.core.workspace import Workspace; "
             "from herald.flows.engine import run_local; "
             "run_local(Workspace.open(sys.argv[1]), 'promo', run_key='killed')")
     proc = subprocess.Popen([sys.executable, "-c", code, str(ws.root)],
@@ -344,7 +344,7 @@ def test_process_killed_mid_send_then_rerun(make_workspace, catalogue) -> None:
     before = outbox_messages(ws)
     assert 0 < before < 298
     engine.forget_workspace(ws.root)
-    from herald.flows.workspace import Workspace
+    from herald.core.workspace import Workspace
 
     ws2 = Workspace.open(ws.root)
     engine.adopt_workspace(ws2)

@@ -8,7 +8,7 @@ from html.parser import HTMLParser
 import pytest
 from sqlalchemy import create_engine, text
 
-from herald.channels import ledger
+from herald.delivery import ledger
 from herald.flows.engine import run_local
 
 from .conftest import HERALD_YAML, fill_people
@@ -153,7 +153,7 @@ def test_writeback_to_postgres(make_workspace, pg_database, capsys) -> None:
 
 
 def test_writeback_names_an_unknown_source(make_workspace) -> None:
-    from herald.flows.errors import ConfigError
+    from herald.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"config/herald.yaml:11 writeback.source: unknown "
                                           r"source 'nope' \(sources: crm\)"):

@@ -14,10 +14,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import text, update
 
-from herald.channels import ledger
-from herald.flows.errors import AudienceError, HeraldError, ValidationFailed
-from herald.flows.results import compute, markdown
+from herald.core.errors import AudienceError, HeraldError, ValidationFailed
+from herald.delivery import ledger
 from herald.flows.validate import check_flow
+from herald.reporting.conversions import compute
+from herald.reporting.text import markdown
 
 T0 = datetime(2026, 11, 1, 10, 0, tzinfo=UTC)  # the policy's decisions
 SENT = T0 + timedelta(hours=1)  # the sends
@@ -230,7 +231,7 @@ def test_validate_reports_conversion_parameters_and_files(make_workspace) -> Non
 
 
 def test_conversion_yaml_is_strict(make_workspace) -> None:
-    from herald.flows.errors import ConfigError
+    from herald.core.errors import ConfigError
 
     ws = make_workspace({**FILES, "config/flows/promo.yaml": FLOW.replace(
         "window: 7d", "window: 7d, windw: 3")})

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select, update
 
-from herald.channels import ledger
+from herald.core.errors import ValidationFailed
+from herald.delivery import ledger
 from herald.flows.engine import run_local
-from herald.flows.errors import ValidationFailed
 
 from .conftest import outbox_messages, people
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from herald.flows.stats import Z, uplift, wilson
+from herald.reporting.stats import Z, uplift, wilson
 
 
 @pytest.mark.parametrize(("x", "n", "low", "high"), [

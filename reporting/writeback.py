@@ -31,9 +31,9 @@ from sqlalchemy import (
     insert,
 )
 
-from herald.channels import ledger
-from herald.flows.results import CONTACTED, HELD_OUT, ConversionReport, Row
-from herald.flows.workspace import Workspace
+from herald.core.workspace import Workspace
+from herald.delivery import ledger
+from herald.reporting.conversions import CONTACTED, HELD_OUT, ConversionReport, Row
 
 ARMS = {CONTACTED: "contacted", HELD_OUT: "held_out"}
 

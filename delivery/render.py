@@ -25,8 +25,8 @@ from jinja2 import FileSystemLoader, StrictUndefined, Template, TemplateSyntaxEr
 from jinja2.exceptions import SecurityError, TemplateError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
-from herald.flows.errors import Problem
-from herald.flows.spec import FlowSpec
+from herald.core.errors import Problem
+from herald.core.spec import FlowSpec
 
 GLOBALS = frozenset({"flow", "tier", "run_key", "channel"})
 PARTS: dict[str, tuple[tuple[str, bool], ...]] = {

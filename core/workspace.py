@@ -14,12 +14,11 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy import Engine
 
-from herald.channels.base import KINDS, ChannelSettings
-from herald.channels.registry import channel_class
-from herald.flows.db import ensure_schema, make_engine
-from herald.flows.errors import ChannelError, ConfigError, Problem, WorkspaceError
-from herald.flows.spec import FlowSpec, WorkspaceConfig
-from herald.flows.yamlio import Located, load_yaml, problems_from, validate
+from herald.core.db import ensure_schema, make_engine
+from herald.core.errors import ChannelError, ConfigError, Problem, WorkspaceError
+from herald.core.plugins import channel_type
+from herald.core.spec import KINDS, ChannelSettings, FlowSpec, WorkspaceConfig, channel_kind
+from herald.core.yamlio import Located, load_yaml, problems_from, validate
 
 CONFIG_FILE = "config/herald.yaml"
 FLOWS_DIR = "config/flows"
@@ -29,10 +28,12 @@ class Workspace:
     """The operator's files and the databases they name."""
 
     def __init__(self, root: Path, config: WorkspaceConfig,
-                 channels: dict[str, ChannelSettings], doc: Located) -> None:
+                 channels: dict[str, ChannelSettings], kinds: dict[str, str],
+                 doc: Located) -> None:
         self.root = root
         self.config = config
         self.channels = channels
+        self.kinds = kinds  # channel name -> the kind of message it carries
         self._doc = doc
         self._flows: dict[str, FlowSpec] = {}
         self._flow_docs: dict[str, Located] = {}
@@ -47,7 +48,7 @@ class Workspace:
                                  "(use --workspace DIR or set HERALD_WORKSPACE)")
         doc = load_yaml(path / CONFIG_FILE, CONFIG_FILE)
         config = validate(WorkspaceConfig, doc)
-        channels, problems = _channel_settings(config, doc)
+        channels, kinds, problems = _channel_settings(config, doc)
         if config.writeback and config.writeback.source not in config.sources:
             problems.append(Problem(
                 f"unknown source '{config.writeback.source}' (sources: "
@@ -55,7 +56,7 @@ class Workspace:
                 line=doc.line_of(("writeback", "source")), field="writeback.source"))
         if problems:
             raise ConfigError(problems)
-        return cls(path, config, channels, doc)
+        return cls(path, config, channels, kinds, doc)
 
     # -- flows ---------------------------------------------------------------------
     def flow_names(self) -> list[str]:
@@ -153,7 +154,7 @@ class Workspace:
         return self._engines[name]
 
     def channel_kind(self, channel: str) -> str:
-        return _kind_of(channel, self.channels[channel])
+        return self.kinds[channel]
 
     def address_column(self, channel: str) -> str:
         settings = self.channels[channel]
@@ -172,19 +173,12 @@ class Workspace:
             self.store.dispose()
 
 
-def _kind_of(name: str, settings: ChannelSettings) -> str:
-    if settings.kind:
-        return settings.kind
-    kinds = channel_class(settings.type).kinds
-    if len(kinds) == 1:
-        return next(iter(kinds))
-    return name  # validated in _channel_settings: name is a kind then
-
-
 def _channel_settings(config: WorkspaceConfig, doc: Located
-                      ) -> tuple[dict[str, ChannelSettings], list[Problem]]:
-    """Validate each channel's settings against its adapter's Settings model."""
+                      ) -> tuple[dict[str, ChannelSettings], dict[str, str], list[Problem]]:
+    """Validate each channel's settings against its adapter's Settings model, and decide
+    the kind each carries."""
     out: dict[str, ChannelSettings] = {}
+    kinds: dict[str, str] = {}
     problems: list[Problem] = []
     for name, raw in config.channels.items():
         loc: tuple[str, ...] = ("channels", name)
@@ -194,7 +188,7 @@ def _channel_settings(config: WorkspaceConfig, doc: Located
                                     line=doc.line_of(loc), field=f"channels.{name}.type"))
             continue
         try:
-            cls = channel_class(type_name)
+            cls = channel_type(type_name)
         except ChannelError as exc:
             problems.append(Problem(str(exc), file=doc.file,
                                     line=doc.line_of((*loc, "type")),
@@ -205,9 +199,7 @@ def _channel_settings(config: WorkspaceConfig, doc: Located
         except ValidationError as exc:
             problems.extend(problems_from(exc, doc, cls.Settings, loc))
             continue
-        kind = settings.kind or (next(iter(cls.kinds)) if len(cls.kinds) == 1 else None)
-        if kind is None and name in cls.kinds:
-            kind = name
+        kind = channel_kind(name, settings, cls.kinds)
         if kind is None or kind not in cls.kinds or kind not in KINDS:
             allowed = ", ".join(sorted(cls.kinds & KINDS.keys()))
             problems.append(Problem(f"set kind to one of: {allowed}", file=doc.file,
@@ -215,4 +207,5 @@ def _channel_settings(config: WorkspaceConfig, doc: Located
                                     field=f"channels.{name}.kind"))
             continue
         out[name] = settings
-    return out, problems
+        kinds[name] = kind
+    return out, kinds, problems

@@ -18,10 +18,10 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from herald.channels import ledger
 from herald.channels.base import Channel, ChannelContext, Message, Outcome, SendResult
 from herald.channels.registry import channel_class
-from herald.flows.workspace import Workspace
+from herald.core.workspace import Workspace
+from herald.delivery import ledger
 
 log = logging.getLogger("herald.dispatch")
 
@@ -93,7 +93,8 @@ class Job:
 def open_channel(ws: Workspace, name: str, job: Job) -> Channel:
     settings = ws.channels[name]
     cls = channel_class(settings.type)
-    return cls(name, settings, ChannelContext(ws.root, job.flow, job.run_key, job.run_id))
+    return cls(name, settings, ChannelContext(ws.root, job.flow, job.run_key, job.run_id,
+                                              ws.store))
 
 
 async def dispatch(ws: Workspace, job: Job, messages: dict[str, list[Message]]) -> None:

@@ -12,9 +12,11 @@ from datetime import timedelta
 from html import escape
 from typing import Any
 
-from herald.flows.results import ConversionReport, Row, Timeline, describe_uplift, pct
-from herald.flows.spec import format_duration
-from herald.flows.stats import wilson
+from herald.core.spec import format_duration
+from herald.reporting.conversions import ConversionReport, Row
+from herald.reporting.runs import Timeline
+from herald.reporting.stats import wilson
+from herald.reporting.text import describe_uplift, pct
 
 CONTACTED, HELD_OUT, FAILED, GRID, INK = "#2563eb", "#9ca3af", "#dc2626", "#e5e7eb", "#1f2937"
 

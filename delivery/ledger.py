@@ -23,17 +23,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
-    Boolean,
-    Column,
     Connection,
-    DateTime,
     Engine,
-    Index,
-    Integer,
     String,
-    Table,
-    Text,
-    UniqueConstraint,
     any_,
     bindparam,
     func,
@@ -46,70 +38,15 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.elements import ColumnElement
 
 from herald.core import clock
-from herald.flows.db import metadata, writing
-
-# Every status a ledger row or a run report can show, in report order.
-STATUSES = ("sent", "failed", "capped", "suppressed", "held_out", "no_address",
-            "render_error", "quiet_hours", "deferred", "duplicate", "queued", "sending")
-# Rows that count against frequency caps: sent, or reserved for sending (a deferred
-# recipient keeps its place until its quiet hours end).
-COUNTED = ("queued", "sending", "sent", "deferred")
-
-runs = Table(
-    "herald_runs", metadata,
-    Column("id", String(40), primary_key=True),
-    Column("flow", String(128), nullable=False, index=True),
-    Column("run_key", String(128), nullable=False),
-    Column("package_id", String(40)),
-    Column("dry_run", Boolean, nullable=False, default=False),
-    Column("status", String(16), nullable=False),  # running | completed | failed
-    Column("started_at", DateTime(timezone=True), nullable=False),
-    Column("finished_at", DateTime(timezone=True)),
-    Column("summary", Text),
-    Column("error", Text),
+from herald.core.db import (
+    ALL_CHANNELS,
+    COUNTED,
+    STATUSES,
+    deliveries,
+    runs,
+    suppressions,
+    writing,
 )
-
-deliveries = Table(
-    "herald_deliveries", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("flow", String(128), nullable=False),
-    Column("run_key", String(128), nullable=False),
-    Column("recipient", String(255), nullable=False),
-    Column("run_id", String(40), nullable=False, index=True),
-    Column("package_id", String(40), nullable=False),
-    Column("tier", String(128), nullable=False),
-    Column("channel", String(64)),
-    Column("address", String(512)),
-    Column("status", String(16), nullable=False),
-    Column("reason", Text),
-    Column("code", String(64)),
-    Column("provider_id", String(255)),
-    Column("attempts", Integer, nullable=False, default=0),
-    # what frequency caps see: the sending flow's priority, and whether it counts at all
-    # (an exempt, transactional flow's messages do not)
-    Column("priority", Integer, nullable=False, default=0),
-    Column("counted", Boolean, nullable=False, default=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-    Column("sent_at", DateTime(timezone=True)),
-    Column("not_before", DateTime(timezone=True)),  # deferred: send after this
-    Column("segments", Integer),  # what the message cost in provider units (SMS parts)
-    UniqueConstraint("flow", "run_key", "recipient", name="uq_herald_deliveries_once"),
-    Index("ix_herald_deliveries_caps", "recipient", "created_at"),
-)
-
-suppressions = Table(
-    "herald_suppressions", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("value", String(512), nullable=False),
-    Column("channel", String(64), nullable=False),  # "*": every channel
-    Column("reason", Text),
-    Column("source", String(32), nullable=False),  # operator | import | provider
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    UniqueConstraint("value", "channel", name="uq_herald_suppressions"),
-)
-
-ALL_CHANNELS = "*"
 
 
 def now() -> datetime:

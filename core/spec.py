@@ -1,7 +1,9 @@
-"""The YAML schema: workspace settings (``config/herald.yaml``) and flows (``config/flows/*.yaml``).
+"""The YAML schema: workspace settings (``config/herald.yaml``), flows
+(``config/flows/*.yaml``), and the settings every channel accepts (adapters subclass
+``ChannelSettings`` in ``herald.channels``).
 
 Models are strict (``extra="forbid"``); cross-references (a tier naming a channel, an
-audience naming a source) are checked by ``herald.flows.workspace`` where both sides are
+audience naming a source) are checked by ``herald.core.workspace`` where both sides are
 known, so those errors carry file and line too.
 """
 
@@ -372,3 +374,61 @@ class FlowSpec(Strict):
     def cap_rules(self) -> list[CapRule]:
         return [CapRule(max=c.max, per=c.per, channel=c.channel, tier=c.tier,
                         flow=self.name) for c in self.caps]
+
+
+# -- channels: what the workspace needs to know of them ----------------------------------
+# What a message is, independent of who carries it. Each kind has the recipient column
+# that holds its address unless the channel's YAML names another (`address: column`).
+KINDS: dict[str, str] = {
+    "email": "email",
+    "sms": "phone",
+    "wechat": "wechat_openid",
+    "webhook": "webhook_url",
+}
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_PER_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
+                "h": 3600, "hour": 3600}
+
+
+def parse_rate(value: Any) -> float | None:
+    """Parse ``"50/s"``, ``"3000/min"`` or ``"100/h"`` into messages per second."""
+    if value is None or isinstance(value, float | int):
+        return None if value is None else float(value)
+    match = _RATE.match(str(value))
+    if not match:
+        raise ValueError("rate must look like 50/s, 3000/min or 100/h")
+    per_second = float(match.group(1)) / _PER_SECONDS[match.group(2)]
+    if per_second <= 0:
+        raise ValueError("rate must be positive")
+    return per_second
+
+
+Rate = Annotated[float | None, BeforeValidator(parse_rate)]
+
+
+class ChannelSettings(BaseModel):
+    """Settings every channel accepts; adapters subclass it with their own fields.
+
+    Secret fields (passwords, tokens) are ``SecretStr`` so they never print.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    kind: str | None = None
+    address: str | None = None
+    rate: Rate = None
+    batch_size: int | None = None
+
+
+def channel_kind(name: str, settings: ChannelSettings, kinds: frozenset[str]) -> str | None:
+    """The kind a configured channel carries (the one home of this decision): its
+    ``kind:``, else the adapter's only kind, else the channel's name when it names one
+    of the adapter's kinds; None when it cannot be told (a configuration error)."""
+    if settings.kind:
+        return settings.kind
+    if len(kinds) == 1:
+        return next(iter(kinds))
+    return name if name in kinds else None
+

@@ -21,9 +21,9 @@ from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import Connection
 
 from herald.audiences.store import Recipient
-from herald.channels import ledger
-from herald.flows.spec import CapRule, FlowSpec
-from herald.flows.workspace import Workspace
+from herald.core.spec import CapRule, FlowSpec
+from herald.core.workspace import Workspace
+from herald.delivery import ledger
 
 SEND = "send"
 

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from herald.flows.errors import ConfigError, Problem
+from herald.core.errors import ConfigError, Problem
 
 Loc = tuple[str | int, ...]
 M = TypeVar("M", bound=BaseModel)

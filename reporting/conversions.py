@@ -9,7 +9,7 @@ A flow that declares ``conversion:`` names a SQL file returning one row per conv
 - a recipient **converted** if a conversion falls in ``[start, start + window)``; revenue
   is the sum of those conversions' amounts.
 
-Uplift is contacted over held out (``herald.flows.stats``). Recipients of the campaign
+Uplift is contacted over held out (``herald.reporting.stats``). Recipients of the campaign
 arm who were not contacted (capped, suppressed, no address, failed...) are counted apart;
 comparing the whole arm with the control group (``intent_to_treat``) answers "what did
 running this campaign change", free of the policy's selection of who could be reached.
@@ -20,22 +20,20 @@ bounded by ``:since`` / ``:until``); the ledger is read in slices, never whole.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, func, select, text
+from sqlalchemy import Engine, and_, func, select, text
 from sqlalchemy.exc import DBAPIError
 
-from herald.audiences.store import Segment, bind_time, load_sql, probe
-from herald.channels import ledger
+from herald.audiences.sql import Segment, bind_time, load_sql, probe
 from herald.core import clock
-from herald.flows.errors import AudienceError, HeraldError, Problem, WorkspaceError
-from herald.flows.spec import FlowSpec, format_duration
-from herald.flows.stats import Uplift, uplift
-from herald.flows.workspace import Workspace
+from herald.core.errors import AudienceError, HeraldError, Problem, WorkspaceError
+from herald.core.spec import FlowSpec, format_duration
+from herald.core.workspace import Workspace
+from herald.delivery import ledger
+from herald.reporting.stats import Uplift, uplift
 
 CONTACTED = "sent"
 HELD_OUT = "held_out"
@@ -362,162 +360,3 @@ def window_closes(ws: Workspace, flow_name: str, run_key: str) -> datetime | Non
             _d.c.status.in_((CONTACTED, HELD_OUT)))).scalar()
     opened = utc(last)
     return opened + conv.window if opened else None
-
-
-# -- the whole report of a run ----------------------------------------------------------
-def find_run(ws: Workspace, run: str | None) -> Any:
-    """A run by id, else the latest run of the flow named ``run``, else the latest run."""
-    row = ledger.get_run(ws.store, run_id=run) if run else ledger.get_run(ws.store)
-    if row is None and run:
-        row = ledger.get_run(ws.store, flow=run)
-    if row is None:
-        raise HeraldError(f"no run '{run}'" if run else "no runs yet")
-    return row
-
-
-def run_report(ws: Workspace, row: Any) -> dict[str, Any]:
-    """A run's delivery report from the ledger (``herald report --json`` without the
-    conversions)."""
-    summary = json.loads(row.summary) if row.summary else None
-    counts = ledger.run_counts(ws.store, row.id)
-    if summary is not None:  # duplicates are counted in the summary, not in the ledger
-        counts.deliveries["duplicate"] = summary["deliveries"].get("duplicate", 0)
-    data = {"run_id": row.id, "flow": row.flow, "run_key": row.run_key,
-            "status": row.status, "dry_run": row.dry_run,
-            "package": summary["package"] if summary else {"id": row.package_id},
-            "error": row.error, **counts.to_dict(),
-            "reasons": [{"channel": r.channel, "status": r.status, "reason": r.reason,
-                         "count": int(r.n)} for r in ledger.failures(ws.store, row.id)]}
-    if row.dry_run and summary:
-        data.update({k: summary[k] for k in ("deliveries", "by_tier", "by_channel")})
-    return data
-
-
-def measures(ws: Workspace, row: Any) -> bool:
-    """Whether a run's conversions can be measured: a real run of a flow that declares
-    a conversion (and still exists in config/flows)."""
-    return (not row.dry_run and row.flow in ws.flow_names()
-            and ws.flow(row.flow).conversion is not None)
-
-
-# -- ledger views for reports and the demo ----------------------------------------------
-@dataclass(frozen=True)
-class Contact:
-    """A recipient of the contacted or held-out group and when their window opened."""
-
-    recipient: str
-    tier: str
-    contacted: bool
-    at: datetime
-
-
-def contacts(ws: Workspace, flow: str, run_key: str) -> Iterator[Contact]:
-    """The contacted and held-out recipients of a run key, a slice at a time."""
-    for rows in ledger.run_key_rows(ws.store, flow, run_key, [_d.c.tier, _d.c.status, _START],
-                                    statuses=(CONTACTED, HELD_OUT)):
-        for recipient, tier, status, start in rows:
-            opened = utc(start)
-            assert opened is not None
-            yield Contact(recipient, tier, status == CONTACTED, opened)
-
-
-@dataclass(frozen=True)
-class Timeline:
-    """Sends and failures of a run key per time bucket."""
-
-    start: datetime | None
-    step: timedelta
-    sent: list[int]
-    failed: list[int]
-
-
-_STEPS = [timedelta(seconds=s) for s in (1, 5, 10, 30, 60, 300, 900, 1800, 3600, 3 * 3600,
-                                          6 * 3600, 86400, 7 * 86400)]
-
-
-def timeline(ws: Workspace, flow: str, run_key: str, buckets: int = 40) -> Timeline:
-    """Sends (``sent_at``) and failures (``updated_at``) over time, at most about
-    ``buckets`` buckets of a round size; counted while streaming, O(buckets) memory."""
-    at = case((_d.c.status == CONTACTED, _d.c.sent_at), else_=_d.c.updated_at)
-    where = and_(_d.c.flow == flow, _d.c.run_key == run_key,
-                 _d.c.status.in_((CONTACTED, "failed")))
-    with ws.store.connect() as conn:
-        first, last = conn.execute(select(func.min(at), func.max(at)).where(where)).one()
-        start, end = utc(first), utc(last)
-        if start is None or end is None:
-            return Timeline(None, _STEPS[0], [], [])
-        span = end - start
-        step = next((s for s in _STEPS if span / s < buckets), _STEPS[-1])
-        start = datetime.fromtimestamp(start.timestamp() // step.total_seconds()
-                                       * step.total_seconds(), UTC)
-        size = int((end - start) / step) + 1
-        sent, failed = [0] * size, [0] * size
-        result = conn.execution_options(yield_per=5000).execute(
-            select(_d.c.status, at).where(where))
-        for status, when in result:
-            stamp = utc(when)
-            assert stamp is not None
-            (sent if status == CONTACTED else failed)[int((stamp - start) / step)] += 1
-    return Timeline(start, step, sent, failed)
-
-
-# -- text forms -------------------------------------------------------------------------
-def pct(value: float | None, signed: bool = False) -> str:
-    if value is None:
-        return "–"
-    return f"{value * 100:+.2f}%" if signed else f"{value * 100:.2f}%"
-
-
-def pp(value: float) -> str:
-    """A difference of rates in percentage points."""
-    return f"{value * 100:+.2f} pp"
-
-
-def describe_uplift(row: Row) -> str:
-    """``+4.10 pp [1.20, 7.00] (+85.3%)`` or why there is none."""
-    found = row.uplift
-    if found is None:
-        return row.note or "–"
-    text_ = (f"{pp(found.absolute)} [{found.low * 100:+.2f}, {found.high * 100:+.2f}]")
-    return text_ + (f" ({pct(found.relative, signed=True)})" if found.relative is not None
-                    else "")
-
-
-def markdown(report: ConversionReport) -> str:
-    """The summary as Markdown (the Prefect artifact)."""
-    money = report.has_revenue
-    head = ["", "contacted", "converted", "rate", "held out", "converted", "rate",
-            "uplift (95% CI) (relative)", *(["revenue contacted", "revenue held out"]
-                                            if money else [])]
-
-    def line(row: Row) -> str:
-        cells = [row.name, str(row.contacted.recipients), str(row.contacted.converted),
-                 pct(row.contacted.rate), str(row.held_out.recipients),
-                 str(row.held_out.converted), pct(row.held_out.rate), describe_uplift(row)]
-        if money:
-            cells += [f"{row.contacted.revenue:,.2f}", f"{row.held_out.revenue:,.2f}"]
-        return "| " + " | ".join(cells) + " |"
-
-    def table(rows: list[Row], first: str) -> str:
-        return "\n".join(["| " + " | ".join([first, *head[1:]]) + " |",
-                          "|" + "---|" * len(head), *map(line, rows)])
-
-    state = ("closed" if report.window_closed else
-             f"open until {report.closes_at:%Y-%m-%d %H:%M} UTC: figures are partial")
-    itt = report.intent_to_treat
-    parts = [f"# Conversions: {report.flow} ({report.run_key})", "",
-             f"- conversion: `{report.segment}`, window {format_duration(report.window)} "
-             f"after contact",
-             f"- attribution window: {state}",
-             f"- campaign arm (everyone not held out): {report.assigned.recipients}, of "
-             f"whom {report.total.contacted.recipients} contacted and "
-             f"{report.total.not_contacted} not (caps, suppression, no address, failures)",
-             "- intent to treat (whole arm vs held out): "
-             + (f"{pp(itt.absolute)} [{itt.low * 100:+.2f}, {itt.high * 100:+.2f}]"
-                if itt else "not measurable (no held-out recipients or no arm)"),
-             "", table([report.total], "run"), "", "## By tier", "",
-             table(list(report.tiers.values()), "tier"), "", "## By channel", "",
-             table(list(report.channels.values()), "channel"), "",
-             "Channels are not randomised: a channel's uplift compares its recipients "
-             "with the whole held-out group.", ""]
-    return "\n".join(parts)

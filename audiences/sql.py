@@ -1,0 +1,107 @@
+"""Segment SQL: reading ``audiences/NAME[.dialect].sql``, checking and binding its
+parameters (``:now`` from Herald's clock), and probing its result columns."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import DBAPIError
+
+from herald.core import clock
+from herald.core.errors import AudienceError, WorkspaceError
+from herald.core.spec import FlowSpec, Scalar
+from herald.core.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A segment query ready to run: its file, text, hash and bound parameters."""
+
+    name: str
+    file: str  # workspace-relative, for messages
+    sql: str
+    sha256: str
+    params: dict[str, Scalar]
+
+
+def load_segment(ws: Workspace, flow: FlowSpec, overrides: Mapping[str, Scalar] | None = None
+                 ) -> Segment:
+    """Read the flow's segment SQL (the source dialect's variant if any) and bind params.
+
+    ``:now``, when the SQL uses it and no parameter overrides it, is Herald's clock as a
+    naive UTC timestamp: segments measure "days since" against the run's clock, not the
+    database's, so a rehearsal (``--now``) selects who a run at that moment would select.
+    """
+    moment = bind_time(ws.source(flow.audience.source), clock.now())
+    return load_sql(ws, flow.audience.segment, flow.audience.source,
+                    {**flow.audience.params, **(overrides or {})},
+                    hint="set audience.params in the flow or pass -p name=value",
+                    defaults={"now": moment})
+
+
+def bind_time(engine: Engine, moment: datetime) -> Any:
+    """``moment`` as a source binds a timestamp: naive UTC, as ``YYYY-MM-DD HH:MM:SS``
+    text on SQLite (where timestamps are text that sorts)."""
+    naive = moment.astimezone(UTC).replace(tzinfo=None)
+    return naive.isoformat(" ", "seconds") if engine.dialect.name == "sqlite" else naive
+
+
+def load_sql(ws: Workspace, name: str, source: str, params: Mapping[str, Scalar],
+             supplied: tuple[str, ...] = (), hint: str = "",
+             defaults: Mapping[str, Any] | None = None) -> Segment:
+    """Read ``audiences/NAME[.dialect].sql`` for ``source`` and check its parameters.
+
+    Every parameter the SQL uses must be in ``params``, ``defaults`` or ``supplied``
+    (bound later, at run time); every one of ``params`` must be used. Only used
+    parameters are kept.
+    """
+    engine = ws.source(source)
+    path = ws.segment_file(name, engine.dialect.name)
+    rel = ws.relative(path)
+    try:
+        sql = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WorkspaceError(f"{rel}: not valid UTF-8 (byte {exc.start})") from None
+    sql = sql.strip().rstrip(";").rstrip()
+    if not sql:
+        raise AudienceError(f"{rel}: the query is empty")
+    used = set(text(sql).compile().binds)
+    params = {**{k: v for k, v in (defaults or {}).items() if k in used}, **params}
+    missing = sorted(used - params.keys() - set(supplied))
+    if missing:
+        raise AudienceError(f"{rel}: parameter{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(':' + m for m in missing)} not given"
+                            + (f" ({hint})" if hint else ""))
+    unused = sorted(params.keys() - used)
+    if unused:
+        raise AudienceError(f"{rel}: unknown parameter{'s' if len(unused) > 1 else ''} "
+                            f"{', '.join(unused)} (the SQL uses: "
+                            f"{', '.join(sorted(used)) or 'none'})")
+    digest = hashlib.sha256(sql.encode("utf-8")).hexdigest()
+    return Segment(name, rel, sql, digest, {k: params[k] for k in used if k in params})
+
+
+def probe_columns(ws: Workspace, flow: FlowSpec, segment: Segment) -> list[str]:
+    """The segment's result columns, without fetching its rows."""
+    return probe(ws, flow.audience.source, segment, segment.params)
+
+
+def probe(ws: Workspace, source: str, segment: Segment, params: Mapping[str, Any]
+          ) -> list[str]:
+    """A query's result columns on ``source``, without fetching its rows."""
+    engine = ws.source(source)
+    wrapped = f"SELECT * FROM (\n{segment.sql}\n) AS herald_probe LIMIT 0"
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(text(wrapped), dict(params)).keys())
+    except DBAPIError as exc:
+        raise AudienceError(f"{segment.file}: the query failed: {db_message(exc)}") from None
+
+
+def db_message(exc: DBAPIError) -> str:
+    return str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc).splitlines()[0]

@@ -1,0 +1,273 @@
+"""The workspace database: engines for it and for sources, and every table Herald keeps.
+
+Tables: runs and the per-recipient ledger (``herald.delivery.ledger``), the suppression
+list (``herald.delivery.suppression``), audience packages (``herald.audiences.store``)
+and state channels share across workers (``herald_channel_tokens``). They are declared
+here, in one place, so creating the schema needs no module from above the core.
+
+SQLite paths in URLs are relative to the workspace, not the current directory, so a
+workspace behaves the same wherever Herald is started from.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    inspect,
+)
+from sqlalchemy.engine import make_url
+
+from herald.core.errors import WorkspaceError
+
+# Every table Herald keeps in the workspace database is declared on this one MetaData.
+metadata = MetaData()
+
+
+# -- runs and the ledger ------------------------------------------------------------------
+class Status(StrEnum):
+    """Every status a ledger row or a run report can show, in report order."""
+
+    SENT = "sent"
+    FAILED = "failed"
+    CAPPED = "capped"
+    SUPPRESSED = "suppressed"
+    HELD_OUT = "held_out"
+    NO_ADDRESS = "no_address"
+    RENDER_ERROR = "render_error"
+    QUIET_HOURS = "quiet_hours"
+    DEFERRED = "deferred"
+    DUPLICATE = "duplicate"  # reported only: a rerun found the row already there
+    QUEUED = "queued"
+    SENDING = "sending"
+
+
+STATUSES: tuple[str, ...] = tuple(Status)
+# Rows that count against frequency caps: sent, or reserved for sending (a deferred
+# recipient keeps its place until its quiet hours end).
+COUNTED = (Status.QUEUED, Status.SENDING, Status.SENT, Status.DEFERRED)
+
+runs = Table(
+    "herald_runs", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("flow", String(128), nullable=False, index=True),
+    Column("run_key", String(128), nullable=False),
+    Column("package_id", String(40)),
+    Column("dry_run", Boolean, nullable=False, default=False),
+    Column("status", String(16), nullable=False),  # running | completed | failed
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("summary", Text),
+    Column("error", Text),
+)
+
+deliveries = Table(
+    "herald_deliveries", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("flow", String(128), nullable=False),
+    Column("run_key", String(128), nullable=False),
+    Column("recipient", String(255), nullable=False),
+    Column("run_id", String(40), nullable=False, index=True),
+    Column("package_id", String(40), nullable=False),
+    Column("tier", String(128), nullable=False),
+    Column("channel", String(64)),
+    Column("address", String(512)),
+    Column("status", String(16), nullable=False),
+    Column("reason", Text),
+    Column("code", String(64)),
+    Column("provider_id", String(255)),
+    Column("attempts", Integer, nullable=False, default=0),
+    # what frequency caps see: the sending flow's priority, and whether it counts at all
+    # (an exempt, transactional flow's messages do not)
+    Column("priority", Integer, nullable=False, default=0),
+    Column("counted", Boolean, nullable=False, default=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("sent_at", DateTime(timezone=True)),
+    Column("not_before", DateTime(timezone=True)),  # deferred: send after this
+    Column("segments", Integer),  # what the message cost in provider units (SMS parts)
+    UniqueConstraint("flow", "run_key", "recipient", name="uq_herald_deliveries_once"),
+    Index("ix_herald_deliveries_caps", "recipient", "created_at"),
+)
+
+ALL_CHANNELS = "*"  # a suppression that holds on every channel
+
+suppressions = Table(
+    "herald_suppressions", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("value", String(512), nullable=False),
+    Column("channel", String(64), nullable=False),  # "*": every channel
+    Column("reason", Text),
+    Column("source", String(32), nullable=False),  # operator | import | provider
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("value", "channel", name="uq_herald_suppressions"),
+)
+
+
+# -- audience packages -------------------------------------------------------------------
+packages = Table(
+    "herald_packages", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("flow", String(128), nullable=False, index=True),
+    Column("segment", String(255), nullable=False),
+    Column("source", String(128), nullable=False),
+    Column("sql_sha256", String(64), nullable=False),
+    Column("params", Text, nullable=False),
+    Column("key_column", String(128), nullable=False),
+    Column("tier_column", String(128)),
+    Column("columns", Text, nullable=False),
+    Column("built_at", DateTime(timezone=True), nullable=False),
+    Column("size", Integer, nullable=False, default=0),
+    Column("tiers", Text, nullable=False, default="{}"),
+    Column("status", String(16), nullable=False),  # building | ready
+)
+
+package_rows = Table(
+    "herald_package_rows", metadata,
+    Column("package_id", String(40), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("key", String(255), nullable=False),
+    Column("tier", String(128), nullable=False),
+    Column("data", Text, nullable=False),
+    # A duplicate key in the segment's result would mean two messages to one person.
+    UniqueConstraint("package_id", "key", name="uq_herald_package_rows_key"),
+)
+
+
+# -- state channels share (access tokens) ------------------------------------------------
+channel_tokens = Table(
+    "herald_channel_tokens", metadata,
+    Column("channel", String(64), primary_key=True),
+    Column("account", String(128), primary_key=True),
+    Column("token", Text, nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def resolve_url(url: str, root: Path) -> str:
+    """Make a relative SQLite path absolute against ``root``; other URLs pass through."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return url
+    if parsed.database == ":memory:" or parsed.database.startswith("file:"):
+        return url
+    path = Path(parsed.database)
+    if not path.is_absolute():
+        path = root / path
+    return parsed.set(database=str(path)).render_as_string(hide_password=False)
+
+
+def make_engine(url: str, root: Path, store: bool = False) -> Engine:
+    """An engine for ``url``. SQLite waits up to 30 s for a lock; the workspace ``store``
+    also gets its folder, WAL and write transactions that lock at BEGIN. A source is the
+    operator's database: Herald only reads it and leaves its settings alone."""
+    resolved = resolve_url(url, root)
+    parsed = make_url(resolved)
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        if store and parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"timeout": 30}
+    else:
+        kwargs["pool_pre_ping"] = True
+    engine = create_engine(resolved, **kwargs)
+    if store and parsed.get_backend_name() == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+        begin_immediate(engine)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets chunk threads read while another writes; busy_timeout waits for the
+    # writer lock instead of failing at once.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=30000")
+    # Switching to WAL needs a moment alone with the file; when several processes open
+    # a new workspace database at once, the losers retry (the mode then persists).
+    for attempt in range(50):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError:
+            if attempt == 49:
+                raise
+            time.sleep(0.1)
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Create Herald's tables in the workspace database if they do not exist yet.
+
+    Several processes may open a new workspace database at once (parallel runs,
+    workers): creation happens under a lock so they do not trip over each other.
+    """
+    with writing(engine) as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7242816)")
+        metadata.create_all(conn)
+        inspector = inspect(conn)
+        for table in metadata.sorted_tables:
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have and column.nullable and column.default is None:
+                    # a column added since: nullable, so older rows simply lack it
+                    kind = column.type.compile(dialect=conn.dialect)
+                    conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN '
+                                         f'"{column.name}" {kind}')
+                    have.add(column.name)
+            missing = [c.name for c in table.columns if c.name not in have]
+            if missing:
+                raise WorkspaceError(
+                    f"the workspace database ({engine.url.render_as_string()}) was made by an "
+                    f"older Herald: table {table.name} lacks {', '.join(missing)}. Move it "
+                    "aside to start a new one (there are no migrations yet)")
+
+
+@contextmanager
+def writing(engine: Engine) -> Iterator[Connection]:
+    """A transaction that writes. On SQLite it takes the write lock at BEGIN
+    (``BEGIN IMMEDIATE``), so it waits its turn instead of failing with "database is
+    locked" when another process wrote since it started reading."""
+    with engine.connect().execution_options(immediate=True) as conn, conn.begin():
+        yield conn
+
+
+def begin_immediate(engine: Engine) -> None:
+    """Make ``connection.execution_options(immediate=True)`` take SQLite's write lock at BEGIN.
+
+    pysqlite defers BEGIN until the first write, so two writers can both read and then
+    both write; a reservation must hold the lock from its first read (SQLAlchemy's
+    documented recipe for SQLite transactions).
+    """
+    if engine.dialect.name != "sqlite":
+        return
+
+    @event.listens_for(engine, "connect")
+    def _autocommit_driver(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        immediate = conn.get_execution_options().get("immediate")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
