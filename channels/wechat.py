@@ -262,8 +262,10 @@ class WechatChannel(HttpChannel):
         if code in STOP:
             return SendResult.fatal(str(code), f"{detail} ({STOP[code]})")
         if code in RETRY:
+            # the minute quota frees up within a minute: wait for it (deferred)
+            throttled = code in (45011, 45047)
             return SendResult.retryable(str(code), f"{detail} ({RETRY[code]})",
-                                        5.0 if code == 45011 else None)
+                                        60.0 if throttled else None, throttled=throttled)
         if code in TOKEN_ERRORS:
             return SendResult.fatal(str(code), f"{detail} (even with a fresh access token)")
         return SendResult.permanent(str(code), detail)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Iterator
+from datetime import UTC
 from email import message_from_bytes
 from email.policy import default as default_policy
 from typing import Any
@@ -198,12 +199,16 @@ tiers:
         got = {r.recipient: r for r in conn.execute(select(ledger.deliveries))}
     assert got["1"].status == "failed" and got["1"].code == "550"
     assert got["1"].reason == "permanent: 550 5.1.1 no such user"
-    assert got["2"].status == "failed" and got["2"].attempts == 3
-    assert got["2"].reason == "retryable, gave up after 3 attempts: 450 4.2.1 try later"
+    # 450: greylisting or "try later": deferred to a later run, not failed, not hammered
+    assert (got["2"].status, got["2"].attempts, got["2"].code) == ("deferred", 1, "450")
+    assert got["2"].reason.endswith("after 1 attempts: 450 4.2.1 try later")
+    wait = got["2"].not_before.replace(tzinfo=UTC) - got["2"].updated_at.replace(tzinfo=UTC)
+    assert abs(wait.total_seconds() - 300) < 5
     assert (got["3"].status, got["3"].attempts) == ("sent", 2)
     assert got["4"].provider_id.startswith("Q")
     # ids 7 and 14 have no email: no_address; everyone else sent exactly once
-    assert summary["deliveries"]["sent"] == 16 and summary["deliveries"]["failed"] == 2
+    assert summary["deliveries"]["sent"] == 16 and summary["deliveries"]["failed"] == 1
+    assert summary["deliveries"]["deferred"] == 1 and summary["deferred_until"]
     delivered = [m["To"] for m in handler.received]
     assert len(delivered) == len(set(delivered)) == 16
     listed = {(r.value, r.channel) for r in ledger.list_suppressions(ws.store)}
