@@ -277,7 +277,8 @@ def __getattr__(name: str) -> Any:
 
 
 def _follow_up(flow_name: str, run_key: str, params: dict[str, Scalar], when: str) -> None:
-    """Schedule the run that sends deferred recipients once their quiet hours end.
+    """Schedule the run that sends deferred recipients once their quiet hours end or the
+    provider's back-off is over.
 
     From a deployment (``herald serve`` / ``herald deploy``) the same deployment gets a
     flow run at that time with the same run key; without one there is nothing to
@@ -287,7 +288,8 @@ def _follow_up(flow_name: str, run_key: str, params: dict[str, Scalar], when: st
 
     logger = get_run_logger()
     if not deployment.id:
-        logger.warning("recipients deferred by quiet hours until %s: run `herald run %s "
+        logger.warning("recipients deferred (quiet hours or a provider's back-off) until "
+                       "%s: run `herald run %s "
                        "--run-key %s` after that time to send them", when, flow_name, run_key)
         return
     from prefect.deployments import run_deployment
