@@ -168,7 +168,12 @@ def campaign(workspace: str, flow_name: str, run_key: str | None = None,
     if not dry_run:  # write-back and the conversion report once its window closes
         from herald.flows.conversion_report import after_run
 
-        after_run(ws, summary, logger)
+        try:
+            after_run(ws, summary, logger)
+        except HeraldError as exc:  # a failed write-back: the run fails, loudly
+            engine.fail(ws, prepared.run_id, exc)
+            _emit_failed(flow_name, key, prepared.run_id, exc)
+            raise
     logger.info("run %s finished: %s", prepared.run_id,
                 ", ".join(f"{s}={n}" for s, n in summary["deliveries"].items() if n) or "nothing")
     return summary

@@ -70,6 +70,9 @@ DatabaseUrl = Annotated[str, BeforeValidator(_check_url)]
 Scalar = str | int | float | bool | None
 
 
+RESERVED_PREFIX = "herald_"  # every table Herald keeps in the workspace database
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -255,10 +258,22 @@ class TaskRunnerSpec(Strict):
 
 class WritebackSpec(Strict):
     """Opt-in copies of the ledger and the conversion results in a source database, for
-    analysts: tables ``<prefix>deliveries`` and ``<prefix>conversion_results``."""
+    analysts: tables ``<prefix>deliveries`` and ``<prefix>conversion_results``.
+
+    Every table of Herald's own starts with ``herald_``, and so may a source that is also
+    the workspace database; a prefix of that form is refused, so the copies can never
+    land in (or clash with) the ledger's tables."""
 
     source: Name
-    prefix: str = Field(default="herald_", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,30}$")
+    prefix: str = Field(default="campaign_", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,30}$")
+
+    @field_validator("prefix")
+    @classmethod
+    def _not_herald(cls, value: str) -> str:
+        if value.lower().startswith(RESERVED_PREFIX):
+            raise ValueError(f"'{value}' is reserved: Herald's own tables start with "
+                             f"'{RESERVED_PREFIX}' (choose another prefix, e.g. 'campaign_')")
+        return value
 
 
 class WorkspaceConfig(Strict):
