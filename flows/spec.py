@@ -276,6 +276,14 @@ class WritebackSpec(Strict):
         return value
 
 
+class EmailSpec(Strict):
+    """How e-mail addresses are checked before a channel sees them."""
+
+    # Special-use domains (RFC 6761: .test, .invalid, .local, .localhost, .onion, .arpa)
+    # never deliver; a test or demo workspace whose addresses live there allows them.
+    allow_special_use_domains: bool = False
+
+
 class WorkspaceConfig(Strict):
     """``config/herald.yaml``."""
 
@@ -283,6 +291,7 @@ class WorkspaceConfig(Strict):
     default_locale: str = Field(default="en", pattern=r"^[A-Za-z]{2,3}(?:[_-][A-Za-z0-9]+)*$")
     # the country of phone numbers written without a country code (ISO 3166, e.g. CN)
     phone_region: str | None = Field(default=None, pattern=r"^[A-Z]{2}$")
+    email: EmailSpec = Field(default_factory=lambda: EmailSpec())
     sources: dict[Name, DatabaseUrl] = Field(default_factory=dict)
     store: DatabaseUrl = "sqlite:///.herald/herald.db"
     channels: dict[Name, dict[str, Any]] = Field(default_factory=dict)
