@@ -52,7 +52,7 @@ class Outcome(StrEnum):
     """How a provider answered one message."""
 
     SENT = "sent"
-    RETRYABLE = "retryable"  # try again later: throttled, busy, timed out
+    RETRYABLE = "retryable"  # try again later: throttled, greylisted, busy, timed out
     PERMANENT = "permanent"  # never for this recipient: bad address, unsubscribed, bounced
     FATAL = "fatal"  # the channel cannot work: bad credentials, banned sender
 
@@ -65,7 +65,8 @@ class SendResult:
     code: str | None = None
     detail: str | None = None
     provider_id: str | None = None
-    retry_after: float | None = None
+    retry_after: float | None = None  # seconds the provider asked us to wait (Retry-After)
+    throttled: bool = False  # the provider said "too fast": the channel's rate slows down
     suppress: bool = False  # add the address to the suppression list (unsubscribe, bounce)
     segments: int | None = None  # provider units the message cost (SMS parts)
 
@@ -74,9 +75,10 @@ class SendResult:
         return cls(Outcome.SENT, provider_id=provider_id, segments=segments)
 
     @classmethod
-    def retryable(cls, code: str | None, detail: str, retry_after: float | None = None
-                  ) -> SendResult:
-        return cls(Outcome.RETRYABLE, code=code, detail=detail, retry_after=retry_after)
+    def retryable(cls, code: str | None, detail: str, retry_after: float | None = None,
+                  throttled: bool = False) -> SendResult:
+        return cls(Outcome.RETRYABLE, code=code, detail=detail, retry_after=retry_after,
+                   throttled=throttled)
 
     @classmethod
     def permanent(cls, code: str | None, detail: str, suppress: bool = False) -> SendResult:

@@ -97,6 +97,7 @@ ALIYUN_PERMANENT = {"isv.MOBILE_NUMBER_ILLEGAL", "isv.MOBILE_COUNT_OVER_LIMIT",
                     "isv.INVALID_JSON_PARAM", "isv.TEMPLATE_MISSING_PARAMETERS"}
 ALIYUN_THROTTLE = {"isv.BUSINESS_LIMIT_CONTROL", "Throttling.User", "isp.SYSTEM_ERROR",
                    "isv.DAY_LIMIT_CONTROL", "ServiceUnavailable"}
+ALIYUN_THROTTLE_RATE = {"isv.BUSINESS_LIMIT_CONTROL", "Throttling.User"}  # slow down
 ALIYUN_FATAL = {"InvalidAccessKeyId.NotFound", "SignatureDoesNotMatch",
                 "isv.ACCOUNT_NOT_EXISTS", "isv.ACCOUNT_ABNORMAL", "isv.AMOUNT_NOT_ENOUGH",
                 "isv.SMS_TEMPLATE_ILLEGAL", "isv.SMS_SIGNATURE_ILLEGAL",
@@ -163,7 +164,9 @@ class SmsChannel(HttpChannel):
             return SendResult.fatal(str(code or response.status_code), detail)
         if code in TWILIO_RETRY or response.status_code == 429 or response.status_code >= 500:
             return SendResult.retryable(str(code or response.status_code), detail,
-                                        retry_after(response.headers.get("Retry-After")))
+                                        retry_after(response.headers.get("Retry-After")),
+                                        throttled=response.status_code == 429
+                                        or code == 20429)
         return SendResult.permanent(str(code or response.status_code), detail)
 
     # -- aliyun ---------------------------------------------------------------------
@@ -202,7 +205,12 @@ class SmsChannel(HttpChannel):
             return SendResult.fatal(code, detail)
         if code in ALIYUN_THROTTLE or response.status_code == 429 \
                 or response.status_code >= 500:
-            return SendResult.retryable(code, detail, 60.0 if "LIMIT" in code else None)
+            # Aliyun documents no Retry-After; its per-number flow control counts by the
+            # minute, so a limit code waits a minute (deferred), the rest retry at once
+            return SendResult.retryable(code, detail, 60.0 if "LIMIT" in code else
+                                        retry_after(response.headers.get("Retry-After")),
+                                        throttled=code in ALIYUN_THROTTLE_RATE
+                                        or response.status_code == 429)
         return SendResult.permanent(code, detail)
 
     # -- generic --------------------------------------------------------------------

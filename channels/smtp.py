@@ -2,7 +2,9 @@
 
 Answers are classified per message: accepted → sent (with the server's queue id when it
 gives one); a refused recipient or message with a 5xx → permanent (hard bounces such as
-550/551/553 also go to the suppression list); a 4xx → retryable; a connection dropped
+550/551/553 also go to the suppression list); 450/451 (greylisting and other "try later"
+answers) → retryable after GREYLIST_WAIT, which defers the recipient to a later run;
+another 4xx → retryable; a connection dropped
 while a message was on the wire → retryable, and the next message reconnects; bad
 credentials, a refused sender or a server that cannot be reached → fatal for the channel.
 """
@@ -28,6 +30,8 @@ from herald.channels.base import Channel, ChannelSettings, Message, SendResult
 
 _QUEUED = re.compile(r"queued as\s+([A-Za-z0-9._-]+)", re.IGNORECASE)
 HARD_BOUNCES = frozenset({550, 551, 553})
+GREYLISTING = frozenset({450, 451})  # "try again later" for a recipient or a message
+GREYLIST_WAIT = 300.0  # seconds: a common MTA's first retry (Postfix's minimal backoff)
 
 
 class SmtpSettings(ChannelSettings):
@@ -184,6 +188,9 @@ class SmtpChannel(Channel):
 
 def _classify(code: int, text: str, recipient: bool) -> SendResult:
     detail = f"{code} {text.strip()[:200]}"
+    if code in GREYLISTING:
+        # greylisting (RFC 6647) lasts minutes, not seconds: come back later (deferred)
+        return SendResult.retryable(str(code), detail, GREYLIST_WAIT)
     if 400 <= code < 500:
         return SendResult.retryable(str(code), detail)
     return SendResult.permanent(str(code), detail,

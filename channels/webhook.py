@@ -88,7 +88,7 @@ def classify(response: httpx.Response, message_id: str) -> SendResult:
     detail = f"HTTP {status} {response.reason_phrase}".strip()
     if status in (408, 425, 429) or status >= 500:
         return SendResult.retryable(code, detail, retry_after(response.headers.get(
-            "Retry-After")))
+            "Retry-After")), throttled=status == 429)
     if status in (401, 403):
         return SendResult.fatal(code, f"{detail}: the endpoint refused the channel's "
                                       "credentials")

@@ -8,30 +8,45 @@ the data fields as a JSON object, ``{"thing1": "...", "time2": "..."}``; each va
 checked against the platform's limits for its field type before anything is sent.
 
 The access token comes from ``/cgi-bin/stable_token`` and is kept in the workspace
-database, so every worker of every process of a run shares one token; when the API says
-it is invalid or expired (40001, 40014, 42001) it is refreshed and the message retried
-once. Answers: 43004 (not following), 43101 (refused), 40003 (invalid openid) and 43019
+database, so every worker of every process of a run shares one token. When the API says
+it is invalid or expired (40001, 40014, 42001) a new one is asked for in normal mode and
+the message retried; only if that token is refused too is one forced (force-refresh
+mode, at most 20 a day and 30 s apart, counted in the workspace database), and the
+message retried once more.
+
+Answers: 43004 (not following), 43101 (refused), 40003 (invalid openid) and 43019
 (blocked) fail the recipient and suppress the openid; 40037 (template id invalid or
 banned) and 45009 (daily quota) stop the channel without failing the run; 45011 (minute
-quota) and -1 (system busy) are retried.
+quota) and -1 (system busy) are retried, then deferred (see the dispatcher).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import logging
 import re
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
 from pydantic import SecretStr
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 
 from herald.channels.base import ChannelContext, ChannelSettings, Message, SendResult
 from herald.channels.http import HttpChannel, HttpSettings, json_body
+from herald.core.db import channel_token_forces as token_forces
 from herald.core.db import channel_tokens as tokens
 from herald.core.db import writing
+
+log = logging.getLogger("herald.channels.wechat")
+
+# stable_token's documented limits on force-refresh mode: 20 a day, 30 s apart
+FORCE_PER_DAY = 20
+FORCE_GAP = timedelta(seconds=30)
+_WECHAT_DAY = ZoneInfo("Asia/Shanghai")
 
 TOKEN_ERRORS = {40001, 40014, 42001}
 SUPPRESS = {43004: "the user does not follow the account", 43101: "the user refused",
@@ -84,7 +99,14 @@ class WechatSettings(HttpSettings):
     base_url: str = "https://api.weixin.qq.com"
 
 
-_token_locks: dict[tuple[str, str], threading.Lock] = {}
+# One token refresh in flight per account and process: the first task that needs a new
+# token fetches it, every other task (of any chunk: each chunk runs its own event loop on
+# its own thread) awaits the same future. Across processes the database row is what they
+# share. Never a lock awaited on executor threads: a waiting task would hold a thread the
+# fetching task needs to read or save the token, and with more waiters than threads
+# nothing would move again.
+_refreshing: dict[tuple[str, str], concurrent.futures.Future[str]] = {}
+_refreshing_guard = threading.Lock()  # held for a dict lookup, never across an await
 
 
 class WechatChannel(HttpChannel):
@@ -107,54 +129,74 @@ class WechatChannel(HttpChannel):
                                "(ChannelContext.store) to share its access token")
         return self.context.store
 
-    async def token(self, stale: str | None = None) -> str:
-        """The account's access token: the shared one unless it is ``stale``."""
+    async def token(self, stale: str | None = None, force: bool = False) -> str:
+        """The account's access token: the shared one unless it is ``stale``.
+
+        A new one comes from ``stable_token`` in normal mode, which hands out the current
+        token, or a fresh one once it has expired. ``force`` asks for force-refresh mode
+        (it revokes the token every other service of the AppID is using), within
+        WeChat's limits: FORCE_PER_DAY a day, FORCE_GAP apart, counted in the workspace
+        database for every worker of the account.
+        """
         store = self._store()
         key = (self.name, self.options.appid)
-
-        def cached() -> str | None:
-            with store.connect() as conn:
-                row = conn.execute(select(tokens.c.token, tokens.c.expires_at).where(
-                    tokens.c.channel == key[0], tokens.c.account == key[1])).first()
-            if row is None or row.token == stale:
-                return None
-            expires = row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(
-                tzinfo=UTC)
-            return str(row.token) if expires > datetime.now(UTC) + timedelta(minutes=5) \
-                else None
-
-        found = await asyncio.to_thread(cached)
-        if found:
-            return found
-        lock = _token_locks.setdefault(key, threading.Lock())
-        await asyncio.to_thread(lock.acquire)
-        try:
-            found = await asyncio.to_thread(cached)  # another task refreshed it meanwhile
+        while True:
+            found = await asyncio.to_thread(_cached, store, key, stale)
             if found:
                 return found
-            response = await self.client().post(
-                f"{self.options.base_url}/cgi-bin/stable_token",
-                json={"grant_type": "client_credential", "appid": self.options.appid,
-                      "secret": self.options.secret.get_secret_value(),
-                      "force_refresh": stale is not None})
-            body = json_body(response)
-            if not body.get("access_token"):
-                raise TokenRefused(int(body.get("errcode") or response.status_code),
-                                   str(body.get("errmsg") or response.reason_phrase))
-            token = str(body["access_token"])
-            expires = datetime.now(UTC) + timedelta(seconds=int(body.get("expires_in", 7200)))
+            with _refreshing_guard:
+                flight = _refreshing.get(key)
+                mine = flight is None
+                if flight is None:
+                    flight = _refreshing[key] = concurrent.futures.Future()
+            if not mine:
+                token = await asyncio.wrap_future(flight)
+                if token != stale:
+                    return token
+                continue  # that refresh gave back the refused token: ask again
+            try:
+                token = await self._fetch(store, key, stale, force)
+                flight.set_result(token)
+                return token
+            except BaseException as exc:
+                flight.set_exception(exc)
+                raise
+            finally:
+                with _refreshing_guard:
+                    _refreshing.pop(key, None)
 
-            def save() -> None:
-                with writing(store) as conn:
-                    conn.execute(tokens.delete().where(tokens.c.channel == key[0],
-                                                       tokens.c.account == key[1]))
-                    conn.execute(tokens.insert().values(channel=key[0], account=key[1],
-                                                        token=token, expires_at=expires))
-
-            await asyncio.to_thread(save)
-            return token
-        finally:
-            lock.release()
+    async def _fetch(self, store: Engine, key: tuple[str, str], stale: str | None,
+                     force: bool) -> str:
+        found = await asyncio.to_thread(_cached, store, key, stale)
+        if found:  # another process refreshed it meanwhile
+            return found
+        if force:
+            refused = await asyncio.to_thread(_reserve_force, store, key)
+            if refused:
+                why, recent = refused
+                # another worker forced one moments ago: use it once it is saved
+                for _ in range(int(self.http.timeout * 2) if recent else 0):
+                    await asyncio.sleep(0.5)
+                    found = await asyncio.to_thread(_cached, store, key, stale)
+                    if found:
+                        return found
+                raise TokenRefused(40001, f"the access token is refused and {why}")
+            log.warning("WeChat channel %s: a fresh access token was refused too; asking "
+                        "stable_token for a new one in force-refresh mode (this revokes "
+                        "the token of every service on AppID %s)", self.name, key[1])
+        response = await self.client().post(
+            f"{self.options.base_url}/cgi-bin/stable_token",
+            json={"grant_type": "client_credential", "appid": self.options.appid,
+                  "secret": self.options.secret.get_secret_value(), "force_refresh": force})
+        body = json_body(response)
+        if not body.get("access_token"):
+            raise TokenRefused(int(body.get("errcode") or response.status_code),
+                               str(body.get("errmsg") or response.reason_phrase))
+        token = str(body["access_token"])
+        # WeChat's servers decide when it expires: the real clock, not Herald's
+        expires = datetime.now(UTC) + timedelta(seconds=int(body.get("expires_in", 7200)))
+        await asyncio.to_thread(_save, store, key, token, expires)
+        return token
 
     # -- sending --------------------------------------------------------------------
     async def send_one(self, message: Message) -> SendResult:
@@ -183,13 +225,16 @@ class WechatChannel(HttpChannel):
         if o.link:
             payload["url" if o.message == "template" else "page"] = o.link
         token = await self.token()
-        for attempt in (1, 2):
+        # A refused token (40001/40014/42001): refresh in normal mode, which returns a
+        # fresh token once the old one expired; only if that one is refused as well,
+        # force a new one (WeChat's remedy for a leaked token, a few times a day).
+        for mode in ("stored", "normal", "forced"):
             response = await self.client().post(f"{o.base_url}{path}",
                                                 params={"access_token": token}, json=payload)
             body = json_body(response)
             code = int(body.get("errcode", 0 if response.status_code == 200 else -1))
-            if code in TOKEN_ERRORS and attempt == 1:
-                token = await self.token(stale=token)  # refreshed, then this message again
+            if code in TOKEN_ERRORS and mode != "forced":
+                token = await self.token(stale=token, force=mode == "normal")
                 continue
             return self._classify(code, str(body.get("errmsg") or ""), body)
         raise AssertionError("unreachable")
@@ -204,11 +249,69 @@ class WechatChannel(HttpChannel):
         if code in STOP:
             return SendResult.fatal(str(code), f"{detail} ({STOP[code]})")
         if code in RETRY:
+            # the minute quota frees up within a minute: wait for it (deferred)
+            throttled = code in (45011, 45047)
             return SendResult.retryable(str(code), f"{detail} ({RETRY[code]})",
-                                        5.0 if code == 45011 else None)
+                                        60.0 if throttled else None, throttled=throttled)
         if code in TOKEN_ERRORS:
             return SendResult.fatal(str(code), f"{detail} (even with a fresh access token)")
         return SendResult.permanent(str(code), detail)
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _cached(store: Engine, key: tuple[str, str], stale: str | None) -> str | None:
+    """The stored token unless it is ``stale`` or expires within 5 minutes (normal mode
+    hands out a new one in that window)."""
+    with store.connect() as conn:
+        row = conn.execute(select(tokens.c.token, tokens.c.expires_at).where(
+            tokens.c.channel == key[0], tokens.c.account == key[1])).first()
+    if row is None or row.token == stale:
+        return None
+    if _aware(row.expires_at) <= datetime.now(UTC) + timedelta(minutes=5):
+        return None
+    return str(row.token)
+
+
+def _save(store: Engine, key: tuple[str, str], token: str, expires: datetime) -> None:
+    with writing(store) as conn:
+        conn.execute(tokens.delete().where(tokens.c.channel == key[0],
+                                           tokens.c.account == key[1]))
+        conn.execute(tokens.insert().values(channel=key[0], account=key[1], token=token,
+                                            expires_at=expires))
+
+
+def _reserve_force(store: Engine, key: tuple[str, str]) -> tuple[str, bool] | None:
+    """Count one force refresh for the account if WeChat's limits allow it; else why
+    not, and whether another worker forced one moments ago.
+
+    The count is WeChat's, so it follows the real clock (a rehearsal's clock does not
+    give back force refreshes spent today).
+    """
+    at = datetime.now(UTC)
+    day = at.astimezone(_WECHAT_DAY).date().isoformat()
+    account = key[1]
+    with writing(store) as conn:
+        query = select(token_forces).where(token_forces.c.account == account)
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        count = row.count if row is not None and row.day == day else 0
+        if row is not None and at - _aware(row.last_at) < FORCE_GAP:
+            return (f"the last force refresh was {(at - _aware(row.last_at)).seconds} s ago "
+                    f"(WeChat allows one every {FORCE_GAP.seconds} s)"), True
+        if count >= FORCE_PER_DAY:
+            return (f"{count} force refreshes were used today (WeChat allows "
+                    f"{FORCE_PER_DAY} a day)"), False
+        if row is None:
+            conn.execute(token_forces.insert().values(account=account, day=day, count=1,
+                                                      last_at=at))
+        else:
+            conn.execute(token_forces.update().where(token_forces.c.account == account)
+                         .values(day=day, count=count + 1, last_at=at))
+    return None
+
 
 class TokenRefused(Exception):
     def __init__(self, code: int, message: str) -> None:

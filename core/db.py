@@ -162,6 +162,15 @@ channel_tokens = Table(
     Column("token", Text, nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
 )
+# WeChat's force-refresh requests per account and day (its day, in Beijing time): the
+# mode is limited to 20 a day, 30 s apart, whichever worker asks
+channel_token_forces = Table(
+    "herald_channel_token_forces", metadata,
+    Column("account", String(128), primary_key=True),
+    Column("day", String(10), nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("last_at", DateTime(timezone=True), nullable=False),
+)
 
 
 def resolve_url(url: str, root: Path) -> str:

@@ -72,6 +72,9 @@ DatabaseUrl = Annotated[str, BeforeValidator(_check_url)]
 Scalar = str | int | float | bool | None
 
 
+RESERVED_PREFIX = "herald_"  # every table Herald keeps in the workspace database
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -257,10 +260,30 @@ class TaskRunnerSpec(Strict):
 
 class WritebackSpec(Strict):
     """Opt-in copies of the ledger and the conversion results in a source database, for
-    analysts: tables ``<prefix>deliveries`` and ``<prefix>conversion_results``."""
+    analysts: tables ``<prefix>deliveries`` and ``<prefix>conversion_results``.
+
+    Every table of Herald's own starts with ``herald_``, and so may a source that is also
+    the workspace database; a prefix of that form is refused, so the copies can never
+    land in (or clash with) the ledger's tables."""
 
     source: Name
-    prefix: str = Field(default="herald_", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,30}$")
+    prefix: str = Field(default="campaign_", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,30}$")
+
+    @field_validator("prefix")
+    @classmethod
+    def _not_herald(cls, value: str) -> str:
+        if value.lower().startswith(RESERVED_PREFIX):
+            raise ValueError(f"'{value}' is reserved: Herald's own tables start with "
+                             f"'{RESERVED_PREFIX}' (choose another prefix, e.g. 'campaign_')")
+        return value
+
+
+class EmailSpec(Strict):
+    """How e-mail addresses are checked before a channel sees them."""
+
+    # Special-use domains (RFC 6761: .test, .invalid, .local, .localhost, .onion, .arpa)
+    # never deliver; a test or demo workspace whose addresses live there allows them.
+    allow_special_use_domains: bool = False
 
 
 class WorkspaceConfig(Strict):
@@ -270,6 +293,7 @@ class WorkspaceConfig(Strict):
     default_locale: str = Field(default="en", pattern=r"^[A-Za-z]{2,3}(?:[_-][A-Za-z0-9]+)*$")
     # the country of phone numbers written without a country code (ISO 3166, e.g. CN)
     phone_region: str | None = Field(default=None, pattern=r"^[A-Z]{2}$")
+    email: EmailSpec = Field(default_factory=lambda: EmailSpec())
     sources: dict[Name, DatabaseUrl] = Field(default_factory=dict)
     store: DatabaseUrl = "sqlite:///.herald/herald.db"
     channels: dict[Name, dict[str, Any]] = Field(default_factory=dict)

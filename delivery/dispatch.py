@@ -2,10 +2,20 @@
 
 Per channel: batches of the adapter's size, under the channel's rate limit (a token
 bucket shared by every chunk of the run in this process); each batch is marked
-``sending`` in the ledger just before it goes out and settled right after. Retryable
-answers are retried with backoff; a permanent answer fails that recipient (and adds the
-address to the suppression list when the provider says so); a fatal answer stops the
-channel for the rest of the chunk, the unsent messages recorded as failed with the reason.
+``sending`` in the ledger just before it goes out and settled right after.
+
+- A retryable answer is retried within the run, up to MAX_ATTEMPTS, after the provider's
+  Retry-After or an exponential backoff, as long as that wait is at most
+  MAX_WAIT_IN_RUN. Past that, the recipient is ``deferred`` with a ``not_before`` time
+  (the provider's wait, at least DEFER_MIN and doubling with each deferral up to
+  DEFER_MAX), and the next run of the run key after that time sends it, as after quiet
+  hours. After MAX_TOTAL_ATTEMPTS attempts under one run key it fails with the reason.
+- A throttling answer (429, a provider's rate-limit code) also halves the channel's rate
+  (at most once a second); successful sends restore it gradually (AIMD).
+- A permanent answer fails that recipient (and adds the address to the suppression list
+  when the provider says so).
+- A fatal answer stops the channel for every chunk of the run in this process, the
+  unsent messages recorded as failed with the reason.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 from herald.channels.base import Channel, ChannelContext, Message, Outcome, SendResult
 from herald.channels.registry import channel_class
@@ -25,26 +36,56 @@ from herald.delivery import ledger
 
 log = logging.getLogger("herald.dispatch")
 
-MAX_ATTEMPTS = 3
-BACKOFF_SECONDS = 0.5
-MAX_BACKOFF_SECONDS = 30.0
+MAX_ATTEMPTS = 3  # provider attempts of a message within one run
+BACKOFF_SECONDS = 0.5  # the first in-run retry's wait when the provider names none
+MAX_WAIT_IN_RUN = 30.0  # a longer wait (Retry-After, greylisting) defers the recipient
+DEFER_MIN = timedelta(minutes=1)
+DEFER_MAX = timedelta(hours=1)
+MAX_TOTAL_ATTEMPTS = 12  # under one run key, across runs: then the recipient fails
 
 
 class TokenBucket:
-    """A thread-safe token bucket: ``rate`` tokens a second, bursts up to ``burst``."""
+    """A thread-safe token bucket: ``rate`` tokens a second, bursts up to ``burst``.
+
+    The rate adapts to the provider (AIMD): ``slow_down`` halves it on a throttling
+    answer, down to a 64th of the configured rate; ``recover`` adds back about 5% of the
+    configured rate for each second's worth of successful sends.
+    """
 
     def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.ceiling = rate
         self.rate = rate
         self.burst = max(1.0, burst if burst is not None else rate)
         self._tokens = self.burst
         self._stamp = time.monotonic()
+        self._cut_at = float("-inf")
         self._lock = threading.Lock()
+
+    def slow_down(self) -> None:
+        """A throttling answer: halve the rate (once a second: a burst of 429s to the
+        requests already in flight is one signal, not twenty)."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._cut_at < 1.0:
+                return
+            self._cut_at = now
+            self.rate = max(self.ceiling / 64, self.rate / 2)
+            self._tokens = min(self._tokens, max(1.0, self.rate))
+
+    def recover(self, sent: int) -> None:
+        """``sent`` messages went through: creep back towards the configured rate."""
+        if sent <= 0 or self.rate >= self.ceiling:
+            return
+        with self._lock:
+            step = 0.05 * self.ceiling * sent / max(self.rate, 1.0)
+            self.rate = min(self.ceiling, self.rate + step)
 
     def _take(self, n: float) -> float:
         """Take ``n`` tokens now, going into debt; return how long to wait for them."""
         with self._lock:
             now = time.monotonic()
-            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+            self._tokens = min(max(1.0, min(self.burst, self.rate)),
+                               self._tokens + (now - self._stamp) * self.rate)
             self._stamp = now
             self._tokens -= n
             return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
@@ -133,6 +174,7 @@ async def _send_batch(ws: Workspace, job: Job, channel: Channel, batch: Sequence
                             [m.recipient for m in batch], "sending")
     pending = list(batch)
     done: dict[str, ledger.Outcome] = {}
+    later: list[tuple[Message, SendResult, int, float]] = []  # to defer (or fail)
     suppress: list[tuple[str, str | None, str | None]] = []
     fatal: str | None = None
     for attempt in range(1, MAX_ATTEMPTS + 1):
@@ -147,13 +189,19 @@ async def _send_batch(ws: Workspace, job: Job, channel: Channel, batch: Sequence
                     message.recipient, "sent", code=result.code,
                     provider_id=result.provider_id, attempts=attempt,
                     segments=result.segments)
-            elif result.outcome is Outcome.RETRYABLE and attempt < MAX_ATTEMPTS and not fatal:
-                retry.append(message)
-                waits.append(result.retry_after or BACKOFF_SECONDS * 2 ** (attempt - 1))
+            elif result.outcome is Outcome.RETRYABLE and not fatal:
+                wait = result.retry_after if result.retry_after is not None \
+                    else BACKOFF_SECONDS * 2 ** (attempt - 1)
+                if attempt < MAX_ATTEMPTS and wait <= MAX_WAIT_IN_RUN:
+                    retry.append(message)
+                    waits.append(wait)
+                else:
+                    later.append((message, result, attempt, wait))
             else:
                 kind = result.outcome.value
                 if result.outcome is Outcome.RETRYABLE:
-                    kind = f"retryable, gave up after {attempt} attempts"
+                    kind = f"retryable, not retried: the channel stopped after {attempt} " \
+                           "attempts"
                 done[message.recipient] = ledger.Outcome(
                     message.recipient, "failed", f"{kind}: {result.detail or 'no detail'}",
                     code=result.code, attempts=attempt)
@@ -163,13 +211,48 @@ async def _send_batch(ws: Workspace, job: Job, channel: Channel, batch: Sequence
                     suppress.append((message.address, channel.name,
                                      f"provider: {result.code or ''} {result.detail or ''}"
                                      .strip()))
+        if bucket:
+            if any(r.throttled for r in results):
+                bucket.slow_down()
+            bucket.recover(sum(r.outcome is Outcome.SENT for r in results))
         if not retry:
             break
-        await asyncio.sleep(min(MAX_BACKOFF_SECONDS, max(waits)))
+        await asyncio.sleep(max(waits))
         pending = retry
+    if later:
+        for outcome in await asyncio.to_thread(_defer, ws, job, later):
+            done[outcome.recipient] = outcome
     if suppress:
         await asyncio.to_thread(ledger.suppress, ws.store, suppress, "provider")
     return [done[m.recipient] for m in batch], fatal
+
+
+def _defer(ws: Workspace, job: Job, later: list[tuple[Message, SendResult, int, float]]
+           ) -> list[ledger.Outcome]:
+    """Retryable answers that outlasted the run's retries: deferred to a later run of the
+    run key, or failed once the recipient has had MAX_TOTAL_ATTEMPTS attempts."""
+    before = ledger.attempts(ws.store, job.flow, job.run_key,
+                             [m.recipient for m, *_ in later])
+    at = ledger.now()
+    out = []
+    for message, result, attempt, wait in later:
+        total = before.get(message.recipient, 0) + attempt
+        detail = result.detail or "no detail"
+        if total >= MAX_TOTAL_ATTEMPTS:
+            out.append(ledger.Outcome(
+                message.recipient, "failed",
+                f"retryable, gave up after {total} attempts: {detail}", code=result.code,
+                attempts=attempt))
+            continue
+        backoff = DEFER_MIN * 2 ** (before.get(message.recipient, 0) // MAX_ATTEMPTS)
+        delay = max(min(DEFER_MAX, backoff), timedelta(seconds=wait))  # never before
+        # the provider's Retry-After
+        until = at + delay
+        out.append(ledger.Outcome(
+            message.recipient, "deferred",
+            f"deferred to {until:%Y-%m-%d %H:%M:%S} UTC after {total} attempts: {detail}",
+            code=result.code, attempts=attempt, not_before=until))
+    return out
 
 
 async def _guarded(channel: Channel, messages: Sequence[Message]) -> list[SendResult]:

@@ -2,7 +2,9 @@
 
 A row's life: the contact policy reserves it as ``queued`` (inside one transaction with
 the cap checks), the dispatcher marks a batch ``sending`` just before handing it to the
-provider, and the provider's answer settles it as ``sent`` or ``failed``. Recipients the
+provider, and the provider's answer settles it as ``sent``, ``failed`` or ``deferred``
+(a retryable answer that outlasted the run's retries: a later run of the run key tries
+again after ``not_before``). Recipients the
 policy stops are written straight away as ``held_out``, ``suppressed``, ``capped``,
 ``no_address`` or ``render_error``. The unique key (flow, run_key, recipient) is what makes
 a rerun, a retried task or a resumed crash send nobody twice: at most one message per
@@ -83,7 +85,7 @@ class Existing:
     not_before: datetime | None
 
     def due(self, at: datetime) -> bool:
-        """A deferred row whose quiet hours are over."""
+        """A deferred row whose time has come (quiet hours over, provider back-off done)."""
         if self.status != "deferred" or self.not_before is None:
             return False
         when = self.not_before
@@ -95,12 +97,13 @@ class Outcome:
     """A settled send: what to write back to a ``sending`` row."""
 
     recipient: str
-    status: str  # sent | failed
+    status: str  # sent | failed | deferred (a retryable answer: a later run tries again)
     reason: str | None = None
     code: str | None = None
     provider_id: str | None = None
-    attempts: int = 1
+    attempts: int = 1  # provider attempts of this send, added to the row's earlier ones
     segments: int | None = None
+    not_before: datetime | None = None  # deferred: not sent again before this
 
 
 @dataclass
@@ -244,17 +247,31 @@ def settle(engine: Engine, flow: str, run_key: str, outcomes: Sequence[Outcome])
         deliveries.c.flow == bindparam("b_flow"), deliveries.c.run_key == bindparam("b_key"),
         deliveries.c.recipient == bindparam("b_recipient")).values(
         status=bindparam("b_status"), reason=bindparam("b_reason"), code=bindparam("b_code"),
-        provider_id=bindparam("b_provider_id"), attempts=bindparam("b_attempts"),
+        provider_id=bindparam("b_provider_id"),
+        attempts=deliveries.c.attempts + bindparam("b_attempts"),
         updated_at=bindparam("b_updated"), sent_at=bindparam("b_sent_at"),
-        segments=bindparam("b_segments"))
+        segments=bindparam("b_segments"), not_before=bindparam("b_not_before"))
     params = [{"b_flow": flow, "b_key": run_key, "b_recipient": o.recipient,
                "b_status": o.status, "b_reason": o.reason, "b_code": o.code,
                "b_provider_id": o.provider_id, "b_attempts": o.attempts,
                "b_updated": stamp, "b_sent_at": stamp if o.status == "sent" else None,
-               "b_segments": o.segments}
+               "b_segments": o.segments, "b_not_before": o.not_before}
               for o in outcomes]
     with writing(engine) as conn:
         conn.execute(statement, params)
+
+
+def attempts(engine: Engine, flow: str, run_key: str, recipients: Sequence[str]
+             ) -> dict[str, int]:
+    """Provider attempts so far of each recipient's row under this run key."""
+    out: dict[str, int] = {}
+    with engine.connect() as conn:
+        for part in among(conn, deliveries.c.recipient, recipients):
+            for recipient, n in conn.execute(select(
+                    deliveries.c.recipient, deliveries.c.attempts).where(
+                    deliveries.c.flow == flow, deliveries.c.run_key == run_key, part)):
+                out[recipient] = int(n or 0)
+    return out
 
 
 def cap_counts(conn: Connection, recipients: Sequence[str], since: datetime,

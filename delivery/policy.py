@@ -49,11 +49,12 @@ def in_holdout(flow: str, key: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def clean_address(kind: str, value: object, region: str | None = None
-                  ) -> tuple[str | None, str | None]:
-    """(address, None) when usable, else (None, why not). E-mail addresses are
-    normalized; phone numbers become E.164 (``region``: the country of numbers written
-    without a country code)."""
+def clean_address(kind: str, value: object, region: str | None = None,
+                  special_use: bool = False) -> tuple[str | None, str | None]:
+    """(address, None) when usable, else (None, why not). E-mail addresses are checked
+    for syntax only (no DNS) and normalized; a special-use domain (.test, .invalid,
+    localhost, ...) is refused unless ``special_use``. Phone numbers become E.164
+    (``region``: the country of numbers written without a country code)."""
     if value is None:
         return None, "empty"
     text = str(value).strip()
@@ -65,10 +66,24 @@ def clean_address(kind: str, value: object, region: str | None = None
         try:
             return validate_email(text, check_deliverability=False).normalized, None
         except EmailNotValidError:
+            if not special_use or not _special_use(text):
+                return None, "invalid"
+        # a special-use domain, allowed here: check the syntax with a public suffix added
+        try:
+            checked = validate_email(f"{text}.com", check_deliverability=False)
+        except EmailNotValidError:
             return None, "invalid"
+        return checked.normalized.removesuffix(".com"), None
     if kind == "sms":
         return e164(text, region)
     return text, None
+
+
+def _special_use(address: str) -> bool:
+    from email_validator import SPECIAL_USE_DOMAIN_NAMES
+
+    domain = address.rpartition("@")[2].lower().rstrip(".")
+    return any(domain == d or domain.endswith(f".{d}") for d in SPECIAL_USE_DOMAIN_NAMES)
 
 
 def e164(text: str, region: str | None) -> tuple[str | None, str | None]:
@@ -113,7 +128,8 @@ class Policy:
             for channel in entry[1].channels:
                 address, why = clean_address(self.kinds[channel],
                                              row.data.get(self.columns[channel]),
-                                             self.ws.config.phone_region)
+                                             self.ws.config.phone_region,
+                                             self.ws.config.email.allow_special_use_domains)
                 options.append((channel, address, why))
                 if address:
                     values.add(address)

@@ -181,7 +181,12 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
     if not dry_run:  # write-back and the conversion report once its window closes
         from herald.flows.conversion_report import after_run
 
-        after_run(ws, summary, logger)
+        try:
+            after_run(ws, summary, logger)
+        except HeraldError as exc:  # a failed write-back: the run fails, loudly
+            engine.fail(ws, prepared.run_id, exc)
+            _emit_failed(flow_name, key, prepared.run_id, exc)
+            raise
     logger.info("run %s finished: %s", prepared.run_id,
                 ", ".join(f"{s}={n}" for s, n in summary["deliveries"].items() if n) or "nothing")
     return summary
@@ -290,7 +295,8 @@ def __getattr__(name: str) -> Any:
 
 
 def _follow_up(flow_name: str, run_key: str, params: dict[str, Scalar], when: str) -> None:
-    """Schedule the run that sends deferred recipients once their quiet hours end.
+    """Schedule the run that sends deferred recipients once their quiet hours end or the
+    provider's back-off is over.
 
     From a deployment (``herald serve`` / ``herald deploy``) the same deployment gets a
     flow run at that time with the same run key; without one there is nothing to
@@ -300,7 +306,8 @@ def _follow_up(flow_name: str, run_key: str, params: dict[str, Scalar], when: st
 
     logger = get_run_logger()
     if not deployment.id:
-        logger.warning("recipients deferred by quiet hours until %s: run `herald run %s "
+        logger.warning("recipients deferred (quiet hours or a provider's back-off) until "
+                       "%s: run `herald run %s "
                        "--run-key %s` after that time to send them", when, flow_name, run_key)
         return
     from prefect.deployments import run_deployment

@@ -388,7 +388,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
             reasons.add_row(r["status"], r["reason"], str(r["count"]))
         out.print(reasons)
     if summary.get("deferred_until"):
-        out.print(f"deferred by quiet hours until {summary['deferred_until']}: a run with "
+        out.print(f"deferred (quiet hours or a provider's back-off) until "
+                  f"{summary['deferred_until']}: a run with "
                   f"run key {summary['run_key']} after that time sends them")
 
 

@@ -91,11 +91,9 @@ def after_run(ws: Workspace, summary: dict[str, Any],
     from herald.reporting.writeback import write_back
 
     flow_name, run_key = summary["flow"], summary["run_key"]
-    try:
-        write_back(ws, flow_name, run_key)
-    except Exception as exc:  # the messages are out: report it, do not fail the run
-        log.error("write-back of %s %s failed: %s: %s", flow_name, run_key,
-                  type(exc).__name__, exc)
+    # A failed write-back fails the run (RunError): the messages are out and the ledger
+    # holds them, but analysts would read stale tables without anyone noticing.
+    write_back(ws, flow_name, run_key)
     if ws.flow(flow_name).conversion is None:
         return
     closes = conversions.window_closes(ws, flow_name, run_key)

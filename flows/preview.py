@@ -58,7 +58,9 @@ def render_samples(ws: Workspace, flow_name: str, params: Mapping[str, Scalar],
             continue
         for channel in entry[1].channels:
             address, _ = clean_address(ws.channel_kind(channel),
-                                       data.get(ws.address_column(channel)))
+                                       data.get(ws.address_column(channel)),
+                                       ws.config.phone_region,
+                                       ws.config.email.allow_special_use_domains)
             if address:
                 decision = Decision(recipient, entry[0], SEND, channel, address)
                 sample.update(channel=channel, address=address, status="would_send")

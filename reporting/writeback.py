@@ -30,7 +30,9 @@ from sqlalchemy import (
     delete,
     insert,
 )
+from sqlalchemy.exc import SQLAlchemyError
 
+from herald.core.errors import RunError
 from herald.core.workspace import Workspace
 from herald.delivery import ledger
 from herald.reporting.conversions import CONTACTED, HELD_OUT, ConversionReport, Row
@@ -99,15 +101,20 @@ def write_back(ws: Workspace, flow: str, run_key: str,
     deliveries, results = tables(settings.prefix)
     engine = ws.source(settings.source)
     written = {"deliveries": 0, "conversion_results": 0}
-    with engine.begin() as conn:
-        deliveries.metadata.create_all(conn)
-        conn.execute(delete(deliveries).where(deliveries.c.flow == flow,
-                                              deliveries.c.run_key == run_key))
-        for batch in _ledger_rows(ws, flow, run_key, conversion):
-            conn.execute(insert(deliveries), batch)
-            written["deliveries"] += len(batch)
-        if conversion is not None:
-            written["conversion_results"] = _write_results(conn, results, conversion)
+    try:
+        with engine.begin() as conn:
+            deliveries.metadata.create_all(conn)
+            conn.execute(delete(deliveries).where(deliveries.c.flow == flow,
+                                                  deliveries.c.run_key == run_key))
+            for batch in _ledger_rows(ws, flow, run_key, conversion):
+                conn.execute(insert(deliveries), batch)
+                written["deliveries"] += len(batch)
+            if conversion is not None:
+                written["conversion_results"] = _write_results(conn, results, conversion)
+    except SQLAlchemyError as exc:
+        raise RunError(f"write-back of {flow} {run_key} to source {settings.source} "
+                       f"(tables {deliveries.name}, {results.name}) failed: "
+                       f"{getattr(exc, 'orig', None) or exc}") from exc
     return written
 
 

@@ -2,9 +2,9 @@
 
 Each request is recorded (path, headers, body). Answers are looked up by a key taken
 from the request (the JSON body's ``recipient`` by default) and consumed in order:
-``("ok", body)``, ``("status", code, headers)``, ``("timeout", seconds)`` (answers
-late), ``("reset",)`` (closes the connection without an answer). A key with no script
-left gets ``ok``.
+``("ok", body)``, ``("status", code, headers)``, ``("timeout", seconds[, action])``
+(answers late, with ``action`` or ``ok``), ``("reset",)`` (closes the connection
+without an answer). A key with no script left gets ``ok``.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def serve(peer: Peer) -> tuple[ThreadingHTTPServer, Peer]:
                 return
             if action[0] == "timeout":
                 time.sleep(action[1])
-                action = ("ok",)
+                action = action[2] if len(action) > 2 else ("ok",)
             if action[0] == "json":  # ("json", status, body[, headers])
                 status, body_obj = action[1], action[2]
                 request.status = status

@@ -10,11 +10,14 @@ import hmac
 import json
 import sqlite3
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from urllib.parse import parse_qs, quote
 
 import pytest
 
 from herald.channels.sms import segments
+from herald.delivery.dispatch import TokenBucket
 from herald.flows import engine
 
 from .conftest import PROMO_YAML
@@ -241,3 +244,90 @@ def test_validate_warns_when_chinese_marketing_sms_lacks_opt_out(make_workspace,
     with pytest.raises(SystemExit):
         main(["validate", "-w", str(ws.root)])
     assert "warning" not in capsys.readouterr().err
+
+
+def move_deferrals_due(ws) -> None:
+    """The deferred rows' time has come (what waiting for it would do)."""
+    from sqlalchemy import update
+
+    from herald.delivery import ledger as herald_ledger
+
+    with ws.store.begin() as conn:
+        conn.execute(update(herald_ledger.deliveries).where(
+            herald_ledger.deliveries.c.status == "deferred").values(
+            not_before=herald_ledger.now() - timedelta(seconds=1)))
+
+
+def deferred_rows(ws) -> dict[str, tuple]:
+    with sqlite3.connect(ws.root / ".herald" / "herald.db") as conn:
+        return {r[0]: r[1:] for r in conn.execute(
+            "SELECT recipient, status, attempts, not_before, updated_at, reason "
+            "FROM herald_deliveries")}
+
+
+def waited(row: tuple) -> float:
+    return (datetime.fromisoformat(row[2]) - datetime.fromisoformat(row[3])).total_seconds()
+
+
+def test_twilio_throttling_defers_recipients_to_a_later_run_then_gives_up(
+        make_workspace, twilio) -> None:
+    ws = sms_workspace(make_workspace, f'provider: twilio, base_url: "{twilio.url}", '
+                       'account_sid: AC123, auth_token: "tok-1", sender: "+15005550006", '
+                       "rate: 20/s", rows=6)
+    too_many = {"code": 20429, "message": "Too Many Requests", "status": 429}
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=90), usegmt=True)
+    twilio.script(number(1), ("json", 429, too_many, {"Retry-After": "120"}))
+    twilio.script(number(2), ("json", 429, too_many, {"Retry-After": later}))
+    twilio.script(number(3), *[("json", 429, too_many, {"Retry-After": "1"})] * 3)
+    twilio.script(number(4), *[("json", 503, {"message": "unavailable"})] * 12)
+    first = engine.run_local(ws, "promo", run_key="busy")
+    rows = deferred_rows(ws)
+    # a Retry-After longer than the run's retries: deferred at once, never before it
+    assert rows["1"][:2] == ("deferred", 1) and 119 <= waited(rows["1"]) <= 122
+    assert rows["2"][:2] == ("deferred", 1) and 85 <= waited(rows["2"]) <= 92
+    # short waits are retried in the run; still throttled after 3 attempts: deferred
+    assert rows["3"][:2] == ("deferred", 3) and 59 <= waited(rows["3"]) <= 62
+    assert "Twilio 20429: Too Many Requests" in rows["3"][4]
+    assert first["deliveries"]["deferred"] == 4 and first["deliveries"]["failed"] == 0
+    assert first["deliveries"]["sent"] == 1  # number 6 (number 5: no phone)
+    assert datetime.fromisoformat(first["deferred_until"]) == min(
+        datetime.fromisoformat(r[2]).replace(tzinfo=UTC) for r in rows.values() if r[2])
+
+    # too early: the same run key sends nobody again
+    again = engine.run_local(ws, "promo", run_key="busy")
+    assert again["deliveries"]["deferred"] == 4 and again["deliveries"]["sent"] == 0
+    assert len([r for r in twilio.requests if form(r)["To"] == number(1)]) == 1
+
+    move_deferrals_due(ws)
+    engine.run_local(ws, "promo", run_key="busy")
+    rows = deferred_rows(ws)
+    assert [rows[k][:2] for k in "123"] == [("sent", 2), ("sent", 2), ("sent", 4)]
+    # the gateway stays down for number 4: deferred after each run's 3 attempts (the
+    # wait doubling), until 12 attempts in all; then it fails with the reason
+    assert rows["4"][:2] == ("deferred", 6) and 119 <= waited(rows["4"]) <= 122
+    for _ in range(2):
+        move_deferrals_due(ws)
+        last = engine.run_local(ws, "promo", run_key="busy")
+    rows = deferred_rows(ws)
+    assert rows["4"][:2] == ("failed", 12)
+    assert rows["4"][4] == "retryable, gave up after 12 attempts: Twilio 503: unavailable"
+    assert last["deliveries"]["failed"] == 1 and last["deferred_until"] is None
+    assert all(n == 1 for n in twilio.delivered().values())  # nobody texted twice
+
+
+def test_throttling_halves_the_rate_and_success_restores_it_gradually() -> None:
+    bucket = TokenBucket(100.0)
+    bucket.slow_down()
+    assert bucket.rate == 50.0
+    bucket.slow_down()  # the same burst of 429s: one signal
+    assert bucket.rate == 50.0
+    bucket.recover(50)  # a second's worth of sends at 50/s: +5% of the configured rate
+    assert bucket.rate == pytest.approx(55.0)
+    for _ in range(100):
+        bucket.recover(100)
+    assert bucket.rate == 100.0  # never above the configured rate
+    floor = TokenBucket(64.0)
+    for _ in range(10):
+        floor._cut_at = float("-inf")  # a second later each time
+        floor.slow_down()
+    assert floor.rate == 1.0  # a 64th of the configured rate at the lowest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Iterator
+from datetime import UTC, timedelta
 from email import message_from_bytes
 from email.policy import default as default_policy
 from typing import Any
@@ -198,13 +199,85 @@ tiers:
         got = {r.recipient: r for r in conn.execute(select(ledger.deliveries))}
     assert got["1"].status == "failed" and got["1"].code == "550"
     assert got["1"].reason == "permanent: 550 5.1.1 no such user"
-    assert got["2"].status == "failed" and got["2"].attempts == 3
-    assert got["2"].reason == "retryable, gave up after 3 attempts: 450 4.2.1 try later"
+    # 450: greylisting or "try later": deferred to a later run, not failed, not hammered
+    assert (got["2"].status, got["2"].attempts, got["2"].code) == ("deferred", 1, "450")
+    assert got["2"].reason.endswith("after 1 attempts: 450 4.2.1 try later")
+    wait = got["2"].not_before.replace(tzinfo=UTC) - got["2"].updated_at.replace(tzinfo=UTC)
+    assert abs(wait.total_seconds() - 300) < 5
     assert (got["3"].status, got["3"].attempts) == ("sent", 2)
     assert got["4"].provider_id.startswith("Q")
     # ids 7 and 14 have no email: no_address; everyone else sent exactly once
-    assert summary["deliveries"]["sent"] == 16 and summary["deliveries"]["failed"] == 2
+    assert summary["deliveries"]["sent"] == 16 and summary["deliveries"]["failed"] == 1
+    assert summary["deliveries"]["deferred"] == 1 and summary["deferred_until"]
     delivered = [m["To"] for m in handler.received]
     assert len(delivered) == len(set(delivered)) == 16
     listed = {(r.value, r.channel) for r in ledger.list_suppressions(ws.store)}
     assert listed == {("user1@example.com", "email")}
+
+
+class Greylisting(Handler):
+    """Greylisting as RFC 6647 describes it: a (client, sender, recipient) triplet seen
+    for the first time is refused with 451 until ``delay`` seconds have passed since, on
+    the server's own clock (``clock``: seconds, set by the test)."""
+
+    def __init__(self, delay: float = 60.0) -> None:
+        super().__init__()
+        self.delay = delay
+        self.clock = 0.0
+        self.first_seen: dict[tuple[str, str, str], float] = {}
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        triplet = (session.peer[0], envelope.mail_from, address)
+        seen = self.first_seen.setdefault(triplet, self.clock)
+        if self.clock - seen < self.delay:
+            return "451 4.7.1 Greylisted, please try again later"
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+
+def test_greylisting_for_a_minute_defers_then_delivers_once(make_workspace) -> None:
+    from sqlalchemy import select, update
+
+    from herald.delivery import ledger
+    from herald.flows.engine import run_local
+
+    handler = Greylisting(delay=60.0)
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        config = f"""\
+timezone: UTC
+sources: {{crm: "sqlite:///crm.db"}}
+channels:
+  email: {{type: smtp, host: 127.0.0.1, port: {port}, security: none, timeout: 5,
+           sender: "Shop <news@shop.example>"}}
+  sms: {{type: outbox, kind: sms}}
+"""
+        flow = """\
+name: promo
+audience: {source: crm, segment: people, params: {min_score: 0}, key: id, tier: tier}
+tiers:
+  default: {channels: [email]}
+"""
+        ws = make_workspace({"config/herald.yaml": config,
+                             "config/flows/promo.yaml": flow}, rows=6)
+        first = run_local(ws, "promo", run_key="grey")
+        assert first["deliveries"]["deferred"] == 6 and first["deliveries"]["failed"] == 0
+        assert len(handler.first_seen) == 6  # one attempt each, not three within seconds
+        handler.clock += 30  # half a minute on: still greylisted, but not yet due either
+        again = run_local(ws, "promo", run_key="grey")
+        assert again["deliveries"]["deferred"] == 6 and not handler.received
+
+        handler.clock += 31  # the greylisting minute is over, and so is the deferral
+        with ws.store.begin() as conn:
+            conn.execute(update(ledger.deliveries).values(
+                not_before=ledger.now() - timedelta(seconds=1)))
+        last = run_local(ws, "promo", run_key="grey")
+        assert last["deliveries"]["sent"] == 6 and last["deferred_until"] is None
+        with ws.store.connect() as conn:
+            rows = list(conn.execute(select(ledger.deliveries)))
+        assert {(r.status, r.attempts) for r in rows} == {("sent", 2)}
+        delivered = [m["To"] for m in handler.received]
+        assert len(delivered) == len(set(delivered)) == 6
+    finally:
+        controller.stop()

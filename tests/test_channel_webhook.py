@@ -73,12 +73,13 @@ def test_answers_are_classified_retried_and_recorded(make_workspace, peer, monke
     assert rows["4"][:3] == ("sent", None, 2)
     assert rows["5"][:3] == ("failed", "410", 1) and "gone" in rows["5"][4]
     assert rows["6"][:3] == ("failed", "400", 1)
-    assert rows["8"][:3] == ("failed", "504", 3)
-    assert "retryable, gave up after 3 attempts" in rows["8"][4]
+    assert rows["8"][:3] == ("deferred", "504", 3)  # a later run of the run key tries again
+    assert "after 3 attempts: HTTP 504" in rows["8"][4]
     for plain in ("9", "10", "11", "12"):  # no fault scripted: sent, with the peer's id
         assert rows[plain][0] == "sent" and rows[plain][3].startswith("p-")
     assert rows["7"][0] == "no_address"  # every 7th person has no email
-    assert summary["deliveries"]["sent"] == 8 and summary["deliveries"]["failed"] == 3
+    assert summary["deliveries"]["sent"] == 8 and summary["deliveries"]["failed"] == 2
+    assert summary["deliveries"]["deferred"] == 1
     assert suppressed(ws) == {"user5@example.com"}  # 410 Gone only; 400 is not
 
     # every request is signed, and a retry carries the same idempotency key
@@ -99,7 +100,8 @@ def test_answers_are_classified_retried_and_recorded(make_workspace, peer, monke
     assert SECRET not in repr(rows)
 
     again = engine.run_local(ws, "promo", run_key="hooks")
-    assert again["deliveries"]["duplicate"] == 12 and again["deliveries"]["sent"] == 0
+    assert again["deliveries"]["duplicate"] == 11 and again["deliveries"]["sent"] == 0
+    assert again["deliveries"]["deferred"] == 1  # still waiting for its time
 
 
 def test_refused_credentials_stop_the_channel(make_workspace, peer, monkeypatch) -> None:

@@ -4,13 +4,20 @@ notifications, and their error codes."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs, urlsplit
+from zoneinfo import ZoneInfo
 
 import pytest
 
-from herald.channels.wechat import check_fields
+from herald.channels.wechat import check_fields, token_forces
+from herald.core.db import ensure_schema
 from herald.flows import engine
 
 from .conftest import PROMO_YAML
@@ -91,7 +98,7 @@ def test_subscription_notifications_one_shared_token_and_answers(
     assert len(token_requests) == 2
     assert token_requests[0].json() == {"grant_type": "client_credential", "appid": "wx1234",
                                         "secret": "wx-secret-1", "force_refresh": False}
-    assert token_requests[1].json()["force_refresh"] is True
+    assert token_requests[1].json()["force_refresh"] is False  # normal mode refreshes
     retried = [token_of(r) for r in wechat.requests if key(r) == openid(3)]
     assert retried == ["T1", "T2"] and rows["3"][0] == "sent"
 
@@ -115,6 +122,90 @@ def test_subscription_notifications_one_shared_token_and_answers(
     before = len(token_requests)
     engine.run_local(ws, "promo", run_key="wx-2")
     assert len([r for r in wechat.requests if key(r) == "token"]) == before
+
+
+RUN_IN_A_PROCESS = textwrap.dedent("""
+    import json, sys
+    from herald.flows import engine
+    from herald.core.workspace import Workspace
+    summary = engine.run_local(Workspace.open(sys.argv[1]), "promo", run_key="slow")
+    print(json.dumps(summary["deliveries"]))
+""")
+
+
+def test_a_slow_first_token_with_several_chunks_at_default_concurrency_does_not_hang(
+        make_workspace, wechat, monkeypatch) -> None:
+    """As a new workspace meets WeChat: no token cached yet, 4 chunks on 4 workers, each
+    with the default 16 requests in flight, and a token endpoint that takes a second.
+    Waiting for the token lock on executor threads hung this run for good on any machine
+    with fewer than 12 CPUs; the run goes in a process of its own so a hang fails the
+    test (and is killed) instead of hanging the suite."""
+    ws = wechat_ws(make_workspace, wechat, "subscribe", monkeypatch, rows=200)
+    config = ws.root / "config/herald.yaml"
+    config.write_text(config.read_text().replace("chunk_size: 4\nmax_workers: 3",
+                                                 "chunk_size: 50\nmax_workers: 4"))
+    wechat.script("token", ("timeout", 1.0,
+                            ("json", 200, {"access_token": "T1", "expires_in": 7200})))
+    try:
+        done = subprocess.run([sys.executable, "-c", RUN_IN_A_PROCESS, str(ws.root)],
+                              capture_output=True, text=True, timeout=60, check=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the run hung: chunks waiting for the WeChat token never finished")
+    deliveries = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = ledger(ws)
+    assert len(rows) == 200 and deliveries["sending"] == 0 == deliveries["queued"]
+    wx_sent = [k for k, r in rows.items() if r[:2] == ("sent", "wx")]
+    assert len(wx_sent) == 200 - 200 // 7  # every 7th person has no openid: sms instead
+    assert all(token_of(r) == "T1" for r in wechat.requests if key(r) != "token")
+    # one token request for the process: every task of every chunk awaited that one
+    assert len([r for r in wechat.requests if key(r) == "token"]) == 1
+
+
+def forces(ws) -> list[tuple]:
+    with sqlite3.connect(ws.root / ".herald" / "herald.db") as conn:
+        return list(conn.execute("SELECT account, day, count FROM herald_channel_token_forces"))
+
+
+def test_a_refused_token_is_renewed_in_normal_mode_then_forced_once(
+        make_workspace, wechat, monkeypatch, caplog) -> None:
+    ws = wechat_ws(make_workspace, wechat, "subscribe", monkeypatch, rows=1)
+    wechat.script("token", *(("json", 200, {"access_token": t, "expires_in": 7200})
+                             for t in ("T1", "T2", "T3")))
+    expired = ("json", 200, {"errcode": 40001, "errmsg": "invalid credential, access_token "
+                             "is invalid or not latest"})
+    wechat.script(openid(1), expired, expired)
+    engine.run_local(ws, "promo", run_key="force")
+    modes = [r.json()["force_refresh"] for r in wechat.requests if key(r) == "token"]
+    assert modes == [False, False, True]  # normal, normal again, then forced
+    assert [token_of(r) for r in wechat.requests if key(r) == openid(1)] == ["T1", "T2", "T3"]
+    assert ledger(ws)["1"][0] == "sent"
+    today = datetime.now(ZoneInfo("Asia/Shanghai")).date().isoformat()
+    assert forces(ws) == [("wx1234", today, 1)]
+    assert "force-refresh mode" in caplog.text
+
+
+@pytest.mark.parametrize(("count", "seconds_ago", "why"), [
+    (20, 3600, "20 force refreshes were used today (WeChat allows 20 a day)"),
+    (3, 10, "(WeChat allows one every 30 s)")])
+def test_force_refresh_stays_within_wechats_limits(count, seconds_ago, why, make_workspace,
+                                                   wechat, monkeypatch) -> None:
+    ws = wechat_ws(make_workspace, wechat, "subscribe", monkeypatch, rows=1,
+                   extra=", timeout: 1")
+    at = datetime.now(UTC)
+    ensure_schema(ws.store)
+    with ws.store.begin() as conn:
+        conn.execute(token_forces.insert().values(
+            account="wx1234", day=at.astimezone(ZoneInfo("Asia/Shanghai")).date().isoformat(),
+            count=count, last_at=at - timedelta(seconds=seconds_ago)))
+    wechat.script("token", *(("json", 200, {"access_token": t, "expires_in": 7200})
+                             for t in ("T1", "T2")))
+    expired = ("json", 200, {"errcode": 42001, "errmsg": "access_token expired"})
+    wechat.script(openid(1), expired, expired)
+    engine.run_local(ws, "promo", run_key="limits")
+    assert [r.json()["force_refresh"] for r in wechat.requests if key(r) == "token"] == [
+        False, False]  # never forced beyond the limits
+    status, _, code, _, reason = ledger(ws)["1"]
+    assert (status, code) == ("failed", "40001") and why in reason
 
 
 @pytest.mark.parametrize(("errcode", "errmsg", "why"), [

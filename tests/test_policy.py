@@ -209,3 +209,19 @@ def test_holdout_draw_is_stable_and_proportional() -> None:
     assert drawn == [in_holdout("winback", str(i), 0.1) for i in range(20000)]
     assert drawn != [in_holdout("welcome", str(i), 0.1) for i in range(20000)]
     assert not any(in_holdout("winback", str(i), 0.0) for i in range(1000))
+
+
+def test_special_use_email_domains_are_a_workspace_setting(make_workspace) -> None:
+    from herald.delivery.policy import clean_address
+
+    special = ["a@shop.test", "a@x.invalid", "a@localhost", "a@printer.local"]
+    for address in special:  # the default, for production: refused
+        assert clean_address("email", address) == (None, "invalid")
+        assert clean_address("email", address, special_use=True) == (address, None)
+    assert clean_address("email", "A@Shop.Example.com") == ("A@shop.example.com", None)
+    assert clean_address("email", "a b@x.test", special_use=True) == (None, "invalid")
+    from .conftest import HERALD_YAML
+
+    ws = make_workspace({"config/herald.yaml": HERALD_YAML.replace(
+        "caps: []", "caps: []\nemail: {allow_special_use_domains: true}")})
+    assert ws.config.email.allow_special_use_domains is True

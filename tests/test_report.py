@@ -174,3 +174,58 @@ def test_a_run_writes_its_ledger_back_before_conversions_are_known(make_workspac
     assert {r["converted"] for r in rows} == {None}
     arms = {r["arm"] for r in rows}
     assert arms <= {"contacted", "held_out", "not_contacted"} and "contacted" in arms
+
+
+SAME_DATABASE = HERALD_YAML.replace('store: "sqlite:///.herald/herald.db"',
+                                    'store: "sqlite:///crm.db"')
+
+
+def test_writeback_prefix_of_herald_tables_is_refused_at_validate(make_workspace, capsys
+                                                                  ) -> None:
+    from herald.core.errors import ConfigError
+
+    bad = SAME_DATABASE + "writeback: {source: crm, prefix: Herald_}\n"
+    with pytest.raises(ConfigError, match=r"config/herald.yaml:11 writeback.prefix: "
+                                          r".*'Herald_' is reserved: Herald's own tables "
+                                          r"start with 'herald_'"):
+        make_workspace({"config/herald.yaml": bad})
+    ws = make_workspace({"config/herald.yaml": SAME_DATABASE}, folder="ok")
+    (ws.root / "config/herald.yaml").write_text(bad)
+    code, out, err = cli(capsys, "validate", "--workspace", str(ws.root))
+    assert code == 1 and "config/herald.yaml:11 writeback.prefix" in out + err
+
+
+def test_writeback_into_the_workspace_database_itself(make_workspace) -> None:
+    """The store is also the write-back source: the default prefix keeps the copies
+    apart from the ledger's own tables."""
+    import logging
+
+    from herald.flows.conversion_report import after_run
+
+    ws = make_workspace({**FILES, "config/herald.yaml": SAME_DATABASE
+                         + "writeback: {source: crm}\n"}, rows=30)
+    write_orders(ws, [])
+    summary = run_local(ws, "promo", run_key="same-db")
+    after_run(ws, summary, logging.getLogger("test"))
+    url = f"sqlite:///{ws.root / 'crm.db'}"
+    copies = written(url, "campaign_deliveries")
+    assert len(copies) == 30 and {r["arm"] for r in copies} >= {"contacted"}
+    assert len(written(url, "herald_deliveries")) == 30  # the ledger, untouched
+
+
+def test_a_failed_writeback_fails_the_run(make_workspace, capsys) -> None:
+    """A table of that name that is something else: the run fails with the reason
+    (exit 1), instead of logging it and exiting 0."""
+    ws = make_workspace({**FILES, "config/herald.yaml": WRITEBACK}, rows=10)
+    write_orders(ws, [])
+    engine = create_engine(f"sqlite:///{ws.root / 'crm.db'}")
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE an_deliveries (flow TEXT, run_key TEXT)"))
+    engine.dispose()
+    code, out, err = cli(capsys, "run", "promo", "--run-key", "wb-x", "--workspace",
+                         str(ws.root))
+    assert code == 1
+    assert "write-back of promo wb-x to source crm" in out + err
+    assert "no column named" in out + err
+    run = ledger.get_run(ws.store, flow="promo")
+    assert run.status == "failed" and "write-back" in run.error
