@@ -2,29 +2,34 @@
 
 A channel adapter is one class in one module. It declares what it is (``type_name``,
 the message ``kinds`` it can carry, its batch size, default rate and body limit, and a
-pydantic ``Settings`` model) and implements one coroutine, ``send_batch``, which returns
-one ``SendResult`` per message, in order. Throttling, retries, ledger bookkeeping and
-the contact policy live in the dispatcher (``herald.flows.engine``), never in adapters.
+pydantic ``Settings`` model) and implements ``send_one``, which sends one message and
+says how the provider answered. The base class's ``send_batch`` sends a batch through it
+(``concurrency()`` at a time) and sends nothing more once an answer is fatal; an adapter
+whose provider takes whole batches overrides ``send_batch`` instead (one result per
+message, in order). Throttling, retries, deferral, body limits, stopping a channel for
+the rest of a run, ledger bookkeeping and the contact policy live in the dispatcher
+(``herald.delivery.dispatch``), never in adapters.
 
     class PigeonChannel(Channel):
         type_name = "pigeon"
         kinds = frozenset({"sms"})
         Settings = PigeonSettings
 
-        async def send_batch(self, messages):
+        async def send_one(self, message):
             ...
-            return [SendResult.sent(provider_id=...) for m in messages]
+            return SendResult.sent(provider_id=...)
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import asyncio
+from abc import ABC
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 from sqlalchemy import Engine
 
@@ -85,6 +90,16 @@ class SendResult:
         return cls(Outcome.PERMANENT, code=code, detail=detail, suppress=suppress)
 
     @classmethod
+    def unexpected(cls, response: Any, expected: str) -> SendResult:
+        """An answer that is neither the provider's documented success nor one of its
+        errors (an HTML page from a proxy, JSON without the success field): failed,
+        never recorded sent, and not retried, since the provider may have sent it."""
+        kind = str(response.headers.get("content-type") or "no content type").split(";")[0]
+        return cls(Outcome.PERMANENT, code="unexpected_answer",
+                   detail=f"HTTP {response.status_code} ({kind}) without {expected}; "
+                          "outcome unknown, not retried")
+
+    @classmethod
     def fatal(cls, code: str | None, detail: str) -> SendResult:
         return cls(Outcome.FATAL, code=code, detail=detail)
 
@@ -100,6 +115,9 @@ class ChannelContext:
     # the workspace database, for state a channel shares across workers and runs (an
     # access token); a channel never reaches into the engine for it
     store: Engine | None = None
+    # the HTTP transport of HTTP channels (an httpx.AsyncBaseTransport); None: the real
+    # one. Unit tests inject httpx.MockTransport here.
+    transport: Any = None
 
 
 class Channel(ABC):
@@ -123,9 +141,35 @@ class Channel(ABC):
         ``herald.core.spec.channel_kind``, when the workspace is loaded)."""
         return channel_kind(self.name, self.settings, self.kinds) or self.name
 
-    @abstractmethod
+    def concurrency(self) -> int:
+        """How many messages of a batch ``send_batch`` has in flight at once."""
+        return 1
+
+    async def send_one(self, message: Message) -> SendResult:
+        """Send one message and say how the provider answered."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither send_one "
+                                  "nor send_batch")
+
     async def send_batch(self, messages: Sequence[Message]) -> list[SendResult]:
-        """Send ``messages``; return one result per message, in the same order."""
+        """Send ``messages``; return one result per message, in the same order.
+
+        Once an answer is fatal (the channel cannot work: bad credentials, a banned
+        sender), the messages not yet handed over are not sent and share its reason.
+        """
+        gate = asyncio.Semaphore(self.concurrency())
+        fatal: list[SendResult] = []
+
+        async def one(message: Message) -> SendResult:
+            async with gate:
+                if fatal:
+                    return SendResult.fatal(fatal[0].code, "not sent: the channel stopped: "
+                                            f"{fatal[0].detail}")
+                result = await self.send_one(message)
+                if result.outcome is Outcome.FATAL:
+                    fatal.append(result)
+                return result
+
+        return list(await asyncio.gather(*(one(m) for m in messages)))
 
     async def aclose(self) -> None:
         """Release connections. Safe to call more than once."""

@@ -79,7 +79,7 @@ class OutboxChannel(Channel):
         return results
 
     def _write_email(self, message: Message) -> SendResult:
-        from herald.channels.smtp import build_email
+        from herald.channels.mime import build_email
 
         folder = self.folder / safe_name(self.name)
         folder.mkdir(parents=True, exist_ok=True)

@@ -30,8 +30,7 @@ from urllib.parse import quote
 from pydantic import SecretStr, model_validator
 
 from herald.channels.base import ChannelContext, ChannelSettings, Message, Outcome, SendResult
-from herald.channels.http import HttpChannel, HttpSettings, json_body
-from herald.channels.webhook import classify, retry_after
+from herald.channels.http import HttpChannel, HttpSettings, classify, json_body, retry_after
 
 DEFAULT_URLS = {"twilio": "https://api.twilio.com", "aliyun": "https://dysmsapi.aliyuncs.com"}
 
@@ -132,7 +131,7 @@ class SmsChannel(HttpChannel):
         assert isinstance(settings, SmsSettings)
         self.options = settings
 
-    async def send_one(self, message: Message) -> SendResult:
+    async def request(self, message: Message) -> SendResult:
         if self.options.provider == "twilio":
             return await self._twilio(message)
         if self.options.provider == "aliyun":
@@ -153,8 +152,9 @@ class SmsChannel(HttpChannel):
             auth=(o.account_sid, o.auth_token.get_secret_value()))
         if response.status_code in (200, 201):
             sid = json_body(response).get("sid")
-            return SendResult.sent(provider_id=str(sid) if sid else None,
-                                   segments=segments(message.body))
+            if not sid:  # Twilio's success is the Message resource, with its sid
+                return SendResult.unexpected(response, "a message sid")
+            return SendResult.sent(provider_id=str(sid), segments=segments(message.body))
         body = json_body(response)
         code = body.get("code")
         detail = f"Twilio {code or response.status_code}: {body.get('message') or ''}".strip()
@@ -196,6 +196,8 @@ class SmsChannel(HttpChannel):
         params["Signature"] = aliyun_signature(params, o.access_key_secret.get_secret_value())
         response = await self.client().post(f"{o.url}/", data=params)
         body = json_body(response)
+        if response.status_code == 200 and not body.get("Code"):
+            return SendResult.unexpected(response, "a Code")  # Aliyun always sends Code
         code = str(body.get("Code") or response.status_code)
         detail = f"Aliyun {code}: {body.get('Message') or ''}".strip()
         if code == "OK":

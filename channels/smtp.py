@@ -13,13 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from email.errors import MessageError
-from email.headerregistry import Address
-from email.message import EmailMessage
-from email.policy import SMTP as SMTP_POLICY
-from email.utils import format_datetime, getaddresses, make_msgid
+from email.utils import getaddresses
 from typing import Literal
 from urllib.parse import quote
 
@@ -27,6 +22,7 @@ import aiosmtplib
 from pydantic import SecretStr, field_validator
 
 from herald.channels.base import Channel, ChannelSettings, Message, SendResult
+from herald.channels.mime import build_email
 
 _QUEUED = re.compile(r"queued as\s+([A-Za-z0-9._-]+)", re.IGNORECASE)
 HARD_BOUNCES = frozenset({550, 551, 553})
@@ -58,25 +54,6 @@ class SmtpSettings(ChannelSettings):
         return value
 
 
-def build_email(message: Message, sender: str, reply_to: str | None = None,
-                extra_headers: Mapping[str, str] | None = None) -> EmailMessage:
-    """The MIME message for ``message``: text, plus HTML as an alternative when present."""
-    email = EmailMessage(policy=SMTP_POLICY)
-    email["From"] = sender
-    email["To"] = Address(addr_spec=message.address)
-    email["Subject"] = message.subject or ""
-    email["Date"] = format_datetime(datetime.now(UTC))
-    email["Message-ID"] = message.message_id or make_msgid(domain="herald")
-    if reply_to:
-        email["Reply-To"] = reply_to
-    for name, value in {**(extra_headers or {}), **message.headers}.items():
-        email[name] = value
-    email.set_content(message.body, charset="utf-8")
-    if message.html:
-        email.add_alternative(message.html, subtype="html", charset="utf-8")
-    return email
-
-
 class SmtpChannel(Channel):
     """Send email through an SMTP server (STARTTLS, implicit TLS or plain)."""
 
@@ -84,6 +61,7 @@ class SmtpChannel(Channel):
     kinds = frozenset({"email"})
     Settings = SmtpSettings
     batch_size = 50
+    max_body = 10_000_000  # characters: the 10 MB most providers accept
 
     _client: aiosmtplib.SMTP | None = None  # opened on the first message, then reused
 
@@ -116,20 +94,8 @@ class SmtpChannel(Channel):
             headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
         return headers
 
-    async def send_batch(self, messages: Sequence[Message]) -> list[SendResult]:
-        results: list[SendResult] = []
-        fatal: SendResult | None = None
-        for message in messages:
-            if fatal is None:
-                result = await self._send(message)
-                if result.outcome.value == "fatal":
-                    fatal = result
-            else:
-                result = fatal  # the channel cannot work: the rest share the reason
-            results.append(result)
-        return results
-
-    async def _send(self, message: Message) -> SendResult:
+    async def send_one(self, message: Message) -> SendResult:
+        # one message at a time over the channel's connection (concurrency 1)
         s = self._settings
         where = f"{s.host}:{s.port}"
         try:

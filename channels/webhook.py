@@ -25,14 +25,13 @@ import hashlib
 import hmac
 import json
 import time
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 from pydantic import Field, SecretStr, field_validator
 
 from herald.channels.base import ChannelContext, ChannelSettings, Message, SendResult
-from herald.channels.http import HttpChannel, HttpSettings
+from herald.channels.http import HttpChannel, HttpSettings, classify
 
 SIGNATURE_HEADER = "X-Herald-Signature"
 TIMESTAMP_HEADER = "X-Herald-Timestamp"
@@ -58,45 +57,6 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return f"sha256={digest.hexdigest()}"
 
 
-def retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-def classify(response: httpx.Response, message_id: str) -> SendResult:
-    """One HTTP answer as a SendResult (see the module's table)."""
-    status = response.status_code
-    code = str(status)
-    if 200 <= status < 300:
-        provider_id = message_id
-        try:
-            data = response.json()
-            if isinstance(data, dict) and data.get("id"):
-                provider_id = str(data["id"])
-        except ValueError:
-            pass
-        return SendResult.sent(provider_id=provider_id)
-    detail = f"HTTP {status} {response.reason_phrase}".strip()
-    if status in (408, 425, 429) or status >= 500:
-        return SendResult.retryable(code, detail, retry_after(response.headers.get(
-            "Retry-After")), throttled=status == 429)
-    if status in (401, 403):
-        return SendResult.fatal(code, f"{detail}: the endpoint refused the channel's "
-                                      "credentials")
-    if status == 410:
-        return SendResult.permanent(code, f"{detail}: the endpoint is gone", suppress=True)
-    return SendResult.permanent(code, detail)
-
-
 class WebhookChannel(HttpChannel):
     """Signed JSON POSTs, ``concurrency`` at a time, over one connection pool."""
 
@@ -104,24 +64,16 @@ class WebhookChannel(HttpChannel):
     kinds = frozenset({"webhook"})
     Settings = WebhookSettings
     batch_size = 200
+    max_body = 1_000_000  # characters of a JSON body
 
     def __init__(self, name: str, settings: ChannelSettings, context: ChannelContext) -> None:
         super().__init__(name, settings, context)
         assert isinstance(settings, WebhookSettings)
         self.options = settings
-        self._transport: httpx.AsyncBaseTransport | None = None
         self._urls: dict[str, httpx.URL] = {}
 
-    def transport(self) -> httpx.AsyncBaseTransport:
-        if self._transport is None:
-            # Called at the transport, below httpx's client layer (redirects, cookies,
-            # hooks), which halved the requests a second (BENCHMARKS.md, http).
-            from httpx_aiohttp import AiohttpTransport
 
-            self._transport = AiohttpTransport()
-        return self._transport
-
-    async def send_one(self, message: Message) -> SendResult:
+    async def request(self, message: Message) -> SendResult:
         return await self._post(message)
 
     async def _post(self, message: Message) -> SendResult:
@@ -150,8 +102,3 @@ class WebhookChannel(HttpChannel):
                 "subject": message.subject, "body": message.body, "html": message.html,
                 "meta": dict(message.meta)}
 
-    async def aclose(self) -> None:
-        if self._transport is not None:
-            await self._transport.aclose()
-            self._transport = None
-        await super().aclose()

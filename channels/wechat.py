@@ -199,7 +199,7 @@ class WechatChannel(HttpChannel):
         return token
 
     # -- sending --------------------------------------------------------------------
-    async def send_one(self, message: Message) -> SendResult:
+    async def request(self, message: Message) -> SendResult:
         try:
             return await self._send(message)
         except TokenRefused as exc:
@@ -232,7 +232,10 @@ class WechatChannel(HttpChannel):
             response = await self.client().post(f"{o.base_url}{path}",
                                                 params={"access_token": token}, json=payload)
             body = json_body(response)
-            code = int(body.get("errcode", 0 if response.status_code == 200 else -1))
+            if response.status_code == 200 and not isinstance(body.get("errcode"), int):
+                # WeChat answers every call with errcode (0: success)
+                return SendResult.unexpected(response, "an errcode")
+            code = int(body.get("errcode", -1))
             if code in TOKEN_ERRORS and mode != "forced":
                 token = await self.token(stale=token, force=mode == "normal")
                 continue

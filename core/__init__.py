@@ -1,5 +1,8 @@
 """Herald's core: what every other package builds on, and which imports none of them.
 
-Errors, YAML loading, the spec models, the workspace, the database and its tables, and
-the one clock that every time decision reads.
+Errors (``errors``), YAML loading with positions (``yamlio``), the spec models of
+``config/`` (``spec``), the workspace (``workspace``), the workspace database and all of
+its tables (``db``), the channel-type lookup the workspace validates settings with
+(``plugins``), and the one clock every time decision reads (``clock``). May import:
+nothing of Herald outside the core.
 """

@@ -443,7 +443,10 @@ class ChannelSettings(BaseModel):
     kind: str | None = None
     address: str | None = None
     rate: Rate = None
-    batch_size: int | None = None
+    batch_size: int | None = Field(default=None, gt=0)
+    # characters of a message (subject + text + HTML) the channel accepts; longer ones
+    # fail as ``body_too_long`` without reaching the provider (default: the adapter's)
+    max_body: int | None = Field(default=None, gt=0)
 
 
 def channel_kind(name: str, settings: ChannelSettings, kinds: frozenset[str]) -> str | None:

@@ -32,7 +32,7 @@ from datetime import timedelta
 from herald.channels.base import Channel, ChannelContext, Message, Outcome, SendResult
 from herald.channels.registry import channel_class
 from herald.core.workspace import Workspace
-from herald.delivery import ledger
+from herald.delivery import ledger, suppression
 
 log = logging.getLogger("herald.dispatch")
 
@@ -150,6 +150,11 @@ async def _send_channel(ws: Workspace, job: Job, name: str, messages: list[Messa
     size = settings.batch_size or cls.batch_size
     rate = settings.rate or cls.default_rate
     bucket = bucket_for(job.run_id, name, rate) if rate else None
+    limit = settings.max_body or cls.max_body
+    if limit:
+        messages, too_long = _within(messages, limit)
+        if too_long:
+            await _settle(ws, job, too_long)
     stopped: str | None = _stopped.get((job.run_id, name))
     async with open_channel(ws, name, job) as channel:
         for start in range(0, len(messages), size):
@@ -223,7 +228,7 @@ async def _send_batch(ws: Workspace, job: Job, channel: Channel, batch: Sequence
         for outcome in await asyncio.to_thread(_defer, ws, job, later):
             done[outcome.recipient] = outcome
     if suppress:
-        await asyncio.to_thread(ledger.suppress, ws.store, suppress, "provider")
+        await asyncio.to_thread(suppression.suppress, ws.store, suppress, "provider")
     return [done[m.recipient] for m in batch], fatal
 
 
@@ -253,6 +258,28 @@ def _defer(ws: Workspace, job: Job, later: list[tuple[Message, SendResult, int, 
             f"deferred to {until:%Y-%m-%d %H:%M:%S} UTC after {total} attempts: {detail}",
             code=result.code, attempts=attempt, not_before=until))
     return out
+
+
+def body_size(message: Message) -> int:
+    """What a body limit counts: the characters of the subject, text and HTML parts."""
+    return len(message.body) + len(message.subject or "") + len(message.html or "")
+
+
+def _within(messages: list[Message], limit: int
+            ) -> tuple[list[Message], list[ledger.Outcome]]:
+    """Messages within the channel's body limit, and failures for the others (never
+    handed to the provider: an oversized SMS is billed in parts, a huge e-mail refused)."""
+    keep, refused = [], []
+    for m in messages:
+        size = body_size(m)
+        if size > limit:
+            refused.append(ledger.Outcome(
+                m.recipient, "failed", f"permanent: the message has {size:,} characters, "
+                f"over the channel's limit of {limit:,} (max_body)", code="body_too_long",
+                attempts=0))
+        else:
+            keep.append(m)
+    return keep, refused
 
 
 async def _guarded(channel: Channel, messages: Sequence[Message]) -> list[SendResult]:

@@ -18,7 +18,7 @@ had it); it is never resent automatically.
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,12 +41,10 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from herald.core import clock
 from herald.core.db import (
-    ALL_CHANNELS,
     COUNTED,
     STATUSES,
     deliveries,
     runs,
-    suppressions,
     writing,
 )
 
@@ -54,11 +52,6 @@ from herald.core.db import (
 def now() -> datetime:
     """Herald's clock (see herald.core.clock): what the ledger stamps and caps count by."""
     return clock.now()
-
-
-def normalize(value: str) -> str:
-    """How addresses and keys are compared in the suppression list."""
-    return value.strip().lower()
 
 
 @dataclass
@@ -339,53 +332,6 @@ def failures(engine: Engine, run_id: str, limit: int = 20) -> list[Any]:
                                  "no_address"))).group_by(
         deliveries.c.channel, deliveries.c.status, deliveries.c.reason).order_by(
         func.count().desc()).limit(limit)
-    with engine.connect() as conn:
-        return list(conn.execute(query))
-
-
-# -- suppression list ---------------------------------------------------------------
-def suppressed(conn: Connection, values: Iterable[str]) -> dict[str, set[str]]:
-    """{normalized value: channels it is suppressed on ("*" for every channel)}."""
-    wanted = sorted({normalize(v) for v in values if v})
-    out: dict[str, set[str]] = defaultdict(set)
-    for part in among(conn, suppressions.c.value, wanted):
-        for value, channel in conn.execute(select(suppressions.c.value,
-                                                  suppressions.c.channel).where(part)):
-            out[value].add(channel)
-    return out
-
-
-def suppress(engine: Engine, items: Iterable[tuple[str, str | None, str | None]],
-             source: str) -> int:
-    """Add (value, channel, reason) items; return how many were new."""
-    added = 0
-    with writing(engine) as conn:
-        for value, channel, reason in items:
-            norm, chan = normalize(value), channel or ALL_CHANNELS
-            if not norm:
-                continue
-            exists = conn.execute(select(suppressions.c.id).where(
-                suppressions.c.value == norm, suppressions.c.channel == chan)).first()
-            if exists:
-                continue
-            conn.execute(insert(suppressions).values(value=norm, channel=chan, reason=reason,
-                                                     source=source, created_at=now()))
-            added += 1
-    return added
-
-
-def unsuppress(engine: Engine, value: str, channel: str | None) -> int:
-    query = suppressions.delete().where(suppressions.c.value == normalize(value))
-    if channel:
-        query = query.where(suppressions.c.channel == channel)
-    with writing(engine) as conn:
-        return int(conn.execute(query).rowcount or 0)
-
-
-def list_suppressions(engine: Engine, limit: int | None = None) -> list[Any]:
-    query = select(suppressions).order_by(suppressions.c.created_at, suppressions.c.id)
-    if limit:
-        query = query.limit(limit)
     with engine.connect() as conn:
         return list(conn.execute(query))
 

@@ -23,7 +23,7 @@ from sqlalchemy import Connection
 from herald.audiences.store import Recipient
 from herald.core.spec import CapRule, FlowSpec
 from herald.core.workspace import Workspace
-from herald.delivery import ledger
+from herald.delivery import ledger, suppression
 
 SEND = "send"
 
@@ -134,7 +134,7 @@ class Policy:
                 if address:
                     values.add(address)
             candidates[row.key] = options
-        listed = ledger.suppressed(conn, values)
+        listed = suppression.suppressed(conn, values)
         own = (self.flow.name, run_key) if run_key else None
         counts = [] if self.flow.exempt else [
             (rule, self._counts(conn, rule, rows, at, own)) for rule in self.caps]
@@ -193,8 +193,8 @@ class Policy:
         if in_holdout(self.flow.name, row.key, self.flow.holdout):
             return Decision(row, tier, "held_out",
                             reason=f"control group ({self.flow.holdout:.0%} holdout)")
-        key_channels = listed.get(ledger.normalize(row.key), set())
-        if ledger.ALL_CHANNELS in key_channels:
+        key_channels = listed.get(suppression.normalize(row.key), set())
+        if suppression.ALL_CHANNELS in key_channels:
             return Decision(row, tier, "suppressed", reason="recipient is on the suppression list")
         for rule, seen in counts:  # a tier-scoped rule only counted its tier's recipients
             if rule.channel is None and seen[row.key] >= rule.max and _applies(rule, row):
@@ -205,8 +205,8 @@ class Policy:
                 stops.append(("no_address", channel, None,
                               f"{self.columns[channel]} {why}"))
                 continue
-            blocked = listed.get(ledger.normalize(address), set()) | key_channels
-            if ledger.ALL_CHANNELS in blocked or channel in blocked:
+            blocked = listed.get(suppression.normalize(address), set()) | key_channels
+            if suppression.ALL_CHANNELS in blocked or channel in blocked:
                 stops.append(("suppressed", channel, address,
                               f"{channel} address is on the suppression list"))
                 continue

@@ -262,7 +262,7 @@ def task_runner(spec: TaskRunnerSpec) -> TaskRunner[Any]:
                                           "dashboard_address": ":0"})  # any free port
 
 
-def run(ws: Workspace, flow_name: str, params: dict[str, Scalar] | None, run_key: str,
+def run(ws: Workspace, flow_name: str, params: dict[str, Scalar] | None, run_key: str | None,
         dry_run: bool, runner: TaskRunnerSpec | None = None) -> dict[str, Any]:
     """Run the campaign flow here and now (``herald run``), tagged like a deployment's."""
     engine.adopt_workspace(ws)

@@ -170,7 +170,7 @@ def test_a_run_through_smtp_records_bounces_and_retries(make_workspace, smtp_ser
                                                        ) -> None:
     from sqlalchemy import select
 
-    from herald.delivery import ledger
+    from herald.delivery import ledger, suppression
     from herald.flows.engine import run_local
 
     handler, port = smtp_server
@@ -211,7 +211,7 @@ tiers:
     assert summary["deliveries"]["deferred"] == 1 and summary["deferred_until"]
     delivered = [m["To"] for m in handler.received]
     assert len(delivered) == len(set(delivered)) == 16
-    listed = {(r.value, r.channel) for r in ledger.list_suppressions(ws.store)}
+    listed = {(r.value, r.channel) for r in suppression.list_suppressions(ws.store)}
     assert listed == {("user1@example.com", "email")}
 
 

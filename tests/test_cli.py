@@ -169,15 +169,15 @@ def test_cli_runs_without_a_prefect_server(make_workspace, tmp_path) -> None:
 
 
 def test_dry_run_table_and_report_of_a_real_run(make_workspace, capsys) -> None:
-    from herald.flows.cli import _print_summary
+    from herald.flows.cli.common import print_summary
 
-    _print_summary({"flow": "promo", "run_id": "r", "run_key": "k", "dry_run": True,
+    print_summary({"flow": "promo", "run_id": "r", "run_key": "k", "dry_run": True,
                     "package": {"id": "p", "size": 2},
                     "deliveries": {"sent": 1, "capped": 1}, "by_channel": {}, "by_tier": {},
                     "reasons": [{"status": "capped", "reason": "cap max 1 per 1d", "count": 1}]})
     out = capsys.readouterr().out
     assert "would be" in out and "cap max 1 per 1d" in out
-    _print_summary({"flow": "promo", "run_id": "r", "run_key": "k", "dry_run": False,
+    print_summary({"flow": "promo", "run_id": "r", "run_key": "k", "dry_run": False,
                     "package": {"id": "p", "size": 2}, "deliveries": {"sent": 2},
                     "by_channel": {}, "by_tier": {},
                     "reasons": [{"status": "capped", "reason": "x", "count": 1}]})

@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from herald.core import clock
 from herald.core.spec import QuietHours
-from herald.delivery import ledger
+from herald.delivery import ledger, suppression
 from herald.flows.engine import run_local
 
 from .conftest import outbox_messages
@@ -80,7 +80,7 @@ def test_defer_keeps_the_place_and_a_later_run_sends(make_workspace, store_url, 
     again = run_local(ws, "promo", run_key="q")
     assert again["deliveries"]["deferred"] == 20 and again["deliveries"]["sent"] == 0
     # the quiet window ends and one person unsubscribes meanwhile
-    ledger.suppress(ws.store, [("3", None, "unsubscribed overnight")], "operator")
+    suppression.suppress(ws.store, [("3", None, "unsubscribed overnight")], "operator")
     clock.advance(timedelta(minutes=31))
     later = run_local(ws, "promo", run_key="q")
     assert later["deliveries"]["sent"] == 19

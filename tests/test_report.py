@@ -112,8 +112,10 @@ def written(url: str, table: str) -> list[dict]:
 
 
 def check_writeback(ws, url: str, capsys) -> None:
+    code, out, _ = cli(capsys, "report", "promo", "-w", str(ws.root))
+    assert code == 0 and "written back" not in out  # a report alone writes nothing
     for _ in range(2):  # writing again replaces the run key's rows
-        code, out, _ = cli(capsys, "report", "promo", "-w", str(ws.root))
+        code, out, _ = cli(capsys, "report", "promo", "--write-back", "-w", str(ws.root))
         assert code == 0
         assert "written back to source crm: 38 deliveries, 7 result rows" in out
     deliveries = written(url, "an_deliveries")

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import select, update
 
 from herald.core.errors import ValidationFailed
-from herald.delivery import ledger
+from herald.delivery import ledger, suppression
 from herald.flows.engine import run_local
 
 from .conftest import outbox_messages, people
@@ -120,7 +120,7 @@ def test_flow_cap_only_counts_that_flow(make_workspace) -> None:
 
 def test_suppression_by_address_and_by_key(make_workspace) -> None:
     ws = make_workspace(rows=20)
-    ledger.suppress(ws.store, [("USER4@example.com", "email", "complaint"),
+    suppression.suppress(ws.store, [("USER4@example.com", "email", "complaint"),
                                ("8", None, "asked to be forgotten"),
                                ("+14155550011", None, None)], "operator")
     summary = run_local(ws, "promo", run_key="x")
@@ -223,7 +223,7 @@ def test_queued_rows_are_resumed_sending_rows_are_not_resent(make_workspace) -> 
 
 def test_dry_run_says_which_rule_stops_whom(make_workspace) -> None:
     ws = make_workspace({"config/herald.yaml": CAP_WEEKLY}, rows=50)
-    ledger.suppress(ws.store, [("9", None, "asked")], "operator")
+    suppression.suppress(ws.store, [("9", None, "asked")], "operator")
     run_local(ws, "promo", run_key="monday")
     preview = run_local(ws, "promo", run_key="tuesday", dry_run=True)
     assert preview["deliveries"]["capped"] == 48 and preview["deliveries"]["sent"] == 0

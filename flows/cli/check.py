@@ -1,0 +1,86 @@
+"""``herald validate`` and ``herald preview``: check everything, render samples; send nothing."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from herald.core.errors import HeraldError
+from herald.flows.cli.common import (
+    ParamOpt,
+    WorkspaceOpt,
+    app,
+    err,
+    mask,
+    open_workspace,
+    out,
+    parse_params,
+    print_json,
+)
+
+
+# -- validate ---------------------------------------------------------------------------
+@app.command()
+def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (default: all)")]
+             = None, workspace: WorkspaceOpt = None) -> None:
+    """Check flows, SQL, templates and channels; exit 1 listing every problem."""
+    from herald.core.spec import format_duration
+    from herald.flows.validate import check_flow, templates_for
+
+    ws = open_workspace(workspace)
+    names = flows or ws.flow_names()
+    if not names:
+        raise HeraldError("no flows in config/flows/")
+    templates = templates_for(ws)
+    problems: list[str] = []
+    for name in names:
+        try:
+            checked = check_flow(ws, name, templates=templates)
+        except HeraldError as exc:
+            problems.extend(str(exc).splitlines())
+            err.print(f"[red]✗[/] {name}")
+            continue
+        out.print(f"[green]✓[/] {name}: segment {checked.segment.file} "
+                  f"({len(checked.columns)} columns), {len(checked.spec.tiers)} tiers, "
+                  f"{checked.templates} templates, channels "
+                  f"{', '.join(checked.spec.channel_names())}"
+                  + (f"; schedules: {'; '.join(x.describe() for x in checked.spec.schedules)}"
+                     if checked.spec.schedules else "")
+                  + (f", conversion {conv.segment} within {format_duration(conv.window)}"
+                     if (conv := checked.spec.conversion) else ""))
+        for warning in checked.warnings:
+            err.print(f"  [yellow]warning:[/] {warning}", highlight=False)
+    if problems:
+        for line in problems:
+            err.print(f"  {line}", markup=False)
+        raise typer.Exit(1)
+
+
+# -- preview ----------------------------------------------------------------------------
+@app.command()
+def preview(flow: str, tier: Annotated[str | None, typer.Option("--tier")] = None,
+            limit: Annotated[int, typer.Option("--limit", min=1, max=100)] = 3,
+            param: ParamOpt = None, workspace: WorkspaceOpt = None,
+            as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Render FLOW's messages for sample recipients; send nothing."""
+    from herald.flows.preview import render_samples
+
+    ws = open_workspace(workspace)
+    samples = render_samples(ws, flow, parse_params(param), tier, limit)
+    if as_json:
+        print_json(samples)
+        return
+    if not samples:
+        out.print(f"no recipients{f' in tier {tier}' if tier else ''}")
+    for s in samples:
+        out.rule(f"{s['recipient']} · tier {s['tier']} · {s['channel'] or '-'}", style="dim")
+        if s.get("error"):
+            out.print(f"[red]{s['status']}[/]: {s['error']}", markup=True)
+            continue
+        out.print(f"to: {mask(s['address'])}", markup=False)
+        if s.get("subject"):
+            out.print(f"subject: {s['subject']}", markup=False)
+        out.print(s["body"], markup=False)
+        if s.get("html"):
+            out.print(f"[dim](+ HTML part, {len(s['html'])} characters)[/]")

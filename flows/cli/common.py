@@ -1,0 +1,165 @@
+"""What every command of the ``herald`` command line shares: the Typer apps, consoles,
+options and opening the workspace.
+
+The ``herald`` command line.
+
+Each command is thin: it opens the workspace, calls the engine, prints. A HeraldError
+becomes one red line on stderr and exit status 1 (a traceback only with ``--debug``);
+usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from herald.core.errors import HeraldError
+from herald.core.spec import Scalar
+from herald.core.workspace import Workspace
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Herald: SQL segments, Jinja messages, contact policy, Prefect flows.")
+audience_app = typer.Typer(no_args_is_help=True, help="Build, list, inspect and export "
+                           "audience packages.")
+suppress_app = typer.Typer(no_args_is_help=True, help="The suppression list.")
+app.add_typer(audience_app, name="audience")
+app.add_typer(suppress_app, name="suppress")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class State:
+    workspace: str | None = None
+    debug: bool = False
+    opened: list[Workspace] = []  # closed when the command ends
+
+
+state = State()
+
+WorkspaceOpt = Annotated[str | None, typer.Option(
+    "--workspace", "-w", envvar="HERALD_WORKSPACE", help="Workspace folder (default: .)")]
+ParamOpt = Annotated[list[str] | None, typer.Option(
+    "--param", "-p", help="Segment parameter NAME=VALUE (repeatable)")]
+NowOpt = Annotated[str | None, typer.Option(
+    "--now", envvar="HERALD_NOW", metavar="TIME",
+    help="Set Herald's clock to this ISO 8601 time for the command (a rehearsal), "
+    "e.g. 2026-12-01T10:00+08:00; it runs on from there. Default: the real time")]
+
+
+def set_now(value: str | None) -> None:
+    """``--now``: set Herald's one clock (run keys, caps, quiet hours, windows)."""
+    if value is None:
+        return
+    from herald.core import clock
+
+    try:
+        clock.set_to(clock.parse(value))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--now") from None
+
+
+@app.callback()
+def _root(workspace: WorkspaceOpt = None,
+          debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks")] = False,
+          now: NowOpt = None) -> None:
+    state.workspace = workspace
+    state.debug = debug
+    set_now(now)
+
+
+def open_workspace(workspace: str | None) -> Workspace:
+    ws = Workspace.open(workspace or state.workspace)
+    state.opened.append(ws)
+    return ws
+
+
+def parse_params(items: list[str] | None) -> dict[str, Scalar]:
+    """``-p days=30``: values are parsed like YAML scalars (30 is a number, "30" text)."""
+    from herald.core.yamlio import parse_yaml
+
+    params: dict[str, Scalar] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise typer.BadParameter(f"'{item}' is not NAME=VALUE", param_hint="-p")
+        parsed = parse_yaml(value, "-p", {}).data if value.strip() else ""
+        if isinstance(parsed, dict | list):
+            parsed = value
+        params[name.strip()] = parsed
+    return params
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n")
+
+
+def check_channel(ws: Workspace, channel: str | None, where: str = "--channel") -> None:
+    if channel and channel != "*" and channel not in ws.channels:
+        raise HeraldError(f"{where}: unknown channel '{channel}' "
+                          f"(configured: {', '.join(ws.channels)})")
+
+
+
+
+def mask(value: str) -> str:
+    """Show enough of an address to recognise it, not enough to use it."""
+    if "@" in value:
+        name, _, domain = value.partition("@")
+        return f"{name[:1]}***@{domain}"
+    return f"{value[:3]}***{value[-2:]}" if len(value) > 6 else "***"
+
+
+
+
+ChannelOpt = Annotated[str | None, typer.Option("--channel", help="Only this channel "
+                                                "(default: every channel)")]
+
+
+def prefect_env() -> None:
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "herald")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def require_server(command: str) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise HeraldError(f"herald {command} needs a Prefect server: start one with `prefect "
+                          "server start` and set PREFECT_API_URL (e.g. "
+                          "http://127.0.0.1:4200/api)")
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    package = summary["package"]
+    title = "dry run" if summary.get("dry_run") else "run"
+    out.print(f"[bold]{summary['flow']}[/] {title} {summary['run_id']} · run key "
+              f"{summary['run_key']} · package {package['id']} ({package['size']} recipients)")
+    shown = [s for s, n in summary["deliveries"].items() if n] or ["sent"]
+    table = Table("channel", *shown)
+    for channel, row in sorted(summary["by_channel"].items()):
+        table.add_row(channel, *(str(row.get(s, 0)) for s in shown))
+    table.add_row("[bold]all[/]", *(f"[bold]{summary['deliveries'].get(s, 0)}[/]"
+                                    for s in shown))
+    out.print(table)
+    tiers = Table("tier", *shown)
+    for tier, row in sorted(summary["by_tier"].items()):
+        tiers.add_row(tier, *(str(row.get(s, 0)) for s in shown))
+    out.print(tiers)
+    if summary.get("dry_run") and summary.get("reasons"):
+        reasons = Table("would be", "reason", "recipients")
+        for r in summary["reasons"]:
+            reasons.add_row(r["status"], r["reason"], str(r["count"]))
+        out.print(reasons)
+    if summary.get("deferred_until"):
+        out.print(f"deferred (quiet hours or a provider's back-off) until "
+                  f"{summary['deferred_until']}: a run with "
+                  f"run key {summary['run_key']} after that time sends them")
+
+

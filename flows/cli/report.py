@@ -1,0 +1,141 @@
+"""``herald report``: a run's deliveries, conversions and uplift."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from herald.core.errors import HeraldError
+from herald.flows.cli.common import (
+    NowOpt,
+    WorkspaceOpt,
+    app,
+    open_workspace,
+    out,
+    print_json,
+    print_summary,
+    set_now,
+)
+
+
+@app.command()
+def report(run_id: Annotated[str | None, typer.Argument(
+               metavar="[RUN]", help="Run id or flow name (default: the latest run)")] = None,
+           workspace: WorkspaceOpt = None,
+           as_json: Annotated[bool, typer.Option("--json")] = False,
+           html: Annotated[bool, typer.Option("--html", help="Also write the HTML report "
+                                              "(reports/FLOW/RUN_KEY.html)")] = False,
+           to: Annotated[Path | None, typer.Option("--to", help="Write the HTML report "
+                                                   "here (implies --html)")] = None,
+           write_back: Annotated[bool, typer.Option(
+               "--write-back", help="Also copy the ledger and conversion results into the "
+               "workspace's write-back source (a report alone writes nothing)")] = False,
+           now: NowOpt = None) -> None:
+    """Delivery report of a run from the ledger, with its conversions and uplift."""
+    from herald.reporting import conversions, runs
+
+    set_now(now)
+    ws = open_workspace(workspace)
+    row = runs.find_run(ws, run_id)
+    data = runs.run_report(ws, row)
+    conversion, written = None, None
+    if runs.measures(ws, row):
+        conversion = conversions.compute(ws, row.flow, row.run_key)
+        data["conversion"] = conversion.to_dict()
+    if write_back:
+        if not ws.config.writeback:
+            raise HeraldError("--write-back: config/herald.yaml sets no writeback source")
+        from herald.reporting.writeback import write_back as copy
+
+        written = copy(ws, row.flow, row.run_key, conversion)
+    path = None
+    if html or to:
+        from herald.reporting.htmlreport import render
+
+        path = to or ws.root / "reports" / row.flow / f"{row.run_key}.html"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render(data, conversion, runs.timeline(ws, row.flow, row.run_key)),
+                        encoding="utf-8")
+    if as_json:
+        print_json({**data, **({"html": str(path)} if path else {})})
+        return
+    data.setdefault("package", {}).setdefault("size", "?")
+    print_summary(data)
+    out.print(f"status: {row.status}" + (f" ({row.error})" if row.error else ""))
+    if data["reasons"]:
+        reasons = Table("status", "channel", "reason", "count")
+        for r in data["reasons"]:
+            reasons.add_row(r["status"], r["channel"] or "-", r["reason"] or "-",
+                            str(r["count"]))
+        out.print(reasons)
+    if conversion is not None:
+        _print_conversion(conversion)
+    if written and ws.config.writeback:
+        out.print(f"written back to source {ws.config.writeback.source}: "
+                  f"{written['deliveries']} deliveries, {written['conversion_results']} "
+                  "result rows")
+    if path:
+        out.print(f"HTML report: {path}")
+
+
+def _print_conversion(report: Any) -> None:
+    """Conversions in tables that fit 80 columns: one row per tier, then per channel."""
+    from rich import box
+
+    from herald.core.spec import format_duration
+
+    state = ("[green]closed[/]" if report.window_closed else
+             f"[yellow]open until {report.closes_at:%Y-%m-%d %H:%M} UTC: partial figures[/]")
+    out.print(f"\n[bold]conversions[/] ({escape(report.segment)}, "
+              f"{format_duration(report.window)} after contact) · attribution window {state}")
+    money = report.has_revenue and out.width >= 100
+    for first, rows in (("tier", [report.total, *report.tiers.values()]),
+                        ("channel", list(report.channels.values()))):
+        table = Table(first, "contacted", "held out", "uplift", "95% CI", "relative",
+                      *(["revenue"] if money else []), box=box.SIMPLE_HEAD, padding=(0, 1),
+                      collapse_padding=True, pad_edge=False)
+        for column in table.columns[1:]:
+            column.justify = "right"
+        for row in rows:
+            found = row.uplift
+            if found is None:
+                why = (row.note or "").split(":")[0].replace("held-out recipients",
+                                                             "holdout")
+                cells = ["–", f"[dim]{why}[/]", "–"]
+            else:
+                style = "green" if found.low > 0 else "red" if found.high < 0 else "default"
+                cells = [f"[{style}]{found.absolute * 100:+.1f} pp[/]",
+                         f"[{found.low * 100:+.1f}, {found.high * 100:+.1f}]".replace(
+                             "[", "\\["),
+                         f"{found.relative * 100:+.0f}%" if found.relative is not None
+                         else "–"]
+            table.add_row(escape(row.name), _arm_cell(row.contacted), _arm_cell(row.held_out),
+                          *cells, *([f"{row.contacted.revenue:,.2f}"] if money else []))
+        out.print(table)
+    total = report.total
+    if report.has_revenue:
+        out.print("revenue: contacted " + _money(total.contacted) + ", held out "
+                  + _money(total.held_out))
+    itt = report.intent_to_treat
+    out.print(f"campaign arm {report.assigned.recipients:,} (contacted "
+              f"{total.contacted.recipients:,}, not contacted {total.not_contacted:,}); "
+              "intent to treat vs held out: "
+              + (f"{itt.absolute * 100:+.2f} pp \\[{itt.low * 100:+.2f}, {itt.high * 100:+.2f}]"
+                 if itt else "not measurable"))
+    out.print("[dim]channels are not randomised: a channel's uplift compares its recipients "
+              "with the whole held-out group[/]")
+
+
+def _arm_cell(group: Any) -> str:
+    if not group.recipients:
+        return "0"
+    return f"{group.converted:,}/{group.recipients:,} {group.converted / group.recipients:.1%}"
+
+
+def _money(group: Any) -> str:
+    each = f" ({group.revenue / group.recipients:,.2f} each)" if group.recipients else ""
+    return f"{group.revenue:,.2f}{each}"

@@ -1,0 +1,120 @@
+"""``herald run``, ``herald serve`` and ``herald deploy``: running flows, here or on Prefect."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from herald.core.errors import HeraldError, RunError
+from herald.core.spec import TaskRunnerSpec
+from herald.core.workspace import Workspace
+from herald.flows.cli.common import (
+    NowOpt,
+    ParamOpt,
+    WorkspaceOpt,
+    app,
+    open_workspace,
+    out,
+    parse_params,
+    prefect_env,
+    print_json,
+    print_summary,
+    require_server,
+    set_now,
+    state,
+)
+
+
+# -- run and report ---------------------------------------------------------------------
+@app.command()
+def run(flow: str, param: ParamOpt = None,
+        run_key: Annotated[str | None, typer.Option("--run-key", help="Default: today's date "
+                                                    "in the flow's time zone")] = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Decide and render; send "
+                                              "and record nothing")] = False,
+        as_json: Annotated[bool, typer.Option("--json")] = False,
+        task_runner: Annotated[str | None, typer.Option(
+            "--task-runner", help="threads or dask (default: the workspace's task_runner)")
+        ] = None,
+        dask_address: Annotated[str | None, typer.Option(
+            "--dask-address", help="Dask scheduler, e.g. tcp://10.0.0.5:8786 (implies "
+            "--task-runner dask; default: a local cluster)")] = None,
+        now: NowOpt = None,
+        workspace: WorkspaceOpt = None) -> None:
+    """Run FLOW once, now (by Herald's clock), as a Prefect flow run."""
+    set_now(now)
+    ws = open_workspace(workspace)
+    params = parse_params(param)
+    if run_key is not None and not run_key.strip():
+        raise typer.BadParameter("an empty run key (leave --run-key out for today's)",
+                                 param_hint="--run-key")
+    runner = _runner(ws, task_runner, dask_address)
+    from herald.flows.validate import check_flow
+
+    check_flow(ws, flow, params)  # fail fast, before Prefect starts
+    prefect_env()
+    if as_json:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from herald.flows import campaign
+
+    try:
+        summary = campaign.run(ws, flow, params, run_key, dry_run, runner)
+    except HeraldError:
+        raise
+    except Exception as exc:  # reported in one line; --debug shows the traceback
+        if state.debug:
+            raise
+        raise RunError(f"run of {flow} failed: {type(exc).__name__}: {exc}") from exc
+    if as_json:
+        print_json(summary)
+    else:
+        print_summary(summary)
+
+
+def _runner(ws: Workspace, kind: str | None, address: str | None) -> TaskRunnerSpec | None:
+    if kind is None and address is None:
+        return None
+    if kind not in (None, "threads", "dask"):
+        raise typer.BadParameter(f"'{kind}' (use threads or dask)", param_hint="--task-runner")
+    if kind == "threads" and address:
+        raise typer.BadParameter("--dask-address needs --task-runner dask",
+                                 param_hint="--dask-address")
+    if kind == "threads":
+        return TaskRunnerSpec(type="threads")
+    base = ws.config.task_runner
+    return TaskRunnerSpec(type="dask", address=address or base.address, workers=base.workers)
+
+
+@app.command()
+def serve(flows: Annotated[list[str] | None, typer.Argument(help="Flows (default: all)")]
+          = None,
+          limit: Annotated[int | None, typer.Option(
+              "--limit", min=1, help="At most this many runs at once")] = None,
+          workspace: WorkspaceOpt = None) -> None:
+    """Serve flows as Prefect deployments, with their schedules, until stopped."""
+    ws = open_workspace(workspace)
+    prefect_env()
+    require_server("serve")
+    from herald.flows import deploy
+
+    deploy.serve(ws, flows or None, limit)
+
+
+@app.command()
+def deploy(flows: Annotated[list[str] | None, typer.Argument(help="Flows (default: all)")]
+           = None,
+           pool: Annotated[str, typer.Option("--pool", help="Work pool whose workers run "
+                                             "the flows")] = ...,  # type: ignore[assignment]
+           workspace: WorkspaceOpt = None) -> None:
+    """Register flows as deployments on the Prefect server, for a work pool's workers."""
+    ws = open_workspace(workspace)
+    prefect_env()
+    require_server("deploy")
+    from herald.flows import deploy as deploying
+
+    names = flows or ws.flow_names()
+    for name, deployment_id in zip(names, deploying.deploy(ws, pool, flows or None),
+                                   strict=True):
+        out.print(f"[green]✓[/] herald-campaign/{name} → pool {pool} ({deployment_id})")

@@ -1,0 +1,79 @@
+"""``herald suppress add | import | list | remove``: the suppression list."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from herald.core.errors import HeraldError
+from herald.flows.cli.common import (
+    ChannelOpt,
+    WorkspaceOpt,
+    check_channel,
+    mask,
+    open_workspace,
+    out,
+    print_json,
+    suppress_app,
+)
+
+
+@suppress_app.command("add")
+def suppress_add(values: list[str], channel: ChannelOpt = None,
+                 reason: Annotated[str | None, typer.Option("--reason")] = None,
+                 workspace: WorkspaceOpt = None) -> None:
+    """Suppress addresses or recipient keys."""
+    from herald.delivery import suppression
+
+    ws = open_workspace(workspace)
+    check_channel(ws, channel)
+    added = suppression.suppress(ws.store, [(v, channel, reason) for v in values], "operator")
+    out.print(f"{added} added, {len(values) - added} already suppressed")
+
+
+@suppress_app.command("import")
+def suppress_import(file: Path, channel: ChannelOpt = None,
+                    reason: Annotated[str | None, typer.Option("--reason")] = None,
+                    workspace: WorkspaceOpt = None) -> None:
+    """Import a file: one value per line, or CSV with value[,channel[,reason]] columns."""
+    from herald.delivery import suppression
+
+    ws = open_workspace(workspace)
+    check_channel(ws, channel)
+    items = suppression.read_import(file, channel, reason,
+                                    lambda c, where: check_channel(ws, c, where))
+    added = suppression.suppress(ws.store, items, "import")
+    out.print(f"{added} added, {len(items) - added} already suppressed")
+
+
+@suppress_app.command("list")
+def suppress_list(workspace: WorkspaceOpt = None,
+                  as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the suppression list."""
+    from herald.delivery import suppression
+
+    rows = suppression.list_suppressions(open_workspace(workspace).store)
+    if as_json:
+        print_json([{"value": r.value, "channel": r.channel, "reason": r.reason,
+                      "source": r.source, "created_at": r.created_at} for r in rows])
+        return
+    table = Table("value", "channel", "reason", "source", "added")
+    for r in rows:
+        table.add_row(mask(r.value), r.channel, r.reason or "", r.source,
+                      f"{r.created_at:%Y-%m-%d %H:%M}")
+    out.print(table)
+
+
+@suppress_app.command("remove")
+def suppress_remove(value: str, channel: ChannelOpt = None,
+                    workspace: WorkspaceOpt = None) -> None:
+    """Remove a value from the suppression list."""
+    from herald.delivery import suppression
+
+    removed = suppression.unsuppress(open_workspace(workspace).store, value, channel)
+    if not removed:
+        raise HeraldError(f"'{mask(value)}' is not on the suppression list")
+    out.print(f"{removed} removed")
