@@ -1,6 +1,7 @@
 """The workspace database: engines for it and for sources, and every table Herald keeps.
 
-Tables: runs and the per-recipient ledger (``herald.delivery.ledger``), the suppression
+Tables: runs and the per-recipient ledger (``herald.delivery.ledger``), the decisions of
+content experiments (``herald.delivery.variants``), the suppression
 list (``herald.delivery.suppression``), audience packages (``herald.audiences.store``)
 and state channels share across workers (``herald_channel_tokens``). They are declared
 here, in one place, so creating the schema needs no module from above the core.
@@ -57,6 +58,7 @@ class Status(StrEnum):
     RENDER_ERROR = "render_error"
     QUIET_HOURS = "quiet_hours"
     DEFERRED = "deferred"
+    STOPPED = "stopped"  # an experiment without a winner and `fallback: stop`
     DUPLICATE = "duplicate"  # reported only: a rerun found the row already there
     QUEUED = "queued"
     SENDING = "sending"
@@ -106,8 +108,29 @@ deliveries = Table(
     Column("sent_at", DateTime(timezone=True)),
     Column("not_before", DateTime(timezone=True)),  # deferred: send after this
     Column("segments", Integer),  # what the message cost in provider units (SMS parts)
+    Column("variant", String(64)),  # the content variant of the recipient's experiment
     UniqueConstraint("flow", "run_key", "recipient", name="uq_herald_deliveries_once"),
     Index("ix_herald_deliveries_caps", "recipient", "created_at"),
+)
+
+# One row per experiment of a (flow, run key) that tests a share first: when its decision
+# is due, and once made, the winner (null: none, the rest were stopped), the outcome,
+# the reason in words and the figures it was made on (JSON).
+experiments = Table(
+    "herald_experiments", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("flow", String(128), nullable=False),
+    Column("run_key", String(128), nullable=False),
+    Column("experiment", String(128), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("decide_at", DateTime(timezone=True), nullable=False),
+    Column("status", String(16), nullable=False),  # testing | decided
+    Column("winner", String(64)),
+    Column("outcome", String(16)),  # winner | control | best | stop (the fallback used)
+    Column("reason", Text),
+    Column("figures", Text),
+    Column("decided_at", DateTime(timezone=True)),
+    UniqueConstraint("flow", "run_key", "experiment", name="uq_herald_experiments"),
 )
 
 ALL_CHANNELS = "*"  # a suppression that holds on every channel

@@ -343,9 +343,61 @@ class ConversionSpec(Strict):
     params: dict[str, Scalar] = Field(default_factory=dict)
 
 
+class ExperimentSpec(Strict):
+    """A content experiment: named variants with weights, each with its own templates
+    (``templates/FLOW/VARIANT/TIER...``, falling back part by part to the flow's own).
+
+    ``variants`` maps a name to its weight (any positive numbers, relative); the control
+    is ``control`` if given, else the first variant. Without ``test_share`` every
+    recipient gets their variant; with it, only that share of the audience is tested
+    first and, ``decide_after`` the first run of the run key, a follow-up run with the
+    same run key names the winner by ``metric`` and sends it to the rest (``fallback``
+    says what the rest get when there is no winner). A winner needs at least
+    ``min_sample`` contacted recipients per variant and p below ``significance``.
+    """
+
+    name: Name | None = None  # default: the flow's name, or the tier's for a tier's own
+    variants: dict[Name, float] = Field(min_length=2)
+    control: Name | None = None
+    test_share: float | None = Field(default=None, gt=0.0, lt=1.0)
+    decide_after: Duration | None = None
+    metric: Literal["conversion"] = "conversion"
+    fallback: Literal["control", "best", "stop"] = "control"
+    min_sample: int = Field(default=500, ge=1)
+    significance: float = Field(default=0.05, gt=0.0, lt=0.5)
+
+    @field_validator("variants")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = [name for name, weight in value.items() if not weight > 0]
+        if bad:
+            raise ValueError(f"variant weights must be positive ({', '.join(bad)})")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentSpec:
+        if self.control is not None and self.control not in self.variants:
+            raise ValueError(f"control '{self.control}' is not one of the variants "
+                             f"({', '.join(self.variants)})")
+        if (self.test_share is None) != (self.decide_after is None):
+            raise ValueError("test_share and decide_after go together: test a share "
+                             "first, decide after a while, then send the winner")
+        return self
+
+    @property
+    def control_variant(self) -> str:
+        return self.control or next(iter(self.variants))
+
+    @property
+    def weights(self) -> list[tuple[str, float]]:
+        return list(self.variants.items())
+
+
 class TierSpec(Strict):
     channels: list[str] = Field(min_length=1)
     template: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_/.-]*$")
+    # this tier's own experiment, instead of the flow's (`false`: none for this tier)
+    experiment: ExperimentSpec | Literal[False] | None = None
 
 
 class FlowSpec(Strict):
@@ -374,6 +426,29 @@ class FlowSpec(Strict):
             raise ValueError("schedule names must be distinct")
         return value
     conversion: ConversionSpec | None = None
+    experiment: ExperimentSpec | None = None  # content variants for every tier
+
+    def experiment_for(self, tier: str) -> tuple[str, ExperimentSpec] | None:
+        """(experiment name, spec) that applies to a tier entry, if any: the tier's own,
+        else the flow's (named after the flow unless it names itself)."""
+        spec = self.tiers.get(tier)
+        own = spec.experiment if spec else None
+        if own is False:
+            return None
+        if own is not None:
+            return own.name or tier, own
+        if self.experiment is not None:
+            return self.experiment.name or self.name, self.experiment
+        return None
+
+    def experiments(self) -> dict[str, tuple[ExperimentSpec, list[str]]]:
+        """Every experiment of the flow with the tier entries it covers."""
+        out: dict[str, tuple[ExperimentSpec, list[str]]] = {}
+        for tier in self.tiers:
+            found = self.experiment_for(tier)
+            if found:
+                out.setdefault(found[0], (found[1], []))[1].append(tier)
+        return out
 
     def tier_for(self, tier: str) -> tuple[str, TierSpec] | None:
         """The tier entry a recipient of ``tier`` uses: its own, else ``default``."""

@@ -65,6 +65,7 @@ class Entry:
     address: str | None = None
     reason: str | None = None
     not_before: datetime | None = None
+    variant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class Existing:
     tier: str
     address: str | None
     not_before: datetime | None
+    variant: str | None = None
 
     def due(self, at: datetime) -> bool:
         """A deferred row whose time has come (quiet hours over, provider back-off done)."""
@@ -175,10 +177,11 @@ def existing(conn: Connection, flow: str, run_key: str, recipients: Sequence[str
     for part in among(conn, deliveries.c.recipient, recipients):
         rows = conn.execute(select(deliveries.c.recipient, deliveries.c.status,
                                    deliveries.c.channel, deliveries.c.tier,
-                                   deliveries.c.address, deliveries.c.not_before).where(
+                                   deliveries.c.address, deliveries.c.not_before,
+                                   deliveries.c.variant).where(
             deliveries.c.flow == flow, deliveries.c.run_key == run_key, part))
         out.update({r.recipient: Existing(r.status, r.channel, r.tier, r.address,
-                                          r.not_before) for r in rows})
+                                          r.not_before, r.variant) for r in rows})
     return out
 
 
@@ -191,7 +194,8 @@ def rewrite(conn: Connection, entries: Iterable[Entry], *, flow: str, run_key: s
             deliveries.c.flow == flow, deliveries.c.run_key == run_key,
             deliveries.c.recipient == e.recipient).values(
             status=e.status, channel=e.channel, address=e.address, reason=e.reason,
-            not_before=e.not_before, run_id=run_id, created_at=stamp, updated_at=stamp))
+            not_before=e.not_before, variant=e.variant, run_id=run_id, created_at=stamp,
+            updated_at=stamp))
 
 
 def write_entries(conn: Connection, entries: Iterable[Entry], *, flow: str, run_key: str,
@@ -202,7 +206,8 @@ def write_entries(conn: Connection, entries: Iterable[Entry], *, flow: str, run_
              "package_id": package_id, "tier": e.tier, "channel": e.channel,
              "address": e.address, "status": e.status, "reason": e.reason,
              "attempts": 0, "priority": priority, "counted": counted,
-             "not_before": e.not_before, "created_at": stamp, "updated_at": stamp}
+             "not_before": e.not_before, "variant": e.variant, "created_at": stamp,
+             "updated_at": stamp}
             for e in entries]
     if rows:
         conn.execute(insert(deliveries), rows)

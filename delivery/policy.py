@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -23,7 +23,7 @@ from sqlalchemy import Connection
 from herald.audiences.store import Recipient
 from herald.core.spec import CapRule, FlowSpec
 from herald.core.workspace import Workspace
-from herald.delivery import ledger, suppression
+from herald.delivery import ledger, suppression, variants
 
 SEND = "send"
 
@@ -39,6 +39,7 @@ class Decision:
     address: str | None = None
     reason: str | None = None
     not_before: datetime | None = None  # deferred until (UTC)
+    variant: str | None = None  # the content variant to send (experiments)
 
 
 def in_holdout(flow: str, key: str, fraction: float) -> bool:
@@ -103,9 +104,11 @@ def e164(text: str, region: str | None) -> tuple[str | None, str | None]:
 class Policy:
     """The rules for one flow: its tiers, the workspace's and the flow's caps, holdout."""
 
-    def __init__(self, ws: Workspace, flow: FlowSpec) -> None:
+    def __init__(self, ws: Workspace, flow: FlowSpec,
+                 experiments: Mapping[str, variants.State] | None = None) -> None:
         self.ws = ws
         self.flow = flow
+        self.experiments = experiments or {}  # tests under this run key, by experiment
         self.caps: list[CapRule] = [*ws.config.caps, *flow.cap_rules()]
         self.kinds = {name: ws.channel_kind(name) for name in flow.channel_names()}
         self.columns = {name: ws.address_column(name) for name in flow.channel_names()}
@@ -173,6 +176,31 @@ class Policy:
         return Decision(row, tier, "deferred", not_before=until,
                         reason=f"deferred to {until:%Y-%m-%d %H:%M} UTC: {quiet}")
 
+    def _send(self, row: Recipient, tier: str, channel: str, address: str,
+              at: datetime) -> Decision:
+        """Someone the policy lets through: their variant, unless they wait for an
+        experiment's decision (or it stopped the rest), then quiet hours."""
+        found = self.flow.experiment_for(tier)
+        variant = None
+        if found:
+            name, spec = found
+            variant = variants.assign(self.flow.name, name, row.key, spec.weights)
+            if spec.test_share is not None and not variants.in_test(
+                    self.flow.name, name, row.key, spec.test_share):
+                state = self.experiments.get(name)
+                if state is None or not state.decided:
+                    assert spec.decide_after is not None, "the spec requires it"
+                    until = state.decide_at if state else at + spec.decide_after
+                    return Decision(row, tier, "deferred", not_before=until, reason=(
+                        f"experiment {name}: waiting for the winner, decided at "
+                        f"{until:%Y-%m-%d %H:%M} UTC"))
+                if state.winner is None:
+                    return Decision(row, tier, "stopped", reason=(
+                        f"experiment {name}: no winner, fallback stop ({state.reason})"))
+                variant = state.winner
+        return self._quiet(row, tier, at) or Decision(row, tier, SEND, channel=channel,
+                                                      address=address, variant=variant)
+
     def zone_of(self, row: Recipient) -> ZoneInfo:
         """The recipient's time zone (the audience's timezone column), else the flow's."""
         column = self.flow.audience.timezone
@@ -216,8 +244,7 @@ class Policy:
             if capped:
                 stops.append(("capped", channel, address, f"cap {capped.describe()}"))
                 continue
-            return self._quiet(row, tier, at) or Decision(row, tier, SEND, channel=channel,
-                                                          address=address)
+            return self._send(row, tier, channel, address, at)
         # No channel left: report the most telling reason (a cap or the suppression
         # list says more than a missing address).
         for status in ("capped", "suppressed", "no_address"):

@@ -9,9 +9,14 @@ A template file is ``templates/<flow>/<tier>.<kind>.<part>[.<locale>].j2``:
 - ``locale`` is tried as the recipient's full locale (``zh_CN``), then its language
   (``zh``), then no suffix, then the workspace's default language;
 - a tier without its own file uses ``<flow>/default``; ``template: winback/vip`` in a tier
-  replaces ``<flow>/<tier>``.
+  replaces ``<flow>/<tier>``;
+- a content variant ``V`` of an experiment looks in a folder of its own first,
+  ``<flow>/V/<tier>`` then ``<flow>/V/default`` (``winback/V/vip`` for a tier's
+  ``template``), part by part, then falls back to the files above: a subject-line test
+  needs only ``V/<tier>.email.subject.j2``.
 
-Templates see the segment's columns plus ``flow``, ``tier``, ``run_key`` and ``channel``.
+Templates see the segment's columns plus ``flow``, ``tier``, ``run_key``, ``channel`` and
+``variant`` (the content variant, or none).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from herald.core.errors import Problem
 from herald.core.spec import FlowSpec
 
-GLOBALS = frozenset({"flow", "tier", "run_key", "channel"})
+GLOBALS = frozenset({"flow", "tier", "run_key", "channel", "variant"})
 PARTS: dict[str, tuple[tuple[str, bool], ...]] = {
     # kind: ((part, required), ...)
     "email": (("subject", True), ("txt", True), ("html", False)),
@@ -71,21 +76,28 @@ class Templates:
         self._found: dict[tuple[str, ...], str | None] = {}
         self._compiled: dict[str, Template] = {}  # jinja's own cache locks on each lookup
 
-    def prefixes(self, flow: FlowSpec, tier: str) -> list[str]:
+    def prefixes(self, flow: FlowSpec, tier: str, variant: str | None = None) -> list[str]:
         """The file prefixes a tier's templates are looked up under, in order."""
         spec = flow.tiers.get(tier)
         first = spec.template if spec and spec.template else f"{flow.name}/{tier}"
         default = f"{flow.name}/default"
-        return [first] if first == default else [first, default]
+        plain = [first] if first == default else [first, default]
+        if variant is None:
+            return plain
+        return [*(variant_prefix(p, variant) for p in plain), *plain]
+
+    def own_prefixes(self, flow: FlowSpec, tier: str, variant: str) -> list[str]:
+        """The prefixes only a variant's own files live under."""
+        return [variant_prefix(p, variant) for p in self.prefixes(flow, tier)]
 
     def find(self, flow: FlowSpec, tier: str, kind: str, part: str,
-             locale: str | None) -> str | None:
+             locale: str | None, variant: str | None = None) -> str | None:
         """The template name for one message part, or None when there is none."""
-        cache_key = (flow.name, tier, kind, part, locale or "")
+        cache_key = (flow.name, tier, kind, part, locale or "", variant or "")
         if cache_key in self._found:
             return self._found[cache_key]
         found = None
-        for prefix in self.prefixes(flow, tier):
+        for prefix in self.prefixes(flow, tier, variant):
             for suffix in self._locale_suffixes(locale):
                 name = f"{prefix}.{kind}.{part}{suffix}.j2"
                 if (self.root / name).is_file():
@@ -108,11 +120,11 @@ class Templates:
         return list(dict.fromkeys(out))
 
     def render(self, flow: FlowSpec, tier: str, kind: str, locale: str | None,
-               variables: dict[str, Any]) -> Rendered:
+               variables: dict[str, Any], variant: str | None = None) -> Rendered:
         """Render every part of one message; RenderError says which part failed and why."""
         parts: dict[str, str | None] = {}
         for part, required in PARTS[kind]:
-            name = self.find(flow, tier, kind, part, locale)
+            name = self.find(flow, tier, kind, part, locale, variant)
             if name is None:
                 if required:
                     raise RenderError(f"no {kind} {part} template for tier '{tier}'"
@@ -148,24 +160,29 @@ class Templates:
         checked: set[str] = set()
         available = columns | GLOBALS
         for tier, kinds in kinds_by_tier.items():
-            for kind in sorted(kinds):
-                for part, required in PARTS[kind]:
-                    if required and self.find(flow, tier, kind, part, None) is None:
-                        tried = " or ".join(f"templates/{p}.{kind}.{part}.j2"
-                                            for p in self.prefixes(flow, tier))
-                        problems.append(Problem(f"missing template: {tried}",
-                                                field=f"tiers.{tier}"))
-                    for name in self.variants(flow, tier, kind, part):
-                        if name in checked:
-                            continue
-                        checked.add(name)
-                        problems.extend(self._check_one(name, available, columns))
+            experiment = flow.experiment_for(tier)
+            for variant in ([None, *experiment[1].variants] if experiment else [None]):
+                for kind in sorted(kinds):
+                    for part, required in PARTS[kind]:
+                        if required and self.find(flow, tier, kind, part, None,
+                                                  variant) is None:
+                            tried = " or ".join(f"templates/{p}.{kind}.{part}.j2"
+                                                for p in self.prefixes(flow, tier, variant))
+                            problems.append(Problem(f"missing template: {tried}",
+                                                    field=f"tiers.{tier}"))
+                        for name in self.variants(flow, tier, kind, part, variant):
+                            if name in checked:
+                                continue
+                            checked.add(name)
+                            problems.extend(self._check_one(name, available, columns))
         return problems
 
-    def variants(self, flow: FlowSpec, tier: str, kind: str, part: str) -> list[str]:
-        """Every file (all locales) that can serve this tier, kind and part."""
+    def variants(self, flow: FlowSpec, tier: str, kind: str, part: str,
+                 variant: str | None = None) -> list[str]:
+        """Every file (all locales) that can serve this tier, kind and part (of a
+        content variant: its own files and those it falls back to)."""
         out = []
-        for prefix in self.prefixes(flow, tier):
+        for prefix in self.prefixes(flow, tier, variant):
             folder = (self.root / prefix).parent
             stem = Path(prefix).name
             if not folder.is_dir():
@@ -205,6 +222,12 @@ class Templates:
             problems.append(Problem(f"syntax error: {exc.message}", file=file,
                                     line=exc.lineno))
         return problems
+
+
+def variant_prefix(prefix: str, variant: str) -> str:
+    """``winback/loyal`` of variant ``b``: ``winback/b/loyal``."""
+    folder, _, stem = prefix.rpartition("/")
+    return f"{folder}/{variant}/{stem}" if folder else f"{variant}/{stem}"
 
 
 def _private_access(ast: nodes.Template) -> list[tuple[str, int]]:

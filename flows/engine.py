@@ -33,7 +33,7 @@ from herald.core.db import writing
 from herald.core.errors import HeraldError, Problem, ValidationFailed
 from herald.core.spec import Scalar
 from herald.core.workspace import Workspace
-from herald.delivery import ledger
+from herald.delivery import ledger, variants
 from herald.delivery.dispatch import Job, dispatch, forget_buckets, group
 from herald.delivery.policy import SEND, Decision, Policy
 from herald.delivery.render import RenderError, Templates
@@ -99,6 +99,10 @@ def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None =
                 file=ws.flow_file(flow.name), line=ws.flow_line(flow.name, ("tiers",)),
                 field="tiers")])
         ledger.set_run_package(ws.store, run_id, package.id)
+        if not dry_run and flow.experiments():
+            from herald.flows.experiments import advance
+
+            advance(ws, flow, key, clock.now())
     except HeraldError as exc:
         ledger.finish_run(ws.store, run_id, "failed", None, str(exc))
         raise
@@ -182,7 +186,8 @@ def _run_chunk(job: ChunkJob) -> ChunkResult:
     ws, templates = _open(job.workspace)
     flow = ws.flow(job.flow)
     rows = store.read(ws, job.package_id, job.start, job.stop)
-    policy = Policy(ws, flow)
+    policy = Policy(ws, flow, variants.states(ws.store, flow.name, job.run_key)
+                    if flow.experiments() else None)
     counts: Counter[tuple[str, str, str | None]] = Counter()
 
     # Decide and reserve in one transaction holding the write lock, so that two runs
@@ -263,7 +268,7 @@ def _reason_kind(d: Decision) -> str:
 def _entry(d: Decision) -> ledger.Entry:
     return ledger.Entry(d.recipient.key, d.recipient.tier,
                         "queued" if d.status == SEND else d.status, d.channel, d.address,
-                        d.reason, d.not_before)
+                        d.reason, d.not_before, d.variant)
 
 
 def _lock_ledger(conn: Any) -> None:
@@ -283,7 +288,7 @@ def _resume_decisions(ws: Workspace, flow: str, job: ChunkJob,
         entry = ws.flow(flow).tier_for(r.tier)
         assert entry is not None, "the row was reserved under this flow's tiers"
         out.append(Decision(r, entry[0], SEND, channel=found[r.key].channel,
-                            address=found[r.key].address))
+                            address=found[r.key].address, variant=found[r.key].variant))
     return out
 
 
@@ -316,12 +321,14 @@ def build_message(ws: Workspace, templates: Templates, job: ChunkJob | Job,
     locale_col = flow.audience.locale
     locale = d.recipient.data.get(locale_col) if locale_col else None
     variables = {**d.recipient.data, "flow": flow.name, "tier": d.recipient.tier,
-                 "run_key": job.run_key, "channel": d.channel}
-    rendered = templates.render(flow, d.tier, kind, str(locale) if locale else None, variables)
+                 "run_key": job.run_key, "channel": d.channel, "variant": d.variant}
+    rendered = templates.render(flow, d.tier, kind, str(locale) if locale else None,
+                                variables, d.variant)
     return Message(recipient=d.recipient.key, address=d.address, kind=kind,
                    body=rendered.body, subject=rendered.subject, html=rendered.html,
                    message_id=message_id(flow.name, job.run_key, d.recipient.key),
-                   meta={"flow": flow.name, "run_key": job.run_key, "tier": d.recipient.tier})
+                   meta={"flow": flow.name, "run_key": job.run_key, "tier": d.recipient.tier,
+                         **({"variant": d.variant} if d.variant else {})})
 
 
 # -- the report -------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from herald.audiences.store import DEFAULT_TIER, Recipient, jsonable
 from herald.core.errors import AudienceError
 from herald.core.spec import Scalar
 from herald.core.workspace import Workspace
+from herald.delivery import variants
 from herald.delivery.dispatch import Job
 from herald.delivery.policy import SEND, Decision, clean_address
 from herald.delivery.render import RenderError
@@ -62,8 +63,13 @@ def render_samples(ws: Workspace, flow_name: str, params: Mapping[str, Scalar],
                                        ws.config.phone_region,
                                        ws.config.email.allow_special_use_domains)
             if address:
-                decision = Decision(recipient, entry[0], SEND, channel, address)
-                sample.update(channel=channel, address=address, status="would_send")
+                experiment = flow.experiment_for(entry[0])
+                variant = (variants.assign(flow.name, experiment[0], recipient.key,
+                                           experiment[1].weights) if experiment else None)
+                decision = Decision(recipient, entry[0], SEND, channel, address,
+                                    variant=variant)
+                sample.update(channel=channel, address=address, status="would_send",
+                              **({"variant": variant} if variant else {}))
                 try:
                     message = build_message(ws, templates, job, decision)
                 except RenderError as exc:

@@ -75,13 +75,71 @@ def check_flow(ws: Workspace, name: str, overrides: Mapping[str, Scalar] | None 
     kinds = {tier: {ws.channel_kind(c) for c in spec.channels}
              for tier, spec in flow.tiers.items()}
     problems.extend(engine.check(flow, kinds, have))
+    problems.extend(_check_experiments(ws, flow, engine, kinds))
     if problems:
         raise ValidationFailed(problems)
     files = {name for tier, ks in kinds.items() for kind in ks
              for part in ("subject", "txt", "html")
-             for name in engine.variants(flow, tier, kind, part)}
+             for variant in _variants_of(flow, tier)
+             for name in engine.variants(flow, tier, kind, part, variant)}
     return CheckedFlow(flow, segment, columns, len(files),
                        tuple(_opt_out_warnings(ws, flow, engine, kinds)))
+
+
+def _variants_of(flow: FlowSpec, tier: str) -> list[str | None]:
+    found = flow.experiment_for(tier)
+    return [None, *found[1].variants] if found else [None]
+
+
+def _experiment_loc(flow: FlowSpec, tier: str) -> tuple[str | int, ...]:
+    """Where a tier's experiment is written in the YAML: the tier's own, or the flow's."""
+    spec = flow.tiers.get(tier)
+    return ("tiers", tier, "experiment") if spec and spec.experiment else ("experiment",)
+
+
+def _check_experiments(ws: Workspace, flow: FlowSpec, engine: Templates,
+                       kinds: dict[str, set[str]]) -> list[Problem]:
+    """A variant other than the control has templates of its own (else it would send the
+    control's message under another name); a test that decides measures conversions;
+    one experiment name, one definition."""
+    file = ws.flow_file(flow.name)
+    problems: list[Problem] = []
+    seen: dict[str, object] = {}
+    for tier, ks in kinds.items():
+        found = flow.experiment_for(tier)
+        if not found:
+            continue
+        name, spec = found
+        loc = _experiment_loc(flow, tier)
+        field = ".".join(map(str, loc))
+        if name in seen and seen[name] != spec:
+            problems.append(Problem(
+                f"experiment '{name}' is defined twice with different settings (give "
+                "each its own name)", file=file, line=ws.flow_line(flow.name, loc),
+                field=field))
+        seen[name] = spec
+        if spec.test_share is not None and flow.conversion is None:
+            problems.append(Problem(
+                "test_share needs a metric to decide on: add conversion: to the flow "
+                "(metric: conversion)", file=file,
+                line=ws.flow_line(flow.name, (*loc, "test_share")),
+                field=f"{field}.test_share"))
+        for variant in spec.variants:
+            if variant == spec.control_variant:
+                continue
+            own = [n for kind in ks for part in ("subject", "txt", "html")
+                   for n in engine.variants(flow, tier, kind, part, variant)
+                   if any(n.startswith(p + ".") for p in engine.own_prefixes(flow, tier,
+                                                                            variant))]
+            if not own:
+                where = " or ".join(f"templates/{p}.*.j2"
+                                    for p in engine.own_prefixes(flow, tier, variant))
+                problems.append(Problem(
+                    f"variant '{variant}' has no templates of its own for tier '{tier}' "
+                    f"(expected {where}); it would send the control's message",
+                    file=file, line=ws.flow_line(flow.name, (*loc, "variants", variant)),
+                    field=f"{field}.variants.{variant}"))
+    return problems
 
 
 def _opt_out_warnings(ws: Workspace, flow: FlowSpec, engine: Templates,

@@ -62,3 +62,64 @@ def uplift(x1: int, n1: int, x2: int, n2: int, z: float = Z) -> Uplift:
     low = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
     high = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
     return Uplift(d, low, high, d / p2 if p2 > 0 else None)
+
+
+# -- tests of a difference (content experiments) ----------------------------------------
+def normal_sf(z: float) -> float:
+    """P(Z > z) for a standard normal Z."""
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def two_proportion_test(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float]:
+    """The pooled two-proportion z-test: (z, two-sided p-value). With no conversions (or
+    only conversions) in both groups there is no difference to see: (0, 1)."""
+    if n1 <= 0 or n2 <= 0:
+        raise ValueError("each group needs at least one observation")
+    pooled = (x1 + x2) / (n1 + n2)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    if se == 0:
+        return 0.0, 1.0
+    z = (x1 / n1 - x2 / n2) / se
+    return z, min(1.0, 2 * normal_sf(abs(z)))
+
+
+def chi_squared_sf(x: float, df: int) -> float:
+    """P(X > x) for a chi-squared variable with ``df`` degrees of freedom, in closed form
+    (the regularized upper incomplete gamma function at integer or half-integer order):
+    even df, a Poisson sum; odd df, the normal tail plus a finite series."""
+    if df < 1:
+        raise ValueError("degrees of freedom must be at least 1")
+    if x <= 0:
+        return 1.0
+    half = x / 2
+    if df % 2 == 0:
+        term = total = math.exp(-half)
+        for i in range(1, df // 2):
+            term *= half / i
+            total += term
+        return min(1.0, total)
+    total = 2 * normal_sf(math.sqrt(x))
+    term = math.sqrt(2 * x / math.pi) * math.exp(-half)  # i = 1: sqrt(2/pi) x^(1/2) e^(-x/2)
+    for i in range(1, (df - 1) // 2 + 1):
+        total += term
+        term *= x / (2 * i + 1)
+    return min(1.0, total)
+
+
+def chi_squared_test(arms: list[tuple[int, int]]) -> tuple[float, int, float]:
+    """Pearson's chi-squared test of a 2 x k table (converted or not, per arm, given as
+    (converted, recipients)): (statistic, degrees of freedom, p-value). No continuity
+    correction, so with two arms the statistic is the square of the pooled z."""
+    if len(arms) < 2 or any(n <= 0 for _, n in arms):
+        raise ValueError("the test needs at least two arms with recipients")
+    total = sum(n for _, n in arms)
+    pooled = sum(x for x, _ in arms) / total
+    df = len(arms) - 1
+    if pooled in (0.0, 1.0):
+        return 0.0, df, 1.0
+    stat = 0.0
+    for x, n in arms:
+        expected_yes, expected_no = n * pooled, n * (1 - pooled)
+        stat += (x - expected_yes) ** 2 / expected_yes
+        stat += ((n - x) - expected_no) ** 2 / expected_no
+    return stat, df, chi_squared_sf(stat, df)

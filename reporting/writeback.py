@@ -3,7 +3,8 @@
 Opt-in (``writeback: {source: shop, prefix: herald_}`` in ``config/herald.yaml``), for
 analysts who join campaigns with their own data. Two tables, created if missing:
 
-- ``<prefix>deliveries``: one row per recipient per (flow, run key), without addresses;
+- ``<prefix>deliveries``: one row per recipient per (flow, run key), without addresses,
+  with the recipient's content variant where the flow runs an experiment;
 - ``<prefix>conversion_results``: one row per (flow, run key, scope, name), scope being
   ``run``, ``tier`` or ``channel``.
 
@@ -29,6 +30,7 @@ from sqlalchemy import (
     Text,
     delete,
     insert,
+    inspect,
 )
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -59,6 +61,7 @@ def tables(prefix: str) -> tuple[Table, Table]:
         Column("converted", Boolean),  # null until conversions are measured
         Column("converted_at", DateTime(timezone=True)),
         Column("revenue", Float),
+        Column("variant", String(64)),  # the content variant, for experiments
     )
     results = Table(
         f"{prefix}conversion_results", meta,
@@ -104,6 +107,7 @@ def write_back(ws: Workspace, flow: str, run_key: str,
     try:
         with engine.begin() as conn:
             deliveries.metadata.create_all(conn)
+            _add_columns(conn, deliveries)
             conn.execute(delete(deliveries).where(deliveries.c.flow == flow,
                                                   deliveries.c.run_key == run_key))
             for batch in _ledger_rows(ws, flow, run_key, conversion):
@@ -123,7 +127,7 @@ def _ledger_rows(ws: Workspace, flow: str, run_key: str,
     d = ledger.deliveries
     for rows in ledger.run_key_rows(ws.store, flow, run_key, [
             d.c.run_id, d.c.tier, d.c.channel, d.c.status, d.c.reason, d.c.created_at,
-            d.c.sent_at]):
+            d.c.sent_at, d.c.variant]):
         batch = []
         for r in rows:
             hit = conversion.converted.get(r.recipient) if conversion else None
@@ -135,8 +139,17 @@ def _ledger_rows(ws: Workspace, flow: str, run_key: str,
                 "created_at": r.created_at, "sent_at": r.sent_at,
                 "converted": (hit is not None) if conversion else None,
                 "converted_at": hit[0] if hit else None,
-                "revenue": hit[1] if hit else None})
+                "revenue": hit[1] if hit else None, "variant": r.variant})
         yield batch
+
+
+def _add_columns(conn: Connection, table: Table) -> None:
+    """Nullable columns added since a table was first written (``variant``)."""
+    have = {c["name"] for c in inspect(conn).get_columns(table.name)}
+    for column in table.columns:
+        if column.name not in have and column.nullable:
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
 
 
 def _write_results(conn: Connection, results: Table, report: ConversionReport) -> int:
