@@ -1,7 +1,8 @@
 """The conversion report as a Prefect flow, run once a campaign's attribution window closes.
 
 ``herald-conversion-report`` computes a run key's conversions (``herald.reporting.conversions``),
-publishes them as artifacts (``herald-FLOW-conversions``: the Markdown summary;
+publishes them as artifacts (``herald-FLOW-conversions``: the Markdown summary, with the
+per-variant results of content experiments;
 ``herald-FLOW-conversions-by-tier``: a table) and writes them back to the source database
 when the workspace asks for it.
 
@@ -24,7 +25,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from herald.core.workspace import Workspace
 from herald.flows.artifacts import artifact_key
-from herald.reporting import conversions, text
+from herald.reporting import conversions, experiments, text
 
 FLOW_NAME = "herald-conversion-report"
 DEPLOYMENT_NAME = "conversion-report"
@@ -37,7 +38,8 @@ def conversion_report(workspace: str, flow_name: str, run_key: str) -> dict[str,
     ws = Workspace.open(workspace)
     try:
         report = conversions.compute(ws, flow_name, run_key)
-        publish(report)
+        tested = experiments.compute(ws, flow_name, run_key, report.converted)
+        publish(report, tested)
         from herald.reporting.writeback import write_back
 
         written = write_back(ws, flow_name, run_key, report)
@@ -52,10 +54,15 @@ def conversion_report(workspace: str, flow_name: str, run_key: str) -> dict[str,
     return report.to_dict()
 
 
-def publish(report: conversions.ConversionReport) -> None:
-    """The report as a Markdown artifact and a table artifact, keyed by flow."""
+def publish(report: conversions.ConversionReport,
+            tested: list[experiments.ExperimentReport] | None = None) -> None:
+    """The report as a Markdown artifact (with the content experiments' results and
+    verdicts, if any) and a table artifact, keyed by flow."""
+    markdown = text.markdown(report)
+    if tested:
+        markdown += "\n" + text.experiments_markdown(tested)
     create_markdown_artifact(
-        key=artifact_key(report.flow, "conversions"), markdown=text.markdown(report),
+        key=artifact_key(report.flow, "conversions"), markdown=markdown,
         description=f"Conversions of {report.flow} {report.run_key}")
     create_table_artifact(
         key=artifact_key(report.flow, "conversions-by-tier"),

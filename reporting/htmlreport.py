@@ -14,9 +14,17 @@ from typing import Any
 
 from herald.core.spec import format_duration
 from herald.reporting.conversions import ConversionReport, Row
+from herald.reporting.experiments import ExperimentReport
 from herald.reporting.runs import Timeline
 from herald.reporting.stats import wilson
-from herald.reporting.text import describe_uplift, pct
+from herald.reporting.text import (
+    ARM_HEAD,
+    arm_cells,
+    describe_test,
+    describe_uplift,
+    describe_verdict,
+    pct,
+)
 
 CONTACTED, HELD_OUT, FAILED, GRID, INK = "#2563eb", "#9ca3af", "#dc2626", "#e5e7eb", "#1f2937"
 
@@ -38,7 +46,7 @@ svg text{font-family:inherit;font-size:12px;fill:#374151}
 
 
 def render(run: dict[str, Any], conversion: ConversionReport | None,
-           timeline: Timeline) -> str:
+           timeline: Timeline, tested: list[ExperimentReport] | None = None) -> str:
     """The whole page for one run (``run``: the ``herald report --json`` delivery data)."""
     title = f"{run['flow']} · {run['run_key']}"
     body = [f"<h1>{escape(title)}</h1>",
@@ -50,6 +58,8 @@ def render(run: dict[str, Any], conversion: ConversionReport | None,
     else:
         body.append("<p class=note>This flow declares no <code>conversion:</code>, so the "
                     "report shows deliveries only.</p>")
+    for experiment in tested or []:
+        body += _experiment(experiment)
     body += _deliveries(run, timeline)
     return ("<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
             "<meta name=viewport content='width=device-width,initial-scale=1'>"
@@ -113,6 +123,26 @@ def _table(first: str, rows: list[Row], money: bool) -> str:
         lines.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return ("<table><thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in head)
             + "</tr></thead><tbody>" + "".join(lines) + "</tbody></table>")
+
+
+def _experiment(report: ExperimentReport) -> list[str]:
+    """Per-variant tables (all, then each tier), each with its verdict."""
+    spec = report.spec
+    out = [f"<h2>Experiment {escape(report.name)}</h2>",
+           f"<p class=meta>control {escape(spec.control_variant)}; a winner needs "
+           f"{spec.min_sample:,} contacted per variant and p &lt; {spec.significance:g}</p>"]
+    test = describe_test(report)
+    if test:
+        out.append(f"<p class=meta>{escape(test)}</p>")
+    for result in [report.total, *report.by_tier.values()]:
+        css = "good" if result.verdict.winner else "note"
+        rows = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in cells) + "</tr>"
+                       for cells in arm_cells(result))
+        out += [f"<h3>{escape(result.name)}</h3>",
+                "<table><thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in ARM_HEAD)
+                + f"</tr></thead><tbody>{rows}</tbody></table>",
+                f"<p class={css}>{escape(describe_verdict(result))}</p>"]
+    return out
 
 
 def _deliveries(run: dict[str, Any], timeline: Timeline) -> list[str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from herald.core.spec import format_duration
 from herald.reporting.conversions import ConversionReport, Row
+from herald.reporting.experiments import ExperimentReport, Result
+from herald.reporting.stats import wilson
 
 
 def pct(value: float | None, signed: bool = False) -> str:
@@ -65,4 +67,79 @@ def markdown(report: ConversionReport) -> str:
              table(list(report.channels.values()), "channel"), "",
              "Channels are not randomised: a channel's uplift compares its recipients "
              "with the whole held-out group.", ""]
+    return "\n".join(parts)
+
+
+# -- content experiments ----------------------------------------------------------------
+ARM_HEAD = ("variant", "contacted", "converted", "rate [95% CI]", "revenue",
+            "vs control [95% CI]", "p")
+
+
+def arm_cells(result: Result) -> list[tuple[str, ...]]:
+    """One row of text cells per variant of a result (the control first), in ARM_HEAD's
+    order: the CLI, the Markdown artifact and the HTML report show the same figures."""
+    against = result.comparisons()
+    rows: list[tuple[str, ...]] = []
+    for name, arm in result.arms.items():
+        if arm.recipients:
+            low, high = wilson(arm.converted, arm.recipients)
+            rate = f"{pct(arm.rate)} [{low * 100:.2f}, {high * 100:.2f}]"
+        else:
+            rate = "–"
+        found = against.get(name)
+        if name == result.control:
+            versus, p = "control", ""
+        elif found is None:
+            versus, p = "–", "–"
+        else:
+            versus = (f"{pp(found['difference'])} [{found['ci_low'] * 100:+.2f}, "
+                      f"{found['ci_high'] * 100:+.2f}]")
+            p = f"{found['p_value']:.3g}"
+        rows.append((name, f"{arm.recipients:,}", f"{arm.converted:,}", rate,
+                     f"{arm.revenue:,.2f}", versus, p))
+    return rows
+
+
+def describe_verdict(result: Result) -> str:
+    found = result.verdict
+    if found.winner:
+        return f"winner: {found.winner} ({found.reason})"
+    return f"not enough data: {found.reason}"
+
+
+def describe_test(report: ExperimentReport) -> str | None:
+    """Where a test-then-winner experiment stands: waiting, or what it decided and why."""
+    spec = report.spec
+    if spec.test_share is None:
+        return None
+    state = report.state
+    if state is None:
+        return f"tests on {spec.test_share:.0%} first; not started under this run key"
+    if not state.decided:
+        return (f"testing on {spec.test_share:.0%}; {report.waiting:,} recipients wait for "
+                f"the decision at {state.decide_at:%Y-%m-%d %H:%M} UTC")
+    rest = (f"the rest get {state.winner}" if state.winner else
+            f"the rest are not sent ({report.stopped:,} stopped)")
+    return (f"decided {state.decided_at:%Y-%m-%d %H:%M} UTC ({state.outcome}): {rest}; "
+            f"{state.reason}")
+
+
+def experiments_markdown(reports: list[ExperimentReport]) -> str:
+    """Per-variant results, against the control, with the verdicts (Markdown)."""
+    parts: list[str] = []
+    for report in reports:
+        weights = ", ".join(f"{v} ({w:g})" for v, w in report.spec.variants.items())
+        parts += [f"## Experiment {report.name}", "",
+                  f"- variants: {weights}; control {report.spec.control_variant}; "
+                  f"tiers {', '.join(report.tiers)}",
+                  f"- a winner needs {report.spec.min_sample:,} contacted per variant and "
+                  f"p < {report.spec.significance:g}"]
+        test = describe_test(report)
+        if test:
+            parts.append(f"- test then winner: {test}")
+        for result in [report.total, *report.by_tier.values()]:
+            parts += ["", f"### {result.name}: {describe_verdict(result)}", "",
+                      "| " + " | ".join(ARM_HEAD) + " |", "|" + "---|" * len(ARM_HEAD),
+                      *("| " + " | ".join(cells) + " |" for cells in arm_cells(result))]
+        parts.append("")
     return "\n".join(parts)

@@ -36,7 +36,7 @@ def report(run_id: Annotated[str | None, typer.Argument(
                "workspace's write-back source (a report alone writes nothing)")] = False,
            now: NowOpt = None) -> None:
     """Delivery report of a run from the ledger, with its conversions and uplift."""
-    from herald.reporting import conversions, runs
+    from herald.reporting import conversions, experiments, runs
 
     set_now(now)
     ws = open_workspace(workspace)
@@ -46,6 +46,10 @@ def report(run_id: Annotated[str | None, typer.Argument(
     if runs.measures(ws, row):
         conversion = conversions.compute(ws, row.flow, row.run_key)
         data["conversion"] = conversion.to_dict()
+    tested = experiments.compute(ws, row.flow, row.run_key,
+                                 conversion.converted if conversion else None)
+    if tested:
+        data["experiments"] = [t.to_dict() for t in tested]
     if write_back:
         if not ws.config.writeback:
             raise HeraldError("--write-back: config/herald.yaml sets no writeback source")
@@ -58,8 +62,8 @@ def report(run_id: Annotated[str | None, typer.Argument(
 
         path = to or ws.root / "reports" / row.flow / f"{row.run_key}.html"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render(data, conversion, runs.timeline(ws, row.flow, row.run_key)),
-                        encoding="utf-8")
+        path.write_text(render(data, conversion, runs.timeline(ws, row.flow, row.run_key),
+                               tested), encoding="utf-8")
     if as_json:
         print_json({**data, **({"html": str(path)} if path else {})})
         return
@@ -74,6 +78,8 @@ def report(run_id: Annotated[str | None, typer.Argument(
         out.print(reasons)
     if conversion is not None:
         _print_conversion(conversion)
+    for experiment in tested:
+        _print_experiment(experiment)
     if written and ws.config.writeback:
         out.print(f"written back to source {ws.config.writeback.source}: "
                   f"{written['deliveries']} deliveries, {written['conversion_results']} "
@@ -128,6 +134,33 @@ def _print_conversion(report: Any) -> None:
                  if itt else "not measurable"))
     out.print("[dim]channels are not randomised: a channel's uplift compares its recipients "
               "with the whole held-out group[/]")
+
+
+def _print_experiment(report: Any) -> None:
+    """One experiment: a table per audience (all, then each tier) and its verdict."""
+    from rich import box
+
+    from herald.reporting import text
+
+    spec = report.spec
+    out.print(f"\n[bold]experiment {escape(report.name)}[/] (control "
+              f"{escape(spec.control_variant)}; a winner needs {spec.min_sample:,} contacted "
+              f"per variant and p < {spec.significance:g})")
+    test = text.describe_test(report)
+    if test:
+        out.print(escape(test))
+    for result in [report.total, *report.by_tier.values()]:
+        table = Table(*text.ARM_HEAD, box=box.SIMPLE_HEAD, padding=(0, 1),
+                      collapse_padding=True, pad_edge=False, title=escape(result.name),
+                      title_justify="left")
+        for column in table.columns[1:]:
+            column.justify = "right"
+        for cells in text.arm_cells(result):
+            table.add_row(*map(escape, cells))
+        out.print(table)
+        found = result.verdict
+        style = "green" if found.winner else "yellow"
+        out.print(f"[{style}]{escape(text.describe_verdict(result))}[/]")
 
 
 def _arm_cell(group: Any) -> str:
