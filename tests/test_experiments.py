@@ -246,7 +246,7 @@ def sent_messages(ws) -> list[dict]:
 
 def ledger_rows(ws, run_key: str) -> dict[str, ledger.Existing]:
     with ws.store.connect() as conn:
-        return ledger.existing(conn, "promo", run_key, [str(i) for i in range(1, 1000)])
+        return ledger.existing(conn, "promo", run_key, [str(i) for i in range(1, 2000)])
 
 
 def test_ab_variants_are_sticky_across_runs(make_workspace, now) -> None:
@@ -351,3 +351,63 @@ def test_without_a_winner_the_fallback_decides(make_workspace, fallback, status,
             row = conn.execute(select(experiments_table)).one()
         assert row.outcome == fallback and row.reason.startswith("no winner (")
         assert Counter(m["recipient"] for m in sent_messages(ws)).most_common(1)[0][1] == 1
+
+
+# -- the report -------------------------------------------------------------------------
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    from herald.flows.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    captured = capsys.readouterr()
+    return int(exc.value.code or 0), captured.out, captured.err
+
+
+def test_report_shows_each_variant_and_the_verdict(make_workspace, capsys) -> None:
+    config = SMS_ONLY + "writeback: {source: crm, prefix: an_}\n"
+    ws = make_workspace({**files("experiment:\n  variants: {a: 1, b: 1}\n"
+                                 "  min_sample: 300\n"),
+                         "config/herald.yaml": config}, rows=1500)
+    orders(ws, [])
+    # a table written by an earlier Herald, without the variant column
+    with sqlite3.connect(ws.root / "crm.db") as conn:
+        conn.execute("CREATE TABLE an_deliveries (flow TEXT, run_key TEXT, run_id TEXT, "
+                     "recipient TEXT, tier TEXT, channel TEXT, status TEXT, arm TEXT, "
+                     "reason TEXT, created_at TIMESTAMP, sent_at TIMESTAMP, converted "
+                     "BOOLEAN, converted_at TIMESTAMP, revenue FLOAT)")
+    start = clock.now()
+    run_local(ws, "promo", run_key="r")
+    rows = {k: r for k, r in ledger_rows(ws, "r").items() if r.status == "sent"}
+    # b converts 3 in 8, a 1 in 8 (by key; keys ending in 0 or 5 have no phone), an hour after the send
+    when = (start + timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S")
+    buyers = [k for k, r in rows.items()
+              if int(k) % 10 in ((1, 2, 3) if r.variant == "b" else (1,))]
+    orders(ws, [(int(k), when, 5.0) for k in buyers])
+    n = Counter(r.variant for r in rows.values())
+    x = Counter(rows[k].variant for k in buyers)
+
+    code, out, _ = cli(capsys, "report", "promo", "--json", "--html", "-w", str(ws.root))
+    assert code == 0
+    (experiment,) = json.loads(out)["experiments"]
+    total = experiment["total"]
+    assert [(a["variant"], a["contacted"], a["converted"]) for a in total["arms"]] == [
+        ("a", n["a"], x["a"]), ("b", n["b"], x["b"])]
+    assert total["arms"][1]["revenue"] == 5.0 * x["b"]
+    z, p = two_proportion_test(x["b"], n["b"], x["a"], n["a"])
+    assert total["against_control"]["b"]["p_value"] == pytest.approx(p)
+    assert total["verdict"]["winner"] == "b" and total["verdict"]["status"] == "winner"
+    # per tier the arms are below 300: not enough data, and it says so
+    assert {t["name"] for t in experiment["by_tier"]} == {"gold", "silver", "bronze"}
+    for tier in experiment["by_tier"]:
+        assert tier["verdict"]["status"] == "not_enough_data"
+        assert tier["verdict"]["reason"].startswith("fewer than 300 contacted in")
+    page = (ws.root / "reports/promo/r.html").read_text()
+    assert "<h2>Experiment promo</h2>" in page and "winner: b" in page
+
+    code, out, _ = cli(capsys, "report", "promo", "--write-back", "-w", str(ws.root))
+    assert code == 0
+    assert "experiment promo" in out and "winner: b" in out
+    assert "not enough data: fewer than 300 contacted" in out
+    with sqlite3.connect(ws.root / "crm.db") as conn:
+        written = dict(conn.execute("SELECT recipient, variant FROM an_deliveries"))
+    assert {k: written[k] for k in rows} == {k: r.variant for k, r in rows.items()}
