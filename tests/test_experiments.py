@@ -378,7 +378,8 @@ def test_report_shows_each_variant_and_the_verdict(make_workspace, capsys) -> No
     start = clock.now()
     run_local(ws, "promo", run_key="r")
     rows = {k: r for k, r in ledger_rows(ws, "r").items() if r.status == "sent"}
-    # b converts 3 in 8, a 1 in 8 (by key; keys ending in 0 or 5 have no phone), an hour after the send
+    # b converts 3 in 8, a 1 in 8 (by key; keys ending in 0 or 5 have no phone),
+    # an hour after the send
     when = (start + timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S")
     buyers = [k for k, r in rows.items()
               if int(k) % 10 in ((1, 2, 3) if r.variant == "b" else (1,))]
