@@ -99,9 +99,9 @@ def _experiment_loc(flow: FlowSpec, tier: str) -> tuple[str | int, ...]:
 
 def _check_experiments(ws: Workspace, flow: FlowSpec, engine: Templates,
                        kinds: dict[str, set[str]]) -> list[Problem]:
-    """A variant other than the control has templates of its own (else it would send the
-    control's message under another name); a test that decides measures conversions;
-    one experiment name, one definition."""
+    """A variant other than the control has templates of its own for every kind of message
+    its tiers may send (else it would send the control's message under another name); a
+    test that decides measures conversions; one experiment name, one definition."""
     file = ws.flow_file(flow.name)
     problems: list[Problem] = []
     seen: dict[str, object] = {}
@@ -127,17 +127,19 @@ def _check_experiments(ws: Workspace, flow: FlowSpec, engine: Templates,
         for variant in spec.variants:
             if variant == spec.control_variant:
                 continue
-            own = [n for kind in ks for part in ("subject", "txt", "html")
-                   for n in engine.variants(flow, tier, kind, part, variant)
-                   if any(n.startswith(p + ".") for p in engine.own_prefixes(flow, tier,
-                                                                            variant))]
-            if not own:
-                where = " or ".join(f"templates/{p}.*.j2"
-                                    for p in engine.own_prefixes(flow, tier, variant))
+            mine = engine.own_prefixes(flow, tier, variant)
+            for kind in sorted(ks):
+                own = [n for part in ("subject", "txt", "html")
+                       for n in engine.variants(flow, tier, kind, part, variant)
+                       if any(n.startswith(p + ".") for p in mine)]
+                if own:
+                    continue
+                where = " or ".join(f"templates/{p}.{kind}.*.j2" for p in mine)
                 problems.append(Problem(
-                    f"variant '{variant}' has no templates of its own for tier '{tier}' "
-                    f"(expected {where}); it would send the control's message",
-                    file=file, line=ws.flow_line(flow.name, (*loc, "variants", variant)),
+                    f"variant '{variant}' has no {kind} templates of its own for tier "
+                    f"'{tier}' (expected {where}); its {kind} messages would be the "
+                    "control's", file=file,
+                    line=ws.flow_line(flow.name, (*loc, "variants", variant)),
                     field=f"{field}.variants.{variant}"))
     return problems
 

@@ -64,16 +64,18 @@ class Contact:
     tier: str
     contacted: bool
     at: datetime
+    variant: str | None = None  # the content variant, where the flow runs an experiment
 
 
 def contacts(ws: Workspace, flow: str, run_key: str) -> Iterator[Contact]:
     """The contacted and held-out recipients of a run key, a slice at a time."""
-    for rows in ledger.run_key_rows(ws.store, flow, run_key, [_d.c.tier, _d.c.status, _START],
+    for rows in ledger.run_key_rows(ws.store, flow, run_key,
+                                    [_d.c.tier, _d.c.status, _START, _d.c.variant],
                                     statuses=(CONTACTED, HELD_OUT)):
-        for recipient, tier, status, start in rows:
+        for recipient, tier, status, start, variant in rows:
             opened = utc(start)
             assert opened is not None
-            yield Contact(recipient, tier, status == CONTACTED, opened)
+            yield Contact(recipient, tier, status == CONTACTED, opened, variant)
 
 
 @dataclass(frozen=True)

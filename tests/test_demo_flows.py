@@ -70,25 +70,27 @@ def test_outbox_holds_chinese_and_english(demo) -> None:
 def test_simulated_response_gives_an_explainable_uplift(demo, capsys) -> None:
     """The demo's simulated week after the win-back: contacted customers order more often,
     and the report measures exactly the orders the simulation placed."""
-    from herald.audiences.demo_shop import RESPONSE, simulate_response
+    from herald.audiences.demo_shop import response_chance, simulate_response
     from herald.reporting.conversions import compute
     from herald.reporting.runs import contacts
 
     run_local(demo, "winback", run_key="demo-test")  # a no-op if it already ran
-    people = [(c.recipient, c.tier, c.contacted, c.at)
+    people = [(c.recipient, c.tier, c.contacted, c.at, c.variant)
               for c in contacts(demo, "winback", "demo-test")]
     url = resolve_url(demo.config.sources["shop"], demo.root)
     conversion = demo.flow("winback").conversion
     assert conversion is not None
     first = simulate_response(url, people, conversion.window)
     assert simulate_response(url, people, conversion.window) == first  # same orders again
-    simulated = {(s.tier, s.contacted): s.ordered for s in first}
+    simulated: dict[tuple[str, bool], int] = {}
+    for s in first:
+        simulated[s.tier, s.contacted] = simulated.get((s.tier, s.contacted), 0) + s.ordered
     report = compute(demo, "winback", "demo-test")
     for tier, row in report.tiers.items():
         assert row.contacted.converted == simulated.get((tier, True), 0), tier
         assert row.held_out.converted == simulated.get((tier, False), 0), tier
     assert report.total.contacted.recipients == sum(1 for p in people if p[2])
-    expected = sum(RESPONSE[p[1]][1] for p in people if p[2])
+    expected = sum(response_chance(p[1], True, p[4]) for p in people if p[2])
     got = report.total.contacted.converted
     assert abs(got - expected) < 4 * expected ** 0.5  # binomial noise around the chances
     uplift = report.total.uplift
@@ -102,6 +104,6 @@ def test_simulated_response_gives_an_explainable_uplift(demo, capsys) -> None:
     assert code == 0 and "demo data, not a measurement" in out
     champions = next(s for s in first if s.tier == "champions" and s.contacted)
     rows = [line.split() for line in out.splitlines()]
-    assert ["champions", "contacted", f"{champions.recipients:,}", f"{champions.ordered:,}",
-            f"{champions.chance:.0%}"] in rows
+    assert ["champions", "contacted", f"({champions.variant})", f"{champions.recipients:,}",
+            f"{champions.ordered:,}", f"{champions.chance:.0%}"] in rows
     assert compute(demo, "winback", "demo-test").total.contacted.converted == got

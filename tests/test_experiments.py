@@ -218,7 +218,8 @@ def test_a_variant_needs_templates_and_a_test_needs_conversions(make_workspace) 
         check_flow(ws, "promo")
     text = str(err.value)
     assert "config/flows/promo.yaml:7 experiment.variants.c" in text
-    assert "templates/promo/c/default.*.j2" in text
+    assert "no sms templates of its own for tier 'default'" in text
+    assert "templates/promo/c/default.sms.*.j2" in text
 
     blind = files("experiment:\n  variants: {a: 1, b: 1}\n  test_share: 0.2\n"
                   "  decide_after: 2d\n", conversion=False)

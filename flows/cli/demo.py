@@ -59,14 +59,15 @@ def _simulate(ws: Workspace, run: str) -> None:
     source = flow.conversion_source()
     if flow.conversion is None or source is None:
         raise HeraldError(f"flow '{flow.name}' declares no conversion to simulate")
-    contacts = ((c.recipient, c.tier, c.contacted, c.at)
+    contacts = ((c.recipient, c.tier, c.contacted, c.at, c.variant)
                 for c in runs.contacts(ws, flow.name, row.run_key))
     done = simulate_response(resolve_url(ws.config.sources[source], ws.root), contacts,
                              flow.conversion.window)
     table = Table("tier", "group", "customers", "ordered", "chance", box=None)
     for s in done:
-        table.add_row(s.tier, "contacted" if s.contacted else "held out", f"{s.recipients:,}",
-                      f"{s.ordered:,}", f"{s.chance:.0%}")
+        group = (f"contacted ({s.variant})" if s.variant else "contacted") if s.contacted \
+            else "held out"
+        table.add_row(s.tier, group, f"{s.recipients:,}", f"{s.ordered:,}", f"{s.chance:.0%}")
     out.print(f"simulated orders after {flow.name} {row.run_key} (demo data, not a "
               "measurement):")
     out.print(table)
