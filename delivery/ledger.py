@@ -6,9 +6,12 @@ provider, and the provider's answer settles it as ``sent``, ``failed`` or ``defe
 (a retryable answer that outlasted the run's retries: a later run of the run key tries
 again after ``not_before``). Recipients the
 policy stops are written straight away as ``held_out``, ``suppressed``, ``capped``,
-``no_address`` or ``render_error``. The unique key (flow, run_key, recipient) is what makes
-a rerun, a retried task or a resumed crash send nobody twice: at most one message per
-recipient per run key, whichever channel carries it.
+``no_address`` or ``render_error``; those waiting for an experiment's winner as
+``deferred`` (until the decision), and ``stopped`` when it found none and stops the rest.
+Each row keeps the content ``variant`` the recipient got (experiments). The unique key
+(flow, run_key, recipient) is what makes a rerun, a retried task or a resumed crash send
+nobody twice: at most one message per recipient per run key, whichever channel carries
+it.
 
 A ``queued`` row was never handed to a provider, so a later run with the same run key
 sends it. A ``sending`` row's outcome is unknown (the process died while the provider
