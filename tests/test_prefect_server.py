@@ -470,3 +470,67 @@ def test_deferred_recipients_are_sent_by_the_follow_up_run_herald_schedules(
     assert done.state is not None and done.state.is_completed(), done.state
     assert done.name == "promo/night"
     assert outbox_messages(ws) == 12  # ids 1-12 all have an address; each sent once
+
+
+def test_experiment_follow_up_decides_and_sends_the_winner_to_the_rest(
+        make_workspace, server, background) -> None:
+    """Test then winner: the served run sends the variants to the test share and schedules
+    its follow-up on the deployment at the decision time; that run names the winner from
+    the conversions and sends it to the rest only."""
+    import json
+    import sqlite3
+    from collections import Counter
+
+    from sqlalchemy import select
+
+    from herald.core.db import experiments
+    from herald.delivery import ledger
+
+    from .test_experiments import TEST_THEN_WINNER, files, sent_messages
+
+    experiment = TEST_THEN_WINNER.replace("decide_after: 2d", "decide_after: 1m") % "stop"
+    ws = make_workspace(files(experiment), rows=200, folder="experiment")
+    with sqlite3.connect(ws.root / "crm.db") as conn:
+        conn.execute("CREATE TABLE orders (customer INTEGER, placed_at TEXT, amount REAL)")
+    serve = background([HERALD, "serve", "promo", "-w", str(ws.root)], server.env("serve"),
+                       ws.root / "serve.log")
+    dep = deployment_of(server, "promo", ws)
+    serve.alive()
+    with server.client() as client:
+        created = client.create_flow_run_from_deployment(dep.id, parameters={
+            "run_key": "ab"})
+    first = finished(server, created.id)
+    assert first.state is not None and first.state.is_completed(), first.state
+    with ws.store.connect() as conn:
+        rows = ledger.existing(conn, "promo", "ab", [str(i) for i in range(1, 201)])
+        decide_at = conn.execute(select(experiments.c.decide_at)).scalar_one()
+    tested = {k for k, r in rows.items() if r.status == "sent"}
+    waiting = {k for k, r in rows.items() if r.status == "deferred"}
+    assert tested and waiting and len(sent_messages(ws)) == len(tested)
+    # during the test, b's recipients order and a's do not
+    placed = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    with sqlite3.connect(ws.root / "crm.db") as conn:
+        conn.executemany("INSERT INTO orders VALUES (?, ?, 1.0)",
+                         [(int(k), placed) for k in tested if rows[k].variant == "b"])
+
+    def follow_up() -> FlowRun | None:
+        with server.client() as client:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                deployment_id={"any_": [dep.id]}))
+        later = [r for r in runs if r.id != created.id and r.parameters.get("run_key") == "ab"]
+        return later[0] if later else None
+
+    scheduled = wait_for(follow_up, "the decision's follow-up run")
+    assert scheduled.expected_start_time is not None
+    expected = decide_at if decide_at.tzinfo else decide_at.replace(tzinfo=UTC)
+    assert abs((scheduled.expected_start_time - expected).total_seconds()) < 1
+    done = finished(server, scheduled.id, timeout=240)
+    assert done.state is not None and done.state.is_completed(), done.state
+    with ws.store.connect() as conn:
+        after = ledger.existing(conn, "promo", "ab", [str(i) for i in range(1, 201)])
+        decision = conn.execute(select(experiments)).one()
+    assert (decision.status, decision.winner, decision.outcome) == ("decided", "b", "winner")
+    assert json.loads(decision.figures)["verdict"]["winner"] == "b"
+    assert {(after[k].status, after[k].variant) for k in waiting} == {("sent", "b")}
+    per_person = Counter(m["recipient"] for m in sent_messages(ws))
+    assert set(per_person) == tested | waiting and set(per_person.values()) == {1}
