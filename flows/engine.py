@@ -260,6 +260,8 @@ def _run_chunk(job: ChunkJob) -> ChunkResult:
 def _reason_kind(d: Decision) -> str:
     """A decision's reason without the per-recipient details (local times, dates)."""
     reason = d.reason or d.status
+    if d.status == "deferred" and reason.startswith("experiment "):
+        return reason.split(", decided at")[0]  # waiting for the winner
     if d.status in ("deferred", "quiet_hours"):
         return reason.split(":")[0] + " (quiet hours)"
     return reason

@@ -285,6 +285,11 @@ def run_test(make_workspace, fallback: str, b_converts: bool):
     ws = make_workspace(files(TEST_THEN_WINNER % fallback), rows=300)
     orders(ws, [])
     start = clock.now()
+    dry = run_local(ws, "promo", run_key="k", dry_run=True)  # says who would wait, writes nothing
+    assert {"status": "deferred", "reason": "experiment subject: waiting for the winner",
+            "count": dry["deliveries"]["deferred"]} in dry["reasons"]
+    with ws.store.connect() as conn:
+        assert conn.execute(select(experiments_table)).first() is None
     first = run_local(ws, "promo", run_key="k")
     rows = ledger_rows(ws, "k")
     tested = {k for k, r in rows.items() if r.status == "sent"}
@@ -403,6 +408,12 @@ def test_report_shows_each_variant_and_the_verdict(make_workspace, capsys) -> No
     for tier in experiment["by_tier"]:
         assert tier["verdict"]["status"] == "not_enough_data"
         assert tier["verdict"]["reason"].startswith("fewer than 300 contacted in")
+    from herald.reporting.text import experiments_markdown
+
+    artifact = experiments_markdown(experiments.compute(ws, "promo", "r", {
+        k: (start, 5.0) for k in buyers}))  # what the Prefect conversion artifact adds
+    assert "## Experiment promo" in artifact and "### all: winner: b" in artifact
+    assert f"| b | {n['b']:,} | {x['b']:,} |" in artifact
     page = (ws.root / "reports/promo/r.html").read_text()
     assert "<h2>Experiment promo</h2>" in page and "winner: b" in page
 
@@ -413,3 +424,38 @@ def test_report_shows_each_variant_and_the_verdict(make_workspace, capsys) -> No
     with sqlite3.connect(ws.root / "crm.db") as conn:
         written = dict(conn.execute("SELECT recipient, variant FROM an_deliveries"))
     assert {k: written[k] for k in rows} == {k: r.variant for k, r in rows.items()}
+
+
+def test_a_tier_runs_its_own_experiment_or_none(make_workspace) -> None:
+    flow = ("name: promo\n"
+            "audience: {source: crm, segment: people, params: {min_score: 0}, key: id,"
+            " tier: tier}\n"
+            "tiers:\n"
+            "  gold:\n"
+            "    channels: [sms]\n"
+            "    experiment: {name: gold_test, variants: {a: 1, c: 1}}\n"
+            "  silver: {channels: [sms], experiment: false}\n"
+            "  default: {channels: [sms]}\n"
+            "experiment: {variants: {a: 1, b: 1}}\n")
+    ws = make_workspace({**files(""), "config/flows/promo.yaml": flow})
+    with pytest.raises(ValidationFailed) as err:
+        check_flow(ws, "promo")
+    assert str(err.value).count("\n") == 0  # one problem: gold's c has no templates
+    assert ("config/flows/promo.yaml:6 tiers.gold.experiment.variants.c: variant 'c' has "
+            "no sms templates of its own for tier 'gold'") in str(err.value)
+    engine_ws = make_workspace({**files(""), "config/flows/promo.yaml": flow,
+                                "templates/promo/c/default.sms.txt.j2": "C: {{ name }}"},
+                               folder="ok", rows=80)
+    spec = engine_ws.flow("promo")
+    assert set(spec.experiments()) == {"gold_test", "promo"}
+    summary = run_local(engine_ws, "promo", run_key="t")
+    rows = ledger_rows(engine_ws, "t")
+    by_tier: dict[str, set] = {}
+    for r in rows.values():
+        if r.status == "sent":
+            by_tier.setdefault(r.tier, set()).add(r.variant)
+    assert by_tier == {"gold": {"a", "c"}, "silver": {None}, "bronze": {"a", "b"}}
+    assert summary["deliveries"]["sent"] == 64
+    for message in sent_messages(engine_ws):
+        variant = rows[message["recipient"]].variant
+        assert message["body"][0] == {"a": "A", "b": "B", "c": "C", None: "A"}[variant]
