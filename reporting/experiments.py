@@ -1,7 +1,9 @@
 """Content experiments' results: each variant's conversions, against the control, and a
 verdict that names a winner only when the figures allow it.
 
-For one run key of a flow, per experiment, for all its recipients and per tier:
+For one run key of a flow, per experiment, for all its recipients and per tier (of an
+experiment with a test share: the test share only, the randomised part; the rest, sent
+the decision's variant, are counted apart):
 
 - each variant's **contacted** recipients (ledger rows ``sent`` with that variant), how
   many **converted** (the attribution of ``herald.reporting.conversions``), the rate with
@@ -160,6 +162,9 @@ class ExperimentReport:
     waiting: int = 0  # recipients deferred until the decision
     stopped: int = 0
     state: variants.State | None = None
+    # test then winner: the rest, sent after the decision, by variant. They were not
+    # randomised, so they stay out of the arms and the verdict.
+    rest: dict[str, Arm] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         spec = self.spec
@@ -172,6 +177,7 @@ class ExperimentReport:
                 "significance": spec.significance, "total": self.total.to_dict(),
                 "by_tier": [r.to_dict() for r in self.by_tier.values()],
                 "waiting": self.waiting, "stopped": self.stopped,
+                "rest": [a.to_dict() for a in self.rest.values()],
                 "decision": self.state.to_dict() if self.state else None}
 
 
@@ -212,9 +218,15 @@ def compute(ws: Workspace, flow_name: str, run_key: str,
                 continue
             if r.variant not in report.total.arms:
                 continue  # a variant since removed from the YAML
-            tier = report.by_tier.setdefault(r.tier, _result(r.tier, report.spec))
             hit = converted.get(r.recipient) if converted else None
-            for arm in (report.total.arms[r.variant], tier.arms[r.variant]):
+            share = report.spec.test_share
+            if share is not None and not variants.in_test(flow.name, name, r.recipient,
+                                                          share):
+                arms = [report.rest.setdefault(r.variant, Arm(r.variant))]
+            else:
+                tier = report.by_tier.setdefault(r.tier, _result(r.tier, report.spec))
+                arms = [report.total.arms[r.variant], tier.arms[r.variant]]
+            for arm in arms:
                 arm.recipients += 1
                 if hit:
                     arm.converted += 1

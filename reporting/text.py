@@ -118,7 +118,9 @@ def describe_test(report: ExperimentReport) -> str | None:
     if not state.decided:
         return (f"testing on {spec.test_share:.0%}; {report.waiting:,} recipients wait for "
                 f"the decision at {state.decide_at:%Y-%m-%d %H:%M} UTC")
-    rest = (f"the rest get {state.winner}" if state.winner else
+    sent = "".join(f", {a.recipients:,} sent {a.variant} ({a.converted:,} converted)"
+                   for a in report.rest.values())
+    rest = (f"the rest get {state.winner}{sent}" if state.winner else
             f"the rest are not sent ({report.stopped:,} stopped)")
     return (f"decided {state.decided_at:%Y-%m-%d %H:%M} UTC ({state.outcome}): {rest}; "
             f"{state.reason}")

@@ -339,8 +339,11 @@ def test_test_then_winner_sends_the_winner_to_the_rest_only(make_workspace, now)
     # the report: the test's arms, the winner sent to the rest counted in b
     reports = experiments.compute(ws, "promo", "k", None)
     assert reports[0].state is not None and reports[0].state.winner == "b"
+    # the verdict's arms hold the randomised test share only; the rest are counted apart
     assert reports[0].total.arms["b"].recipients == sum(
-        1 for k in tested if before[k].variant == "b") + len(waiting)
+        1 for k in tested if before[k].variant == "b")
+    assert [(a.variant, a.recipients) for a in reports[0].rest.values()] == [
+        ("b", len(waiting))]
 
 
 @pytest.mark.parametrize(("fallback", "status", "variant"),

@@ -47,7 +47,8 @@ def report(run_id: Annotated[str | None, typer.Argument(
         conversion = conversions.compute(ws, row.flow, row.run_key)
         data["conversion"] = conversion.to_dict()
     tested = experiments.compute(ws, row.flow, row.run_key,
-                                 conversion.converted if conversion else None)
+                                 conversion.converted if conversion else None) \
+        if not row.dry_run and row.flow in ws.flow_names() else []
     if tested:
         data["experiments"] = [t.to_dict() for t in tested]
     if write_back:
