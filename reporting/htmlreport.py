@@ -16,7 +16,7 @@ from herald.core.spec import format_duration
 from herald.reporting.conversions import ConversionReport, Row
 from herald.reporting.runs import Timeline
 from herald.reporting.stats import wilson
-from herald.reporting.text import describe_uplift, pct
+from herald.reporting.text import describe_uplift, interval, pct
 
 CONTACTED, HELD_OUT, FAILED, GRID, INK = "#2563eb", "#9ca3af", "#dc2626", "#e5e7eb", "#1f2937"
 
@@ -73,7 +73,7 @@ def _conversion(report: ConversionReport) -> list[str]:
              ("held out", f"{total.held_out.recipients:,}",
               f"{pct(total.held_out.rate)} converted"),
              ("uplift", describe_uplift(total).split(" [")[0] if found else "–",
-              (f"95% CI {found.low * 100:+.2f} to {found.high * 100:+.2f} pp"
+              (f"95% CI {interval(found)} pp"
                if found else total.note or ""))]
     if report.has_revenue:
         cards.append(("revenue, contacted", f"{total.contacted.revenue:,.2f}",
