@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import Connection
 
 from herald.audiences.store import Recipient
 from herald.core.spec import CapRule, FlowSpec
 from herald.core.workspace import Workspace
 from herald.delivery import ledger, suppression, variants
+from herald.delivery.addresses import Addresses
 
 SEND = "send"
 
@@ -50,57 +50,6 @@ def in_holdout(flow: str, key: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def clean_address(kind: str, value: object, region: str | None = None,
-                  special_use: bool = False) -> tuple[str | None, str | None]:
-    """(address, None) when usable, else (None, why not). E-mail addresses are checked
-    for syntax only (no DNS) and normalized; a special-use domain (.test, .invalid,
-    localhost, ...) is refused unless ``special_use``. Phone numbers become E.164
-    (``region``: the country of numbers written without a country code)."""
-    if value is None:
-        return None, "empty"
-    text = str(value).strip()
-    if not text:
-        return None, "empty"
-    if len(text) > 512:
-        return None, "too long"
-    if kind == "email":
-        try:
-            return validate_email(text, check_deliverability=False).normalized, None
-        except EmailNotValidError:
-            if not special_use or not _special_use(text):
-                return None, "invalid"
-        # a special-use domain, allowed here: check the syntax with a public suffix added
-        try:
-            checked = validate_email(f"{text}.com", check_deliverability=False)
-        except EmailNotValidError:
-            return None, "invalid"
-        return checked.normalized.removesuffix(".com"), None
-    if kind == "sms":
-        return e164(text, region)
-    return text, None
-
-
-def _special_use(address: str) -> bool:
-    from email_validator import SPECIAL_USE_DOMAIN_NAMES
-
-    domain = address.rpartition("@")[2].lower().rstrip(".")
-    return any(domain == d or domain.endswith(f".{d}") for d in SPECIAL_USE_DOMAIN_NAMES)
-
-
-def e164(text: str, region: str | None) -> tuple[str | None, str | None]:
-    """A phone number in E.164 (``+8613812345678``), or (None, why not)."""
-    import phonenumbers
-
-    try:
-        number = phonenumbers.parse(text, region)
-    except phonenumbers.NumberParseException:
-        return None, "invalid" if region or text.startswith("+") else \
-            "invalid (no country code, and no phone_region in herald.yaml)"
-    if not phonenumbers.is_valid_number(number):
-        return None, "invalid"
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), None
-
-
 class Policy:
     """The rules for one flow: its tiers, the workspace's and the flow's caps, holdout."""
 
@@ -111,7 +60,7 @@ class Policy:
         self.experiments = experiments or {}  # tests under this run key, by experiment
         self.caps: list[CapRule] = [*ws.config.caps, *flow.cap_rules()]
         self.kinds = {name: ws.channel_kind(name) for name in flow.channel_names()}
-        self.columns = {name: ws.address_column(name) for name in flow.channel_names()}
+        self.addresses = Addresses(ws)
         self.zone = ZoneInfo(ws.timezone(flow))
         self._zones: dict[str, ZoneInfo] = {}
         self.quiet = None if flow.quiet_hours is False else (
@@ -129,10 +78,7 @@ class Policy:
             tiers[row.key] = entry[0]
             options = []
             for channel in entry[1].channels:
-                address, why = clean_address(self.kinds[channel],
-                                             row.data.get(self.columns[channel]),
-                                             self.ws.config.phone_region,
-                                             self.ws.config.email.allow_special_use_domains)
+                address, why = self.addresses.of(channel, row.data)
                 options.append((channel, address, why))
                 if address:
                     values.add(address)
@@ -231,7 +177,7 @@ class Policy:
         for channel, address, why in options:
             if address is None:
                 stops.append(("no_address", channel, None,
-                              f"{self.columns[channel]} {why}"))
+                              f"{self.ws.address_column(channel)} {why}"))
                 continue
             blocked = listed.get(suppression.normalize(address), set()) | key_channels
             if suppression.ALL_CHANNELS in blocked or channel in blocked:

@@ -71,14 +71,8 @@ def publish(report: conversions.ConversionReport,
 
 
 def _table_row(row: conversions.Row) -> dict[str, Any]:
-    found = row.uplift
-    return {"tier": row.name, "contacted": row.contacted.recipients,
-            "contacted_converted": row.contacted.converted,
-            "contacted_rate": row.contacted.rate, "held_out": row.held_out.recipients,
-            "held_out_converted": row.held_out.converted, "held_out_rate": row.held_out.rate,
-            "uplift": found.absolute if found else None,
-            "ci_low": found.low if found else None, "ci_high": found.high if found else None,
-            "relative": found.relative if found else None, "note": row.note}
+    flat = row.flat()
+    return {"tier": flat.pop("name"), **flat}
 
 
 def deployment(work_pool: str | None = None) -> Any:

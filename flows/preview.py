@@ -17,8 +17,9 @@ from herald.core.errors import AudienceError
 from herald.core.spec import Scalar
 from herald.core.workspace import Workspace
 from herald.delivery import variants
+from herald.delivery.addresses import Addresses
 from herald.delivery.dispatch import Job
-from herald.delivery.policy import SEND, Decision, clean_address
+from herald.delivery.policy import SEND, Decision
 from herald.delivery.render import RenderError
 from herald.flows.engine import build_message, default_run_key
 from herald.flows.validate import check_flow, templates_for
@@ -45,6 +46,7 @@ def render_samples(ws: Workspace, flow_name: str, params: Mapping[str, Scalar],
         rows = [dict(r) for r in conn.execute(text(sql), bind).mappings()]
     job = Job(flow.name, default_run_key(ws, flow_name), "preview")
     samples = []
+    addresses = Addresses(ws)
     for i, row in enumerate(rows):
         data = {k: jsonable(v) for k, v in row.items()}
         row_tier = str(data.get(flow.audience.tier) or DEFAULT_TIER) if flow.audience.tier \
@@ -58,10 +60,7 @@ def render_samples(ws: Workspace, flow_name: str, params: Mapping[str, Scalar],
             samples.append(sample)
             continue
         for channel in entry[1].channels:
-            address, _ = clean_address(ws.channel_kind(channel),
-                                       data.get(ws.address_column(channel)),
-                                       ws.config.phone_region,
-                                       ws.config.email.allow_special_use_domains)
+            address, _ = addresses.of(channel, data)
             if address:
                 experiment = flow.experiment_for(entry[0])
                 variant = (variants.assign(flow.name, experiment[0], recipient.key,

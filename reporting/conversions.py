@@ -93,6 +93,23 @@ class Row:
             return "no held-out conversions: relative uplift undefined"
         return None
 
+    def flat(self) -> dict[str, Any]:
+        """The row as one level of named figures: the one flattening shared by the
+        Prefect table artifact and the write-back table."""
+        found = self.uplift
+        return {"name": self.name, "contacted": self.contacted.recipients,
+                "contacted_converted": self.contacted.converted,
+                "contacted_rate": self.contacted.rate,
+                "contacted_revenue": self.contacted.revenue,
+                "held_out": self.held_out.recipients,
+                "held_out_converted": self.held_out.converted,
+                "held_out_rate": self.held_out.rate, "held_out_revenue": self.held_out.revenue,
+                "not_contacted": self.not_contacted,
+                "uplift": found.absolute if found else None,
+                "uplift_ci_low": found.low if found else None,
+                "uplift_ci_high": found.high if found else None,
+                "uplift_relative": found.relative if found else None, "note": self.note}
+
     def to_dict(self) -> dict[str, Any]:
         found = self.uplift
         return {"name": self.name, "contacted": self.contacted.to_dict(),

@@ -23,6 +23,7 @@ from herald.reporting.text import (
     describe_test,
     describe_uplift,
     describe_verdict,
+    interval,
     pct,
 )
 
@@ -83,7 +84,7 @@ def _conversion(report: ConversionReport) -> list[str]:
              ("held out", f"{total.held_out.recipients:,}",
               f"{pct(total.held_out.rate)} converted"),
              ("uplift", describe_uplift(total).split(" [")[0] if found else "–",
-              (f"95% CI {found.low * 100:+.2f} to {found.high * 100:+.2f} pp"
+              (f"95% CI {interval(found)} pp"
                if found else total.note or ""))]
     if report.has_revenue:
         cards.append(("revenue, contacted", f"{total.contacted.revenue:,.2f}",

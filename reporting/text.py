@@ -6,7 +6,7 @@ from __future__ import annotations
 from herald.core.spec import format_duration
 from herald.reporting.conversions import ConversionReport, Row
 from herald.reporting.experiments import ExperimentReport, Result
-from herald.reporting.stats import wilson
+from herald.reporting.stats import Uplift, wilson
 
 
 def pct(value: float | None, signed: bool = False) -> str:
@@ -15,9 +15,14 @@ def pct(value: float | None, signed: bool = False) -> str:
     return f"{value * 100:+.2f}%" if signed else f"{value * 100:.2f}%"
 
 
-def pp(value: float) -> str:
+def pp(value: float, digits: int = 2) -> str:
     """A difference of rates in percentage points."""
-    return f"{value * 100:+.2f} pp"
+    return f"{value * 100:+.{digits}f} pp"
+
+
+def interval(found: Uplift, digits: int = 2) -> str:
+    """An uplift's 95% interval in percentage points: ``[+1.20, +7.00]``."""
+    return f"[{found.low * 100:+.{digits}f}, {found.high * 100:+.{digits}f}]"
 
 
 def describe_uplift(row: Row) -> str:
@@ -25,7 +30,7 @@ def describe_uplift(row: Row) -> str:
     found = row.uplift
     if found is None:
         return row.note or "–"
-    text_ = (f"{pp(found.absolute)} [{found.low * 100:+.2f}, {found.high * 100:+.2f}]")
+    text_ = f"{pp(found.absolute)} {interval(found)}"
     return text_ + (f" ({pct(found.relative, signed=True)})" if found.relative is not None
                     else "")
 
@@ -60,7 +65,7 @@ def markdown(report: ConversionReport) -> str:
              f"whom {report.total.contacted.recipients} contacted and "
              f"{report.total.not_contacted} not (caps, suppression, no address, failures)",
              "- intent to treat (whole arm vs held out): "
-             + (f"{pp(itt.absolute)} [{itt.low * 100:+.2f}, {itt.high * 100:+.2f}]"
+             + (f"{pp(itt.absolute)} {interval(itt)}"
                 if itt else "not measurable (no held-out recipients or no arm)"),
              "", table([report.total], "run"), "", "## By tier", "",
              table(list(report.tiers.values()), "tier"), "", "## By channel", "",

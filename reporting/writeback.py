@@ -160,20 +160,10 @@ def _write_results(conn: Connection, results: Table, report: ConversionReport) -
                                      *(("channel", r) for r in report.channels.values())]
     rows = []
     for scope, row in scoped:
-        found = row.uplift
         rows.append({
-            "flow": report.flow, "run_key": report.run_key, "scope": scope,
-            "name": row.name, "contacted": row.contacted.recipients,
-            "contacted_converted": row.contacted.converted,
-            "contacted_rate": row.contacted.rate, "contacted_revenue": row.contacted.revenue,
-            "held_out": row.held_out.recipients, "held_out_converted": row.held_out.converted,
-            "held_out_rate": row.held_out.rate, "held_out_revenue": row.held_out.revenue,
+            "flow": report.flow, "run_key": report.run_key, "scope": scope, **row.flat(),
             "not_contacted": row.not_contacted if scope != "channel" else 0,
-            "uplift": found.absolute if found else None,
-            "uplift_ci_low": found.low if found else None,
-            "uplift_ci_high": found.high if found else None,
-            "uplift_relative": found.relative if found else None,
-            "note": row.note, "window_seconds": int(report.window.total_seconds()),
+            "window_seconds": int(report.window.total_seconds()),
             "window_closed": report.window_closed, "closes_at": report.closes_at,
             "computed_at": report.computed_at})
     conn.execute(insert(results), rows)

@@ -12,7 +12,7 @@ import pytest
 from herald.audiences import export, sql, store
 from herald.core.errors import AudienceError, WorkspaceError
 
-from .conftest import people
+from .helpers import people
 
 
 def build(ws, params=None):

@@ -4,7 +4,6 @@ validated with its own settings model, and sends."""
 
 from __future__ import annotations
 
-import sqlite3
 import textwrap
 
 import pytest
@@ -13,7 +12,7 @@ from herald.channels import registry
 from herald.core.errors import ChannelError
 from herald.flows import engine
 
-from .conftest import PROMO_YAML
+from .helpers import PROMO_YAML, ledger_rows
 
 PIGEON = '''
 import json
@@ -85,9 +84,7 @@ def test_a_registered_third_party_channel_is_found_and_sends(make_workspace,
         "config/flows/promo.yaml": PROMO_YAML}, rows=20)
     summary = engine.run_local(ws, "promo", run_key="pigeon")
     lines = (ws.root / "north.jsonl").read_text().splitlines()
-    with sqlite3.connect(ws.root / ".herald/herald.db") as conn:
-        pigeon = dict(conn.execute("SELECT recipient, status FROM herald_deliveries "
-                                   "WHERE channel = 'sms'"))
+    pigeon = {k: v[0] for k, v in ledger_rows(ws, "status", where="channel = 'sms'").items()}
     assert len(lines) == len(pigeon) and "failed" in pigeon.values()
     assert summary["by_channel"]["sms"]["sent"] == sum(
         1 for s in pigeon.values() if s == "sent")

@@ -20,7 +20,7 @@ from herald.channels.sms import segments
 from herald.delivery.dispatch import TokenBucket
 from herald.flows import engine
 
-from .conftest import PROMO_YAML
+from .helpers import PROMO_YAML, ledger_rows, suppression_rows
 from .http_peer import Peer, Request, serve
 
 
@@ -54,15 +54,11 @@ def sms_workspace(make_workspace, settings: str, rows: int = 12, template: str |
 
 
 def ledger(ws) -> dict[str, tuple]:
-    with sqlite3.connect(ws.root / ".herald" / "herald.db") as conn:
-        return {r[0]: r[1:] for r in conn.execute(
-            "SELECT recipient, status, code, segments, provider_id, reason "
-            "FROM herald_deliveries")}
+    return ledger_rows(ws, "status", "code", "segments", "provider_id", "reason")
 
 
 def suppressed(ws) -> set[str]:
-    with sqlite3.connect(ws.root / ".herald" / "herald.db") as conn:
-        return {r[0] for r in conn.execute("SELECT value FROM herald_suppressions")}
+    return {r[0] for r in suppression_rows(ws)}
 
 
 def number(i: int) -> str:
@@ -259,10 +255,7 @@ def move_deferrals_due(ws) -> None:
 
 
 def deferred_rows(ws) -> dict[str, tuple]:
-    with sqlite3.connect(ws.root / ".herald" / "herald.db") as conn:
-        return {r[0]: r[1:] for r in conn.execute(
-            "SELECT recipient, status, attempts, not_before, updated_at, reason "
-            "FROM herald_deliveries")}
+    return ledger_rows(ws, "status", "attempts", "not_before", "updated_at", "reason")
 
 
 def waited(row: tuple) -> float:

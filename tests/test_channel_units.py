@@ -188,7 +188,7 @@ def test_the_base_sends_nothing_more_after_a_fatal_answer(tmp_path: Path) -> Non
 def test_a_body_over_the_channels_limit_fails_unsent(make_workspace) -> None:
     from herald.flows.engine import run_local
 
-    from .conftest import HERALD_YAML, outbox_messages
+    from .helpers import HERALD_YAML, outbox_messages
 
     config = HERALD_YAML.replace("sms: {type: outbox, kind: sms}",
                                  "sms: {type: outbox, kind: sms, max_body: 40}")

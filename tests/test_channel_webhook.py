@@ -3,7 +3,6 @@ of answer a provider gives, as they land in the ledger and the suppression list.
 
 from __future__ import annotations
 
-import sqlite3
 from collections import Counter
 from collections.abc import Iterator
 
@@ -12,7 +11,7 @@ import pytest
 from herald.channels.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from herald.flows import engine
 
-from .conftest import PROMO_YAML
+from .helpers import PROMO_YAML, ledger_rows, suppression_rows
 from .http_peer import Peer, serve
 
 SECRET = "whsec-test-3f9a"
@@ -42,16 +41,12 @@ def hook_workspace(make_workspace, peer: Peer, monkeypatch, **extra: str):
     }, rows=12)
 
 
-def ledger_rows(ws) -> dict[str, tuple]:
-    with sqlite3.connect(ws.root / ".herald" / "herald.db") as conn:
-        return {r[0]: r[1:] for r in conn.execute(
-            "SELECT recipient, status, code, attempts, provider_id, reason "
-            "FROM herald_deliveries")}
+def ledger(ws) -> dict[str, tuple]:
+    return ledger_rows(ws, "status", "code", "attempts", "provider_id", "reason")
 
 
 def suppressed(ws) -> set[str]:
-    with sqlite3.connect(ws.root / ".herald" / "herald.db") as conn:
-        return {r[0] for r in conn.execute("SELECT value FROM herald_suppressions")}
+    return {r[0] for r in suppression_rows(ws)}
 
 
 def test_answers_are_classified_retried_and_recorded(make_workspace, peer, monkeypatch
@@ -65,7 +60,7 @@ def test_answers_are_classified_retried_and_recorded(make_workspace, peer, monke
     peer.script("6", ("status", 400))
     peer.script("8", ("status", 503), ("status", 502), ("status", 504))
     summary = engine.run_local(ws, "promo", run_key="hooks")
-    rows = ledger_rows(ws)
+    rows = ledger(ws)
 
     assert rows["1"][:3] == ("sent", None, 2)
     assert rows["2"][:3] == ("sent", None, 2)
@@ -110,7 +105,7 @@ def test_refused_credentials_stop_the_channel(make_workspace, peer, monkeypatch)
     for i in range(2, 13):
         peer.script(str(i), ("status", 401))
     summary = engine.run_local(ws, "promo", run_key="denied")
-    rows = ledger_rows(ws)
+    rows = ledger(ws)
     assert summary["deliveries"]["failed"] == 11 and summary["deliveries"]["sent"] == 0
     assert all(r[0] == "failed" for k, r in rows.items() if k != "7")
     stopped = [r for r in rows.values() if "channel stopped" in (r[4] or "")]

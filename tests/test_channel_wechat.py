@@ -20,7 +20,7 @@ from herald.channels.wechat import check_fields, token_forces
 from herald.core.db import ensure_schema
 from herald.flows import engine
 
-from .conftest import PROMO_YAML
+from .helpers import PROMO_YAML, ledger_rows, suppression_rows, table_rows
 from .http_peer import Peer, Request, serve
 
 
@@ -66,15 +66,11 @@ def wechat_ws(make_workspace, peer: Peer, message: str, monkeypatch, rows: int =
 
 
 def ledger(ws) -> dict[str, tuple]:
-    with sqlite3.connect(ws.root / ".herald" / "herald.db") as conn:
-        return {r[0]: r[1:] for r in conn.execute(
-            "SELECT recipient, status, channel, code, provider_id, reason "
-            "FROM herald_deliveries")}
+    return ledger_rows(ws, "status", "channel", "code", "provider_id", "reason")
 
 
 def suppressed(ws) -> set[tuple[str, str]]:
-    with sqlite3.connect(ws.root / ".herald" / "herald.db") as conn:
-        return set(conn.execute("SELECT value, channel FROM herald_suppressions"))
+    return set(suppression_rows(ws, "value", "channel"))
 
 
 def test_subscription_notifications_one_shared_token_and_answers(
@@ -162,8 +158,7 @@ def test_a_slow_first_token_with_several_chunks_at_default_concurrency_does_not_
 
 
 def forces(ws) -> list[tuple]:
-    with sqlite3.connect(ws.root / ".herald" / "herald.db") as conn:
-        return list(conn.execute("SELECT account, day, count FROM herald_channel_token_forces"))
+    return table_rows(ws, "herald_channel_token_forces", "account", "day", "count")
 
 
 def test_a_refused_token_is_renewed_in_normal_mode_then_forced_once(

@@ -11,7 +11,7 @@ import pytest
 
 from herald.flows.cli import main
 
-from .conftest import outbox_messages, people
+from .helpers import outbox_messages, people
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -147,6 +147,7 @@ def test_run_json_contract_and_rerun(make_workspace, prefect_harness, capsys) ->
     assert outbox_messages(ws) == 98
 
     code, out, _ = cli(capsys, "report", summary["run_id"], "-w", str(ws.root), "--json")
+    assert code == 0
     report = json.loads(out)
     assert report["deliveries"]["sent"] == 98 and report["status"] == "completed"
     assert report["deliveries"]["no_address"] == 2

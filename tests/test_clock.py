@@ -132,5 +132,6 @@ def test_dry_run_rehearsal_at_a_set_time(make_workspace, prefect_harness, capsys
     assert timedelta(0) <= started - clock.parse(at) < timedelta(minutes=2)
     code, out, _ = cli(capsys, "run", "promo", "--dry-run", "--json",
                        "--now", "2027-01-01T10:00+08:00", "-w", str(ws.root))
+    assert code == 0
     later = json.loads(out)
     assert later["deliveries"]["sent"] == 10 and later["deliveries"]["deferred"] == 0

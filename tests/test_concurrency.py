@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, select
 
 from herald.delivery import ledger
 
-from .conftest import fill_people, outbox_files, people
+from .helpers import fill_people, outbox_files, people
 
 CONFIG = """\
 timezone: UTC

@@ -11,7 +11,7 @@ from sqlalchemy import create_engine, text
 from herald.core.spec import TaskRunnerSpec
 from herald.flows import campaign
 
-from .conftest import PROMO_YAML, outbox_messages
+from .helpers import PROMO_YAML, outbox_messages
 
 pytestmark = [pytest.mark.prefect]
 

@@ -15,7 +15,7 @@ from herald.core.workspace import Workspace
 from herald.flows.engine import run_local
 from herald.flows.validate import check_flow
 
-from .conftest import outbox_files, outbox_messages
+from .helpers import outbox_files, outbox_messages
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,7 +26,7 @@ from herald.reporting import experiments
 from herald.reporting.experiments import Arm, verdict
 from herald.reporting.stats import chi_squared_sf, chi_squared_test, two_proportion_test
 
-from .conftest import outbox_files
+from .helpers import outbox_files
 
 WEIGHTS = [("a", 1.0), ("b", 1.0)]
 

@@ -212,7 +212,7 @@ def test_holdout_draw_is_stable_and_proportional() -> None:
 
 
 def test_special_use_email_domains_are_a_workspace_setting(make_workspace) -> None:
-    from herald.delivery.policy import clean_address
+    from herald.delivery.addresses import clean_address
 
     special = ["a@shop.test", "a@x.invalid", "a@localhost", "a@printer.local"]
     for address in special:  # the default, for production: refused
@@ -220,7 +220,7 @@ def test_special_use_email_domains_are_a_workspace_setting(make_workspace) -> No
         assert clean_address("email", address, special_use=True) == (address, None)
     assert clean_address("email", "A@Shop.Example.com") == ("A@shop.example.com", None)
     assert clean_address("email", "a b@x.test", special_use=True) == (None, "invalid")
-    from .conftest import HERALD_YAML
+    from .helpers import HERALD_YAML
 
     ws = make_workspace({"config/herald.yaml": HERALD_YAML.replace(
         "caps: []", "caps: []\nemail: {allow_special_use_domains: true}")})

@@ -11,7 +11,7 @@ from herald.delivery import ledger
 from herald.flows import campaign
 from herald.flows.engine import run_local
 
-from .conftest import HERALD_YAML, fill_people, outbox_messages, people
+from .helpers import HERALD_YAML, fill_people, outbox_messages, people
 
 pytestmark = pytest.mark.postgres
 

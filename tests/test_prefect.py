@@ -17,7 +17,7 @@ from prefect.client.schemas.filters import (
 from herald.core.errors import RunError
 from herald.flows import campaign
 
-from .conftest import outbox_messages
+from .helpers import outbox_messages
 
 pytestmark = pytest.mark.prefect
 

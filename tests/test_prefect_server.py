@@ -34,7 +34,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun
 
-from .conftest import PROMO_YAML, outbox_messages
+from .helpers import PROMO_YAML, outbox_messages
 
 pytestmark = [pytest.mark.prefect, pytest.mark.prefect_server]
 

@@ -12,7 +12,7 @@ from herald.core.spec import QuietHours
 from herald.delivery import ledger, suppression
 from herald.flows.engine import run_local
 
-from .conftest import outbox_messages
+from .helpers import outbox_messages
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 

@@ -11,7 +11,7 @@ from sqlalchemy import create_engine, text
 from herald.delivery import ledger
 from herald.flows.engine import run_local
 
-from .conftest import HERALD_YAML, fill_people
+from .helpers import HERALD_YAML, fill_people
 from .test_cli import cli
 from .test_results import FILES, LEDGER, ORDERS, write_ledger, write_orders
 

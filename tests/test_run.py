@@ -9,7 +9,7 @@ from herald.core.errors import ValidationFailed
 from herald.delivery import ledger, suppression
 from herald.flows.engine import run_local
 
-from .conftest import outbox_messages, people
+from .helpers import outbox_messages, people
 
 CAP_WEEKLY = """\
 timezone: UTC

@@ -20,6 +20,7 @@ from herald.flows.cli.common import (
     print_summary,
     set_now,
 )
+from herald.reporting.text import interval, pp
 
 
 @app.command()
@@ -115,9 +116,8 @@ def _print_conversion(report: Any) -> None:
                 cells = ["–", f"[dim]{why}[/]", "–"]
             else:
                 style = "green" if found.low > 0 else "red" if found.high < 0 else "default"
-                cells = [f"[{style}]{found.absolute * 100:+.1f} pp[/]",
-                         f"[{found.low * 100:+.1f}, {found.high * 100:+.1f}]".replace(
-                             "[", "\\["),
+                cells = [f"[{style}]{pp(found.absolute, 1)}[/]",
+                         escape(interval(found, 1)),
                          f"{found.relative * 100:+.0f}%" if found.relative is not None
                          else "–"]
             table.add_row(escape(row.name), _arm_cell(row.contacted), _arm_cell(row.held_out),
@@ -131,7 +131,7 @@ def _print_conversion(report: Any) -> None:
     out.print(f"campaign arm {report.assigned.recipients:,} (contacted "
               f"{total.contacted.recipients:,}, not contacted {total.not_contacted:,}); "
               "intent to treat vs held out: "
-              + (f"{itt.absolute * 100:+.2f} pp \\[{itt.low * 100:+.2f}, {itt.high * 100:+.2f}]"
+              + (f"{pp(itt.absolute)} {escape(interval(itt))}"
                  if itt else "not measurable"))
     out.print("[dim]channels are not randomised: a channel's uplift compares its recipients "
               "with the whole held-out group[/]")

@@ -1,0 +1,85 @@
+"""Addresses: the one home of cleaning a recipient's address for a channel.
+
+E-mail addresses are checked for syntax (no DNS) and normalised; phone numbers become
+E.164 with the workspace's ``phone_region``; special-use e-mail domains follow the
+workspace's setting. The policy (what a run sends to) and preview (what it shows) both
+read addresses through :class:`Addresses`, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from email_validator import EmailNotValidError, validate_email
+
+from herald.core.workspace import Workspace
+
+__all__ = ["Addresses", "clean_address", "e164"]
+
+
+class Addresses:
+    """A workspace's address rules, per configured channel."""
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+        self.region = ws.config.phone_region
+        self.special_use = ws.config.email.allow_special_use_domains
+
+    def of(self, channel: str, row: Mapping[str, Any]) -> tuple[str | None, str | None]:
+        """The recipient's cleaned address for ``channel`` (from the channel's address
+        column), or (None, why not)."""
+        return clean_address(self.ws.channel_kind(channel),
+                             row.get(self.ws.address_column(channel)), self.region,
+                             self.special_use)
+
+
+def clean_address(kind: str, value: object, region: str | None = None,
+                  special_use: bool = False) -> tuple[str | None, str | None]:
+    """(address, None) when usable, else (None, why not). E-mail addresses are checked
+    for syntax only (no DNS) and normalized; a special-use domain (.test, .invalid,
+    localhost, ...) is refused unless ``special_use``. Phone numbers become E.164
+    (``region``: the country of numbers written without a country code)."""
+    if value is None:
+        return None, "empty"
+    text = str(value).strip()
+    if not text:
+        return None, "empty"
+    if len(text) > 512:
+        return None, "too long"
+    if kind == "email":
+        try:
+            return validate_email(text, check_deliverability=False).normalized, None
+        except EmailNotValidError:
+            if not special_use or not _special_use(text):
+                return None, "invalid"
+        # a special-use domain, allowed here: check the syntax with a public suffix added
+        try:
+            checked = validate_email(f"{text}.com", check_deliverability=False)
+        except EmailNotValidError:
+            return None, "invalid"
+        return checked.normalized.removesuffix(".com"), None
+    if kind == "sms":
+        return e164(text, region)
+    return text, None
+
+
+def _special_use(address: str) -> bool:
+    from email_validator import SPECIAL_USE_DOMAIN_NAMES
+
+    domain = address.rpartition("@")[2].lower().rstrip(".")
+    return any(domain == d or domain.endswith(f".{d}") for d in SPECIAL_USE_DOMAIN_NAMES)
+
+
+def e164(text: str, region: str | None) -> tuple[str | None, str | None]:
+    """A phone number in E.164 (``+8613812345678``), or (None, why not)."""
+    import phonenumbers
+
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        return None, "invalid" if region or text.startswith("+") else \
+            "invalid (no country code, and no phone_region in herald.yaml)"
+    if not phonenumbers.is_valid_number(number):
+        return None, "invalid"
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), None

@@ -1,0 +1,134 @@
+"""What tests share besides fixtures: the test workspace's files, CRM rows, and readers
+of what a run left behind (the outbox, the ledger and the suppression list, read through
+the workspace's own database so they work on SQLite and Postgres alike)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+from herald.core.workspace import Workspace
+
+HERALD_YAML = """\
+timezone: UTC
+sources:
+  crm: "sqlite:///crm.db"
+store: "sqlite:///.herald/herald.db"
+channels:
+  email: {type: outbox, kind: email}
+  sms: {type: outbox, kind: sms}
+caps: []
+chunk_size: 40
+max_workers: 3
+"""
+
+PROMO_YAML = """\
+name: promo
+description: A test campaign
+audience:
+  source: crm
+  segment: people
+  params: {min_score: 0}
+  key: id
+  tier: tier
+  locale: locale
+tiers:
+  gold: {channels: [email, sms]}
+  default: {channels: [sms, email]}
+"""
+
+FILES: dict[str, str] = {
+    "config/herald.yaml": HERALD_YAML,
+    "config/flows/promo.yaml": PROMO_YAML,
+    "audiences/people.sql": ("SELECT id, name, email, phone, tier, locale, score\n"
+                             "FROM people\nWHERE score >= :min_score\nORDER BY id\n"),
+    "templates/promo/default.email.subject.j2": "Hello {{ name }}",
+    "templates/promo/default.email.txt.j2": "Hello {{ name }}, your score is {{ score }}.",
+    "templates/promo/default.email.html.j2": "<p>Hello <b>{{ name }}</b></p>",
+    "templates/promo/default.sms.txt.j2": "Hi {{ name }}, score {{ score }}. Reply STOP to opt out",
+    "templates/promo/gold.email.subject.j2": "A gift for you, {{ name }}",
+    "templates/promo/gold.email.subject.zh.j2": "{{ name }}，送您一份礼物",
+    "templates/promo/gold.email.txt.j2": "Dear {{ name }}, gold member ({{ tier }}).",
+    "templates/promo/gold.email.txt.zh.j2": "亲爱的{{ name }}，金卡会员专享。",
+}
+
+
+def people(n: int) -> list[dict[str, Any]]:
+    """Deterministic CRM rows: every 7th has no email, every 5th no phone."""
+    rows = []
+    for i in range(1, n + 1):
+        rows.append({
+            "id": i,
+            "name": f"User {i}",
+            "email": None if i % 7 == 0 else f"user{i}@example.com",
+            "phone": None if i % 5 == 0 else f"+1415555{i:04d}",
+            "tier": "gold" if i % 4 == 0 else ("silver" if i % 4 == 1 else "bronze"),
+            "locale": "zh_CN" if i % 2 == 0 else "en_US",
+            "score": i % 10,
+        })
+    return rows
+
+
+def write_people(path: Path, rows: list[dict[str, Any]]) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE IF EXISTS people")
+        conn.execute("CREATE TABLE people (id INTEGER, name TEXT, email TEXT, phone TEXT, "
+                     "tier TEXT, locale TEXT, score INTEGER)")
+        conn.executemany("INSERT INTO people VALUES (:id, :name, :email, :phone, :tier, "
+                         ":locale, :score)", rows)
+
+
+def fill_people(url: str, rows: int) -> None:
+    """Create and fill the CRM's people table in any database (Postgres sources)."""
+    from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, insert
+
+    engine = create_engine(url)
+    meta = MetaData()
+    table = Table("people", meta, Column("id", Integer), Column("name", String),
+                  Column("email", String), Column("phone", String), Column("tier", String),
+                  Column("locale", String), Column("score", Integer))
+    meta.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(table), people(rows))
+    engine.dispose()
+
+
+def outbox_files(ws: Workspace) -> list[Path]:
+    base = ws.root / ".herald" / "outbox"
+    return sorted(p for p in base.rglob("*") if p.is_file()) if base.exists() else []
+
+
+def outbox_messages(ws: Workspace) -> int:
+    """How many messages the outbox holds (.eml files plus JSON lines)."""
+    total = 0
+    for path in outbox_files(ws):
+        if path.suffix == ".eml":
+            total += 1
+        elif path.suffix == ".jsonl":
+            total += sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line)
+    return total
+
+
+def ledger_rows(ws: Workspace, *columns: str, where: str = "") -> dict[str, tuple[Any, ...]]:
+    """{recipient: (columns...)} of the ledger, through the workspace's database."""
+    query = f"SELECT recipient, {', '.join(columns)} FROM herald_deliveries"
+    with ws.store.connect() as conn:
+        return {r[0]: tuple(r[1:]) for r in conn.execute(text(query + (
+            f" WHERE {where}" if where else "")))}
+
+
+def suppression_rows(ws: Workspace, *columns: str) -> list[tuple[Any, ...]]:
+    """Rows of the suppression list (``columns``, default the value)."""
+    with ws.store.connect() as conn:
+        return [tuple(r) for r in conn.execute(text(
+            f"SELECT {', '.join(columns or ('value',))} FROM herald_suppressions"))]
+
+
+def table_rows(ws: Workspace, table: str, *columns: str) -> list[tuple[Any, ...]]:
+    """Rows of one of the workspace database's tables."""
+    with ws.store.connect() as conn:
+        return [tuple(r) for r in conn.execute(text(
+            f"SELECT {', '.join(columns)} FROM {table}"))]
