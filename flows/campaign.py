@@ -23,6 +23,8 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import ArtifactUpdate
 from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext
 from prefect.events import emit_event
@@ -37,6 +39,7 @@ from herald.core.spec import Scalar, TaskRunnerSpec
 from herald.core.workspace import Workspace
 from herald.delivery.ledger import STATUSES
 from herald.flows import engine
+from herald.flows import progress as live
 from herald.flows.artifacts import artifact_key
 
 
@@ -150,22 +153,29 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
         _emit_failed(flow_name, key, None, built.message or "the audience build failed")
         return Failed(message=built.message)  # type: ignore[return-value]
     prepared = cast(engine.Prepared, built.result())
-    total = len(prepared.chunks)
+    figures = live.Progress(flow_name, key, prepared.run_id, len(prepared.chunks),
+                            prepared.package.size, dry_run)
     progress = cast(UUID, create_progress_artifact(
-        0.0, key=artifact_key(flow_name, "progress"),
-        description=f"Sending {flow_name} {key}"))
+        0.0, key=artifact_key(flow_name, "progress"), description=figures.headline()))
+    table = cast(UUID, create_markdown_artifact(
+        key=artifact_key(flow_name, "sending"), markdown=figures.markdown(),
+        description=f"Sending {flow_name} {key}: figures as chunks finish"))
+    live.notify("begin", figures)
     results: list[engine.ChunkResult] = []
     try:
-        for done, result in enumerate(_send_all(prepared.chunks, ws.config.max_workers),
-                                      start=1):
+        for job, result in _send_all(prepared.chunks, ws.config.max_workers):
             results.append(result)
-            update_progress_artifact(progress, 100.0 * done / total)
+            line = figures.add(job, result)
+            logger.info("%s", line)
+            _publish(progress, table, figures)
+            live.notify("chunk", figures, line)
     except BaseException as exc:
         engine.fail(ws, prepared.run_id, exc)
         _emit_failed(flow_name, key, prepared.run_id, exc)
         raise
-    if not total:
-        update_progress_artifact(progress, 100.0)
+    if not prepared.chunks:
+        _publish(progress, table, figures)
+    live.notify("end", figures)
     summary = engine.finish(ws, prepared, results, started)
     statuses = [s for s in STATUSES if any(row.get(s) for row in summary["by_channel"].values())
                 or summary["deliveries"].get(s)]
@@ -192,7 +202,15 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
     return summary
 
 
-def _send_all(chunks: list[engine.ChunkJob], workers: int) -> Iterator[engine.ChunkResult]:
+def _publish(progress: UUID, table: UUID, figures: live.Progress) -> None:
+    """The progress artifact's percentage and headline, and the figures' table."""
+    update_progress_artifact(progress, figures.percent, description=figures.headline())
+    with get_client(sync_client=True) as client:
+        client.update_artifact(table, ArtifactUpdate(data=figures.markdown()))
+
+
+def _send_all(chunks: list[engine.ChunkJob], workers: int
+              ) -> Iterator[tuple[engine.ChunkJob, engine.ChunkResult]]:
     """Send chunks with at most ``workers`` in flight, yielding results as they finish.
 
     Bounding the submissions here (not in the task runner's constructor) keeps the
@@ -200,13 +218,13 @@ def _send_all(chunks: list[engine.ChunkJob], workers: int) -> Iterator[engine.Ch
     ``herald serve`` or a worker.
     """
     waiting = list(reversed(chunks))
-    running: set[PrefectFuture[engine.ChunkResult]] = set()
+    running: dict[PrefectFuture[engine.ChunkResult], engine.ChunkJob] = {}
     while waiting or running:
         while waiting and len(running) < workers:
-            running.add(send_chunk.submit(waiting.pop()))
+            job = waiting.pop()
+            running[send_chunk.submit(job)] = job
         done = next(as_completed(list(running)))
-        running.discard(done)
-        yield done.result()
+        yield running.pop(done), done.result()
 
 
 def failure_rate(deliveries: dict[str, int]) -> float:

@@ -165,6 +165,7 @@ def test_cli_runs_without_a_prefect_server(make_workspace, tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout)
     assert summary["deliveries"]["sent"] == 20 and summary["dry_run"] is False
+    assert proc.stderr == ""  # --json: stdout holds the object, stderr stays quiet
     assert outbox_messages(ws) == 20
 
 

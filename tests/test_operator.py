@@ -69,3 +69,56 @@ def _with_schedule(cron: str) -> str:
     from .conftest import PROMO_YAML
 
     return PROMO_YAML + f"schedules:\n  - {{cron: '{cron}', timezone: Asia/Shanghai}}\n"
+
+
+# -- live progress ------------------------------------------------------------------------
+@pytest.mark.prefect
+def test_progress_lines_and_artifacts_mid_run(make_workspace, prefect_harness) -> None:
+    """Chunk by chunk, the CLI's lines and the Prefect artifacts carry the same figures;
+    the artifacts are read back from the Prefect API while the run is still sending."""
+    import io
+
+    from prefect.artifacts import Artifact
+    from rich.console import Console
+
+    from herald.flows import campaign
+    from herald.flows.cli.live import LiveReport
+    from herald.flows.progress import watching
+
+    ws = make_workspace(rows=100)  # 40 a chunk: 3 chunks, 2 recipients without address
+    seen: list[tuple[int, str, str, float]] = []
+
+    class Spy:
+        def begin(self, progress) -> None:
+            pass
+
+        def chunk(self, progress, line) -> None:
+            table = Artifact.get("herald-promo-sending")
+            bar = Artifact.get("herald-promo-progress")
+            assert table is not None and bar is not None
+            seen.append((progress.done, str(table.data), str(bar.description),
+                         float(bar.data)))
+
+        def end(self, progress) -> None:
+            pass
+
+    screen = io.StringIO()
+    with watching(Spy()), watching(LiveReport(Console(file=screen, width=200))):
+        summary = campaign.run(ws, "promo", {}, "k-progress", False)
+    assert summary["deliveries"]["sent"] == 98
+    assert [done for done, *_ in seen] == [1, 2, 3]
+    done, table, headline, percent = seen[1]  # mid-run: two chunks of three
+    assert "| chunks | 2 / 3 |" in table
+    assert headline.startswith("2/3 chunks · 80/100 recipients · sent ")
+    assert percent == pytest.approx(80.0)
+    final = seen[-1]
+    assert "| chunks | 3 / 3 |" in final[1] and "| sent | 98 |" in final[1]
+    assert "| no_address | 2 |" in final[1]
+    lines = screen.getvalue().splitlines()
+    assert lines[0].startswith("promo k-progress · run run-")
+    assert "100 recipients in 3 chunks" in lines[0]
+    chunk_lines = [line for line in lines if line.startswith("chunk ")]
+    assert [line.split(" (")[0] for line in chunk_lines] == ["chunk 1/3", "chunk 2/3",
+                                                             "chunk 3/3"]
+    sent = sum(int(line.split("sent ")[1].split(",")[0]) for line in chunk_lines)
+    assert sent == 98 and chunk_lines[-1].endswith("100/100 recipients")
