@@ -19,7 +19,6 @@ from prefect import State, flow, get_run_logger, tags, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
-    create_table_artifact,
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
@@ -37,10 +36,11 @@ from herald.core import clock
 from herald.core.errors import HeraldError, RunError
 from herald.core.spec import Scalar, TaskRunnerSpec
 from herald.core.workspace import Workspace
-from herald.delivery.ledger import STATUSES
 from herald.flows import engine
 from herald.flows import progress as live
 from herald.flows.artifacts import artifact_key
+from herald.reporting import runs
+from herald.reporting.text import delivery_markdown
 
 
 @task(name="build-audience", task_run_name="build-audience", cache_policy=NO_CACHE)
@@ -177,14 +177,14 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
         _publish(progress, table, figures)
     live.notify("end", figures)
     summary = engine.finish(ws, prepared, results, started)
-    statuses = [s for s in STATUSES if any(row.get(s) for row in summary["by_channel"].values())
-                or summary["deliveries"].get(s)]
-    create_table_artifact(
+    failures = [] if dry_run else runs.failure_reasons(ws, flow_name, key, prepared.run_id)
+    create_markdown_artifact(
         key=artifact_key(flow_name, "delivery"),
         description=f"Deliveries of {flow_name} {key} ({prepared.run_id})",
-        table=[{"channel": channel, **{s: row.get(s, 0) for s in statuses}}
-               for channel, row in summary["by_channel"].items()]
-        + [{"channel": "all", **{s: summary["deliveries"].get(s, 0) for s in statuses}}])
+        markdown=delivery_markdown(summary, failures))
+    for failure in failures[:3]:
+        logger.warning("%s failed on %s: %s (code %s)", f"{failure['count']:,}",
+                       failure["channel"], failure["reason"], failure["code"])
     if summary.get("deferred_until"):
         _follow_up(flow_name, key, dict(params or {}), summary["deferred_until"])
     _emit_finished(ws, summary)

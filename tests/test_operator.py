@@ -122,3 +122,59 @@ def test_progress_lines_and_artifacts_mid_run(make_workspace, prefect_harness) -
                                                              "chunk 3/3"]
     sent = sum(int(line.split("sent ")[1].split(",")[0]) for line in chunk_lines)
     assert sent == 98 and chunk_lines[-1].endswith("100/100 recipients")
+
+
+# -- failures an operator can act on --------------------------------------------------------
+@pytest.fixture
+def peer():
+    from .http_peer import Peer, serve
+
+    server, found = serve(Peer())
+    yield found
+    server.shutdown()
+    server.server_close()
+
+
+def test_failure_reasons_keep_the_providers_code(make_workspace, peer, capsys) -> None:
+    """A gateway's own error code and message travel from its answer to the ledger, the
+    report's top failure reasons and the delivery artifact's Markdown."""
+    from herald.reporting import runs
+    from herald.reporting.text import delivery_markdown
+
+    from .conftest import PROMO_YAML
+
+    ws = make_workspace({
+        "config/herald.yaml": (
+            "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
+            f"  hook: {{type: webhook, url: \"{peer.url}/v1/messages\", address: email}}\n"
+            "chunk_size: 40\n"),
+        "config/flows/promo.yaml": PROMO_YAML.replace(
+            "gold: {channels: [email, sms]}", "gold: {channels: [hook]}").replace(
+            "default: {channels: [sms, email]}", "default: {channels: [hook]}"),
+        "templates/promo/default.webhook.txt.j2": "Hello {{ name }}",
+    }, rows=12)
+    for key in ("1", "2", "3"):
+        peer.script(key, ("json", 400, {"error": {"code": "E_NUMBER",
+                                                  "message": "number not reachable"}}))
+    peer.script("4", ("json", 422, {"code": 30007, "message": "carrier filtered"}))
+    summary = engine.run_local(ws, "promo", run_key="k")
+    assert summary["deliveries"]["failed"] == 4
+
+    code, out, _ = cli(capsys, "report", "promo", "-w", str(ws.root), "--json")
+    assert code == 0
+    top = json.loads(out)["failure_reasons"]
+    assert top[0] == {"channel": "hook", "code": "E_NUMBER", "count": 3,
+                      "reason": "permanent: HTTP 400 Bad Request: E_NUMBER: number not "
+                                "reachable"}
+    assert (top[1]["code"], top[1]["count"]) == ("30007", 1)
+    assert "carrier filtered" in top[1]["reason"]
+    code, out, _ = cli(capsys, "report", "promo", "-w", str(ws.root))
+    assert code == 0 and "top failure reasons" in out and "E_NUMBER" in out
+
+    markdown = delivery_markdown(summary, runs.failure_reasons(ws, "promo", "k"))
+    assert "## Per tier" in markdown and "## Per channel" in markdown
+    assert ("| hook | E_NUMBER | permanent: HTTP 400 Bad Request: E_NUMBER: number not "
+            "reachable | 3 |") in markdown
+    tiers = {line.split(" | ")[0].strip("| ") for line in
+             markdown.split("## Per tier")[1].split("##")[0].splitlines() if "|" in line}
+    assert {"bronze", "gold", "silver", "**all**"} <= tiers
