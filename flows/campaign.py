@@ -145,6 +145,10 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
     ctx = FlowRunContext.get()
     key = resolve_run_key(ws, flow_name, run_key, ctx.flow_run if ctx else None)
     _not_before_scheduled_time(ctx.flow_run if ctx else None)
+    done = None if dry_run else engine.nothing_to_do(ws, flow_name, key)
+    if done is not None:
+        logger.info("%s", done["message"])
+        return done
     built = build_audience(ws, flow_name, dict(params or {}), key, dry_run,
                            return_state=True)
     if built.is_failed():

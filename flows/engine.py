@@ -79,6 +79,25 @@ def default_run_key(ws: Workspace, flow: str) -> str:
     return clock.now().astimezone(ZoneInfo(ws.timezone(ws.flow(flow)))).date().isoformat()
 
 
+def nothing_to_do(ws: Workspace, flow: str, run_key: str) -> dict[str, Any] | None:
+    """The answer to a rerun of a run key that is complete (a real run of it completed
+    and no recipient of it waits for a send: none queued, none deferred), else None.
+
+    Such a rerun would build a whole package only to find every recipient a duplicate;
+    its answer instead is the run key's figures and one line saying so."""
+    found = ledger.list_runs(ws.store, 1000, flow=flow, run_key=run_key)
+    done = [r for r in found if r.status == "completed" and not r.dry_run]
+    if not done or ledger.open_rows(ws.store, flow, run_key):
+        return None
+    counts = ledger.key_counts(ws.store, flow, run_key)
+    sent, failed = counts.deliveries.get("sent", 0), counts.deliveries.get("failed", 0)
+    return {"run_id": None, "flow": flow, "run_key": run_key, "dry_run": False,
+            "status": "nothing_to_do", "sent_by": done[-1].id, "package": None,
+            **counts.to_dict(),
+            "message": f"already sent under run key {run_key}: {sent:,} sent, {failed:,} "
+                       "failed; nothing to do"}
+
+
 def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None = None,
             run_key: str | None = None, dry_run: bool = False) -> Prepared:
     """Validate, record the run, build the package and plan its chunks."""

@@ -178,3 +178,57 @@ def test_failure_reasons_keep_the_providers_code(make_workspace, peer, capsys) -
     tiers = {line.split(" | ")[0].strip("| ") for line in
              markdown.split("## Per tier")[1].split("##")[0].splitlines() if "|" in line}
     assert {"bronze", "gold", "silver", "**all**"} <= tiers
+
+
+# -- reports by run key ----------------------------------------------------------------------
+def test_report_by_run_key_runs_and_a_complete_rerun(make_workspace, capsys) -> None:
+    from herald.audiences import store
+
+    ws = make_workspace(rows=100)
+    first = engine.run_local(ws, "promo", run_key="k")
+    again = engine.run_local(ws, "promo", run_key="k")  # everyone a duplicate
+    assert again["deliveries"]["duplicate"] == 100 and again["deliveries"]["sent"] == 0
+    dry = engine.run_local(ws, "promo", run_key="k", dry_run=True)
+
+    code, out, _ = cli(capsys, "report", "promo", "-w", str(ws.root), "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["run_key"] == "k" and report["deliveries"]["sent"] == 98
+    assert report["deliveries"]["duplicate"] == 0  # each recipient once, as first sent
+    assert [r["run_id"] for r in report["runs"]] == [again["run_id"], first["run_id"]]
+    assert report["package"]["id"] == first["package"]["id"]
+    code, out, _ = cli(capsys, "report", "promo", "--dry-runs", "-w", str(ws.root), "--json")
+    assert dry["run_id"] in [r["run_id"] for r in json.loads(out)["runs"]]
+    code, out, _ = cli(capsys, "report", first["run_id"], "-w", str(ws.root), "--json")
+    assert json.loads(out)["run_id"] == first["run_id"]  # a run id: that run alone
+
+    code, out, _ = cli(capsys, "runs", "promo", "-w", str(ws.root), "--json")
+    listed = json.loads(out)
+    assert code == 0 and [r["run_id"] for r in listed] == [dry["run_id"], again["run_id"],
+                                                           first["run_id"]]
+    assert (listed[2]["sent"], listed[1]["duplicate"], listed[0]["dry_run"]) == (98, 100, True)
+    assert listed[2]["run_key"] == "k" and listed[2]["duration_seconds"] is not None
+    code, out, _ = cli(capsys, "runs", "-w", str(ws.root))
+    assert code == 0 and first["run_id"] in out
+
+    packages = len(store.list_packages(ws, "promo"))
+    code, out, err = cli(capsys, "run", "promo", "--run-key", "k", "-w", str(ws.root))
+    assert code == 0
+    assert out.strip() == "already sent under run key k: 98 sent, 0 failed; nothing to do"
+    assert len(store.list_packages(ws, "promo")) == packages  # no package built
+    code, out, _ = cli(capsys, "run", "promo", "--run-key", "k", "--json", "-w", str(ws.root))
+    done = json.loads(out)
+    assert code == 0 and done["status"] == "nothing_to_do"
+    assert done["deliveries"]["sent"] == 98 and done["sent_by"] == first["run_id"]
+
+
+def test_unknown_flows_runs_and_keys_get_did_you_mean(make_workspace, capsys) -> None:
+    ws = make_workspace(rows=10)
+    engine.run_local(ws, "promo", run_key="2026-11-22")
+    code, _, err = cli(capsys, "report", "promx", "-w", str(ws.root))
+    assert code == 1 and "no run or flow 'promx' (did you mean 'promo'?)" in err
+    code, _, err = cli(capsys, "report", "promo", "--run-key", "2026-11-23", "-w",
+                       str(ws.root))
+    assert code == 1 and "did you mean '2026-11-22'?" in err
+    code, _, err = cli(capsys, "runs", "prom", "-w", str(ws.root))
+    assert code == 1 and "unknown flow 'prom' (did you mean 'promo'?)" in err

@@ -84,9 +84,10 @@ def report(run_id: Annotated[str | None, typer.Argument(
     out.print(f"status: {row.status}" + (f" ({escape(row.error)})" if row.error else ""))
     if len(data.get("runs", [])) > 1:
         _print_runs(data["runs"], f"runs under run key {data['run_key']}")
-    if data["reasons"] and not data["dry_run"]:
+    others = [r for r in data["reasons"] if r["status"] != "failed"]  # failed: below
+    if others and not data["dry_run"]:
         reasons = Table("status", "channel", "reason", "count", title="not sent, and why")
-        for r in data["reasons"]:
+        for r in others:
             reasons.add_row(r["status"], r["channel"] or "-", escape(r["reason"] or "-"),
                             str(r["count"]))
         out.print(reasons)

@@ -57,9 +57,18 @@ def run(flow: str, param: ParamOpt = None,
         raise typer.BadParameter("an empty run key (leave --run-key out for today's)",
                                  param_hint="--run-key")
     runner = _runner(ws, task_runner, dask_address)
+    from herald.flows import engine
     from herald.flows.validate import check_flow
 
     check_flow(ws, flow, params)  # fail fast, before Prefect starts
+    done = None if dry_run else engine.nothing_to_do(
+        ws, flow, run_key or engine.default_run_key(ws, flow))
+    if done is not None:  # a complete run key: no package, no Prefect run
+        if as_json:
+            print_json(done)
+        else:
+            out.print(done["message"])
+        return
     prefect_env()
     if not verbose:
         # Prefect's console lines (task states, temporary server) stay off stderr; its
@@ -86,6 +95,8 @@ def run(flow: str, param: ParamOpt = None,
         watcher.end_quietly()
     if as_json:
         print_json(summary)
+    elif summary.get("status") == "nothing_to_do":  # completed meanwhile by another run
+        out.print(summary["message"])
     else:
         print_summary(summary)
 
