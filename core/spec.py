@@ -398,6 +398,24 @@ class TierSpec(Strict):
     template: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_/.-]*$")
 
 
+def _fraction(value: Any) -> Any:
+    """A share of recipients as a fraction: ``5%`` and ``5`` are refused with the spelling
+    that works, rather than pydantic's generic messages."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        number = value.strip().rstrip("%").strip()
+        try:
+            share = float(number) / 100
+        except ValueError:
+            raise ValueError(f"'{value}' is not a share: write a fraction such as 0.05 "
+                             "for 5%") from None
+        raise ValueError(f"write the fraction {share:g} for {value.strip()} (a share of "
+                         "recipients between 0 and 1)")
+    if isinstance(value, int | float) and not isinstance(value, bool) and 1 <= value < 100:
+        raise ValueError(f"{value} is not a fraction: write {value / 100:g} for {value:g}% "
+                         "(a share of recipients between 0 and 1)")
+    return value
+
+
 class FlowSpec(Strict):
     """``config/flows/NAME.yaml``: one campaign."""
 
@@ -407,7 +425,8 @@ class FlowSpec(Strict):
     audience: AudienceSpec
     tiers: dict[Name, TierSpec] = Field(min_length=1)
     caps: list[FlowCapRule] = Field(default_factory=list)
-    holdout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    holdout: Annotated[float, BeforeValidator(_fraction)] = Field(default=0.0, ge=0.0,
+                                                                   lt=1.0)
     # quiet hours for this flow; `false` turns the workspace's off (e.g. transactional)
     quiet_hours: QuietHours | Literal[False] | None = None
     exempt: bool = False  # transactional: not capped, and not counted by any cap

@@ -36,6 +36,7 @@ PARTS: dict[str, tuple[tuple[str, bool], ...]] = {
     "wechat": (("txt", True),),
     "webhook": (("txt", True),),
 }
+PART_NAMES = {"subject": "subject", "txt": "text", "html": "HTML"}
 _VARIANT = re.compile(
     r"^(?P<base>.+)\.(?P<part>subject|txt|html)(?:\.(?P<locale>[A-Za-z_-]+))?\.j2$")
 
@@ -151,10 +152,13 @@ class Templates:
             for kind in sorted(kinds):
                 for part, required in PARTS[kind]:
                     if required and self.find(flow, tier, kind, part, None) is None:
-                        tried = " or ".join(f"templates/{p}.{kind}.{part}.j2"
-                                            for p in self.prefixes(flow, tier))
-                        problems.append(Problem(f"missing template: {tried}",
-                                                field=f"tiers.{tier}"))
+                        first, *shared = [f"templates/{p}.{kind}.{part}.j2"
+                                          for p in self.prefixes(flow, tier)]
+                        problems.append(Problem(
+                            f"no {kind} {PART_NAMES.get(part, part)} template for tier "
+                            f"'{tier}': create {first}"
+                            + (f" (or {shared[0]}, used by every tier without its own)"
+                               if shared else ""), field=f"tiers.{tier}"))
                     for name in self.variants(flow, tier, kind, part):
                         if name in checked:
                             continue

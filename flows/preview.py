@@ -20,13 +20,13 @@ from herald.delivery.dispatch import Job
 from herald.delivery.policy import SEND, Decision, clean_address
 from herald.delivery.render import RenderError
 from herald.flows.engine import build_message, default_run_key
-from herald.flows.validate import check_flow, templates_for
+from herald.flows.validate import check_flow, did_you_mean, templates_for
 
 
 def render_samples(ws: Workspace, flow_name: str, params: Mapping[str, Scalar],
                    tier: str | None, limit: int) -> list[dict[str, Any]]:
     templates = templates_for(ws)
-    checked = check_flow(ws, flow_name, params, templates)
+    checked = check_flow(ws, flow_name, params, templates, secrets=False)
     flow = checked.spec
     engine = ws.source(flow.audience.source)
     bind: dict[str, Any] = dict(checked.segment.params)
@@ -42,6 +42,15 @@ def render_samples(ws: Workspace, flow_name: str, params: Mapping[str, Scalar],
            "LIMIT :herald_limit")
     with engine.connect() as conn:
         rows = [dict(r) for r in conn.execute(text(sql), bind).mappings()]
+    if tier and not rows:
+        with engine.connect() as conn:
+            tiers = [str(t) for t in conn.execute(text(
+                f"SELECT DISTINCT herald_sample.{column} FROM (\n{checked.segment.sql}\n) "
+                "AS herald_sample"), checked.segment.params).scalars() if t is not None]
+        known = sorted({*tiers, *(t for t in flow.tiers if t != "default")})
+        raise AudienceError(f"--tier: no recipients in tier '{tier}'"
+                            + (did_you_mean(tier, known) or "")
+                            + f" (tiers: {', '.join(known) or 'none'})")
     job = Job(flow.name, default_run_key(ws, flow_name), "preview")
     samples = []
     for i, row in enumerate(rows):

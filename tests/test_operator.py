@@ -232,3 +232,61 @@ def test_unknown_flows_runs_and_keys_get_did_you_mean(make_workspace, capsys) ->
     assert code == 1 and "did you mean '2026-11-22'?" in err
     code, _, err = cli(capsys, "runs", "prom", "-w", str(ws.root))
     assert code == 1 and "unknown flow 'prom' (did you mean 'promo'?)" in err
+
+
+# -- errors, each one line with file:line field and a hint -------------------------------------
+def test_errors_name_the_line_and_give_a_hint(make_workspace, capsys, monkeypatch) -> None:
+    from .conftest import PROMO_YAML
+
+    flow = "config/flows/promo.yaml"
+    ws = make_workspace({flow: PROMO_YAML.replace("{min_score: 0}",
+                                                  "{min_scor: 0}")})
+    code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+    assert code == 1
+    assert (f"{flow}:6 audience.params.min_scor: audiences/people.sql does not use "
+            ":min_scor (did you mean 'min_score'?) (it uses: :min_score)") in err
+    code, _, err = cli(capsys, "preview", "promo", "-w", str(ws.root), "-p", "min_score=1",
+                       "-p", "dayz=3")
+    assert code == 1 and "-p dayz: audiences/people.sql does not use :dayz" in err
+
+    ws = make_workspace({flow: PROMO_YAML + "holdout: 5%\n"}, folder="w2")
+    code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+    assert code == 1 and f"{flow}:13 holdout: " in err
+    assert "write the fraction 0.05 for 5%" in err
+    ws = make_workspace({flow: PROMO_YAML + "holdout: 5\n"}, folder="w3")
+    code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+    assert code == 1 and "5 is not a fraction: write 0.05 for 5%" in err
+
+    ws = make_workspace({"templates/promo/default.sms.txt.j2": None}, folder="w4")
+    code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+    assert code == 1
+    assert (f"{flow}:12 tiers.default: no sms text template for tier 'default': create "
+            "templates/promo/default.sms.txt.j2") in err
+
+    ws = make_workspace(folder="w5")
+    code, out, err = cli(capsys, "preview", "promo", "--tier", "gld", "-w", str(ws.root))
+    assert code == 1 and "--tier: no recipients in tier 'gld' (did you mean 'gold'?)" in err
+    code, _, err = cli(capsys, "run", "promx", "-w", str(ws.root))
+    assert code == 1 and "unknown flow 'promx'" in err and "did you mean 'promo'?" in err
+
+
+def test_secrets_are_required_by_commands_that_send_only(make_workspace, capsys,
+                                                          monkeypatch) -> None:
+    from .conftest import HERALD_YAML
+
+    monkeypatch.delenv("HERALD_TEST_SMTP_PASSWORD", raising=False)
+    ws = make_workspace({"config/herald.yaml": HERALD_YAML.replace(
+        "email: {type: outbox, kind: email}",
+        'email: {type: smtp, host: 127.0.0.1, port: 2525, sender: "a@example.com", '
+        'password: "${HERALD_TEST_SMTP_PASSWORD}"}')}, rows=10)
+    for read_only in (["suppress", "list"], ["runs"], ["audience", "list"],
+                      ["preview", "promo"]):
+        code, _, err = cli(capsys, *read_only, "-w", str(ws.root))
+        assert code == 0, (read_only, err)
+    code, _, err = cli(capsys, "report", "promo", "-w", str(ws.root))
+    assert code == 1 and "flow 'promo' has no real runs yet" in err  # not the secret
+    for sending in (["validate"], ["run", "promo"]):
+        code, _, err = cli(capsys, *sending, "-w", str(ws.root))
+        assert code == 1
+        assert ("config/herald.yaml:6 channels.email.password: environment variable "
+                "HERALD_TEST_SMTP_PASSWORD is not set") in err
