@@ -226,6 +226,34 @@ def _discard(store: Engine, package_id: str) -> None:
         conn.execute(delete(packages).where(packages.c.id == package_id))
 
 
+def prune(ws: Workspace, keep: int, flow: str | None = None) -> tuple[list[str], list[str]]:
+    """Delete all but the newest ``keep`` packages of each flow; (deleted, kept anyway).
+
+    A package is kept anyway while the ledger still needs it: a row of it is ``queued``
+    or ``deferred`` (a later run of that run key resumes from the package), or a run
+    that used it is still ``running``."""
+    from herald.core.db import deliveries, runs
+
+    with ws.store.connect() as conn:
+        query = select(packages.c.id, packages.c.flow).order_by(packages.c.built_at.desc())
+        if flow:
+            query = query.where(packages.c.flow == flow)
+        seen: Counter[str] = Counter()
+        candidates = []
+        for package_id, package_flow in conn.execute(query):
+            seen[package_flow] += 1
+            if seen[package_flow] > keep:
+                candidates.append(package_id)
+        needed = set(conn.execute(select(deliveries.c.package_id).distinct().where(
+            deliveries.c.status.in_(("queued", "deferred")))).scalars())
+        needed |= set(conn.execute(select(runs.c.package_id).where(
+            runs.c.status == "running")).scalars())
+    deleted = [p for p in candidates if p not in needed]
+    for package_id in deleted:
+        _discard(ws.store, package_id)
+    return deleted, [p for p in candidates if p in needed]
+
+
 def _package(row: Any) -> Package:
     built_at = row.built_at if row.built_at.tzinfo else row.built_at.replace(tzinfo=UTC)
     return Package(row.id, row.flow, row.segment, row.source, row.sql_sha256,

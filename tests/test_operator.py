@@ -290,3 +290,85 @@ def test_secrets_are_required_by_commands_that_send_only(make_workspace, capsys,
         assert code == 1
         assert ("config/herald.yaml:6 channels.email.password: environment variable "
                 "HERALD_TEST_SMTP_PASSWORD is not set") in err
+
+
+# -- send-test, preview --out, version, completion, prune --------------------------------------
+def test_send_test_reaches_a_real_smtp_server_and_counts_nowhere(make_workspace,
+                                                                  capsys) -> None:
+    import sqlite3
+
+    from .conftest import HERALD_YAML
+    from .test_channel_smtp import Handler, free_port
+
+    from aiosmtpd.controller import Controller
+
+    handler, port = Handler(), free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        ws = make_workspace({"config/herald.yaml": HERALD_YAML.replace(
+            "email: {type: outbox, kind: email}",
+            f'email: {{type: smtp, host: 127.0.0.1, port: {port}, security: none, '
+            'sender: "Shop <news@shop.example>"}')}, rows=20)
+        code, out, err = cli(capsys, "send-test", "promo", "--tier", "gold", "--to",
+                             "me@ops.example", "-w", str(ws.root))
+        assert code == 0, err
+        assert "sent promo/gold" in out and "through email" in out
+        assert len(handler.received) == 1
+        got = handler.received[0]
+        assert got["To"] == "me@ops.example" and got["X-Herald-Test"] == "1"
+        assert got["Subject"].startswith("[test] ") and "User " in got["Subject"]
+        code, _, err = cli(capsys, "send-test", "promo", "--tier", "gld", "--to",
+                           "me@ops.example", "-w", str(ws.root))
+        assert code == 1 and "did you mean 'gold'?" in err
+        code, _, err = cli(capsys, "send-test", "promo", "--tier", "gold", "--to",
+                           "not-an-address", "-w", str(ws.root))
+        assert code == 1 and "--to: 'not-an-address' is not an address" in err
+    finally:
+        controller.stop()
+    with sqlite3.connect(ws.root / ".herald/herald.db") as conn:
+        tests = conn.execute("SELECT flow, tier, channel, address, status "
+                             "FROM herald_test_sends").fetchall()
+        ledger = conn.execute("SELECT count(*) FROM herald_deliveries").fetchone()[0]
+    assert tests == [("promo", "gold", "email", "me@ops.example", "sent")]
+    assert ledger == 0  # not a delivery: no cap, report or rerun sees it
+    code, out, _ = cli(capsys, "runs", "-w", str(ws.root))
+    assert out.strip() == "no runs yet"
+
+
+def test_preview_out_version_completion_and_prune(make_workspace, tmp_path, capsys) -> None:
+    from email import message_from_bytes
+
+    from herald.audiences import store
+
+    ws = make_workspace(rows=20)
+    code, _, err = cli(capsys, "preview", "promo", "--tier", "gold", "--limit", "2",
+                       "--out", str(tmp_path / "pv"), "-w", str(ws.root))
+    assert code == 0 and "files written" in err
+    names = sorted(p.name for p in (tmp_path / "pv").iterdir())
+    assert [n for n in names if n.endswith(".json")] and [n for n in names
+                                                         if n.endswith(".eml")]
+    eml = next((tmp_path / "pv").glob("*.eml"))
+    parsed = message_from_bytes(eml.read_bytes())
+    assert parsed["Subject"] and parsed["To"].endswith("@example.com")
+    sample = json.loads(next((tmp_path / "pv").glob("*.json")).read_text())
+    assert sample["tier"] == "gold" and sample["status"] == "would_send"
+
+    code, out, _ = cli(capsys, "--version")
+    assert code == 0 and out.startswith("herald ")
+    code, out, _ = cli(capsys, "--show-completion", "bash")
+    assert code == 0 and "_HERALD_COMPLETE" in out
+
+    first = engine.run_local(ws, "promo", run_key="a")["package"]["id"]
+    built = [store.build(ws, ws.flow("promo"), engine.check_flow(ws, "promo").segment).id
+             for _ in range(3)]
+    from herald.core.db import deliveries, writing
+
+    with writing(ws.store) as conn:  # the first run's key still has a queued recipient
+        conn.execute(deliveries.update().where(deliveries.c.recipient == "1")
+                     .values(status="queued"))
+    code, out, _ = cli(capsys, "audience", "prune", "--keep", "1", "-w", str(ws.root))
+    assert code == 0
+    left = {p.id for p in store.list_packages(ws, "promo")}
+    assert left == {built[-1], first}
+    assert "2 packages deleted; 1 kept because a run key still needs it" in out
