@@ -297,10 +297,10 @@ def test_send_test_reaches_a_real_smtp_server_and_counts_nowhere(make_workspace,
                                                                   capsys) -> None:
     import sqlite3
 
+    from aiosmtpd.controller import Controller
+
     from .conftest import HERALD_YAML
     from .test_channel_smtp import Handler, free_port
-
-    from aiosmtpd.controller import Controller
 
     handler, port = Handler(), free_port()
     controller = Controller(handler, hostname="127.0.0.1", port=port)
