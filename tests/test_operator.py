@@ -372,3 +372,34 @@ def test_preview_out_version_completion_and_prune(make_workspace, tmp_path, caps
     left = {p.id for p in store.list_packages(ws, "promo")}
     assert left == {built[-1], first}
     assert "2 packages deleted; 1 kept because a run key still needs it" in out
+
+
+def test_recipient_history_caps_suppression_and_holdout(make_workspace, capsys) -> None:
+    from .conftest import HERALD_YAML, PROMO_YAML
+
+    ws = make_workspace({
+        "config/herald.yaml": HERALD_YAML.replace("caps: []",
+                                                  "caps: [{max: 2, per: 7d}]"),
+        "config/flows/promo.yaml": PROMO_YAML + "holdout: 0.3\ncaps: [{max: 1, per: 30d}]\n",
+    }, rows=40)
+    engine.run_local(ws, "promo", run_key="a")
+    from herald.delivery.policy import in_holdout
+
+    sent = next(str(i) for i in range(1, 41) if not in_holdout("promo", str(i), 0.3)
+                and i % 7 != 0)
+    held = next(str(i) for i in range(1, 41) if in_holdout("promo", str(i), 0.3))
+    code, out, _ = cli(capsys, "suppress", "add", sent, "-w", str(ws.root))
+    code, out, _ = cli(capsys, "recipient", sent, "-w", str(ws.root), "--json")
+    assert code == 0
+    view = json.loads(out)
+    assert [(h["flow"], h["run_key"], h["status"]) for h in view["history"]] == [
+        ("promo", "a", "sent")]
+    caps = {c["rule"]: (c["used"], c["max"], c["reached"]) for c in view["caps"]}
+    assert caps == {"max 2 per 7d (all channels)": (1, 2, False),
+                    "max 1 per 30d (flow promo)": (1, 1, True)}
+    assert view["suppressed"] == [{"value": sent, "channels": ["*"]}]
+    assert view["held_out"] == {"promo": False}
+    code, out, _ = cli(capsys, "recipient", held, "-w", str(ws.root))
+    assert code == 0 and "held out: promo" in out and "held_out" in out
+    code, out, _ = cli(capsys, "recipient", "nobody", "-w", str(ws.root))
+    assert code == 0 and "history: no ledger rows" in out

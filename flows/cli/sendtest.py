@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from herald.core.errors import RunError
 from herald.flows.cli.common import (
@@ -41,6 +42,6 @@ def send_test(flow: str,
         out.print(f"[green]✓[/] sent {flow}/{result['tier']} (rendered for recipient "
                   f"{result['sample']}) through {result['channel']} to "
                   f"{mask(result['address'])}"
-                  + (f": {result['subject']}" if result.get("subject") else ""))
+                  + (f": {escape(result['subject'])}" if result.get("subject") else ""))
     if result["status"] != "sent":
         raise RunError(f"send-test through {result['channel']} failed: {result['reason']}")
