@@ -135,7 +135,7 @@ suppressions = Table(
     Column("value", String(512), nullable=False),
     Column("channel", String(64), nullable=False),  # "*": every channel
     Column("reason", Text),
-    Column("source", String(32), nullable=False),  # operator | import | provider
+    Column("source", String(32), nullable=False),  # operator | import | provider | unsubscribe
     Column("created_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("value", "channel", name="uq_herald_suppressions"),
 )

@@ -336,6 +336,17 @@ class EmailSpec(Strict):
     allow_special_use_domains: bool = False
 
 
+class UnsubscribeSpec(Strict):
+    """Unsubscribe links: ``unsubscribe_url`` in every template, ``List-Unsubscribe``
+    (with RFC 8058 one-click) on e-mail, honoured by ``herald unsubscribe-server``.
+
+    ``secret`` signs each recipient's token (from the environment: ``${NAME}``; at least
+    16 characters); ``base_url`` is where that server is reachable from recipients."""
+
+    base_url: str = Field(pattern=r"^https?://")
+    secret: str = Field(min_length=16, repr=False)
+
+
 class WorkspaceConfig(Strict):
     """``config/herald.yaml``."""
 
@@ -354,6 +365,7 @@ class WorkspaceConfig(Strict):
     alerts: Alerts = Field(default_factory=lambda: Alerts())
     task_runner: TaskRunnerSpec = Field(default_factory=lambda: TaskRunnerSpec())
     writeback: WritebackSpec | None = None
+    unsubscribe: UnsubscribeSpec | None = None
 
     @field_validator("channels", mode="before")
     @classmethod

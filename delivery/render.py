@@ -59,9 +59,11 @@ class RenderError(Exception):
 class Templates:
     """Find, compile and render a workspace's templates (one instance per run)."""
 
-    def __init__(self, root: Path, default_locale: str = "en") -> None:
+    def __init__(self, root: Path, default_locale: str = "en",
+                 extra_globals: frozenset[str] = frozenset()) -> None:
         self.root = root
         self.default_locale = default_locale
+        self.globals = GLOBALS | extra_globals  # e.g. unsubscribe_url, when configured
         self.env = SandboxedEnvironment(
             loader=FileSystemLoader(str(root), encoding="utf-8"),
             undefined=StrictUndefined,
@@ -147,7 +149,7 @@ class Templates:
         """Every template a flow may use: present, compiling, using only known variables."""
         problems: list[Problem] = []
         checked: set[str] = set()
-        available = columns | GLOBALS
+        available = columns | self.globals
         for tier, kinds in kinds_by_tier.items():
             for kind in sorted(kinds):
                 for part, required in PARTS[kind]:
@@ -194,10 +196,12 @@ class Templates:
         problems = []
         if unknown:
             line = _first_line(ast, set(unknown))
+            hint = ("; unsubscribe_url needs `unsubscribe: {base_url, secret}` in "
+                    "config/herald.yaml" if "unsubscribe_url" in unknown else "")
             problems.append(Problem(
                 f"uses {', '.join(repr(u) for u in unknown)}, which the segment does not "
                 f"return (columns: {', '.join(sorted(columns))}; also: "
-                f"{', '.join(sorted(GLOBALS))})", file=file, line=line))
+                f"{', '.join(sorted(self.globals))}){hint}", file=file, line=line))
         # The sandbox refuses these when rendering too; refusing them here means a
         # template that tries to reach Python's internals never starts a run.
         for attr, lineno in _private_access(ast):

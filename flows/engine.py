@@ -33,7 +33,7 @@ from herald.core.db import writing
 from herald.core.errors import HeraldError, Problem, ValidationFailed
 from herald.core.spec import Scalar
 from herald.core.workspace import Workspace
-from herald.delivery import ledger
+from herald.delivery import ledger, unsubscribe
 from herald.delivery.dispatch import Job, dispatch, forget_buckets, group
 from herald.delivery.policy import SEND, Decision, Policy
 from herald.delivery.render import RenderError, Templates
@@ -336,10 +336,18 @@ def build_message(ws: Workspace, templates: Templates, job: ChunkJob | Job,
     locale = d.recipient.data.get(locale_col) if locale_col else None
     variables = {**d.recipient.data, "flow": flow.name, "tier": d.recipient.tier,
                  "run_key": job.run_key, "channel": d.channel}
+    headers: dict[str, str] = {}
+    if ws.config.unsubscribe:
+        url = unsubscribe.url_for(ws.config.unsubscribe, d.recipient.key, d.channel,
+                                  flow.name)
+        variables["unsubscribe_url"] = url
+        if kind == "email":
+            headers = unsubscribe.email_headers(url)
     rendered = templates.render(flow, d.tier, kind, str(locale) if locale else None, variables)
     return Message(recipient=d.recipient.key, address=d.address, kind=kind,
                    body=rendered.body, subject=rendered.subject, html=rendered.html,
                    message_id=message_id(flow.name, job.run_key, d.recipient.key),
+                   headers=headers,
                    meta={"flow": flow.name, "run_key": job.run_key, "tier": d.recipient.tier})
 
 

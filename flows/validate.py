@@ -34,7 +34,8 @@ OPT_OUT_MARKERS = ("退订", "回T", "拒收", "回TD")
 
 
 def templates_for(ws: Workspace) -> Templates:
-    return Templates(ws.templates_dir, ws.config.default_locale)
+    extra = frozenset({"unsubscribe_url"}) if ws.config.unsubscribe else frozenset()
+    return Templates(ws.templates_dir, ws.config.default_locale, extra)
 
 
 def check_flow(ws: Workspace, name: str, overrides: Mapping[str, Scalar] | None = None,

@@ -403,3 +403,76 @@ def test_recipient_history_caps_suppression_and_holdout(make_workspace, capsys) 
     assert code == 0 and "held out: promo" in out and "held_out" in out
     code, out, _ = cli(capsys, "recipient", "nobody", "-w", str(ws.root))
     assert code == 0 and "history: no ledger rows" in out
+
+
+# -- unsubscribe ---------------------------------------------------------------------------------
+def test_unsubscribe_link_and_one_click_post_suppress_for_the_next_run(
+        make_workspace, monkeypatch) -> None:
+    import re
+    import threading
+    import time
+    from email import message_from_bytes
+
+    import httpx
+    import uvicorn
+
+    from herald.flows.unsubscribe_server import make_app
+
+    from .conftest import HERALD_YAML, outbox_files
+    from .test_channel_smtp import free_port
+
+    monkeypatch.setenv("HERALD_TEST_UNSUB_SECRET", "s3cret-for-the-unsubscribe-test")
+    port = free_port()
+    ws = make_workspace({
+        "config/herald.yaml": HERALD_YAML + (
+            f'unsubscribe: {{base_url: "http://127.0.0.1:{port}", '
+            'secret: "${HERALD_TEST_UNSUB_SECRET}"}\n'),
+        "templates/promo/default.sms.txt.j2": "Hi {{ name }}. Stop: {{ unsubscribe_url }}",
+    }, rows=20)
+    first = engine.run_local(ws, "promo", run_key="one")
+    sent = first["deliveries"]["sent"]
+    assert sent > 10
+    emails = [message_from_bytes(p.read_bytes()) for p in outbox_files(ws)
+              if p.suffix == ".eml"]
+    mail = next(m for m in emails if m["List-Unsubscribe"])
+    link = re.sub(r"\s+", "", str(mail["List-Unsubscribe"])).strip("<>")  # unfolded
+    assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    sms = "\n".join(p.read_text() for p in outbox_files(ws) if p.suffix == ".jsonl")
+    sms_link = re.search(r"Stop: (http://\S+?)\"", sms)
+    assert sms_link and "/u/" in sms_link.group(1)
+
+    server = uvicorn.Server(uvicorn.Config(make_app(ws), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        page = httpx.get(link)
+        assert page.status_code == 200 and '<form method="post"' in page.text
+        assert httpx.get(link[:-3] + "AAA").status_code == 404  # forged: nothing written
+        from herald.delivery import suppression
+
+        assert suppression.list_suppressions(ws.store) == []  # a GET unsubscribes nobody
+        done = httpx.post(link, content="List-Unsubscribe=One-Click",
+                          headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert done.status_code == 200 and "Unsubscribed" in done.text
+        clicked = httpx.post(sms_link.group(1))
+        assert clicked.status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    rows = {(r.value, r.channel, r.source) for r in suppression.list_suppressions(ws.store)}
+    assert len(rows) == 2 and {r[1] for r in rows} == {"*"}  # every channel
+    assert all(source == "unsubscribe" for *_, source in rows)
+    gone = {value for value, *_ in rows}
+    second = engine.run_local(ws, "promo", run_key="two")
+    assert second["deliveries"]["suppressed"] == len(gone)
+    assert second["deliveries"]["sent"] == sent - len(gone)
+    from herald.delivery.ledger import existing
+
+    with ws.store.connect() as conn:
+        found = existing(conn, "promo", "two", sorted(gone))
+    assert len(found) == len(gone) and {v.status for v in found.values()} == {"suppressed"}

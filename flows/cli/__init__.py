@@ -23,6 +23,7 @@ from herald.flows.cli import (  # noqa: F401
     run,
     sendtest,
     suppress,
+    unsubscribe,
 )
 from herald.flows.cli.common import app, err, state
 
