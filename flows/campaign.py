@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, cast
 from uuid import UUID
-from zoneinfo import ZoneInfo
 
 from prefect import State, flow, get_run_logger, tags, task
 from prefect.artifacts import (
@@ -84,8 +83,7 @@ def resolve_run_key(ws: Workspace, flow_name: str, run_key: str | None,
     if run_key:
         return run_key
     if flow_run is not None and flow_run.auto_scheduled and flow_run.expected_start_time:
-        zone = ZoneInfo(ws.timezone(ws.flow(flow_name)))
-        return flow_run.expected_start_time.astimezone(zone).strftime("%Y-%m-%dT%H:%M")
+        return engine.scheduled_run_key(ws, flow_name, flow_run.expected_start_time)
     return engine.default_run_key(ws, flow_name)
 
 
@@ -106,9 +104,13 @@ def _run_name() -> str:
     ctx = FlowRunContext.get()
     assert ctx is not None and ctx.parameters is not None
     params = ctx.parameters
-    ws = engine.workspace_at(params["workspace"])
-    with clock.using(_clock_of(params.get("now"))):
-        key = resolve_run_key(ws, params["flow_name"], params.get("run_key"), ctx.flow_run)
+    try:
+        ws = engine.workspace_at(params["workspace"])
+        with clock.using(_clock_of(params.get("now"))):
+            key = resolve_run_key(ws, params["flow_name"], params.get("run_key"),
+                                  ctx.flow_run)
+    except Exception:  # the run itself reports the problem, in one line
+        key = params.get("run_key") or "?"
     return f"{params['flow_name']}/{key}"
 
 
@@ -134,7 +136,20 @@ def campaign(workspace: str, flow_name: str, run_key: str | None = None,
     ``now`` (ISO 8601) sets Herald's clock for this run, e.g. a rehearsal with --dry-run.
     """
     with clock.using(_clock_of(now)):
-        return _campaign(workspace, flow_name, run_key, params, dry_run)
+        try:
+            return _campaign(workspace, flow_name, run_key, params, dry_run)
+        except Exception as exc:
+            if os.environ.get(DEBUG_ENV):
+                raise  # `herald run --debug`: the traceback
+            # One line in the logs (and in `herald serve`'s console) and the run's state
+            # message, rather than a traceback an operator has to read through.
+            detail = str(exc) if isinstance(exc, HeraldError) else \
+                f"{type(exc).__name__}: {exc}"
+            get_run_logger().error("run of %s failed: %s", flow_name, detail)
+            return Failed(message=detail)  # type: ignore[return-value]
+
+
+DEBUG_ENV = "HERALD_DEBUG"  # set by `herald --debug run`: failures raise with a traceback
 
 
 def _campaign(workspace: str, flow_name: str, run_key: str | None,

@@ -79,6 +79,13 @@ def default_run_key(ws: Workspace, flow: str) -> str:
     return clock.now().astimezone(ZoneInfo(ws.timezone(ws.flow(flow)))).date().isoformat()
 
 
+def scheduled_run_key(ws: Workspace, flow: str, expected: datetime) -> str:
+    """The run key of a run a schedule created: its scheduled time to the minute in the
+    flow's time zone, so a retried or re-triggered scheduled run has the same key."""
+    zone = ZoneInfo(ws.timezone(ws.flow(flow)))
+    return expected.astimezone(zone).strftime("%Y-%m-%dT%H:%M")
+
+
 def nothing_to_do(ws: Workspace, flow: str, run_key: str) -> dict[str, Any] | None:
     """The answer to a rerun of a run key that is complete (a real run of it completed
     and no recipient of it waits for a send: none queued, none deferred), else None.

@@ -74,6 +74,8 @@ def run(flow: str, param: ParamOpt = None,
         # Prefect's console lines (task states, temporary server) stay off stderr; its
         # logs still reach the Prefect API and UI, whose level is not changed.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    if state.debug:
+        os.environ["HERALD_DEBUG"] = "1"  # the flow raises with its traceback
     from herald.flows import campaign
     from herald.flows.cli.live import LiveReport
     from herald.flows.progress import watching
