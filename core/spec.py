@@ -366,6 +366,8 @@ class WorkspaceConfig(Strict):
     task_runner: TaskRunnerSpec = Field(default_factory=lambda: TaskRunnerSpec())
     writeback: WritebackSpec | None = None
     unsubscribe: UnsubscribeSpec | None = None
+    # how reports show revenue: an ISO 4217 code (CNY, USD, EUR) before the amounts
+    currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$")
 
     @field_validator("channels", mode="before")
     @classmethod

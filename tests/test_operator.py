@@ -476,3 +476,54 @@ def test_unsubscribe_link_and_one_click_post_suppress_for_the_next_run(
     with ws.store.connect() as conn:
         found = existing(conn, "promo", "two", sorted(gone))
     assert len(found) == len(gone) and {v.status for v in found.values()} == {"suppressed"}
+
+
+# -- the HTML report a marketing manager reads ------------------------------------------------
+def test_incremental_conversions_and_revenue_with_intervals() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from herald.reporting.conversions import ConversionReport, Group, Row, incremental
+
+    # contacted: 1,000, 100 converted spending 50 each; held out: 200, 10 spending 50 each
+    report = ConversionReport("f", "k", "orders", timedelta(days=7), True,
+                              datetime(2026, 1, 1, tzinfo=UTC))
+    report.total = Row("all", Group(1000, 100, 5000.0, 100 * 50.0 ** 2),
+                       Group(200, 10, 500.0, 10 * 50.0 ** 2))
+    found = incremental(report)
+    assert found is not None
+    assert found.conversions == pytest.approx(50.0)  # (10% - 5%) x 1,000
+    assert found.conversions_low < 50 < found.conversions_high
+    assert found.revenue == pytest.approx(2500.0)  # (5.00 - 2.50) per recipient x 1,000
+    # per-recipient revenue: variance p(1-p) x 50^2, Welch interval over both groups
+    half = 1.959964 * ((0.1 * 0.9 * 2500 * 1000 / 999) / 1000
+                       + (0.05 * 0.95 * 2500 * 200 / 199) / 200) ** 0.5 * 1000
+    assert found.revenue_low == pytest.approx(2500 - half, rel=1e-4)
+    assert found.revenue_high == pytest.approx(2500 + half, rel=1e-4)
+
+
+def test_html_report_has_tiers_failures_messages_and_segment(make_workspace, peer, tmp_path,
+                                                             capsys) -> None:
+    from .conftest import PROMO_YAML
+
+    ws = make_workspace({
+        "config/herald.yaml": (
+            "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\ncurrency: CNY\n"
+            f"channels:\n  hook: {{type: webhook, url: \"{peer.url}/v1\", address: email}}\n"
+            "chunk_size: 40\n"),
+        "config/flows/promo.yaml": PROMO_YAML.replace(
+            "gold: {channels: [email, sms]}", "gold: {channels: [hook]}").replace(
+            "default: {channels: [sms, email]}", "default: {channels: [hook]}"),
+        "templates/promo/default.webhook.txt.j2": "Hello {{ name }}\nYour score: {{ score }}",
+        "templates/promo/gold.webhook.txt.j2": "Dear gold member {{ name }}",
+    }, rows=12)
+    peer.script("3", ("json", 400, {"code": "E_NUMBER", "message": "number not reachable"}))
+    engine.run_local(ws, "promo", run_key="k")
+    page = tmp_path / "r.html"
+    code, _, err = cli(capsys, "report", "promo", "--to", str(page), "-w", str(ws.root))
+    assert code == 0, err
+    html = page.read_text()
+    assert "<h2>Deliveries per tier</h2>" in html and "<td>gold</td>" in html
+    assert "<td>E_NUMBER</td>" in html and "number not reachable" in html
+    assert "segment <code>people</code> · parameters <code>min_score = 0</code>" in html
+    assert "<h2>The messages, per tier</h2>" in html
+    assert "Dear gold member User" in html and "Your score:" in html

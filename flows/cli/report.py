@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -74,7 +75,9 @@ def report(run_id: Annotated[str | None, typer.Argument(
 
         path = to or ws.root / "reports" / row.flow / f"{row.run_key}.html"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render(data, conversion, runs.timeline(ws, row.flow, row.run_key)),
+        _with_package_params(ws, data)
+        path.write_text(render(data, conversion, runs.timeline(ws, row.flow, row.run_key),
+                               _tier_messages(ws, row.flow), ws.config.currency),
                         encoding="utf-8")
     if as_json:
         print_json({**data, **({"html": str(path)} if path else {})})
@@ -105,6 +108,32 @@ def report(run_id: Annotated[str | None, typer.Argument(
                   "result rows")
     if path:
         out.print(f"HTML report: {path}")
+
+
+def _with_package_params(ws: Any, data: dict[str, Any]) -> None:
+    """The package's segment parameters, when the package is still stored."""
+    from herald.audiences import store
+
+    package = data.get("package") or {}
+    if package.get("id") and "params" not in package:
+        with contextlib.suppress(HeraldError):  # pruned: the report goes without them
+            data["package"] = {**store.get(ws, package["id"]).manifest(), **package}
+
+
+def _tier_messages(ws: Any, flow: str) -> list[dict[str, Any]]:
+    """One sample message per tier, rendered now (nothing when the flow cannot be)."""
+    from herald.flows.preview import render_samples
+
+    if flow not in ws.flow_names():
+        return []
+    found = []
+    for tier in ws.flow(flow).tiers:
+        try:
+            samples = render_samples(ws, flow, {}, None if tier == "default" else tier, 1)
+        except HeraldError:
+            continue
+        found += [s for s in samples if s.get("body")][:1]
+    return found
 
 
 @app.command("runs")
