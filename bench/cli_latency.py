@@ -25,6 +25,8 @@ COMMANDS = [
     ["audience", "list"],
     ["report", "winback"],
     ["suppress", "list"],
+    ["runs"],
+    ["recipient", "1"],
 ]
 TARGET_S = 1.2
 
