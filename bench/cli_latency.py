@@ -75,8 +75,8 @@ def main() -> None:
     if parser.parse_args().write:
         path = ROOT / "BENCHMARKS.md"
         text = path.read_text(encoding="utf-8")
-        text = re.sub(r"(<!-- cli -->\n).*?(\n<!-- /cli -->)",
-                      lambda m: m.group(1) + found + m.group(2), text, flags=re.S)
+        text = re.sub(r"(<!-- cli -->\n).*?(<!-- /cli -->)",
+                      lambda m: m.group(1) + found + "\n" + m.group(2), text, flags=re.S)
         path.write_text(text, encoding="utf-8")
 
 
