@@ -101,7 +101,7 @@ def report(run_id: Annotated[str | None, typer.Argument(
                         f"{r['count']:,}")
         out.print(top)
     if conversion is not None:
-        _print_conversion(conversion)
+        _print_conversion(conversion, ws.config.currency)
     if written and ws.config.writeback:
         out.print(f"written back to source {ws.config.writeback.source}: "
                   f"{written['deliveries']} deliveries, {written['conversion_results']} "
@@ -171,7 +171,7 @@ def _print_runs(rows: list[dict[str, Any]], title: str | None) -> None:
     out.print(table)
 
 
-def _print_conversion(report: Any) -> None:
+def _print_conversion(report: Any, currency: str | None = None) -> None:
     """Conversions in tables that fit 80 columns: one row per tier, then per channel."""
     from rich import box
 
@@ -207,8 +207,8 @@ def _print_conversion(report: Any) -> None:
         out.print(table)
     total = report.total
     if report.has_revenue:
-        out.print("revenue: contacted " + _money(total.contacted) + ", held out "
-                  + _money(total.held_out))
+        out.print("revenue" + (f" ({currency})" if currency else "") + ": contacted "
+                  + _money(total.contacted) + ", held out " + _money(total.held_out))
     itt = report.intent_to_treat
     out.print(f"campaign arm {report.assigned.recipients:,} (contacted "
               f"{total.contacted.recipients:,}, not contacted {total.not_contacted:,}); "

@@ -73,7 +73,9 @@ def run(flow: str, param: ParamOpt = None,
     if not verbose:
         # Prefect's console lines (task states, temporary server) stay off stderr; its
         # logs still reach the Prefect API and UI, whose level is not changed.
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        # With --json, only errors: a run's warnings (failure reasons) are in its JSON.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL",
+                              "ERROR" if as_json else "WARNING")
     if state.debug:
         os.environ["HERALD_DEBUG"] = "1"  # the flow raises with its traceback
     from herald.flows import campaign
