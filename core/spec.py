@@ -344,7 +344,14 @@ class UnsubscribeSpec(Strict):
     16 characters); ``base_url`` is where that server is reachable from recipients."""
 
     base_url: str = Field(pattern=r"^https?://")
-    secret: str = Field(min_length=16, repr=False)
+    secret: str = Field(repr=False)  # "" when its variable is unset: senders report that
+
+    @field_validator("secret")
+    @classmethod
+    def _long_enough(cls, value: str) -> str:
+        if value and len(value) < 16:
+            raise ValueError("the unsubscribe secret needs 16 characters or more")
+        return value
 
 
 class WorkspaceConfig(Strict):

@@ -64,6 +64,8 @@ class Workspace:
         commands that send (run, serve, deploy, send-test, validate), not by read-only
         ones."""
         wanted = {f"channels.{c}" for c in channels}
+        if self.config.unsubscribe:  # every message carries an unsubscribe link
+            wanted.add("unsubscribe.secret")
         return [p for p in self._doc.missing_env
                 if p.field and ".".join(p.field.split(".")[:2]) in wanted]
 

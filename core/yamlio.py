@@ -80,10 +80,12 @@ def parse_yaml(text: str, file: str, env: Mapping[str, str]) -> Located:
     lines: dict[Loc, int] = {}
     problems: list[Problem] = []
     data = {} if root is None else _convert(root, (), lines, problems, file, env)
-    # A channel's secrets matter only to the commands that send through it: a missing
-    # one is kept for them to report (``Workspace.missing_secrets``), so read-only
+    # A channel's secrets (and the unsubscribe secret) matter only to the commands that
+    # send: a missing one is kept for them to report (``Workspace.missing_secrets``), so
+    # read-only
     # commands (report, suppress list) work without them.
-    deferred = [p for p in problems if p.field and p.field.startswith("channels.")
+    deferred = [p for p in problems if p.field
+                and p.field.startswith(("channels.", "unsubscribe.secret"))
                 and p.message.startswith("environment variable ")]
     problems = [p for p in problems if p not in deferred]
     if problems:

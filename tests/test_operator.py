@@ -531,3 +531,21 @@ def test_html_report_has_tiers_failures_messages_and_segment(make_workspace, pee
     assert "segment <code>people</code> · parameters <code>min_score = 0</code>" in html
     assert "<h2>The messages, per tier</h2>" in html
     assert "Dear gold member User" in html and "Your score:" in html
+
+
+def test_a_missing_unsubscribe_secret_stops_senders_only(make_workspace, capsys,
+                                                         monkeypatch) -> None:
+    from .conftest import HERALD_YAML
+
+    monkeypatch.delenv("HERALD_TEST_NO_UNSUB", raising=False)
+    ws = make_workspace({"config/herald.yaml": HERALD_YAML + (
+        'unsubscribe: {base_url: "https://u.example", secret: "${HERALD_TEST_NO_UNSUB}"}\n')})
+    code, _, err = cli(capsys, "suppress", "list", "-w", str(ws.root))
+    assert code == 0, err
+    for sending in (["validate"], ["run", "promo"], ["unsubscribe-server"]):
+        code, _, err = cli(capsys, *sending, "-w", str(ws.root))
+        assert code == 1 and "unsubscribe.secret: environment variable HERALD_TEST_NO_UNSUB " \
+                             "is not set" in err, (sending, err)
+    monkeypatch.setenv("HERALD_TEST_NO_UNSUB", "short")
+    code, _, err = cli(capsys, "suppress", "list", "-w", str(ws.root))
+    assert code == 1 and "16 characters or more" in err

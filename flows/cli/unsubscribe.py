@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from herald.core.errors import HeraldError
+from herald.core.errors import ConfigError, HeraldError
 from herald.flows.cli.common import WorkspaceOpt, app, open_workspace, out
 
 
@@ -23,6 +23,9 @@ def unsubscribe_server(host: Annotated[str, typer.Option("--host")] = "127.0.0.1
     if ws.config.unsubscribe is None:
         raise HeraldError("config/herald.yaml sets no unsubscribe section (unsubscribe: "
                           "{base_url: https://..., secret: \"${HERALD_UNSUBSCRIBE_SECRET}\"})")
+    missing = ws.missing_secrets([])
+    if missing:
+        raise ConfigError(missing)
     out.print(f"unsubscribe links of {ws.root}: serving on http://{host}:{port}/u/TOKEN "
               f"(links point at {ws.config.unsubscribe.base_url}); Ctrl-C stops")
     uvicorn.run(make_app(ws), host=host, port=port, log_level="warning")
