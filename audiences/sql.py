@@ -51,6 +51,16 @@ def bind_time(engine: Engine, moment: datetime) -> Any:
     return naive.isoformat(" ", "seconds") if engine.dialect.name == "sqlite" else naive
 
 
+def segment_params(ws: Workspace, name: str, source: str) -> tuple[str, set[str]]:
+    """The parameters a segment's SQL uses, and its workspace-relative file."""
+    path = ws.segment_file(name, ws.source(source).dialect.name)
+    try:
+        sql = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        raise AudienceError(f"{ws.relative(path)}: cannot be read") from None
+    return ws.relative(path), set(text(sql).compile().binds)
+
+
 def load_sql(ws: Workspace, name: str, source: str, params: Mapping[str, Scalar],
              supplied: tuple[str, ...] = (), hint: str = "",
              defaults: Mapping[str, Any] | None = None) -> Segment:

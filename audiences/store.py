@@ -8,6 +8,7 @@ Rows are numbered (``seq``) so a run can read any chunk by range.
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 from collections import Counter
@@ -98,10 +99,13 @@ def _json_default(value: Any) -> Any:
     return converted
 
 
-def _driver_integrity_errors() -> tuple[type[Exception], ...]:
+@functools.cache
+def _integrity_errors() -> tuple[type[BaseException], ...]:
+    """What a duplicate key raises: through SQLAlchemy, or from the driver's own cursor
+    (psycopg is imported on first need: 0.1 s that read-only commands do not pay)."""
     import sqlite3
 
-    errors: list[type[Exception]] = [sqlite3.IntegrityError]
+    errors: list[type[BaseException]] = [IntegrityError, sqlite3.IntegrityError]
     try:
         import psycopg
     except ImportError:
@@ -110,10 +114,6 @@ def _driver_integrity_errors() -> tuple[type[Exception], ...]:
         errors.append(psycopg.errors.IntegrityError)
     return tuple(errors)
 
-
-# What a duplicate key raises: through SQLAlchemy, or from the driver's own cursor.
-_INTEGRITY_ERRORS: tuple[type[BaseException], ...] = (IntegrityError,
-                                                      *_driver_integrity_errors())
 
 
 def jsonable(value: Any) -> Any:
@@ -205,7 +205,7 @@ def _insert_rows(store: Engine, rows: list[tuple[str, int, str, str, str]], file
                                        f"key, tier, data) VALUES ({marks})", rows)
             finally:
                 cursor.close()
-    except _INTEGRITY_ERRORS:
+    except _integrity_errors():
         keys = Counter(r[2] for r in rows)
         dup = [k for k, n in keys.items() if n > 1]
         if not dup:
@@ -224,6 +224,34 @@ def _discard(store: Engine, package_id: str) -> None:
     with writing(store) as conn:
         conn.execute(delete(package_rows).where(package_rows.c.package_id == package_id))
         conn.execute(delete(packages).where(packages.c.id == package_id))
+
+
+def prune(ws: Workspace, keep: int, flow: str | None = None) -> tuple[list[str], list[str]]:
+    """Delete all but the newest ``keep`` packages of each flow; (deleted, kept anyway).
+
+    A package is kept anyway while the ledger still needs it: a row of it is ``queued``
+    or ``deferred`` (a later run of that run key resumes from the package), or a run
+    that used it is still ``running``."""
+    from herald.core.db import deliveries, runs
+
+    with ws.store.connect() as conn:
+        query = select(packages.c.id, packages.c.flow).order_by(packages.c.built_at.desc())
+        if flow:
+            query = query.where(packages.c.flow == flow)
+        seen: Counter[str] = Counter()
+        candidates = []
+        for package_id, package_flow in conn.execute(query):
+            seen[package_flow] += 1
+            if seen[package_flow] > keep:
+                candidates.append(package_id)
+        needed = set(conn.execute(select(deliveries.c.package_id).distinct().where(
+            deliveries.c.status.in_(("queued", "deferred")))).scalars())
+        needed |= set(conn.execute(select(runs.c.package_id).where(
+            runs.c.status == "running")).scalars())
+    deleted = [p for p in candidates if p not in needed]
+    for package_id in deleted:
+        _discard(ws.store, package_id)
+    return deleted, [p for p in candidates if p in needed]
 
 
 def _package(row: Any) -> Package:

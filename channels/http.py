@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from abc import abstractmethod
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 from pydantic import Field
@@ -33,7 +33,7 @@ class HttpSettings(ChannelSettings):
 class HttpChannel(Channel):
     """Base class of the channels that talk HTTP to a provider."""
 
-    Settings = HttpSettings
+    Settings: ClassVar[type[ChannelSettings]] = HttpSettings
 
     def __init__(self, name: str, settings: ChannelSettings, context: ChannelContext) -> None:
         super().__init__(name, settings, context)
@@ -111,6 +111,36 @@ def retry_after(value: str | None) -> float | None:
         return None
 
 
+_CODE_FIELDS = ("code", "error_code", "errcode", "errorCode", "Code", "status_code")
+_MESSAGE_FIELDS = ("message", "error_description", "errmsg", "errorMessage", "Message",
+                   "detail", "description", "error", "msg")
+MAX_PROVIDER_TEXT = 200  # characters of a provider's message kept in the ledger
+
+
+def provider_error(response: httpx.Response) -> tuple[str | None, str | None]:
+    """A provider's own error code and message from an error answer's body: JSON in the
+    common shapes (``{"code", "message"}``, ``{"error": {"code", "message"}}``,
+    ``{"errors": [{...}]}``, ``{"error": "...", "error_description": "..."}``,
+    ``{"errcode", "errmsg"}``), else the first line of a short plain-text body."""
+    body: Any = json_body(response)
+    if not body:
+        kind = str(response.headers.get("content-type") or "")
+        text = response.text.strip() if kind.startswith("text/plain") else ""
+        return None, (text.splitlines()[0][:MAX_PROVIDER_TEXT] if text else None)
+    for nested in ("error", "errors"):
+        inner = body.get(nested)
+        if isinstance(inner, list) and inner and isinstance(inner[0], dict):
+            body = {**body, **inner[0]}
+        elif isinstance(inner, dict):
+            body = {**body, **inner}
+    code = next((body[f] for f in _CODE_FIELDS if isinstance(body.get(f), str | int)
+                 and not isinstance(body.get(f), bool) and str(body[f]).strip()), None)
+    message = next((body[f] for f in _MESSAGE_FIELDS if isinstance(body.get(f), str)
+                    and body[f].strip()), None)
+    return (str(code).strip()[:64] if code is not None else None,
+            " ".join(message.split())[:MAX_PROVIDER_TEXT] if message else None)
+
+
 def classify(response: httpx.Response, message_id: str) -> SendResult:
     """One HTTP answer as a SendResult (see the module's table)."""
     status = response.status_code
@@ -125,6 +155,10 @@ def classify(response: httpx.Response, message_id: str) -> SendResult:
             pass
         return SendResult.sent(provider_id=provider_id)
     detail = f"HTTP {status} {response.reason_phrase}".strip()
+    own_code, own_message = provider_error(response)
+    if own_code or own_message:  # the provider's own words, which an operator can act on
+        code = own_code or code
+        detail += ": " + ": ".join(x for x in (own_code, own_message) if x)
     if status in (408, 425, 429) or status >= 500:
         return SendResult.retryable(code, detail, retry_after(response.headers.get(
             "Retry-After")), throttled=status == 429)

@@ -36,7 +36,7 @@ from pydantic import SecretStr
 from sqlalchemy import Engine, select
 
 from herald.channels.base import ChannelContext, ChannelSettings, Message, SendResult
-from herald.channels.http import HttpChannel, HttpSettings, json_body
+from herald.channels.http import HttpChannel, HttpSettings, classify, json_body
 from herald.core.db import channel_token_forces as token_forces
 from herald.core.db import channel_tokens as tokens
 from herald.core.db import writing
@@ -232,6 +232,8 @@ class WechatChannel(HttpChannel):
             response = await self.client().post(f"{o.base_url}{path}",
                                                 params={"access_token": token}, json=payload)
             body = json_body(response)
+            if response.status_code != 200 and not isinstance(body.get("errcode"), int):
+                return classify(response, message.message_id)  # a proxy's or gateway's
             if response.status_code == 200 and not isinstance(body.get("errcode"), int):
                 # WeChat answers every call with errcode (0: success)
                 return SendResult.unexpected(response, "an errcode")
@@ -300,7 +302,7 @@ def _reserve_force(store: Engine, key: tuple[str, str]) -> tuple[str, bool] | No
         if conn.dialect.name == "postgresql":
             query = query.with_for_update()
         row = conn.execute(query).first()
-        count = row.count if row is not None and row.day == day else 0
+        count = int(row._mapping["count"]) if row is not None and row.day == day else 0
         if row is not None and at - _aware(row.last_at) < FORCE_GAP:
             return (f"the last force refresh was {(at - _aware(row.last_at)).seconds} s ago "
                     f"(WeChat allows one every {FORCE_GAP.seconds} s)"), True

@@ -133,6 +133,23 @@ experiments = Table(
     UniqueConstraint("flow", "run_key", "experiment", name="uq_herald_experiments"),
 )
 
+# Messages ``herald send-test`` sent to an operator's own address: kept apart from the
+# ledger, so no cap, report or rerun ever counts them.
+test_sends = Table(
+    "herald_test_sends", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("flow", String(128), nullable=False),
+    Column("tier", String(128), nullable=False),
+    Column("sample", String(255), nullable=False),  # the recipient whose data rendered it
+    Column("channel", String(64), nullable=False),
+    Column("address", String(512), nullable=False),
+    Column("status", String(16), nullable=False),  # sent | failed
+    Column("code", String(64)),
+    Column("reason", Text),
+    Column("provider_id", String(255)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
 ALL_CHANNELS = "*"  # a suppression that holds on every channel
 
 suppressions = Table(
@@ -141,7 +158,7 @@ suppressions = Table(
     Column("value", String(512), nullable=False),
     Column("channel", String(64), nullable=False),  # "*": every channel
     Column("reason", Text),
-    Column("source", String(32), nullable=False),  # operator | import | provider
+    Column("source", String(32), nullable=False),  # operator | import | provider | unsubscribe
     Column("created_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("value", "channel", name="uq_herald_suppressions"),
 )

@@ -196,6 +196,62 @@ class Alerts(Strict):
     failure_rate: float | None = Field(default=0.05, ge=0.0, le=1.0)
 
 
+# Cron and RRule strings are checked as Prefect's server checks them, without importing
+# Prefect (about 1 s, which read-only commands such as validate and preview do not pay):
+# cronsim parses the five (or six) fields and names the one it rejects; dateutil parses
+# RRules, as Prefect does.
+_CRON_ALIASES = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+                 "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+                 "@hourly": "0 * * * *"}
+_CRON_FIELDS = ("minute", "hour", "day-of-month", "month", "day-of-week", "second")
+MAX_RRULE_LENGTH = 6500  # Prefect's limit (about a year of RDATEs)
+
+
+def check_cron(value: str) -> None:
+    """Raise ValueError naming the bad field of a cron string (Prefect's accepted forms:
+    five fields or six with seconds, names, L, #, ranges, steps, ?, and @daily-style
+    aliases; no random or hashed H/R fields)."""
+    import datetime as dt
+
+    from cronsim import CronSim, CronSimError
+
+    expression = _CRON_ALIASES.get(value.strip().lower(), value)
+    fields = expression.split()
+    if len(fields) not in (5, 6):
+        raise ValueError(f'Invalid cron string: "{value}": {len(fields)} fields, expected 5 '
+                         "(minute hour day-of-month month day-of-week) or 6 (and second)")
+    for name, field in zip(_CRON_FIELDS, fields, strict=False):
+        if field.casefold() in ("h", "r"):
+            raise ValueError(f'Invalid cron string: "{value}": random and hashed '
+                             f"expressions are unsupported ({name} field '{field}')")
+    plain = [f.replace("?", "*") for f in fields]
+    # croniter's optional sixth field is seconds: 0-59 like minutes, checked as one
+    checks: list[tuple[str, str | None]] = [(" ".join(plain[:5]), None)]
+    if len(fields) == 6:
+        checks.append((f"{plain[5]} * * * *", "second"))
+    for expression, only in checks:
+        try:
+            CronSim(expression, dt.datetime(2026, 1, 1))
+        except CronSimError as exc:
+            said = only or str(exc).removeprefix("Bad ").strip()
+            where = (f"bad {said} field '{fields[_CRON_FIELDS.index(said)]}'"
+                     if said in _CRON_FIELDS else str(exc))
+            raise ValueError(f'Invalid cron string: "{value}": {where} (fields: minute hour '
+                             "day-of-month month day-of-week [second])") from None
+
+
+def check_rrule(value: str) -> None:
+    """Raise ValueError when dateutil (as Prefect) cannot parse an RRule string."""
+    from dateutil.rrule import rrulestr
+
+    try:
+        rrulestr(value, cache=True)
+    except ValueError as exc:
+        raise ValueError(f'Invalid RRule string "{value}": {exc}') from None
+    if len(value) > MAX_RRULE_LENGTH:
+        raise ValueError(f"Invalid RRule string: longer than {MAX_RRULE_LENGTH} characters")
+
+
 class ScheduleSpec(Strict):
     """When a flow runs by itself: exactly one of ``cron``, ``interval`` or ``rrule``.
 
@@ -222,16 +278,10 @@ class ScheduleSpec(Strict):
                              + (f" (found {', '.join(given)})" if given else ""))
         if self.anchor is not None and self.interval is None:
             raise ValueError("anchor applies to interval schedules only")
-        # Prefect's own checks, so that a schedule valid here is valid on the server.
-        from prefect.schedules import Cron, RRule
-
-        try:
-            if self.cron is not None:
-                Cron(self.cron)
-            if self.rrule is not None:
-                RRule(self.rrule)
-        except ValueError as exc:
-            raise ValueError(str(exc).strip().splitlines()[0]) from None
+        if self.cron is not None:
+            check_cron(self.cron)
+        if self.rrule is not None:
+            check_rrule(self.rrule)
         return self
 
     def describe(self) -> str:
@@ -286,6 +336,24 @@ class EmailSpec(Strict):
     allow_special_use_domains: bool = False
 
 
+class UnsubscribeSpec(Strict):
+    """Unsubscribe links: ``unsubscribe_url`` in every template, ``List-Unsubscribe``
+    (with RFC 8058 one-click) on e-mail, honoured by ``herald unsubscribe-server``.
+
+    ``secret`` signs each recipient's token (from the environment: ``${NAME}``; at least
+    16 characters); ``base_url`` is where that server is reachable from recipients."""
+
+    base_url: str = Field(pattern=r"^https?://")
+    secret: str = Field(repr=False)  # "" when its variable is unset: senders report that
+
+    @field_validator("secret")
+    @classmethod
+    def _long_enough(cls, value: str) -> str:
+        if value and len(value) < 16:
+            raise ValueError("the unsubscribe secret needs 16 characters or more")
+        return value
+
+
 class WorkspaceConfig(Strict):
     """``config/herald.yaml``."""
 
@@ -304,6 +372,9 @@ class WorkspaceConfig(Strict):
     alerts: Alerts = Field(default_factory=lambda: Alerts())
     task_runner: TaskRunnerSpec = Field(default_factory=lambda: TaskRunnerSpec())
     writeback: WritebackSpec | None = None
+    unsubscribe: UnsubscribeSpec | None = None
+    # how reports show revenue: an ISO 4217 code (CNY, USD, EUR) before the amounts
+    currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$")
 
     @field_validator("channels", mode="before")
     @classmethod
@@ -400,6 +471,24 @@ class TierSpec(Strict):
     experiment: ExperimentSpec | Literal[False] | None = None
 
 
+def _fraction(value: Any) -> Any:
+    """A share of recipients as a fraction: ``5%`` and ``5`` are refused with the spelling
+    that works, rather than pydantic's generic messages."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        number = value.strip().rstrip("%").strip()
+        try:
+            share = float(number) / 100
+        except ValueError:
+            raise ValueError(f"'{value}' is not a share: write a fraction such as 0.05 "
+                             "for 5%") from None
+        raise ValueError(f"write the fraction {share:g} for {value.strip()} (a share of "
+                         "recipients between 0 and 1)")
+    if isinstance(value, int | float) and not isinstance(value, bool) and 1 <= value < 100:
+        raise ValueError(f"{value} is not a fraction: write {value / 100:g} for {value:g}% "
+                         "(a share of recipients between 0 and 1)")
+    return value
+
+
 class FlowSpec(Strict):
     """``config/flows/NAME.yaml``: one campaign."""
 
@@ -409,7 +498,8 @@ class FlowSpec(Strict):
     audience: AudienceSpec
     tiers: dict[Name, TierSpec] = Field(min_length=1)
     caps: list[FlowCapRule] = Field(default_factory=list)
-    holdout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    holdout: Annotated[float, BeforeValidator(_fraction)] = Field(default=0.0, ge=0.0,
+                                                                   lt=1.0)
     # quiet hours for this flow; `false` turns the workspace's off (e.g. transactional)
     quiet_hours: QuietHours | Literal[False] | None = None
     exempt: bool = False  # transactional: not capped, and not counted by any cap

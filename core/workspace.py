@@ -7,6 +7,7 @@ Every problem found in a file is reported together, each with its line and field
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,16 @@ class Workspace:
             raise ConfigError(problems)
         return cls(path, config, channels, kinds, doc)
 
+    def missing_secrets(self, channels: Iterable[str]) -> list[Problem]:
+        """Unset environment variables of these channels' settings: checked by the
+        commands that send (run, serve, deploy, send-test, validate), not by read-only
+        ones."""
+        wanted = {f"channels.{c}" for c in channels}
+        if self.config.unsubscribe:  # every message carries an unsubscribe link
+            wanted.add("unsubscribe.secret")
+        return [p for p in self._doc.missing_env
+                if p.field and ".".join(p.field.split(".")[:2]) in wanted]
+
     # -- flows ---------------------------------------------------------------------
     def flow_names(self) -> list[str]:
         folder = self.root / FLOWS_DIR
@@ -72,8 +83,13 @@ class Workspace:
     def _load_flow(self, name: str) -> FlowSpec:
         rel = f"{FLOWS_DIR}/{name}.yaml"
         if not (self.root / rel).is_file():
+            import difflib
+
+            close = difflib.get_close_matches(name, self.flow_names(), n=1, cutoff=0.6)
             known = ", ".join(self.flow_names()) or "none"
-            raise WorkspaceError(f"unknown flow '{name}': {rel} not found (flows: {known})")
+            raise WorkspaceError(f"unknown flow '{name}': {rel} not found"
+                                 + (f" (did you mean '{close[0]}'?)" if close else "")
+                                 + f" (flows: {known})")
         doc = load_yaml(self.root / rel, rel)
         spec = validate(FlowSpec, doc)
         self._flow_docs[name] = doc

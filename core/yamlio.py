@@ -34,10 +34,12 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 class Located:
     """The parsed document plus the line of every value, by path."""
 
-    def __init__(self, file: str, data: Any, lines: dict[Loc, int]) -> None:
+    def __init__(self, file: str, data: Any, lines: dict[Loc, int],
+                 missing_env: list[Problem] | None = None) -> None:
         self.file = file
         self.data = data
         self.lines = lines
+        self.missing_env = missing_env or []  # channels' unset ${VARS}, for senders
 
     def line_of(self, loc: Loc) -> int | None:
         """The line of ``loc``, or of its nearest ancestor that has one."""
@@ -78,9 +80,17 @@ def parse_yaml(text: str, file: str, env: Mapping[str, str]) -> Located:
     lines: dict[Loc, int] = {}
     problems: list[Problem] = []
     data = {} if root is None else _convert(root, (), lines, problems, file, env)
+    # A channel's secrets (and the unsubscribe secret) matter only to the commands that
+    # send: a missing one is kept for them to report (``Workspace.missing_secrets``), so
+    # read-only
+    # commands (report, suppress list) work without them.
+    deferred = [p for p in problems if p.field
+                and p.field.startswith(("channels.", "unsubscribe.secret"))
+                and p.message.startswith("environment variable ")]
+    problems = [p for p in problems if p not in deferred]
     if problems:
         raise ConfigError(problems)
-    return Located(file, data, lines)
+    return Located(file, data, lines, deferred)
 
 
 def _convert(node: yaml.Node, loc: Loc, lines: dict[Loc, int], problems: list[Problem],

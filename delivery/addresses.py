@@ -29,8 +29,11 @@ class Addresses:
     def of(self, channel: str, row: Mapping[str, Any]) -> tuple[str | None, str | None]:
         """The recipient's cleaned address for ``channel`` (from the channel's address
         column), or (None, why not)."""
-        return clean_address(self.ws.channel_kind(channel),
-                             row.get(self.ws.address_column(channel)), self.region,
+        return self.clean(channel, row.get(self.ws.address_column(channel)))
+
+    def clean(self, channel: str, value: object) -> tuple[str | None, str | None]:
+        """``value`` cleaned as an address of ``channel``, or (None, why not)."""
+        return clean_address(self.ws.channel_kind(channel), value, self.region,
                              self.special_use)
 
 

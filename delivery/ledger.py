@@ -167,9 +167,30 @@ def get_run(engine: Engine, run_id: str | None = None, flow: str | None = None
         return conn.execute(query.order_by(runs.c.started_at.desc()).limit(1)).first()
 
 
-def list_runs(engine: Engine, limit: int = 20) -> list[Any]:
+def list_runs(engine: Engine, limit: int = 20, flow: str | None = None,
+              run_key: str | None = None) -> list[Any]:
+    """Runs, newest first (of ``flow`` and ``run_key`` if given)."""
+    query = select(runs)
+    if flow:
+        query = query.where(runs.c.flow == flow)
+    if run_key:
+        query = query.where(runs.c.run_key == run_key)
     with engine.connect() as conn:
-        return list(conn.execute(select(runs).order_by(runs.c.started_at.desc()).limit(limit)))
+        return list(conn.execute(query.order_by(runs.c.started_at.desc()).limit(limit)))
+
+
+def run_flows(engine: Engine) -> list[str]:
+    """Every flow name the runs table knows."""
+    with engine.connect() as conn:
+        return list(conn.execute(select(runs.c.flow).distinct()).scalars())
+
+
+def open_rows(engine: Engine, flow: str, run_key: str) -> int:
+    """Rows of a run key still waiting for a send (queued, or deferred to a later run)."""
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).where(
+            deliveries.c.flow == flow, deliveries.c.run_key == run_key,
+            deliveries.c.status.in_(("queued", "deferred")))).scalar() or 0)
 
 
 # -- deliveries ----------------------------------------------------------------------
@@ -331,11 +352,46 @@ def run_counts(engine: Engine, run_id: str) -> RunCounts:
     return counts
 
 
-def failures(engine: Engine, run_id: str, limit: int = 20) -> list[Any]:
-    """The most common failure reasons of a run, with their counts."""
+def key_counts(engine: Engine, flow: str, run_key: str) -> RunCounts:
+    """Counts of every ledger row of a run key (each recipient once, whichever run of the
+    key wrote it last) by status, tier and channel."""
+    counts = RunCounts()
+    query = select(deliveries.c.status, deliveries.c.tier, deliveries.c.channel,
+                   func.count()).where(deliveries.c.flow == flow,
+                                       deliveries.c.run_key == run_key).group_by(
+        deliveries.c.status, deliveries.c.tier, deliveries.c.channel)
+    with engine.connect() as conn:
+        for status, tier, channel, n in conn.execute(query):
+            counts.add(status, tier, channel, int(n))
+    return counts
+
+
+def failure_reasons(engine: Engine, flow: str, run_key: str, limit: int = 10,
+                    run_id: str | None = None) -> list[Any]:
+    """The most common reasons sends failed under a run key (or one run of it): channel,
+    the provider's code, the reason (with the provider's message) and how many."""
+    query = select(deliveries.c.channel, deliveries.c.code, deliveries.c.reason,
+                   func.count().label("n")).where(
+        deliveries.c.flow == flow, deliveries.c.run_key == run_key,
+        deliveries.c.status == "failed")
+    if run_id:
+        query = query.where(deliveries.c.run_id == run_id)
+    query = query.group_by(deliveries.c.channel, deliveries.c.code,
+                           deliveries.c.reason).order_by(func.count().desc(),
+                                                         deliveries.c.reason).limit(limit)
+    with engine.connect() as conn:
+        return list(conn.execute(query))
+
+
+def failures(engine: Engine, run_id: str | None, limit: int = 20,
+             key: tuple[str, str] | None = None) -> list[Any]:
+    """The most common reasons recipients of a run (or of a (flow, run key)) were not
+    sent, with their counts."""
+    where = (deliveries.c.run_id == run_id) if key is None else (
+        (deliveries.c.flow == key[0]) & (deliveries.c.run_key == key[1]))
     query = select(deliveries.c.channel, deliveries.c.status, deliveries.c.reason,
                    func.count().label("n")).where(
-        deliveries.c.run_id == run_id,
+        where,
         deliveries.c.status.in_(("failed", "render_error", "capped", "suppressed",
                                  "no_address"))).group_by(
         deliveries.c.channel, deliveries.c.status, deliveries.c.reason).order_by(

@@ -13,16 +13,16 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, cast
 from uuid import UUID
-from zoneinfo import ZoneInfo
 
 from prefect import State, flow, get_run_logger, tags, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
-    create_table_artifact,
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import ArtifactUpdate
 from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext
 from prefect.events import emit_event
@@ -35,9 +35,11 @@ from herald.core import clock
 from herald.core.errors import HeraldError, RunError
 from herald.core.spec import Scalar, TaskRunnerSpec
 from herald.core.workspace import Workspace
-from herald.delivery.ledger import STATUSES
 from herald.flows import engine
+from herald.flows import progress as live
 from herald.flows.artifacts import artifact_key
+from herald.reporting import runs
+from herald.reporting.text import delivery_markdown
 
 
 @task(name="build-audience", task_run_name="build-audience", cache_policy=NO_CACHE)
@@ -81,8 +83,7 @@ def resolve_run_key(ws: Workspace, flow_name: str, run_key: str | None,
     if run_key:
         return run_key
     if flow_run is not None and flow_run.auto_scheduled and flow_run.expected_start_time:
-        zone = ZoneInfo(ws.timezone(ws.flow(flow_name)))
-        return flow_run.expected_start_time.astimezone(zone).strftime("%Y-%m-%dT%H:%M")
+        return engine.scheduled_run_key(ws, flow_name, flow_run.expected_start_time)
     return engine.default_run_key(ws, flow_name)
 
 
@@ -103,9 +104,13 @@ def _run_name() -> str:
     ctx = FlowRunContext.get()
     assert ctx is not None and ctx.parameters is not None
     params = ctx.parameters
-    ws = engine.workspace_at(params["workspace"])
-    with clock.using(_clock_of(params.get("now"))):
-        key = resolve_run_key(ws, params["flow_name"], params.get("run_key"), ctx.flow_run)
+    try:
+        ws = engine.workspace_at(params["workspace"])
+        with clock.using(_clock_of(params.get("now"))):
+            key = resolve_run_key(ws, params["flow_name"], params.get("run_key"),
+                                  ctx.flow_run)
+    except Exception:  # the run itself reports the problem, in one line
+        key = params.get("run_key") or "?"
     return f"{params['flow_name']}/{key}"
 
 
@@ -131,7 +136,20 @@ def campaign(workspace: str, flow_name: str, run_key: str | None = None,
     ``now`` (ISO 8601) sets Herald's clock for this run, e.g. a rehearsal with --dry-run.
     """
     with clock.using(_clock_of(now)):
-        return _campaign(workspace, flow_name, run_key, params, dry_run)
+        try:
+            return _campaign(workspace, flow_name, run_key, params, dry_run)
+        except Exception as exc:
+            if os.environ.get(DEBUG_ENV):
+                raise  # `herald run --debug`: the traceback
+            # One line in the logs (and in `herald serve`'s console) and the run's state
+            # message, rather than a traceback an operator has to read through.
+            detail = str(exc) if isinstance(exc, HeraldError) else \
+                f"{type(exc).__name__}: {exc}"
+            get_run_logger().error("run of %s failed: %s", flow_name, detail)
+            return Failed(message=detail)  # type: ignore[return-value]
+
+
+DEBUG_ENV = "HERALD_DEBUG"  # set by `herald --debug run`: failures raise with a traceback
 
 
 def _campaign(workspace: str, flow_name: str, run_key: str | None,
@@ -142,6 +160,10 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
     ctx = FlowRunContext.get()
     key = resolve_run_key(ws, flow_name, run_key, ctx.flow_run if ctx else None)
     _not_before_scheduled_time(ctx.flow_run if ctx else None)
+    done = None if dry_run else engine.nothing_to_do(ws, flow_name, key)
+    if done is not None:
+        logger.info("%s", done["message"])
+        return done
     built = build_audience(ws, flow_name, dict(params or {}), key, dry_run,
                            return_state=True)
     if built.is_failed():
@@ -150,31 +172,38 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
         _emit_failed(flow_name, key, None, built.message or "the audience build failed")
         return Failed(message=built.message)  # type: ignore[return-value]
     prepared = cast(engine.Prepared, built.result())
-    total = len(prepared.chunks)
+    figures = live.Progress(flow_name, key, prepared.run_id, len(prepared.chunks),
+                            prepared.package.size, dry_run)
     progress = cast(UUID, create_progress_artifact(
-        0.0, key=artifact_key(flow_name, "progress"),
-        description=f"Sending {flow_name} {key}"))
+        0.0, key=artifact_key(flow_name, "progress"), description=figures.headline()))
+    table = cast(UUID, create_markdown_artifact(
+        key=artifact_key(flow_name, "sending"), markdown=figures.markdown(),
+        description=f"Sending {flow_name} {key}: figures as chunks finish"))
+    live.notify("begin", figures)
     results: list[engine.ChunkResult] = []
     try:
-        for done, result in enumerate(_send_all(prepared.chunks, ws.config.max_workers),
-                                      start=1):
+        for job, result in _send_all(prepared.chunks, ws.config.max_workers):
             results.append(result)
-            update_progress_artifact(progress, 100.0 * done / total)
+            line = figures.add(job, result)
+            logger.info("%s", line)
+            _publish(progress, table, figures)
+            live.notify("chunk", figures, line)
     except BaseException as exc:
         engine.fail(ws, prepared.run_id, exc)
         _emit_failed(flow_name, key, prepared.run_id, exc)
         raise
-    if not total:
-        update_progress_artifact(progress, 100.0)
+    if not prepared.chunks:
+        _publish(progress, table, figures)
+    live.notify("end", figures)
     summary = engine.finish(ws, prepared, results, started)
-    statuses = [s for s in STATUSES if any(row.get(s) for row in summary["by_channel"].values())
-                or summary["deliveries"].get(s)]
-    create_table_artifact(
+    failures = [] if dry_run else runs.failure_reasons(ws, flow_name, key, prepared.run_id)
+    create_markdown_artifact(
         key=artifact_key(flow_name, "delivery"),
         description=f"Deliveries of {flow_name} {key} ({prepared.run_id})",
-        table=[{"channel": channel, **{s: row.get(s, 0) for s in statuses}}
-               for channel, row in summary["by_channel"].items()]
-        + [{"channel": "all", **{s: summary["deliveries"].get(s, 0) for s in statuses}}])
+        markdown=delivery_markdown(summary, failures))
+    for failure in failures[:3]:
+        logger.warning("%s failed on %s: %s (code %s)", f"{failure['count']:,}",
+                       failure["channel"], failure["reason"], failure["code"])
     if summary.get("deferred_until"):
         _follow_up(flow_name, key, dict(params or {}), summary["deferred_until"])
     _emit_finished(ws, summary)
@@ -192,7 +221,15 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
     return summary
 
 
-def _send_all(chunks: list[engine.ChunkJob], workers: int) -> Iterator[engine.ChunkResult]:
+def _publish(progress: UUID, table: UUID, figures: live.Progress) -> None:
+    """The progress artifact's percentage and headline, and the figures' table."""
+    update_progress_artifact(progress, figures.percent, description=figures.headline())
+    with get_client(sync_client=True) as client:
+        client.update_artifact(table, ArtifactUpdate(data=figures.markdown()))
+
+
+def _send_all(chunks: list[engine.ChunkJob], workers: int
+              ) -> Iterator[tuple[engine.ChunkJob, engine.ChunkResult]]:
     """Send chunks with at most ``workers`` in flight, yielding results as they finish.
 
     Bounding the submissions here (not in the task runner's constructor) keeps the
@@ -200,13 +237,13 @@ def _send_all(chunks: list[engine.ChunkJob], workers: int) -> Iterator[engine.Ch
     ``herald serve`` or a worker.
     """
     waiting = list(reversed(chunks))
-    running: set[PrefectFuture[engine.ChunkResult]] = set()
+    running: dict[PrefectFuture[engine.ChunkResult], engine.ChunkJob] = {}
     while waiting or running:
         while waiting and len(running) < workers:
-            running.add(send_chunk.submit(waiting.pop()))
+            job = waiting.pop()
+            running[send_chunk.submit(job)] = job
         done = next(as_completed(list(running)))
-        running.discard(done)
-        yield done.result()
+        yield running.pop(done), done.result()
 
 
 def failure_rate(deliveries: dict[str, int]) -> float:

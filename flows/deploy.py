@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
@@ -62,7 +63,7 @@ def deployment(ws: Workspace, flow_name: str, work_pool: str | None = None
     spec = ws.flow(flow_name)
     flow_file = ws.root / ws.flow_file(flow_name)
     version = hashlib.sha256(flow_file.read_bytes()).hexdigest()[:12]
-    dep = campaign.to_deployment(
+    dep: RunnerDeployment = campaign.to_deployment(  # type: ignore[assignment]
         name=flow_name,
         schedules=[schedule(ws, flow_name, i, s) for i, s in enumerate(spec.schedules)],
         parameters={"workspace": str(ws.root), "flow_name": flow_name},
@@ -129,9 +130,57 @@ def serve(ws: Workspace, names: list[str] | None = None, limit: int | None = Non
 
         deployments.append(report_deployment())  # runs when attribution windows close
     os.environ.update(dask_env(ws))  # runs execute in subprocesses of this one
-    for dep in deployments:
-        register(dep)
+    ids = {register(dep): name for dep, name in zip(deployments, chosen, strict=False)}
+    namer = threading.Thread(target=_name_scheduled_runs, args=(ws, ids), daemon=True,
+                             name="herald-run-names")
+    namer.start()
     prefect_serve(*deployments, limit=limit, print_starting_message=True)
+
+
+def scheduled_run_name(ws: Workspace, flow_name: str, expected: datetime) -> str:
+    """``FLOW/RUN_KEY`` of a run created by a schedule: its key is the scheduled time in
+    the flow's time zone (as the run resolves it when it starts)."""
+    from herald.flows.engine import scheduled_run_key
+
+    return f"{flow_name}/{scheduled_run_key(ws, flow_name, expected)}"
+
+
+def _name_scheduled_runs(ws: Workspace, deployments: dict[UUID, str],
+                         every: float = 15.0) -> None:
+    """Give the runs Prefect's scheduler creates their ``FLOW/RUN_KEY`` names while they
+    wait, so the deployment's upcoming runs read like the runs they become (the
+    scheduler names them at random; the flow renames a run only when it starts)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    while True:
+        try:
+            with get_client(sync_client=True) as client:
+                runs = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(
+                        any_=list(deployments))),
+                    flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                        type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
+                    limit=200)
+                for run in runs:
+                    flow = deployments.get(run.deployment_id) if run.deployment_id else None
+                    if flow is None or not run.auto_scheduled or not run.expected_start_time:
+                        continue
+                    name = scheduled_run_name(ws, flow, run.expected_start_time)
+                    if run.name != name:
+                        client.update_flow_run(run.id, name=name)
+        except Exception:  # noqa: S110 - naming is cosmetic; the next pass tries again
+            pass
+        time.sleep(every)
 
 
 def deploy(ws: Workspace, pool: str, names: list[str] | None = None) -> list[str]:

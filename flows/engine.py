@@ -33,7 +33,7 @@ from herald.core.db import writing
 from herald.core.errors import HeraldError, Problem, ValidationFailed
 from herald.core.spec import Scalar
 from herald.core.workspace import Workspace
-from herald.delivery import ledger, variants
+from herald.delivery import ledger, unsubscribe, variants
 from herald.delivery.dispatch import Job, dispatch, forget_buckets, group
 from herald.delivery.policy import SEND, Decision, Policy
 from herald.delivery.render import RenderError, Templates
@@ -77,6 +77,32 @@ def default_run_key(ws: Workspace, flow: str) -> str:
     """Today's date in the flow's time zone by Herald's clock: one campaign a day unless
     told otherwise. The one home of this default (CLI, Prefect flow and engine use it)."""
     return clock.now().astimezone(ZoneInfo(ws.timezone(ws.flow(flow)))).date().isoformat()
+
+
+def scheduled_run_key(ws: Workspace, flow: str, expected: datetime) -> str:
+    """The run key of a run a schedule created: its scheduled time to the minute in the
+    flow's time zone, so a retried or re-triggered scheduled run has the same key."""
+    zone = ZoneInfo(ws.timezone(ws.flow(flow)))
+    return expected.astimezone(zone).strftime("%Y-%m-%dT%H:%M")
+
+
+def nothing_to_do(ws: Workspace, flow: str, run_key: str) -> dict[str, Any] | None:
+    """The answer to a rerun of a run key that is complete (a real run of it completed
+    and no recipient of it waits for a send: none queued, none deferred), else None.
+
+    Such a rerun would build a whole package only to find every recipient a duplicate;
+    its answer instead is the run key's figures and one line saying so."""
+    found = ledger.list_runs(ws.store, 1000, flow=flow, run_key=run_key)
+    done = [r for r in found if r.status == "completed" and not r.dry_run]
+    if not done or ledger.open_rows(ws.store, flow, run_key):
+        return None
+    counts = ledger.key_counts(ws.store, flow, run_key)
+    sent, failed = counts.deliveries.get("sent", 0), counts.deliveries.get("failed", 0)
+    return {"run_id": None, "flow": flow, "run_key": run_key, "dry_run": False,
+            "status": "nothing_to_do", "sent_by": done[-1].id, "package": None,
+            **counts.to_dict(),
+            "message": f"already sent under run key {run_key}: {sent:,} sent, {failed:,} "
+                       "failed; nothing to do"}
 
 
 def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None = None,
@@ -324,11 +350,19 @@ def build_message(ws: Workspace, templates: Templates, job: ChunkJob | Job,
     locale = d.recipient.data.get(locale_col) if locale_col else None
     variables = {**d.recipient.data, "flow": flow.name, "tier": d.recipient.tier,
                  "run_key": job.run_key, "channel": d.channel, "variant": d.variant}
+    headers: dict[str, str] = {}
+    if ws.config.unsubscribe:
+        url = unsubscribe.url_for(ws.config.unsubscribe, d.recipient.key, d.channel,
+                                  flow.name)
+        variables["unsubscribe_url"] = url
+        if kind == "email":
+            headers = unsubscribe.email_headers(url)
     rendered = templates.render(flow, d.tier, kind, str(locale) if locale else None,
                                 variables, d.variant)
     return Message(recipient=d.recipient.key, address=d.address, kind=kind,
                    body=rendered.body, subject=rendered.subject, html=rendered.html,
                    message_id=message_id(flow.name, job.run_key, d.recipient.key),
+                   headers=headers,
                    meta={"flow": flow.name, "run_key": job.run_key, "tier": d.recipient.tier,
                          **({"variant": d.variant} if d.variant else {})})
 

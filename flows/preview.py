@@ -7,7 +7,9 @@ not consult caps or the suppression list: it shows what the message would look l
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
@@ -22,36 +24,20 @@ from herald.delivery.dispatch import Job
 from herald.delivery.policy import SEND, Decision
 from herald.delivery.render import RenderError
 from herald.flows.engine import build_message, default_run_key
-from herald.flows.validate import check_flow, templates_for
+from herald.flows.validate import CheckedFlow, check_flow, did_you_mean, templates_for
 
 
 def render_samples(ws: Workspace, flow_name: str, params: Mapping[str, Scalar],
                    tier: str | None, limit: int) -> list[dict[str, Any]]:
     templates = templates_for(ws)
-    checked = check_flow(ws, flow_name, params, templates)
+    checked = check_flow(ws, flow_name, params, templates, secrets=False)
     flow = checked.spec
-    engine = ws.source(flow.audience.source)
-    bind: dict[str, Any] = dict(checked.segment.params)
-    where = ""
-    if tier:
-        if not flow.audience.tier:
-            raise AudienceError(f"--tier: flow '{flow_name}' has no audience.tier column")
-        column = engine.dialect.identifier_preparer.quote(flow.audience.tier)
-        where = f" WHERE herald_sample.{column} = :herald_tier"
-        bind["herald_tier"] = tier
-    bind["herald_limit"] = limit
-    sql = (f"SELECT * FROM (\n{checked.segment.sql}\n) AS herald_sample{where} "
-           "LIMIT :herald_limit")
-    with engine.connect() as conn:
-        rows = [dict(r) for r in conn.execute(text(sql), bind).mappings()]
+    recipients = sample_recipients(ws, checked, tier, limit)
     job = Job(flow.name, default_run_key(ws, flow_name), "preview")
     samples = []
     addresses = Addresses(ws)
-    for i, row in enumerate(rows):
-        data = {k: jsonable(v) for k, v in row.items()}
-        row_tier = str(data.get(flow.audience.tier) or DEFAULT_TIER) if flow.audience.tier \
-            else DEFAULT_TIER
-        recipient = Recipient(i, str(data[flow.audience.key]), row_tier, data)
+    for recipient in recipients:
+        row_tier, data = recipient.tier, recipient.data
         entry = flow.tier_for(row_tier)
         sample: dict[str, Any] = {"recipient": recipient.key, "tier": row_tier,
                                   "channel": None, "status": "no_address"}
@@ -80,3 +66,78 @@ def render_samples(ws: Workspace, flow_name: str, params: Mapping[str, Scalar],
             sample["error"] = "no address for any of " + ", ".join(entry[1].channels)
         samples.append(sample)
     return samples
+
+
+def write_samples(ws: Workspace, flow: str, samples: list[dict[str, Any]], folder: Path
+                  ) -> list[Path]:
+    """Write rendered samples to open: ``N-KEY.json`` for each, plus ``N-KEY.eml`` (what
+    the e-mail channel would send) and ``N-KEY.html`` for e-mail with an HTML part."""
+    from herald.channels.base import Message
+    from herald.channels.mime import build_email
+    from herald.channels.outbox import safe_name
+    from herald.flows.engine import message_id
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, sample in enumerate(samples, start=1):
+        stem = folder / f"{i:02d}-{safe_name(sample['recipient'])}"
+        path = stem.with_suffix(".json")
+        path.write_text(json.dumps(sample, ensure_ascii=False, indent=2, default=str),
+                        encoding="utf-8")
+        written.append(path)
+        if sample.get("status") != "would_send" or not sample.get("channel"):
+            continue
+        if ws.channel_kind(sample["channel"]) != "email":
+            continue
+        key = default_run_key(ws, flow)
+        message = Message(recipient=sample["recipient"], address=sample["address"],
+                          kind="email", body=sample["body"], subject=sample.get("subject"),
+                          html=sample.get("html"),
+                          message_id=message_id(flow, key, sample["recipient"]))
+        sender = getattr(ws.channels[sample["channel"]], "sender", None) or \
+            "Herald preview <preview@herald.invalid>"
+        eml = stem.with_suffix(".eml")
+        eml.write_bytes(build_email(message, sender).as_bytes())
+        written.append(eml)
+        if sample.get("html"):
+            html = stem.with_suffix(".html")
+            html.write_text(sample["html"], encoding="utf-8")
+            written.append(html)
+    return written
+
+
+def sample_recipients(ws: Workspace, checked: CheckedFlow, tier: str | None, limit: int
+                      ) -> list[Recipient]:
+    """Up to ``limit`` recipients straight from the segment (of ``tier`` if given); no
+    package is stored. An unknown tier is an error with a did-you-mean."""
+    flow = checked.spec
+    engine = ws.source(flow.audience.source)
+    bind: dict[str, Any] = dict(checked.segment.params)
+    where, column = "", ""
+    if tier:
+        if not flow.audience.tier:
+            raise AudienceError(f"--tier: flow '{flow.name}' has no audience.tier column")
+        column = engine.dialect.identifier_preparer.quote(flow.audience.tier)
+        where = f" WHERE herald_sample.{column} = :herald_tier"
+        bind["herald_tier"] = tier
+    bind["herald_limit"] = limit
+    sql = (f"SELECT * FROM (\n{checked.segment.sql}\n) AS herald_sample{where} "
+           "LIMIT :herald_limit")
+    with engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(text(sql), bind).mappings()]
+    if tier and not rows:
+        with engine.connect() as conn:
+            tiers = [str(t) for t in conn.execute(text(
+                f"SELECT DISTINCT herald_sample.{column} FROM (\n{checked.segment.sql}\n) "
+                "AS herald_sample"), checked.segment.params).scalars() if t is not None]
+        known = sorted({*tiers, *(t for t in flow.tiers if t != "default")})
+        raise AudienceError(f"--tier: no recipients in tier '{tier}'"
+                            + (did_you_mean(tier, known) or "")
+                            + f" (tiers: {', '.join(known) or 'none'})")
+    out = []
+    for i, row in enumerate(rows):
+        data = {k: jsonable(v) for k, v in row.items()}
+        row_tier = str(data.get(flow.audience.tier) or DEFAULT_TIER) if flow.audience.tier \
+            else DEFAULT_TIER
+        out.append(Recipient(i, str(data[flow.audience.key]), row_tier, data))
+    return out

@@ -7,10 +7,11 @@ returns; every channel the flow names is configured (checked when the flow loads
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from herald.audiences.sql import Segment, load_segment, probe_columns
+from herald.audiences.sql import Segment, load_segment, probe_columns, segment_params
 from herald.core.errors import AudienceError, Problem, ValidationFailed, WorkspaceError
 from herald.core.spec import FlowSpec, Scalar
 from herald.core.workspace import Workspace
@@ -33,15 +34,22 @@ OPT_OUT_MARKERS = ("退订", "回T", "拒收", "回TD")
 
 
 def templates_for(ws: Workspace) -> Templates:
-    return Templates(ws.templates_dir, ws.config.default_locale)
+    extra = frozenset({"unsubscribe_url"}) if ws.config.unsubscribe else frozenset()
+    return Templates(ws.templates_dir, ws.config.default_locale, extra)
 
 
 def check_flow(ws: Workspace, name: str, overrides: Mapping[str, Scalar] | None = None,
-               templates: Templates | None = None) -> CheckedFlow:
-    """Validate one flow; ValidationFailed lists every problem found."""
+               templates: Templates | None = None, secrets: bool = True) -> CheckedFlow:
+    """Validate one flow; ValidationFailed lists every problem found. ``secrets``: also
+    require the environment variables of the channels it sends through (everything
+    but preview, which sends nothing)."""
     flow = ws.flow(name)  # ConfigError for the YAML itself
     file = ws.flow_file(name)
-    problems: list[Problem] = []
+    problems: list[Problem] = param_problems(ws, flow, overrides or {})
+    if problems:
+        raise ValidationFailed(problems)
+    if secrets:
+        problems.extend(ws.missing_secrets(flow.channel_names()))
     try:
         segment = load_segment(ws, flow, overrides)
         columns = probe_columns(ws, flow, segment)
@@ -74,7 +82,11 @@ def check_flow(ws: Workspace, name: str, overrides: Mapping[str, Scalar] | None 
     engine = templates or templates_for(ws)
     kinds = {tier: {ws.channel_kind(c) for c in spec.channels}
              for tier, spec in flow.tiers.items()}
-    problems.extend(engine.check(flow, kinds, have))
+    for problem in engine.check(flow, kinds, have):
+        if problem.file is None and problem.field:  # a tier's: point at its YAML line
+            loc = tuple(problem.field.split("."))
+            problem = Problem(problem.message, file, ws.flow_line(name, loc), problem.field)
+        problems.append(problem)
     problems.extend(_check_experiments(ws, flow, engine, kinds))
     if problems:
         raise ValidationFailed(problems)
@@ -142,6 +154,36 @@ def _check_experiments(ws: Workspace, flow: FlowSpec, engine: Templates,
                     line=ws.flow_line(flow.name, (*loc, "variants", variant)),
                     field=f"{field}.variants.{variant}"))
     return problems
+
+
+def param_problems(ws: Workspace, flow: FlowSpec, overrides: Mapping[str, Scalar]
+                   ) -> list[Problem]:
+    """Parameters given (in the flow's YAML or with -p) that the segment SQL does not
+    use, each named where it was given, with the SQL's own parameters as the hint."""
+    try:
+        file, used = segment_params(ws, flow.audience.segment, flow.audience.source)
+    except (AudienceError, WorkspaceError):
+        return []  # the segment itself is reported by load_segment
+    problems = []
+    listed = ", ".join(f":{u}" for u in sorted(used)) or "none"
+    for name in flow.audience.params:
+        if name not in used and name not in overrides:
+            problems.append(Problem(
+                f"{file} does not use :{name}{did_you_mean(name, used)} (it uses: {listed})",
+                file=ws.flow_file(flow.name),
+                line=ws.flow_line(flow.name, ("audience", "params", name)),
+                field=f"audience.params.{name}"))
+    for name in overrides:
+        if name not in used:
+            problems.append(Problem(f"-p {name}: {file} does not use :{name}"
+                                    f"{did_you_mean(name, used)} (it uses: {listed})"))
+    return problems
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'days'?)`` when one of ``choices`` is close to ``word``."""
+    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _opt_out_warnings(ws: Workspace, flow: FlowSpec, engine: Templates,

@@ -33,7 +33,7 @@ from herald.core.errors import AudienceError, HeraldError, Problem, WorkspaceErr
 from herald.core.spec import FlowSpec, format_duration
 from herald.core.workspace import Workspace
 from herald.delivery import ledger
-from herald.reporting.stats import Uplift, uplift
+from herald.reporting.stats import Uplift, mean_difference, uplift
 
 CONTACTED = "sent"
 HELD_OUT = "held_out"
@@ -52,6 +52,7 @@ class Group:
     recipients: int = 0
     converted: int = 0
     revenue: float = 0.0
+    revenue_squares: float = 0.0  # sum of each converter's revenue squared (intervals)
 
     @property
     def rate(self) -> float | None:
@@ -342,6 +343,7 @@ def compute(ws: Workspace, flow_name: str, run_key: str, now: datetime | None = 
                 for group in groups_hit:
                     group.converted += 1
                     group.revenue += revenue
+                    group.revenue_squares += revenue * revenue
     return report
 
 
@@ -377,3 +379,47 @@ def window_closes(ws: Workspace, flow_name: str, run_key: str) -> datetime | Non
             _d.c.status.in_((CONTACTED, HELD_OUT)))).scalar()
     opened = utc(last)
     return opened + conv.window if opened else None
+
+
+@dataclass(frozen=True)
+class Incremental:
+    """What the campaign added over the held-out group's rates, for the contacted:
+    conversions and revenue, each with its 95% interval."""
+
+    conversions: float
+    conversions_low: float
+    conversions_high: float
+    revenue: float | None = None
+    revenue_low: float | None = None
+    revenue_high: float | None = None
+
+
+def incremental(report: ConversionReport) -> Incremental | None:
+    """Incremental conversions (uplift x contacted) and revenue (difference of revenue
+    per recipient x contacted), with intervals (the revenue's from the groups' sums of
+    squares; non-converters add nothing to them)."""
+    total = report.total
+    found = total.uplift
+    if found is None or not total.contacted.recipients:
+        return None
+    n = total.contacted.recipients
+    out = Incremental(found.absolute * n, found.low * n, found.high * n)
+    if not report.has_revenue or not total.held_out.recipients:
+        return out
+    diff, low, high = mean_difference(n, total.contacted.revenue,
+                                      total.contacted.revenue_squares,
+                                      total.held_out.recipients, total.held_out.revenue,
+                                      total.held_out.revenue_squares)
+    return Incremental(out.conversions, out.conversions_low, out.conversions_high,
+                       diff * n, low * n, high * n)
+
+
+def by_day(report: ConversionReport) -> list[tuple[date, int, float]]:
+    """Attributed conversions (contacted and held out) by the day of each recipient's
+    first one (UTC): day, recipients, revenue."""
+    days: dict[date, list[float]] = {}
+    for at, revenue in report.converted.values():
+        day = days.setdefault(at.astimezone(UTC).date(), [0, 0.0])
+        day[0] += 1
+        day[1] += revenue
+    return [(d, int(v[0]), v[1]) for d, v in sorted(days.items())]

@@ -204,23 +204,23 @@ def compute(ws: Workspace, flow_name: str, run_key: str,
             if r.tier not in entry_of:
                 entry = flow.tier_for(r.tier)
                 exp = flow.experiment_for(entry[0]) if entry else None
-                entry_of[r.tier] = exp[0] if exp else None
-            name = entry_of[r.tier]
-            if name is None:
+                entry_of[r.tier] = exp[0] if exp else None  # None: the tier tests nothing
+            tested = entry_of[r.tier]
+            if tested is None:
                 continue
-            report = reports[name]
+            report = reports[tested]
             if r.status == "stopped":
                 report.stopped += 1
                 continue
             if r.status == "deferred":
-                if (r.reason or "").startswith(f"experiment {name}:"):
+                if (r.reason or "").startswith(f"experiment {tested}:"):
                     report.waiting += 1
                 continue
             if r.variant not in report.total.arms:
                 continue  # a variant since removed from the YAML
             hit = converted.get(r.recipient) if converted else None
             share = report.spec.test_share
-            if share is not None and not variants.in_test(flow.name, name, r.recipient,
+            if share is not None and not variants.in_test(flow.name, tested, r.recipient,
                                                           share):
                 arms = [report.rest.setdefault(r.variant, Arm(r.variant))]
             else:

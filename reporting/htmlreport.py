@@ -13,7 +13,7 @@ from html import escape
 from typing import Any
 
 from herald.core.spec import format_duration
-from herald.reporting.conversions import ConversionReport, Row
+from herald.reporting.conversions import ConversionReport, Row, by_day, incremental
 from herald.reporting.experiments import ExperimentReport
 from herald.reporting.runs import Timeline
 from herald.reporting.stats import wilson
@@ -47,21 +47,33 @@ svg text{font-family:inherit;font-size:12px;fill:#374151}
 
 
 def render(run: dict[str, Any], conversion: ConversionReport | None,
-           timeline: Timeline, tested: list[ExperimentReport] | None = None) -> str:
-    """The whole page for one run (``run``: the ``herald report --json`` delivery data)."""
+           timeline: Timeline, messages: list[dict[str, Any]] | None = None,
+           currency: str | None = None, tested: list[ExperimentReport] | None = None) -> str:
+    """The whole page for one run key (``run``: the ``herald report --json`` delivery
+    data; ``messages``: each tier's sample message, subject and first lines; ``currency``:
+    the workspace's, before revenue amounts; ``tested``: the content experiments)."""
     title = f"{run['flow']} · {run['run_key']}"
+    package = run.get("package") or {}
     body = [f"<h1>{escape(title)}</h1>",
             f"<p class=meta>run {escape(str(run['run_id']))} · status "
             f"{escape(str(run['status']))} · package "
-            f"{escape(str(run.get('package', {}).get('id') or '–'))}</p>"]
+            f"{escape(str(package.get('id') or '–'))}</p>"]
+    if package.get("segment"):
+        params = ", ".join(f"{k} = {v}" for k, v in (package.get("params") or {}).items())
+        body.append(f"<p class=meta>segment <code>{escape(str(package['segment']))}</code>"
+                    + (f" · parameters <code>{escape(params)}</code>" if params else "")
+                    + (f" · {package['size']:,} recipients" if isinstance(
+                        package.get("size"), int) else "") + "</p>")
     if conversion is not None:
-        body += _conversion(conversion)
+        body += _conversion(conversion, currency)
     else:
         body.append("<p class=note>This flow declares no <code>conversion:</code>, so the "
                     "report shows deliveries only.</p>")
     for experiment in tested or []:
         body += _experiment(experiment)
     body += _deliveries(run, timeline)
+    if messages:
+        body += _messages(messages)
     return ("<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
             "<meta name=viewport content='width=device-width,initial-scale=1'>"
             f"<title>Herald report: {escape(title)}</title><style>{CSS}</style></head>"
@@ -69,7 +81,11 @@ def render(run: dict[str, Any], conversion: ConversionReport | None,
 
 
 # -- sections ---------------------------------------------------------------------------
-def _conversion(report: ConversionReport) -> list[str]:
+def _money(amount: float, currency: str | None) -> str:
+    return f"{currency} {amount:,.2f}" if currency else f"{amount:,.2f}"
+
+
+def _conversion(report: ConversionReport, currency: str | None = None) -> list[str]:
     total = report.total
     found = total.uplift
     out = ["<h2>Conversions</h2>",
@@ -86,9 +102,18 @@ def _conversion(report: ConversionReport) -> list[str]:
              ("uplift", describe_uplift(total).split(" [")[0] if found else "–",
               (f"95% CI {interval(found)} pp"
                if found else total.note or ""))]
+    extra = incremental(report)
+    if extra is not None:
+        cards.append(("incremental conversions", f"{extra.conversions:+,.0f}",
+                      f"95% CI {extra.conversions_low:+,.0f} to "
+                      f"{extra.conversions_high:+,.0f}"))
     if report.has_revenue:
-        cards.append(("revenue, contacted", f"{total.contacted.revenue:,.2f}",
-                      f"held out {total.held_out.revenue:,.2f}"))
+        cards.append(("revenue, contacted", _money(total.contacted.revenue, currency),
+                      f"held out {_money(total.held_out.revenue, currency)}"))
+    if extra is not None and extra.revenue is not None:
+        assert extra.revenue_low is not None and extra.revenue_high is not None
+        cards.append(("incremental revenue", _money(extra.revenue, currency),
+                      f"95% CI {extra.revenue_low:+,.0f} to {extra.revenue_high:+,.0f}"))
     out.append("<div class=cards>" + "".join(
         f"<div class=card><span>{escape(k)}</span><b>{escape(v)}</b><span>{escape(s)}</span>"
         "</div>" for k, v, s in cards) + "</div>")
@@ -103,6 +128,15 @@ def _conversion(report: ConversionReport) -> list[str]:
             "recipients with the whole held-out group. Recipients of the campaign arm who "
             "were not contacted (caps, suppression, no address, failures) are counted "
             f"apart: {total.not_contacted:,} in this run.</p>"]
+    days = by_day(report)
+    if days:
+        out += ["<h2>Conversions by day</h2>",
+                "<table><thead><tr><th>day (UTC)</th><th>converted (contacted and held "
+                "out)</th>" + ("<th>revenue</th>" if report.has_revenue else "")
+                + "</tr></thead><tbody>" + "".join(
+                    f"<tr><td>{d:%Y-%m-%d}</td><td>{n:,}</td>"
+                    + (f"<td>{_money(r, currency)}</td>" if report.has_revenue else "")
+                    + "</tr>" for d, n, r in days) + "</tbody></table>"]
     return out
 
 
@@ -155,8 +189,40 @@ def _deliveries(run: dict[str, Any], timeline: Timeline) -> list[str]:
              + "".join("<tr><td>" + escape(c) + "</td>"
                        + "".join(f"<td>{r.get(s, 0):,}</td>" for s in statuses) + "</tr>"
                        for c, r in rows) + "</tbody></table>")
-    return ["<h2>Deliveries</h2>", table, "<h2>Sends and failures over time</h2>",
-            timeline_chart(timeline)]
+    tier_rows = sorted(run.get("by_tier", {}).items())
+    tiers = ("<table><thead><tr><th>tier</th>"
+             + "".join(f"<th>{escape(s)}</th>" for s in statuses) + "</tr></thead><tbody>"
+             + "".join("<tr><td>" + escape(t) + "</td>"
+                       + "".join(f"<td>{r.get(s, 0):,}</td>" for s in statuses) + "</tr>"
+                       for t, r in tier_rows) + "</tbody></table>")
+    out = ["<h2>Deliveries</h2>", table, "<h2>Deliveries per tier</h2>", tiers]
+    failures = run.get("failure_reasons") or []
+    out.append("<h2>Top failure reasons</h2>")
+    if failures:
+        out.append("<table><thead><tr><th>channel</th><th>provider code</th><th>reason"
+                   "</th><th>count</th></tr></thead><tbody>" + "".join(
+                       f"<tr><td>{escape(f['channel'] or '–')}</td>"
+                       f"<td>{escape(f['code'] or '–')}</td>"
+                       f"<td>{escape(f['reason'] or '–')}</td><td>{f['count']:,}</td></tr>"
+                       for f in failures) + "</tbody></table>")
+    else:
+        out.append("<p class=note>No failed sends.</p>")
+    return [*out, "<h2>Sends and failures over time</h2>", timeline_chart(timeline)]
+
+
+def _messages(messages: list[dict[str, Any]]) -> list[str]:
+    """Each tier's message as a sample recipient got it: channel, subject, first lines."""
+    rows = []
+    for m in messages:
+        lines = [x.strip() for x in (m.get("body") or "").splitlines() if x.strip()][:3]
+        rows.append(f"<tr><td>{escape(m['tier'])}</td><td>{escape(m.get('channel') or '–')}"
+                    f"</td><td>{escape(m.get('subject') or '–')}</td><td>"
+                    + "<br>".join(escape(x[:160]) for x in lines) + "</td></tr>")
+    return ["<h2>The messages, per tier</h2>",
+            "<table><thead><tr><th>tier</th><th>channel</th><th>subject</th><th>first lines"
+            "</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>",
+            "<p class=note>Rendered now for one sample recipient of each tier "
+            "(<code>herald preview</code>).</p>"]
 
 
 # -- charts -----------------------------------------------------------------------------

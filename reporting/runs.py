@@ -3,8 +3,9 @@ held out, and sends over time."""
 
 from __future__ import annotations
 
+import difflib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,14 +21,31 @@ _d = ledger.deliveries
 
 
 # -- the whole report of a run ----------------------------------------------------------
-def find_run(ws: Workspace, run: str | None) -> Any:
-    """A run by id, else the latest run of the flow named ``run``, else the latest run."""
-    row = ledger.get_run(ws.store, run_id=run) if run else ledger.get_run(ws.store)
-    if row is None and run:
-        row = ledger.get_run(ws.store, flow=run)
-    if row is None:
-        raise HeraldError(f"no run '{run}'" if run else "no runs yet")
-    return row
+def find_run(ws: Workspace, run: str | None, dry_runs: bool = False) -> Any:
+    """A run by id, else the latest run of the flow named ``run``, else the latest run
+    (dry runs only when ``dry_runs``)."""
+    if run:
+        row = ledger.get_run(ws.store, run_id=run)
+        if row is not None:
+            return row
+    for candidate in ledger.list_runs(ws.store, 200, flow=run or None):
+        if dry_runs or not candidate.dry_run:
+            return candidate
+    if run and (run in ws.flow_names() or run in ledger.run_flows(ws.store)):
+        raise HeraldError(f"flow '{run}' has no {'' if dry_runs else 'real '}runs yet"
+                          + ("" if dry_runs else " (--dry-runs to report dry runs)"))
+    if run:
+        raise HeraldError(f"no run or flow '{run}'" + did_you_mean(run, [
+            *ws.flow_names(), *ledger.run_flows(ws.store),
+            *(r.id for r in ledger.list_runs(ws.store, 200))]))
+    raise HeraldError("no runs yet" if dry_runs else "no real runs yet (--dry-runs to "
+                      "report dry runs)")
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'winback'?)`` when a choice is close to ``word``, else ''."""
+    close = difflib.get_close_matches(word, list(dict.fromkeys(choices)), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def run_report(ws: Workspace, row: Any) -> dict[str, Any]:
@@ -42,10 +60,74 @@ def run_report(ws: Workspace, row: Any) -> dict[str, Any]:
             "package": summary["package"] if summary else {"id": row.package_id},
             "error": row.error, **counts.to_dict(),
             "reasons": [{"channel": r.channel, "status": r.status, "reason": r.reason,
-                         "count": int(r.n)} for r in ledger.failures(ws.store, row.id)]}
+                         "count": int(r.n)} for r in ledger.failures(ws.store, row.id)],
+            "failure_reasons": failure_reasons(ws, row.flow, row.run_key, row.id)}
     if row.dry_run and summary:
         data.update({k: summary[k] for k in ("deliveries", "by_tier", "by_channel")})
+        data["reasons"] = summary.get("reasons", [])
     return data
+
+
+def key_report(ws: Workspace, flow: str, run_key: str, dry_runs: bool = False
+               ) -> dict[str, Any]:
+    """The report of a whole run key: every recipient once (the first run that sent,
+    the reruns that found them already handled, the follow-ups that sent the deferred),
+    and the runs under it. Dry runs write no ledger rows: with ``dry_runs`` and no real
+    run, the latest dry run's figures."""
+    rows = ledger.list_runs(ws.store, 1000, flow=flow, run_key=run_key)
+    real = [r for r in rows if not r.dry_run]
+    if not real:
+        dry = [r for r in rows if r.dry_run]
+        if dry and dry_runs:
+            return {**run_report(ws, dry[0]), "runs": [run_row(r) for r in dry]}
+        known = sorted({r.run_key for r in ledger.list_runs(ws.store, 200, flow=flow)})
+        raise HeraldError(f"no {'' if dry_runs else 'real '}run of {flow} under run key "
+                          f"'{run_key}'" + (did_you_mean(run_key, known) or (
+                              f" (run keys: {', '.join(known[-5:])})" if known else "")))
+    latest, first = real[0], real[-1]
+    sender = next((r for r in reversed(real) if r.summary), first)
+    summary = json.loads(sender.summary) if sender.summary else None
+    counts = ledger.key_counts(ws.store, flow, run_key)
+    shown = rows if dry_runs else real
+    return {"run_id": latest.id, "flow": flow, "run_key": run_key, "status": latest.status,
+            "dry_run": False,
+            "package": summary["package"] if summary else {"id": first.package_id},
+            "error": latest.error, **counts.to_dict(),
+            "reasons": [{"channel": r.channel, "status": r.status, "reason": r.reason,
+                         "count": int(r.n)}
+                        for r in ledger.failures(ws.store, None, key=(flow, run_key))],
+            "failure_reasons": failure_reasons(ws, flow, run_key),
+            "runs": [run_row(r) for r in shown]}
+
+
+def failure_reasons(ws: Workspace, flow: str, run_key: str, run_id: str | None = None,
+                    limit: int = 10) -> list[dict[str, Any]]:
+    """The top reasons sends failed: channel, provider code, reason, count."""
+    return [{"channel": r.channel, "code": r.code, "reason": r.reason, "count": int(r.n)}
+            for r in ledger.failure_reasons(ws.store, flow, run_key, limit, run_id)]
+
+
+def run_row(row: Any) -> dict[str, Any]:
+    """One run as ``herald runs`` lists it: key, status, counts, duration."""
+    summary = json.loads(row.summary) if row.summary else {}
+    deliveries = summary.get("deliveries", {})
+    started, finished = utc(row.started_at), utc(row.finished_at)
+    return {"run_id": row.id, "flow": row.flow, "run_key": row.run_key,
+            "status": row.status, "dry_run": bool(row.dry_run),
+            "started_at": started.isoformat() if started else None,
+            "duration_seconds": round((finished - started).total_seconds(), 1)
+            if started and finished else None,
+            "recipients": summary.get("package", {}).get("size"),
+            "sent": deliveries.get("sent", 0), "failed": deliveries.get("failed", 0),
+            "duplicate": deliveries.get("duplicate", 0), "error": row.error}
+
+
+def list_runs(ws: Workspace, flow: str | None, limit: int = 20) -> list[dict[str, Any]]:
+    """The latest runs (of ``flow``), newest first."""
+    if flow and flow not in ws.flow_names() and flow not in ledger.run_flows(ws.store):
+        raise HeraldError(f"unknown flow '{flow}'" + did_you_mean(
+            flow, [*ws.flow_names(), *ledger.run_flows(ws.store)]))
+    return [run_row(r) for r in ledger.list_runs(ws.store, limit, flow=flow)]
 
 
 def measures(ws: Workspace, row: Any) -> bool:

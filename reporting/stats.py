@@ -123,3 +123,14 @@ def chi_squared_test(arms: list[tuple[int, int]]) -> tuple[float, int, float]:
         stat += (x - expected_yes) ** 2 / expected_yes
         stat += ((n - x) - expected_no) ** 2 / expected_no
     return stat, df, chi_squared_sf(stat, df)
+
+
+def mean_difference(n1: int, sum1: float, squares1: float, n2: int, sum2: float,
+                    squares2: float, z: float = Z) -> tuple[float, float, float]:
+    """Difference of two groups' means with a normal (Welch) interval, from each group's
+    size, sum and sum of squares: (difference, low, high)."""
+    m1, m2 = sum1 / n1, sum2 / n2
+    v1 = max(squares1 / n1 - m1 * m1, 0.0) * n1 / max(n1 - 1, 1)
+    v2 = max(squares2 / n2 - m2 * m2, 0.0) * n2 / max(n2 - 1, 1)
+    half = z * math.sqrt(v1 / n1 + v2 / n2)
+    return m1 - m2, m1 - m2 - half, m1 - m2 + half

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from herald.core.db import STATUSES
 from herald.core.spec import format_duration
 from herald.reporting.conversions import ConversionReport, Row
 from herald.reporting.experiments import ExperimentReport, Result
@@ -150,3 +153,33 @@ def experiments_markdown(reports: list[ExperimentReport]) -> str:
                       *("| " + " | ".join(cells) + " |" for cells in arm_cells(result))]
         parts.append("")
     return "\n".join(parts)
+
+
+def delivery_markdown(summary: dict[str, Any], failures: list[dict[str, Any]]) -> str:
+    """A run's deliveries as Markdown (the ``herald-FLOW-delivery`` artifact): statuses
+    per channel and per tier, then the top failure reasons with the provider's code."""
+    deliveries = summary["deliveries"]
+    statuses = [s for s in STATUSES if deliveries.get(s) or any(
+        row.get(s) for table in ("by_channel", "by_tier") for row in summary[table].values())]
+    statuses = statuses or ["sent"]
+
+    def table(first: str, rows: dict[str, dict[str, int]]) -> str:
+        head = f"| {first} | " + " | ".join(statuses) + " |\n|---|" + "---|" * len(statuses)
+        body = [f"| {name} | " + " | ".join(f"{row.get(s, 0):,}" for s in statuses) + " |"
+                for name, row in sorted(rows.items())]
+        total = "| **all** | " + " | ".join(f"**{deliveries.get(s, 0):,}**"
+                                           for s in statuses) + " |"
+        return "\n".join([head, *body, total])
+
+    title = (f"# Deliveries: {summary['flow']} ({summary['run_key']})"
+             + (" - dry run" if summary.get("dry_run") else ""))
+    parts = [title, f"run `{summary['run_id']}`", "## Per channel",
+             table("channel", summary["by_channel"]), "## Per tier",
+             table("tier", summary["by_tier"]), "## Top failure reasons"]
+    if failures:
+        parts.append("| channel | code | reason | count |\n|---|---|---|---|\n" + "\n".join(
+            f"| {f['channel'] or '-'} | {f['code'] or '-'} | "
+            f"{(f['reason'] or '-').replace('|', '/')} | {f['count']:,} |" for f in failures))
+    else:
+        parts.append("No failed sends.")
+    return "\n\n".join(parts) + "\n"

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from herald.core.errors import ConfigError, WorkspaceError
+from herald.core.errors import ConfigError, ValidationFailed, WorkspaceError
 from herald.core.spec import FlowSpec, WorkspaceConfig
 from herald.core.workspace import Workspace
 from herald.core.yamlio import parse_yaml, validate
 
 
-def problems(exc: pytest.ExceptionInfo[ConfigError]) -> list[str]:
+def problems(exc: pytest.ExceptionInfo[Any]) -> list[str]:
     return [str(p) for p in exc.value.problems]
 
 
@@ -110,16 +112,23 @@ def test_unknown_channel_type_lists_installed(make_workspace) -> None:
 
 
 def test_missing_secret_env_var_is_named_not_printed(make_workspace, monkeypatch) -> None:
+    """A channel's secret is required by what sends through it (check_flow: validate,
+    run, serve), not by opening the workspace (report, suppress list)."""
+    from herald.flows.validate import check_flow
+
     monkeypatch.delenv("HERALD_TEST_SMTP_PASSWORD", raising=False)
-    with pytest.raises(ConfigError) as exc:
-        make_workspace({"config/herald.yaml": """\
+    ws = make_workspace({"config/herald.yaml": """\
             sources: {crm: "sqlite:///crm.db"}
             channels:
               email: {type: smtp, host: mx.example.com, sender: "a@example.com",
                       password: "${HERALD_TEST_SMTP_PASSWORD}"}
+              sms: {type: outbox, kind: sms}
             """})
+    with pytest.raises(ValidationFailed) as exc:
+        check_flow(ws, "promo")
     assert problems(exc) == ["config/herald.yaml:4 channels.email.password: environment "
                              "variable HERALD_TEST_SMTP_PASSWORD is not set"]
+    assert ws.missing_secrets(["sms"]) == []
 
 
 def test_not_a_workspace(tmp_path) -> None:

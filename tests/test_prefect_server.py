@@ -233,11 +233,14 @@ def test_served_flow_runs_from_the_api_and_from_its_schedule(
     by_key = {a.key: a for a in artifacts}
     assert "| gold | 25 |" in by_key["herald-promo-audience"].data
     assert "SQL sha256" in by_key["herald-promo-audience"].data
-    table = by_key["herald-promo-delivery"].data
-    table = __import__("json").loads(table) if isinstance(table, str) else table
-    total = next(row for row in table if row["channel"] == "all")
-    assert (total["sent"], total["no_address"]) == (98, 2)
+    delivery = by_key["herald-promo-delivery"].data
+    assert "| channel | sent | no_address |" in delivery
+    assert "| tier | sent | no_address |" in delivery and "| gold | " in delivery
+    assert "| **all** | **98** | **2** |" in delivery and "No failed sends." in delivery
     assert by_key["herald-promo-progress"].data == 100.0
+    assert by_key["herald-promo-progress"].description.startswith(
+        "3/3 chunks · 100/100 recipients · sent 98 · failed 0")
+    assert "| chunks | 3 / 3 |" in by_key["herald-promo-sending"].data
     assert outbox_messages(ws) == 98
 
     # The finished run's event, with its counts, for automations.
@@ -248,6 +251,22 @@ def test_served_flow_runs_from_the_api_and_from_its_schedule(
     assert event["payload"]["failure_rate"] == 0.0
     assert any(r["prefect.resource.id"] == f"prefect.flow-run.{run.id}"
                for r in event["related"])
+
+    # Upcoming runs of the schedules are named FLOW/RUN_KEY while they wait (herald serve
+    # renames what Prefect's scheduler created), not "upbeat-worm".
+    def upcoming() -> list[FlowRun]:
+        with server.client() as client:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                deployment_id={"any_": [dep.id]}))
+        return [r for r in runs if r.auto_scheduled and r.state is not None
+                and r.state.is_scheduled() and r.expected_start_time is not None
+                and r.expected_start_time > soon + timedelta(minutes=5)]
+
+    named = wait_for(lambda: [r for r in upcoming() if r.name.startswith("promo/")],
+                     "named upcoming runs", 60)
+    for r in named:  # the key: the scheduled time in the flow's time zone (UTC here)
+        assert r.expected_start_time is not None
+        assert r.name == f"promo/{r.expected_start_time.astimezone(UTC):%Y-%m-%dT%H:%M}"
 
     # The scheduled run: named and keyed after its scheduled time; nobody sent twice.
     def scheduled_run() -> FlowRun | None:
@@ -286,6 +305,7 @@ def test_failed_run_says_why_in_its_state(make_workspace, server, background) ->
             "run_key": "broken"})
     run = finished(server, created.id)
     assert run.state is not None and run.state.is_failed()
+    assert "Traceback" not in serve.output()  # one line per failed run, not a traceback
     assert "audiences/people.sql" in (run.state.message or "")
     assert "no such table: people" in (run.state.message or "")
     event = wait_for(lambda: [e for e in server.events("herald.run.failed")
@@ -359,9 +379,6 @@ def test_deploy_to_a_work_pool_and_a_worker_runs_it(make_workspace, server, back
     assert outbox_messages(ws) == 30  # ids 1-30: everyone has an email or a phone
 
 
-ALERT_FILE = REPO / "docs" / "automations" / "failure-rate-alert.yaml"
-
-
 class _Hook(BaseHTTPRequestHandler):
     received: list[bytes] = []
 
@@ -382,16 +399,22 @@ def test_alert_event_fires_the_documented_automation(make_workspace, server, bac
     hook = HTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=hook.serve_forever, daemon=True).start()
     try:
-        with server.client() as client:
-            block_id = client._client.post("/block_documents/", json=_webhook_block(
-                client, f"http://127.0.0.1:{hook.server_port}/alert")).json()["id"]
-        spec = ALERT_FILE.read_text().replace("<your-notification-block-id>", block_id)
-        spec_file = Path(server.home) / "alert.yaml"
-        spec_file.write_text(spec)
-        made = subprocess.run([PREFECT, "automation", "create", "--from-file",
-                               str(spec_file)], env=server.env("cli"), capture_output=True,
-                              text=True, timeout=120)
+        # The README's setup lines, as written, run from the repository (only the hook's
+        # URL is this test's); they leave herald-alert.yaml in a scratch copy.
+        readme = (REPO / "README.md").read_text()
+        lines = readme.split("<!-- alert-setup -->")[1].split("<!-- /alert-setup -->")[0]
+        script = lines.split("```sh\n")[1].split("```")[0].replace(
+            "https://ops.example/hooks/herald", f"http://127.0.0.1:{hook.server_port}/alert")
+        scratch = Path(server.home) / "repo"
+        (scratch / "docs").mkdir(parents=True)
+        shutil.copytree(REPO / "docs" / "automations", scratch / "docs" / "automations")
+        (scratch / ".venv").symlink_to(BIN.parent)
+        made = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=scratch,
+                              env=server.env("cli"), capture_output=True, text=True,
+                              timeout=180)
         assert made.returncode == 0, made.stdout + made.stderr
+        assert "<your-notification-block-id>" not in (scratch / "herald-alert.yaml"
+                                                       ).read_text()
 
         closed = _free_port()  # nothing listens here: every email fails
         ws = make_workspace({
@@ -421,17 +444,6 @@ def test_alert_event_fires_the_documented_automation(make_workspace, server, bac
     finally:
         hook.shutdown()
         hook.server_close()
-
-
-def _webhook_block(client: SyncPrefectClient, url: str) -> dict[str, Any]:
-    """A custom-webhook notification block document posting to ``url``."""
-    block_type = client.read_block_type_by_slug("custom-webhook")
-    schema = client.get_most_recent_block_schema_for_block_type(block_type.id)
-    assert schema is not None
-    return {"name": "herald-test-hook", "block_type_id": str(block_type.id),
-            "block_schema_id": str(schema.id),
-            "data": {"name": "herald", "url": url, "method": "POST",
-                     "json_data": {"text": "{{body}}"}, "timeout": 10}}
 
 
 def test_deferred_recipients_are_sent_by_the_follow_up_run_herald_schedules(

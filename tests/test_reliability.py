@@ -41,7 +41,7 @@ CASES: list[tuple[str, dict[str, str | bytes | None], list[str]]] = [
      ["config/flows/promo.yaml:13 holdout: Input should be a valid number"]),
     ("missing segment file", {SQL: None}, ["audiences/people.sql"]),
     ("missing template file", {"templates/promo/default.sms.txt.j2": None},
-     ["missing template: templates/promo/default.sms.txt.j2"]),
+     ["no sms text template for tier 'default': create templates/promo/default.sms.txt.j2"]),
     ("SQL that fails", {SQL: "SELECT id, name FROM nowhere WHERE id > :min_score"},
      ["audiences/people.sql: the query failed: no such table: nowhere"]),
     ("SQL without the key column",

@@ -74,7 +74,8 @@ def test_validate_syntax_error_and_missing_required_part(make_workspace) -> None
         check_flow(ws, "promo")
     text = str(exc.value)
     assert "templates/promo/default.sms.txt.j2:1: syntax error" in text
-    assert "missing template: templates/promo/default.email.subject.j2" in text
+    assert ("no email subject template for tier 'default': create "
+            "templates/promo/default.email.subject.j2") in text
 
 
 def test_validate_checks_columns_the_flow_needs(make_workspace) -> None:

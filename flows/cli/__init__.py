@@ -14,7 +14,17 @@ import typer
 from rich.markup import escape
 
 from herald.core.errors import HeraldError
-from herald.flows.cli import audience, check, demo, report, run, suppress  # noqa: F401
+from herald.flows.cli import (  # noqa: F401
+    audience,
+    check,
+    demo,
+    recipient,
+    report,
+    run,
+    sendtest,
+    suppress,
+    unsubscribe,
+)
 from herald.flows.cli.common import app, err, state
 
 __all__ = ["app", "main"]

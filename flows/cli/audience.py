@@ -104,3 +104,19 @@ def audience_export(package_id: str,
 
     count = export.export(open_workspace(workspace), package_id, to)
     out.print(f"exported {count} rows of {package_id} to {to}")
+
+
+@audience_app.command("prune")
+def audience_prune(keep: Annotated[int, typer.Option("--keep", min=0, help="Packages to "
+                                                     "keep per flow, newest first")],
+                   flow: Annotated[str | None, typer.Option("--flow")] = None,
+                   workspace: WorkspaceOpt = None) -> None:
+    """Delete all but the newest N packages of each flow (a package a run of the ledger
+    still needs to resume is kept)."""
+    from herald.audiences import store
+
+    deleted, needed = store.prune(open_workspace(workspace), keep, flow)
+    out.print(f"{len(deleted)} package{'s' if len(deleted) != 1 else ''} deleted"
+              + (f"; {len(needed)} kept because a run key still needs "
+                 f"{'them' if len(needed) > 1 else 'it'} (queued or deferred recipients): "
+                 f"{', '.join(needed)}" if needed else ""))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -62,12 +63,20 @@ def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (defa
 def preview(flow: str, tier: Annotated[str | None, typer.Option("--tier")] = None,
             limit: Annotated[int, typer.Option("--limit", min=1, max=100)] = 3,
             param: ParamOpt = None, workspace: WorkspaceOpt = None,
-            as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+            as_json: Annotated[bool, typer.Option("--json")] = False,
+            out_dir: Annotated[Path | None, typer.Option(
+                "--out", help="Also write each sample as files to open: .json, and .eml "
+                "and .html for e-mail")] = None) -> None:
     """Render FLOW's messages for sample recipients; send nothing."""
-    from herald.flows.preview import render_samples
+    from herald.flows.preview import render_samples, write_samples
 
     ws = open_workspace(workspace)
     samples = render_samples(ws, flow, parse_params(param), tier, limit)
+    if out_dir is not None:
+        files = write_samples(ws, flow, samples, out_dir)
+        err.print(f"{len(files)} files written to {out_dir}: "
+                  + ", ".join(p.name for p in files[:6]) + (" ..." if len(files) > 6 else ""),
+                  markup=False)
     if as_json:
         print_json(samples)
         return

@@ -23,7 +23,7 @@ from herald.core.errors import HeraldError
 from herald.core.spec import Scalar
 from herald.core.workspace import Workspace
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Herald: SQL segments, Jinja messages, contact policy, Prefect flows.")
 audience_app = typer.Typer(no_args_is_help=True, help="Build, list, inspect and export "
                            "audience packages.")
@@ -65,10 +65,21 @@ def set_now(value: str | None) -> None:
         raise typer.BadParameter(str(exc), param_hint="--now") from None
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out.print(f"herald {version('herald')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(workspace: WorkspaceOpt = None,
           debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks")] = False,
-          now: NowOpt = None) -> None:
+          now: NowOpt = None,
+          show_version: Annotated[bool, typer.Option(
+              "--version", callback=_version, is_eager=True,
+              help="Show Herald's version and exit")] = False) -> None:
     state.workspace = workspace
     state.debug = debug
     set_now(now)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +26,12 @@ from herald.reporting.text import interval, pp
 
 @app.command()
 def report(run_id: Annotated[str | None, typer.Argument(
-               metavar="[RUN]", help="Run id or flow name (default: the latest run)")] = None,
+               metavar="[RUN|FLOW]", help="A run id (that run alone), or a flow name (its "
+               "latest run key, every run under it). Default: the latest run's key")] = None,
+           run_key: Annotated[str | None, typer.Option(
+               "--run-key", help="Report this run key of the flow")] = None,
+           dry_runs: Annotated[bool, typer.Option(
+               "--dry-runs", help="Also consider dry runs (skipped by default)")] = False,
            workspace: WorkspaceOpt = None,
            as_json: Annotated[bool, typer.Option("--json")] = False,
            html: Annotated[bool, typer.Option("--html", help="Also write the HTML report "
@@ -36,13 +42,24 @@ def report(run_id: Annotated[str | None, typer.Argument(
                "--write-back", help="Also copy the ledger and conversion results into the "
                "workspace's write-back source (a report alone writes nothing)")] = False,
            now: NowOpt = None) -> None:
-    """Delivery report of a run from the ledger, with its conversions and uplift."""
+    """Delivery report of a run key (or one run) from the ledger, with its conversions,
+    uplift, content experiments and the top failure reasons."""
+    from herald.delivery import ledger
     from herald.reporting import conversions, experiments, runs
 
     set_now(now)
     ws = open_workspace(workspace)
-    row = runs.find_run(ws, run_id)
-    data = runs.run_report(ws, row)
+    if run_key and not run_id:
+        found = ledger.list_runs(ws.store, 1, run_key=run_key)
+        if not found:
+            raise HeraldError(f"no run under run key '{run_key}'")
+        run_id = found[0].flow
+    row = runs.find_run(ws, run_id, dry_runs or bool(run_key))
+    if run_id == row.id and not run_key:
+        data = runs.run_report(ws, row)  # one run, as it happened
+    else:
+        data = runs.key_report(ws, row.flow, run_key or row.run_key, dry_runs)
+        row = ledger.get_run(ws.store, run_id=data["run_id"])
     conversion, written = None, None
     if runs.measures(ws, row):
         conversion = conversions.compute(ws, row.flow, row.run_key)
@@ -64,22 +81,33 @@ def report(run_id: Annotated[str | None, typer.Argument(
 
         path = to or ws.root / "reports" / row.flow / f"{row.run_key}.html"
         path.parent.mkdir(parents=True, exist_ok=True)
+        _with_package_params(ws, data)
         path.write_text(render(data, conversion, runs.timeline(ws, row.flow, row.run_key),
-                               tested), encoding="utf-8")
+                               _tier_messages(ws, row.flow), ws.config.currency, tested),
+                        encoding="utf-8")
     if as_json:
         print_json({**data, **({"html": str(path)} if path else {})})
         return
     data.setdefault("package", {}).setdefault("size", "?")
     print_summary(data)
-    out.print(f"status: {row.status}" + (f" ({row.error})" if row.error else ""))
-    if data["reasons"]:
-        reasons = Table("status", "channel", "reason", "count")
-        for r in data["reasons"]:
-            reasons.add_row(r["status"], r["channel"] or "-", r["reason"] or "-",
+    out.print(f"status: {row.status}" + (f" ({escape(row.error)})" if row.error else ""))
+    if len(data.get("runs", [])) > 1:
+        _print_runs(data["runs"], f"runs under run key {data['run_key']}")
+    others = [r for r in data["reasons"] if r["status"] != "failed"]  # failed: below
+    if others and not data["dry_run"]:
+        reasons = Table("status", "channel", "reason", "count", title="not sent, and why")
+        for r in others:
+            reasons.add_row(r["status"], r["channel"] or "-", escape(r["reason"] or "-"),
                             str(r["count"]))
         out.print(reasons)
+    if data.get("failure_reasons"):
+        top = Table("channel", "code", "reason", "count", title="top failure reasons")
+        for r in data["failure_reasons"]:
+            top.add_row(r["channel"] or "-", r["code"] or "-", escape(r["reason"] or "-"),
+                        f"{r['count']:,}")
+        out.print(top)
     if conversion is not None:
-        _print_conversion(conversion)
+        _print_conversion(conversion, ws.config.currency)
     for experiment in tested:
         _print_experiment(experiment)
     if written and ws.config.writeback:
@@ -90,7 +118,68 @@ def report(run_id: Annotated[str | None, typer.Argument(
         out.print(f"HTML report: {path}")
 
 
-def _print_conversion(report: Any) -> None:
+def _with_package_params(ws: Any, data: dict[str, Any]) -> None:
+    """The package's segment parameters, when the package is still stored."""
+    from herald.audiences import store
+
+    package = data.get("package") or {}
+    if package.get("id") and "params" not in package:
+        with contextlib.suppress(HeraldError):  # pruned: the report goes without them
+            data["package"] = {**store.get(ws, package["id"]).manifest(), **package}
+
+
+def _tier_messages(ws: Any, flow: str) -> list[dict[str, Any]]:
+    """One sample message per tier, rendered now (nothing when the flow cannot be)."""
+    from herald.flows.preview import render_samples
+
+    if flow not in ws.flow_names():
+        return []
+    found = []
+    for tier in ws.flow(flow).tiers:
+        try:
+            samples = render_samples(ws, flow, {}, None if tier == "default" else tier, 1)
+        except HeraldError:
+            continue
+        found += [s for s in samples if s.get("body")][:1]
+    return found
+
+
+@app.command("runs")
+def runs_command(flow: Annotated[str | None, typer.Argument(help="Only this flow")] = None,
+                 limit: Annotated[int, typer.Option("--limit", min=1)] = 20,
+                 workspace: WorkspaceOpt = None,
+                 as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List runs, newest first: run key, status, counts and duration."""
+    from herald.reporting import runs
+
+    found = runs.list_runs(open_workspace(workspace), flow, limit)
+    if as_json:
+        print_json(found)
+        return
+    if not found:
+        out.print("no runs yet")
+        return
+    _print_runs(found, None)
+
+
+def _print_runs(rows: list[dict[str, Any]], title: str | None) -> None:
+    from rich import box
+
+    table = Table("run", "flow", "run key", "status", "sent", "failed", "dup", "took",
+                  title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
+                  collapse_padding=True)
+    table.columns[0].no_wrap = True
+    for column in table.columns[4:]:
+        column.justify = "right"
+    for r in rows:
+        status = "dry run" if r["dry_run"] else r["status"]
+        table.add_row(r["run_id"], r["flow"], r["run_key"], status, f"{r['sent']:,}",
+                      f"{r['failed']:,}", f"{r['duplicate']:,}",
+                      "" if r["duration_seconds"] is None else f"{r['duration_seconds']}s")
+    out.print(table)
+
+
+def _print_conversion(report: Any, currency: str | None = None) -> None:
     """Conversions in tables that fit 80 columns: one row per tier, then per channel."""
     from rich import box
 
@@ -125,8 +214,8 @@ def _print_conversion(report: Any) -> None:
         out.print(table)
     total = report.total
     if report.has_revenue:
-        out.print("revenue: contacted " + _money(total.contacted) + ", held out "
-                  + _money(total.held_out))
+        out.print("revenue" + (f" ({currency})" if currency else "") + ": contacted "
+                  + _money(total.contacted) + ", held out " + _money(total.held_out))
     itt = report.intent_to_treat
     out.print(f"campaign arm {report.assigned.recipients:,} (contacted "
               f"{total.contacted.recipients:,}, not contacted {total.not_contacted:,}); "

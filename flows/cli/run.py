@@ -15,6 +15,7 @@ from herald.flows.cli.common import (
     ParamOpt,
     WorkspaceOpt,
     app,
+    err,
     open_workspace,
     out,
     parse_params,
@@ -42,8 +43,13 @@ def run(flow: str, param: ParamOpt = None,
             "--dask-address", help="Dask scheduler, e.g. tcp://10.0.0.5:8786 (implies "
             "--task-runner dask; default: a local cluster)")] = None,
         now: NowOpt = None,
+        verbose: Annotated[bool, typer.Option(
+            "--verbose", "-v", help="Also show Prefect's own log lines on stderr")] = False,
         workspace: WorkspaceOpt = None) -> None:
-    """Run FLOW once, now (by Herald's clock), as a Prefect flow run."""
+    """Run FLOW once, now (by Herald's clock), as a Prefect flow run.
+
+    stderr shows one line per chunk (a progress bar on a terminal); with --json, stdout
+    holds the JSON object only and stderr stays quiet unless --verbose."""
     set_now(now)
     ws = open_workspace(workspace)
     params = parse_params(param)
@@ -51,24 +57,50 @@ def run(flow: str, param: ParamOpt = None,
         raise typer.BadParameter("an empty run key (leave --run-key out for today's)",
                                  param_hint="--run-key")
     runner = _runner(ws, task_runner, dask_address)
+    from herald.flows import engine
     from herald.flows.validate import check_flow
 
     check_flow(ws, flow, params)  # fail fast, before Prefect starts
+    done = None if dry_run else engine.nothing_to_do(
+        ws, flow, run_key or engine.default_run_key(ws, flow))
+    if done is not None:  # a complete run key: no package, no Prefect run
+        if as_json:
+            print_json(done)
+        else:
+            out.print(done["message"])
+        return
     prefect_env()
-    if as_json:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    if not verbose:
+        # Prefect's console lines (task states, temporary server) stay off stderr; its
+        # logs still reach the Prefect API and UI, whose level is not changed.
+        # With --json, only errors: a run's warnings (failure reasons) are in its JSON.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL",
+                              "ERROR" if as_json else "WARNING")
+    if state.debug:
+        os.environ["HERALD_DEBUG"] = "1"  # the flow raises with its traceback
     from herald.flows import campaign
+    from herald.flows.cli.live import LiveReport
+    from herald.flows.progress import watching
 
+    watcher = LiveReport(err)
     try:
-        summary = campaign.run(ws, flow, params, run_key, dry_run, runner)
+        if as_json or verbose:
+            summary = campaign.run(ws, flow, params, run_key, dry_run, runner)
+        else:
+            with watching(watcher):
+                summary = campaign.run(ws, flow, params, run_key, dry_run, runner)
     except HeraldError:
         raise
     except Exception as exc:  # reported in one line; --debug shows the traceback
         if state.debug:
             raise
         raise RunError(f"run of {flow} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        watcher.end_quietly()
     if as_json:
         print_json(summary)
+    elif summary.get("status") == "nothing_to_do":  # completed meanwhile by another run
+        out.print(summary["message"])
     else:
         print_summary(summary)
 

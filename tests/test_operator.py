@@ -1,0 +1,555 @@
+"""What an operator sees (issue 16): commands that stay light, progress, failure reasons,
+reports by run key, errors with hints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from herald.flows import engine
+from herald.flows.cli import main
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    captured = capsys.readouterr()
+    return int(exc.value.code or 0), captured.out, captured.err
+
+
+# -- commands that do not need Prefect do not import it ---------------------------------
+_PROBE = """\
+import json, sys
+from herald.flows.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code or 0
+print(json.dumps({"code": code, "prefect": sorted(m for m in sys.modules
+                                                  if m.split('.')[0] == 'prefect')}),
+      file=sys.stderr)
+"""
+
+LIGHT = [["validate"], ["preview", "promo"], ["preview", "promo", "--tier", "gold"],
+         ["audience", "list"], ["audience", "build", "promo"], ["report", "promo"],
+         ["report", "promo", "--json"], ["suppress", "list"], ["suppress", "add", "x@y.z"],
+         ["runs"], ["recipient", "1"], ["audience", "prune", "--keep", "5"],
+         ["run", "promo", "--run-key", "k1"]]  # a complete run key: answered without Prefect
+
+
+def test_read_only_commands_do_not_import_prefect(make_workspace) -> None:
+    ws = make_workspace(rows=20)
+    engine.run_local(ws, "promo", run_key="k1")  # something to report, without Prefect
+    for args in LIGHT:
+        proc = subprocess.run([sys.executable, "-c", _PROBE, *args, "-w", str(ws.root)],
+                              capture_output=True, text=True, timeout=60)
+        outcome = json.loads(proc.stderr.strip().splitlines()[-1])
+        assert outcome == {"code": 0, "prefect": []}, (args, proc.stderr[-1500:])
+
+
+def test_bad_cron_names_the_field_without_prefect(make_workspace, capsys) -> None:
+    ws = make_workspace({"config/flows/promo.yaml": _with_schedule("0 25 * * *")})
+    code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+    assert code == 1
+    assert ('config/flows/promo.yaml:14 schedules[0]: Invalid cron string: "0 25 * * *": '
+            "bad hour field '25'") in err
+    ws = make_workspace({"config/flows/promo.yaml": _with_schedule("0 10 * * FRY")},
+                        folder="ws2")
+    code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+    assert code == 1 and "bad day-of-week field 'FRY'" in err
+    for good in ("0 10 * * MON-FRI", "@daily", "*/15 9-17 * * 1#2"):
+        ws = make_workspace({"config/flows/promo.yaml": _with_schedule(good)},
+                            folder=f"ok{abs(hash(good))}")
+        code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+        assert code == 0, err
+
+
+def _with_schedule(cron: str) -> str:
+    from .conftest import PROMO_YAML
+
+    return PROMO_YAML + f"schedules:\n  - {{cron: '{cron}', timezone: Asia/Shanghai}}\n"
+
+
+# -- live progress ------------------------------------------------------------------------
+@pytest.mark.prefect
+def test_progress_lines_and_artifacts_mid_run(make_workspace, prefect_harness) -> None:
+    """Chunk by chunk, the CLI's lines and the Prefect artifacts carry the same figures;
+    the artifacts are read back from the Prefect API while the run is still sending."""
+    import io
+
+    from prefect.artifacts import Artifact
+    from rich.console import Console
+
+    from herald.flows import campaign
+    from herald.flows.cli.live import LiveReport
+    from herald.flows.progress import watching
+
+    ws = make_workspace(rows=100)  # 40 a chunk: 3 chunks, 2 recipients without address
+    seen: list[tuple[int, str, str, float]] = []
+
+    class Spy:
+        def begin(self, progress) -> None:
+            pass
+
+        def chunk(self, progress, line) -> None:
+            table = Artifact.get("herald-promo-sending")
+            bar = Artifact.get("herald-promo-progress")
+            assert table is not None and bar is not None
+            seen.append((progress.done, str(table.data), str(bar.description),
+                         float(bar.data)))
+
+        def end(self, progress) -> None:
+            pass
+
+    screen = io.StringIO()
+    with watching(Spy()), watching(LiveReport(Console(file=screen, width=200))):
+        summary = campaign.run(ws, "promo", {}, "k-progress", False)
+    assert summary["deliveries"]["sent"] == 98
+    assert [done for done, *_ in seen] == [1, 2, 3]
+    done, table, headline, percent = seen[1]  # mid-run: two chunks of three (40, 40, 20)
+    processed = int(headline.split(" · ")[1].split("/")[0])
+    assert processed in (60, 80) and "| chunks | 2 / 3 |" in table
+    assert f"| recipients processed | {processed} / 100 ({processed}%) |" in table
+    assert headline.startswith(f"2/3 chunks · {processed}/100 recipients · sent ")
+    assert percent == pytest.approx(processed)
+    final = seen[-1]
+    assert "| chunks | 3 / 3 |" in final[1] and "| sent | 98 |" in final[1]
+    assert "| no_address | 2 |" in final[1]
+    lines = screen.getvalue().splitlines()
+    assert lines[0].startswith("promo k-progress · run run-")
+    assert "100 recipients in 3 chunks" in lines[0]
+    chunk_lines = [line for line in lines if line.startswith("chunk ")]
+    assert [line.split(" (")[0] for line in chunk_lines] == ["chunk 1/3", "chunk 2/3",
+                                                             "chunk 3/3"]
+    sent = sum(int(line.split("sent ")[1].split(",")[0]) for line in chunk_lines)
+    assert sent == 98 and chunk_lines[-1].endswith("100/100 recipients")
+
+
+# -- failures an operator can act on --------------------------------------------------------
+@pytest.fixture
+def peer():
+    from .http_peer import Peer, serve
+
+    server, found = serve(Peer())
+    yield found
+    server.shutdown()
+    server.server_close()
+
+
+def test_failure_reasons_keep_the_providers_code(make_workspace, peer, capsys) -> None:
+    """A gateway's own error code and message travel from its answer to the ledger, the
+    report's top failure reasons and the delivery artifact's Markdown."""
+    from herald.reporting import runs
+    from herald.reporting.text import delivery_markdown
+
+    from .conftest import PROMO_YAML
+
+    ws = make_workspace({
+        "config/herald.yaml": (
+            "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
+            f"  hook: {{type: webhook, url: \"{peer.url}/v1/messages\", address: email}}\n"
+            "chunk_size: 40\n"),
+        "config/flows/promo.yaml": PROMO_YAML.replace(
+            "gold: {channels: [email, sms]}", "gold: {channels: [hook]}").replace(
+            "default: {channels: [sms, email]}", "default: {channels: [hook]}"),
+        "templates/promo/default.webhook.txt.j2": "Hello {{ name }}",
+    }, rows=12)
+    for key in ("1", "2", "3"):
+        peer.script(key, ("json", 400, {"error": {"code": "E_NUMBER",
+                                                  "message": "number not reachable"}}))
+    peer.script("4", ("json", 422, {"code": 30007, "message": "carrier filtered"}))
+    summary = engine.run_local(ws, "promo", run_key="k")
+    assert summary["deliveries"]["failed"] == 4
+
+    code, out, _ = cli(capsys, "report", "promo", "-w", str(ws.root), "--json")
+    assert code == 0
+    top = json.loads(out)["failure_reasons"]
+    assert top[0] == {"channel": "hook", "code": "E_NUMBER", "count": 3,
+                      "reason": "permanent: HTTP 400 Bad Request: E_NUMBER: number not "
+                                "reachable"}
+    assert (top[1]["code"], top[1]["count"]) == ("30007", 1)
+    assert "carrier filtered" in top[1]["reason"]
+    code, out, _ = cli(capsys, "report", "promo", "-w", str(ws.root))
+    assert code == 0 and "top failure reasons" in out and "E_NUMBER" in out
+
+    markdown = delivery_markdown(summary, runs.failure_reasons(ws, "promo", "k"))
+    assert "## Per tier" in markdown and "## Per channel" in markdown
+    assert ("| hook | E_NUMBER | permanent: HTTP 400 Bad Request: E_NUMBER: number not "
+            "reachable | 3 |") in markdown
+    tiers = {line.split(" | ")[0].strip("| ") for line in
+             markdown.split("## Per tier")[1].split("##")[0].splitlines() if "|" in line}
+    assert {"bronze", "gold", "silver", "**all**"} <= tiers
+
+
+# -- reports by run key ----------------------------------------------------------------------
+def test_report_by_run_key_runs_and_a_complete_rerun(make_workspace, capsys) -> None:
+    from herald.audiences import store
+
+    ws = make_workspace(rows=100)
+    first = engine.run_local(ws, "promo", run_key="k")
+    again = engine.run_local(ws, "promo", run_key="k")  # everyone a duplicate
+    assert again["deliveries"]["duplicate"] == 100 and again["deliveries"]["sent"] == 0
+    dry = engine.run_local(ws, "promo", run_key="k", dry_run=True)
+
+    code, out, _ = cli(capsys, "report", "promo", "-w", str(ws.root), "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["run_key"] == "k" and report["deliveries"]["sent"] == 98
+    assert report["deliveries"]["duplicate"] == 0  # each recipient once, as first sent
+    assert [r["run_id"] for r in report["runs"]] == [again["run_id"], first["run_id"]]
+    assert report["package"]["id"] == first["package"]["id"]
+    code, out, _ = cli(capsys, "report", "promo", "--dry-runs", "-w", str(ws.root), "--json")
+    assert dry["run_id"] in [r["run_id"] for r in json.loads(out)["runs"]]
+    code, out, _ = cli(capsys, "report", first["run_id"], "-w", str(ws.root), "--json")
+    assert json.loads(out)["run_id"] == first["run_id"]  # a run id: that run alone
+
+    code, out, _ = cli(capsys, "runs", "promo", "-w", str(ws.root), "--json")
+    listed = json.loads(out)
+    assert code == 0 and [r["run_id"] for r in listed] == [dry["run_id"], again["run_id"],
+                                                           first["run_id"]]
+    assert (listed[2]["sent"], listed[1]["duplicate"], listed[0]["dry_run"]) == (98, 100, True)
+    assert listed[2]["run_key"] == "k" and listed[2]["duration_seconds"] is not None
+    code, out, _ = cli(capsys, "runs", "-w", str(ws.root))
+    assert code == 0 and first["run_id"] in out
+
+    packages = len(store.list_packages(ws, "promo"))
+    code, out, err = cli(capsys, "run", "promo", "--run-key", "k", "-w", str(ws.root))
+    assert code == 0
+    assert out.strip() == "already sent under run key k: 98 sent, 0 failed; nothing to do"
+    assert len(store.list_packages(ws, "promo")) == packages  # no package built
+    code, out, _ = cli(capsys, "run", "promo", "--run-key", "k", "--json", "-w", str(ws.root))
+    done = json.loads(out)
+    assert code == 0 and done["status"] == "nothing_to_do"
+    assert done["deliveries"]["sent"] == 98 and done["sent_by"] == first["run_id"]
+
+
+def test_unknown_flows_runs_and_keys_get_did_you_mean(make_workspace, capsys) -> None:
+    ws = make_workspace(rows=10)
+    engine.run_local(ws, "promo", run_key="2026-11-22")
+    code, _, err = cli(capsys, "report", "promx", "-w", str(ws.root))
+    assert code == 1 and "no run or flow 'promx' (did you mean 'promo'?)" in err
+    code, _, err = cli(capsys, "report", "promo", "--run-key", "2026-11-23", "-w",
+                       str(ws.root))
+    assert code == 1 and "did you mean '2026-11-22'?" in err
+    code, _, err = cli(capsys, "runs", "prom", "-w", str(ws.root))
+    assert code == 1 and "unknown flow 'prom' (did you mean 'promo'?)" in err
+
+
+# -- errors, each one line with file:line field and a hint -------------------------------------
+def test_errors_name_the_line_and_give_a_hint(make_workspace, capsys, monkeypatch) -> None:
+    from .conftest import PROMO_YAML
+
+    flow = "config/flows/promo.yaml"
+    ws = make_workspace({flow: PROMO_YAML.replace("{min_score: 0}",
+                                                  "{min_scor: 0}")})
+    code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+    assert code == 1
+    assert (f"{flow}:6 audience.params.min_scor: audiences/people.sql does not use "
+            ":min_scor (did you mean 'min_score'?) (it uses: :min_score)") in err
+    code, _, err = cli(capsys, "preview", "promo", "-w", str(ws.root), "-p", "min_score=1",
+                       "-p", "dayz=3")
+    assert code == 1 and "-p dayz: audiences/people.sql does not use :dayz" in err
+
+    ws = make_workspace({flow: PROMO_YAML + "holdout: 5%\n"}, folder="w2")
+    code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+    assert code == 1 and f"{flow}:13 holdout: " in err
+    assert "write the fraction 0.05 for 5%" in err
+    ws = make_workspace({flow: PROMO_YAML + "holdout: 5\n"}, folder="w3")
+    code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+    assert code == 1 and "5 is not a fraction: write 0.05 for 5%" in err
+
+    ws = make_workspace({"templates/promo/default.sms.txt.j2": None}, folder="w4")
+    code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+    assert code == 1
+    assert (f"{flow}:12 tiers.default: no sms text template for tier 'default': create "
+            "templates/promo/default.sms.txt.j2") in err
+
+    ws = make_workspace(folder="w5")
+    code, out, err = cli(capsys, "preview", "promo", "--tier", "gld", "-w", str(ws.root))
+    assert code == 1 and "--tier: no recipients in tier 'gld' (did you mean 'gold'?)" in err
+    code, _, err = cli(capsys, "run", "promx", "-w", str(ws.root))
+    assert code == 1 and "unknown flow 'promx'" in err and "did you mean 'promo'?" in err
+
+
+def test_secrets_are_required_by_commands_that_send_only(make_workspace, capsys,
+                                                          monkeypatch) -> None:
+    from .conftest import HERALD_YAML
+
+    monkeypatch.delenv("HERALD_TEST_SMTP_PASSWORD", raising=False)
+    ws = make_workspace({"config/herald.yaml": HERALD_YAML.replace(
+        "email: {type: outbox, kind: email}",
+        'email: {type: smtp, host: 127.0.0.1, port: 2525, sender: "a@example.com", '
+        'password: "${HERALD_TEST_SMTP_PASSWORD}"}')}, rows=10)
+    for read_only in (["suppress", "list"], ["runs"], ["audience", "list"],
+                      ["preview", "promo"]):
+        code, _, err = cli(capsys, *read_only, "-w", str(ws.root))
+        assert code == 0, (read_only, err)
+    code, _, err = cli(capsys, "report", "promo", "-w", str(ws.root))
+    assert code == 1 and "flow 'promo' has no real runs yet" in err  # not the secret
+    for sending in (["validate"], ["run", "promo"]):
+        code, _, err = cli(capsys, *sending, "-w", str(ws.root))
+        assert code == 1
+        assert ("config/herald.yaml:6 channels.email.password: environment variable "
+                "HERALD_TEST_SMTP_PASSWORD is not set") in err
+
+
+# -- send-test, preview --out, version, completion, prune --------------------------------------
+def test_send_test_reaches_a_real_smtp_server_and_counts_nowhere(make_workspace,
+                                                                  capsys) -> None:
+    import sqlite3
+
+    from aiosmtpd.controller import Controller
+
+    from .conftest import HERALD_YAML
+    from .test_channel_smtp import Handler, free_port
+
+    handler, port = Handler(), free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        ws = make_workspace({"config/herald.yaml": HERALD_YAML.replace(
+            "email: {type: outbox, kind: email}",
+            f'email: {{type: smtp, host: 127.0.0.1, port: {port}, security: none, '
+            'sender: "Shop <news@shop.example>"}')}, rows=20)
+        code, out, err = cli(capsys, "send-test", "promo", "--tier", "gold", "--to",
+                             "me@ops.example", "-w", str(ws.root))
+        assert code == 0, err
+        assert "sent promo/gold" in out and "through email" in out
+        assert len(handler.received) == 1
+        got = handler.received[0]
+        assert got["To"] == "me@ops.example" and got["X-Herald-Test"] == "1"
+        assert got["Subject"].startswith("[test] ") and "User " in got["Subject"]
+        code, _, err = cli(capsys, "send-test", "promo", "--tier", "gld", "--to",
+                           "me@ops.example", "-w", str(ws.root))
+        assert code == 1 and "did you mean 'gold'?" in err
+        code, _, err = cli(capsys, "send-test", "promo", "--tier", "gold", "--to",
+                           "not-an-address", "-w", str(ws.root))
+        assert code == 1 and "--to: 'not-an-address' is not an address" in err
+    finally:
+        controller.stop()
+    with sqlite3.connect(ws.root / ".herald/herald.db") as conn:
+        tests = conn.execute("SELECT flow, tier, channel, address, status "
+                             "FROM herald_test_sends").fetchall()
+        ledger = conn.execute("SELECT count(*) FROM herald_deliveries").fetchone()[0]
+    assert tests == [("promo", "gold", "email", "me@ops.example", "sent")]
+    assert ledger == 0  # not a delivery: no cap, report or rerun sees it
+    code, out, _ = cli(capsys, "runs", "-w", str(ws.root))
+    assert out.strip() == "no runs yet"
+
+
+def test_preview_out_version_completion_and_prune(make_workspace, tmp_path, capsys) -> None:
+    from email import message_from_bytes
+
+    from herald.audiences import store
+
+    ws = make_workspace(rows=20)
+    code, _, err = cli(capsys, "preview", "promo", "--tier", "gold", "--limit", "2",
+                       "--out", str(tmp_path / "pv"), "-w", str(ws.root))
+    assert code == 0 and "files written" in err
+    names = sorted(p.name for p in (tmp_path / "pv").iterdir())
+    assert [n for n in names if n.endswith(".json")] and [n for n in names
+                                                         if n.endswith(".eml")]
+    eml = next((tmp_path / "pv").glob("*.eml"))
+    parsed = message_from_bytes(eml.read_bytes())
+    assert parsed["Subject"] and parsed["To"].endswith("@example.com")
+    sample = json.loads(next((tmp_path / "pv").glob("*.json")).read_text())
+    assert sample["tier"] == "gold" and sample["status"] == "would_send"
+
+    code, out, _ = cli(capsys, "--version")
+    assert code == 0 and out.startswith("herald ")
+    # completion as a shell asks for it: the installed command in a process of its own
+    herald = os.path.join(os.path.dirname(sys.executable), "herald")
+    shown = subprocess.run([herald, "--show-completion", "bash"], capture_output=True,
+                           text=True, timeout=60)
+    assert shown.returncode == 0 and "_HERALD_COMPLETE" in shown.stdout, shown.stderr
+
+    first = engine.run_local(ws, "promo", run_key="a")["package"]["id"]
+    built = [store.build(ws, ws.flow("promo"), engine.check_flow(ws, "promo").segment).id
+             for _ in range(3)]
+    from herald.core.db import deliveries, writing
+
+    with writing(ws.store) as conn:  # the first run's key still has a queued recipient
+        conn.execute(deliveries.update().where(deliveries.c.recipient == "1")
+                     .values(status="queued"))
+    code, out, _ = cli(capsys, "audience", "prune", "--keep", "1", "-w", str(ws.root))
+    assert code == 0
+    left = {p.id for p in store.list_packages(ws, "promo")}
+    assert left == {built[-1], first}
+    assert "2 packages deleted; 1 kept because a run key still needs it" in out
+
+
+def test_recipient_history_caps_suppression_and_holdout(make_workspace, capsys) -> None:
+    from .conftest import HERALD_YAML, PROMO_YAML
+
+    ws = make_workspace({
+        "config/herald.yaml": HERALD_YAML.replace("caps: []",
+                                                  "caps: [{max: 2, per: 7d}]"),
+        "config/flows/promo.yaml": PROMO_YAML + "holdout: 0.3\ncaps: [{max: 1, per: 30d}]\n",
+    }, rows=40)
+    engine.run_local(ws, "promo", run_key="a")
+    from herald.delivery.policy import in_holdout
+
+    sent = next(str(i) for i in range(1, 41) if not in_holdout("promo", str(i), 0.3)
+                and i % 7 != 0)
+    held = next(str(i) for i in range(1, 41) if in_holdout("promo", str(i), 0.3))
+    code, out, _ = cli(capsys, "suppress", "add", sent, "-w", str(ws.root))
+    code, out, _ = cli(capsys, "recipient", sent, "-w", str(ws.root), "--json")
+    assert code == 0
+    view = json.loads(out)
+    assert [(h["flow"], h["run_key"], h["status"]) for h in view["history"]] == [
+        ("promo", "a", "sent")]
+    caps = {c["rule"]: (c["used"], c["max"], c["reached"]) for c in view["caps"]}
+    assert caps == {"max 2 per 7d (all channels)": (1, 2, False),
+                    "max 1 per 30d (flow promo)": (1, 1, True)}
+    assert view["suppressed"] == [{"value": sent, "channels": ["*"]}]
+    assert view["held_out"] == {"promo": False}
+    code, out, _ = cli(capsys, "recipient", held, "-w", str(ws.root))
+    assert code == 0 and "held out: promo" in out and "held_out" in out
+    code, out, _ = cli(capsys, "recipient", "nobody", "-w", str(ws.root))
+    assert code == 0 and "history: no ledger rows" in out
+
+
+# -- unsubscribe ---------------------------------------------------------------------------------
+def test_unsubscribe_link_and_one_click_post_suppress_for_the_next_run(
+        make_workspace, monkeypatch) -> None:
+    import re
+    import threading
+    import time
+    from email import message_from_bytes
+
+    import httpx
+    import uvicorn
+
+    from herald.flows.unsubscribe_server import make_app
+
+    from .conftest import HERALD_YAML, outbox_files
+    from .test_channel_smtp import free_port
+
+    monkeypatch.setenv("HERALD_TEST_UNSUB_SECRET", "s3cret-for-the-unsubscribe-test")
+    port = free_port()
+    ws = make_workspace({
+        "config/herald.yaml": HERALD_YAML + (
+            f'unsubscribe: {{base_url: "http://127.0.0.1:{port}", '
+            'secret: "${HERALD_TEST_UNSUB_SECRET}"}\n'),
+        "templates/promo/default.sms.txt.j2": "Hi {{ name }}. Stop: {{ unsubscribe_url }}",
+    }, rows=20)
+    first = engine.run_local(ws, "promo", run_key="one")
+    sent = first["deliveries"]["sent"]
+    assert sent > 10
+    emails = [message_from_bytes(p.read_bytes()) for p in outbox_files(ws)
+              if p.suffix == ".eml"]
+    mail = next(m for m in emails if m["List-Unsubscribe"])
+    link = re.sub(r"\s+", "", str(mail["List-Unsubscribe"])).strip("<>")  # unfolded
+    assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    sms = "\n".join(p.read_text() for p in outbox_files(ws) if p.suffix == ".jsonl")
+    sms_link = re.search(r"Stop: (http://\S+?)\"", sms)
+    assert sms_link and "/u/" in sms_link.group(1)
+
+    server = uvicorn.Server(uvicorn.Config(make_app(ws), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        page = httpx.get(link)
+        assert page.status_code == 200 and '<form method="post"' in page.text
+        assert httpx.get(link[:-3] + "AAA").status_code == 404  # forged: nothing written
+        from herald.delivery import suppression
+
+        assert suppression.list_suppressions(ws.store) == []  # a GET unsubscribes nobody
+        done = httpx.post(link, content="List-Unsubscribe=One-Click",
+                          headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert done.status_code == 200 and "Unsubscribed" in done.text
+        clicked = httpx.post(sms_link.group(1))
+        assert clicked.status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    rows = {(r.value, r.channel, r.source) for r in suppression.list_suppressions(ws.store)}
+    assert len(rows) == 2 and {r[1] for r in rows} == {"*"}  # every channel
+    assert all(source == "unsubscribe" for *_, source in rows)
+    gone = {value for value, *_ in rows}
+    second = engine.run_local(ws, "promo", run_key="two")
+    assert second["deliveries"]["suppressed"] == len(gone)
+    assert second["deliveries"]["sent"] == sent - len(gone)
+    from herald.delivery.ledger import existing
+
+    with ws.store.connect() as conn:
+        found = existing(conn, "promo", "two", sorted(gone))
+    assert len(found) == len(gone) and {v.status for v in found.values()} == {"suppressed"}
+
+
+# -- the HTML report a marketing manager reads ------------------------------------------------
+def test_incremental_conversions_and_revenue_with_intervals() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from herald.reporting.conversions import ConversionReport, Group, Row, incremental
+
+    # contacted: 1,000, 100 converted spending 50 each; held out: 200, 10 spending 50 each
+    report = ConversionReport("f", "k", "orders", timedelta(days=7), True,
+                              datetime(2026, 1, 1, tzinfo=UTC))
+    report.total = Row("all", Group(1000, 100, 5000.0, 100 * 50.0 ** 2),
+                       Group(200, 10, 500.0, 10 * 50.0 ** 2))
+    found = incremental(report)
+    assert found is not None
+    assert found.conversions == pytest.approx(50.0)  # (10% - 5%) x 1,000
+    assert found.conversions_low < 50 < found.conversions_high
+    assert found.revenue == pytest.approx(2500.0)  # (5.00 - 2.50) per recipient x 1,000
+    # per-recipient revenue: variance p(1-p) x 50^2, Welch interval over both groups
+    half = 1.959964 * ((0.1 * 0.9 * 2500 * 1000 / 999) / 1000
+                       + (0.05 * 0.95 * 2500 * 200 / 199) / 200) ** 0.5 * 1000
+    assert found.revenue_low == pytest.approx(2500 - half, rel=1e-4)
+    assert found.revenue_high == pytest.approx(2500 + half, rel=1e-4)
+
+
+def test_html_report_has_tiers_failures_messages_and_segment(make_workspace, peer, tmp_path,
+                                                             capsys) -> None:
+    from .conftest import PROMO_YAML
+
+    ws = make_workspace({
+        "config/herald.yaml": (
+            "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\ncurrency: CNY\n"
+            f"channels:\n  hook: {{type: webhook, url: \"{peer.url}/v1\", address: email}}\n"
+            "chunk_size: 40\n"),
+        "config/flows/promo.yaml": PROMO_YAML.replace(
+            "gold: {channels: [email, sms]}", "gold: {channels: [hook]}").replace(
+            "default: {channels: [sms, email]}", "default: {channels: [hook]}"),
+        "templates/promo/default.webhook.txt.j2": "Hello {{ name }}\nYour score: {{ score }}",
+        "templates/promo/gold.webhook.txt.j2": "Dear gold member {{ name }}",
+    }, rows=12)
+    peer.script("3", ("json", 400, {"code": "E_NUMBER", "message": "number not reachable"}))
+    engine.run_local(ws, "promo", run_key="k")
+    page = tmp_path / "r.html"
+    code, _, err = cli(capsys, "report", "promo", "--to", str(page), "-w", str(ws.root))
+    assert code == 0, err
+    html = page.read_text()
+    assert "<h2>Deliveries per tier</h2>" in html and "<td>gold</td>" in html
+    assert "<td>E_NUMBER</td>" in html and "number not reachable" in html
+    assert "segment <code>people</code> · parameters <code>min_score = 0</code>" in html
+    assert "<h2>The messages, per tier</h2>" in html
+    assert "Dear gold member User" in html and "Your score:" in html
+
+
+def test_a_missing_unsubscribe_secret_stops_senders_only(make_workspace, capsys,
+                                                         monkeypatch) -> None:
+    from .conftest import HERALD_YAML
+
+    monkeypatch.delenv("HERALD_TEST_NO_UNSUB", raising=False)
+    ws = make_workspace({"config/herald.yaml": HERALD_YAML + (
+        'unsubscribe: {base_url: "https://u.example", secret: "${HERALD_TEST_NO_UNSUB}"}\n')})
+    code, _, err = cli(capsys, "suppress", "list", "-w", str(ws.root))
+    assert code == 0, err
+    for sending in (["validate"], ["run", "promo"], ["unsubscribe-server"]):
+        code, _, err = cli(capsys, *sending, "-w", str(ws.root))
+        assert code == 1 and "unsubscribe.secret: environment variable HERALD_TEST_NO_UNSUB " \
+                             "is not set" in err, (sending, err)
+    monkeypatch.setenv("HERALD_TEST_NO_UNSUB", "short")
+    code, _, err = cli(capsys, "suppress", "list", "-w", str(ws.root))
+    assert code == 1 and "16 characters or more" in err
