@@ -42,8 +42,8 @@ test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check flows channels audiences templates tests bench
-	$(BIN)/mypy flows channels audiences templates
+	$(BIN)/ruff check flows channels audiences templates core journeys tests bench
+	$(BIN)/mypy flows channels audiences templates core journeys
 
 # The benchmark suite (bench/run.py): 100,000 and 1,000,000 recipients, SQLite and
 # Postgres, each stage against its baseline; updates the figures in BENCHMARKS.md.

@@ -234,6 +234,14 @@ def list_runs(engine: Engine, limit: int = 20) -> list[Any]:
         return list(conn.execute(select(runs).order_by(runs.c.started_at.desc()).limit(limit)))
 
 
+def reserve_lock(conn: Connection) -> None:
+    """Serialise reservations (cap checks and the rows they write) across runs, journeys
+    and workers. SQLite: the ``writing`` transaction's BEGIN IMMEDIATE already holds the
+    database's write lock. Postgres: one advisory transaction lock."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7242817)")
+
+
 # -- deliveries ----------------------------------------------------------------------
 def existing(conn: Connection, flow: str, run_key: str, recipients: Sequence[str]
              ) -> dict[str, Existing]:

@@ -49,6 +49,21 @@ def in_holdout(flow: str, key: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
+def variant(scope: str, experiment: str, key: str, weights: dict[str, float]) -> str:
+    """A sticky weighted draw per (scope, experiment, recipient): content variants and
+    cohorts. ``scope`` is the flow or ``journey:NAME``; the same recipient always gets the
+    same name for the same experiment, and experiments draw independently."""
+    if not weights:
+        raise ValueError("a draw needs at least one weighted name")
+    digest = hashlib.sha256(f"{scope}\x00{experiment}\x00{key}".encode()).digest()
+    point = int.from_bytes(digest[:8], "big") / 2**64 * sum(weights.values())
+    for name, weight in weights.items():
+        point -= weight
+        if point < 0:
+            return name
+    return next(reversed(weights))  # rounding at the very top of the range
+
+
 def clean_address(kind: str, value: object, region: str | None = None
                   ) -> tuple[str | None, str | None]:
     """(address, None) when usable, else (None, why not). E-mail addresses are

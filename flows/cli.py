@@ -30,6 +30,9 @@ audience_app = typer.Typer(no_args_is_help=True, help="Build, list, inspect and 
 suppress_app = typer.Typer(no_args_is_help=True, help="The suppression list.")
 app.add_typer(audience_app, name="audience")
 app.add_typer(suppress_app, name="suppress")
+journey_app = typer.Typer(no_args_is_help=True, help="Journeys: advance them, see where "
+                          "everyone is, one person's path, results.")
+app.add_typer(journey_app, name="journey")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -108,12 +111,29 @@ def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (defa
     from herald.flows.spec import format_duration
     from herald.flows.validate import check_flow, templates_for
 
+    from herald.journeys import load as journeys
+
     ws = _ws(workspace)
-    names = flows or ws.flow_names()
-    if not names:
+    journey_names = journeys.names(ws)
+    names = [n for n in flows if n not in journey_names] if flows else ws.flow_names()
+    chosen_journeys = [n for n in flows if n in journey_names] if flows else journey_names
+    if not names and not chosen_journeys:
         raise HeraldError("no flows in config/flows/")
     templates = templates_for(ws)
     problems: list[str] = []
+    for name in chosen_journeys:
+        try:
+            jc = journeys.check(ws, name, templates)
+        except HeraldError as exc:
+            problems.extend(str(exc).splitlines())
+            err.print(f"[red]✗[/] journey {name}")
+            continue
+        spec = jc.loaded.spec
+        out.print(f"[green]✓[/] journey {name}: entry {jc.segment.file} "
+                  f"({len(jc.columns)} columns), {len(spec.steps)} steps, "
+                  f"{jc.templates} templates"
+                  + (f"; schedules: {'; '.join(x.describe() for x in spec.schedules)}"
+                     if spec.schedules else ""))
     for name in names:
         try:
             checked = check_flow(ws, name, templates=templates)
@@ -640,6 +660,128 @@ def _simulate(ws: Workspace, run: str) -> None:
     out.print(f"simulated orders after {flow.name} {row.run_key} (demo data, not a "
               "measurement):")
     out.print(table)
+
+
+# -- journeys ---------------------------------------------------------------------------
+@journey_app.command("tick")
+def journey_tick(name: str, workspace: WorkspaceOpt = None, now: NowOpt = None,
+                 as_json: Annotated[bool, typer.Option("--json")] = False,
+                 prefect: Annotated[bool, typer.Option(
+                     "--prefect", help="Run the tick as a Prefect flow run")] = False,
+                 enter: Annotated[bool, typer.Option(
+                     "--enter/--no-enter", help="Run the entry segment first")] = True,
+                 ) -> None:
+    """Enter new recipients, then move everyone who can move now (one tick)."""
+    _set_now(now)
+    ws = _ws(workspace)
+    if prefect:
+        _prefect_env()
+        from herald.journeys.prefect import run as run_tick
+
+        summary = run_tick(ws, name, enter=enter)
+    else:
+        from herald.journeys.engine import tick_local
+
+        summary = tick_local(ws, name, enter=enter)
+    if as_json:
+        _print_json(summary)
+        return
+    out.print(f"journey {name} tick {summary['tick']}: entered {summary['entered']}, "
+              f"looked at {summary['claimed']} in {summary['chunks']} chunks, "
+              f"{summary['duration_seconds']}s")
+    for step, outcomes in summary["steps"].items():
+        out.print(f"  {step}: " + ", ".join(f"{o}={n}" for o, n in outcomes.items()))
+    if summary["exits"]:
+        out.print("  exits: " + ", ".join(f"{r}={n}" for r, n in summary["exits"].items()))
+
+
+@journey_app.command("status")
+def journey_status(name: str, workspace: WorkspaceOpt = None,
+                   as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """How many recipients are at each step, and why the others left."""
+    from herald.journeys.report import status
+
+    data = status(_ws(workspace), name)
+    if as_json:
+        _print_json(data)
+        return
+    out.print(f"journey {name} (version {data['version']}): {data['enrollments']:,} "
+              f"enrollments of {data['recipients']:,} recipients; {data['live']:,} inside, "
+              f"{data['completed']:,} completed, {sum(data['exited'].values()):,} exited")
+    table = Table("step", "active", "waiting", box=None)
+    for step, counts in data["at_step"].items():
+        table.add_row(step, f"{counts['active']:,}", f"{counts['waiting']:,}")
+    out.print(table)
+    if data["exited"]:
+        out.print("exited: " + ", ".join(f"{r} {n:,}" for r, n in data["exited"].items()))
+    if len(data["live_by_version"]) > 1:
+        out.print("inside by version: " + ", ".join(
+            f"{v} {n:,}" for v, n in data["live_by_version"].items()))
+
+
+@journey_app.command("show")
+def journey_show(name: str, recipient: str, workspace: WorkspaceOpt = None,
+                 as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """One recipient's path through a journey, step by step."""
+    from herald.journeys.report import show
+
+    data = show(_ws(workspace), name, recipient)
+    if as_json:
+        _print_json(data)
+        return
+    if not data["enrollments"]:
+        out.print(f"{recipient} has never entered {name}")
+    for e in data["enrollments"]:
+        out.print(f"entry {e['entry']} ({e['entered_at']}, version {e['version']}"
+                  + (f", cohort {e['cohort']}" if e["cohort"] else "") + f"): {e['status']}"
+                  + (f" at {e['step']}" + (f" until {e['due_at']}" if e["due_at"] else "")
+                     if e["status"] in ("active", "waiting") else "")
+                  + (f" ({e['exit_reason']})" if e["exit_reason"] else ""))
+        for p in e["path"]:
+            out.print(f"  {p['at']}  {p['step']:<16} {p['outcome']}"
+                      + (f" via {p['channel']}" if p.get("channel") else "")
+                      + (f"  {p['detail']}" if p["detail"] else ""), markup=False)
+
+
+@journey_app.command("report")
+def journey_report(name: str, workspace: WorkspaceOpt = None,
+                   as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Per step: visited, outcomes, messages, converted; the uplift over the holdout."""
+    from herald.flows.results import pp
+    from herald.journeys.report import report as journey_results
+
+    data = journey_results(_ws(workspace), name)
+    if as_json:
+        _print_json(data)
+        return
+    out.print(f"journey {name}: {data['entered']:,} entered, {data['live']:,} inside, "
+              f"{data['completed']:,} completed, exited: "
+              + (", ".join(f"{r} {n:,}" for r, n in data["exited"].items()) or "none"))
+    table = Table("step", "visited", "outcomes", "messages", "converted", box=None)
+    for step, row in data["steps"].items():
+        table.add_row(step, f"{row['visited']:,}",
+                      ", ".join(f"{o} {n:,}" for o, n in row["outcomes"].items()),
+                      ", ".join(f"{o} {n:,}" for o, n in row["messages"].items()),
+                      f"{row['converted']:,}" if data["goal"] else "")
+    out.print(table)
+    goal = data["goal"]
+    if goal:
+        t, h = goal["treated"], goal["holdout"]
+        out.print(f"goal {goal['segment']} within {goal['window_seconds'] // 86400}d of "
+                  f"entry: treated {t['converted']:,}/{t['recipients']:,}"
+                  + (f" {t['rate']:.1%}" if t["rate"] is not None else "")
+                  + f", holdout {h['converted']:,}/{h['recipients']:,}"
+                  + (f" {h['rate']:.1%}" if h["rate"] is not None else ""))
+        u = goal["uplift"]
+        if u:
+            out.print(f"uplift {pp(u['absolute'])} [{pp(u['ci_low'])}, {pp(u['ci_high'])}] "
+                      f"(95% CI)" + (" significant" if u["significant"] else ""))
+        else:
+            out.print(f"uplift not measurable: {goal['note']}")
+        for v in goal["variants"]:
+            out.print(f"  variant {v['step']}/{v['variant']}: {v['converted']:,}/"
+                      f"{v['recipients']:,}" + (f" {v['rate']:.1%}" if v["rate"] is not None
+                                                 else ""))
 
 
 def main(argv: list[str] | None = None) -> None:

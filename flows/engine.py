@@ -267,10 +267,7 @@ def _entry(d: Decision) -> ledger.Entry:
 
 
 def _lock_ledger(conn: Any) -> None:
-    # SQLite: BEGIN IMMEDIATE already holds the database's write lock. Postgres: one
-    # advisory lock serialises reservations across runs and workers.
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7242817)")
+    ledger.reserve_lock(conn)
 
 
 def _resume_decisions(ws: Workspace, flow: str, job: ChunkJob,

@@ -1,0 +1,14 @@
+"""Journeys: multi-step, per-recipient sequences advanced by ticks.
+
+A package of its own (beside ``flows/``) because a journey is a concept of its own: it
+sits on top of the same core (YAML, spec, workspace, database) and delivery (policy,
+ledger, dispatch, templates) as flows, and flows know nothing of it.
+
+    spec        the YAML schema of ``config/journeys/NAME.yaml``
+    tables      the enrollment, version and log tables
+    load        loading with positions, and validation (``herald validate``)
+    conditions  SQL conditions (exit_when, wait_for, branch) and the goal
+    engine      the tick: enter, claim, check exits, move (no Prefect here)
+    report      status, one path, per-step report with uplift over the holdout
+    prefect     the ``herald-journey`` Prefect flow and its deployments
+"""
