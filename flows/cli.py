@@ -110,7 +110,6 @@ def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (defa
     """Check flows, SQL, templates and channels; exit 1 listing every problem."""
     from herald.flows.spec import format_duration
     from herald.flows.validate import check_flow, templates_for
-
     from herald.journeys import load as journeys
 
     ws = _ws(workspace)

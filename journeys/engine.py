@@ -24,12 +24,13 @@ import socket
 import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import Engine, and_, bindparam, case, func, insert, or_, select, text, update
+from sqlalchemy import Engine, and_, bindparam, func, insert, or_, select, text, update
+from sqlalchemy import case as sql_case
 from sqlalchemy.exc import IntegrityError
 
 from herald.audiences.store import Recipient
@@ -57,7 +58,7 @@ from herald.templates.render import RenderError, Templates
 
 logger = logging.getLogger("herald.journey")
 
-LEASE = timedelta(minutes=10)  # real time: how long a claimed chunk is this tick's alone
+LEASE = timedelta(minutes=10)  # how long (Herald's clock) a claimed chunk is this tick's alone
 CAPPED_RETRY = timedelta(hours=1)  # on_capped: wait decides again after this
 ENTRY_BATCH = 2000
 MAX_ROUNDS = 1000  # a safety net: validation forbids cycles without a wait
@@ -194,7 +195,7 @@ def _claimable(journey: str, moment: datetime, every: bool, real: datetime) -> A
 def claimable(ws: Workspace, journey: str, moment: datetime, every: bool) -> int:
     with ws.store.connect() as conn:
         return int(conn.execute(select(func.count()).where(
-            _claimable(journey, moment, every, datetime.now(UTC)))).scalar() or 0)
+            _claimable(journey, moment, every, clock.now()))).scalar() or 0)
 
 
 # -- entering ---------------------------------------------------------------------------
@@ -243,7 +244,7 @@ def _enter_batch(ws: Workspace, spec: JourneySpec, version: str,
         history: dict[str, tuple[int, bool, datetime | None]] = {}
         for part in ledger.among(conn, c.recipient, list(by_key)):
             query = select(c.recipient, func.max(c.entry_no), func.count(),
-                           func.sum(case((c.status.in_(LIVE), 1), else_=0)),
+                           func.sum(sql_case((c.status.in_(LIVE), 1), else_=0)),
                            func.max(c.updated_at)).where(c.journey == spec.name, part
                                                          ).group_by(c.recipient)
             for recipient, last, _n, live, ended in conn.execute(query):
@@ -335,7 +336,7 @@ def run_chunk(job: ChunkJob) -> ChunkResult:
 def claim(ws: Workspace, job: ChunkJob, owner: str) -> list[Item]:
     """Take a lease on up to ``job.size`` claimable enrollments (SKIP LOCKED on Postgres;
     SQLite's BEGIN IMMEDIATE serialises claims)."""
-    real = datetime.now(UTC)
+    real = clock.now()
     c = enrollments.c
     with writing(ws.store) as conn:
         query = select(c.id).where(_claimable(job.journey, job.moment, job.every, real)
@@ -660,7 +661,7 @@ class Mover:
     def persist(self, items: list[Item]) -> None:
         """One transaction: the items' state and their new log rows, lease permitting."""
         logs = [row for it in items for row in it.logs]
-        real = datetime.now(UTC)
+        real = clock.now()
         statement = update(enrollments).where(
             enrollments.c.id == bindparam("b_id"),
             enrollments.c.lease_owner == bindparam("b_owner")).values(
@@ -668,11 +669,15 @@ class Mover:
             exit_reason=bindparam("b_reason"), cohort=bindparam("b_cohort"),
             due_at=bindparam("b_due"), deadline=bindparam("b_deadline"),
             arrived_at=bindparam("b_arrived"), updated_at=bindparam("b_updated"),
-            lease_until=bindparam("b_lease"))
+            lease_owner=bindparam("b_new_owner"), lease_until=bindparam("b_lease"))
         params = [{"b_id": it.id, "b_owner": self.owner, "b_step": it.step, "b_seq": it.seq,
                    "b_status": it.status, "b_reason": it.exit_reason, "b_cohort": it.cohort,
                    "b_due": it.due_at, "b_deadline": it.deadline, "b_arrived": it.arrived_at,
-                   "b_updated": self.now, "b_lease": real + self.job.lease} for it in items]
+                   "b_updated": self.now,
+                   # an ended enrollment is nobody's to claim again: its lease goes now
+                   "b_new_owner": self.owner if it.status in LIVE else None,
+                   "b_lease": real + self.job.lease if it.status in LIVE else None}
+                  for it in items]
         with writing(self.ws.store) as conn:
             held = set()
             for part in _among_ids([it.id for it in items]):

@@ -29,7 +29,7 @@ from herald.flows.errors import (
 from herald.flows.results import bind_period
 from herald.flows.spec import AudienceSpec, FlowSpec
 from herald.flows.workspace import Workspace
-from herald.flows.yamlio import Located, load_yaml
+from herald.flows.yamlio import Located, _dotted, load_yaml
 from herald.journeys.spec import (
     PAUSES,
     STEP_TYPES,
@@ -109,7 +109,7 @@ def parse_definition(definition: str) -> JourneySpec:
 def _problems(exc: ValidationError, doc: Located) -> list[Problem]:
     """pydantic's errors as located Problems, without the step type pydantic inserts
     into the path of a step (``steps.warn.send.tiers`` is ``steps.warn.tiers``)."""
-    from herald.flows.yamlio import _clean_loc, _dotted
+    from herald.flows.yamlio import _clean_loc
 
     out = []
     for err in exc.errors(include_url=False, include_input=False):
@@ -139,7 +139,7 @@ def _suggest(doc: Located, loc: list[str | int]) -> str | None:
     model: Any = JourneySpec
     if len(loc) == 3 and loc[0] == "steps":
         step = doc.data.get("steps", {}).get(loc[1], {})
-        model = _STEP_MODELS.get(step.get("type") if isinstance(step, dict) else None)
+        model = _STEP_MODELS.get(str(step.get("type")) if isinstance(step, dict) else "")
     elif len(loc) != 1:
         return None
     if model is None:
@@ -153,9 +153,7 @@ def _check_refs(ws: Workspace, j: Loaded, name: str) -> list[Problem]:
     spec, problems = j.spec, []
 
     def add(message: str, *loc: str | int) -> None:
-        field = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in loc)
-        problems.append(Problem(message, file=j.file, line=j.line(*loc),
-                                field=field.replace(".[", "[")))
+        problems.append(Problem(message, file=j.file, line=j.line(*loc), field=_dotted(loc)))
 
     if spec.name != name:
         add(f"name '{spec.name}' must match the file name '{name}'", "name")
@@ -222,13 +220,13 @@ def graph_problems(j: Loaded) -> list[Problem]:
     steps = j.spec.steps
     problems = []
     edges = _edges(j)
-    for src, dst, loc in edges:
+    for _src, dst, loc in edges:
         if dst not in steps:
             close = difflib.get_close_matches(dst, list(steps), n=1)
             problems.append(Problem(
                 f"unknown step '{dst}'" + (f" (did you mean '{close[0]}'?)" if close else
                                             f" (steps: {', '.join(steps)})"),
-                file=j.file, line=j.line(*loc), field=".".join(map(str, loc))))
+                file=j.file, line=j.line(*loc), field=_dotted(loc)))
     following: dict[str, list[str]] = {n: [] for n in steps}
     for src, dst, _ in edges:
         if dst in steps:
@@ -321,8 +319,7 @@ def check(ws: Workspace, name: str, templates: Templates | None = None) -> Check
     spec, problems = j.spec, []
 
     def at(message: str, *loc: str | int) -> Problem:
-        return Problem(message, file=j.file, line=j.line(*loc),
-                       field=".".join(map(str, loc)).replace(".[", "["))
+        return Problem(message, file=j.file, line=j.line(*loc), field=_dotted(loc))
 
     try:
         segment = entry_segment(ws, spec)
