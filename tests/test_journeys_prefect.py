@@ -1,0 +1,86 @@
+"""A journey tick as a Prefect flow run: one task per chunk of enrollments, bounded in
+flight, a funnel artifact; the deployment carries the journey's schedule."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+
+from herald.core import clock
+from herald.journeys import prefect as journey_flow
+
+from .test_journeys import FILES, START, _crm_events
+
+pytestmark = pytest.mark.prefect
+
+WAITING = """\
+name: slow
+entry: {source: crm, segment: nudge_entry, params: {min_score: 0}, key: id}
+chunk_size: 100
+schedules: [{cron: "0 * * * *", timezone: Asia/Shanghai}]
+steps:
+  settle: {type: wait, for: 1d, next: cohort}
+  cohort:
+    type: split
+    cohorts:
+      holdout: {weight: 20, holdout: true}
+      rest: {weight: 80, next: bye}
+  bye: {type: exit, reason: done}
+"""
+
+
+def _tasks(flow_run_id):
+    async def read():
+        async with get_client() as client:
+            run = await client.read_flow_run(flow_run_id)
+            tasks = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        return run, tasks, artifacts
+
+    return asyncio.run(read())
+
+
+def test_a_tick_is_one_flow_run_with_one_task_per_chunk(make_workspace, prefect_harness):
+    ws = make_workspace({**FILES, "config/journeys/slow.yaml": WAITING}, rows=1000)
+    _crm_events(ws)
+    with clock.using(clock.Clock(START, frozen=True)):
+        first = journey_flow.run(ws, "slow")
+        clock.advance(timedelta(days=1, minutes=1))
+        second = journey_flow.run(ws, "slow")
+    assert first["entered"] == 1000 and first["chunks"] == 10
+    assert second["claimed"] == 1000 and second["chunks"] == 10
+    assert sum(second["exits"].values()) == 1000 - second["steps"]["bye"]["completed"]
+
+    async def runs():
+        async with get_client() as client:
+            return await client.read_flow_runs(flow_run_filter=FlowRunFilter())
+    slow = [r for r in asyncio.run(runs()) if r.name == "slow" and "journey:slow" in r.tags]
+    assert len(slow) >= 2
+    latest = max(slow, key=lambda r: r.start_time or r.created)
+    run, tasks, artifacts = _tasks(latest.id)
+    assert run.state.is_completed()
+    assert sorted(t.name for t in tasks) == [f"chunk-{i:04d}" for i in range(10)]
+    funnel = next(a for a in artifacts if a.key == "herald-journey-slow-funnel")
+    assert "exited: holdout" in str(funnel.data)
+
+
+def test_the_deployment_has_the_journeys_schedule(make_workspace):
+    ws = make_workspace({**FILES, "config/journeys/slow.yaml": WAITING}, rows=10)
+    _crm_events(ws)
+    dep = journey_flow.deployment(ws, "slow")
+    assert dep.name == "slow" and dep.entrypoint and "herald.journeys.prefect" in dep.entrypoint
+    (sched,) = dep.schedules
+    assert sched.schedule.cron == "0 * * * *"
+    assert sched.schedule.timezone == "Asia/Shanghai"
+    assert dep.parameters == {"workspace": str(ws.root), "journey_name": "slow"}
