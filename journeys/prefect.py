@@ -127,7 +127,7 @@ def deployment(ws: Workspace, name: str, work_pool: str | None = None) -> Runner
     spec = checked.loaded.spec
     if any(s.params for s in spec.schedules):
         raise RunError(f"journey {name}: schedules take no params (set entry.params)")
-    return journey.to_deployment(
+    return cast("RunnerDeployment", journey.to_deployment(  # sync here
         name=name,
         schedules=[schedule(ws, name, i, s) for i, s in enumerate(spec.schedules)],
         parameters={"workspace": str(ws.root), "journey_name": name},
@@ -136,4 +136,4 @@ def deployment(ws: Workspace, name: str, work_pool: str | None = None) -> Runner
         version=checked.loaded.version,
         work_pool_name=work_pool,
         entrypoint_type=EntrypointType.MODULE_PATH,
-    )
+    ))
