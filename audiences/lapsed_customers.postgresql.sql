@@ -6,7 +6,7 @@
 -- keeps a high frequency and monetary score, which is exactly who a win-back should try
 -- hardest to win. Scores are quintiles (NTILE 5), 5 = best; ties are broken by the other
 -- measures and then customer_id so a rerun gives every customer the same scores.
--- Timestamps are stored as UTC without a zone; :now is Herald's clock, bound as UTC.
+-- Timestamps are stored as UTC without a zone; the now parameter is Herald's clock, bound as UTC.
 WITH paid AS (
     SELECT customer_id,
            MAX(placed_at)        AS last_order_at,

@@ -1,7 +1,7 @@
 -- Welcome audience (flow: welcome), PostgreSQL: same columns and rules as
 -- new_signups.sql. Customers who signed up within the last `days` days; tier 'ordered'
 -- when they have already placed an order (paid or not), else 'browsing'.
--- Timestamps are stored as UTC without a zone; :now is Herald's clock, bound as UTC.
+-- Timestamps are stored as UTC without a zone; the now parameter is Herald's clock, bound as UTC.
 WITH recent AS (
     SELECT customer_id, first_name, last_name, email, phone, wechat_openid, locale,
            timezone, city, signup_at

@@ -1,6 +1,6 @@
 -- Welcome audience (flow: welcome): customers who signed up within the last `days` days.
 -- Tier 'ordered' when they have already placed an order (paid or not), else 'browsing'.
--- Timestamps are stored as UTC; :now is Herald's clock (bound as UTC text by Herald).
+-- Timestamps are stored as UTC; the now parameter is Herald's clock (bound as UTC text by Herald).
 WITH recent AS (
     SELECT customer_id, first_name, last_name, email, phone, wechat_openid, locale,
            timezone, city, signup_at
