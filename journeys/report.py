@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -210,6 +211,22 @@ def _utc(value: Any) -> datetime:
     moment = utc(value)
     assert moment is not None
     return moment
+
+
+def contacts(ws: Workspace, name: str) -> Iterator[tuple[str, str, bool, datetime]]:
+    """(recipient, tier, treated?, entered at) of every enrollment, oldest first."""
+    c = enrollments.c
+    last = 0
+    while True:
+        with ws.store.connect() as conn:
+            rows = list(conn.execute(select(c.id, c.recipient, c.tier, c.exit_reason,
+                                            c.entered_at).where(
+                c.journey == name, c.id > last).order_by(c.id).limit(BATCH)))
+        if not rows:
+            return
+        last = rows[-1].id
+        for r in rows:
+            yield r.recipient, r.tier, r.exit_reason != "holdout", _utc(r.entered_at)
 
 
 def versions_in_use(ws: Workspace, name: str) -> dict[str, JourneySpec]:
