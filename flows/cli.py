@@ -787,13 +787,14 @@ def journey_report(name: str, workspace: WorkspaceOpt = None,
     out.print(f"journey {name}: {data['entered']:,} entered, {data['live']:,} inside, "
               f"{data['completed']:,} completed, exited: "
               + (", ".join(f"{r} {n:,}" for r, n in data["exited"].items()) or "none"))
-    table = Table("step", "visited", "outcomes", "messages", "converted", box=None)
+    # One line per step, unwrapped: a send step's outcomes are its ledger statuses
+    # (the JSON also has them per step as "messages").
+    width = max(len(step) for step in data["steps"])
+    out.print(f" {'step':<{width}}  {'visited':>8}  {'converted':>9}  outcomes")
     for step, row in data["steps"].items():
-        table.add_row(step, f"{row['visited']:,}",
-                      ", ".join(f"{o} {n:,}" for o, n in row["outcomes"].items()),
-                      ", ".join(f"{o} {n:,}" for o, n in row["messages"].items()),
-                      f"{row['converted']:,}" if data["goal"] else "")
-    out.print(table)
+        converted = f"{row['converted']:,}" if data["goal"] else ""
+        out.print(f" {step:<{width}}  {row['visited']:>8,}  {converted:>9}  "
+                  + ", ".join(f"{o} {n:,}" for o, n in row["outcomes"].items()), markup=False)
     goal = data["goal"]
     if goal:
         t, h = goal["treated"], goal["holdout"]

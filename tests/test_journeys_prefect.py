@@ -65,8 +65,9 @@ def test_a_tick_is_one_flow_run_with_one_task_per_chunk(make_workspace, prefect_
     async def runs():
         async with get_client() as client:
             return await client.read_flow_runs(flow_run_filter=FlowRunFilter())
-    slow = [r for r in asyncio.run(runs()) if r.name == "slow" and "journey:slow" in r.tags]
-    assert len(slow) >= 2
+    slow = [r for r in asyncio.run(runs()) if r.name == "slow" and "journey:slow" in r.tags
+            and r.parameters.get("workspace") == str(ws.root)]
+    assert len(slow) == 2
     latest = max(slow, key=lambda r: r.start_time or r.created)
     run, tasks, artifacts = _tasks(latest.id)
     assert run.state.is_completed()
@@ -84,3 +85,27 @@ def test_the_deployment_has_the_journeys_schedule(make_workspace):
     assert sched.schedule.cron == "0 * * * *"
     assert sched.schedule.timezone == "Asia/Shanghai"
     assert dep.parameters == {"workspace": str(ws.root), "journey_name": "slow"}
+
+
+def test_a_hundred_thousand_enrollments_advance_in_chunks(make_workspace, prefect_harness):
+    ws = make_workspace({**FILES, "config/journeys/slow.yaml": WAITING.replace(
+        "chunk_size: 100", "chunk_size: 5000")}, rows=100_000)
+    _crm_events(ws)
+    with clock.using(clock.Clock(START, frozen=True)):
+        first = journey_flow.run(ws, "slow")
+        clock.advance(timedelta(days=1, minutes=1))
+        second = journey_flow.run(ws, "slow")
+    assert first["entered"] == 100_000 and first["claimed"] == 100_000
+    assert first["chunks"] == 20 and second["chunks"] == 20
+    assert second["steps"]["settle"] == {"waited": 100_000}
+    assert second["exits"]["holdout"] + second["steps"]["bye"]["completed"] == 100_000
+
+    async def runs():
+        async with get_client() as client:
+            return await client.read_flow_runs(flow_run_filter=FlowRunFilter())
+    mine = [r for r in asyncio.run(runs()) if r.name == "slow"
+            and r.parameters.get("workspace") == str(ws.root)]
+    assert len(mine) == 2
+    for run in mine:
+        _, tasks, _ = _tasks(run.id)
+        assert sorted(t.name for t in tasks) == [f"chunk-{i:04d}" for i in range(20)]
