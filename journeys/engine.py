@@ -570,6 +570,14 @@ class Mover:
         ws, flow = self.ws, spec.flow
         for item in items:  # a capped or deferred recipient back for another try
             item.status = "active"
+        orphans = [it for it in items if step.tier_for(it.tier) is None]
+        for item in orphans:  # no entry for the tier and no default: nothing to send
+            self.visit(item, "send", "no_tier",
+                       f"tier '{item.tier}' has no entry in this step and there is no default")
+            self.go(item, step.next)
+        items = [it for it in items if step.tier_for(it.tier) is not None]
+        if not items:
+            return
         policy = Policy(ws, load.step_flow(spec, step, flow))
         wanted = {(it.run_key, it.recipient): it for it in items}
         decisions: list[tuple[Item, Decision]] = []

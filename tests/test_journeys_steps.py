@@ -1,0 +1,161 @@
+"""Journey steps one by one: waits in the recipient's time zone, sticky variants and
+cohorts, branch tests, wait_for on arrival, on_capped, max_duration, the goal as exit."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from herald.channels.policy import variant
+from herald.core import clock
+from herald.journeys import report
+from herald.journeys.spec import Until, When, until_moment
+
+from .test_journeys import FILES, START, _crm_events, _event, _rows, tick
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+NEW_YORK = ZoneInfo("America/New_York")
+
+
+def test_until_a_local_time_on_given_weekdays():
+    monday_1000_shanghai = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)
+    at_ten = Until(time="10:00")
+    # strictly after arrival: 10:00 sharp waits for tomorrow's 10:00
+    assert until_moment(at_ten, monday_1000_shanghai, SHANGHAI, {}) == \
+        datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
+    # the same instant is 21:00 on Sunday in New York: 10:00 Monday there is 15:00 UTC
+    assert until_moment(at_ten, monday_1000_shanghai, NEW_YORK, {}) == \
+        datetime(2026, 11, 23, 15, 0, tzinfo=UTC)
+    weekend = Until(time="09:30", weekdays=["sat", "sun"])
+    assert until_moment(weekend, monday_1000_shanghai, SHANGHAI, {}) == \
+        datetime(2026, 11, 28, 1, 30, tzinfo=UTC)
+
+
+def test_until_a_date_column_plus_an_offset():
+    arrived = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)
+    before = Until(date="renews_on", offset="-3d", time="09:00")
+    row = {"renews_on": "2026-12-10"}
+    assert until_moment(before, arrived, SHANGHAI, row) == datetime(2026, 12, 7, 1, 0,
+                                                                    tzinfo=UTC)
+    assert until_moment(before, arrived, SHANGHAI, {"renews_on": "2026-11-01"}) == arrived
+    assert until_moment(before, arrived, SHANGHAI, {"renews_on": None}) == arrived
+
+
+def test_variants_are_sticky_weighted_and_independent():
+    weights = {"a": 80.0, "b": 20.0}
+    draws = [variant("journey:x", "step", str(k), weights) for k in range(20_000)]
+    assert draws == [variant("journey:x", "step", str(k), weights) for k in range(20_000)]
+    share = Counter(draws)["a"] / len(draws)
+    assert 0.78 < share < 0.82
+    other = [variant("journey:x", "other", str(k), weights) for k in range(20_000)]
+    agree = sum(x == y for x, y in zip(draws, other, strict=True)) / len(draws)
+    assert 0.64 < agree < 0.72  # independent: 0.8² + 0.2² = 0.68
+
+
+def test_branch_tests_on_columns():
+    row = {"tier": "gold", "points": "1200", "city": None}
+    assert When(column="tier", eq="gold").matches(row)
+    assert When.model_validate({"column": "tier", "in": ["gold", "vip"]}).matches(row)
+    assert When(column="tier", not_in=["gold"]).matches(row) is False
+    assert When(column="points", gte=1000).matches(row)
+    assert When(column="points", lt=1000).matches(row) is False
+    assert When(column="city", is_null=True).matches(row)
+    assert When(column="city", gt=3).matches(row) is False
+    with pytest.raises(ValueError, match="exactly one test"):
+        When(column="tier", eq="gold", ne="silver")
+
+
+ARRIVAL = """\
+name: arrival
+entry: {source: crm, segment: nudge_entry, params: {min_score: 0}, key: id, tier: tier}
+steps:
+  wait_gold:
+    type: wait_for
+    condition: is_gold
+    within: 1d
+    matched: gold_hello
+    timeout: plain_hello
+  gold_hello: {type: send, tiers: {gold: {channels: [email]}}}
+  plain_hello: {type: send, tiers: {default: {channels: [email]}}}
+"""
+
+
+def test_already_matching_on_arrival_does_not_wait_and_tiers_without_entry(make_workspace):
+    ws = make_workspace({**FILES, "config/journeys/arrival.yaml": ARRIVAL,
+                         "audiences/is_gold.sql": "SELECT id FROM people WHERE tier = 'gold'",
+                         "templates/arrival/gold_hello/gold.email.subject.j2": "Gold",
+                         "templates/arrival/gold_hello/gold.email.txt.j2": "Hi {{ name }}",
+                         "templates/arrival/plain_hello/default.email.subject.j2": "Hi",
+                         "templates/arrival/plain_hello/default.email.txt.j2": "Hi {{ name }}"},
+                        rows=20)
+    _crm_events(ws)
+    with clock.using(clock.Clock(START, frozen=True)):
+        first = tick(ws, "arrival")
+        assert first["steps"]["wait_gold"] == {"matched": 5}
+        assert first["steps"]["gold_hello"] == {"sent": 5}
+        clock.advance(timedelta(days=1))
+        second = tick(ws, "arrival")
+    assert second["steps"]["wait_gold"] == {"timeout": 15}
+    rows = _rows(ws, "arrival")
+    assert all(r.status == "completed" for r in rows.values())
+
+
+CAPPED = """\
+name: capped
+entry: {source: crm, segment: nudge_entry, params: {min_score: 9}, key: id}
+caps: [{max: 1, per: 1d}]
+steps:
+  one: {type: send, tiers: {default: {channels: [email]}}, next: two}
+  two: {type: send, tiers: {default: {channels: [email]}}, on_capped: ON, next: three}
+  three: {type: wait, for: 5d}
+"""
+CAPPED_FILES = {f"templates/capped/{s}/default.email.{p}.j2": f"{s} {{{{ name }}}}"
+                for s in ("one", "two") for p in ("subject", "txt")}
+
+
+@pytest.mark.parametrize("mode", ["wait", "skip"])
+def test_on_capped_wait_sends_later_and_skip_moves_on(make_workspace, mode):
+    ws = make_workspace({**FILES, **CAPPED_FILES,
+                         "config/journeys/capped.yaml": CAPPED.replace("ON", mode)}, rows=40)
+    _crm_events(ws)  # score 9: ids 9, 19, 29, 39
+    with clock.using(clock.Clock(START, frozen=True)):
+        first = tick(ws, "capped")
+        assert first["steps"]["one"] == {"sent": 4}
+        if mode == "skip":
+            assert first["steps"]["two"] == {"capped": 4}
+            assert {r.step for r in _rows(ws, "capped").values()} == {"three"}
+            return
+        assert first["steps"].get("two") == {"capped_waiting": 4}
+        clock.advance(timedelta(hours=2))
+        assert tick(ws, "capped")["steps"] == {"two": {"capped_waiting": 4}}
+        clock.advance(timedelta(days=1))
+        third = tick(ws, "capped")
+    assert third["steps"]["two"] == {"sent": 4}
+    assert {r.step for r in _rows(ws, "capped").values()} == {"three"}
+
+
+LIMITS = """\
+name: limits
+entry: {source: crm, segment: nudge_entry, params: {min_score: 8}, key: id}
+max_duration: 2d
+goal: {segment: bought, window: 7d, at: placed_at}
+steps:
+  long: {type: wait, for: 5d}
+"""
+
+
+def test_max_duration_and_the_goal_end_the_journey(make_workspace):
+    ws = make_workspace({**FILES, "config/journeys/limits.yaml": LIMITS}, rows=20)
+    _crm_events(ws)  # scores 8 and 9: ids 8, 9, 18, 19
+    with clock.using(clock.Clock(START, frozen=True)):
+        tick(ws, "limits")
+        _event(ws, "orders", 8, START + timedelta(hours=5))
+        clock.advance(timedelta(hours=6))
+        assert tick(ws, "limits")["exits"] == {"goal": 1}
+        clock.advance(timedelta(days=2))
+        assert tick(ws, "limits")["exits"] == {"max_duration": 3}
+        state = report.status(ws, "limits")
+    assert state["exited"] == {"max_duration": 3, "goal": 1} and state["live"] == 0
