@@ -642,7 +642,6 @@ def _simulate(ws: Workspace, run: str) -> None:
     from herald.audiences.demo_shop import simulate_response
     from herald.flows import results
     from herald.flows.db import resolve_url
-
     from herald.journeys import load as journeys
 
     if run in journeys.names(ws):
