@@ -40,7 +40,7 @@ demo: $(STAMP)
 	done; \
 	t=$$(date -u -d "$$day0 02:00 UTC + 10 days" +%Y-%m-%dT%H:%MZ); \
 	for j in churn_winback welcome_series; do \
-	    $(BIN)/herald --now $$t journey status $$j && $(BIN)/herald --now $$t journey report $$j || exit 1; \
+	    $(BIN)/herald --now $$t journey status $$j && $(BIN)/herald --now $$t journey report $$j --html || exit 1; \
 	done
 	@echo "Messages the demo would have sent are in .herald/outbox/ (nothing left this machine)."
 

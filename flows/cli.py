@@ -774,12 +774,25 @@ def journey_show(name: str, recipient: str, workspace: WorkspaceOpt = None,
 
 @journey_app.command("report")
 def journey_report(name: str, workspace: WorkspaceOpt = None,
-                   as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+                   as_json: Annotated[bool, typer.Option("--json")] = False,
+                   html: Annotated[bool, typer.Option(
+                       "--html", help="Also write reports/journeys/NAME.html")] = False,
+                   to: Annotated[Path | None, typer.Option(
+                       "--to", help="Write the HTML report to this file")] = None) -> None:
     """Per step: visited, outcomes, messages, converted; the uplift over the holdout."""
     from herald.flows.results import pp
     from herald.journeys.report import report as journey_results
 
-    data = journey_results(_ws(workspace), name)
+    ws = _ws(workspace)
+    data = journey_results(ws, name)
+    if html or to:
+        from herald.journeys import html as journey_html
+        from herald.journeys.report import status as journey_state
+
+        page = to or ws.root / "reports" / "journeys" / f"{name}.html"
+        page.parent.mkdir(parents=True, exist_ok=True)
+        page.write_text(journey_html.render(data, journey_state(ws, name)), encoding="utf-8")
+        err.print(f"HTML report: {page}")
     if as_json:
         _print_json(data)
         return

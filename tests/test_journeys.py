@@ -436,6 +436,12 @@ def test_the_reports_per_step_counts_add_up(journey_ws):
     assert goal["uplift"] is not None and goal["uplift"]["absolute"] == pytest.approx(
         10 / 54 - 2 / 6)
     assert steps["first"]["converted"] == 10
+    from herald.journeys import html
+
+    page = html.render(data, state)
+    assert "<script" not in page and page.count("<svg") == 1
+    assert all(f"<td>{step}</td>" in page for step in steps)
+    assert "uplift -14.81 pp" in page
 
 
 BROKEN = """name: broken
