@@ -60,6 +60,10 @@ logger = logging.getLogger("herald.journey")
 
 LEASE = timedelta(minutes=10)  # how long (Herald's clock) a claimed chunk is this tick's alone
 CAPPED_RETRY = timedelta(hours=1)  # on_capped: wait decides again after this
+# A wait that ends within this of the tick is over: a tick starts a little late or early
+# (a scheduler, a process starting), and a 3-day wait must not miss the tick 72 hours on
+# by a second and take one more tick interval.
+GRACE = timedelta(minutes=1)
 ENTRY_BATCH = 2000
 MAX_ROUNDS = 1000  # a safety net: validation forbids cycles without a wait
 
@@ -188,7 +192,7 @@ def _claimable(journey: str, moment: datetime, every: bool, real: datetime) -> A
              or_(c.lease_until.is_(None), c.lease_until < real),
              or_(c.checked_at.is_(None), c.checked_at < moment)]
     if not every:
-        where.append(c.due_at <= moment)
+        where.append(c.due_at <= moment + GRACE)
     return and_(*where)
 
 
@@ -395,7 +399,7 @@ class Mover:
         for item in items:
             if item.status in LIVE and item.status == "waiting":
                 step = self.spec(item).steps[item.step]
-                item.moving = isinstance(step, WaitForStep) or item.due_at <= self.now
+                item.moving = isinstance(step, WaitForStep) or item.due_at <= self.now + GRACE
             else:
                 item.moving = item.status in LIVE
         for _ in range(MAX_ROUNDS):
@@ -448,7 +452,7 @@ class Mover:
                                    spec.entry.key, cond.at, since, self.now)
 
     def exit(self, item: Item, reason: str) -> None:
-        self.visit(item, "exit", "exited", reason)
+        self.visit(item, "exit_check", "exited", reason)
         item.status, item.exit_reason, item.moving = "exited", reason, False
         self.result.exits[reason] += 1
 
@@ -545,7 +549,7 @@ class Mover:
                 due = item.due_at
             else:
                 due = step.due(item.arrived_at, self.zone(spec, item), item.data)
-            if due <= self.now:
+            if due <= self.now + GRACE:
                 self.visit(item, "wait", "waited")
                 self.go(item, step.next)
             else:
@@ -558,7 +562,7 @@ class Mover:
             if item.recipient in hits:
                 self.visit(item, "wait_for", "matched", step.matched)
                 self.go(item, step.matched)
-            elif self.now >= deadline:
+            elif self.now + GRACE >= deadline:
                 self.visit(item, "wait_for", "timeout", step.timeout)
                 self.go(item, step.timeout)
             else:
@@ -660,7 +664,9 @@ class Mover:
                                          variables)
         return Message(recipient=item.recipient, address=d.address, kind=kind,
                        body=rendered.body, subject=rendered.subject, html=rendered.html,
-                       message_id=message_id(spec.flow, item.run_key, item.recipient),
+                       # "journey-NAME": a colon is not allowed in a Message-ID
+                       message_id=message_id(f"journey-{spec.name}", item.run_key,
+                                             item.recipient),
                        meta={"flow": spec.flow, "run_key": item.run_key, "tier": item.tier,
                              "journey": spec.name, "step": name,
                              **({"variant": chosen} if chosen else {})})

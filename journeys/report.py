@@ -104,7 +104,7 @@ def report(ws: Workspace, name: str) -> dict[str, Any]:
                                             "converted": 0} for s in spec.steps}
     with ws.store.connect() as conn:
         for step, outcome, n in conn.execute(select(lc.step, lc.outcome, func.count()).where(
-                lc.journey == name, lc.kind != "exit_check").group_by(lc.step, lc.outcome)):
+                lc.journey == name).group_by(lc.step, lc.outcome)):
             row = steps.setdefault(step, {"visited": 0, "outcomes": {}, "messages": {},
                                           "converted": 0})
             row["outcomes"][outcome] = int(n)
