@@ -222,10 +222,28 @@ def enter_recipients(ws: Workspace, spec: JourneySpec, version: str) -> int:
         result = conn.execution_options(stream_results=True, yield_per=ENTRY_BATCH).execute(
             text(segment.sql), dict(segment.params))
         columns = list(result.keys())
-        for part in result.partitions(ENTRY_BATCH):
+        for batch, part in enumerate(result.partitions(ENTRY_BATCH), start=1):
             rows = [dict(zip(columns, (_jsonable(v) for v in r), strict=True)) for r in part]
             entered += _enter_batch(ws, spec, version, rows)
+            if batch & (batch - 1) == 0:  # after batches 1, 2, 4, 8, ...
+                refresh_statistics(ws.store)
+    if entered:
+        refresh_statistics(ws.store)
     return entered
+
+
+def refresh_statistics(engine: Engine) -> None:
+    """Let Postgres's planner see the enrollments as they are now.
+
+    With the statistics of an empty table it looked up each entry batch's recipients by
+    scanning every enrollment, and entering 100,000 people turned quadratic (114 s; 7 s
+    with fresh statistics). ANALYZE samples a bounded number of rows: milliseconds.
+    """
+    if engine.dialect.name != "postgresql":
+        return
+    with engine.connect() as conn:
+        conn.execute(text(f"ANALYZE {enrollments.name}"))
+        conn.commit()
 
 
 def _enter_batch(ws: Workspace, spec: JourneySpec, version: str,
