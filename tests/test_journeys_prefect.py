@@ -109,3 +109,20 @@ def test_a_hundred_thousand_enrollments_advance_in_chunks(make_workspace, prefec
     for run in mine:
         _, tasks, _ = _tasks(run.id)
         assert sorted(t.name for t in tasks) == [f"chunk-{i:04d}" for i in range(20)]
+
+
+def test_serve_and_deploy_take_flows_and_journeys(make_workspace):
+    from herald.flows import deploy
+    from herald.flows.errors import ConfigError
+    from herald.journeys import load
+
+    ws = make_workspace({**FILES, "config/journeys/slow.yaml": WAITING}, rows=10)
+    assert deploy._flows_and_journeys(ws, None) == (["promo"], ["nudge", "slow"])
+    assert deploy._flows_and_journeys(ws, ["slow"]) == ([], ["slow"])
+    assert deploy._flows_and_journeys(ws, ["promo", "slow"]) == (["promo"], ["slow"])
+    with pytest.raises(ConfigError, match="unknown flow 'nope'"):
+        deploy._flows_and_journeys(ws, ["nope"])
+    clash = make_workspace({**FILES, "config/journeys/promo.yaml": WAITING.replace(
+        "name: slow", "name: promo")}, rows=10, folder="clash")
+    with pytest.raises(ConfigError, match=r"promo.yaml:1 name: a flow is also named 'promo'"):
+        load.load(clash, "promo")
