@@ -101,8 +101,12 @@ def measure(size: int, store: str, label: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=100_000)
+    parser.add_argument("--only", choices=["sqlite", "postgres"])
     args = parser.parse_args()
-    print(json.dumps(measure(args.size, "sqlite:///.herald/herald.db", "sqlite")))
+    if args.only != "postgres":
+        print(json.dumps(measure(args.size, "sqlite:///.herald/herald.db", "sqlite")))
+    if args.only == "sqlite":
+        return
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
