@@ -348,10 +348,13 @@ def run_chunk(job: ChunkJob) -> ChunkResult:
     result = ChunkResult(claimed=len(items))
     if not items:
         return result
+    done = False
     try:
         Mover(ws, job, owner, result).run(items)
+        done = True
     finally:
-        release(ws, [i.id for i in items], owner, job.moment)
+        # A failed chunk is not stamped as looked at: a retry of its task takes it again.
+        release(ws, [i.id for i in items], owner, job.moment if done else None)
     return result
 
 
@@ -389,12 +392,15 @@ def _among_ids(ids: list[int]) -> list[Any]:
     return [enrollments.c.id.in_(ids[i:i + 500]) for i in range(0, len(ids), 500)]
 
 
-def release(ws: Workspace, ids: list[int], owner: str, moment: datetime) -> None:
+def release(ws: Workspace, ids: list[int], owner: str, moment: datetime | None) -> None:
+    """Give up this chunk's leases; ``moment``: stamp them as looked at by this tick."""
+    values: dict[str, Any] = {"lease_owner": None, "lease_until": None}
+    if moment is not None:
+        values["checked_at"] = moment
     with writing(ws.store) as conn:
         for part in _among_ids(ids):
             conn.execute(update(enrollments).where(
-                part, enrollments.c.lease_owner == owner).values(
-                lease_owner=None, lease_until=None, checked_at=moment))
+                part, enrollments.c.lease_owner == owner).values(**values))
 
 
 class Mover:
@@ -413,7 +419,7 @@ class Mover:
 
     def run(self, items: list[Item]) -> None:
         self.check_exits(items)
-        self.persist(items)
+        self.persist([i for i in items if i.logs])  # those who left
         for item in items:
             if item.status in LIVE and item.status == "waiting":
                 step = self.spec(item).steps[item.step]
@@ -694,6 +700,8 @@ class Mover:
     # -- persisting ------------------------------------------------------------------
     def persist(self, items: list[Item]) -> None:
         """One transaction: the items' state and their new log rows, lease permitting."""
+        if not items:
+            return
         logs = [row for it in items for row in it.logs]
         real = clock.now()
         statement = update(enrollments).where(

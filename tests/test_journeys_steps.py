@@ -3,6 +3,7 @@ cohorts, branch tests, wait_for on arrival, on_capped, max_duration, the goal as
 
 from __future__ import annotations
 
+import sqlite3
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -11,7 +12,7 @@ import pytest
 
 from herald.channels.policy import variant
 from herald.core import clock
-from herald.journeys import report
+from herald.journeys import engine, report
 from herald.journeys.spec import Until, When, until_moment
 
 from .test_journeys import FILES, START, _crm_events, _event, _rows, tick
@@ -159,3 +160,27 @@ def test_max_duration_and_the_goal_end_the_journey(make_workspace):
         assert tick(ws, "limits")["exits"] == {"max_duration": 3}
         state = report.status(ws, "limits")
     assert state["exited"] == {"max_duration": 3, "goal": 1} and state["live"] == 0
+
+
+def test_a_failing_chunk_releases_its_leases_and_a_retry_takes_it_again(make_workspace):
+    from sqlalchemy.exc import OperationalError
+
+    ws = make_workspace(FILES, rows=30)
+    _crm_events(ws)
+    with clock.using(clock.Clock(START, frozen=True)):
+        tick(ws)  # everyone in the main cohort waits at wait_visit
+        waiting = {k: r.checked_at for k, r in _rows(ws).items() if r.status == "waiting"}
+        clock.advance(timedelta(hours=1))
+        prepared = engine.prepare(ws, "nudge")  # validated; then the source changes
+        with sqlite3.connect(ws.root / "crm.db") as conn:
+            conn.execute("ALTER TABLE visits RENAME TO visits_gone")
+        (job,) = prepared.chunks
+        with pytest.raises(OperationalError, match="no such table: visits"):
+            engine.run_chunk(job)
+        rows = _rows(ws)
+        assert all(rows[k].lease_owner is None and rows[k].checked_at == waiting[k]
+                   for k in waiting)
+        with sqlite3.connect(ws.root / "crm.db") as conn:
+            conn.execute("ALTER TABLE visits_gone RENAME TO visits")
+        again = engine.run_chunk(job)  # the task's retry takes the same enrollments again
+    assert again.claimed == len(waiting) and not again.moves
