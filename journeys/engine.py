@@ -658,6 +658,9 @@ class Mover:
         for run_key, outcomes in failed.items():
             ledger.settle(ws.store, flow, run_key, outcomes)
         if outgoing:
+            # Hold the lease for the whole dispatch: renewed now, and nothing is sent if
+            # another tick took over (a lease outrun by a slow round).
+            self.renew(items)
             asyncio.run(self._dispatch(flow, outgoing))
         with ws.store.connect() as conn:
             settled = _ledger_rows(conn, flow, wanted)
@@ -698,6 +701,21 @@ class Mover:
                              **({"variant": chosen} if chosen else {})})
 
     # -- persisting ------------------------------------------------------------------
+    def renew(self, items: list[Item]) -> None:
+        """Extend this tick's lease on ``items``; RunError if it lost any of them."""
+        ids = [it.id for it in items]
+        with writing(self.ws.store) as conn:
+            held = 0
+            for part in _among_ids(ids):
+                held += conn.execute(update(enrollments).where(
+                    part, enrollments.c.lease_owner == self.owner).values(
+                    lease_until=clock.now() + self.job.lease)).rowcount or 0
+            if held != len(ids):
+                raise RunError(f"journey {self.job.journey}: tick {self.job.tick} lost the "
+                               f"lease on {len(ids) - held} enrollments before sending; "
+                               "nothing was sent (a round took longer than the lease: "
+                               "use a smaller chunk_size)")
+
     def persist(self, items: list[Item]) -> None:
         """One transaction: the items' state and their new log rows, lease permitting."""
         if not items:

@@ -184,3 +184,27 @@ def test_a_failing_chunk_releases_its_leases_and_a_retry_takes_it_again(make_wor
             conn.execute("ALTER TABLE visits_gone RENAME TO visits")
         again = engine.run_chunk(job)  # the task's retry takes the same enrollments again
     assert again.claimed == len(waiting) and not again.moves
+
+
+def test_a_tick_that_lost_its_lease_sends_nothing(make_workspace):
+    from sqlalchemy import update
+
+    from herald.flows.errors import RunError
+    from herald.journeys.tables import enrollments
+
+    from .conftest import outbox_messages
+
+    ws = make_workspace({**FILES, **CAPPED_FILES,  # its first step sends
+                         "config/journeys/capped.yaml": CAPPED.replace("ON", "skip")},
+                        rows=30)
+    _crm_events(ws)
+    with clock.using(clock.Clock(START, frozen=True)):
+        prepared = engine.prepare(ws, "capped")
+        (job,) = prepared.chunks
+        items = engine.claim(ws, job, "slow-tick")
+        with ws.store.begin() as conn:  # another tick took them over meanwhile
+            conn.execute(update(enrollments).values(lease_owner="other-tick"))
+        mover = engine.Mover(ws, job, "slow-tick", engine.ChunkResult())
+        with pytest.raises(RunError, match="lost the lease on .* before sending"):
+            mover.run(items)
+    assert outbox_messages(ws) == 0
