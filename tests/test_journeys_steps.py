@@ -208,3 +208,22 @@ def test_a_tick_that_lost_its_lease_sends_nothing(make_workspace):
         with pytest.raises(RunError, match="lost the lease on .* before sending"):
             mover.run(items)
     assert outbox_messages(ws) == 0
+
+
+def test_quiet_hours_defer_a_send_until_the_window_ends(make_workspace):
+    ws = make_workspace({**FILES, **CAPPED_FILES, "config/journeys/capped.yaml": CAPPED.replace(
+        "ON", "skip").replace("caps: [{max: 1, per: 1d}]",
+                              'quiet_hours: {from: "21:00", to: "09:00", mode: defer}')},
+        rows=40)
+    _crm_events(ws)
+    late = datetime(2026, 11, 23, 23, 0, tzinfo=UTC)  # 23:00 UTC, the workspace's zone
+    with clock.using(clock.Clock(late, frozen=True)):
+        first = tick(ws, "capped")
+        assert first["steps"] == {"one": {"quiet_hours_waiting": 4}}
+        rows = _rows(ws, "capped")
+        assert {(r.step, r.status) for r in rows.values()} == {("one", "waiting")}
+        clock.advance(timedelta(hours=9, minutes=30))  # 08:30: still quiet
+        assert tick(ws, "capped")["steps"] == {}
+        clock.advance(timedelta(minutes=31))  # 09:01
+        later = tick(ws, "capped")
+    assert later["steps"]["one"] == {"sent": 4} and later["steps"]["two"] == {"sent": 4}
