@@ -258,12 +258,13 @@ max_workers: 2
 """
 
 
-def test_a_tick_killed_mid_send_then_a_tick_loses_and_repeats_nothing(make_workspace):
+def test_a_tick_killed_mid_send_then_a_tick_loses_and_repeats_nothing(make_workspace,
+                                                                      store_url):
     ws = make_workspace({**FILES, "config/herald.yaml": KILL_HERALD,
                          "config/journeys/nudge.yaml": NUDGE.replace(
                              "tiers: {default: {channels: [email, sms]}}\n    next: wait_visit",
                              "tiers: {default: {channels: [sms]}}\n    next: wait_visit")},
-                        rows=300)
+                        rows=300, store=store_url)
     _crm_events(ws)
     code = ("import sys; from herald.flows.workspace import Workspace; "
             "from herald.journeys.engine import tick_local; "
