@@ -1,11 +1,12 @@
 # Two commands do all the set-up on a machine with only python3 and make:
-#   make demo   build .venv, install Herald, build the demo shop and run the demo flow
+#   make demo   build .venv, install Herald, build the demo shop, run the demo flows and
+#               the demo journeys over ten simulated days
 #   make test   build .venv if needed and run the whole test suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-CODE   := core audiences channels delivery reporting flows
+CODE   := core audiences channels delivery reporting journeys flows
 
 .PHONY: demo test lint bench reliability clean install browser
 
@@ -25,6 +26,23 @@ demo: $(STAMP)
 	@echo "Simulating the week after the win-back campaign (demo data, see README):"
 	$(BIN)/herald demo-data --simulate-response winback
 	$(BIN)/herald report winback --html
+	@echo "Journeys over ten simulated days, one tick a day at 10:00 Shanghai time (--now):"
+	@day0=$$(date -u -d tomorrow +%Y-%m-%d); \
+	for d in 0 1 2 3 4 5 6 7 8 9 10; do \
+	    t=$$(date -u -d "$$day0 02:00 UTC + $$d days" +%Y-%m-%dT%H:%MZ); \
+	    for j in churn_winback welcome_series; do \
+	        $(BIN)/herald --now $$t journey tick $$j || exit 1; \
+	    done; \
+	    if [ $$d = 0 ]; then \
+	        echo "Simulating who orders after entering (demo data, see README):"; \
+	        $(BIN)/herald --now $$t demo-data --simulate-response churn_winback || exit 1; \
+	        $(BIN)/herald --now $$t demo-data --simulate-response welcome_series || exit 1; \
+	    fi; \
+	done; \
+	t=$$(date -u -d "$$day0 02:00 UTC + 10 days" +%Y-%m-%dT%H:%MZ); \
+	for j in churn_winback welcome_series; do \
+	    $(BIN)/herald --now $$t journey status $$j && $(BIN)/herald --now $$t journey report $$j --html || exit 1; \
+	done
 	@echo "Messages the demo would have sent are in .herald/outbox/ (nothing left this machine)."
 
 # The HTML report's test drives a headless Chromium; without one it skips and says why.

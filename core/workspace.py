@@ -7,6 +7,7 @@ Every problem found in a file is reported together, each with its line and field
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
@@ -225,3 +226,39 @@ def _channel_settings(config: WorkspaceConfig, doc: Located
         out[name] = settings
         kinds[name] = kind
     return out, kinds, problems
+
+
+# -- this process's workspaces -----------------------------------------------------------
+# Chunk workers (threads, Dask processes, Prefect task runs) open a workspace from its
+# folder once per process and share it: engines and parsed YAML are built once.
+_shared: dict[str, Workspace] = {}
+_shared_lock = threading.Lock()
+
+
+def shared(root: str | Path) -> Workspace:
+    """This process's workspace for ``root``, opened on first use."""
+    key = str(root)
+    with _shared_lock:
+        if key not in _shared:
+            _shared[key] = Workspace.open(key)
+        return _shared[key]
+
+
+def adopt(ws: Workspace) -> None:
+    """Make ``ws`` the workspace this process shares for its folder."""
+    with _shared_lock:
+        _shared[str(ws.root)] = ws
+
+
+def forget(root: str | Path) -> None:
+    """Drop (and dispose) this process's workspace for ``root``: its files changed."""
+    with _shared_lock:
+        ws = _shared.pop(str(root), None)
+    if ws:
+        ws.dispose()
+
+
+def forget_all() -> None:
+    """Drop every shared workspace (tests that drop their databases)."""
+    for root in list(_shared):
+        forget(root)

@@ -103,12 +103,12 @@ def _convert(node: yaml.Node, loc: Loc, lines: dict[Loc, int], problems: list[Pr
             if key is None or key == "<<":
                 problems.append(Problem("keys must be plain strings (no merge keys)",
                                         file=file, line=key_node.start_mark.line + 1,
-                                        field=_dotted(loc)))
+                                        field=dotted(loc)))
                 continue
             if key in out:
                 problems.append(Problem(f"duplicate key '{key}'", file=file,
                                         line=key_node.start_mark.line + 1,
-                                        field=_dotted(loc)))
+                                        field=dotted(loc)))
                 continue
             out[key] = _convert(value_node, (*loc, key), lines, problems, file, env)
             # point at the key's line: for a nested mapping that is where "key:" stands
@@ -123,12 +123,12 @@ def _convert(node: yaml.Node, loc: Loc, lines: dict[Loc, int], problems: list[Pr
                         "tag:yaml.org,2002:null", "tag:yaml.org,2002:timestamp",
                         "tag:yaml.org,2002:value", "tag:yaml.org,2002:merge"):
         problems.append(Problem(f"unsupported YAML tag {node.tag}", file=file,
-                                line=lines[loc], field=_dotted(loc)))
+                                line=lines[loc], field=dotted(loc)))
         return None
     value = node.value
     if "${" in value:
         value = _interpolate(value, env, lambda msg: problems.append(
-            Problem(msg, file=file, line=lines[loc], field=_dotted(loc))))
+            Problem(msg, file=file, line=lines[loc], field=dotted(loc))))
         return value  # an interpolated value is always a string
     if node.style is not None:  # quoted or block scalar: a string, whatever it looks like
         return value
@@ -156,7 +156,7 @@ def _interpolate(value: str, env: Mapping[str, str], report: Any) -> str:
     return _ENV.sub(sub, value)
 
 
-def _dotted(loc: Sequence[str | int]) -> str:
+def dotted(loc: Sequence[str | int]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
@@ -199,7 +199,7 @@ def problems_from(exc: ValidationError, doc: Located, model: type[BaseModel] | N
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         problems.append(Problem(msg, file=doc.file, line=doc.line_of(loc),
-                                field=_dotted(loc) or None))
+                                field=dotted(loc) or None))
     return problems
 
 

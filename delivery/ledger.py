@@ -20,6 +20,7 @@ had it); it is never resent automatically.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -55,6 +56,12 @@ from herald.core.db import (
 def now() -> datetime:
     """Herald's clock (see herald.core.clock): what the ledger stamps and caps count by."""
     return clock.now()
+
+
+def message_id(flow: str, run_key: str, recipient: str) -> str:
+    """Stable per (flow, run key, recipient): a provider can use it to drop duplicates."""
+    digest = hashlib.sha256(f"{flow}\x00{run_key}\x00{recipient}".encode()).hexdigest()
+    return f"<{digest[:32]}.{flow}@herald>"
 
 
 @dataclass
@@ -191,6 +198,14 @@ def open_rows(engine: Engine, flow: str, run_key: str) -> int:
         return int(conn.execute(select(func.count()).where(
             deliveries.c.flow == flow, deliveries.c.run_key == run_key,
             deliveries.c.status.in_(("queued", "deferred")))).scalar() or 0)
+
+
+def reserve_lock(conn: Connection) -> None:
+    """Serialise reservations (cap checks and the rows they write) across runs, journeys
+    and workers. SQLite: the ``writing`` transaction's BEGIN IMMEDIATE already holds the
+    database's write lock. Postgres: one advisory transaction lock."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7242817)")
 
 
 # -- deliveries ----------------------------------------------------------------------

@@ -102,6 +102,27 @@ def _flows(ws: Workspace, names: list[str] | None) -> list[str]:
     return chosen
 
 
+def _flows_and_journeys(ws: Workspace, names: list[str] | None
+                        ) -> tuple[list[str], list[str]]:
+    """The flows and the journeys (``config/journeys``) named, or all of both."""
+    from herald.journeys.load import names as journey_names
+
+    every = journey_names(ws)
+    journeys = [n for n in names if n in every] if names else every
+    flows = [n for n in names if n not in every] if names else None
+    if flows or not journeys:
+        return _flows(ws, flows), journeys
+    return (ws.flow_names() if names is None else []), journeys
+
+
+def journey_deployment(ws: Workspace, name: str, work_pool: str | None = None
+                       ) -> RunnerDeployment:
+    """A journey's deployment ``herald-journey/NAME`` (its ticks, on its schedules)."""
+    from herald.flows.journey import deployment as make
+
+    return make(ws, name, work_pool)
+
+
 def register(dep: RunnerDeployment, work_pool: str | None = None) -> UUID:
     """Create or update ``dep`` on the server; drop schedules no longer in the YAML.
 
@@ -123,8 +144,9 @@ def serve(ws: Workspace, names: list[str] | None = None, limit: int | None = Non
     """Serve the flows as deployments in this process until it is stopped."""
     from prefect import serve as prefect_serve
 
-    chosen = _flows(ws, names)
+    chosen, journeys = _flows_and_journeys(ws, names)
     deployments = [deployment(ws, name) for name in chosen]
+    deployments += [journey_deployment(ws, name) for name in journeys]
     if any(ws.flow(name).conversion for name in chosen):
         from herald.flows.conversion_report import deployment as report_deployment
 
@@ -196,9 +218,11 @@ def deploy(ws: Workspace, pool: str, names: list[str] | None = None) -> list[str
                                        f"(create it: prefect work-pool create {pool} "
                                        "--type process)")]) from None
     ids = []
-    chosen = _flows(ws, names)
+    chosen, journeys = _flows_and_journeys(ws, names)
     for name in chosen:
         ids.append(str(register(deployment(ws, name, work_pool=pool), pool)))
+    for name in journeys:
+        ids.append(str(register(journey_deployment(ws, name, work_pool=pool), pool)))
     if any(ws.flow(name).conversion for name in chosen):
         from herald.flows.conversion_report import deployment as report_deployment
 

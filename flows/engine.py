@@ -12,7 +12,6 @@ database (a chunk job is a small picklable value).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import secrets
@@ -28,7 +27,7 @@ from zoneinfo import ZoneInfo
 
 from herald.audiences import store
 from herald.channels.base import Message
-from herald.core import clock
+from herald.core import clock, workspace
 from herald.core.db import writing
 from herald.core.errors import HeraldError, Problem, ValidationFailed
 from herald.core.spec import Scalar
@@ -109,7 +108,7 @@ def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None =
             run_key: str | None = None, dry_run: bool = False) -> Prepared:
     """Validate, record the run, build the package and plan its chunks."""
     adopt_workspace(ws)
-    checked = check_flow(ws, flow_name, params, _templates[str(ws.root)])
+    checked = check_flow(ws, flow_name, params, _open(str(ws.root))[1])
     flow = checked.spec
     key = run_key or default_run_key(ws, flow_name)
     run_id = f"run-{clock.now():%Y%m%d%H%M%S}-{secrets.token_hex(3)}"
@@ -140,19 +139,20 @@ def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None =
 
 
 # -- one chunk --------------------------------------------------------------------------
-_workspaces: dict[str, Workspace] = {}
-_templates: dict[str, Templates] = {}
+# Compiled templates per workspace of this process (the workspace itself is the core's
+# per-process one: herald.core.workspace.shared), rebuilt when that workspace changes.
+_templates: dict[str, tuple[Workspace, Templates]] = {}
 _lock = threading.Lock()
 
 
 def _open(root: str) -> tuple[Workspace, Templates]:
-    """One Workspace (engines, parsed YAML) and template cache per process and folder."""
+    """This process's workspace for ``root`` and its compiled templates."""
+    ws = workspace.shared(root)
     with _lock:
-        if root not in _workspaces:
-            ws = Workspace.open(root)
-            _workspaces[root] = ws
-            _templates[root] = templates_for(ws)
-        return _workspaces[root], _templates[root]
+        cached = _templates.get(root)
+        if cached is None or cached[0] is not ws:
+            cached = _templates[root] = (ws, templates_for(ws))
+        return cached
 
 
 def workspace_at(root: str) -> Workspace:
@@ -162,26 +162,22 @@ def workspace_at(root: str) -> Workspace:
 
 def adopt_workspace(ws: Workspace) -> None:
     """Make ``ws`` the one chunks of this process use for its folder."""
-    with _lock:
-        root = str(ws.root)
-        if _workspaces.get(root) is not ws:
-            _workspaces[root] = ws
-            _templates[root] = templates_for(ws)
+    workspace.adopt(ws)
+    _open(str(ws.root))
 
 
 def forget_workspace(root: str | Path) -> None:
     """Drop the cached workspace for ``root`` (its YAML or databases changed)."""
     with _lock:
-        ws = _workspaces.pop(str(root), None)
         _templates.pop(str(root), None)
-    if ws:
-        ws.dispose()
+    workspace.forget(root)
 
 
 def forget_all() -> None:
     """Drop every cached workspace (tests that drop their databases)."""
-    for root in list(_workspaces):
-        forget_workspace(root)
+    with _lock:
+        _templates.clear()
+    workspace.forget_all()
 
 
 ChunkCounts = list[tuple[str, str, str | None, int]]  # (status, tier, channel, n)
@@ -300,10 +296,7 @@ def _entry(d: Decision) -> ledger.Entry:
 
 
 def _lock_ledger(conn: Any) -> None:
-    # SQLite: BEGIN IMMEDIATE already holds the database's write lock. Postgres: one
-    # advisory lock serialises reservations across runs and workers.
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7242817)")
+    ledger.reserve_lock(conn)
 
 
 def _resume_decisions(ws: Workspace, flow: str, job: ChunkJob,
@@ -334,12 +327,6 @@ def _settled(ws: Workspace, job: ChunkJob, recipients: list[str]) -> ChunkCounts
     return [(*k, n) for k, n in counts.items()]
 
 
-def message_id(flow: str, run_key: str, recipient: str) -> str:
-    """Stable per (flow, run key, recipient): a provider can use it to drop duplicates."""
-    digest = hashlib.sha256(f"{flow}\x00{run_key}\x00{recipient}".encode()).hexdigest()
-    return f"<{digest[:32]}.{flow}@herald>"
-
-
 def build_message(ws: Workspace, templates: Templates, job: ChunkJob | Job,
                   d: Decision) -> Message:
     """Render the message a decision sends (RenderError when a template fails)."""
@@ -361,7 +348,7 @@ def build_message(ws: Workspace, templates: Templates, job: ChunkJob | Job,
                                 variables, d.variant)
     return Message(recipient=d.recipient.key, address=d.address, kind=kind,
                    body=rendered.body, subject=rendered.subject, html=rendered.html,
-                   message_id=message_id(flow.name, job.run_key, d.recipient.key),
+                   message_id=ledger.message_id(flow.name, job.run_key, d.recipient.key),
                    headers=headers,
                    meta={"flow": flow.name, "run_key": job.run_key, "tier": d.recipient.tier,
                          **({"variant": d.variant} if d.variant else {})})

@@ -75,7 +75,7 @@ def write_samples(ws: Workspace, flow: str, samples: list[dict[str, Any]], folde
     from herald.channels.base import Message
     from herald.channels.mime import build_email
     from herald.channels.outbox import safe_name
-    from herald.flows.engine import message_id
+    from herald.delivery.ledger import message_id
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []

@@ -107,3 +107,29 @@ def test_simulated_response_gives_an_explainable_uplift(demo, capsys) -> None:
     assert ["champions", "contacted", f"({champions.variant})", f"{champions.recipients:,}",
             f"{champions.ordered:,}", f"{champions.chance:.0%}"] in rows
     assert compute(demo, "winback", "demo-test").total.contacted.converted == got
+
+
+@pytest.mark.parametrize("name", ["churn_winback", "welcome_series"])
+def test_demo_journeys_validate_and_run_over_ten_days(demo, name) -> None:
+    from datetime import timedelta
+
+    from herald.core import clock
+    from herald.journeys import engine as journeys
+    from herald.journeys import load
+    from herald.journeys.report import report, status
+
+    assert load.names(demo) == ["churn_winback", "welcome_series"]
+    assert load.check(demo, name).templates > 0
+    with clock.using(clock.Clock(clock.now(), frozen=True)):
+        first = journeys.tick_local(demo, name)
+        for _ in range(10):
+            clock.advance(timedelta(days=1))
+            journeys.tick_local(demo, name)
+        state = status(demo, name)
+        results = report(demo, name)
+    assert first["entered"] > 0 and state["enrollments"] == results["entered"]
+    assert state["completed"] > 0 and state["exited"]["holdout"] > 0
+    sends = [row for row in results["steps"].values() if row["messages"]]
+    assert sends and all(row["messages"].get("render_error", 0) == 0
+                         and row["messages"].get("failed", 0) == 0 for row in sends)
+    assert sum(row["messages"].get("sent", 0) for row in sends) > first["entered"]

@@ -361,11 +361,16 @@ def test_preview_out_version_completion_and_prune(make_workspace, tmp_path, caps
 
     code, out, _ = cli(capsys, "--version")
     assert code == 0 and out.startswith("herald ")
-    # completion as a shell asks for it: the installed command in a process of its own
+    # completion as bash asks for it (`--show-completion` detects the shell from the parent
+    # process, which a test run may not have): the installed command in its own process
     herald = os.path.join(os.path.dirname(sys.executable), "herald")
-    shown = subprocess.run([herald, "--show-completion", "bash"], capture_output=True,
-                           text=True, timeout=60)
+    shown = subprocess.run([herald], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "_HERALD_COMPLETE": "source_bash"})
     assert shown.returncode == 0 and "_HERALD_COMPLETE" in shown.stdout, shown.stderr
+    words = subprocess.run([herald], capture_output=True, text=True, timeout=60, env={
+        **os.environ, "_HERALD_COMPLETE": "complete_bash", "COMP_WORDS": "herald aud",
+        "COMP_CWORD": "1"})
+    assert words.returncode == 0 and "audience" in words.stdout
 
     first = engine.run_local(ws, "promo", run_key="a")["package"]["id"]
     built = [store.build(ws, ws.flow("promo"), engine.check_flow(ws, "promo").segment).id

@@ -290,6 +290,54 @@ def test_served_flow_runs_from_the_api_and_from_its_schedule(
     assert "@example.com" not in logs and "+1415555" not in logs  # no contact details
 
 
+def test_served_journey_ticks_on_its_schedule(make_workspace, server, background) -> None:
+    from .test_journeys import FILES as JOURNEY_FILES
+    from .test_journeys import _crm_events
+
+    soon = (datetime.now(UTC) + timedelta(seconds=25)).replace(microsecond=0)
+    ws = make_workspace({**JOURNEY_FILES, "config/journeys/hello.yaml": (
+        "name: hello\n"
+        "entry: {source: crm, segment: nudge_entry, params: {min_score: 0}, key: id}\n"
+        "chunk_size: 40\n"
+        f"schedules: [{{name: soon, interval: 1d, anchor: '{soon:%Y-%m-%dT%H:%M:%S}', "
+        "timezone: UTC}]\n"
+        "steps:\n  hi: {type: send, tiers: {default: {channels: [email]}}}\n"),
+        "templates/hello/hi/default.email.subject.j2": "Hello {{ name }}",
+        "templates/hello/hi/default.email.txt.j2": "Welcome, {{ name }}."},
+        rows=100, folder="journey")
+    _crm_events(ws)
+    serve = background([HERALD, "serve", "hello", "-w", str(ws.root)], server.env("serve"),
+                       ws.root / "serve.log")
+    dep = deployment_of(server, "hello", ws)
+    serve.alive()
+    assert dep.entrypoint == "herald.flows.journey.journey"
+    assert dep.parameters == {"workspace": str(ws.root), "journey_name": "hello"}
+    assert set(dep.tags) == {"herald", "journey:hello"}
+    assert [s.slug for s in dep.schedules] == ["journey-hello-soon"]
+
+    def scheduled_tick() -> FlowRun | None:
+        with server.client() as client:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                deployment_id={"any_": [dep.id]}))
+        # the scheduler also creates the next days' runs: take the one due now
+        return next((r for r in runs if r.auto_scheduled and r.expected_start_time
+                     and abs((r.expected_start_time - soon).total_seconds()) < 1), None)
+
+    tick = finished(server, wait_for(scheduled_tick, "the scheduled tick").id)
+    assert tick.state is not None and tick.state.is_completed(), tick.state
+    with server.client() as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[tick.id])))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[tick.id])))
+    assert sorted(t.name for t in tasks) == ["chunk-0000", "chunk-0001", "chunk-0002"]
+    assert "herald-journey-hello-funnel" in {a.key for a in artifacts}
+    assert outbox_messages(ws) == 86  # every 7th person has no e-mail address
+    logs = serve.output()
+    assert "journey hello tick" in logs and "100 entered, 100 to look at in 3 chunks" in logs
+    assert "@example.com" not in logs  # no contact details
+
+
 def test_failed_run_says_why_in_its_state(make_workspace, server, background) -> None:
     ws = make_workspace(rows=20)
     serve = background([HERALD, "serve", "promo", "-w", str(ws.root)], server.env("serve"),

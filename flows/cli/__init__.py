@@ -18,6 +18,7 @@ from herald.flows.cli import (  # noqa: F401
     audience,
     check,
     demo,
+    journey,
     recipient,
     report,
     run,

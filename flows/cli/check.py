@@ -25,16 +25,33 @@ from herald.flows.cli.common import (
 @app.command()
 def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (default: all)")]
              = None, workspace: WorkspaceOpt = None) -> None:
-    """Check flows, SQL, templates and channels; exit 1 listing every problem."""
+    """Check flows and journeys, SQL, templates and channels; exit 1 listing every
+    problem."""
     from herald.core.spec import format_duration
     from herald.flows.validate import check_flow, templates_for
+    from herald.journeys import load as journeys
 
     ws = open_workspace(workspace)
-    names = flows or ws.flow_names()
-    if not names:
+    journey_names = journeys.names(ws)
+    names = [n for n in flows if n not in journey_names] if flows else ws.flow_names()
+    chosen_journeys = [n for n in flows if n in journey_names] if flows else journey_names
+    if not names and not chosen_journeys:
         raise HeraldError("no flows in config/flows/")
     templates = templates_for(ws)
     problems: list[str] = []
+    for name in chosen_journeys:
+        try:
+            jc = journeys.check(ws, name, templates)
+        except HeraldError as exc:
+            problems.extend(str(exc).splitlines())
+            err.print(f"[red]✗[/] journey {name}")
+            continue
+        spec = jc.loaded.spec
+        out.print(f"[green]✓[/] journey {name}: entry {jc.segment.file} "
+                  f"({len(jc.columns)} columns), {len(spec.steps)} steps, "
+                  f"{jc.templates} templates"
+                  + (f"; schedules: {'; '.join(x.describe() for x in spec.schedules)}"
+                     if spec.schedules else ""))
     for name in names:
         try:
             checked = check_flow(ws, name, templates=templates)

@@ -30,6 +30,9 @@ audience_app = typer.Typer(no_args_is_help=True, help="Build, list, inspect and 
 suppress_app = typer.Typer(no_args_is_help=True, help="The suppression list.")
 app.add_typer(audience_app, name="audience")
 app.add_typer(suppress_app, name="suppress")
+journey_app = typer.Typer(no_args_is_help=True, help="Journeys: advance them, see where "
+                          "everyone is, one person's path, results.")
+app.add_typer(journey_app, name="journey")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)

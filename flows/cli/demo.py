@@ -25,7 +25,7 @@ from herald.flows.cli.common import (
 def demo_data(customers: Annotated[int, typer.Option(min=100)] = 20000,
               source: Annotated[str, typer.Option(help="Source to fill")] = "shop",
               simulate_response: Annotated[str | None, typer.Option(
-                  "--simulate-response", metavar="RUN|FLOW",
+                  "--simulate-response", metavar="RUN|FLOW|JOURNEY",
                   help="Instead: add the orders the run's customers place afterwards "
                   "(a simulation, more likely when contacted)")] = None,
               now: NowOpt = None,
@@ -52,8 +52,12 @@ def demo_data(customers: Annotated[int, typer.Option(min=100)] = 20000,
 def _simulate(ws: Workspace, run: str) -> None:
     from herald.audiences.demo_shop import simulate_response
     from herald.core.db import resolve_url
+    from herald.journeys import load as journeys
     from herald.reporting import runs
 
+    if run in journeys.names(ws):
+        _simulate_journey(ws, run)
+        return
     row = runs.find_run(ws, run)
     flow = ws.flow(row.flow)
     source = flow.conversion_source()
@@ -70,4 +74,25 @@ def _simulate(ws: Workspace, run: str) -> None:
         table.add_row(s.tier, group, f"{s.recipients:,}", f"{s.ordered:,}", f"{s.chance:.0%}")
     out.print(f"simulated orders after {flow.name} {row.run_key} (demo data, not a "
               "measurement):")
+    out.print(table)
+
+
+def _simulate_journey(ws: Workspace, name: str) -> None:
+    """Orders after entering a journey: more likely for those not held out."""
+    from herald.audiences.demo_shop import simulate_response
+    from herald.flows.db import resolve_url
+    from herald.journeys import load as journeys
+    from herald.journeys.report import contacts
+
+    spec = journeys.load(ws, name).spec
+    if spec.goal is None:
+        raise HeraldError(f"journey '{name}' declares no goal to simulate")
+    source = spec.goal.source or spec.entry.source
+    done = simulate_response(resolve_url(ws.config.sources[source], ws.root),
+                             contacts(ws, name), spec.goal.window)
+    table = Table("tier", "group", "customers", "ordered", "chance", box=None)
+    for s in done:
+        table.add_row(s.tier, "treated" if s.contacted else "held out", f"{s.recipients:,}",
+                      f"{s.ordered:,}", f"{s.chance:.0%}")
+    out.print(f"simulated orders after entering {name} (demo data, not a measurement):")
     out.print(table)

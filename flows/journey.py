@@ -1,0 +1,140 @@
+"""The Prefect flow of a journey tick: a thin wiring of ``herald.journeys.engine``.
+
+One flow run per tick of ``herald-journey``, named ``JOURNEY/TICK``; one task run per
+chunk of claimed enrollments (never per recipient), at most ``max_workers`` at once; a
+funnel artifact of where everyone is after the tick. ``deployment`` makes one deployment
+per journey with the journey's schedules, which ``herald serve`` / ``herald deploy``
+register beside the flows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, cast
+from zoneinfo import ZoneInfo
+
+from prefect import flow, get_run_logger, tags, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture, as_completed
+
+from herald.core import clock
+from herald.core.errors import RunError
+from herald.core.spec import ScheduleSpec
+from herald.core.workspace import Workspace
+from herald.core.workspace import adopt as adopt_workspace
+from herald.core.workspace import shared as workspace_at
+from herald.journeys import engine, load, report
+
+if TYPE_CHECKING:
+    from prefect.deployments.runner import RunnerDeployment
+    from prefect.schedules import Schedule
+
+
+@task(name="journey-chunk", task_run_name="chunk-{job.index:04d}", cache_policy=NO_CACHE,
+      retries=2, retry_delay_seconds=5)
+def advance_chunk(job: engine.ChunkJob) -> engine.ChunkResult:
+    # A retried chunk is safe: its leases were released, the ledger holds what was sent.
+    return engine.run_chunk(job)
+
+
+def _artifact_key(name: str) -> str:
+    return f"herald-journey-{name.lower().replace('_', '-')}-funnel"
+
+
+@flow(name="herald-journey", flow_run_name="{journey_name}", log_prints=False,
+      validate_parameters=False)
+def journey(workspace: str, journey_name: str, now: str | None = None,
+            enter: bool = True) -> dict[str, Any]:
+    """One tick: enter, claim chunks, move everyone who can move, report."""
+    with clock.using(clock.Clock(clock.parse(now)) if now else None):
+        logger = get_run_logger()
+        ws = workspace_at(workspace)
+        prepared = engine.prepare(ws, journey_name, enter)
+        logger.info("journey %s tick %s: %d entered, %d to look at in %d chunks",
+                    journey_name, prepared.tick, prepared.entered, prepared.live,
+                    len(prepared.chunks))
+        results = list(_advance_all(prepared.chunks, ws.config.max_workers))
+        summary = engine.finish(ws, prepared, results)
+        state = report.status(ws, journey_name)
+        create_table_artifact(
+            key=_artifact_key(journey_name),
+            description=f"Where everyone is in {journey_name} after {prepared.tick}",
+            table=[{"step": step, "active": n["active"], "waiting": n["waiting"],
+                    "moved this tick": sum(summary["steps"].get(step, {}).values())}
+                   for step, n in state["at_step"].items()]
+            + [{"step": "completed", "active": state["completed"], "waiting": 0,
+                "moved this tick": 0}]
+            + [{"step": f"exited: {reason}", "active": n, "waiting": 0,
+                "moved this tick": summary["exits"].get(reason, 0)}
+               for reason, n in state["exited"].items()])
+        logger.info("journey %s tick %s: %d looked at, moves %s, exits %s", journey_name,
+                    prepared.tick, summary["claimed"],
+                    {s: sum(o.values()) for s, o in summary["steps"].items()},
+                    summary["exits"])
+        return summary
+
+
+def _advance_all(chunks: list[engine.ChunkJob], workers: int
+                 ) -> Iterator[engine.ChunkResult]:
+    """Chunks with at most ``workers`` in flight (as flows.campaign._send_all)."""
+    waiting = list(reversed(chunks))
+    running: set[PrefectFuture[engine.ChunkResult]] = set()
+    while waiting or running:
+        while waiting and len(running) < workers:
+            running.add(advance_chunk.submit(waiting.pop()))
+        done = next(as_completed(list(running)))
+        running.discard(done)
+        yield done.result()
+
+
+def run(ws: Workspace, name: str, enter: bool = True) -> dict[str, Any]:
+    """One tick as a Prefect flow run, here and now (``herald journey tick --prefect``)."""
+    adopt_workspace(ws)
+    now = clock.now().isoformat() if clock.current().is_set else None
+    with tags("herald", f"journey:{name}"):
+        state = journey(str(ws.root), name, now, enter, return_state=True)
+    if state.is_failed():
+        outcome = state.result(raise_on_failure=False)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        raise RunError(state.message or f"tick of journey {name} failed")
+    return cast(dict[str, Any], state.result())
+
+
+def schedule(ws: Workspace, name: str, index: int, spec: ScheduleSpec) -> Schedule:
+    from prefect.schedules import Cron, Interval, RRule
+
+    zone = spec.timezone or load.load(ws, name).spec.timezone or ws.config.timezone
+    common: dict[str, Any] = {"timezone": zone, "active": spec.active,
+                              "slug": f"journey-{name}-{spec.name or index}"}
+    if spec.cron is not None:
+        return Cron(spec.cron, **common)
+    if spec.rrule is not None:
+        return RRule(spec.rrule, **common)
+    assert spec.interval is not None
+    anchor = spec.anchor or datetime(2020, 1, 1)
+    if anchor.tzinfo is None:
+        anchor = anchor.replace(tzinfo=ZoneInfo(zone))
+    return Interval(spec.interval, anchor_date=anchor, **common)
+
+
+def deployment(ws: Workspace, name: str, work_pool: str | None = None) -> RunnerDeployment:
+    """The deployment ``herald-journey/NAME``, checked first like ``herald validate``."""
+    from prefect.types.entrypoint import EntrypointType
+
+    checked = load.check(ws, name)
+    spec = checked.loaded.spec
+    if any(s.params for s in spec.schedules):
+        raise RunError(f"journey {name}: schedules take no params (set entry.params)")
+    return cast("RunnerDeployment", journey.to_deployment(  # sync here
+        name=name,
+        schedules=[schedule(ws, name, i, s) for i, s in enumerate(spec.schedules)],
+        parameters={"workspace": str(ws.root), "journey_name": name},
+        description=spec.description or f"Herald journey {name}",
+        tags=["herald", f"journey:{name}"],
+        version=checked.loaded.version,
+        work_pool_name=work_pool,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    ))

@@ -1,0 +1,15 @@
+"""Journeys: multi-step, per-recipient sequences advanced by ticks.
+
+A package of its own (beside ``flows/``) because a journey is a concept of its own: it
+sits on top of the same core (YAML, spec, workspace, database and its journey tables)
+and delivery (policy, ledger, dispatch, templates, variants) as flows. The Prefect flow
+of a tick is ``herald.flows.journey``. May import: core, audiences, channels, delivery,
+reporting.
+
+    spec        the YAML schema of ``config/journeys/NAME.yaml``
+    load        loading with positions, and validation (``herald validate``)
+    conditions  SQL conditions (exit_when, wait_for, branch) and the goal
+    engine      the tick: enter, claim, check exits, move (no Prefect here)
+    report      status, one path, per-step report with uplift over the holdout
+    html        the journey's HTML report
+"""

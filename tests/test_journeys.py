@@ -1,0 +1,510 @@
+"""Journeys end to end: entry, waits, wait_for, branches, splits, exits, re-entry,
+versions, concurrency and crashes, on SQLite and Postgres (``store_url``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from herald.core import clock
+from herald.core.db import journey_enrollments as enrollments
+from herald.core.errors import ConfigError, ValidationFailed
+from herald.core.workspace import Workspace
+from herald.delivery import ledger
+from herald.delivery.variants import assign as assign_variant
+from herald.flows import engine as flow_engine
+from herald.journeys import engine, load, report
+
+START = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)  # a Monday, 10:00 in Shanghai
+
+NUDGE = """\
+name: nudge
+entry:
+  source: crm
+  segment: nudge_entry
+  params: {min_score: 0}
+  key: id
+  tier: tier
+  locale: locale
+exit_when:
+  - {condition: bought, at: placed_at, reason: purchased}
+goal: {segment: bought, window: 14d, at: placed_at, key: id, exit: false}
+steps:
+  split:
+    type: split
+    cohorts:
+      holdout: {weight: 10, holdout: true}
+      main: {weight: 90, next: first}
+  first:
+    type: send
+    tiers: {default: {channels: [email, sms]}}
+    next: wait_visit
+  wait_visit:
+    type: wait_for
+    condition: visited
+    at: visited_at
+    within: 3d
+    matched: thanks
+    timeout: second
+  second:
+    type: send
+    tiers: {default: {channels: [sms, email]}}
+    next: pause
+  pause: {type: wait, for: 2d, next: by_tier}
+  by_tier:
+    type: branch
+    cases:
+      - {when: {column: tier, eq: gold}, next: third_gold}
+    default: third
+  third_gold: {type: send, tiers: {default: {channels: [email]}}}
+  third: {type: send, tiers: {default: {channels: [email]}}}
+  thanks: {type: send, tiers: {default: {channels: [email]}}, next: done}
+  done: {type: exit, reason: thanked}
+"""
+
+TEMPLATES = {
+    f"templates/nudge/{step}/default.{kind}": text
+    for step in ("first", "second", "third", "third_gold", "thanks")
+    for kind, text in (("email.subject.j2", "Hello {{ name }}"),
+                       ("email.txt.j2", "Step {{ step }} for {{ name }} ({{ run_key }})"),
+                       ("sms.txt.j2", "Hi {{ name }}: {{ step }}. Reply STOP to opt out"))
+}
+
+FILES: dict[str, str | None] = {
+    "config/journeys/nudge.yaml": NUDGE,
+    "audiences/nudge_entry.sql": ("SELECT id, name, email, phone, tier, locale, score "
+                                  "FROM people WHERE score >= :min_score"),
+    "audiences/bought.sql": ("SELECT customer_id AS id, placed_at FROM orders "
+                             "WHERE placed_at >= :since AND placed_at < :until"),
+    "audiences/visited.sql": ("SELECT id, visited_at FROM visits "
+                              "WHERE visited_at >= :since AND visited_at < :until"),
+    **TEMPLATES,
+}
+
+
+def _crm_events(ws: Workspace) -> None:
+    with sqlite3.connect(ws.root / "crm.db") as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS orders (customer_id INTEGER, placed_at TEXT)")
+        conn.execute("CREATE TABLE IF NOT EXISTS visits (id INTEGER, visited_at TEXT)")
+
+
+def _event(ws: Workspace, table: str, key: int, at: datetime) -> None:
+    with sqlite3.connect(ws.root / "crm.db") as conn:
+        conn.execute(f"INSERT INTO {table} VALUES (?, ?)",
+                     (key, at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")))
+
+
+@pytest.fixture
+def journey_ws(make_workspace: Any, store_url: str | None) -> Workspace:
+    ws = make_workspace(FILES, rows=60, store=store_url)
+    _crm_events(ws)
+    return ws
+
+
+def tick(ws: Workspace, name: str = "nudge", **kw: Any) -> dict[str, Any]:
+    return engine.tick_local(ws, name, **kw)
+
+
+def _rows(ws: Workspace, name: str = "nudge") -> dict[str, Any]:
+    with ws.store.connect() as conn:
+        return {r.recipient: r for r in conn.execute(
+            select(enrollments).where(enrollments.c.journey == name))}
+
+
+def _deliveries(ws: Workspace, recipient: str | None = None) -> list[Any]:
+    d = ledger.deliveries.c
+    query = select(d.recipient, d.run_key, d.status, d.channel).where(d.flow == "journey:nudge")
+    if recipient:
+        query = query.where(d.recipient == recipient)
+    with ws.store.connect() as conn:
+        return list(conn.execute(query))
+
+
+def _steps_sent(ws: Workspace, recipient: str) -> list[str]:
+    return sorted(r.run_key.split(":")[2] for r in _deliveries(ws, recipient)
+                  if r.status == "sent")
+
+
+def _outbox_lines(ws: Workspace) -> Counter[tuple[str, str]]:
+    """(run key folder, recipient) of every JSON-lines message in the outbox: a message
+    sent twice shows up twice."""
+    import json
+
+    seen: Counter[tuple[str, str]] = Counter()
+    base = ws.root / ".herald" / "outbox"
+    for path in base.rglob("*.jsonl") if base.exists() else []:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line:
+                seen[path.parent.name, str(json.loads(line)["recipient"])] += 1
+    return seen
+
+
+# The split's holdout: drawn by herald.delivery.variants.assign (journeys and flows share
+# it), 6 of the 60 recipients for this journey and step name.
+HELD = sum(assign_variant("journey:nudge", "split", str(k), [("holdout", 10.0), ("main", 90.0)])
+           == "holdout" for k in range(1, 61))
+assert HELD == 6, "the figures below are worked out for this draw"
+
+
+def _main_cohort(ws: Workspace) -> list[str]:
+    return sorted((k for k, r in _rows(ws).items() if r.cohort == "main"), key=int)
+
+
+def test_a_recipient_who_converts_during_a_wait_leaves_at_the_next_tick(journey_ws):
+    ws = journey_ws
+    with clock.using(clock.Clock(START, frozen=True)):
+        first = tick(ws)
+        assert first["entered"] == 60 and first["exits"] == {"holdout": 6}
+        assert first["steps"]["first"]["sent"] + first["steps"]["first"].get(
+            "no_address", 0) == 54
+        buyer, other = _main_cohort(ws)[:2]
+        assert _rows(ws)[buyer].step == "wait_visit" and _rows(ws)[buyer].status == "waiting"
+        clock.advance(timedelta(days=1))
+        _event(ws, "orders", int(buyer), clock.now() - timedelta(hours=2))
+        later = tick(ws)
+        assert later["exits"] == {"purchased": 1}
+        row = _rows(ws)[buyer]
+        assert (row.status, row.exit_reason, row.step) == ("exited", "purchased", "wait_visit")
+        clock.advance(timedelta(days=3))  # past wait_visit's 3 days: the others go on
+        after = tick(ws)
+        assert after["steps"]["wait_visit"]["timeout"] == 53
+        assert _steps_sent(ws, buyer) == ["first"]
+        assert _steps_sent(ws, other) == ["first", "second"]
+        path = report.show(ws, "nudge", buyer)["enrollments"][0]["path"]
+        assert [p["step"] for p in path] == ["split", "first", "wait_visit"]
+        assert path[-1]["outcome"] == "exited" and path[-1]["detail"] == "purchased"
+
+
+def test_timeout_and_matched_lead_where_the_yaml_says(journey_ws):
+    ws = journey_ws
+    with clock.using(clock.Clock(START, frozen=True)):
+        tick(ws)
+        main = _main_cohort(ws)
+        visitor = main[0]
+        gold = next(k for k in main[1:] if int(k) % 4 == 0)
+        plain = next(k for k in main[1:] if int(k) % 4 != 0)
+        clock.advance(timedelta(hours=5))
+        _event(ws, "visits", int(visitor), clock.now() - timedelta(hours=1))
+        tick(ws)
+        row = _rows(ws)[visitor]
+        assert (row.status, row.step) == ("completed", "done")
+        assert _steps_sent(ws, visitor) == ["first", "thanks"]
+        assert _rows(ws)[gold].step == "wait_visit"  # nothing happened for them yet
+        clock.advance(timedelta(days=3))  # timeout: second, then a 2-day pause
+        tick(ws)
+        assert _rows(ws)[gold].step == "pause" and _rows(ws)[gold].status == "waiting"
+        assert _steps_sent(ws, gold) == ["first", "second"]
+        clock.advance(timedelta(days=1))
+        assert tick(ws)["steps"] == {}  # still pausing: nothing moves
+        clock.advance(timedelta(days=1, minutes=1))
+        tick(ws)
+        assert _steps_sent(ws, gold) == ["first", "second", "third_gold"]
+        assert _steps_sent(ws, plain) == ["first", "second", "third"]
+        assert _rows(ws)[plain].status == "completed"
+        shown = report.show(ws, "nudge", visitor)["enrollments"][0]["path"]
+        assert [(p["step"], p["outcome"]) for p in shown] == [
+            ("split", "cohort:main"), ("first", "sent"), ("wait_visit", "matched"),
+            ("thanks", "sent"), ("done", "completed")]
+
+
+def test_two_ticks_at_the_same_moment_send_each_step_once(journey_ws):
+    ws = journey_ws
+    summaries: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            summaries.append(engine.tick_local(ws, "nudge"))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    # The clock is the process's: set once for the three threads of each moment. The
+    # first moment enters and sends; the second, past wait_visit's 3 days, times out.
+    for moment in (START, START + timedelta(days=3, hours=1)):
+        with clock.using(clock.Clock(moment, frozen=True)):
+            threads = [threading.Thread(target=one) for _ in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert not errors
+    assert sum(s["entered"] for s in summaries) == 60
+    assert sum(s["claimed"] for s in summaries[:3]) == 60
+    rows = _deliveries(ws)
+    assert len({(r.run_key.split(":")[2], r.recipient) for r in rows}) == len(rows)
+    steps = Counter(r.run_key.split(":")[2] for r in rows)
+    assert steps == {"first": 54, "second": 54}
+    lines = _outbox_lines(ws)
+    assert lines and max(lines.values()) == 1
+    assert sum(lines.values()) + _eml_count(ws) == sum(1 for r in rows if r.status == "sent")
+
+
+def _eml_count(ws: Workspace) -> int:
+    base = ws.root / ".herald" / "outbox"
+    return sum(1 for _ in base.rglob("*.eml"))
+
+
+KILL_HERALD = """timezone: UTC
+sources:
+  crm: "sqlite:///crm.db"
+channels:
+  email: {type: outbox, kind: email, rate: 40/s, batch_size: 5}
+  sms: {type: outbox, kind: sms, rate: 40/s, batch_size: 5}
+chunk_size: 50
+max_workers: 2
+"""
+
+
+def test_a_tick_killed_mid_send_then_a_tick_loses_and_repeats_nothing(make_workspace,
+                                                                      store_url):
+    ws = make_workspace({**FILES, "config/herald.yaml": KILL_HERALD,
+                         "config/journeys/nudge.yaml": NUDGE.replace(
+                             "tiers: {default: {channels: [email, sms]}}\n    next: wait_visit",
+                             "tiers: {default: {channels: [sms]}}\n    next: wait_visit")},
+                        rows=300, store=store_url)
+    _crm_events(ws)
+    code = ("import sys; from herald.core.workspace import Workspace; "
+            "from herald.journeys.engine import tick_local; "
+            "tick_local(Workspace.open(sys.argv[1]), 'nudge')")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", clock.ENV: START.isoformat()}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ws.root)], env=env)
+    deadline = time.monotonic() + 60
+    while sum(_outbox_lines(ws).values()) < 40 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = sum(_outbox_lines(ws).values())
+    expected = [k for k in map(str, range(1, 301)) if int(k) % 5]  # has a phone
+    flow_engine.forget_workspace(ws.root)
+    ws2 = Workspace.open(ws.root)
+    # the killed tick's leases run out (10 minutes of Herald's clock), then a tick resumes
+    with clock.using(clock.Clock(START + timedelta(minutes=11), frozen=True)):
+        engine.tick_local(ws2, "nudge")
+    rows = _rows(ws2)
+    main = [k for k, r in rows.items() if r.cohort == "main"]
+    assert len(rows) == 300 and all(r.lease_owner is None for r in rows.values())
+    assert all(rows[k].step == "wait_visit" for k in main)
+    sent = {r.recipient: r.status for r in _deliveries(ws2)}
+    lines = _outbox_lines(ws2)
+    duplicated = sum(1 for n in lines.values() if n > 1)
+    lost = sum(1 for k in main if k in expected and sent.get(k) not in ("sent", "sending"))
+    unknown = [k for k in main if sent.get(k) == "sending"]
+    assert duplicated == 0 and lost == 0
+    assert all(lines[next(iter(lines))[0], k] == 1 for k in main
+               if k in expected and k not in unknown)
+    assert 0 < before < len([k for k in main if k in expected])
+
+
+RE_ENTRY = """name: again
+entry: {source: crm, segment: nudge_entry, params: {min_score: 8}, key: id}
+re_entry: {cooldown: 2d, max: 2}
+steps:
+  hello: {type: send, tiers: {default: {channels: [email]}}}
+"""
+
+
+def test_re_entry_rules_hold_over_several_entry_runs(make_workspace, store_url):
+    ws = make_workspace({**FILES, "config/journeys/again.yaml": RE_ENTRY,
+                         "templates/again/hello/default.email.subject.j2": "Hi {{ name }}",
+                         "templates/again/hello/default.email.txt.j2": "Entry {{ run_key }}"},
+                        rows=50, store=store_url)
+    _crm_events(ws)
+    entered = []
+    with clock.using(clock.Clock(START, frozen=True)):
+        for days in (0, 1, 1, 3, 6, 9):  # ticks at day 0, 1, 2, 5, 11, 20
+            clock.advance(timedelta(days=days))
+            entered.append(tick(ws, "again")["entered"])
+    # scores 8 and 9: 10 people; again after 2 days of cooldown, at most twice
+    assert entered == [10, 0, 10, 0, 0, 0]
+    with ws.store.connect() as conn:
+        per = Counter(r.recipient for r in conn.execute(
+            select(enrollments.c.recipient).where(enrollments.c.journey == "again")))
+    assert set(per.values()) == {2}
+    keys = Counter((r.recipient, r.run_key) for r in _deliveries_of(ws, "journey:again"))
+    assert len(keys) == 20 and max(keys.values()) == 1
+    assert {k[1] for k in keys} == {"e1:0:hello", "e2:0:hello"}
+
+
+def test_never_re_entry_and_nobody_inside_is_entered_twice(journey_ws):
+    with clock.using(clock.Clock(START, frozen=True)):
+        assert tick(journey_ws)["entered"] == 60
+        for _ in range(3):
+            clock.advance(timedelta(days=4))
+            assert tick(journey_ws)["entered"] == 0
+
+
+def _deliveries_of(ws: Workspace, flow: str) -> list[Any]:
+    d = ledger.deliveries.c
+    with ws.store.connect() as conn:
+        return list(conn.execute(select(d.recipient, d.run_key, d.status).where(d.flow == flow)))
+
+
+EDITED = NUDGE.replace("""    timeout: second
+  second:
+    type: send
+    tiers: {default: {channels: [sms, email]}}
+    next: pause
+  pause: {type: wait, for: 2d, next: by_tier}
+  by_tier:
+    type: branch
+    cases:
+      - {when: {column: tier, eq: gold}, next: third_gold}
+    default: third
+  third_gold: {type: send, tiers: {default: {channels: [email]}}}
+  third: {type: send, tiers: {default: {channels: [email]}}}
+""", """    timeout: final
+  final: {type: send, tiers: {default: {channels: [email]}}}
+""")
+
+
+def test_editing_the_yaml_keeps_those_inside_on_their_version(journey_ws):
+    ws = journey_ws
+    (ws.root / "templates/nudge/final").mkdir()
+    (ws.root / "templates/nudge/final/default.email.subject.j2").write_text("Last one")
+    (ws.root / "templates/nudge/final/default.email.txt.j2").write_text("Bye {{ name }}")
+    with clock.using(clock.Clock(START, frozen=True)):
+        first = tick(ws)
+        (ws.root / "config/journeys/nudge.yaml").write_text(EDITED)
+        load.forget(ws)
+        with sqlite3.connect(ws.root / "crm.db") as conn:
+            conn.executemany("INSERT INTO people VALUES (?, ?, ?, NULL, 'gold', 'en', 5)",
+                             [(i, f"New {i}", f"new{i}@example.com") for i in range(61, 71)])
+        clock.advance(timedelta(days=3, hours=1))
+        second = tick(ws)
+        assert second["version"] != first["version"] and second["entered"] == 10
+        old_steps = set(load.parse_definition(
+            engine_definition(ws, first["version"])).steps)
+        rows = _rows(ws)
+        for key, row in rows.items():
+            if row.version == first["version"]:
+                assert row.step in old_steps
+                if row.cohort == "main":
+                    assert row.step == "pause"  # the old graph: timeout -> second -> pause
+            else:
+                assert int(key) > 60 and row.step in {"split", "wait_visit"}
+        state = report.status(ws, "nudge")
+        assert set(state["live_by_version"]) == {first["version"], second["version"]}
+        assert state["at_step"]["pause"]["waiting"] == 54  # a step only the old version has
+        clock.advance(timedelta(days=3, hours=1))
+        tick(ws)
+        newcomer = next(k for k, r in _rows(ws).items()
+                        if int(k) > 60 and r.cohort == "main")
+        assert _steps_sent(ws, newcomer) == ["final", "first"]
+
+
+def engine_definition(ws: Workspace, version: str) -> str:
+    from herald.core.db import journey_versions as versions
+
+    with ws.store.connect() as conn:
+        return str(conn.execute(select(versions.c.definition).where(
+            versions.c.version == version)).scalar())
+
+
+def test_the_reports_per_step_counts_add_up(journey_ws):
+    ws = journey_ws
+    with clock.using(clock.Clock(START, frozen=True)):
+        tick(ws)
+        main = _main_cohort(ws)
+        holdout = sorted(k for k, r in _rows(ws).items() if r.cohort == "holdout")
+        for key in main[:10] + holdout[:2]:
+            _event(ws, "orders", int(key), clock.now() + timedelta(hours=2))
+        _event(ws, "visits", int(main[20]), clock.now() + timedelta(hours=1))
+        for hours in (3, 24 * 3 + 3, 24 * 6):
+            clock.set_to(START + timedelta(hours=hours), frozen=True)
+            tick(ws)
+        data = report.report(ws, "nudge")
+        state = report.status(ws, "nudge")
+    steps = data["steps"]
+    live = sum(a["active"] + a["waiting"] for a in state["at_step"].values())
+    assert live + state["completed"] + sum(state["exited"].values()) == data["entered"] == 60
+    assert steps["split"]["visited"] == 60
+    assert steps["split"]["outcomes"] == {"cohort:holdout": HELD, "cohort:main": 60 - HELD}
+    assert sum(steps["first"]["messages"].values()) == steps["first"]["visited"] == 54
+    wait = steps["wait_visit"]["outcomes"]
+    assert wait == {"exited": 10, "matched": 1, "timeout": 43}
+    assert steps["second"]["visited"] == 43 == steps["pause"]["visited"]
+    assert steps["third"]["visited"] + steps["third_gold"]["visited"] == 43
+    assert steps["thanks"]["visited"] == 1 == steps["done"]["visited"]
+    assert data["exited"] == {"purchased": 10, "holdout": 6}
+    goal = data["goal"]
+    assert goal["treated"] == {"recipients": 54, "converted": 10, "rate": 10 / 54,
+                               "revenue": None}
+    assert goal["holdout"]["recipients"] == 6 and goal["holdout"]["converted"] == 2
+    assert goal["uplift"] is not None and goal["uplift"]["absolute"] == pytest.approx(
+        10 / 54 - 2 / 6)
+    assert steps["first"]["converted"] == 10
+    from herald.journeys import html
+
+    page = html.render(data, state)
+    assert "<script" not in page and page.count("<svg") == 1
+    assert all(f"<td>{step}</td>" in page for step in steps)
+    assert "uplift -14.81 pp" in page
+
+
+BROKEN = """name: broken
+entry: {source: crm, segment: nudge_entry, params: {min_score: 0}, key: id}
+steps:
+  a: {type: send, tiers: {default: {channels: [email]}}, next: b}
+  b: {type: branch, cases: [{when: {column: nope, eq: 1}, next: a}], default: c}
+  c: {type: wait_for, condition: visited, within: 1d, matched: a, timeout: zz}
+  orphan: {type: exit}
+"""
+
+
+def test_validation_names_file_line_and_field(make_workspace):
+    ws = make_workspace({**FILES, "config/journeys/broken.yaml": BROKEN,
+                         "templates/broken/a/default.email.subject.j2": "{{ nickname }}",
+                         "templates/broken/a/default.email.txt.j2": "x"})
+    with pytest.raises(ConfigError) as caught:
+        load.load(ws, "broken")
+    text = str(caught.value)
+    assert "config/journeys/broken.yaml:6 steps.c.timeout: unknown step 'zz'" in text
+    assert "config/journeys/broken.yaml:7 steps.orphan: step 'orphan' is not reachable" in text
+    assert "the cycle a -> b -> a passes no wait" in text
+    ws2 = make_workspace({**FILES, "config/journeys/broken.yaml": BROKEN.replace(
+        "timeout: zz", "timeout: orphan").replace("next: a}]", "next: c}]")
+        .replace("a: {type: send", "a: {type: send, on_capd: skip"), }, folder="ws2")
+    with pytest.raises(ConfigError) as caught:
+        load.load(ws2, "broken")
+    assert ("config/journeys/broken.yaml:4 steps.a.on_capd: unknown key 'on_capd' "
+            "(did you mean 'on_capped'?)") in str(caught.value)
+    ws3 = make_workspace({**FILES, "config/journeys/broken.yaml": BROKEN.replace(
+        "timeout: zz", "timeout: orphan").replace("next: a}]", "next: c}]"),
+        "templates/broken/a/default.email.subject.j2": "{{ nickname }}",
+        "templates/broken/a/default.email.txt.j2": "x",
+        "audiences/visited.sql": "SELECT visited_at FROM visits WHERE visited_at >= :since"},
+        folder="ws3")
+    _crm_events(ws3)
+    with pytest.raises(ValidationFailed) as failed:
+        load.check(ws3, "broken")
+    text = str(failed.value)
+    assert "templates/broken/a/default.email.subject.j2:1: uses 'nickname'" in text
+    assert "config/journeys/broken.yaml:5 steps.b.cases[0].when.column: column 'nope'" in text
+    assert "config/journeys/broken.yaml:6 steps.c.condition: audiences/visited.sql must " \
+           "return the key column 'id'" in text
+
+
+def test_cli_tick_status_show_and_validate(journey_ws, capsys):
+    from herald.flows.cli import main
+
+    root = str(journey_ws.root)
+    for argv in (["validate"], ["--now", START.isoformat(), "journey", "tick", "nudge"],
+                 ["journey", "status", "nudge", "--json"], ["journey", "show", "nudge", "3"],
+                 ["journey", "report", "nudge"]):
+        with pytest.raises(SystemExit) as done:
+            main(["-w", root, *argv])
+        assert done.value.code == 0, capsys.readouterr()
+    output = capsys.readouterr().out
+    assert "✓ journey nudge" in output and '"live": 54' in output
+    assert "first" in output and "split" in output

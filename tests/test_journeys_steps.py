@@ -1,0 +1,231 @@
+"""Journey steps one by one: waits in the recipient's time zone, sticky variants and
+cohorts, branch tests, wait_for on arrival, on_capped, max_duration, the goal as exit."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from herald.core import clock
+from herald.delivery import variants
+from herald.journeys import engine, report
+from herald.journeys.spec import Until, When, until_moment
+
+from .test_journeys import FILES, START, _crm_events, _event, _rows, tick
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+NEW_YORK = ZoneInfo("America/New_York")
+
+
+def test_until_a_local_time_on_given_weekdays():
+    monday_1000_shanghai = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)
+    at_ten = Until(time="10:00")
+    # strictly after arrival: 10:00 sharp waits for tomorrow's 10:00
+    assert until_moment(at_ten, monday_1000_shanghai, SHANGHAI, {}) == \
+        datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
+    # the same instant is 21:00 on Sunday in New York: 10:00 Monday there is 15:00 UTC
+    assert until_moment(at_ten, monday_1000_shanghai, NEW_YORK, {}) == \
+        datetime(2026, 11, 23, 15, 0, tzinfo=UTC)
+    weekend = Until(time="09:30", weekdays=["sat", "sun"])
+    assert until_moment(weekend, monday_1000_shanghai, SHANGHAI, {}) == \
+        datetime(2026, 11, 28, 1, 30, tzinfo=UTC)
+
+
+def test_until_a_date_column_plus_an_offset():
+    arrived = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)
+    before = Until(date="renews_on", offset="-3d", time="09:00")
+    row = {"renews_on": "2026-12-10"}
+    assert until_moment(before, arrived, SHANGHAI, row) == datetime(2026, 12, 7, 1, 0,
+                                                                    tzinfo=UTC)
+    assert until_moment(before, arrived, SHANGHAI, {"renews_on": "2026-11-01"}) == arrived
+    assert until_moment(before, arrived, SHANGHAI, {"renews_on": None}) == arrived
+
+
+def test_variants_are_sticky_weighted_and_independent():
+    """Journeys draw with the flows' one implementation (herald.delivery.variants)."""
+    weights = [("a", 80.0), ("b", 20.0)]
+    draws = [variants.assign("journey:x", "step", str(k), weights) for k in range(20_000)]
+    assert draws == [variants.assign("journey:x", "step", str(k), weights)
+                     for k in range(20_000)]
+    share = Counter(draws)["a"] / len(draws)
+    assert 0.78 < share < 0.82
+    other = [variants.assign("journey:x", "other", str(k), weights) for k in range(20_000)]
+    agree = sum(x == y for x, y in zip(draws, other, strict=True)) / len(draws)
+    assert 0.64 < agree < 0.72  # independent: 0.8² + 0.2² = 0.68
+
+
+def test_branch_tests_on_columns():
+    row = {"tier": "gold", "points": "1200", "city": None}
+    assert When(column="tier", eq="gold").matches(row)
+    assert When.model_validate({"column": "tier", "in": ["gold", "vip"]}).matches(row)
+    assert When(column="tier", not_in=["gold"]).matches(row) is False
+    assert When(column="points", gte=1000).matches(row)
+    assert When(column="points", lt=1000).matches(row) is False
+    assert When(column="city", is_null=True).matches(row)
+    assert When(column="city", gt=3).matches(row) is False
+    with pytest.raises(ValueError, match="exactly one test"):
+        When(column="tier", eq="gold", ne="silver")
+
+
+ARRIVAL = """\
+name: arrival
+entry: {source: crm, segment: nudge_entry, params: {min_score: 0}, key: id, tier: tier}
+steps:
+  wait_gold:
+    type: wait_for
+    condition: is_gold
+    within: 1d
+    matched: gold_hello
+    timeout: plain_hello
+  gold_hello: {type: send, tiers: {gold: {channels: [email]}}}
+  plain_hello: {type: send, tiers: {default: {channels: [email]}}}
+"""
+
+
+def test_already_matching_on_arrival_does_not_wait_and_tiers_without_entry(make_workspace):
+    ws = make_workspace({**FILES, "config/journeys/arrival.yaml": ARRIVAL,
+                         "audiences/is_gold.sql": "SELECT id FROM people WHERE tier = 'gold'",
+                         "templates/arrival/gold_hello/gold.email.subject.j2": "Gold",
+                         "templates/arrival/gold_hello/gold.email.txt.j2": "Hi {{ name }}",
+                         "templates/arrival/plain_hello/default.email.subject.j2": "Hi",
+                         "templates/arrival/plain_hello/default.email.txt.j2": "Hi {{ name }}"},
+                        rows=20)
+    _crm_events(ws)
+    with clock.using(clock.Clock(START, frozen=True)):
+        first = tick(ws, "arrival")
+        assert first["steps"]["wait_gold"] == {"matched": 5}
+        assert first["steps"]["gold_hello"] == {"sent": 5}
+        clock.advance(timedelta(days=1))
+        second = tick(ws, "arrival")
+    assert second["steps"]["wait_gold"] == {"timeout": 15}
+    rows = _rows(ws, "arrival")
+    assert all(r.status == "completed" for r in rows.values())
+
+
+CAPPED = """\
+name: capped
+entry: {source: crm, segment: nudge_entry, params: {min_score: 9}, key: id}
+caps: [{max: 1, per: 1d}]
+steps:
+  one: {type: send, tiers: {default: {channels: [email]}}, next: two}
+  two: {type: send, tiers: {default: {channels: [email]}}, on_capped: ON, next: three}
+  three: {type: wait, for: 5d}
+"""
+CAPPED_FILES = {f"templates/capped/{s}/default.email.{p}.j2": f"{s} {{{{ name }}}}"
+                for s in ("one", "two") for p in ("subject", "txt")}
+
+
+@pytest.mark.parametrize("mode", ["wait", "skip"])
+def test_on_capped_wait_sends_later_and_skip_moves_on(make_workspace, mode):
+    ws = make_workspace({**FILES, **CAPPED_FILES,
+                         "config/journeys/capped.yaml": CAPPED.replace("ON", mode)}, rows=40)
+    _crm_events(ws)  # score 9: ids 9, 19, 29, 39
+    with clock.using(clock.Clock(START, frozen=True)):
+        first = tick(ws, "capped")
+        assert first["steps"]["one"] == {"sent": 4}
+        if mode == "skip":
+            assert first["steps"]["two"] == {"capped": 4}
+            assert {r.step for r in _rows(ws, "capped").values()} == {"three"}
+            return
+        assert first["steps"].get("two") == {"capped_waiting": 4}
+        clock.advance(timedelta(hours=2))
+        assert tick(ws, "capped")["steps"] == {"two": {"capped_waiting": 4}}
+        clock.advance(timedelta(days=1))
+        third = tick(ws, "capped")
+    assert third["steps"]["two"] == {"sent": 4}
+    assert {r.step for r in _rows(ws, "capped").values()} == {"three"}
+
+
+LIMITS = """\
+name: limits
+entry: {source: crm, segment: nudge_entry, params: {min_score: 8}, key: id}
+max_duration: 2d
+goal: {segment: bought, window: 7d, at: placed_at}
+steps:
+  long: {type: wait, for: 5d}
+"""
+
+
+def test_max_duration_and_the_goal_end_the_journey(make_workspace):
+    ws = make_workspace({**FILES, "config/journeys/limits.yaml": LIMITS}, rows=20)
+    _crm_events(ws)  # scores 8 and 9: ids 8, 9, 18, 19
+    with clock.using(clock.Clock(START, frozen=True)):
+        tick(ws, "limits")
+        _event(ws, "orders", 8, START + timedelta(hours=5))
+        clock.advance(timedelta(hours=6))
+        assert tick(ws, "limits")["exits"] == {"goal": 1}
+        clock.advance(timedelta(days=2))
+        assert tick(ws, "limits")["exits"] == {"max_duration": 3}
+        state = report.status(ws, "limits")
+    assert state["exited"] == {"max_duration": 3, "goal": 1} and state["live"] == 0
+
+
+def test_a_failing_chunk_releases_its_leases_and_a_retry_takes_it_again(make_workspace):
+    from sqlalchemy.exc import OperationalError
+
+    ws = make_workspace(FILES, rows=30)
+    _crm_events(ws)
+    with clock.using(clock.Clock(START, frozen=True)):
+        tick(ws)  # everyone in the main cohort waits at wait_visit
+        waiting = {k: r.checked_at for k, r in _rows(ws).items() if r.status == "waiting"}
+        clock.advance(timedelta(hours=1))
+        prepared = engine.prepare(ws, "nudge")  # validated; then the source changes
+        with sqlite3.connect(ws.root / "crm.db") as conn:
+            conn.execute("ALTER TABLE visits RENAME TO visits_gone")
+        (job,) = prepared.chunks
+        with pytest.raises(OperationalError, match="no such table: visits"):
+            engine.run_chunk(job)
+        rows = _rows(ws)
+        assert all(rows[k].lease_owner is None and rows[k].checked_at == waiting[k]
+                   for k in waiting)
+        with sqlite3.connect(ws.root / "crm.db") as conn:
+            conn.execute("ALTER TABLE visits_gone RENAME TO visits")
+        again = engine.run_chunk(job)  # the task's retry takes the same enrollments again
+    assert again.claimed == len(waiting) and not again.moves
+
+
+def test_a_tick_that_lost_its_lease_sends_nothing(make_workspace):
+    from sqlalchemy import update
+
+    from herald.core.db import journey_enrollments as enrollments
+    from herald.core.errors import RunError
+
+    from .conftest import outbox_messages
+
+    ws = make_workspace({**FILES, **CAPPED_FILES,  # its first step sends
+                         "config/journeys/capped.yaml": CAPPED.replace("ON", "skip")},
+                        rows=30)
+    _crm_events(ws)
+    with clock.using(clock.Clock(START, frozen=True)):
+        prepared = engine.prepare(ws, "capped")
+        (job,) = prepared.chunks
+        items = engine.claim(ws, job, "slow-tick")
+        with ws.store.begin() as conn:  # another tick took them over meanwhile
+            conn.execute(update(enrollments).values(lease_owner="other-tick"))
+        mover = engine.Mover(ws, job, "slow-tick", engine.ChunkResult())
+        with pytest.raises(RunError, match="lost the lease on .* before sending"):
+            mover.run(items)
+    assert outbox_messages(ws) == 0
+
+
+def test_quiet_hours_defer_a_send_until_the_window_ends(make_workspace):
+    ws = make_workspace({**FILES, **CAPPED_FILES, "config/journeys/capped.yaml": CAPPED.replace(
+        "ON", "skip").replace("caps: [{max: 1, per: 1d}]",
+                              'quiet_hours: {from: "21:00", to: "09:00", mode: defer}')},
+        rows=40)
+    _crm_events(ws)
+    late = datetime(2026, 11, 23, 23, 0, tzinfo=UTC)  # 23:00 UTC, the workspace's zone
+    with clock.using(clock.Clock(late, frozen=True)):
+        first = tick(ws, "capped")
+        assert first["steps"] == {"one": {"quiet_hours_waiting": 4}}
+        rows = _rows(ws, "capped")
+        assert {(r.step, r.status) for r in rows.values()} == {("one", "waiting")}
+        clock.advance(timedelta(hours=9, minutes=30))  # 08:30: still quiet
+        assert tick(ws, "capped")["steps"] == {}
+        clock.advance(timedelta(minutes=31))  # 09:01
+        later = tick(ws, "capped")
+    assert later["steps"]["one"] == {"sent": 4} and later["steps"]["two"] == {"sent": 4}
