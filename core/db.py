@@ -120,6 +120,9 @@ suppressions = Table(
     Column("reason", Text),
     Column("source", String(32), nullable=False),  # operator | import | provider
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # how ``value`` was normalised: null for entries made before values were normalised
+    # like addresses (migrated by herald.delivery.suppression.migrate)
+    Column("form", Integer),
     UniqueConstraint("value", "channel", name="uq_herald_suppressions"),
 )
 
@@ -186,24 +189,49 @@ def resolve_url(url: str, root: Path) -> str:
     return parsed.set(database=str(path)).render_as_string(hide_password=False)
 
 
-def make_engine(url: str, root: Path, store: bool = False) -> Engine:
+def make_engine(url: str, root: Path, store: bool = False, read_only: bool = False) -> Engine:
     """An engine for ``url``. SQLite waits up to 30 s for a lock; the workspace ``store``
     also gets its folder, WAL and write transactions that lock at BEGIN. A source is the
-    operator's database: Herald only reads it and leaves its settings alone."""
+    operator's database: Herald only reads it and leaves its settings alone.
+
+    ``read_only`` (every source but a write-back target): SQLite opens the file with
+    ``mode=ro`` (a missing file is an error, never a new empty database); Postgres runs
+    every transaction read-only. A statement that writes fails in the database itself.
+    """
     resolved = resolve_url(url, root)
     parsed = make_url(resolved)
     kwargs: dict[str, Any] = {}
-    if parsed.get_backend_name() == "sqlite":
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
         if store and parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"timeout": 30}
+        if read_only and parsed.database and parsed.database != ":memory:" \
+                and not parsed.database.startswith("file:"):
+            path = Path(parsed.database)
+            if not path.is_file():
+                raise WorkspaceError(f"{render_url(resolved)}: database file not found "
+                                     f"({path})")
+            uri = f"{path.as_uri()}?mode=ro"
+            kwargs["creator"] = lambda: sqlite3.connect(uri, uri=True, timeout=30,
+                                                        check_same_thread=False)
     else:
         kwargs["pool_pre_ping"] = True
+        if read_only and backend == "postgresql":
+            kwargs["connect_args"] = {"options": "-c default_transaction_read_only=on"}
     engine = create_engine(resolved, **kwargs)
-    if store and parsed.get_backend_name() == "sqlite":
+    if store and backend == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         begin_immediate(engine)
     return engine
+
+
+def render_url(url: str) -> str:
+    """A database URL fit for a message: its password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a URL that does not parse is shown as the operator wrote it
+        return url
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -146,12 +146,19 @@ class Workspace:
         ensure_schema(engine)
         return engine
 
-    def source(self, name: str) -> Engine:
-        if name not in self._engines:
+    def source(self, name: str, write: bool = False) -> Engine:
+        """The engine of source ``name``: read-only (segments, conversions, preview)
+        unless ``write`` (the write-back target, the only thing Herald writes there)."""
+        handle = f"{name}\x00w" if write else name
+        if handle not in self._engines:
             if name not in self.config.sources:
                 raise WorkspaceError(f"unknown source '{name}'")
-            self._engines[name] = make_engine(self.config.sources[name], self.root)
-        return self._engines[name]
+            try:
+                self._engines[handle] = make_engine(self.config.sources[name], self.root,
+                                                    read_only=not write)
+            except WorkspaceError as exc:
+                raise WorkspaceError(f"source '{name}': {exc}") from None
+        return self._engines[handle]
 
     def channel_kind(self, channel: str) -> str:
         return self.kinds[channel]

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import Connection
 
 from herald.audiences.store import Recipient
 from herald.core.spec import CapRule, FlowSpec
 from herald.core.workspace import Workspace
 from herald.delivery import ledger, suppression
+from herald.delivery.addresses import clean_address
 
 SEND = "send"
 
@@ -47,57 +47,6 @@ def in_holdout(flow: str, key: str, fraction: float) -> bool:
         return False
     digest = hashlib.sha256(f"{flow}\x00{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-
-
-def clean_address(kind: str, value: object, region: str | None = None,
-                  special_use: bool = False) -> tuple[str | None, str | None]:
-    """(address, None) when usable, else (None, why not). E-mail addresses are checked
-    for syntax only (no DNS) and normalized; a special-use domain (.test, .invalid,
-    localhost, ...) is refused unless ``special_use``. Phone numbers become E.164
-    (``region``: the country of numbers written without a country code)."""
-    if value is None:
-        return None, "empty"
-    text = str(value).strip()
-    if not text:
-        return None, "empty"
-    if len(text) > 512:
-        return None, "too long"
-    if kind == "email":
-        try:
-            return validate_email(text, check_deliverability=False).normalized, None
-        except EmailNotValidError:
-            if not special_use or not _special_use(text):
-                return None, "invalid"
-        # a special-use domain, allowed here: check the syntax with a public suffix added
-        try:
-            checked = validate_email(f"{text}.com", check_deliverability=False)
-        except EmailNotValidError:
-            return None, "invalid"
-        return checked.normalized.removesuffix(".com"), None
-    if kind == "sms":
-        return e164(text, region)
-    return text, None
-
-
-def _special_use(address: str) -> bool:
-    from email_validator import SPECIAL_USE_DOMAIN_NAMES
-
-    domain = address.rpartition("@")[2].lower().rstrip(".")
-    return any(domain == d or domain.endswith(f".{d}") for d in SPECIAL_USE_DOMAIN_NAMES)
-
-
-def e164(text: str, region: str | None) -> tuple[str | None, str | None]:
-    """A phone number in E.164 (``+8613812345678``), or (None, why not)."""
-    import phonenumbers
-
-    try:
-        number = phonenumbers.parse(text, region)
-    except phonenumbers.NumberParseException:
-        return None, "invalid" if region or text.startswith("+") else \
-            "invalid (no country code, and no phone_region in herald.yaml)"
-    if not phonenumbers.is_valid_number(number):
-        return None, "invalid"
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), None
 
 
 class Policy:
@@ -134,7 +83,7 @@ class Policy:
                 if address:
                     values.add(address)
             candidates[row.key] = options
-        listed = suppression.suppressed(conn, values)
+        listed = suppression.suppressed(conn, values, self.ws.config.phone_region)
         own = (self.flow.name, run_key) if run_key else None
         counts = [] if self.flow.exempt else [
             (rule, self._counts(conn, rule, rows, at, own)) for rule in self.caps]
@@ -193,7 +142,8 @@ class Policy:
         if in_holdout(self.flow.name, row.key, self.flow.holdout):
             return Decision(row, tier, "held_out",
                             reason=f"control group ({self.flow.holdout:.0%} holdout)")
-        key_channels = listed.get(suppression.normalize(row.key), set())
+        key_channels = listed.get(
+            suppression.normalize(row.key, self.ws.config.phone_region), set())
         if suppression.ALL_CHANNELS in key_channels:
             return Decision(row, tier, "suppressed", reason="recipient is on the suppression list")
         for rule, seen in counts:  # a tier-scoped rule only counted its tier's recipients
@@ -205,7 +155,8 @@ class Policy:
                 stops.append(("no_address", channel, None,
                               f"{self.columns[channel]} {why}"))
                 continue
-            blocked = listed.get(suppression.normalize(address), set()) | key_channels
+            blocked = listed.get(suppression.normalize(address, self.ws.config.phone_region),
+                                 set()) | key_channels
             if suppression.ALL_CHANNELS in blocked or channel in blocked:
                 stops.append(("suppressed", channel, address,
                               f"{channel} address is on the suppression list"))

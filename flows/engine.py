@@ -33,7 +33,7 @@ from herald.core.db import writing
 from herald.core.errors import HeraldError, Problem, ValidationFailed
 from herald.core.spec import Scalar
 from herald.core.workspace import Workspace
-from herald.delivery import ledger
+from herald.delivery import ledger, suppression
 from herald.delivery.dispatch import Job, dispatch, forget_buckets, group
 from herald.delivery.policy import SEND, Decision, Policy
 from herald.delivery.render import RenderError, Templates
@@ -84,6 +84,8 @@ def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None =
     """Validate, record the run, build the package and plan its chunks."""
     adopt_workspace(ws)
     checked = check_flow(ws, flow_name, params, _templates[str(ws.root)])
+    # entries written before suppression values were normalised like addresses
+    suppression.migrate(ws.store, ws.config.phone_region)
     flow = checked.spec
     key = run_key or default_run_key(ws, flow_name)
     run_id = f"run-{clock.now():%Y%m%d%H%M%S}-{secrets.token_hex(3)}"

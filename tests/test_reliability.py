@@ -26,7 +26,7 @@ from aiosmtpd.controller import Controller
 from herald.flows import engine
 from herald.flows.cli import main
 
-from .conftest import PROMO_YAML, outbox_files, outbox_messages
+from .conftest import HERALD_YAML, PROMO_YAML, fill_people, outbox_files, outbox_messages
 from .http_peer import Peer, serve
 
 # -- bad input ------------------------------------------------------------------------------
@@ -74,6 +74,35 @@ CASES: list[tuple[str, dict[str, str | bytes | None], list[str]]] = [
     ("non-UTF-8 segment SQL", {SQL: "SELECT id, name, email, phone, tier, locale, score "
                                     "FROM people -- caf\u00e9\n".encode("latin-1")},
      ["audiences/people.sql", "UTF-8"]),
+    # sources are read, never written: only queries are segments, sources open read-only
+    ("segment that is DROP TABLE", {SQL: "DROP TABLE people"},
+     ["audiences/people.sql: not a query: a segment is one SELECT statement, this one "
+      "starts with DROP"]),
+    ("segment that is DELETE ... RETURNING",
+     {SQL: "DELETE FROM people WHERE score >= :min_score RETURNING *"},
+     ["audiences/people.sql: not a query", "starts with DELETE"]),
+    ("segment that is UPDATE", {SQL: "UPDATE people SET email = NULL WHERE score >= "
+                                     ":min_score"}, ["starts with UPDATE"]),
+    ("segment that is INSERT ... SELECT", {SQL: "INSERT INTO people SELECT * FROM people "
+                                                "WHERE score >= :min_score"},
+     ["starts with INSERT"]),
+    ("segment hiding a write after a comment",
+     {SQL: "/* a query */ -- really\nDELETE FROM people WHERE score >= :min_score"},
+     ["starts with DELETE"]),
+    ("segment with a second statement", {SQL: "SELECT id, name, email, phone, tier, locale, "
+                                              "score FROM people WHERE score >= :min_score; "
+                                              "DROP TABLE people"},
+     ["audiences/people.sql: more than one statement"]),
+    ("segment that is ATTACH DATABASE", {SQL: "ATTACH DATABASE 'x.db' AS x"},
+     ["starts with ATTACH"]),
+    ("segment that is PRAGMA", {SQL: "PRAGMA writable_schema = 1"}, ["starts with PRAGMA"]),
+    ("WITH ... DELETE RETURNING (a write hidden behind WITH)",
+     {SQL: "WITH gone AS (SELECT id FROM people) DELETE FROM people WHERE id IN "
+           "(SELECT id FROM gone) AND score >= :min_score RETURNING *"},
+     ["audiences/people.sql: the query failed: near \"DELETE\": syntax error"]),
+    ("mistyped SQLite source path",
+     {"config/herald.yaml": HERALD_YAML.replace("sqlite:///crm.db", "sqlite:///crm_typo.db")},
+     ["source 'crm': sqlite:///", "crm_typo.db: database file not found"]),
 ]
 
 
@@ -113,6 +142,10 @@ def test_bad_input_is_named_and_nothing_is_sent(name, files, expected, make_work
         assert line in err, f"{line!r} not in {err!r}"
     assert "Traceback" not in err
     assert outbox_messages(ws) == 0 and _deliveries(ws) == 0
+    with sqlite3.connect(ws.root / "crm.db") as conn:  # the source is never written
+        assert conn.execute("SELECT count(*) FROM people WHERE email IS NOT NULL"
+                            ).fetchone()[0] == 86
+    assert not (ws.root / "crm_typo.db").exists()  # a mistyped path creates nothing
     catalogue("input", name, "exit 1: " + err.strip().splitlines()[-1].strip()[:160])
 
 
@@ -156,6 +189,184 @@ def test_parameters_crafted_to_inject_sql_stay_data(make_workspace, capsys, cata
         assert conn.execute("SELECT count(*) FROM people").fetchone()[0] == 10
     catalogue("input", "segment parameter crafted to inject SQL (`0; DROP TABLE people; --`)",
               "bound as data: the query matched nothing, the table is intact")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres",
+                                                            marks=pytest.mark.postgres)])
+def test_sources_are_opened_read_only(backend, make_workspace, request, catalogue) -> None:
+    """Whatever a statement hides, the source's own connection refuses to write."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    ws = make_workspace(rows=10)
+    if backend == "postgres":
+        url = request.getfixturevalue("pg_database")
+        fill_people(url, 10)
+        config = ws.root / "config/herald.yaml"
+        config.write_text(config.read_text().replace("sqlite:///crm.db", url))
+        engine.forget_workspace(ws.root)
+        from herald.core.workspace import Workspace
+
+        ws = Workspace.open(ws.root)
+    source = ws.source("crm")
+    statements = ["DELETE FROM people", "DROP TABLE people",
+                  "UPDATE people SET email = NULL", "CREATE TABLE x (a INTEGER)"]
+    if backend == "postgres":
+        statements.append("WITH gone AS (DELETE FROM people RETURNING *) SELECT * FROM gone")
+    refused = []
+    for statement in statements:
+        with pytest.raises(DBAPIError) as exc, source.begin() as conn:
+            conn.execute(text(statement))
+        refused.append(str(exc.value.orig).splitlines()[0])
+    with source.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM people")).scalar() == 10
+    expected = ("attempt to write a readonly database" if backend == "sqlite" else
+                "in a read-only transaction")
+    assert all(expected in r for r in refused), refused
+    ws.dispose()
+    catalogue("input", f"writing statements through a {backend} source connection "
+              "(DELETE, DROP, UPDATE, CREATE" + (", a writing CTE" if backend == "postgres"
+                                                 else "") + ")",
+              f"each refused by the database ({expected}); the table is intact")
+
+
+# -- opt-outs: the suppression list ----------------------------------------------------------
+def _delivered(ws: Any) -> Counter[str]:
+    """Recipient keys the outbox holds a message for (JSON lines and .eml files)."""
+    lines = [json.loads(line)["recipient"] for path in outbox_files(ws)
+             if path.suffix == ".jsonl" for line in path.read_text().splitlines() if line]
+    return Counter(lines + [p.stem for p in outbox_files(ws) if p.suffix == ".eml"])
+
+
+# (case, how it was suppressed, recipient id): each suppressed value is written differently
+# from the address the source holds; source addresses changed for a case are in SOURCE_AS
+OPT_OUTS = [
+    ("phone with spaces, dashes and parentheses", ("add", "+1 (415) 555-0001"), 1),
+    ("phone with dots", ("add", "+1.415.555.0002"), 2),
+    ("phone with the international prefix 00", ("add", "00 1 415 555 0003"), 3),
+    ("national phone number (phone_region CN) against the source's E.164",
+     ("add", "138 0013 8000"), 9),
+    ("E.164 against the source's national format", ("add", "+86 138 0013 8001"), 10),
+    ("phone suppressed before normalisation (an old entry, migrated)",
+     ("old", "+1 415 555 0006"), 6),
+    ("e-mail address in other case with spaces", ("add", "  USER4@Example.COM "), 4),
+    ("e-mail domain in punycode, the source's in Unicode",
+     ("add", "user8@xn--bcher-kva.example"), 8),
+    ("e-mail domain in Unicode, the source's in punycode", ("add", "User12@B\u00fccher.example"),
+     12),
+    ("import: `Name <addr>`", ("import", "Ann Example <user16@example.com>"), 16),
+    ("import: `mailto:addr`", ("import", "mailto:user20@example.com"), 20),
+    ("import: semicolon CSV with a header (email;reason)", ("semicolon", "user24@example.com"),
+     24),
+    ("import: quoted value and a reason holding the delimiter",
+     ("import", '"user32@example.com",,"said ""stop"", twice"'), 32),
+    ("import: a national phone number (phone_region CN)", ("import", "13800138002"), 11),
+]
+SOURCE_AS = {9: ("phone", "+8613800138000"), 10: ("phone", "138 0013 8001"),
+             11: ("phone", "+86 138-0013-8002"), 8: ("email", "user8@b\u00fccher.example"),
+             12: ("email", "user12@xn--bcher-kva.example")}
+
+
+def test_opt_outs_hold_whatever_form_the_value_was_written_in(make_workspace, tmp_path,
+                                                               capsys, catalogue) -> None:
+    ws = make_workspace({
+        "config/herald.yaml": HERALD_YAML + "phone_region: CN\n",
+        FLOW: PROMO_YAML.replace("gold: {channels: [email, sms]}", "gold: {channels: [email]}")
+        .replace("default: {channels: [sms, email]}", "default: {channels: [sms]}")}, rows=40)
+    with sqlite3.connect(ws.root / "crm.db") as conn:
+        for key, (column, value) in SOURCE_AS.items():
+            conn.execute(f"UPDATE people SET {column} = ?, tier = ? WHERE id = ?",
+                         (value, "gold" if column == "email" else "bronze", key))
+    # an entry written by an older Herald: only trimmed and lower-cased, no form
+    from herald.core.db import suppressions
+
+    with ws.store.begin() as conn:
+        conn.execute(suppressions.insert().values(
+            value=next(v for _, (how, v), _ in OPT_OUTS if how == "old"), channel="*",
+            reason="old", source="operator", created_at=engine.clock.now()))
+    listing = tmp_path / "optouts.csv"
+    listing.write_text("".join(v + "\n" for _, (how, v), _ in OPT_OUTS if how == "import"))
+    semicolon = tmp_path / "export.csv"
+    semicolon.write_text("email;reason\n" + "".join(
+        f"{v};unsubscribed\n" for _, (how, v), _ in OPT_OUTS if how == "semicolon"))
+    added = [v for _, (how, v), _ in OPT_OUTS if how == "add"]
+    for args in (["suppress", "add", *added], ["suppress", "import", str(listing)],
+                 ["suppress", "import", str(semicolon)]):
+        with pytest.raises(SystemExit) as exc:
+            main([*args, "-w", str(ws.root)])
+        assert exc.value.code == 0, capsys.readouterr()
+    capsys.readouterr()
+    summary = engine.run_local(ws, "promo", run_key="optouts")
+    ledger = _ledger(ws, "optouts")
+    delivered = _delivered(ws)
+    for name, _how, key in OPT_OUTS:
+        assert ledger[str(key)][0] == "suppressed", (name, ledger[str(key)])
+        assert not delivered[str(key)], name
+    # everyone else with an address was sent to, once
+    sent = [k for k, (status, _) in ledger.items() if status == "sent"]
+    assert sorted(sent, key=int) == sorted(delivered, key=int)
+    assert summary["deliveries"]["suppressed"] == len(OPT_OUTS)
+    assert max(delivered.values()) == 1
+    with ws.store.connect() as conn:
+        forms = conn.execute(suppressions.select().where(suppressions.c.form.is_(None))).all()
+    assert forms == []  # the old entry was migrated
+    for name, *_ in OPT_OUTS:
+        catalogue("input", f"suppressed: {name}",
+                  "recorded suppressed, never contacted (the value is normalised like the "
+                  "address it names)", messages=1, opted_out=0)
+
+
+IMPORT_REFUSALS = [
+    ("stray quote swallowing the lines after it",
+     '"a@example.com\nb@example.com\nc@example.com\n', ":1: unbalanced quote"),
+    ("a line that is no address", "a@example.com\nJohn Smith\n",
+     ":2: 'John Smith' is neither an e-mail address nor a phone number"),
+    ("malformed e-mail address", "a@@example.com\n", ":1: 'a@@example.com' is not a valid "
+                                                      "e-mail address"),
+    ("malformed phone number", "+1 555 01\n", ":1: '+1 555 01' is not a valid phone number"),
+    ("national phone number without phone_region", "4155550001\n",
+     ":1: '4155550001' is not a valid phone number (invalid (no country code, and no "
+     "phone_region in herald.yaml))"),
+    ("too many columns", "a@example.com,email,STOP,extra\n",
+     ":1: expected value[,channel[,reason]]"),
+    ("unknown channel in a row", "a@example.com\nb@example.com,pigeon\n",
+     ":2: unknown channel 'pigeon'"),
+    ("semicolon CSV without a header (reason read as a channel)",
+     "a@example.com;STOP\n", ":1: unknown channel 'STOP'"),
+    ("empty value with a channel", "a@example.com\n,email,STOP\n",
+     ":2: no value (an empty first column)"),
+    ("`Name <addr` without its closing bracket", "Ann <ann@example.com\n",
+     ":1: 'Ann <ann@example.com' is not an address (Name <addr> expected)"),
+    ("unknown header column", "email,notes\na@example.com,x\n",
+     ":1: unknown column 'notes' in the header"),
+    ("non-UTF-8 import file", "caf\u00e9@example.com\n".encode("latin-1"), ": not valid UTF-8"),
+    ("recipient key with spaces (--keys)", "42\nnot a key\n", ":2: 'not a key' is not a "
+                                                              "recipient key"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "expected"), IMPORT_REFUSALS,
+                         ids=[c[0] for c in IMPORT_REFUSALS])
+def test_suppression_import_is_all_or_nothing(name, content, expected, make_workspace,
+                                              tmp_path, capsys, catalogue) -> None:
+    ws = make_workspace(rows=1)
+    listing = tmp_path / "list.csv"
+    if isinstance(content, bytes):
+        listing.write_bytes(content)
+    else:
+        listing.write_text(content)
+    keys = ["--keys"] if "--keys" in name else []
+    with pytest.raises(SystemExit) as exc:
+        main(["suppress", "import", str(listing), *keys, "-w", str(ws.root)])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 1 and out == ""
+    assert f"{listing}{expected}" in err.replace("\n  ", " ").replace("\n", " "), err
+    assert "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["suppress", "list", "--json", "-w", str(ws.root)])
+    assert json.loads(capsys.readouterr().out) == []  # nothing imported, not even line 1
+    catalogue("input", f"suppress import: {name}",
+              f"exit 1: {expected.lstrip(':')} (file:line); nothing imported")
 
 
 # -- faults ---------------------------------------------------------------------------------

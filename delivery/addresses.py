@@ -1,0 +1,84 @@
+"""Addresses: the one place where e-mail addresses and phone numbers are cleaned.
+
+The contact policy cleans every recipient's address with :func:`clean_address`; the
+suppression list normalises its values with the same functions, so a value matches the
+address it names whatever form it was written in (``+86 138 0013 8000`` and
+``13800138000`` with ``phone_region: CN``; a domain in punycode or in Unicode).
+"""
+
+from __future__ import annotations
+
+import re
+
+from email_validator import EmailNotValidError, validate_email
+
+# what a phone number written by a person may contain: digits and separators
+PHONE_LIKE = re.compile(r"^\+?[\d\s().\-/]{6,32}$")
+
+
+def clean_address(kind: str, value: object, region: str | None = None,
+                  special_use: bool = False) -> tuple[str | None, str | None]:
+    """(address, None) when usable, else (None, why not). E-mail addresses are checked
+    for syntax only (no DNS) and normalized; a special-use domain (.test, .invalid,
+    localhost, ...) is refused unless ``special_use``. Phone numbers become E.164
+    (``region``: the country of numbers written without a country code)."""
+    if value is None:
+        return None, "empty"
+    text = str(value).strip()
+    if not text:
+        return None, "empty"
+    if len(text) > 512:
+        return None, "too long"
+    if kind == "email":
+        try:
+            return validate_email(text, check_deliverability=False).normalized, None
+        except EmailNotValidError:
+            if not special_use or not _special_use(text):
+                return None, "invalid"
+        # a special-use domain, allowed here: check the syntax with a public suffix added
+        try:
+            checked = validate_email(f"{text}.com", check_deliverability=False)
+        except EmailNotValidError:
+            return None, "invalid"
+        return checked.normalized.removesuffix(".com"), None
+    if kind == "sms":
+        return e164(text, region)
+    return text, None
+
+
+def _special_use(address: str) -> bool:
+    from email_validator import SPECIAL_USE_DOMAIN_NAMES
+
+    domain = address.rpartition("@")[2].lower().rstrip(".")
+    return any(domain == d or domain.endswith(f".{d}") for d in SPECIAL_USE_DOMAIN_NAMES)
+
+
+def e164(text: str, region: str | None) -> tuple[str | None, str | None]:
+    """A phone number in E.164 (``+8613812345678``), or (None, why not)."""
+    import phonenumbers
+
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        return None, "invalid" if region or text.startswith("+") else \
+            "invalid (no country code, and no phone_region in herald.yaml)"
+    if not phonenumbers.is_valid_number(number):
+        return None, "invalid"
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), None
+
+
+def comparable(value: str, region: str | None = None) -> str:
+    """The form in which a recipient key or an address is compared (suppression list,
+    deduplication): an e-mail address cleaned and lower-cased (its domain in Unicode,
+    whether written in punycode or not), a phone number in E.164, anything else (a
+    recipient key) trimmed and lower-cased. A recipient key that reads as a valid phone
+    number compares as that number, on both sides of every comparison."""
+    text = value.strip()
+    if "@" in text:
+        address, _ = clean_address("email", text, special_use=True)
+        return (address or text).lower()
+    if PHONE_LIKE.match(text) and sum(c.isdigit() for c in text) >= 6:
+        number, _ = e164(text, region)
+        if number:
+            return number
+    return text.lower()
