@@ -16,6 +16,8 @@ bucket shared by every chunk of the run in this process); each batch is marked
   when the provider says so).
 - A fatal answer stops the channel for every chunk of the run in this process, the
   unsent messages recorded as failed with the reason.
+- An unknown outcome (the provider took the message but did not answer) is never
+  retried: the row stays ``sending`` with the reason, as after a crash mid-send.
 """
 
 from __future__ import annotations
@@ -194,6 +196,12 @@ async def _send_batch(ws: Workspace, job: Job, channel: Channel, batch: Sequence
                     message.recipient, "sent", code=result.code,
                     provider_id=result.provider_id, attempts=attempt,
                     segments=result.segments)
+            elif result.outcome is Outcome.UNKNOWN:
+                # the provider may have it: never resent blindly (the `sending` rule)
+                done[message.recipient] = ledger.Outcome(
+                    message.recipient, "sending",
+                    f"outcome unknown, not resent: {result.detail or 'no detail'} "
+                    "(check the provider's logs)", code=result.code, attempts=attempt)
             elif result.outcome is Outcome.RETRYABLE and not fatal:
                 wait = result.retry_after if result.retry_after is not None \
                     else BACKOFF_SECONDS * 2 ** (attempt - 1)
@@ -283,8 +291,10 @@ def _within(messages: list[Message], limit: int
 
 
 async def _guarded(channel: Channel, messages: Sequence[Message]) -> list[SendResult]:
-    """Call the adapter. An exception or a wrong-length answer leaves the outcome unknown:
-    some messages may have gone out, so the batch fails without a retry (never twice)."""
+    """Call the adapter. The base class turns an exception while sending one message into
+    that message's failure; an adapter's own ``send_batch`` that raises or answers with a
+    wrong length leaves the whole batch's outcome unknown: some messages may have gone
+    out, so the batch fails without a retry (never twice)."""
     try:
         results = await channel.send_batch(messages)
     except Exception as exc:  # an adapter bug must not lose the batch's ledger rows

@@ -182,6 +182,16 @@ def existing(conn: Connection, flow: str, run_key: str, recipients: Sequence[str
     return out
 
 
+def release_render_errors(engine: Engine, flow: str, run_key: str) -> int:
+    """Forget the ``render_error`` rows of a run key (after the template was fixed), so
+    the next run with that key decides for those recipients afresh (suppression, caps,
+    quiet hours) and sends to them; rows already sent or settled otherwise stay."""
+    with writing(engine) as conn:
+        return int(conn.execute(deliveries.delete().where(
+            deliveries.c.flow == flow, deliveries.c.run_key == run_key,
+            deliveries.c.status == "render_error")).rowcount or 0)
+
+
 def rewrite(conn: Connection, entries: Iterable[Entry], *, flow: str, run_key: str,
             run_id: str) -> None:
     """Decide again for deferred rows: the row keeps its place, takes the new outcome."""

@@ -100,6 +100,41 @@ CASES: list[tuple[str, dict[str, str | bytes | None], list[str]]] = [
      {SQL: "WITH gone AS (SELECT id FROM people) DELETE FROM people WHERE id IN "
            "(SELECT id FROM gone) AND score >= :min_score RETURNING *"},
      ["audiences/people.sql: the query failed: near \"DELETE\": syntax error"]),
+    # templates reaching other templates: the whole include graph is checked
+    ("misspelt include in one locale's template",
+     {"templates/promo/gold.email.txt.zh.j2": "{% include 'promo/footr.j2' %}"},
+     ["templates/promo/gold.email.txt.zh.j2:1: include 'promo/footr.j2': "
+      "templates/promo/footr.j2 does not exist"]),
+    ("import of a missing macro file",
+     {"templates/promo/default.sms.txt.j2": "{% import 'promo/macros.j2' as m %}"
+                                            "{{ m.hi(name) }}"},
+     ["templates/promo/default.sms.txt.j2:1: import 'promo/macros.j2': "
+      "templates/promo/macros.j2 does not exist"]),
+    ("include climbing out of templates/",
+     {"templates/promo/default.sms.txt.j2": "{% include '../crm.db' %}"},
+     ["templates/promo/default.sms.txt.j2:1: include '../crm.db' climbs out of templates/"]),
+    ("include with a computed name",
+     {"templates/promo/default.sms.txt.j2": "{% include name ~ '.j2' %}"},
+     ["templates/promo/default.sms.txt.j2:1: include with a computed template name cannot "
+      "be checked"]),
+    ("include cycle",
+     {"templates/promo/default.sms.txt.j2": "Hi {% include 'promo/a.j2' %}",
+      "templates/promo/a.j2": "{% include 'promo/b.j2' %}",
+      "templates/promo/b.j2": "{% include 'promo/a.j2' %}"},
+     ["templates/promo/b.j2:1: include 'promo/a.j2' makes a cycle: "
+      "promo/default.sms.txt.j2 -> promo/a.j2 -> promo/b.j2 -> promo/a.j2"]),
+    ("included template using a column the segment lacks",
+     {"templates/promo/default.sms.txt.j2": "Hi {% include 'promo/footer.j2' %}",
+      "templates/promo/footer.j2": "Code {{ coupon }}"},
+     ["templates/promo/footer.j2:1: uses 'coupon', which the segment does not return"]),
+    ("included template with a syntax error",
+     {"templates/promo/default.sms.txt.j2": "Hi {% include 'promo/footer.j2' %}",
+      "templates/promo/footer.j2": "Bye {{ name }"},
+     ["templates/promo/footer.j2:1: syntax error"]),
+    ("extends of a missing layout",
+     {"templates/promo/default.sms.txt.j2": "{% extends 'layouts/sms.j2' %}"},
+     ["templates/promo/default.sms.txt.j2:1: extends 'layouts/sms.j2': "
+      "templates/layouts/sms.j2 does not exist"]),
     ("mistyped SQLite source path",
      {"config/herald.yaml": HERALD_YAML.replace("sqlite:///crm.db", "sqlite:///crm_typo.db")},
      ["source 'crm': sqlite:///", "crm_typo.db: database file not found"]),
@@ -228,6 +263,47 @@ def test_sources_are_opened_read_only(backend, make_workspace, request, catalogu
               "(DELETE, DROP, UPDATE, CREATE" + (", a writing CTE" if backend == "postgres"
                                                  else "") + ")",
               f"each refused by the database ({expected}); the table is intact")
+
+
+RUNTIME_TEMPLATE_ERRORS = {
+    "KeyError from str.format": ("{{ '{missing}'.format(x=1) }}", "KeyError: 'missing'"),
+    "RecursionError from a recursive macro": (
+        "{% macro r(n) %}{{ r(n) }}{% endmacro %}{{ r(1) }}", "RecursionError"),
+    "ZeroDivisionError from a column": ("{{ 100 // (score - score) }}", "ZeroDivisionError"),
+    "error raised in an included template": (
+        "{% include 'promo/footer.j2' %}", "KeyError: 'missing'"),
+}
+
+
+@pytest.mark.parametrize("case", list(RUNTIME_TEMPLATE_ERRORS))
+def test_any_render_exception_is_that_recipients_render_error(case, make_workspace,
+                                                              catalogue) -> None:
+    """The gold tier's Chinese template fails at render time (validation cannot see it):
+    those recipients are render_error naming the template, everyone else is sent."""
+    source, expected = RUNTIME_TEMPLATE_ERRORS[case]
+    ws = make_workspace({"templates/promo/gold.email.txt.zh.j2": source,
+                         "templates/promo/footer.j2": "{{ '{missing}'.format(x=1) }}"},
+                        rows=40)
+    summary = engine.run_local(ws, "promo", run_key="render")
+    ledger = _ledger(ws, "render")
+    failing = {str(i) for i in range(1, 41) if i % 4 == 0 and i % 2 == 0 and i % 7}
+    where = ("templates/promo/footer.j2:1" if "included" in case
+             else "templates/promo/gold.email.txt.zh.j2")
+    for key in failing:
+        status, reason = ledger[key]
+        assert status == "render_error" and where in str(reason) and expected in str(reason), \
+            (key, status, reason)
+    assert not any(s in ("queued", "sending") for s, _ in ledger.values())
+    assert summary["deliveries"]["render_error"] == len(failing)
+    delivered = _delivered(ws)
+    assert not set(delivered) & failing and max(delivered.values()) == 1
+    assert summary["deliveries"]["sent"] == len(delivered) > 0
+    lost, duplicated = _account(ledger, delivered, [str(i) for i in range(1, 41)])
+    assert lost == 0 and duplicated == 0
+    catalogue("input", f"template failing at render time: {case}",
+              f"{len(failing)} recipients render_error naming {where} ({expected}); the "
+              f"other {summary['deliveries']['sent']} sent; no row left queued",
+              messages=40, lost=lost, duplicated=duplicated)
 
 
 # -- opt-outs: the suppression list ----------------------------------------------------------
@@ -411,6 +487,9 @@ HTTP_FAULTS = {
     "HTTP timeout": [("timeout", 1.5)],
     "HTTP connection reset": [("reset",)],
     "HTTP 429 throttling with Retry-After": [("status", 429, {"Retry-After": "1"})],
+    "HTTP answer trickling a byte every 0.4 s (timeout 1 s is a deadline per request)":
+        [("trickle", 0.4)],
+    "HTTP 502 HTML page from a proxy, then success": [("status", 502)],
 }
 
 
@@ -430,6 +509,163 @@ def test_http_provider_faults(fault, make_workspace, hook, catalogue) -> None:
     assert _account(ledger, Counter(hook.kept()), every) == (0, 0)
     catalogue("fault", fault, "retried with backoff; all 18 with an address sent once "
               "(2 have no email: no_address); the rerun sends nothing", messages=20,
+              lost=lost, duplicated=duplicated)
+
+
+def test_http_malformed_answer_fails_that_message_only(make_workspace, hook, catalogue
+                                                       ) -> None:
+    """A load balancer answers some requests with a bad status line: those messages
+    fail (outcome unknown, not retried); every other message of the batch is sent."""
+    ws = hook_ws(make_workspace, hook)
+    every = [str(i) for i in range(1, 21)]
+    broken = ["1", "4", "10", "13"]
+    for r in broken:
+        hook.script(r, ("raw", b"HTTP/1.1 2OO FINE\r\n\r\n"))
+    summary = engine.run_local(ws, "promo", run_key="garbage")
+    ledger = _ledger(ws, "garbage")
+    for r in broken:
+        assert ledger[r][0] == "failed" and "malformed HTTP answer" in str(ledger[r][1]), \
+            ledger[r]
+        assert "outcome unknown, not retried" in str(ledger[r][1])
+    assert summary["deliveries"]["sent"] == 18 - len(broken)
+    arrived = Counter(str(r.json()["recipient"]) for r in hook.requests)
+    assert all(arrived[r] == 1 for r in broken)  # never resent blindly
+    lost, duplicated = _account(ledger, Counter(hook.kept()), every)
+    assert lost == 0 and duplicated == 0
+    catalogue("fault", "HTTP answer with a bad status line (a load balancer) for 4 of 20",
+              "those 4 failed `unexpected_answer` (outcome unknown, not retried), each "
+              "requested once; the other 14 with an address sent; failures per message, "
+              "never per batch", messages=20, lost=lost, duplicated=duplicated)
+
+
+def test_http_200_that_is_not_the_providers_success_is_failed(make_workspace, catalogue
+                                                                ) -> None:
+    """A Twilio profile behind a proxy: HTTP 200 with an HTML page, JSON without a sid,
+    an empty body. Only the documented success (a sid) is sent."""
+    from urllib.parse import parse_qs
+
+    def to(r: Any) -> str:
+        return parse_qs(r.body.decode())["To"][0]
+
+    server, twilio = serve(Peer(key=to, ok_body=lambda r: {"sid": "SM" + "0" * 32}))
+    try:
+        ws = make_workspace({
+            "config/herald.yaml": (
+                "timezone: UTC\nphone_region: US\nsources:\n  crm: \"sqlite:///crm.db\"\n"
+                f"channels:\n  sms: {{type: sms, provider: twilio, base_url: \"{twilio.url}\", "
+                'account_sid: AC1, auth_token: "t", sender: "+15005550006"}\n'
+                "  email: {type: outbox, kind: email}\n"),
+            FLOW: PROMO_YAML.replace("gold: {channels: [email, sms]}", "gold: {channels: [sms]}")
+            .replace("default: {channels: [sms, email]}", "default: {channels: [sms]}")},
+            rows=12)
+        twilio.script("+14155550001", ("raw", b"HTTP/1.1 200 OK\r\nContent-Type: text/html"
+                                       b"\r\nContent-Length: 28\r\nConnection: close\r\n\r\n"
+                                       b"<html>Gateway is busy</html>"))
+        twilio.script("+14155550002", ("ok", {"status": "queued"}))
+        twilio.script("+14155550003", ("ok", {}))
+        summary = engine.run_local(ws, "promo", run_key="answers")
+        ledger = _ledger(ws, "answers")
+        requests = Counter(to(r) for r in twilio.requests)
+    finally:
+        server.shutdown()
+        server.server_close()
+    for key in ("1", "2", "3"):
+        status, reason = ledger[key]
+        assert status == "failed" and "outcome unknown, not retried" in str(reason), reason
+        assert requests[f"+1415555{int(key):04d}"] == 1  # never sent twice
+    assert "HTTP 200 (text/html) without a message sid" in str(ledger["1"][1])
+    assert summary["deliveries"]["failed"] == 3 and summary["deliveries"]["sent"] == 7
+    assert max(requests.values()) == 1
+    catalogue("fault", "HTTP 200 that is not the provider's success (HTML page, JSON "
+              "without a sid, an empty object)",
+              "the 3 failed `unexpected_answer` (outcome unknown, not retried, counted in the "
+              "failure rate), each requested once; 7 sent; 2 have no phone", messages=12)
+
+
+def test_bodies_over_the_channel_limit_fail_unsent(make_workspace, catalogue) -> None:
+    ws = make_workspace({
+        "config/herald.yaml": HERALD_YAML.replace("sms: {type: outbox, kind: sms}",
+                                                  "sms: {type: outbox, kind: sms, "
+                                                  "max_body: 160}"),
+        FLOW: PROMO_YAML.replace("gold: {channels: [email, sms]}", "gold: {channels: [sms]}"),
+        "templates/promo/default.sms.txt.j2":
+            "Hi {{ name }}{% if score > 6 %}{{ ' and more' * 240 }}{% endif %}"}, rows=20)
+    summary = engine.run_local(ws, "promo", run_key="long")
+    ledger = _ledger(ws, "long")
+    long = {str(i) for i in range(1, 21) if i % 10 > 6 and i % 5}
+    for key in long:
+        assert ledger[key][0] == "failed" and "over the channel's limit of 160" in \
+            str(ledger[key][1])
+    delivered = _delivered(ws)
+    assert not set(delivered) & long and summary["deliveries"]["sent"] == len(delivered)
+    lost, duplicated = _account(ledger, delivered, [str(i) for i in range(1, 21)])
+    assert lost == 0 and duplicated == 0
+    catalogue("input", "SMS body of over 2,000 characters, over the channel's max_body (160)",
+              f"the {len(long)} failed `body_too_long`, never handed to the gateway; the "
+              "rest sent", messages=20, lost=lost, duplicated=duplicated)
+
+
+class _SlowAfterData:
+    """An SMTP relay that scans content: for some recipients it answers after the
+    client's timeout, once it has the message (it keeps it)."""
+
+    def __init__(self, slow: set[str], seconds: float) -> None:
+        self.received: list[str] = []
+        self.slow = slow
+        self.seconds = seconds
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        import asyncio
+
+        rcpt = envelope.rcpt_tos[0]
+        self.received.append(rcpt)
+        if rcpt in self.slow:
+            self.slow.discard(rcpt)
+            await asyncio.sleep(self.seconds)
+        return "250 OK queued as Q1"
+
+
+def _smtp_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_smtp_timeout_after_data_is_an_unknown_outcome(make_workspace, catalogue) -> None:
+    port = _smtp_port()
+    slow = {"user3@example.com", "user9@example.com", "user16@example.com"}
+    box = _SlowAfterData(set(slow), 2.5)
+    controller = Controller(box, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        ws = make_workspace({
+            "config/herald.yaml": (
+                "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
+                f"  email: {{type: smtp, host: 127.0.0.1, port: {port}, security: none, "
+                "sender: shop@example.com, timeout: 1}\n  sms: {type: outbox, kind: sms}\n"),
+            FLOW: PROMO_YAML.replace("default: {channels: [sms, email]}",
+                                     "default: {channels: [email]}")}, rows=20)
+        first = engine.run_local(ws, "promo", run_key="slow")
+        again = engine.run_local(ws, "promo", run_key="slow")
+        ledger = _ledger(ws, "slow")
+        delivered = Counter(a.split("@")[0].removeprefix("user") for a in box.received)
+    finally:
+        controller.stop()
+    unknown = {"3", "9", "16"}
+    for r in unknown:
+        assert ledger[r][0] == "sending", ledger[r]
+        assert "outcome unknown, not resent" in str(ledger[r][1])
+    assert first["deliveries"]["sending"] == 3 and first["deliveries"]["sent"] == 15
+    assert again["deliveries"]["sent"] == 0
+    every = [str(i) for i in range(1, 21)]
+    lost, duplicated = _account(ledger, delivered, every)
+    assert lost == 0 and duplicated == 0 and max(delivered.values()) == 1
+    catalogue("fault", "SMTP relay answering after the client's timeout once it has the "
+              "data (content scanning)",
+              "the 3 left `sending` (outcome unknown, not resent: the relay kept them), "
+              "15 sent; the rerun sends nothing; each received once", messages=20,
               lost=lost, duplicated=duplicated)
 
 
@@ -660,3 +896,38 @@ def test_planted_secrets_never_leak(make_workspace, hook, capsys, caplog, monkey
               f"not found in {len(texts)} scanned texts: CLI output, logs, Prefect state, "
               "artifacts and logs, every table of the workspace database, the outbox, the "
               "HTTP requests; no contact detail in any log")
+
+
+# -- with Prefect (last: the harness routes logs to its API from here on) ----------------
+@pytest.mark.prefect
+def test_render_errors_of_a_run_key_resent_after_the_fix(make_workspace, prefect_harness,
+                                                         capsys, catalogue) -> None:
+    ws = make_workspace({"templates/promo/gold.email.txt.zh.j2":
+                         "{{ '{missing}'.format(x=1) }}"}, rows=40)
+
+    def run(*extra: str) -> dict[str, Any]:
+        with pytest.raises(SystemExit) as exc:
+            main(["run", "promo", "--json", "--run-key", "fixme", *extra, "-w", str(ws.root)])
+        out, err = capsys.readouterr()
+        assert exc.value.code == 0, err
+        return dict(json.loads(out))
+
+    first = run()
+    failing = {"4", "8", "12", "16", "20", "24", "32", "36", "40"}  # gold, zh, with email
+    assert first["deliveries"]["render_error"] == len(failing)
+    sent_before = _delivered(ws)
+    (ws.root / "templates/promo/gold.email.txt.zh.j2").write_text("金卡会员 {{ name }}")
+    assert run()["deliveries"]["sent"] == 0  # a plain rerun does not touch them
+    second = run("--resend-render-errors")
+    assert second["deliveries"]["sent"] == len(failing)
+    assert second["deliveries"]["render_error"] == 0
+    ledger = _ledger(ws, "fixme")
+    delivered = _delivered(ws)
+    assert max(delivered.values()) == 1 and set(delivered) - set(sent_before) == failing
+    assert all(s != "render_error" for s, _ in ledger.values())
+    lost, duplicated = _account(ledger, delivered, [str(i) for i in range(1, 41)])
+    assert lost == 0 and duplicated == 0
+    catalogue("input", "render errors of a run key resent after fixing the template",
+              "`herald run --run-key K --resend-render-errors` sent the 9 who had "
+              "render_error, once each, and nobody else", messages=40, lost=lost,
+              duplicated=duplicated)

@@ -15,6 +15,7 @@ from herald.flows.cli.common import (
     ParamOpt,
     WorkspaceOpt,
     app,
+    err,
     open_workspace,
     out,
     parse_params,
@@ -41,6 +42,9 @@ def run(flow: str, param: ParamOpt = None,
         dask_address: Annotated[str | None, typer.Option(
             "--dask-address", help="Dask scheduler, e.g. tcp://10.0.0.5:8786 (implies "
             "--task-runner dask; default: a local cluster)")] = None,
+        resend_render_errors: Annotated[bool, typer.Option(
+            "--resend-render-errors", help="After fixing a template: send to the "
+            "recipients of --run-key whose message failed to render (nobody else)")] = False,
         now: NowOpt = None,
         workspace: WorkspaceOpt = None) -> None:
     """Run FLOW once, now (by Herald's clock), as a Prefect flow run."""
@@ -50,10 +54,20 @@ def run(flow: str, param: ParamOpt = None,
     if run_key is not None and not run_key.strip():
         raise typer.BadParameter("an empty run key (leave --run-key out for today's)",
                                  param_hint="--run-key")
+    if resend_render_errors and (run_key is None or dry_run):
+        raise typer.BadParameter("needs the --run-key of the run to complete, and no "
+                                 "--dry-run", param_hint="--resend-render-errors")
     runner = _runner(ws, task_runner, dask_address)
     from herald.flows.validate import check_flow
 
     check_flow(ws, flow, params)  # fail fast, before Prefect starts
+    if resend_render_errors:
+        from herald.delivery import ledger
+
+        assert run_key is not None
+        released = ledger.release_render_errors(ws.store, flow, run_key)
+        err.print(f"{released} recipient{'s' if released != 1 else ''} of {flow} "
+                  f"{run_key} whose message failed to render: deciding and sending again")
     prefect_env()
     if as_json:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
