@@ -25,7 +25,7 @@ from urllib.parse import quote
 import aiosmtplib
 from aiosmtplib.response import SMTPResponse
 from aiosmtplib.typing import Default
-from pydantic import SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from herald.channels.base import Channel, ChannelSettings, Message, SendResult
 from herald.channels.mime import build_email
@@ -38,13 +38,13 @@ GREYLIST_WAIT = 300.0  # seconds: a common MTA's first retry (Postfix's minimal 
 
 class SmtpSettings(ChannelSettings):
     host: str
-    port: int = 587
+    port: int = Field(default=587, ge=1, le=65535)
     security: Literal["starttls", "tls", "none"] = "starttls"
     username: str | None = None
     password: SecretStr | None = None
     sender: str
     reply_to: str | None = None
-    timeout: float = 30.0
+    timeout: float = Field(default=30.0, gt=0, le=3600)  # seconds, for each SMTP step
     validate_certs: bool = True
     # e.g. "https://shop.example/unsubscribe?m={message_id}" or "mailto:unsub@shop.example"
     list_unsubscribe: str | None = None

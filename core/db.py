@@ -37,6 +37,7 @@ from sqlalchemy import (
     inspect,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from herald.core.errors import WorkspaceError
 
@@ -226,6 +227,31 @@ def make_engine(url: str, root: Path, store: bool = False, read_only: bool = Fal
     return engine
 
 
+def open_store(url: str, root: Path) -> Engine:
+    """The workspace database, its schema ensured. A file that is not a database, one
+    that cannot be written, a lock that does not come: one line naming the database."""
+    engine = make_engine(url, root, store=True)
+    try:
+        ensure_schema(engine)
+    except DBAPIError as exc:
+        engine.dispose()
+        raise WorkspaceError(describe_db_error(engine.url.render_as_string(), exc)) from None
+    return engine
+
+
+def describe_db_error(url: str, exc: DBAPIError) -> str:
+    """``the workspace database URL: what went wrong`` with a hint for the usual cases."""
+    text = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+    hint = ""
+    if "not a database" in text or "malformed" in text:
+        hint = " (the file is damaged or is not a SQLite database: restore it from a backup)"
+    elif "readonly" in text or "read-only" in text:
+        hint = " (Herald needs to write to it: check the file's and folder's permissions)"
+    elif "locked" in text:
+        hint = " (another process holds it: try again when it is done)"
+    return f"the workspace database {render_url(url)}: {text}{hint}"
+
+
 def render_url(url: str) -> str:
     """A database URL fit for a message: its password hidden."""
     try:
@@ -259,6 +285,13 @@ def ensure_schema(engine: Engine) -> None:
     Several processes may open a new workspace database at once (parallel runs,
     workers): creation happens under a lock so they do not trip over each other.
     """
+    with engine.connect() as conn:  # a read first: a complete schema needs no write lock
+        inspector = inspect(conn)
+        tables = {t: {c["name"] for c in inspector.get_columns(t)}
+                for t in inspector.get_table_names()}
+        if all(t.name in tables and {c.name for c in t.columns} <= tables[t.name]
+               for t in metadata.sorted_tables):
+            return
     with writing(engine) as conn:
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7242816)")

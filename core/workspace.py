@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy import Engine
 
-from herald.core.db import ensure_schema, make_engine
+from herald.core.db import make_engine, open_store
 from herald.core.errors import ChannelError, ConfigError, Problem, WorkspaceError
 from herald.core.plugins import channel_type
 from herald.core.spec import KINDS, ChannelSettings, FlowSpec, WorkspaceConfig, channel_kind
@@ -142,9 +142,7 @@ class Workspace:
     @cached_property
     def store(self) -> Engine:
         """The workspace database (package store, ledger, runs, suppression list)."""
-        engine = make_engine(self.config.store, self.root, store=True)
-        ensure_schema(engine)
-        return engine
+        return open_store(self.config.store, self.root)
 
     def source(self, name: str, write: bool = False) -> Engine:
         """The engine of source ``name``: read-only (segments, conversions, preview)

@@ -135,6 +135,54 @@ CASES: list[tuple[str, dict[str, str | bytes | None], list[str]]] = [
      {"templates/promo/default.sms.txt.j2": "{% extends 'layouts/sms.j2' %}"},
      ["templates/promo/default.sms.txt.j2:1: extends 'layouts/sms.j2': "
       "templates/layouts/sms.j2 does not exist"]),
+    # YAML that expands without end, and absurd values
+    ("YAML alias bomb (a billion laughs in 600 bytes)",
+     {FLOW: PROMO_YAML + "x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+         f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 9))},
+     ["config/flows/promo.yaml:", "invalid YAML: more than 100,000 values once aliases are "
+      "expanded"]),
+    ("YAML alias referring to itself", {FLOW: PROMO_YAML + "loop: &me [1, *me]\n"},
+     ["config/flows/promo.yaml:13: invalid YAML: an alias refers to a value that contains "
+      "it"]),
+    ("YAML nested 10,000 levels deep", {FLOW: PROMO_YAML + "deep: " + "[" * 10_000
+                                        + "]" * 10_000 + "\n"},
+     ["config/flows/promo.yaml: invalid YAML: nested deeper than 64 levels"]),
+    ("cap window of 99999999999999999999 days", {FLOW: PROMO_YAML + "caps: [{max: 1, per: "
+                                                 "99999999999999999999d}]\n"},
+     ["config/flows/promo.yaml:13 caps[0].per: duration must be at most 3650d"]),
+    ("cap window of 999999 weeks", {FLOW: PROMO_YAML + "caps: [{max: 1, per: 999999w}]\n"},
+     ["config/flows/promo.yaml:13 caps[0].per: duration must be at most 3650d"]),
+    ("rate: 0 as a number (was: no limit)",
+     {"config/herald.yaml": HERALD_YAML.replace("sms: {type: outbox, kind: sms}",
+                                                "sms: {type: outbox, kind: sms, rate: 0}")},
+     ["config/herald.yaml:7 channels.sms.rate: rate must be more than 0"]),
+    ("rate: -5 as a number",
+     {"config/herald.yaml": HERALD_YAML.replace("sms: {type: outbox, kind: sms}",
+                                                "sms: {type: outbox, kind: sms, rate: -5}")},
+     ["config/herald.yaml:7 channels.sms.rate: rate must be more than 0"]),
+    ("rate: 0/s", {"config/herald.yaml": HERALD_YAML.replace(
+        "sms: {type: outbox, kind: sms}", "sms: {type: outbox, kind: sms, rate: 0/s}")},
+     ["config/herald.yaml:7 channels.sms.rate: rate must be more than 0"]),
+    ("tier template climbing out of templates/ with ..",
+     {FLOW: PROMO_YAML.replace("gold: {channels: [email, sms]}",
+                               "gold: {channels: [email, sms], template: promo/../../crm}")},
+     ["config/flows/promo.yaml:11 tiers.gold.template: 'promo/../../crm' is not a template "
+      "path inside templates/"]),
+    ("quiet hours from == to", {FLOW: PROMO_YAML + "quiet_hours: {from: \"21:00\", "
+                                                   "to: \"21:00\"}\n"},
+     ["config/flows/promo.yaml:13 quiet_hours: from and to are the same time"]),
+    ("SMTP port 99999", {"config/herald.yaml": HERALD_YAML.replace(
+        "email: {type: outbox, kind: email}",
+        "email: {type: smtp, host: 127.0.0.1, port: 99999, sender: a@example.com}")},
+     ["config/herald.yaml:6 channels.email.port: Input should be less than or equal to "
+      "65535"]),
+    ("HTTP channel timeout: 0", {"config/herald.yaml": HERALD_YAML.replace(
+        "sms: {type: outbox, kind: sms}",
+        "sms: {type: webhook, url: \"http://127.0.0.1:9/x\", address: phone, timeout: 0}")},
+     ["config/herald.yaml:7 channels.sms.timeout: Input should be greater than 0"]),
+    ("chunk_size: 0", {"config/herald.yaml": HERALD_YAML.replace("chunk_size: 40",
+                                                                 "chunk_size: 0")},
+     ["config/herald.yaml:9 chunk_size: Input should be greater than or equal to 1"]),
     ("mistyped SQLite source path",
      {"config/herald.yaml": HERALD_YAML.replace("sqlite:///crm.db", "sqlite:///crm_typo.db")},
      ["source 'crm': sqlite:///", "crm_typo.db: database file not found"]),
@@ -182,6 +230,38 @@ def test_bad_input_is_named_and_nothing_is_sent(name, files, expected, make_work
                             ).fetchone()[0] == 86
     assert not (ws.root / "crm_typo.db").exists()  # a mistyped path creates nothing
     catalogue("input", name, "exit 1: " + err.strip().splitlines()[-1].strip()[:160])
+
+
+def test_an_empty_run_key_is_a_usage_error(make_workspace, capsys, catalogue) -> None:
+    ws = make_workspace(rows=5)
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "promo", "--run-key", "", "-w", str(ws.root)])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and "--run-key" in err and "empty run key" in err
+    assert outbox_messages(ws) == 0 and _deliveries(ws) == 0
+    catalogue("input", "empty `--run-key \"\"` (was: silently today's key)",
+              "exit 2 (usage): an empty run key; nothing sent")
+
+
+@pytest.mark.parametrize("command", [["suppress", "list"], ["audience", "list"],
+                                     ["report", "promo"], ["suppress", "add", "a@example.com"],
+                                     ["run", "promo"]])
+def test_a_damaged_workspace_database_is_one_line(command, make_workspace, capsys,
+                                                  catalogue) -> None:
+    ws = make_workspace(rows=5)
+    db = ws.root / ".herald" / "herald.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    db.write_bytes(b"this is not a database, it is a text file someone saved here\n" * 80)
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "-w", str(ws.root)])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 1 and "Traceback" not in err, err
+    line = " ".join(err.split())
+    assert line.startswith("error: the workspace database sqlite:///") and \
+        ".herald/herald.db: file is not a database (the file is damaged" in line, line
+    assert outbox_messages(ws) == 0
+    catalogue("input", f"damaged workspace database: `herald {' '.join(command[:2])}`",
+              "exit 1: " + line[:150])
 
 
 def test_contact_fields_null_malformed_or_absurd_are_recorded_never_sent(

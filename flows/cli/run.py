@@ -61,6 +61,7 @@ def run(flow: str, param: ParamOpt = None,
     from herald.flows.validate import check_flow
 
     check_flow(ws, flow, params)  # fail fast, before Prefect starts
+    ws.store.connect().close()  # so does the workspace database (one line if it cannot)
     if resend_render_errors:
         from herald.delivery import ledger
 
