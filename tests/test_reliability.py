@@ -386,6 +386,59 @@ def test_any_render_exception_is_that_recipients_render_error(case, make_workspa
               messages=40, lost=lost, duplicated=duplicated)
 
 
+INTERNAL_URLS = {
+    "loopback IPv4": "http://127.0.0.1:{port}/hook",
+    "loopback IPv6": "http://[::1]:{port}/hook",
+    "localhost (a name resolving to loopback)": "http://localhost:{port}/hook",
+    "cloud metadata (link-local 169.254.169.254)": "http://169.254.169.254/latest/meta-data",
+    "private 10.0.0.0/8": "http://10.1.2.3/hook",
+    "private 192.168.0.0/16": "http://192.168.1.1/admin",
+    "shared address space 100.64.0.0/10": "http://100.64.0.1/hook",
+    "unspecified 0.0.0.0": "http://0.0.0.0:{port}/hook",
+    "IPv6 link-local fe80::/10": "http://[fe80::1]/hook",
+    "IPv4-mapped IPv6 loopback": "http://[::ffff:127.0.0.1]:{port}/hook",
+}
+
+
+def test_recipient_webhook_urls_inside_the_network_are_refused(make_workspace, hook, catalogue
+                                                                ) -> None:
+    names = list(INTERNAL_URLS)
+
+    def workspace(allow: bool, folder: str) -> Any:
+        ws = make_workspace({
+            "config/herald.yaml": (
+                "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
+                "  hook: {type: webhook, address: email, timeout: 1"
+                f"{', allow_private_addresses: true' if allow else ''}}}\n"),
+            FLOW: PROMO_YAML.replace("gold: {channels: [email, sms]}", "gold: {channels: [hook]}")
+            .replace("default: {channels: [sms, email]}", "default: {channels: [hook]}"),
+            "templates/promo/default.webhook.txt.j2": "Hello {{ name }}"},
+            rows=len(names), folder=folder)
+        port = hook.url.rsplit(":", 1)[1]
+        with sqlite3.connect(ws.root / "crm.db") as conn:
+            conn.executemany("UPDATE people SET email = ? WHERE id = ?", [
+                (INTERNAL_URLS[n].format(port=port), i) for i, n in enumerate(names, 1)])
+        return ws
+
+    ws = workspace(False, "closed")
+    engine.run_local(ws, "promo", run_key="ssrf")
+    ledger = _ledger(ws, "ssrf")
+    assert hook.requests == []  # nothing reached any of them
+    for i, name in enumerate(names, 1):
+        status, reason = ledger[str(i)]
+        assert status == "failed" and "non-public address" in str(reason), (name, reason)
+    opened = workspace(True, "open")
+    summary = engine.run_local(opened, "promo", run_key="ssrf")
+    reached = {str(r.json()["recipient"]) for r in hook.requests}
+    # the peer listens on 127.0.0.1: the IPv4 loopback forms reach it once allowed
+    assert reached == {"1", "3", "8", "10"}
+    assert summary["deliveries"]["sent"] == len(reached)
+    for name in names:
+        catalogue("input", f"recipient's webhook URL inside the network: {name}",
+                  "failed `address_not_allowed` before any request; sent only with "
+                  "allow_private_addresses: true on the channel", messages=1)
+
+
 # -- opt-outs: the suppression list ----------------------------------------------------------
 def _delivered(ws: Any) -> Counter[str]:
     """Recipient keys the outbox holds a message for (JSON lines and .eml files)."""
