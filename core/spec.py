@@ -389,6 +389,9 @@ class FlowSpec(Strict):
     chunk_size: int | None = Field(default=None, ge=1, le=100_000)
     schedules: list[ScheduleSpec] = Field(default_factory=list)
     alerts: Alerts | None = None  # overrides the workspace's
+    # one message per address and channel in a run, even when the segment has the same
+    # person under two keys (a duplicate account): later keys are recorded `duplicate`
+    deduplicate: bool = True
 
     @field_validator("schedules")
     @classmethod

@@ -182,6 +182,20 @@ def existing(conn: Connection, flow: str, run_key: str, recipients: Sequence[str
     return out
 
 
+def addresses_taken(conn: Connection, flow: str, run_key: str, channel: str,
+                    addresses: Sequence[str], fold_case: bool) -> dict[str, str]:
+    """{address: recipient} for the addresses already sent or reserved on ``channel``
+    under this run key (``fold_case``: compared lower-cased, as e-mail addresses are)."""
+    column: Any = func.lower(deliveries.c.address) if fold_case else deliveries.c.address
+    out: dict[str, str] = {}
+    for part in among(conn, column, sorted(set(addresses))):
+        for address, recipient in conn.execute(select(column, deliveries.c.recipient).where(
+                deliveries.c.flow == flow, deliveries.c.run_key == run_key,
+                deliveries.c.channel == channel, deliveries.c.status.in_(COUNTED), part)):
+            out.setdefault(address, recipient)
+    return out
+
+
 def release_render_errors(engine: Engine, flow: str, run_key: str) -> int:
     """Forget the ``render_error`` rows of a run key (after the template was fixed), so
     the next run with that key decides for those recipients afresh (suppression, caps,

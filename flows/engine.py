@@ -170,7 +170,8 @@ class ChunkResult:
 # Recipients of a chunk that have no row of this run: counted from the chunk's results
 # (a deferred recipient still waiting is reported as deferred).
 WAITING = "waiting"
-CARRIED = {"duplicate": "duplicate", WAITING: "deferred"}
+ALREADY = "already"  # handled by an earlier run of the run key: reported as duplicate
+CARRIED = {ALREADY: "duplicate", WAITING: "deferred"}
 
 
 def run_chunk(job: ChunkJob) -> ChunkResult:
@@ -199,7 +200,7 @@ def _run_chunk(job: ChunkJob) -> ChunkResult:
             old = seen.get(r.key)
             if old and old.status != "queued" and not old.due(at):
                 # already handled under this run key; a deferred row still waits
-                status = WAITING if old.status == "deferred" else "duplicate"
+                status = WAITING if old.status == "deferred" else ALREADY
                 counts[status, old.tier, old.channel] += 1
         fresh = [r for r in rows if r.key not in seen]
         decisions = policy.decide(conn, fresh, at, job.run_key)

@@ -439,6 +439,62 @@ def test_recipient_webhook_urls_inside_the_network_are_refused(make_workspace, h
                   "allow_private_addresses: true on the channel", messages=1)
 
 
+# (case, recipient updated, its new email or phone, the recipient it duplicates)
+SAME_PERSON = [
+    ("same e-mail address in other case", 2, ("email", "USER1@Example.COM"), 1),
+    ("same e-mail address with spaces around it", 3, ("email", "  user1@example.com "), 1),
+    ("same phone number written differently", 9, ("phone", "+1 (415) 555-0006"), 6),
+    ("same address in another chunk of the run", 38, ("email", "User11@example.com"), 11),
+]
+
+
+@pytest.mark.parametrize("dedupe", [True, False], ids=["deduplicated", "deduplicate-false"])
+def test_the_same_person_under_two_keys_gets_one_message(dedupe, make_workspace, catalogue
+                                                         ) -> None:
+    ws = make_workspace({
+        "config/herald.yaml": HERALD_YAML.replace("chunk_size: 40", "chunk_size: 8"),
+        FLOW: PROMO_YAML.replace("gold: {channels: [email, sms]}", "gold: {channels: [email]}")
+        .replace("default: {channels: [sms, email]}", "default: {channels: [email]}")
+        + ("" if dedupe else "deduplicate: false\n")},
+        rows=40)
+    with sqlite3.connect(ws.root / "crm.db") as conn:
+        for _, key, (column, value), _ in SAME_PERSON:
+            conn.execute(f"UPDATE people SET {column} = ? WHERE id = ?", (value, key))
+        # the phone case goes by SMS
+        conn.execute("UPDATE people SET email = NULL WHERE id IN (6, 9)")
+    flow = ws.root / FLOW
+    flow.write_text(flow.read_text().replace("default: {channels: [email]}",
+                                             "default: {channels: [email, sms]}"))
+    engine.forget_workspace(ws.root)
+    from herald.core.workspace import Workspace
+
+    ws = Workspace.open(ws.root)
+    summary = engine.run_local(ws, "promo", run_key="same", max_workers=1)
+    ledger = _ledger(ws, "same")
+    delivered = _delivered(ws)
+    for name, key, _, first in SAME_PERSON:
+        if dedupe:
+            assert ledger[str(key)][0] == "duplicate", (name, ledger[str(key)])
+            assert f"as recipient {first} in this run" in str(ledger[str(key)][1])
+            assert not delivered[str(key)] and delivered[str(first)] == 1
+        else:
+            assert ledger[str(key)][0] == "sent" and delivered[str(key)] == 1
+    again = engine.run_local(ws, "promo", run_key="same")
+    assert again["deliveries"]["sent"] == 0
+    if dedupe:
+        assert summary["deliveries"]["duplicate"] == len(SAME_PERSON)
+    ws.dispose()
+    if not dedupe:
+        catalogue("input", "the same person under two keys with `deduplicate: false`",
+                  f"all {len(SAME_PERSON)} pairs sent twice, as configured; a rerun sends "
+                  "nothing", messages=2 * len(SAME_PERSON))
+        return
+    for name, *_ in SAME_PERSON:
+        catalogue("input", f"the same person under two keys: {name}",
+                  "the second key recorded `duplicate` naming the first; one message",
+                  messages=2)
+
+
 # -- opt-outs: the suppression list ----------------------------------------------------------
 def _delivered(ws: Any) -> Counter[str]:
     """Recipient keys the outbox holds a message for (JSON lines and .eml files)."""
