@@ -11,6 +11,8 @@ workspace behaves the same wherever Herald is started from.
 
 from __future__ import annotations
 
+import os
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -80,6 +82,7 @@ runs = Table(
     Column("finished_at", DateTime(timezone=True)),
     Column("summary", Text),
     Column("error", Text),
+    Column("owner", String(128)),  # host:pid of the process running it
 )
 
 deliveries = Table(
@@ -144,6 +147,7 @@ packages = Table(
     Column("size", Integer, nullable=False, default=0),
     Column("tiers", Text, nullable=False, default="{}"),
     Column("status", String(16), nullable=False),  # building | ready
+    Column("owner", String(128)),  # host:pid of the process building it
 )
 
 package_rows = Table(
@@ -175,6 +179,28 @@ channel_token_forces = Table(
     Column("count", Integer, nullable=False),
     Column("last_at", DateTime(timezone=True), nullable=False),
 )
+
+
+def process_owner() -> str:
+    """``host:pid`` of this process, recorded on what it is running or building."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_gone(owner: str | None) -> bool:
+    """Whether the process ``owner`` names is known to have ended: it ran on this host
+    and no process has its pid. A process on another host is never presumed gone."""
+    if not owner:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def resolve_url(url: str, root: Path) -> str:

@@ -44,6 +44,8 @@ from herald.core.db import (
     COUNTED,
     STATUSES,
     deliveries,
+    owner_gone,
+    process_owner,
     runs,
     writing,
 )
@@ -133,7 +135,27 @@ def start_run(engine: Engine, run_id: str, flow: str, run_key: str, dry_run: boo
     with writing(engine) as conn:
         conn.execute(insert(runs).values(id=run_id, flow=flow, run_key=run_key,
                                          dry_run=dry_run, status="running",
-                                         started_at=now()))
+                                         started_at=now(), owner=process_owner()))
+
+
+def close_abandoned_runs(engine: Engine) -> list[str]:
+    """Close runs left ``running`` by a process that has ended (killed, crashed) on this
+    host: ``failed`` with the reason. Returns their ids. Their ledger rows stay as they
+    are (a rerun with the run key resumes ``queued`` rows; ``sending`` ones stay)."""
+    with engine.connect() as conn:
+        found = [(r.id, r.owner) for r in conn.execute(select(runs.c.id, runs.c.owner).where(
+            runs.c.status == "running", runs.c.owner.is_not(None)))
+            if owner_gone(r.owner)]
+    if not found:
+        return []
+    with writing(engine) as conn:
+        for run_id, owner in found:
+            conn.execute(update(runs).where(runs.c.id == run_id, runs.c.status == "running")
+                         .values(status="failed", finished_at=now(),
+                                 error=f"abandoned: the process running it ({owner}) ended "
+                                       "without finishing it (killed?); rerun with its run "
+                                       "key to resume"))
+    return [run_id for run_id, _ in found]
 
 
 def set_run_package(engine: Engine, run_id: str, package_id: str) -> None:

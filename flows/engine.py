@@ -86,6 +86,7 @@ def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None =
     checked = check_flow(ws, flow_name, params, _templates[str(ws.root)])
     # entries written before suppression values were normalised like addresses
     suppression.migrate(ws.store, ws.config.phone_region)
+    tidy(ws)
     flow = checked.spec
     key = run_key or default_run_key(ws, flow_name)
     run_id = f"run-{clock.now():%Y%m%d%H%M%S}-{secrets.token_hex(3)}"
@@ -109,6 +110,17 @@ def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None =
                        min(start + size, package.size), dry_run, clock.current())
               for i, start in enumerate(range(0, package.size, size))]
     return Prepared(run_id, flow.name, key, dry_run, package, chunks, checked.templates)
+
+
+def tidy(ws: Workspace) -> None:
+    """Close runs a killed process left ``running`` and remove the packages it left
+    half-built (on this host), saying so in the log."""
+    for run_id in ledger.close_abandoned_runs(ws.store):
+        log.warning("run %s was left running by a process that ended; closed as failed "
+                    "(rerun with its run key to resume)", run_id)
+    for package_id in store.remove_orphans(ws.store):
+        log.warning("package %s was left half-built by a process that ended; removed",
+                    package_id)
 
 
 # -- one chunk --------------------------------------------------------------------------

@@ -1000,6 +1000,61 @@ def test_process_killed_mid_send_then_rerun(make_workspace, catalogue) -> None:
               messages=300, lost=lost, duplicated=duplicated)
 
 
+def test_process_killed_during_the_audience_build(make_workspace, catalogue) -> None:
+    """SIGKILL while the package is being built: the next run closes the abandoned run
+    with a reason, removes the half-built package and its rows, and sends once each."""
+    ws = make_workspace({"config/herald.yaml": HERALD_YAML.replace("chunk_size: 40",
+                                                                   "chunk_size: 1000")},
+                        rows=8_000)
+    code = ("import sys; from herald.core.workspace import Workspace; "
+            "from herald.flows.engine import run_local; "
+            "run_local(Workspace.open(sys.argv[1]), 'promo', run_key='build')")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ws.root)])
+    db = ws.root / ".herald" / "herald.db"
+    deadline = time.monotonic() + 60
+    building = 0
+    while time.monotonic() < deadline and not building:
+        time.sleep(0.02)
+        try:
+            with sqlite3.connect(db) as conn:
+                building = conn.execute("SELECT count(*) FROM herald_packages WHERE "
+                                        "status = 'building'").fetchone()[0]
+        except sqlite3.OperationalError:
+            continue
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert building and outbox_messages(ws) == 0
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT status FROM herald_runs").fetchall() == [("running",)]
+    engine.forget_workspace(ws.root)
+    from herald.core.workspace import Workspace
+
+    ws2 = Workspace.open(ws.root)
+    engine.adopt_workspace(ws2)
+    # the next run (here of the 800 with score 9, to keep the test short) tidies up
+    summary = engine.run_local(ws2, "promo", {"min_score": 9}, run_key="build")
+    with sqlite3.connect(db) as conn:
+        runs = conn.execute("SELECT status, error FROM herald_runs ORDER BY started_at"
+                            ).fetchall()
+        orphans = conn.execute("SELECT count(*) FROM herald_package_rows WHERE package_id "
+                               "NOT IN (SELECT id FROM herald_packages WHERE status = "
+                               "'ready')").fetchone()[0]
+        left = conn.execute("SELECT count(*) FROM herald_packages WHERE status = 'building'"
+                            ).fetchone()[0]
+    assert runs[0][0] == "failed" and "abandoned: the process running it" in runs[0][1]
+    assert runs[1][0] == "completed" and orphans == 0 and left == 0
+    ledger = _ledger(ws2, "build")
+    delivered = _delivered(ws2)
+    lost, duplicated = _account(ledger, delivered, [str(i) for i in range(9, 8_001, 10)])
+    assert len(ledger) == 800
+    assert lost == 0 and duplicated == 0 and summary["deliveries"]["sent"] == len(delivered)
+    ws2.dispose()
+    catalogue("fault", "process killed (SIGKILL) during the audience build",
+              "the next run closed the abandoned run as failed with the reason, removed the "
+              "half-built package and its rows, and sent to each once", messages=800,
+              lost=lost, duplicated=duplicated)
+
+
 # -- secrets --------------------------------------------------------------------------------
 PLANTED = "s3cr3t-Planted-7Qx"
 
