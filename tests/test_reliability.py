@@ -794,6 +794,108 @@ def test_bodies_over_the_channel_limit_fail_unsent(make_workspace, catalogue) ->
               "rest sent", messages=20, lost=lost, duplicated=duplicated)
 
 
+# answers a misbehaving or refusing endpoint gives a third of the recipients:
+# (script, the ledger status they end with, what the reason says)
+HTTP_REFUSALS = {
+    "webhook 401: credentials refused (the channel stops)":
+        ([("status", 401)], "failed", "fatal"),
+    "webhook 410 Gone (the address is suppressed)": ([("status", 410)], "failed", "410"),
+    "webhook 400 Bad Request": ([("status", 400)], "failed", "permanent: HTTP 400"),
+    "webhook 503 on every attempt (deferred to a later run)":
+        ([("status", 503)] * 3, "deferred", "deferred to"),
+}
+
+
+@pytest.mark.parametrize("fault", list(HTTP_REFUSALS))
+def test_http_refusals_are_recorded_never_lost(fault, make_workspace, hook, catalogue
+                                               ) -> None:
+    ws = hook_ws(make_workspace, hook)
+    every = [str(i) for i in range(1, 21)]
+    script, status, why = HTTP_REFUSALS[fault]
+    hit = every[2::3]
+    for r in hit:
+        hook.script(r, *script)
+    summary = engine.run_local(ws, "promo", run_key="refused")
+    ledger = _ledger(ws, "refused")
+    for r in hit:
+        if ledger[r][0] != "no_address":
+            assert ledger[r][0] == status and why in str(ledger[r][1]), ledger[r]
+    lost, duplicated = _account(ledger, Counter(hook.kept()), every)
+    assert lost == 0 and duplicated == 0
+    assert all(s in ("sent", "failed", "deferred", "no_address") for s, _ in ledger.values())
+    if "410" in fault:
+        with sqlite3.connect(ws.root / ".herald" / "herald.db") as conn:
+            assert conn.execute("SELECT count(*) FROM herald_suppressions").fetchone()[0] == 6
+    d = summary["deliveries"]
+    catalogue("fault", fault, f"{d['sent']} sent, {d['failed']} failed, {d['deferred']} "
+              f"deferred, {d['no_address']} without an address: each with its reason; "
+              "nothing sent twice", messages=20, lost=lost, duplicated=duplicated)
+
+
+class _Answers:
+    """An SMTP server answering some recipients with a code of its choosing."""
+
+    def __init__(self, codes: dict[str, str]) -> None:
+        self.codes = codes
+        self.received: list[str] = []
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,  # noqa: N802
+                         options: Any) -> str:
+        if address in self.codes:
+            return self.codes[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        self.received.extend(envelope.rcpt_tos)
+        return "250 OK"
+
+
+SMTP_REFUSALS = {
+    "SMTP 450 greylisting (deferred 5 minutes)": ("450 4.2.0 greylisted", "deferred"),
+    "SMTP 550 mailbox unknown (hard bounce, suppressed)": ("550 5.1.1 no such user",
+                                                           "failed"),
+    "SMTP 452 mailbox full (retried, then deferred)": ("452 4.2.2 mailbox full", "deferred"),
+}
+
+
+@pytest.mark.parametrize("fault", [*SMTP_REFUSALS, "SMTP server unreachable"])
+def test_smtp_refusals_are_recorded_never_lost(fault, make_workspace, catalogue) -> None:
+    port = _smtp_port()
+    hit = {f"user{i}@example.com" for i in (3, 6, 9, 12)}
+    code, status = SMTP_REFUSALS.get(fault, ("", "failed"))
+    box = _Answers(dict.fromkeys(hit, code))
+    controller = Controller(box, hostname="127.0.0.1", port=port)
+    if fault != "SMTP server unreachable":
+        controller.start()
+    try:
+        ws = make_workspace({
+            "config/herald.yaml": (
+                "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
+                f"  email: {{type: smtp, host: 127.0.0.1, port: {port}, security: none, "
+                "sender: shop@example.com, timeout: 2}\n  sms: {type: outbox, kind: sms}\n"),
+            FLOW: PROMO_YAML.replace("default: {channels: [sms, email]}",
+                                     "default: {channels: [email]}")}, rows=14)
+        summary = engine.run_local(ws, "promo", run_key="smtp")
+        ledger = _ledger(ws, "smtp")
+    finally:
+        if fault != "SMTP server unreachable":
+            controller.stop()
+    delivered = Counter(a.split("@")[0].removeprefix("user") for a in box.received)
+    if fault == "SMTP server unreachable":
+        assert all(s in ("failed", "no_address") for s, _ in ledger.values())
+        assert "cannot connect" in str(ledger["1"][1])
+    else:
+        for address in hit:
+            assert ledger[address.split("@")[0].removeprefix("user")][0] == status
+    lost, duplicated = _account(ledger, delivered, [str(i) for i in range(1, 15)])
+    assert lost == 0 and duplicated == 0
+    d = summary["deliveries"]
+    catalogue("fault", fault, f"{d['sent']} sent, {d['failed']} failed, {d['deferred']} "
+              f"deferred, {d['no_address']} without an address: each with its reason; "
+              "nothing sent twice", messages=14, lost=lost, duplicated=duplicated)
+
+
 class _SlowAfterData:
     """An SMTP relay that scans content: for some recipients it answers after the
     client's timeout, once it has the message (it keeps it)."""
