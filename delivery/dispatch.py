@@ -119,6 +119,28 @@ def forget_buckets(run_id: str) -> None:
             del _stopped[key]
 
 
+# A stop asked for by a signal (SIGTERM, Ctrl-C): no new batch is handed to a provider in
+# this process; batches in flight finish and are settled. Unsent rows stay `queued`, and
+# a rerun with the run key sends them.
+_stop = threading.Event()
+_stop_reason: list[str] = []
+
+
+def request_stop(reason: str) -> None:
+    _stop_reason[:] = [reason]
+    _stop.set()
+
+
+def stop_requested() -> str | None:
+    """Why sending stopped (``"SIGTERM"``), or None while it goes on."""
+    return _stop_reason[0] if _stop.is_set() and _stop_reason else None
+
+
+def clear_stop() -> None:
+    _stop.clear()
+    _stop_reason.clear()
+
+
 # Channels a fatal answer stopped, per run: the other chunks of the run in this process
 # send nothing more on them either.
 _stopped: dict[tuple[str, str], str] = {}
@@ -160,6 +182,8 @@ async def _send_channel(ws: Workspace, job: Job, name: str, messages: list[Messa
     stopped: str | None = _stopped.get((job.run_id, name))
     async with open_channel(ws, name, job) as channel:
         for start in range(0, len(messages), size):
+            if _stop.is_set():
+                break  # the rest stay `queued`: a rerun with the run key sends them
             batch = messages[start:start + size]
             if stopped:
                 await _settle(ws, job, [ledger.Outcome(

@@ -35,6 +35,7 @@ from herald.core import clock
 from herald.core.errors import HeraldError, RunError
 from herald.core.spec import Scalar, TaskRunnerSpec
 from herald.core.workspace import Workspace
+from herald.delivery.dispatch import stop_requested
 from herald.delivery.ledger import STATUSES
 from herald.flows import engine
 from herald.flows.artifacts import artifact_key
@@ -160,6 +161,7 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
                                       start=1):
             results.append(result)
             update_progress_artifact(progress, 100.0 * done / total)
+        engine.check_stopped(prepared)  # a signal stopped it: fail, saying how to resume
     except BaseException as exc:
         engine.fail(ws, prepared.run_id, exc)
         _emit_failed(flow_name, key, prepared.run_id, exc)
@@ -202,8 +204,10 @@ def _send_all(chunks: list[engine.ChunkJob], workers: int) -> Iterator[engine.Ch
     waiting = list(reversed(chunks))
     running: set[PrefectFuture[engine.ChunkResult]] = set()
     while waiting or running:
-        while waiting and len(running) < workers:
+        while waiting and len(running) < workers and not stop_requested():
             running.add(send_chunk.submit(waiting.pop()))
+        if not running:
+            return  # stopping: chunks not started are left for the rerun
         done = next(as_completed(list(running)))
         running.discard(done)
         yield done.result()

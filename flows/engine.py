@@ -16,10 +16,12 @@ import hashlib
 import logging
 import os
 import secrets
+import signal
 import socket
 import threading
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -30,11 +32,19 @@ from herald.audiences import store
 from herald.channels.base import Message
 from herald.core import clock
 from herald.core.db import writing
-from herald.core.errors import HeraldError, Problem, ValidationFailed
+from herald.core.errors import HeraldError, Problem, RunError, ValidationFailed
 from herald.core.spec import Scalar
 from herald.core.workspace import Workspace
 from herald.delivery import ledger, suppression
-from herald.delivery.dispatch import Job, dispatch, forget_buckets, group
+from herald.delivery.dispatch import (
+    Job,
+    clear_stop,
+    dispatch,
+    forget_buckets,
+    group,
+    request_stop,
+    stop_requested,
+)
 from herald.delivery.policy import SEND, Decision, Policy
 from herald.delivery.render import RenderError, Templates
 from herald.flows.validate import check_flow, templates_for
@@ -194,6 +204,8 @@ def run_chunk(job: ChunkJob) -> ChunkResult:
 
 
 def _run_chunk(job: ChunkJob) -> ChunkResult:
+    if stop_requested():  # stopping: a chunk not started yet is left to the rerun
+        return ChunkResult([], [])
     ws, templates = _open(job.workspace)
     flow = ws.flow(job.flow)
     rows = store.read(ws, job.package_id, job.start, job.stop)
@@ -386,6 +398,43 @@ def finish(ws: Workspace, prepared: Prepared, chunk_results: list[ChunkResult],
     return summary
 
 
+def check_stopped(prepared: Prepared) -> None:
+    """After the chunks: a run stopped by a signal fails, saying how to resume it."""
+    why = stop_requested()
+    if why:
+        raise RunError(f"stopped by {why}: batches in flight were finished and recorded, "
+                       "nothing more was sent; to send the rest, run again with the same "
+                       f"run key: herald run {prepared.flow} --run-key {prepared.run_key}")
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While running: SIGTERM or Ctrl-C (SIGINT) stops handing batches to providers at
+    once; batches in flight finish and are recorded; the run then fails saying how to
+    resume. A second signal stops at once (as without this)."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum: int, frame: Any) -> None:
+        sig = signal.Signals(signum)
+        name = sig.name
+        if stop_requested():
+            signal.signal(sig, previous[sig])
+            raise KeyboardInterrupt(name)
+        log.warning("%s: no new batches; finishing the ones in flight (again to stop "
+                    "at once)", name)
+        request_stop(name)
+
+    clear_stop()
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        clear_stop()
+
+
 def fail(ws: Workspace, run_id: str, error: BaseException) -> None:
     ledger.finish_run(ws.store, run_id, "failed", None, f"{type(error).__name__}: {error}")
 
@@ -401,6 +450,7 @@ def run_local(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None
     try:
         with ThreadPoolExecutor(max_workers or ws.config.max_workers) as pool:
             results = list(pool.map(run_chunk, prepared.chunks))
+        check_stopped(prepared)
         return finish(ws, prepared, results, started)
     except BaseException as exc:
         fail(ws, prepared.run_id, exc)

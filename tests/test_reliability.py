@@ -1102,6 +1102,57 @@ def test_process_killed_mid_send_then_rerun(make_workspace, catalogue) -> None:
               messages=300, lost=lost, duplicated=duplicated)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_stop_signal_takes_no_new_batch_and_says_how_to_resume(sig, make_workspace,
+                                                               catalogue) -> None:
+    ws = make_workspace({"config/herald.yaml": (
+        "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
+        "  email: {type: outbox, kind: email, rate: 100/s, batch_size: 20}\n"
+        "  sms: {type: outbox, kind: sms, rate: 100/s, batch_size: 20}\n"
+        "chunk_size: 100\nmax_workers: 2\n")}, rows=600)
+    code = ("import sys; from herald.core.workspace import Workspace; "
+            "from herald.flows import engine; "
+            "ws = Workspace.open(sys.argv[1])\n"
+            "with engine.stop_on_signals():\n"
+            "    engine.run_local(ws, 'promo', run_key='stop')")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ws.root)],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while outbox_messages(ws) < 60 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    signalled = time.monotonic()
+    _, err = proc.communicate(timeout=30)
+    took = time.monotonic() - signalled
+    before = outbox_messages(ws)
+    assert proc.returncode != 0 and took < 5, (proc.returncode, took)
+    assert "herald run promo --run-key stop" in err and "stopped by" in err, err[-500:]
+    assert before < 400  # it stopped well before the end (598 have an address)
+    first = _ledger(ws, "stop")
+    assert not any(s == "sending" for s, _ in first.values())  # in flight: settled
+    engine.forget_workspace(ws.root)
+    from herald.core.workspace import Workspace
+
+    ws2 = Workspace.open(ws.root)
+    engine.adopt_workspace(ws2)
+    engine.run_local(ws2, "promo", run_key="stop")
+    ledger = _ledger(ws2, "stop")
+    delivered = _delivered(ws2)
+    lost, duplicated = _account(ledger, delivered, [str(i) for i in range(1, 601)])
+    assert lost == 0 and duplicated == 0 and len(ledger) == 600
+    assert sum(1 for s, _ in ledger.values() if s == "sent") == len(delivered)
+    with sqlite3.connect(ws.root / ".herald" / "herald.db") as conn:
+        runs = [s for (s,) in conn.execute("SELECT status FROM herald_runs ORDER BY "
+                                           "started_at")]
+    assert runs == ["failed", "completed"]
+    ws2.dispose()
+    catalogue("fault", f"{sig.name} during a run (600 recipients, 2 chunks in flight)",
+              f"no new batch after it; exited {proc.returncode} in {took:.1f} s after "
+              f"{before} messages, saying `herald run promo --run-key stop` resumes; the "
+              "rerun sent the rest once each", messages=600, lost=lost,
+              duplicated=duplicated)
+
+
 def test_process_killed_during_the_audience_build(make_workspace, catalogue) -> None:
     """SIGKILL while the package is being built: the next run closes the abandoned run
     with a reason, removes the half-built package and its rows, and sends once each."""

@@ -73,9 +73,11 @@ def run(flow: str, param: ParamOpt = None,
     if as_json:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from herald.flows import campaign
+    from herald.flows.engine import stop_on_signals
 
     try:
-        summary = campaign.run(ws, flow, params, run_key, dry_run, runner)
+        with stop_on_signals():
+            summary = campaign.run(ws, flow, params, run_key, dry_run, runner)
     except HeraldError:
         raise
     except Exception as exc:  # reported in one line; --debug shows the traceback
