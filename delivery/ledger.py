@@ -18,8 +18,11 @@ had it); it is never resent automatically.
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -37,6 +40,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.sql.elements import ColumnElement
 
 from herald.core import clock
@@ -49,6 +53,8 @@ from herald.core.db import (
     runs,
     writing,
 )
+
+log = logging.getLogger("herald.ledger")
 
 
 def now() -> datetime:
@@ -296,8 +302,52 @@ def settle(engine: Engine, flow: str, run_key: str, outcomes: Sequence[Outcome])
                "b_updated": stamp, "b_sent_at": stamp if o.status == "sent" else None,
                "b_segments": o.segments, "b_not_before": o.not_before}
               for o in outcomes]
-    with writing(engine) as conn:
-        conn.execute(statement, params)
+    # The providers have answered: a store that is locked for a while (a backup, a long
+    # report, another worker) must not leave these rows `sending` for ever. Each attempt
+    # waits SETTLE_WAIT for the lock, and a few attempts are made before giving up loudly.
+    for attempt in range(1, SETTLE_ATTEMPTS + 1):
+        try:
+            with _settling(engine) as conn:
+                conn.execute(statement, params)
+            return
+        except OperationalError as exc:
+            text = str(exc.orig or exc).lower()
+            locked = any(w in text for w in ("locked", "lock timeout", "lock_timeout",
+                                             "could not obtain lock", "deadlock"))
+            if not locked or attempt == SETTLE_ATTEMPTS:
+                log.error("could not record the answers to %d message(s) of %s %s after "
+                          "%d attempt(s): %s. Their rows stay `sending` though the "
+                          "providers answered (recipients: %s)", len(outcomes), flow,
+                          run_key, attempt, text.splitlines()[0] if text else exc,
+                          ", ".join(o.recipient for o in outcomes[:20]))
+                raise
+            log.warning("the workspace database is locked; recording %d answer(s) again "
+                        "(attempt %d of %d)", len(outcomes), attempt + 1, SETTLE_ATTEMPTS)
+            time.sleep(min(4.0, 0.5 * 2 ** (attempt - 1)))
+
+
+SETTLE_ATTEMPTS = 6
+SETTLE_WAIT = 5.0  # seconds each attempt waits for a lock
+
+
+@contextmanager
+def _settling(engine: Engine) -> Iterator[Connection]:
+    """``writing`` with a lock wait of SETTLE_WAIT (SQLite's busy timeout, Postgres's
+    lock_timeout) instead of the store's 30 s, so that settle retries instead."""
+    with engine.connect().execution_options(immediate=True) as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        if sqlite:
+            raw = conn.connection.dbapi_connection
+            assert raw is not None
+            raw.execute(f"PRAGMA busy_timeout = {int(SETTLE_WAIT * 1000)}")
+        try:
+            with conn.begin():
+                if not sqlite and conn.dialect.name == "postgresql":
+                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{int(SETTLE_WAIT)}s'")
+                yield conn
+        finally:
+            if sqlite and raw is not None:
+                raw.execute("PRAGMA busy_timeout = 30000")
 
 
 def attempts(engine: Engine, flow: str, run_key: str, recipients: Sequence[str]

@@ -896,6 +896,55 @@ def test_smtp_refusals_are_recorded_never_lost(fault, make_workspace, catalogue)
               "nothing sent twice", messages=14, lost=lost, duplicated=duplicated)
 
 
+def test_settling_waits_out_a_locked_store(make_workspace, hook, caplog, catalogue) -> None:
+    """Another process holds the workspace database's write lock for 7 s while the
+    provider answers: the answers are recorded once it lets go (each attempt waits 5 s)."""
+    import logging
+
+    ws = hook_ws(make_workspace, hook, rows=10)
+    for r in range(1, 11):
+        hook.script(str(r), ("timeout", 0.6))  # answers after 0.6 s (ok)
+    db = ws.root / ".herald" / "herald.db"
+    held: list[float] = []
+
+    def locker() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with sqlite3.connect(db, timeout=0.1) as conn:
+                    if conn.execute("SELECT count(*) FROM herald_deliveries WHERE status = "
+                                    "'sending'").fetchone()[0]:
+                        break
+            except sqlite3.OperationalError:
+                pass
+            time.sleep(0.02)
+        conn = sqlite3.connect(db, timeout=10, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        held.append(time.monotonic())
+        time.sleep(7)
+        conn.execute("ROLLBACK")
+        conn.close()
+        held.append(time.monotonic())
+
+    thread = threading.Thread(target=locker)
+    caplog.set_level(logging.WARNING, logger="herald.ledger")
+    thread.start()
+    summary = engine.run_local(ws, "promo", run_key="locked")
+    thread.join()
+    ledger = _ledger(ws, "locked")
+    assert len(held) == 2 and held[1] - held[0] >= 7
+    assert summary["deliveries"]["sent"] == 9 and not any(
+        s == "sending" for s, _ in ledger.values())
+    assert any("workspace database is locked; recording" in r.getMessage()
+               for r in caplog.records)
+    lost, duplicated = _account(ledger, Counter(hook.kept()), [str(i) for i in range(1, 11)])
+    assert lost == 0 and duplicated == 0
+    catalogue("fault", "workspace database locked by another process for 7 s while the "
+              "provider answers", "recording the answers retried (each attempt waits 5 s, "
+              "at most 6): all 9 with an address recorded sent once the lock went; none "
+              "left `sending`", messages=10, lost=lost, duplicated=duplicated)
+
+
 class _SlowAfterData:
     """An SMTP relay that scans content: for some recipients it answers after the
     client's timeout, once it has the message (it keeps it)."""
