@@ -77,8 +77,9 @@ def render(entries: list[dict[str, object]]) -> str:
     duplicated = sum(int(str(e["duplicated"])) for e in entries)
     opted_out = sum(int(str(e.get("opted_out", 0))) for e in entries)
     out += ["## Totals", "",
-            f"- bad inputs tried: **{total['input']}** (each with its outcome above; nothing "
-            "sent for any of them but the valid recipients of the contact-field case)",
+            f"- bad inputs tried: **{total['input']}** (each with its outcome above: a "
+            "refused input sends nothing; where the input is data a run goes on with, only "
+            "the recipients the outcome names as sent were sent)",
             f"- faults injected: **{total['fault']}**, over {messages} messages",
             f"- secret scans: **{total['secret']}**",
             f"- messages lost: **{lost}**",
