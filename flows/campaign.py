@@ -157,11 +157,12 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
         description=f"Sending {flow_name} {key}"))
     results: list[engine.ChunkResult] = []
     try:
-        for done, result in enumerate(_send_all(prepared.chunks, ws.config.max_workers),
-                                      start=1):
-            results.append(result)
-            update_progress_artifact(progress, 100.0 * done / total)
-        engine.check_stopped(prepared)  # a signal stopped it: fail, saying how to resume
+        with engine.stop_on_signals():
+            for done, result in enumerate(_send_all(prepared.chunks, ws.config.max_workers),
+                                          start=1):
+                results.append(result)
+                update_progress_artifact(progress, 100.0 * done / total)
+            engine.check_stopped(prepared)  # a signal stopped it: fail, saying how to resume
     except BaseException as exc:
         engine.fail(ws, prepared.run_id, exc)
         _emit_failed(flow_name, key, prepared.run_id, exc)

@@ -407,24 +407,34 @@ def check_stopped(prepared: Prepared) -> None:
                        f"run key: herald run {prepared.flow} --run-key {prepared.run_key}")
 
 
+_signal_depth = [0]
+
+
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
     """While running: SIGTERM or Ctrl-C (SIGINT) stops handing batches to providers at
     once; batches in flight finish and are recorded; the run then fails saying how to
-    resume. A second signal stops at once (as without this)."""
+    resume. A second signal stops at once (as without this). Used by ``herald run`` and,
+    in the main thread, around the campaign flow's sending (Prefect installs its own
+    SIGTERM handler for a flow run; this one takes over while chunks are sent). Nested
+    uses share one stop request. Outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def handler(signum: int, frame: Any) -> None:
         sig = signal.Signals(signum)
-        name = sig.name
         if stop_requested():
             signal.signal(sig, previous[sig])
-            raise KeyboardInterrupt(name)
+            raise KeyboardInterrupt(sig.name)
         log.warning("%s: no new batches; finishing the ones in flight (again to stop "
-                    "at once)", name)
-        request_stop(name)
+                    "at once)", sig.name)
+        request_stop(sig.name)
 
-    clear_stop()
+    if not _signal_depth[0]:
+        clear_stop()
+    _signal_depth[0] += 1
     for sig in previous:
         signal.signal(sig, handler)
     try:
@@ -432,7 +442,9 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-        clear_stop()
+        _signal_depth[0] -= 1
+        if not _signal_depth[0]:
+            clear_stop()
 
 
 def fail(ws: Workspace, run_id: str, error: BaseException) -> None:

@@ -1204,6 +1204,46 @@ def test_stop_signal_takes_no_new_batch_and_says_how_to_resume(sig, make_workspa
               duplicated=duplicated)
 
 
+@pytest.mark.prefect
+def test_sigterm_to_herald_run_under_prefect(make_workspace, catalogue) -> None:
+    """The same through the command line and its Prefect flow run (a temporary server)."""
+    ws = make_workspace({"config/herald.yaml": (
+        "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
+        "  email: {type: outbox, kind: email, rate: 50/s, batch_size: 10}\n"
+        "  sms: {type: outbox, kind: sms, rate: 50/s, batch_size: 10}\n"
+        "chunk_size: 100\nmax_workers: 2\n")}, rows=600)
+    herald = Path(sys.executable).parent / "herald"
+    proc = subprocess.Popen([str(herald), "run", "promo", "--run-key", "term", "-w",
+                             str(ws.root)], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while outbox_messages(ws) < 30 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    took = time.monotonic() - signalled
+    before = outbox_messages(ws)
+    assert proc.returncode == 1 and took < 10, (proc.returncode, took, err[-800:])
+    assert "herald run promo --run-key term" in " ".join(err.split()), err[-800:]
+    assert 30 <= before < 400
+    assert not any(s == "sending" for s, _ in _ledger(ws, "term").values())
+    engine.forget_workspace(ws.root)
+    from herald.core.workspace import Workspace
+
+    ws2 = Workspace.open(ws.root)
+    engine.adopt_workspace(ws2)
+    engine.run_local(ws2, "promo", run_key="term")  # what the error line says to run
+    ledger = _ledger(ws2, "term")
+    lost, duplicated = _account(ledger, _delivered(ws2), [str(i) for i in range(1, 601)])
+    assert lost == 0 and duplicated == 0
+    ws2.dispose()
+    catalogue("fault", "SIGTERM to `herald run` (under its Prefect flow run)",
+              f"exit 1 in {took:.1f} s after {before} messages, the error line naming "
+              "`herald run promo --run-key term`; no row left `sending`; the rerun sent the "
+              "rest once each", messages=600, lost=lost, duplicated=duplicated)
+
+
 def test_process_killed_during_the_audience_build(make_workspace, catalogue) -> None:
     """SIGKILL while the package is being built: the next run closes the abandoned run
     with a reason, removes the half-built package and its rows, and sends once each."""
