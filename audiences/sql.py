@@ -4,6 +4,7 @@ parameters (``:now`` from Herald's clock), and probing its result columns."""
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -58,6 +59,7 @@ def segment_params(ws: Workspace, name: str, source: str) -> tuple[str, set[str]
         sql = path.read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError):
         raise AudienceError(f"{ws.relative(path)}: cannot be read") from None
+    check_query(sql, ws.relative(path))  # a statement that is not a query says so first
     return ws.relative(path), set(text(sql).compile().binds)
 
 
@@ -80,6 +82,7 @@ def load_sql(ws: Workspace, name: str, source: str, params: Mapping[str, Scalar]
     sql = sql.strip().rstrip(";").rstrip()
     if not sql:
         raise AudienceError(f"{rel}: the query is empty")
+    check_query(sql, rel)
     used = set(text(sql).compile().binds)
     params = {**{k: v for k, v in (defaults or {}).items() if k in used}, **params}
     missing = sorted(used - params.keys() - set(supplied))
@@ -94,6 +97,27 @@ def load_sql(ws: Workspace, name: str, source: str, params: Mapping[str, Scalar]
                             f"{', '.join(sorted(used)) or 'none'})")
     digest = hashlib.sha256(sql.encode("utf-8")).hexdigest()
     return Segment(name, rel, sql, digest, {k: params[k] for k in used if k in params})
+
+
+QUERY_WORDS = ("select", "with", "values")
+_COMMENTS_AND_STRINGS = re.compile(r"--[^\n]*|/\*.*?\*/|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"",
+                                   re.S)
+
+
+def check_query(sql: str, rel: str) -> None:
+    """A segment is one query: sources are read, never written. A statement that is not
+    a SELECT (or WITH / VALUES) or a second statement is refused before anything runs;
+    the source's read-only connection stops what a query hides (a writing CTE)."""
+    bare = _COMMENTS_AND_STRINGS.sub(lambda m: " " if m.group(0)[0] in "-/" else "''", sql)
+    words = bare.replace("(", " ( ").split()
+    first = next((w for w in words if w != "("), "").lower()
+    if first not in QUERY_WORDS:
+        raise AudienceError(f"{rel}: not a query: a segment is one SELECT statement, this "
+                            f"one starts with {first.upper() or 'nothing'} (sources are read, "
+                            "never written)")
+    if ";" in bare:
+        raise AudienceError(f"{rel}: more than one statement: a segment is one SELECT "
+                            "statement")
 
 
 def probe_columns(ws: Workspace, flow: FlowSpec, segment: Segment) -> list[str]:

@@ -33,7 +33,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from herald.audiences.sql import Segment, db_message
 from herald.core import clock
-from herald.core.db import package_rows, packages, writing
+from herald.core.db import owner_gone, package_rows, packages, process_owner, writing
 from herald.core.errors import AudienceError, WorkspaceError
 from herald.core.spec import FlowSpec
 from herald.core.workspace import Workspace
@@ -138,7 +138,7 @@ def build(ws: Workspace, flow: FlowSpec, segment: Segment) -> Package:
             id=package_id, flow=flow.name, segment=segment.name, source=flow.audience.source,
             sql_sha256=segment.sha256, params=json.dumps(segment.params), key_column=key_col,
             tier_column=tier_col, columns="[]", built_at=built_at, size=0, tiers="{}",
-            status="building"))
+            status="building", owner=process_owner()))
     tiers: Counter[str] = Counter()
     size = 0
     columns: list[str] = []
@@ -218,6 +218,18 @@ def _insert_rows(store: Engine, rows: list[tuple[str, int, str, str, str]], file
         raise AudienceError(f"{file}: duplicate key{'s' if len(dup) > 1 else ''} {shown} in "
                             "the result: each recipient must appear once (a duplicate would "
                             "be sent twice)") from None
+
+
+def remove_orphans(store: Engine) -> list[str]:
+    """Remove packages left ``building`` by a process that has ended (killed during the
+    build) on this host, with their rows. Returns their ids."""
+    with store.connect() as conn:
+        found = [r.id for r in conn.execute(select(packages.c.id, packages.c.owner).where(
+            packages.c.status == "building", packages.c.owner.is_not(None)))
+            if owner_gone(r.owner)]
+    for package_id in found:
+        _discard(store, package_id)
+    return found
 
 
 def _discard(store: Engine, package_id: str) -> None:

@@ -23,6 +23,7 @@ the rest of a run, ledger bookkeeping and the contact policy live in the dispatc
 from __future__ import annotations
 
 import asyncio
+import logging
 from abc import ABC
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from typing import Any, ClassVar, Self
 from sqlalchemy import Engine
 
 from herald.core.spec import KINDS, ChannelSettings, Rate, channel_kind, parse_rate
+
+log = logging.getLogger("herald.channels")
 
 __all__ = ["KINDS", "Channel", "ChannelContext", "ChannelSettings", "Message", "Outcome",
            "Rate", "SendResult", "parse_rate"]
@@ -60,6 +63,9 @@ class Outcome(StrEnum):
     RETRYABLE = "retryable"  # try again later: throttled, greylisted, busy, timed out
     PERMANENT = "permanent"  # never for this recipient: bad address, unsubscribed, bounced
     FATAL = "fatal"  # the channel cannot work: bad credentials, banned sender
+    # the message may or may not have gone out (an SMTP server that did not answer after
+    # taking the message's data): never retried, the ledger row stays ``sending``
+    UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +108,10 @@ class SendResult:
     @classmethod
     def fatal(cls, code: str | None, detail: str) -> SendResult:
         return cls(Outcome.FATAL, code=code, detail=detail)
+
+    @classmethod
+    def unknown(cls, code: str | None, detail: str) -> SendResult:
+        return cls(Outcome.UNKNOWN, code=code, detail=detail)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +164,9 @@ class Channel(ABC):
         """Send ``messages``; return one result per message, in the same order.
 
         Once an answer is fatal (the channel cannot work: bad credentials, a banned
-        sender), the messages not yet handed over are not sent and share its reason.
+        sender), the messages not yet handed over are not sent and share its reason. An
+        exception while sending one message is that message's failure (outcome unknown,
+        not retried), never the batch's.
         """
         gate = asyncio.Semaphore(self.concurrency())
         fatal: list[SendResult] = []
@@ -164,7 +176,13 @@ class Channel(ABC):
                 if fatal:
                     return SendResult.fatal(fatal[0].code, "not sent: the channel stopped: "
                                             f"{fatal[0].detail}")
-                result = await self.send_one(message)
+                try:
+                    result = await self.send_one(message)
+                except Exception as exc:  # noqa: BLE001 - one message's failure, not the batch's
+                    log.exception("channel %s raised while sending one message", self.name)
+                    return SendResult.permanent("adapter_error", f"adapter raised "
+                                                f"{type(exc).__name__}; outcome unknown, "
+                                                "not retried")
                 if result.outcome is Outcome.FATAL:
                     fatal.append(result)
                 return result

@@ -3,16 +3,23 @@ injects: tests pass ``httpx.MockTransport``), a bound on requests in flight, the
 of transport failures, Retry-After, and the classification of plain HTTP answers.
 
 A subclass implements ``request`` (one message, one ``SendResult``); timeouts and
-dropped connections become retryable results here.
+dropped connections become retryable results here. ``timeout`` is a deadline for the
+whole request (connecting, sending, the full answer), not for each read: a provider
+trickling its answer a byte at a time is cut off at it. An answer that is not HTTP (a
+bad status line from a load balancer) fails that one message as ``unexpected_answer``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from abc import abstractmethod
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 
+import aiohttp
 import httpx
 from pydantic import Field
 
@@ -26,8 +33,73 @@ from herald.channels.base import (
 
 
 class HttpSettings(ChannelSettings):
-    timeout: float = Field(default=10.0, gt=0)  # seconds, for each request
+    timeout: float = Field(default=10.0, gt=0, le=3600)  # seconds: a deadline per request
     concurrency: int = Field(default=16, ge=1, le=1000)  # requests in flight per chunk
+
+
+class MalformedAnswer(httpx.RemoteProtocolError):
+    """The peer answered with something that is not HTTP (a bad status line)."""
+
+
+class DeadlineTransport(httpx.AsyncBaseTransport):
+    """A transport whose requests each have a deadline: connecting, sending and reading
+    the whole answer within ``seconds`` (httpx's own timeouts are per read, so a peer
+    trickling a byte a second never trips them)."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, seconds: float) -> None:
+        self.inner = inner
+        self.seconds = seconds
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        deadline = asyncio.get_running_loop().time() + self.seconds
+        with _mapped(request, self.seconds):
+            async with asyncio.timeout_at(deadline):
+                response = await self.inner.handle_async_request(request)
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        return httpx.Response(response.status_code, headers=response.headers,
+                              stream=_DeadlineStream(response.stream, deadline, request,
+                                                     self.seconds),
+                              request=request, extensions=response.extensions)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class _DeadlineStream(httpx.AsyncByteStream):
+    def __init__(self, stream: httpx.AsyncByteStream, deadline: float,
+                 request: httpx.Request, seconds: float) -> None:
+        self.stream, self.deadline, self.request, self.seconds = (stream, deadline, request,
+                                                                  seconds)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        chunks = self.stream.__aiter__()
+        while True:
+            try:
+                with _mapped(self.request, self.seconds):
+                    async with asyncio.timeout_at(self.deadline):
+                        try:
+                            chunk = await chunks.__anext__()
+                        except StopAsyncIteration:
+                            return
+            except BaseException:
+                await self.stream.aclose()  # give the connection back, whatever happened
+                raise
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+@contextmanager
+def _mapped(request: httpx.Request, seconds: float) -> Iterator[None]:
+    try:
+        yield
+    except TimeoutError:
+        raise httpx.ReadTimeout(f"no complete answer within {seconds:g} s",
+                                request=request) from None
+    except aiohttp.ClientResponseError as exc:  # httpx_aiohttp passes it on unmapped
+        raise MalformedAnswer(f"malformed HTTP answer ({type(exc).__name__})",
+                              request=request) from None
 
 
 class HttpChannel(Channel):
@@ -54,11 +126,12 @@ class HttpChannel(Channel):
         many requests a second (BENCHMARKS.md, http)."""
         if self._transport is None:
             if self.context.transport is not None:
-                self._transport = self.context.transport
+                inner = self.context.transport
             else:
                 from httpx_aiohttp import AiohttpTransport
 
-                self._transport = AiohttpTransport()
+                inner = AiohttpTransport()
+            self._transport = DeadlineTransport(inner, self.http.timeout)
         return self._transport
 
     def concurrency(self) -> int:
@@ -73,9 +146,13 @@ class HttpChannel(Channel):
         try:
             return await self.request(message)
         except httpx.TimeoutException:
-            return SendResult.retryable("timeout", f"no answer within {self.http.timeout:g} s")
+            return SendResult.retryable("timeout", "no complete answer within "
+                                        f"{self.http.timeout:g} s")
         except (httpx.UnsupportedProtocol, httpx.InvalidURL):
             return SendResult.permanent("bad_url", "not an http(s) URL")
+        except MalformedAnswer as exc:
+            return SendResult.permanent("unexpected_answer", f"{exc}; outcome unknown, "
+                                        "not retried")
         except httpx.TransportError as exc:
             return SendResult.retryable("connection", "connection failed: "
                                         f"{type(exc).__name__}")

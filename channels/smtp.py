@@ -4,9 +4,13 @@ Answers are classified per message: accepted → sent (with the server's queue i
 gives one); a refused recipient or message with a 5xx → permanent (hard bounces such as
 550/551/553 also go to the suppression list); 450/451 (greylisting and other "try later"
 answers) → retryable after GREYLIST_WAIT, which defers the recipient to a later run;
-another 4xx → retryable; a connection dropped
-while a message was on the wire → retryable, and the next message reconnects; bad
-credentials, a refused sender or a server that cannot be reached → fatal for the channel.
+another 4xx → retryable; a connection dropped or timed out before the message's data
+was handed over, or closed by the server without its answer (it abandoned the
+transaction) → retryable, and the next message reconnects; a timeout once the data was
+sent (a relay scanning content past the client's timeout) → outcome unknown: the server
+is still at it and may queue it, so it is never resent (the ledger row stays
+``sending``); bad credentials, a refused sender or a server that cannot be reached
+→ fatal for the channel.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import contextlib
 import re
 from email.errors import MessageError
 from email.utils import getaddresses
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import quote
 
 import aiosmtplib
-from pydantic import SecretStr, field_validator
+from aiosmtplib.response import SMTPResponse
+from aiosmtplib.typing import Default
+from pydantic import Field, SecretStr, field_validator
 
 from herald.channels.base import Channel, ChannelSettings, Message, SendResult
 from herald.channels.mime import build_email
@@ -32,13 +38,13 @@ GREYLIST_WAIT = 300.0  # seconds: a common MTA's first retry (Postfix's minimal 
 
 class SmtpSettings(ChannelSettings):
     host: str
-    port: int = 587
+    port: int = Field(default=587, ge=1, le=65535)
     security: Literal["starttls", "tls", "none"] = "starttls"
     username: str | None = None
     password: SecretStr | None = None
     sender: str
     reply_to: str | None = None
-    timeout: float = 30.0
+    timeout: float = Field(default=30.0, gt=0, le=3600)  # seconds, for each SMTP step
     validate_certs: bool = True
     # e.g. "https://shop.example/unsubscribe?m={message_id}" or "mailto:unsub@shop.example"
     list_unsubscribe: str | None = None
@@ -54,6 +60,18 @@ class SmtpSettings(ChannelSettings):
         return value
 
 
+class _Client(aiosmtplib.SMTP):
+    """aiosmtplib's client, noting when a transaction reaches DATA: past that point the
+    server may have the message whatever happens to the connection."""
+
+    data_started = False
+
+    async def data(self, message: str | bytes, /, *, timeout: Any = Default.token
+                   ) -> SMTPResponse:
+        self.data_started = True
+        return await super().data(message, timeout=timeout)
+
+
 class SmtpChannel(Channel):
     """Send email through an SMTP server (STARTTLS, implicit TLS or plain)."""
 
@@ -63,18 +81,18 @@ class SmtpChannel(Channel):
     batch_size = 50
     max_body = 10_000_000  # characters: the 10 MB most providers accept
 
-    _client: aiosmtplib.SMTP | None = None  # opened on the first message, then reused
+    _client: _Client | None = None  # opened on the first message, then reused
 
     @property
     def _settings(self) -> SmtpSettings:
         assert isinstance(self.settings, SmtpSettings)
         return self.settings
 
-    async def _connected(self) -> aiosmtplib.SMTP:
+    async def _connected(self) -> _Client:
         if self._client is not None and self._client.is_connected:
             return self._client
         s = self._settings
-        client = aiosmtplib.SMTP(
+        client = _Client(
             hostname=s.host, port=s.port, timeout=s.timeout,
             use_tls=s.security == "tls", start_tls=s.security == "starttls",
             validate_certs=s.validate_certs, username=s.username,
@@ -113,6 +131,7 @@ class SmtpChannel(Channel):
             email = build_email(message, s.sender, s.reply_to, self._headers(message))
         except (ValueError, MessageError) as exc:  # an address or header email cannot carry
             return SendResult.permanent("invalid_address", f"cannot build the message: {exc}")
+        client.data_started = False
         try:
             errors, response = await client.send_message(email, recipients=[message.address])
         except aiosmtplib.SMTPRecipientsRefused as exc:
@@ -127,8 +146,12 @@ class SmtpChannel(Channel):
             return _classify(exc.code, exc.message, recipient=False)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError,
                 ConnectionError) as exc:
-            # the next message reconnects; this one may be retried
+            # the next message reconnects; this one may be retried unless its data went out
             await self._drop()
+            if client.data_started and isinstance(exc, aiosmtplib.SMTPTimeoutError):
+                return SendResult.unknown("timeout_after_data", f"{where} took the message's "
+                                          "data but gave no answer "
+                                          f"({type(exc).__name__}): it may have queued it")
             return SendResult.retryable("disconnected", f"connection to {where} lost while "
                                         f"sending ({type(exc).__name__})")
         if errors:  # only one recipient: errors means it was refused

@@ -17,12 +17,20 @@ timeout, connection reset/drop   retryable (the Idempotency-Key covers a
 410 Gone                         permanent, and the address is suppressed
 other 4xx                        permanent for this recipient
 ===============================  ==========================================
+
+A recipient's own URL (no ``url`` in the YAML) must reach a public address: one whose
+host is, or resolves to, a loopback, link-local (cloud metadata), private, shared,
+multicast or reserved address fails that recipient (``address_not_allowed``) unless the
+channel sets ``allow_private_addresses: true``. The channel's own ``url`` is the
+operator's choice and is not checked.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import ipaddress
 import json
 import time
 from typing import Any
@@ -42,6 +50,8 @@ class WebhookSettings(HttpSettings):
     secret: SecretStr | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     concurrency: int = Field(default=32, ge=1, le=1000)
+    # recipients' own URLs may point inside the network (loopback, 10/8, 169.254/16...)
+    allow_private_addresses: bool = False
 
     @field_validator("url")
     @classmethod
@@ -49,6 +59,30 @@ class WebhookSettings(HttpSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("url must start with http:// or https://")
         return value
+
+
+async def _private_target(url: str) -> str | None:
+    """Why ``url`` may not be called (its host is or resolves to an internal address),
+    or None. A host that does not resolve is left to the request to fail."""
+    try:
+        host = httpx.URL(url).host
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return None  # the request fails as bad_url
+    if not host:
+        return None
+    try:
+        addresses = [ipaddress.ip_address(host)]
+    except ValueError:
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, None)
+        except OSError:
+            return None
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+    for address in addresses:
+        if not address.is_global or address.is_multicast:
+            return (f"the URL's host {host} is a non-public address ({address}); set "
+                    "allow_private_addresses: true on the channel to allow it")
+    return None
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -78,6 +112,10 @@ class WebhookChannel(HttpChannel):
 
     async def _post(self, message: Message) -> SendResult:
         url = self.options.url or message.address
+        if not self.options.url and not self.options.allow_private_addresses:
+            refused = await _private_target(url)
+            if refused:
+                return SendResult.permanent("address_not_allowed", refused)
         body = json.dumps(self.payload(message), ensure_ascii=False).encode()
         timestamp = str(int(time.time()))
         headers = {**self.options.headers, "User-Agent": "herald-webhook",

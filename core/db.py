@@ -12,6 +12,8 @@ workspace behaves the same wherever Herald is started from.
 
 from __future__ import annotations
 
+import os
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -39,6 +41,7 @@ from sqlalchemy import (
     inspect,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from herald.core.errors import WorkspaceError
 
@@ -82,6 +85,7 @@ runs = Table(
     Column("finished_at", DateTime(timezone=True)),
     Column("summary", Text),
     Column("error", Text),
+    Column("owner", String(128)),  # host:pid of the process running it
 )
 
 deliveries = Table(
@@ -161,6 +165,9 @@ suppressions = Table(
     Column("reason", Text),
     Column("source", String(32), nullable=False),  # operator | import | provider | unsubscribe
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # how ``value`` was normalised: null for entries made before values were normalised
+    # like addresses (migrated by herald.delivery.suppression.migrate)
+    Column("form", Integer),
     UniqueConstraint("value", "channel", name="uq_herald_suppressions"),
 )
 
@@ -181,6 +188,7 @@ packages = Table(
     Column("size", Integer, nullable=False, default=0),
     Column("tiers", Text, nullable=False, default="{}"),
     Column("status", String(16), nullable=False),  # building | ready
+    Column("owner", String(128)),  # host:pid of the process building it
 )
 
 package_rows = Table(
@@ -276,6 +284,28 @@ journey_log = Table(
 )
 
 
+def process_owner() -> str:
+    """``host:pid`` of this process, recorded on what it is running or building."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_gone(owner: str | None) -> bool:
+    """Whether the process ``owner`` names is known to have ended: it ran on this host
+    and no process has its pid. A process on another host is never presumed gone."""
+    if not owner:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def resolve_url(url: str, root: Path) -> str:
     """Make a relative SQLite path absolute against ``root``; other URLs pass through."""
     parsed = make_url(url)
@@ -289,24 +319,74 @@ def resolve_url(url: str, root: Path) -> str:
     return parsed.set(database=str(path)).render_as_string(hide_password=False)
 
 
-def make_engine(url: str, root: Path, store: bool = False) -> Engine:
+def make_engine(url: str, root: Path, store: bool = False, read_only: bool = False) -> Engine:
     """An engine for ``url``. SQLite waits up to 30 s for a lock; the workspace ``store``
     also gets its folder, WAL and write transactions that lock at BEGIN. A source is the
-    operator's database: Herald only reads it and leaves its settings alone."""
+    operator's database: Herald only reads it and leaves its settings alone.
+
+    ``read_only`` (every source but a write-back target): SQLite opens the file with
+    ``mode=ro`` (a missing file is an error, never a new empty database); Postgres runs
+    every transaction read-only. A statement that writes fails in the database itself.
+    """
     resolved = resolve_url(url, root)
     parsed = make_url(resolved)
     kwargs: dict[str, Any] = {}
-    if parsed.get_backend_name() == "sqlite":
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
         if store and parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"timeout": 30}
+        if read_only and parsed.database and parsed.database != ":memory:" \
+                and not parsed.database.startswith("file:"):
+            path = Path(parsed.database)
+            if not path.is_file():
+                raise WorkspaceError(f"{render_url(resolved)}: database file not found "
+                                     f"({path})")
+            uri = f"{path.as_uri()}?mode=ro"
+            kwargs["creator"] = lambda: sqlite3.connect(uri, uri=True, timeout=30,
+                                                        check_same_thread=False)
     else:
         kwargs["pool_pre_ping"] = True
+        if read_only and backend == "postgresql":
+            kwargs["connect_args"] = {"options": "-c default_transaction_read_only=on"}
     engine = create_engine(resolved, **kwargs)
-    if store and parsed.get_backend_name() == "sqlite":
+    if store and backend == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         begin_immediate(engine)
     return engine
+
+
+def open_store(url: str, root: Path) -> Engine:
+    """The workspace database, its schema ensured. A file that is not a database, one
+    that cannot be written, a lock that does not come: one line naming the database."""
+    engine = make_engine(url, root, store=True)
+    try:
+        ensure_schema(engine)
+    except DBAPIError as exc:
+        engine.dispose()
+        raise WorkspaceError(describe_db_error(engine.url.render_as_string(), exc)) from None
+    return engine
+
+
+def describe_db_error(url: str, exc: DBAPIError) -> str:
+    """``the workspace database URL: what went wrong`` with a hint for the usual cases."""
+    text = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+    hint = ""
+    if "not a database" in text or "malformed" in text:
+        hint = " (the file is damaged or is not a SQLite database: restore it from a backup)"
+    elif "readonly" in text or "read-only" in text:
+        hint = " (Herald needs to write to it: check the file's and folder's permissions)"
+    elif "locked" in text:
+        hint = " (another process holds it: try again when it is done)"
+    return f"the workspace database {render_url(url)}: {text}{hint}"
+
+
+def render_url(url: str) -> str:
+    """A database URL fit for a message: its password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a URL that does not parse is shown as the operator wrote it
+        return url
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -334,6 +414,13 @@ def ensure_schema(engine: Engine) -> None:
     Several processes may open a new workspace database at once (parallel runs,
     workers): creation happens under a lock so they do not trip over each other.
     """
+    with engine.connect() as conn:  # a read first: a complete schema needs no write lock
+        inspector = inspect(conn)
+        tables = {t: {c["name"] for c in inspector.get_columns(t)}
+                for t in inspector.get_table_names()}
+        if all(t.name in tables and {c.name for c in t.columns} <= tables[t.name]
+               for t in metadata.sorted_tables):
+            return
     with writing(engine) as conn:
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7242816)")

@@ -31,14 +31,20 @@ _DURATION = re.compile(r"^\s*(\d+)\s*(m|min|h|d|w)\s*$")
 _UNIT = {"m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
+MAX_DURATION = timedelta(days=3650)  # ten years: beyond it a window or wait is a typo
+
+
 def parse_duration(value: Any) -> timedelta:
-    """``30m``, ``12h``, ``7d`` or ``2w`` as a timedelta."""
+    """``30m``, ``12h``, ``7d`` or ``2w`` as a timedelta, at most ten years."""
     if isinstance(value, timedelta):
         return value
     match = _DURATION.match(str(value))
     if not match or int(match.group(1)) <= 0:
         raise ValueError("duration must look like 30m, 12h, 7d or 2w")
-    return timedelta(seconds=int(match.group(1)) * _UNIT[match.group(2)])
+    seconds = int(match.group(1)) * _UNIT[match.group(2)]
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError("duration must be at most 3650d (ten years)")
+    return timedelta(seconds=seconds)
 
 
 def _check_timezone(value: str) -> str:
@@ -85,7 +91,9 @@ def parse_window(value: Any) -> timedelta | str:
         return str(value)
     try:
         return parse_duration(value)
-    except ValueError:
+    except ValueError as exc:
+        if "at most" in str(exc):
+            raise
         raise ValueError("per must be a duration like 12h or 7d, or day or week "
                          "(calendar, in the recipient's time zone)") from None
 
@@ -171,6 +179,13 @@ class QuietHours(Strict):
     start: Clock = Field(alias="from")
     end: Clock = Field(alias="to")
     mode: Literal["defer", "skip"] = "defer"
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> QuietHours:
+        if self.start == self.end:
+            raise ValueError("from and to are the same time, which is no window at all (to "
+                             "turn quiet hours off, write quiet_hours: false)")
+        return self
 
     def until(self, now: datetime, zone: ZoneInfo) -> datetime | None:
         """When the quiet window ends (UTC) if ``now`` is inside it, else None."""
@@ -470,6 +485,15 @@ class TierSpec(Strict):
     # this tier's own experiment, instead of the flow's (`false`: none for this tier)
     experiment: ExperimentSpec | Literal[False] | None = None
 
+    @field_validator("template")
+    @classmethod
+    def _inside_templates(cls, value: str | None) -> str | None:
+        if value is not None and (".." in value.split("/") or "//" in value
+                                  or value.endswith("/")):
+            raise ValueError(f"'{value}' is not a template path inside templates/ (like "
+                             "winback/vip)")
+        return value
+
 
 def _fraction(value: Any) -> Any:
     """A share of recipients as a fraction: ``5%`` and ``5`` are refused with the spelling
@@ -507,6 +531,9 @@ class FlowSpec(Strict):
     chunk_size: int | None = Field(default=None, ge=1, le=100_000)
     schedules: list[ScheduleSpec] = Field(default_factory=list)
     alerts: Alerts | None = None  # overrides the workspace's
+    # one message per address and channel in a run, even when the segment has the same
+    # person under two keys (a duplicate account): later keys are recorded `duplicate`
+    deduplicate: bool = True
 
     @field_validator("schedules")
     @classmethod
@@ -580,17 +607,30 @@ _PER_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
                 "h": 3600, "hour": 3600}
 
 
+MAX_RATE = 1_000_000  # messages a second
+
+
 def parse_rate(value: Any) -> float | None:
-    """Parse ``"50/s"``, ``"3000/min"`` or ``"100/h"`` into messages per second."""
-    if value is None or isinstance(value, float | int):
-        return None if value is None else float(value)
+    """Parse ``"50/s"``, ``"3000/min"`` or ``"100/h"`` (or a number: per second) into
+    messages per second; zero, negative or absurd rates are refused, never "no limit"."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError("rate must look like 50/s, 3000/min or 100/h")
+    if isinstance(value, float | int):
+        if not 0 < value <= MAX_RATE:
+            raise ValueError(f"rate must be more than 0 and at most {MAX_RATE:,}/s (leave "
+                             "rate out for no limit)")
+        return float(value)
     match = _RATE.match(str(value))
     if not match:
         raise ValueError("rate must look like 50/s, 3000/min or 100/h")
     per_second = float(match.group(1)) / _PER_SECONDS[match.group(2)]
-    if per_second <= 0:
-        raise ValueError("rate must be positive")
+    if not 0 < per_second <= MAX_RATE:
+        raise ValueError(f"rate must be more than 0 and at most {MAX_RATE:,}/s (leave rate "
+                         "out for no limit)")
     return per_second
+
 
 
 Rate = Annotated[float | None, BeforeValidator(parse_rate)]

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy import Engine
 
-from herald.core.db import ensure_schema, make_engine
+from herald.core.db import make_engine, open_store
 from herald.core.errors import ChannelError, ConfigError, Problem, WorkspaceError
 from herald.core.plugins import channel_type
 from herald.core.spec import KINDS, ChannelSettings, FlowSpec, WorkspaceConfig, channel_kind
@@ -159,16 +159,21 @@ class Workspace:
     @cached_property
     def store(self) -> Engine:
         """The workspace database (package store, ledger, runs, suppression list)."""
-        engine = make_engine(self.config.store, self.root, store=True)
-        ensure_schema(engine)
-        return engine
+        return open_store(self.config.store, self.root)
 
-    def source(self, name: str) -> Engine:
-        if name not in self._engines:
+    def source(self, name: str, write: bool = False) -> Engine:
+        """The engine of source ``name``: read-only (segments, conversions, preview)
+        unless ``write`` (the write-back target, the only thing Herald writes there)."""
+        handle = f"{name}\x00w" if write else name
+        if handle not in self._engines:
             if name not in self.config.sources:
                 raise WorkspaceError(f"unknown source '{name}'")
-            self._engines[name] = make_engine(self.config.sources[name], self.root)
-        return self._engines[name]
+            try:
+                self._engines[handle] = make_engine(self.config.sources[name], self.root,
+                                                    read_only=not write)
+            except WorkspaceError as exc:
+                raise WorkspaceError(f"source '{name}': {exc}") from None
+        return self._engines[handle]
 
     def channel_kind(self, channel: str) -> str:
         return self.kinds[channel]

@@ -70,6 +70,9 @@ def parse_yaml(text: str, file: str, env: Mapping[str, str]) -> Located:
     """Parse YAML text (see module docstring) into a ``Located`` document."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise ConfigError([Problem(f"invalid YAML: nested deeper than {MAX_DEPTH} levels",
+                                   file=file)]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
@@ -79,11 +82,15 @@ def parse_yaml(text: str, file: str, env: Mapping[str, str]) -> Located:
         raise ConfigError([Problem(f"invalid YAML: {exc}", file=file)]) from None
     lines: dict[Loc, int] = {}
     problems: list[Problem] = []
-    data = {} if root is None else _convert(root, (), lines, problems, file, env)
+    try:
+        data = {} if root is None else _convert(root, (), lines, problems, file, env,
+                                                _Budget(), ())
+    except _Refused as exc:
+        raise ConfigError([Problem(f"invalid YAML: {exc.args[0]}", file=file,
+                                   line=exc.args[1])]) from None
     # A channel's secrets (and the unsubscribe secret) matter only to the commands that
     # send: a missing one is kept for them to report (``Workspace.missing_secrets``), so
-    # read-only
-    # commands (report, suppress list) work without them.
+    # read-only commands (report, suppress list) work without them.
     deferred = [p for p in problems if p.field
                 and p.field.startswith(("channels.", "unsubscribe.secret"))
                 and p.message.startswith("environment variable ")]
@@ -93,9 +100,34 @@ def parse_yaml(text: str, file: str, env: Mapping[str, str]) -> Located:
     return Located(file, data, lines, deferred)
 
 
+# Bounds on what a document may expand to: aliases can make a few hundred bytes stand
+# for billions of values ("billion laughs"), or refer to themselves.
+MAX_DEPTH = 64
+MAX_VALUES = 100_000
+
+
+class _Refused(Exception):
+    """(message, line): the document is refused as a whole."""
+
+
+class _Budget:
+    values = 0
+
+
 def _convert(node: yaml.Node, loc: Loc, lines: dict[Loc, int], problems: list[Problem],
-             file: str, env: Mapping[str, str]) -> Any:
-    lines[loc] = node.start_mark.line + 1
+             file: str, env: Mapping[str, str], budget: _Budget,
+             path: tuple[int, ...]) -> Any:
+    line = node.start_mark.line + 1
+    if id(node) in path:
+        raise _Refused("an alias refers to a value that contains it", line)
+    if len(path) >= MAX_DEPTH:
+        raise _Refused(f"nested deeper than {MAX_DEPTH} levels", line)
+    budget.values += 1
+    if budget.values > MAX_VALUES:
+        raise _Refused(f"more than {MAX_VALUES:,} values once aliases are expanded "
+                       "(an alias bomb?)", line)
+    path = (*path, id(node))
+    lines[loc] = line
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -110,12 +142,13 @@ def _convert(node: yaml.Node, loc: Loc, lines: dict[Loc, int], problems: list[Pr
                                         line=key_node.start_mark.line + 1,
                                         field=dotted(loc)))
                 continue
-            out[key] = _convert(value_node, (*loc, key), lines, problems, file, env)
+            out[key] = _convert(value_node, (*loc, key), lines, problems, file, env, budget,
+                                path)
             # point at the key's line: for a nested mapping that is where "key:" stands
             lines[(*loc, key)] = key_node.start_mark.line + 1
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_convert(item, (*loc, i), lines, problems, file, env)
+        return [_convert(item, (*loc, i), lines, problems, file, env, budget, path)
                 for i, item in enumerate(node.value)]
     assert isinstance(node, yaml.ScalarNode)
     if node.tag not in ("tag:yaml.org,2002:str", "tag:yaml.org,2002:int",

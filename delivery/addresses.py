@@ -1,13 +1,17 @@
-"""Addresses: the one home of cleaning a recipient's address for a channel.
+"""Addresses: the one home of cleaning e-mail addresses and phone numbers.
 
-E-mail addresses are checked for syntax (no DNS) and normalised; phone numbers become
-E.164 with the workspace's ``phone_region``; special-use e-mail domains follow the
-workspace's setting. The policy (what a run sends to) and preview (what it shows) both
-read addresses through :class:`Addresses`, so they cannot drift apart.
+The contact policy (what a run sends to) and preview (what it shows) read a recipient's
+address for a channel through :class:`Addresses`, so they cannot drift apart; the
+suppression list normalises its values with the same functions (:func:`comparable`), so
+a value matches the address it names whatever form it was written in (``+86 138 0013
+8000`` and ``13800138000`` with ``phone_region: CN``; a domain in punycode or in
+Unicode). E-mail addresses are checked for syntax (no DNS); special-use domains follow
+the workspace's setting.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,7 +19,7 @@ from email_validator import EmailNotValidError, validate_email
 
 from herald.core.workspace import Workspace
 
-__all__ = ["Addresses", "clean_address", "e164"]
+__all__ = ["Addresses", "clean_address", "comparable", "e164"]
 
 
 class Addresses:
@@ -35,6 +39,10 @@ class Addresses:
         """``value`` cleaned as an address of ``channel``, or (None, why not)."""
         return clean_address(self.ws.channel_kind(channel), value, self.region,
                              self.special_use)
+
+
+# what a phone number written by a person may contain: digits and separators
+PHONE_LIKE = re.compile(r"^\+?[\d\s().\-/]{6,32}$")
 
 
 def clean_address(kind: str, value: object, region: str | None = None,
@@ -86,3 +94,20 @@ def e164(text: str, region: str | None) -> tuple[str | None, str | None]:
     if not phonenumbers.is_valid_number(number):
         return None, "invalid"
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), None
+
+
+def comparable(value: str, region: str | None = None) -> str:
+    """The form in which a recipient key or an address is compared (suppression list,
+    deduplication): an e-mail address cleaned and lower-cased (its domain in Unicode,
+    whether written in punycode or not), a phone number in E.164, anything else (a
+    recipient key) trimmed and lower-cased. A recipient key that reads as a valid phone
+    number compares as that number, on both sides of every comparison."""
+    text = value.strip()
+    if "@" in text:
+        address, _ = clean_address("email", text, special_use=True)
+        return (address or text).lower()
+    if PHONE_LIKE.match(text) and sum(c.isdigit() for c in text) >= 6:
+        number, _ = e164(text, region)
+        if number:
+            return number
+    return text.lower()

@@ -16,6 +16,8 @@ bucket shared by every chunk of the run in this process); each batch is marked
   when the provider says so).
 - A fatal answer stops the channel for every chunk of the run in this process, the
   unsent messages recorded as failed with the reason.
+- An unknown outcome (the provider took the message but did not answer) is never
+  retried: the row stays ``sending`` with the reason, as after a crash mid-send.
 """
 
 from __future__ import annotations
@@ -117,6 +119,28 @@ def forget_buckets(run_id: str) -> None:
             del _stopped[key]
 
 
+# A stop asked for by a signal (SIGTERM, Ctrl-C): no new batch is handed to a provider in
+# this process; batches in flight finish and are settled. Unsent rows stay `queued`, and
+# a rerun with the run key sends them.
+_stop = threading.Event()
+_stop_reason: list[str] = []
+
+
+def request_stop(reason: str) -> None:
+    _stop_reason[:] = [reason]
+    _stop.set()
+
+
+def stop_requested() -> str | None:
+    """Why sending stopped (``"SIGTERM"``), or None while it goes on."""
+    return _stop_reason[0] if _stop.is_set() and _stop_reason else None
+
+
+def clear_stop() -> None:
+    _stop.clear()
+    _stop_reason.clear()
+
+
 # Channels a fatal answer stopped, per run: the other chunks of the run in this process
 # send nothing more on them either.
 _stopped: dict[tuple[str, str], str] = {}
@@ -158,6 +182,8 @@ async def _send_channel(ws: Workspace, job: Job, name: str, messages: list[Messa
     stopped: str | None = _stopped.get((job.run_id, name))
     async with open_channel(ws, name, job) as channel:
         for start in range(0, len(messages), size):
+            if _stop.is_set():
+                break  # the rest stay `queued`: a rerun with the run key sends them
             batch = messages[start:start + size]
             if stopped:
                 await _settle(ws, job, [ledger.Outcome(
@@ -194,6 +220,12 @@ async def _send_batch(ws: Workspace, job: Job, channel: Channel, batch: Sequence
                     message.recipient, "sent", code=result.code,
                     provider_id=result.provider_id, attempts=attempt,
                     segments=result.segments)
+            elif result.outcome is Outcome.UNKNOWN:
+                # the provider may have it: never resent blindly (the `sending` rule)
+                done[message.recipient] = ledger.Outcome(
+                    message.recipient, "sending",
+                    f"outcome unknown, not resent: {result.detail or 'no detail'} "
+                    "(check the provider's logs)", code=result.code, attempts=attempt)
             elif result.outcome is Outcome.RETRYABLE and not fatal:
                 wait = result.retry_after if result.retry_after is not None \
                     else BACKOFF_SECONDS * 2 ** (attempt - 1)
@@ -283,8 +315,10 @@ def _within(messages: list[Message], limit: int
 
 
 async def _guarded(channel: Channel, messages: Sequence[Message]) -> list[SendResult]:
-    """Call the adapter. An exception or a wrong-length answer leaves the outcome unknown:
-    some messages may have gone out, so the batch fails without a retry (never twice)."""
+    """Call the adapter. The base class turns an exception while sending one message into
+    that message's failure; an adapter's own ``send_batch`` that raises or answers with a
+    wrong length leaves the whole batch's outcome unknown: some messages may have gone
+    out, so the batch fails without a retry (never twice)."""
     try:
         results = await channel.send_batch(messages)
     except Exception as exc:  # an adapter bug must not lose the batch's ledger rows

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -41,6 +44,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.sql.elements import ColumnElement
 
 from herald.core import clock
@@ -48,9 +52,13 @@ from herald.core.db import (
     COUNTED,
     STATUSES,
     deliveries,
+    owner_gone,
+    process_owner,
     runs,
     writing,
 )
+
+log = logging.getLogger("herald.ledger")
 
 
 def now() -> datetime:
@@ -145,7 +153,27 @@ def start_run(engine: Engine, run_id: str, flow: str, run_key: str, dry_run: boo
     with writing(engine) as conn:
         conn.execute(insert(runs).values(id=run_id, flow=flow, run_key=run_key,
                                          dry_run=dry_run, status="running",
-                                         started_at=now()))
+                                         started_at=now(), owner=process_owner()))
+
+
+def close_abandoned_runs(engine: Engine) -> list[str]:
+    """Close runs left ``running`` by a process that has ended (killed, crashed) on this
+    host: ``failed`` with the reason. Returns their ids. Their ledger rows stay as they
+    are (a rerun with the run key resumes ``queued`` rows; ``sending`` ones stay)."""
+    with engine.connect() as conn:
+        found = [(r.id, r.owner) for r in conn.execute(select(runs.c.id, runs.c.owner).where(
+            runs.c.status == "running", runs.c.owner.is_not(None)))
+            if owner_gone(r.owner)]
+    if not found:
+        return []
+    with writing(engine) as conn:
+        for run_id, owner in found:
+            conn.execute(update(runs).where(runs.c.id == run_id, runs.c.status == "running")
+                         .values(status="failed", finished_at=now(),
+                                 error=f"abandoned: the process running it ({owner}) ended "
+                                       "without finishing it (killed?); rerun with its run "
+                                       "key to resume"))
+    return [run_id for run_id, _ in found]
 
 
 def set_run_package(engine: Engine, run_id: str, package_id: str) -> None:
@@ -224,6 +252,30 @@ def existing(conn: Connection, flow: str, run_key: str, recipients: Sequence[str
     return out
 
 
+def addresses_taken(conn: Connection, flow: str, run_key: str, channel: str,
+                    addresses: Sequence[str], fold_case: bool) -> dict[str, str]:
+    """{address: recipient} for the addresses already sent or reserved on ``channel``
+    under this run key (``fold_case``: compared lower-cased, as e-mail addresses are)."""
+    column: Any = func.lower(deliveries.c.address) if fold_case else deliveries.c.address
+    out: dict[str, str] = {}
+    for part in among(conn, column, sorted(set(addresses))):
+        for address, recipient in conn.execute(select(column, deliveries.c.recipient).where(
+                deliveries.c.flow == flow, deliveries.c.run_key == run_key,
+                deliveries.c.channel == channel, deliveries.c.status.in_(COUNTED), part)):
+            out.setdefault(address, recipient)
+    return out
+
+
+def release_render_errors(engine: Engine, flow: str, run_key: str) -> int:
+    """Forget the ``render_error`` rows of a run key (after the template was fixed), so
+    the next run with that key decides for those recipients afresh (suppression, caps,
+    quiet hours) and sends to them; rows already sent or settled otherwise stay."""
+    with writing(engine) as conn:
+        return int(conn.execute(deliveries.delete().where(
+            deliveries.c.flow == flow, deliveries.c.run_key == run_key,
+            deliveries.c.status == "render_error")).rowcount or 0)
+
+
 def rewrite(conn: Connection, entries: Iterable[Entry], *, flow: str, run_key: str,
             run_id: str) -> None:
     """Decide again for deferred rows: the row keeps its place, takes the new outcome."""
@@ -294,8 +346,52 @@ def settle(engine: Engine, flow: str, run_key: str, outcomes: Sequence[Outcome])
                "b_updated": stamp, "b_sent_at": stamp if o.status == "sent" else None,
                "b_segments": o.segments, "b_not_before": o.not_before}
               for o in outcomes]
-    with writing(engine) as conn:
-        conn.execute(statement, params)
+    # The providers have answered: a store that is locked for a while (a backup, a long
+    # report, another worker) must not leave these rows `sending` for ever. Each attempt
+    # waits SETTLE_WAIT for the lock, and a few attempts are made before giving up loudly.
+    for attempt in range(1, SETTLE_ATTEMPTS + 1):
+        try:
+            with _settling(engine) as conn:
+                conn.execute(statement, params)
+            return
+        except OperationalError as exc:
+            text = str(exc.orig or exc).lower()
+            locked = any(w in text for w in ("locked", "lock timeout", "lock_timeout",
+                                             "could not obtain lock", "deadlock"))
+            if not locked or attempt == SETTLE_ATTEMPTS:
+                log.error("could not record the answers to %d message(s) of %s %s after "
+                          "%d attempt(s): %s. Their rows stay `sending` though the "
+                          "providers answered (recipients: %s)", len(outcomes), flow,
+                          run_key, attempt, text.splitlines()[0] if text else exc,
+                          ", ".join(o.recipient for o in outcomes[:20]))
+                raise
+            log.warning("the workspace database is locked; recording %d answer(s) again "
+                        "(attempt %d of %d)", len(outcomes), attempt + 1, SETTLE_ATTEMPTS)
+            time.sleep(min(4.0, 0.5 * 2 ** (attempt - 1)))
+
+
+SETTLE_ATTEMPTS = 6
+SETTLE_WAIT = 5.0  # seconds each attempt waits for a lock
+
+
+@contextmanager
+def _settling(engine: Engine) -> Iterator[Connection]:
+    """``writing`` with a lock wait of SETTLE_WAIT (SQLite's busy timeout, Postgres's
+    lock_timeout) instead of the store's 30 s, so that settle retries instead."""
+    with engine.connect().execution_options(immediate=True) as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        if sqlite:
+            raw = conn.connection.dbapi_connection
+            assert raw is not None
+            raw.execute(f"PRAGMA busy_timeout = {int(SETTLE_WAIT * 1000)}")
+        try:
+            with conn.begin():
+                if not sqlite and conn.dialect.name == "postgresql":
+                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{int(SETTLE_WAIT)}s'")
+                yield conn
+        finally:
+            if sqlite and raw is not None:
+                raw.execute("PRAGMA busy_timeout = 30000")
 
 
 def attempts(engine: Engine, flow: str, run_key: str, recipients: Sequence[str]

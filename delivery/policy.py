@@ -83,12 +83,40 @@ class Policy:
                 if address:
                     values.add(address)
             candidates[row.key] = options
-        listed = suppression.suppressed(conn, values)
+        listed = suppression.suppressed(conn, values, self.ws.config.phone_region)
         own = (self.flow.name, run_key) if run_key else None
         counts = [] if self.flow.exempt else [
             (rule, self._counts(conn, rule, rows, at, own)) for rule in self.caps]
-        return [self._one(row, tiers[row.key], candidates[row.key], listed, counts, at)
-                for row in rows]
+        decisions = [self._one(row, tiers[row.key], candidates[row.key], listed, counts, at)
+                     for row in rows]
+        if self.flow.deduplicate and run_key:
+            decisions = self._deduplicate(conn, decisions, run_key)
+        return decisions
+
+    def _deduplicate(self, conn: Connection, decisions: list[Decision], run_key: str
+                     ) -> list[Decision]:
+        """One message per address and channel in a run: a recipient whose address (as
+        compared: e-mail lower-cased, phones in E.164) was already sent or reserved
+        under another key of this run is recorded ``duplicate`` with that key."""
+        by_channel: dict[str, list[tuple[int, str]]] = defaultdict(list)
+        for i, d in enumerate(decisions):
+            if d.status == SEND and d.channel and d.address:
+                fold = self.kinds[d.channel] == "email"
+                by_channel[d.channel].append((i, d.address.lower() if fold else d.address))
+        out = list(decisions)
+        for channel, items in by_channel.items():
+            taken = ledger.addresses_taken(conn, self.flow.name, run_key, channel,
+                                           [a for _, a in items],
+                                           self.kinds[channel] == "email")
+            for i, address in items:
+                d = out[i]
+                first = taken.setdefault(address, d.recipient.key)
+                if first != d.recipient.key:
+                    out[i] = Decision(d.recipient, d.tier, "duplicate", channel=channel,
+                                      address=d.address,
+                                      reason=f"same {channel} address as recipient {first} "
+                                             "in this run (deduplicated)")
+        return out
 
     def _counts(self, conn: Connection, rule: CapRule, rows: Sequence[Recipient],
                 at: datetime, own: tuple[str, str] | None) -> Counter[str]:
@@ -167,7 +195,8 @@ class Policy:
         if in_holdout(self.flow.name, row.key, self.flow.holdout):
             return Decision(row, tier, "held_out",
                             reason=f"control group ({self.flow.holdout:.0%} holdout)")
-        key_channels = listed.get(suppression.normalize(row.key), set())
+        key_channels = listed.get(
+            suppression.normalize(row.key, self.ws.config.phone_region), set())
         if suppression.ALL_CHANNELS in key_channels:
             return Decision(row, tier, "suppressed", reason="recipient is on the suppression list")
         for rule, seen in counts:  # a tier-scoped rule only counted its tier's recipients
@@ -179,7 +208,8 @@ class Policy:
                 stops.append(("no_address", channel, None,
                               f"{self.ws.address_column(channel)} {why}"))
                 continue
-            blocked = listed.get(suppression.normalize(address), set()) | key_channels
+            blocked = listed.get(suppression.normalize(address, self.ws.config.phone_region),
+                                 set()) | key_channels
             if suppression.ALL_CHANNELS in blocked or channel in blocked:
                 stops.append(("suppressed", channel, address,
                               f"{channel} address is on the suppression list"))

@@ -22,12 +22,13 @@ Templates see the segment's columns plus ``flow``, ``tier``, ``run_key``, ``chan
 from __future__ import annotations
 
 import re
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jinja2 import FileSystemLoader, StrictUndefined, Template, TemplateSyntaxError, meta, nodes
-from jinja2.exceptions import SecurityError, TemplateError, UndefinedError
+from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
 from herald.core.errors import Problem
@@ -140,11 +141,18 @@ class Templates:
                     template = self._compiled[name] = self.env.get_template(name)
                 parts[part] = template.render(variables)
             except UndefinedError as exc:
-                raise RenderError(f"{name}: {exc.message}") from None
+                raise RenderError(f"{self._where(name, exc)}: {exc.message}") from None
             except SecurityError as exc:
-                raise RenderError(f"{name}: blocked by the sandbox: {exc}") from None
-            except (TemplateError, ArithmeticError, TypeError, ValueError) as exc:
-                raise RenderError(f"{name}: {type(exc).__name__}: {exc}") from None
+                raise RenderError(f"{self._where(name, exc)}: blocked by the sandbox: "
+                                  f"{exc}") from None
+            except RecursionError:
+                raise RenderError(f"templates/{name}: RecursionError: a macro or include "
+                                  "calls itself without end") from None
+            except Exception as exc:  # noqa: BLE001 - any failure is this recipient's
+                # (a KeyError from str.format, a filter's error): the template is named
+                # and the rest of the chunk is sent
+                raise RenderError(f"{self._where(name, exc)}: {type(exc).__name__}: "
+                                  f"{str(exc)[:200]}") from None
         subject = parts.get("subject")
         if subject is not None:
             subject = " ".join(subject.split())  # a header is one line
@@ -154,6 +162,17 @@ class Templates:
         if not body:
             raise RenderError(f"the {kind} text rendered empty")
         return Rendered(subject, body, parts.get("html"))
+
+    def _where(self, name: str, exc: BaseException) -> str:
+        """``templates/FILE:LINE`` of the innermost template frame of ``exc`` (Jinja
+        maps its frames to template files and lines), else the part's template."""
+        root = str(self.root.resolve())
+        where = f"templates/{name}"
+        for frame in traceback.extract_tb(exc.__traceback__):
+            if frame.filename.startswith(root) and frame.filename.endswith(".j2"):
+                rel = Path(frame.filename).resolve().relative_to(root)
+                where = f"templates/{rel}:{frame.lineno}"
+        return where
 
     # -- validation ----------------------------------------------------------------
     def check(self, flow: FlowSpec, kinds_by_tier: dict[str, set[str]],
@@ -178,10 +197,8 @@ class Templates:
                                 + (f" (or {shared[0]}, used by every tier without its own)"
                                    if shared else ""), field=f"tiers.{tier}"))
                         for name in self.variants(flow, tier, kind, part, variant):
-                            if name in checked:
-                                continue
-                            checked.add(name)
-                            problems.extend(self._check_one(name, available, columns))
+                            problems.extend(self._check_one(name, available, columns,
+                                                            checked))
         return problems
 
     def variants(self, flow: FlowSpec, tier: str, kind: str, part: str,
@@ -200,7 +217,13 @@ class Templates:
                     out.append(str(path.relative_to(self.root)))
         return out
 
-    def _check_one(self, name: str, available: set[str], columns: set[str]) -> list[Problem]:
+    def _check_one(self, name: str, available: set[str], columns: set[str],
+                   checked: set[str], stack: tuple[str, ...] = ()) -> list[Problem]:
+        """One template and, through its includes, imports and extends, every template it
+        reaches (each checked once)."""
+        if name in checked:
+            return []
+        checked.add(name)
         file = f"templates/{name}"
         try:
             source = (self.root / name).read_bytes().decode("utf-8")
@@ -232,6 +255,33 @@ class Templates:
         except TemplateSyntaxError as exc:
             problems.append(Problem(f"syntax error: {exc.message}", file=file,
                                     line=exc.lineno))
+        for what, targets, lineno, optional in _references(ast):
+            if targets is None:
+                problems.append(Problem(f"{what} with a computed template name cannot be "
+                                        "checked before sending: name the file", file=file,
+                                        line=lineno))
+                continue
+            found = []
+            for target in targets:
+                path = (self.root / target).resolve()
+                if not path.is_relative_to(self.root.resolve()) or ".." in target.split("/"):
+                    problems.append(Problem(f"{what} '{target}' climbs out of templates/",
+                                            file=file, line=lineno))
+                elif path.is_file():
+                    found.append(target)
+            if not found and not optional and not any(
+                    p.file == file and p.line == lineno for p in problems):
+                problems.append(Problem(
+                    f"{what} '{' or '.join(targets)}': templates/{targets[0]} does not exist",
+                    file=file, line=lineno))
+            for target in found:
+                if target in stack or target == name:
+                    problems.append(Problem(f"{what} '{target}' makes a cycle: "
+                                            f"{' -> '.join((*stack, name, target))}",
+                                            file=file, line=lineno))
+                    continue
+                problems.extend(self._check_one(target, available, columns, checked,
+                                                (*stack, name)))
         return problems
 
 
@@ -239,6 +289,29 @@ def variant_prefix(prefix: str, variant: str) -> str:
     """``winback/loyal`` of variant ``b``: ``winback/b/loyal``."""
     folder, _, stem = prefix.rpartition("/")
     return f"{folder}/{variant}/{stem}" if folder else f"{variant}/{stem}"
+
+
+def _references(ast: nodes.Template
+                ) -> list[tuple[str, list[str] | None, int, bool]]:
+    """Every ``include``, ``import``, ``from ... import`` and ``extends`` of a template:
+    (what, the names it may load or None when computed, line, ignore missing)."""
+    out: list[tuple[str, list[str] | None, int, bool]] = []
+    for node in ast.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
+        what = {nodes.Include: "include", nodes.Import: "import",
+                nodes.FromImport: "import", nodes.Extends: "extends"}[type(node)]
+        expr = node.template  # type: ignore[attr-defined]
+        names: list[str] | None = None
+        if isinstance(expr, nodes.Const) and isinstance(expr.value, str):
+            names = [expr.value]
+        elif isinstance(expr, nodes.Const) and isinstance(expr.value, list | tuple) and \
+                all(isinstance(v, str) for v in expr.value):
+            names = list(expr.value)
+        elif isinstance(expr, nodes.List | nodes.Tuple) and all(
+                isinstance(i, nodes.Const) and isinstance(i.value, str) for i in expr.items):
+            names = [str(i.value) for i in expr.items]  # type: ignore[attr-defined]
+        out.append((what, names, int(node.lineno),
+                    bool(getattr(node, "ignore_missing", False))))
+    return out
 
 
 def _private_access(ast: nodes.Template) -> list[tuple[str, int]]:

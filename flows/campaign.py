@@ -35,6 +35,8 @@ from herald.core import clock
 from herald.core.errors import HeraldError, RunError
 from herald.core.spec import Scalar, TaskRunnerSpec
 from herald.core.workspace import Workspace
+from herald.delivery import ledger
+from herald.delivery.dispatch import stop_requested
 from herald.flows import engine
 from herald.flows import progress as live
 from herald.flows.artifacts import artifact_key
@@ -130,14 +132,17 @@ def run_tags(ws: Workspace, flow_name: str) -> list[str]:
       validate_parameters=False)
 def campaign(workspace: str, flow_name: str, run_key: str | None = None,
              params: dict[str, Scalar] | None = None, dry_run: bool = False,
-             now: str | None = None) -> dict[str, Any]:
+             now: str | None = None, resend_render_errors: bool = False) -> dict[str, Any]:
     """Run one campaign: build its audience, send chunk by chunk, report.
 
     ``now`` (ISO 8601) sets Herald's clock for this run, e.g. a rehearsal with --dry-run.
+    ``resend_render_errors``: after a template fix, the run key's ``render_error`` rows
+    are forgotten and those recipients decided and sent afresh.
     """
     with clock.using(_clock_of(now)):
         try:
-            return _campaign(workspace, flow_name, run_key, params, dry_run)
+            return _campaign(workspace, flow_name, run_key, params, dry_run,
+                             resend_render_errors)
         except Exception as exc:
             if os.environ.get(DEBUG_ENV):
                 raise  # `herald run --debug`: the traceback
@@ -153,14 +158,21 @@ DEBUG_ENV = "HERALD_DEBUG"  # set by `herald --debug run`: failures raise with a
 
 
 def _campaign(workspace: str, flow_name: str, run_key: str | None,
-              params: dict[str, Scalar] | None, dry_run: bool) -> dict[str, Any]:
+              params: dict[str, Scalar] | None, dry_run: bool,
+              resend_render_errors: bool = False) -> dict[str, Any]:
     logger = get_run_logger()
     started = clock.now()
     ws = engine.workspace_at(workspace)
     ctx = FlowRunContext.get()
     key = resolve_run_key(ws, flow_name, run_key, ctx.flow_run if ctx else None)
     _not_before_scheduled_time(ctx.flow_run if ctx else None)
-    done = None if dry_run else engine.nothing_to_do(ws, flow_name, key)
+    if resend_render_errors and not dry_run:
+        released = ledger.release_render_errors(ws.store, flow_name, key)
+        logger.info("%d recipients of %s %s whose message failed to render: deciding and "
+                    "sending again", released, flow_name, key)
+    # released render errors are work to do, though no row of the key is open any more
+    done = None if dry_run or resend_render_errors else engine.nothing_to_do(
+        ws, flow_name, key)
     if done is not None:
         logger.info("%s", done["message"])
         return done
@@ -182,12 +194,14 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
     live.notify("begin", figures)
     results: list[engine.ChunkResult] = []
     try:
-        for job, result in _send_all(prepared.chunks, ws.config.max_workers):
-            results.append(result)
-            line = figures.add(job, result)
-            logger.info("%s", line)
-            _publish(progress, table, figures)
-            live.notify("chunk", figures, line)
+        with engine.stop_on_signals():
+            for job, result in _send_all(prepared.chunks, ws.config.max_workers):
+                results.append(result)
+                line = figures.add(job, result)
+                logger.info("%s", line)
+                _publish(progress, table, figures)
+                live.notify("chunk", figures, line)
+            engine.check_stopped(prepared)  # a signal stopped it: fail, saying how to resume
     except BaseException as exc:
         engine.fail(ws, prepared.run_id, exc)
         _emit_failed(flow_name, key, prepared.run_id, exc)
@@ -239,9 +253,11 @@ def _send_all(chunks: list[engine.ChunkJob], workers: int
     waiting = list(reversed(chunks))
     running: dict[PrefectFuture[engine.ChunkResult], engine.ChunkJob] = {}
     while waiting or running:
-        while waiting and len(running) < workers:
+        while waiting and len(running) < workers and not stop_requested():
             job = waiting.pop()
             running[send_chunk.submit(job)] = job
+        if not running:
+            return  # stopping: chunks not started are left for the rerun
         done = next(as_completed(list(running)))
         yield running.pop(done), done.result()
 
@@ -300,13 +316,14 @@ def task_runner(spec: TaskRunnerSpec) -> TaskRunner[Any]:
 
 
 def run(ws: Workspace, flow_name: str, params: dict[str, Scalar] | None, run_key: str | None,
-        dry_run: bool, runner: TaskRunnerSpec | None = None) -> dict[str, Any]:
+        dry_run: bool, runner: TaskRunnerSpec | None = None,
+        resend_render_errors: bool = False) -> dict[str, Any]:
     """Run the campaign flow here and now (``herald run``), tagged like a deployment's."""
     engine.adopt_workspace(ws)
     configured = campaign.with_options(task_runner=task_runner(runner or ws.config.task_runner))
     with tags(*run_tags(ws, flow_name)):
         state = configured(str(ws.root), flow_name, run_key, params or {}, dry_run,
-                           return_state=True)
+                           resend_render_errors=resend_render_errors, return_state=True)
     if state.is_failed():
         outcome = state.result(raise_on_failure=False)
         if isinstance(outcome, BaseException) and not isinstance(outcome, FailedRun):

@@ -15,10 +15,12 @@ import asyncio
 import logging
 import os
 import secrets
+import signal
 import socket
 import threading
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,11 +31,19 @@ from herald.audiences import store
 from herald.channels.base import Message
 from herald.core import clock, workspace
 from herald.core.db import writing
-from herald.core.errors import HeraldError, Problem, ValidationFailed
+from herald.core.errors import HeraldError, Problem, RunError, ValidationFailed
 from herald.core.spec import Scalar
 from herald.core.workspace import Workspace
-from herald.delivery import ledger, unsubscribe, variants
-from herald.delivery.dispatch import Job, dispatch, forget_buckets, group
+from herald.delivery import ledger, suppression, unsubscribe, variants
+from herald.delivery.dispatch import (
+    Job,
+    clear_stop,
+    dispatch,
+    forget_buckets,
+    group,
+    request_stop,
+    stop_requested,
+)
 from herald.delivery.policy import SEND, Decision, Policy
 from herald.delivery.render import RenderError, Templates
 from herald.flows.validate import check_flow, templates_for
@@ -109,6 +119,9 @@ def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None =
     """Validate, record the run, build the package and plan its chunks."""
     adopt_workspace(ws)
     checked = check_flow(ws, flow_name, params, _open(str(ws.root))[1])
+    # entries written before suppression values were normalised like addresses
+    suppression.migrate(ws.store, ws.config.phone_region)
+    tidy(ws)
     flow = checked.spec
     key = run_key or default_run_key(ws, flow_name)
     run_id = f"run-{clock.now():%Y%m%d%H%M%S}-{secrets.token_hex(3)}"
@@ -136,6 +149,17 @@ def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None =
                        min(start + size, package.size), dry_run, clock.current())
               for i, start in enumerate(range(0, package.size, size))]
     return Prepared(run_id, flow.name, key, dry_run, package, chunks, checked.templates)
+
+
+def tidy(ws: Workspace) -> None:
+    """Close runs a killed process left ``running`` and remove the packages it left
+    half-built (on this host), saying so in the log."""
+    for run_id in ledger.close_abandoned_runs(ws.store):
+        log.warning("run %s was left running by a process that ended; closed as failed "
+                    "(rerun with its run key to resume)", run_id)
+    for package_id in store.remove_orphans(ws.store):
+        log.warning("package %s was left half-built by a process that ended; removed",
+                    package_id)
 
 
 # -- one chunk --------------------------------------------------------------------------
@@ -194,7 +218,8 @@ class ChunkResult:
 # Recipients of a chunk that have no row of this run: counted from the chunk's results
 # (a deferred recipient still waiting is reported as deferred).
 WAITING = "waiting"
-CARRIED = {"duplicate": "duplicate", WAITING: "deferred"}
+ALREADY = "already"  # handled by an earlier run of the run key: reported as duplicate
+CARRIED = {ALREADY: "duplicate", WAITING: "deferred"}
 
 
 def run_chunk(job: ChunkJob) -> ChunkResult:
@@ -205,6 +230,8 @@ def run_chunk(job: ChunkJob) -> ChunkResult:
 
 
 def _run_chunk(job: ChunkJob) -> ChunkResult:
+    if stop_requested():  # stopping: a chunk not started yet is left to the rerun
+        return ChunkResult([], [])
     ws, templates = _open(job.workspace)
     flow = ws.flow(job.flow)
     rows = store.read(ws, job.package_id, job.start, job.stop)
@@ -224,7 +251,7 @@ def _run_chunk(job: ChunkJob) -> ChunkResult:
             old = seen.get(r.key)
             if old and old.status != "queued" and not old.due(at):
                 # already handled under this run key; a deferred row still waits
-                status = WAITING if old.status == "deferred" else "duplicate"
+                status = WAITING if old.status == "deferred" else ALREADY
                 counts[status, old.tier, old.channel] += 1
         fresh = [r for r in rows if r.key not in seen]
         decisions = policy.decide(conn, fresh, at, job.run_key)
@@ -401,6 +428,55 @@ def finish(ws: Workspace, prepared: Prepared, chunk_results: list[ChunkResult],
     return summary
 
 
+def check_stopped(prepared: Prepared) -> None:
+    """After the chunks: a run stopped by a signal fails, saying how to resume it."""
+    why = stop_requested()
+    if why:
+        raise RunError(f"stopped by {why}: batches in flight were finished and recorded, "
+                       "nothing more was sent; to send the rest, run again with the same "
+                       f"run key: herald run {prepared.flow} --run-key {prepared.run_key}")
+
+
+_signal_depth = [0]
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While running: SIGTERM or Ctrl-C (SIGINT) stops handing batches to providers at
+    once; batches in flight finish and are recorded; the run then fails saying how to
+    resume. A second signal stops at once (as without this). Used by ``herald run`` and,
+    in the main thread, around the campaign flow's sending (Prefect installs its own
+    SIGTERM handler for a flow run; this one takes over while chunks are sent). Nested
+    uses share one stop request. Outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum: int, frame: Any) -> None:
+        sig = signal.Signals(signum)
+        if stop_requested():
+            signal.signal(sig, previous[sig])
+            raise KeyboardInterrupt(sig.name)
+        log.warning("%s: no new batches; finishing the ones in flight (again to stop "
+                    "at once)", sig.name)
+        request_stop(sig.name)
+
+    if not _signal_depth[0]:
+        clear_stop()
+    _signal_depth[0] += 1
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        _signal_depth[0] -= 1
+        if not _signal_depth[0]:
+            clear_stop()
+
+
 def fail(ws: Workspace, run_id: str, error: BaseException) -> None:
     ledger.finish_run(ws.store, run_id, "failed", None, f"{type(error).__name__}: {error}")
 
@@ -416,6 +492,7 @@ def run_local(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None
     try:
         with ThreadPoolExecutor(max_workers or ws.config.max_workers) as pool:
             results = list(pool.map(run_chunk, prepared.chunks))
+        check_stopped(prepared)
         return finish(ws, prepared, results, started)
     except BaseException as exc:
         fail(ws, prepared.run_id, exc)

@@ -102,7 +102,7 @@ def write_back(ws: Workspace, flow: str, run_key: str,
     if settings is None:
         return None
     deliveries, results = tables(settings.prefix)
-    engine = ws.source(settings.source)
+    engine = ws.source(settings.source, write=True)
     written = {"deliveries": 0, "conversion_results": 0}
     try:
         with engine.begin() as conn:

@@ -24,14 +24,15 @@ class Entry:
     messages: int = 0  # messages the scenario involved
     lost: int = 0  # recipients with neither a delivery nor a ledger reason
     duplicated: int = 0  # recipients delivered more than once
+    opted_out: int = 0  # recipients on the suppression list who were contacted anyway
 
 
 ENTRIES: list[Entry] = []
 
 
 def record(kind: str, name: str, outcome: str, messages: int = 0, lost: int = 0,
-           duplicated: int = 0) -> None:
-    ENTRIES.append(Entry(kind, name, outcome, messages, lost, duplicated))
+           duplicated: int = 0, opted_out: int = 0) -> None:
+    ENTRIES.append(Entry(kind, name, outcome, messages, lost, duplicated, opted_out))
 
 
 def save(path: Path) -> None:
@@ -51,7 +52,8 @@ For every fault the test counts, per recipient, what actually reached the peer (
 server's mailbox, the HTTP endpoint's log, the outbox): *lost* is a recipient with
 neither a delivery nor a ledger row saying why, *duplicated* a recipient delivered more
 than once (an HTTP request that timed out after arriving and was retried counts once,
-the receiver dropping the retry by its `Idempotency-Key`, as documented).
+the receiver dropping the retry by its `Idempotency-Key`, as documented). Entries about
+the suppression list also count the opted-out recipients who were contacted anyway.
 """
 
 
@@ -73,13 +75,16 @@ def render(entries: list[dict[str, object]]) -> str:
     messages = sum(int(str(e["messages"])) for e in entries)
     lost = sum(int(str(e["lost"])) for e in entries)
     duplicated = sum(int(str(e["duplicated"])) for e in entries)
+    opted_out = sum(int(str(e.get("opted_out", 0))) for e in entries)
     out += ["## Totals", "",
-            f"- bad inputs tried: **{total['input']}** (each with its outcome above; nothing "
-            "sent for any of them but the valid recipients of the contact-field case)",
+            f"- bad inputs tried: **{total['input']}** (each with its outcome above: a "
+            "refused input sends nothing; where the input is data a run goes on with, only "
+            "the recipients the outcome names as sent were sent)",
             f"- faults injected: **{total['fault']}**, over {messages} messages",
             f"- secret scans: **{total['secret']}**",
             f"- messages lost: **{lost}**",
-            f"- messages duplicated: **{duplicated}**", ""]
+            f"- messages duplicated: **{duplicated}**",
+            f"- opted-out recipients contacted: **{opted_out}**", ""]
     return "\n".join(out)
 
 

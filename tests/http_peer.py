@@ -4,7 +4,9 @@ Each request is recorded (path, headers, body). Answers are looked up by a key t
 from the request (the JSON body's ``recipient`` by default) and consumed in order:
 ``("ok", body)``, ``("status", code, headers)``, ``("timeout", seconds[, action])``
 (answers late, with ``action`` or ``ok``), ``("reset",)`` (closes the connection
-without an answer). A key with no script left gets ``ok``.
+without an answer), ``("raw", bytes)`` (writes those bytes as the answer, a bad status
+line from a load balancer, and closes), ``("trickle", seconds)`` (a 200 whose body
+arrives one byte every ``seconds``). A key with no script left gets ``ok``.
 """
 
 from __future__ import annotations
@@ -82,6 +84,31 @@ def serve(peer: Peer) -> tuple[ThreadingHTTPServer, Peer]:
                                            b"\x01\x00\x00\x00\x00\x00\x00\x00")
                 self.close_connection = True
                 self.connection.close()
+                return
+            if action[0] == "raw":
+                request.status = None
+                self.close_connection = True
+                self.wfile.write(action[1])
+                self.wfile.flush()
+                return
+            if action[0] == "trickle":
+                request.status = 200
+                body = json.dumps(peer.ok_body(request)).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.flush()
+                    for byte in body:
+                        time.sleep(action[1])
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    request.status = None  # the client gave up before the end
+                    return
+                with peer.lock:
+                    peer._ok[peer.key(request)] += 1
                 return
             if action[0] == "timeout":
                 time.sleep(action[1])

@@ -194,7 +194,7 @@ def test_a_tick_that_lost_its_lease_sends_nothing(make_workspace):
     from herald.core.db import journey_enrollments as enrollments
     from herald.core.errors import RunError
 
-    from .conftest import outbox_messages
+    from .helpers import outbox_messages
 
     ws = make_workspace({**FILES, **CAPPED_FILES,  # its first step sends
                          "config/journeys/capped.yaml": CAPPED.replace("ON", "skip")},

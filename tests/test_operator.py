@@ -69,7 +69,7 @@ def test_bad_cron_names_the_field_without_prefect(make_workspace, capsys) -> Non
 
 
 def _with_schedule(cron: str) -> str:
-    from .conftest import PROMO_YAML
+    from .helpers import PROMO_YAML
 
     return PROMO_YAML + f"schedules:\n  - {{cron: '{cron}', timezone: Asia/Shanghai}}\n"
 
@@ -146,7 +146,7 @@ def test_failure_reasons_keep_the_providers_code(make_workspace, peer, capsys) -
     from herald.reporting import runs
     from herald.reporting.text import delivery_markdown
 
-    from .conftest import PROMO_YAML
+    from .helpers import PROMO_YAML
 
     ws = make_workspace({
         "config/herald.yaml": (
@@ -241,7 +241,7 @@ def test_unknown_flows_runs_and_keys_get_did_you_mean(make_workspace, capsys) ->
 
 # -- errors, each one line with file:line field and a hint -------------------------------------
 def test_errors_name_the_line_and_give_a_hint(make_workspace, capsys, monkeypatch) -> None:
-    from .conftest import PROMO_YAML
+    from .helpers import PROMO_YAML
 
     flow = "config/flows/promo.yaml"
     ws = make_workspace({flow: PROMO_YAML.replace("{min_score: 0}",
@@ -277,7 +277,7 @@ def test_errors_name_the_line_and_give_a_hint(make_workspace, capsys, monkeypatc
 
 def test_secrets_are_required_by_commands_that_send_only(make_workspace, capsys,
                                                           monkeypatch) -> None:
-    from .conftest import HERALD_YAML
+    from .helpers import HERALD_YAML
 
     monkeypatch.delenv("HERALD_TEST_SMTP_PASSWORD", raising=False)
     ws = make_workspace({"config/herald.yaml": HERALD_YAML.replace(
@@ -304,7 +304,7 @@ def test_send_test_reaches_a_real_smtp_server_and_counts_nowhere(make_workspace,
 
     from aiosmtpd.controller import Controller
 
-    from .conftest import HERALD_YAML
+    from .helpers import HERALD_YAML
     from .test_channel_smtp import Handler, free_port
 
     handler, port = Handler(), free_port()
@@ -388,7 +388,7 @@ def test_preview_out_version_completion_and_prune(make_workspace, tmp_path, caps
 
 
 def test_recipient_history_caps_suppression_and_holdout(make_workspace, capsys) -> None:
-    from .conftest import HERALD_YAML, PROMO_YAML
+    from .helpers import HERALD_YAML, PROMO_YAML
 
     ws = make_workspace({
         "config/herald.yaml": HERALD_YAML.replace("caps: []",
@@ -431,7 +431,7 @@ def test_unsubscribe_link_and_one_click_post_suppress_for_the_next_run(
 
     from herald.flows.unsubscribe_server import make_app
 
-    from .conftest import HERALD_YAML, outbox_files
+    from .helpers import HERALD_YAML, outbox_files
     from .test_channel_smtp import free_port
 
     monkeypatch.setenv("HERALD_TEST_UNSUB_SECRET", "s3cret-for-the-unsubscribe-test")
@@ -516,7 +516,7 @@ def test_incremental_conversions_and_revenue_with_intervals() -> None:
 
 def test_html_report_has_tiers_failures_messages_and_segment(make_workspace, peer, tmp_path,
                                                              capsys) -> None:
-    from .conftest import PROMO_YAML
+    from .helpers import PROMO_YAML
 
     ws = make_workspace({
         "config/herald.yaml": (
@@ -544,7 +544,7 @@ def test_html_report_has_tiers_failures_messages_and_segment(make_workspace, pee
 
 def test_a_missing_unsubscribe_secret_stops_senders_only(make_workspace, capsys,
                                                          monkeypatch) -> None:
-    from .conftest import HERALD_YAML
+    from .helpers import HERALD_YAML
 
     monkeypatch.delenv("HERALD_TEST_NO_UNSUB", raising=False)
     ws = make_workspace({"config/herald.yaml": HERALD_YAML + (

@@ -67,7 +67,7 @@ ORDERS = [
 
 def write_orders(ws, orders, source: str = "crm") -> None:
     """The CRM's orders (naive UTC timestamps; text on SQLite, as the demo shop's)."""
-    engine = ws.source(source)
+    engine = ws.source(source, write=True)
     sqlite = engine.dialect.name == "sqlite"
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE IF EXISTS orders")

@@ -165,7 +165,7 @@ def test_render_errors_are_recorded_per_recipient(make_workspace) -> None:
     broken = {k for k, r in got.items() if r.status == "render_error"}
     # score 1 divides by zero; ids 1, 11 and 21 have score 1 and get an SMS
     assert broken == {"1", "11", "21"}
-    assert got["1"].reason == ("promo/default.sms.txt.j2: ZeroDivisionError: "
+    assert got["1"].reason == ("templates/promo/default.sms.txt.j2:1: ZeroDivisionError: "
                                "integer division or modulo by zero")
     assert summary["deliveries"]["render_error"] == 3
     assert outbox_messages(ws) == summary["deliveries"]["sent"]

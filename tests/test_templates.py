@@ -41,7 +41,8 @@ def test_strict_undefined_is_a_render_error(make_workspace) -> None:
     ws = make_workspace()
     t = templates_for(ws)
     missing = {k: v for k, v in VARS.items() if k != "score"}
-    with pytest.raises(RenderError, match=r"promo/default.sms.txt.j2: 'score' is undefined"):
+    with pytest.raises(RenderError,
+                       match=r"templates/promo/default.sms.txt.j2:1: 'score' is undefined"):
         t.render(ws.flow("promo"), "default", "sms", None, missing)
 
 

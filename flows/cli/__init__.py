@@ -12,6 +12,7 @@ import sys
 
 import typer
 from rich.markup import escape
+from sqlalchemy.exc import DBAPIError
 
 from herald.core.errors import HeraldError
 from herald.flows.cli import (  # noqa: F401
@@ -46,6 +47,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             err.print(f"[red]error:[/] {escape(lines[0])}")
         sys.exit(1)
+    except DBAPIError as exc:  # a database failing under a command: one line, exit 1
+        if state.debug:
+            raise
+        err.print(f"[red]error:[/] database error: {escape(_first_line(exc))}")
+        sys.exit(1)
     except typer.Abort:
         err.print("aborted")
         sys.exit(1)
@@ -57,6 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         close()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _first_line(exc: DBAPIError) -> str:
+    return str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
 
 
 def close() -> None:

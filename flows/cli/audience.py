@@ -25,12 +25,15 @@ from herald.flows.cli.common import (
 @audience_app.command("build")
 def audience_build(flow: str, param: ParamOpt = None, workspace: WorkspaceOpt = None,
                    as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Build and store an audience package for FLOW; print its summary."""
-    from herald.audiences import sql, store
+    """Build and store an audience package for FLOW (validated first); print its summary."""
+    from herald.audiences import store
+    from herald.flows.engine import tidy
+    from herald.flows.validate import check_flow
 
     ws = open_workspace(workspace)
-    spec = ws.flow(flow)
-    package = store.build(ws, spec, sql.load_segment(ws, spec, parse_params(param)))
+    checked = check_flow(ws, flow, parse_params(param))
+    tidy(ws)
+    package = store.build(ws, checked.spec, checked.segment)
     if as_json:
         print_json(package.manifest())
     else:

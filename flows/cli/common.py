@@ -138,6 +138,9 @@ ChannelOpt = Annotated[str | None, typer.Option("--channel", help="Only this cha
 
 def prefect_env() -> None:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "herald")
+    # herald's loggers also speak outside flow runs (a chunk's dispatcher in a worker
+    # thread, a command tidying up after a killed run): no warning for those records
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 

@@ -42,6 +42,9 @@ def run(flow: str, param: ParamOpt = None,
         dask_address: Annotated[str | None, typer.Option(
             "--dask-address", help="Dask scheduler, e.g. tcp://10.0.0.5:8786 (implies "
             "--task-runner dask; default: a local cluster)")] = None,
+        resend_render_errors: Annotated[bool, typer.Option(
+            "--resend-render-errors", help="After fixing a template: send to the "
+            "recipients of --run-key whose message failed to render (nobody else)")] = False,
         now: NowOpt = None,
         verbose: Annotated[bool, typer.Option(
             "--verbose", "-v", help="Also show Prefect's own log lines on stderr")] = False,
@@ -56,12 +59,17 @@ def run(flow: str, param: ParamOpt = None,
     if run_key is not None and not run_key.strip():
         raise typer.BadParameter("an empty run key (leave --run-key out for today's)",
                                  param_hint="--run-key")
+    if resend_render_errors and (run_key is None or dry_run):
+        raise typer.BadParameter("needs the --run-key of the run to complete, and no "
+                                 "--dry-run", param_hint="--resend-render-errors")
     runner = _runner(ws, task_runner, dask_address)
     from herald.flows import engine
     from herald.flows.validate import check_flow
 
     check_flow(ws, flow, params)  # fail fast, before Prefect starts
-    done = None if dry_run else engine.nothing_to_do(
+    ws.store.connect().close()  # so does the workspace database (one line if it cannot)
+    # released render errors are work to do, though no row of the key is open any more
+    done = None if dry_run or resend_render_errors else engine.nothing_to_do(
         ws, flow, run_key or engine.default_run_key(ws, flow))
     if done is not None:  # a complete run key: no package, no Prefect run
         if as_json:
@@ -80,15 +88,19 @@ def run(flow: str, param: ParamOpt = None,
         os.environ["HERALD_DEBUG"] = "1"  # the flow raises with its traceback
     from herald.flows import campaign
     from herald.flows.cli.live import LiveReport
+    from herald.flows.engine import stop_on_signals
     from herald.flows.progress import watching
 
     watcher = LiveReport(err)
     try:
-        if as_json or verbose:
-            summary = campaign.run(ws, flow, params, run_key, dry_run, runner)
-        else:
-            with watching(watcher):
-                summary = campaign.run(ws, flow, params, run_key, dry_run, runner)
+        with stop_on_signals():
+            if as_json or verbose:
+                summary = campaign.run(ws, flow, params, run_key, dry_run, runner,
+                                       resend_render_errors)
+            else:
+                with watching(watcher):
+                    summary = campaign.run(ws, flow, params, run_key, dry_run, runner,
+                                           resend_render_errors)
     except HeraldError:
         raise
     except Exception as exc:  # reported in one line; --debug shows the traceback

@@ -30,22 +30,30 @@ def suppress_add(values: list[str], channel: ChannelOpt = None,
 
     ws = open_workspace(workspace)
     check_channel(ws, channel)
-    added = suppression.suppress(ws.store, [(v, channel, reason) for v in values], "operator")
+    region = ws.config.phone_region
+    suppression.migrate(ws.store, region)
+    added = suppression.suppress(ws.store, [(v, channel, reason) for v in values], "operator",
+                                 region)
     out.print(f"{added} added, {len(values) - added} already suppressed")
 
 
 @suppress_app.command("import")
 def suppress_import(file: Path, channel: ChannelOpt = None,
                     reason: Annotated[str | None, typer.Option("--reason")] = None,
+                    keys: Annotated[bool, typer.Option(
+                        "--keys", help="The values are recipient keys, not addresses")] = False,
                     workspace: WorkspaceOpt = None) -> None:
-    """Import a file: one value per line, or CSV with value[,channel[,reason]] columns."""
+    """Import a file: one address per line, or CSV with value[,channel[,reason]] columns.
+    All or nothing: a line that is not an address refuses the file (file:line)."""
     from herald.delivery import suppression
 
     ws = open_workspace(workspace)
     check_channel(ws, channel)
+    region = ws.config.phone_region
     items = suppression.read_import(file, channel, reason,
-                                    lambda c, where: check_channel(ws, c, where))
-    added = suppression.suppress(ws.store, items, "import")
+                                    lambda c, where: check_channel(ws, c, where), region, keys)
+    suppression.migrate(ws.store, region)
+    added = suppression.suppress(ws.store, items, "import", region)
     out.print(f"{added} added, {len(items) - added} already suppressed")
 
 
@@ -55,7 +63,9 @@ def suppress_list(workspace: WorkspaceOpt = None,
     """List the suppression list."""
     from herald.delivery import suppression
 
-    rows = suppression.list_suppressions(open_workspace(workspace).store)
+    ws = open_workspace(workspace)
+    suppression.migrate(ws.store, ws.config.phone_region)
+    rows = suppression.list_suppressions(ws.store)
     if as_json:
         print_json([{"value": r.value, "channel": r.channel, "reason": r.reason,
                       "source": r.source, "created_at": r.created_at} for r in rows])
@@ -73,7 +83,9 @@ def suppress_remove(value: str, channel: ChannelOpt = None,
     """Remove a value from the suppression list."""
     from herald.delivery import suppression
 
-    removed = suppression.unsuppress(open_workspace(workspace).store, value, channel)
+    ws = open_workspace(workspace)
+    suppression.migrate(ws.store, ws.config.phone_region)
+    removed = suppression.unsuppress(ws.store, value, channel, ws.config.phone_region)
     if not removed:
         raise HeraldError(f"'{mask(value)}' is not on the suppression list")
     out.print(f"{removed} removed")
