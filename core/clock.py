@@ -92,8 +92,8 @@ def now() -> datetime:
 def install(clock: Clock | None) -> Clock:
     """Put ``clock`` in force (None: the real time); return the one it replaces."""
     global _current
+    previous = current()  # the environment's clock if none was installed yet
     with _lock:
-        previous = _current if _current is not None else REAL
         _current = clock or REAL
     return previous
 
