@@ -224,9 +224,11 @@ def test_orders_and_members_are_consistent(shop: tuple[Path, dict[str, int]]) ->
                                  "WHERE status = 'paid' GROUP BY customer_id").fetchall())
         members = conn.execute("SELECT customer_id, level, points, level_since FROM members"
                                ).fetchall()
+        # days before Herald's clock (the shop was built relative to it), not SQLite's now
+        now = clock.now().strftime("%Y-%m-%d %H:%M:%S")
         last_paid_days = [d for (d,) in conn.execute(
-            "SELECT julianday('now') - julianday(MAX(placed_at)) FROM orders "
-            "WHERE status = 'paid' GROUP BY customer_id")]
+            "SELECT julianday(?) - julianday(MAX(placed_at)) FROM orders "
+            "WHERE status = 'paid' GROUP BY customer_id", (now,))]
     counts = Counter(min(n, 25) for n in per_customer.values())
     assert 0.1 < counts[0] / len(per_customer) < 0.3  # never ordered
     assert counts[25] > 50  # whales
