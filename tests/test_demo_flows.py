@@ -134,3 +134,18 @@ def test_demo_journeys_validate_and_run_over_ten_days(demo, name) -> None:
     assert sends and all(row["messages"].get("render_error", 0) == 0
                          and row["messages"].get("failed", 0) == 0 for row in sends)
     assert sum(row["messages"].get("sent", 0) for row in sends) > first["entered"]
+
+
+def test_the_demo_simulates_who_orders_after_entering_a_journey(demo, capsys) -> None:
+    """`make demo` runs `herald demo-data --simulate-response JOURNEY` after a tick."""
+    from herald.core import clock
+    from herald.flows.cli import main
+    from herald.journeys import engine as journeys
+
+    with clock.using(clock.Clock(clock.now(), frozen=True)):
+        journeys.tick_local(demo, "churn_winback")
+        with pytest.raises(SystemExit) as exc:
+            main(["demo-data", "--simulate-response", "churn_winback", "-w", str(demo.root)])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "simulated orders after entering churn_winback" in out
+    assert "treated" in out and "held out" in out

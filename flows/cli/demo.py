@@ -80,7 +80,7 @@ def _simulate(ws: Workspace, run: str) -> None:
 def _simulate_journey(ws: Workspace, name: str) -> None:
     """Orders after entering a journey: more likely for those not held out."""
     from herald.audiences.demo_shop import simulate_response
-    from herald.flows.db import resolve_url
+    from herald.core.db import resolve_url
     from herald.journeys import load as journeys
     from herald.journeys.report import contacts
 
