@@ -541,9 +541,9 @@ def test_experiment_follow_up_decides_and_sends_the_winner_to_the_rest(
     import sqlite3
     from collections import Counter
 
-    from sqlalchemy import select
+    from sqlalchemy import func, select
 
-    from herald.core.db import experiments
+    from herald.core.db import deliveries, experiments
     from herald.delivery import ledger
 
     from .test_experiments import TEST_THEN_WINNER, files, sent_messages
@@ -567,8 +567,14 @@ def test_experiment_follow_up_decides_and_sends_the_winner_to_the_rest(
     tested = {k for k, r in rows.items() if r.status == "sent"}
     waiting = {k for k, r in rows.items() if r.status == "deferred"}
     assert tested and waiting and len(sent_messages(ws)) == len(tested)
-    # during the test, b's recipients order and a's do not
-    placed = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    # during the test, b's recipients order and a's do not: a second after the last send
+    # (a time cut to the second could fall before a send in the same second) and well
+    # before the decision a minute later
+    with ws.store.connect() as conn:
+        last_sent = conn.execute(select(func.max(deliveries.c.sent_at))).scalar_one()
+    last_sent = last_sent if last_sent.tzinfo else last_sent.replace(tzinfo=UTC)
+    placed = (max(last_sent, datetime.now(UTC)) + timedelta(seconds=1)).strftime(
+        "%Y-%m-%d %H:%M:%S")
     with sqlite3.connect(ws.root / "crm.db") as conn:
         conn.executemany("INSERT INTO orders VALUES (?, ?, 1.0)",
                          [(int(k), placed) for k in tested if rows[k].variant == "b"])
