@@ -7,10 +7,15 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.policy import SMTP as SMTP_POLICY
+from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
 
 from herald.channels.base import Message
+
+# Headers Herald sets itself from plain strings (``set_raw``) are written as they are: the
+# policy's folding turns a word longer than a line (an unsubscribe URL) into RFC 2047
+# encoded words, which mail clients do not read as a link.
+SMTP_POLICY = SMTP.clone(refold_source="none")
 
 
 def build_email(message: Message, sender: str, reply_to: str | None = None,
@@ -25,7 +30,10 @@ def build_email(message: Message, sender: str, reply_to: str | None = None,
     if reply_to:
         email["Reply-To"] = reply_to
     for name, value in {**(extra_headers or {}), **message.headers}.items():
-        email[name] = value
+        if value.isascii() and value.isprintable() and len(name) + len(value) < 990:
+            email.set_raw(name, value)  # one line (RFC 5322 allows 998 characters)
+        else:
+            email[name] = value
     email.set_content(message.body, charset="utf-8")
     if message.html:
         email.add_alternative(message.html, subtype="html", charset="utf-8")

@@ -90,3 +90,16 @@ def test_an_address_email_cannot_carry_is_a_permanent_failure(tmp_path) -> None:
                   subject="s")
     (result,) = asyncio.run(ch.send_batch([bad]))
     assert (result.outcome, result.code) == (Outcome.PERMANENT, "invalid_address")
+
+
+def test_a_long_unsubscribe_url_stays_one_readable_header() -> None:
+    """Folding a URL longer than a line would write it as RFC 2047 encoded words, which
+    mail clients do not read as a link: Herald's own headers stay on one line."""
+    from herald.channels.mime import build_email
+
+    url = "https://news.shop.example/unsubscribe/u/" + "MQBlbWFpbABqb3VybmV5On" * 4
+    message = Message(recipient="1", address="a@example.com", kind="email", body="Hi",
+                      subject="Hello", headers={"List-Unsubscribe": f"<{url}>"})
+    raw = build_email(message, "Shop <news@shop.example>").as_bytes()
+    assert f"List-Unsubscribe: <{url}>\r\n".encode() in raw
+    assert message_from_bytes(raw, policy=default_policy)["List-Unsubscribe"] == f"<{url}>"
