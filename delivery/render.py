@@ -16,12 +16,14 @@ A template file is ``templates/<flow>/<tier>.<kind>.<part>[.<locale>].j2``:
   needs only ``V/<tier>.email.subject.j2``.
 
 Templates see the segment's columns plus ``flow``, ``tier``, ``run_key``, ``channel`` and
-``variant`` (the content variant, or none).
+``variant`` (the content variant, or none), and ``unsubscribe_url`` when the workspace
+sets ``unsubscribe`` (see ``herald.delivery.unsubscribe.for_message``).
 """
 
 from __future__ import annotations
 
 import re
+import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from herald.core.errors import Problem
 from herald.core.spec import FlowSpec
+from herald.core.workspace import Workspace
 
 GLOBALS = frozenset({"flow", "tier", "run_key", "channel", "variant"})
 PARTS: dict[str, tuple[tuple[str, bool], ...]] = {
@@ -283,6 +286,35 @@ class Templates:
                 problems.extend(self._check_one(target, available, columns, checked,
                                                 (*stack, name)))
         return problems
+
+
+def templates_for(ws: Workspace) -> Templates:
+    """Fresh templates of ``ws`` (validation, preview): its folder, its default locale,
+    and ``unsubscribe_url`` among the globals when it configures unsubscribe links."""
+    extra = frozenset({"unsubscribe_url"}) if ws.config.unsubscribe else frozenset()
+    return Templates(ws.templates_dir, ws.config.default_locale, extra)
+
+
+# Compiled templates per workspace folder of this process, for the chunks of runs and
+# ticks; rebuilt when the folder's workspace is another object (it was reopened).
+_shared: dict[str, tuple[Workspace, Templates]] = {}
+_shared_lock = threading.Lock()
+
+
+def shared(ws: Workspace) -> Templates:
+    """This process's compiled templates of ``ws``."""
+    root = str(ws.root)
+    with _shared_lock:
+        cached = _shared.get(root)
+        if cached is None or cached[0] is not ws:
+            cached = _shared[root] = (ws, templates_for(ws))
+        return cached[1]
+
+
+def forget_shared() -> None:
+    """Drop every cached set of templates (tests that drop their workspaces)."""
+    with _shared_lock:
+        _shared.clear()
 
 
 def variant_prefix(prefix: str, variant: str) -> str:

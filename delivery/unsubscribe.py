@@ -72,6 +72,18 @@ def email_headers(url: str) -> dict[str, str]:
     return {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
 
 
+def for_message(spec: UnsubscribeSpec | None, recipient: str, channel: str, kind: str,
+                flow: str) -> tuple[dict[str, str], dict[str, str]]:
+    """What one message carries of its recipient's link: the template variables
+    (``unsubscribe_url``) and the headers (``List-Unsubscribe`` on e-mail); both empty
+    when the workspace sets no ``unsubscribe`` section. Flows and journeys both send
+    through this, so a template that validates with ``unsubscribe_url`` renders with it."""
+    if spec is None:
+        return {}, {}
+    url = url_for(spec, recipient, channel, flow)
+    return {"unsubscribe_url": url}, (email_headers(url) if kind == "email" else {})
+
+
 def honour(store: Engine, found: Unsubscribe) -> bool:
     """Suppress the recipient on every channel (someone who unsubscribes from an e-mail
     does not expect the same campaign by SMS instead); True when newly added. The reason

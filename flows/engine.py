@@ -34,7 +34,7 @@ from herald.core.db import writing
 from herald.core.errors import HeraldError, Problem, RunError, ValidationFailed
 from herald.core.spec import Scalar
 from herald.core.workspace import Workspace
-from herald.delivery import ledger, suppression, unsubscribe, variants
+from herald.delivery import ledger, render, suppression, unsubscribe, variants
 from herald.delivery.dispatch import (
     Job,
     clear_stop,
@@ -46,7 +46,7 @@ from herald.delivery.dispatch import (
 )
 from herald.delivery.policy import SEND, Decision, Policy
 from herald.delivery.render import RenderError, Templates
-from herald.flows.validate import check_flow, templates_for
+from herald.flows.validate import check_flow
 
 log = logging.getLogger("herald.run")
 
@@ -163,20 +163,10 @@ def tidy(ws: Workspace) -> None:
 
 
 # -- one chunk --------------------------------------------------------------------------
-# Compiled templates per workspace of this process (the workspace itself is the core's
-# per-process one: herald.core.workspace.shared), rebuilt when that workspace changes.
-_templates: dict[str, tuple[Workspace, Templates]] = {}
-_lock = threading.Lock()
-
-
 def _open(root: str) -> tuple[Workspace, Templates]:
     """This process's workspace for ``root`` and its compiled templates."""
     ws = workspace.shared(root)
-    with _lock:
-        cached = _templates.get(root)
-        if cached is None or cached[0] is not ws:
-            cached = _templates[root] = (ws, templates_for(ws))
-        return cached
+    return ws, render.shared(ws)
 
 
 def workspace_at(root: str) -> Workspace:
@@ -192,15 +182,12 @@ def adopt_workspace(ws: Workspace) -> None:
 
 def forget_workspace(root: str | Path) -> None:
     """Drop the cached workspace for ``root`` (its YAML or databases changed)."""
-    with _lock:
-        _templates.pop(str(root), None)
-    workspace.forget(root)
+    workspace.forget(root)  # its templates are rebuilt with the next workspace
 
 
 def forget_all() -> None:
     """Drop every cached workspace (tests that drop their databases)."""
-    with _lock:
-        _templates.clear()
+    render.forget_shared()
     workspace.forget_all()
 
 
@@ -362,15 +349,10 @@ def build_message(ws: Workspace, templates: Templates, job: ChunkJob | Job,
     kind = ws.channel_kind(d.channel)
     locale_col = flow.audience.locale
     locale = d.recipient.data.get(locale_col) if locale_col else None
+    link, headers = unsubscribe.for_message(ws.config.unsubscribe, d.recipient.key,
+                                            d.channel, kind, flow.name)
     variables = {**d.recipient.data, "flow": flow.name, "tier": d.recipient.tier,
-                 "run_key": job.run_key, "channel": d.channel, "variant": d.variant}
-    headers: dict[str, str] = {}
-    if ws.config.unsubscribe:
-        url = unsubscribe.url_for(ws.config.unsubscribe, d.recipient.key, d.channel,
-                                  flow.name)
-        variables["unsubscribe_url"] = url
-        if kind == "email":
-            headers = unsubscribe.email_headers(url)
+                 "run_key": job.run_key, "channel": d.channel, "variant": d.variant, **link}
     rendered = templates.render(flow, d.tier, kind, str(locale) if locale else None,
                                 variables, d.variant)
     return Message(recipient=d.recipient.key, address=d.address, kind=kind,

@@ -22,9 +22,9 @@ from herald.delivery import variants
 from herald.delivery.addresses import Addresses
 from herald.delivery.dispatch import Job
 from herald.delivery.policy import SEND, Decision
-from herald.delivery.render import RenderError
+from herald.delivery.render import RenderError, templates_for
 from herald.flows.engine import build_message, default_run_key
-from herald.flows.validate import CheckedFlow, check_flow, did_you_mean, templates_for
+from herald.flows.validate import CheckedFlow, check_flow, did_you_mean
 
 
 def render_samples(ws: Workspace, flow_name: str, params: Mapping[str, Scalar],

@@ -15,7 +15,7 @@ from herald.audiences.sql import Segment, load_segment, probe_columns, segment_p
 from herald.core.errors import AudienceError, Problem, ValidationFailed, WorkspaceError
 from herald.core.spec import FlowSpec, Scalar
 from herald.core.workspace import Workspace
-from herald.delivery.render import Templates
+from herald.delivery.render import Templates, templates_for
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,6 @@ class CheckedFlow:
 
 # Carriers in mainland China require marketing SMS to say how to opt out.
 OPT_OUT_MARKERS = ("退订", "回T", "拒收", "回TD")
-
-
-def templates_for(ws: Workspace) -> Templates:
-    extra = frozenset({"unsubscribe_url"}) if ws.config.unsubscribe else frozenset()
-    return Templates(ws.templates_dir, ws.config.default_locale, extra)
 
 
 def check_flow(ws: Workspace, name: str, overrides: Mapping[str, Scalar] | None = None,

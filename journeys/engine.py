@@ -21,7 +21,6 @@ import math
 import os
 import secrets
 import socket
-import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -44,11 +43,11 @@ from herald.core.db import writing
 from herald.core.errors import RunError
 from herald.core.workspace import Workspace
 from herald.core.workspace import shared as workspace_at
-from herald.delivery import ledger
+from herald.delivery import ledger, render, unsubscribe
 from herald.delivery.dispatch import Job, dispatch, forget_buckets, group
 from herald.delivery.ledger import message_id
 from herald.delivery.policy import SEND, Decision, Policy
-from herald.delivery.render import RenderError, Templates
+from herald.delivery.render import RenderError
 from herald.delivery.variants import assign as assign_variant
 from herald.journeys import conditions, load
 from herald.journeys.spec import (
@@ -149,7 +148,7 @@ def new_tick_id() -> str:
 def prepare(ws: Workspace, name: str, enter: bool = True) -> Prepared:
     """Validate, record the version, enter new recipients, plan the chunks."""
     started = clock.now()
-    checked = load.check(ws, name, templates_for(ws))
+    checked = load.check(ws, name, render.shared(ws))
     spec = checked.loaded.spec
     version = store_version(ws, checked.loaded)
     tick = new_tick_id()
@@ -312,18 +311,6 @@ class Item:
         return Recipient(self.seq, self.recipient, self.tier, self.data)
 
 
-_templates: dict[str, Templates] = {}
-_templates_lock = threading.Lock()
-
-
-def templates_for(ws: Workspace) -> Templates:
-    with _templates_lock:
-        root = str(ws.root)
-        if root not in _templates:
-            _templates[root] = Templates(ws.templates_dir, ws.config.default_locale)
-        return _templates[root]
-
-
 def run_chunk(job: ChunkJob) -> ChunkResult:
     """Claim up to ``job.size`` enrollments, check exits, move them; release the leases."""
     if clock.current() != job.clock:  # a worker process started with another clock
@@ -397,7 +384,7 @@ class Mover:
         self.job = job
         self.owner = owner
         self.result = result
-        self.templates = templates_for(ws)
+        self.templates = render.shared(ws)
         self.now = clock.now()
 
     def spec(self, item: Item) -> JourneySpec:
@@ -674,9 +661,11 @@ class Mover:
         flow = load.step_flow(spec, step, load.template_folder(spec.name, name, chosen))
         kind = self.ws.channel_kind(d.channel)
         locale = item.data.get(spec.entry.locale) if spec.entry.locale else None
+        link, headers = unsubscribe.for_message(self.ws.config.unsubscribe, item.recipient,
+                                                d.channel, kind, spec.flow)
         variables = {**item.data, "journey": spec.name, "step": name, "variant": chosen,
                      "flow": spec.flow, "tier": item.tier, "run_key": item.run_key,
-                     "channel": d.channel}
+                     "channel": d.channel, **link}
         rendered = self.templates.render(flow, d.tier, kind, str(locale) if locale else None,
                                          variables)
         return Message(recipient=item.recipient, address=d.address, kind=kind,
@@ -684,6 +673,7 @@ class Mover:
                        # "journey-NAME": a colon is not allowed in a Message-ID
                        message_id=message_id(f"journey-{spec.name}", item.run_key,
                                              item.recipient),
+                       headers=headers,
                        meta={"flow": spec.flow, "run_key": item.run_key, "tier": item.tier,
                              "journey": spec.name, "step": name,
                              **({"variant": chosen} if chosen else {})})

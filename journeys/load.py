@@ -29,7 +29,7 @@ from herald.core.errors import (
 from herald.core.spec import AudienceSpec, FlowSpec
 from herald.core.workspace import Workspace
 from herald.core.yamlio import Located, dotted, load_yaml
-from herald.delivery.render import Templates
+from herald.delivery.render import Templates, templates_for
 from herald.journeys.spec import (
     PAUSES,
     STEP_TYPES,
@@ -364,7 +364,7 @@ def check(ws: Workspace, name: str, templates: Templates | None = None) -> Check
                                        else "segment"))
         except (AudienceError, WorkspaceError) as exc:
             problems.append(at(str(exc), "goal", "segment"))
-    engine_templates = templates or Templates(ws.templates_dir, ws.config.default_locale)
+    engine_templates = templates or templates_for(ws)
     files = 0
     for step_name, step in spec.steps.items():
         if isinstance(step, BranchStep):

@@ -4,7 +4,12 @@ the workspace's own database so they work on SQLite and Postgres alike)."""
 
 from __future__ import annotations
 
+import socket
 import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,44 @@ tiers:
   gold: {channels: [email, sms]}
   default: {channels: [sms, email]}
 """
+
+UNSUBSCRIBE_SECRET_ENV = "HERALD_TEST_UNSUB_SECRET"  # the tests set it (monkeypatch.setenv)
+
+
+def unsubscribe_yaml(port: int) -> str:
+    """The test workspace's herald.yaml with unsubscribe links served on ``port``."""
+    return HERALD_YAML + (f'unsubscribe: {{base_url: "http://127.0.0.1:{port}", '
+                          f'secret: "${{{UNSUBSCRIBE_SECRET_ENV}}}"}}\n')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def unsubscribe_server(ws: Workspace, port: int) -> Iterator[None]:
+    """``herald unsubscribe-server``'s app for ``ws`` on 127.0.0.1:``port``, on a thread,
+    for as long as the block runs."""
+    import uvicorn
+
+    from herald.flows.unsubscribe_server import make_app
+
+    server = uvicorn.Server(uvicorn.Config(make_app(ws), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
 
 FILES: dict[str, str] = {
     "config/herald.yaml": HERALD_YAML,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Iterator
 from datetime import UTC, timedelta
 from email import message_from_bytes
@@ -16,6 +15,8 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from herald.channels.base import ChannelContext, Message, Outcome
 from herald.channels.smtp import SmtpChannel, SmtpSettings
+
+from .helpers import free_port
 
 
 class Handler:
@@ -41,12 +42,6 @@ class Handler:
         self.sessions.add(id(session))
         self.received.append(message_from_bytes(envelope.content, policy=default_policy))
         return f"250 2.0.0 Ok: queued as Q{len(self.received):04d}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

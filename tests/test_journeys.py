@@ -508,3 +508,90 @@ def test_cli_tick_status_show_and_validate(journey_ws, capsys):
     output = capsys.readouterr().out
     assert "✓ journey nudge" in output and '"live": 54' in output
     assert "first" in output and "split" in output
+
+
+# -- unsubscribe links ----------------------------------------------------------------------
+LETTERS = """\
+name: letters
+entry: {source: crm, segment: nudge_entry, params: {min_score: 0}, key: id, tier: tier}
+steps:
+  first: {type: send, tiers: {default: {channels: [email, sms]}}, next: pause}
+  pause: {type: wait, for: 1d, next: second}
+  second: {type: send, tiers: {default: {channels: [email, sms]}}}
+"""
+
+
+def test_journey_messages_carry_a_working_unsubscribe_link(make_workspace, monkeypatch,
+                                                           capsys):
+    """A template using ``unsubscribe_url`` passes validation and renders in a tick; the
+    e-mail carries the List-Unsubscribe headers; the link unsubscribes its recipient, whom
+    the next step then suppresses."""
+    import re
+    from email import message_from_bytes
+
+    import httpx
+
+    from herald.delivery import suppression, unsubscribe
+    from herald.flows.cli import main
+
+    from .helpers import (
+        UNSUBSCRIBE_SECRET_ENV,
+        free_port,
+        outbox_files,
+        unsubscribe_server,
+        unsubscribe_yaml,
+    )
+
+    secret = "s3cret-for-the-journey-unsubscribe-test"
+    monkeypatch.setenv(UNSUBSCRIBE_SECRET_ENV, secret)
+    port = free_port()
+    templates = {f"templates/letters/{step}/default.{kind}": text
+                 for step in ("first", "second")
+                 for kind, text in (("email.subject.j2", "Hello {{ name }}"),
+                                    ("email.txt.j2", "{{ step }}: unsubscribe at "
+                                                     "{{ unsubscribe_url }}"),
+                                    ("sms.txt.j2", "Hi {{ name }}. Stop: {{ unsubscribe_url }}"))}
+    ws = make_workspace({"config/herald.yaml": unsubscribe_yaml(port),
+                         "config/journeys/letters.yaml": LETTERS,
+                         "audiences/nudge_entry.sql": FILES["audiences/nudge_entry.sql"],
+                         **templates}, rows=20)
+    with pytest.raises(SystemExit) as done:
+        main(["-w", str(ws.root), "validate", "letters"])
+    assert done.value.code == 0, capsys.readouterr()
+    assert "✓ journey letters" in capsys.readouterr().out
+
+    with clock.using(clock.Clock(START, frozen=True)):
+        first = tick(ws, "letters")
+        assert first["steps"]["first"] == {"sent": 20}  # no render_error
+        emails = [message_from_bytes(p.read_bytes()) for p in outbox_files(ws)
+                  if p.suffix == ".eml"]
+        assert len(emails) == 18  # 7 and 14 have no e-mail address: SMS
+        for mail in emails:
+            link = re.sub(r"\s+", "", str(mail["List-Unsubscribe"])).strip("<>")
+            assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+            assert link.startswith(f"http://127.0.0.1:{port}/u/")
+            assert link in re.sub(r"=\r?\n", "", mail.get_payload(decode=True).decode())
+        sms = "\n".join(p.read_text() for p in outbox_files(ws) if p.suffix == ".jsonl")
+        assert len(re.findall(r"Stop: http://127\.0\.0\.1:\d+/u/", sms)) == 2
+
+        mail = emails[0]
+        link = re.sub(r"\s+", "", str(mail["List-Unsubscribe"])).strip("<>")
+        found = unsubscribe.read_token(secret, link.rsplit("/", 1)[1])
+        assert found is not None and (found.channel, found.flow) == ("email", "journey:letters")
+        assert mail["To"] == f"user{found.recipient}@example.com"
+        with unsubscribe_server(ws, port):
+            clicked = httpx.post(link, content="List-Unsubscribe=One-Click",
+                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert clicked.status_code == 200 and "Unsubscribed" in clicked.text
+        rows = suppression.list_suppressions(ws.store)
+        assert [(r.value, r.channel, r.source) for r in rows] == [
+            (found.recipient, "*", "unsubscribe")]
+
+        clock.advance(timedelta(days=1, minutes=1))
+        second = tick(ws, "letters")
+        assert second["steps"]["second"] == {"sent": 19, "suppressed": 1}
+        d = ledger.deliveries.c
+        with ws.store.connect() as conn:
+            history = sorted(conn.execute(select(d.run_key, d.status).where(
+                d.flow == "journey:letters", d.recipient == found.recipient)))
+        assert history == [("e1:0:first", "sent"), ("e1:2:second", "suppressed")]

@@ -304,8 +304,8 @@ def test_send_test_reaches_a_real_smtp_server_and_counts_nowhere(make_workspace,
 
     from aiosmtpd.controller import Controller
 
-    from .helpers import HERALD_YAML
-    from .test_channel_smtp import Handler, free_port
+    from .helpers import HERALD_YAML, free_port
+    from .test_channel_smtp import Handler
 
     handler, port = Handler(), free_port()
     controller = Controller(handler, hostname="127.0.0.1", port=port)
@@ -422,24 +422,24 @@ def test_recipient_history_caps_suppression_and_holdout(make_workspace, capsys) 
 def test_unsubscribe_link_and_one_click_post_suppress_for_the_next_run(
         make_workspace, monkeypatch) -> None:
     import re
-    import threading
-    import time
     from email import message_from_bytes
 
     import httpx
-    import uvicorn
 
-    from herald.flows.unsubscribe_server import make_app
+    from herald.delivery import suppression
 
-    from .helpers import HERALD_YAML, outbox_files
-    from .test_channel_smtp import free_port
+    from .helpers import (
+        UNSUBSCRIBE_SECRET_ENV,
+        free_port,
+        outbox_files,
+        unsubscribe_server,
+        unsubscribe_yaml,
+    )
 
-    monkeypatch.setenv("HERALD_TEST_UNSUB_SECRET", "s3cret-for-the-unsubscribe-test")
+    monkeypatch.setenv(UNSUBSCRIBE_SECRET_ENV, "s3cret-for-the-unsubscribe-test")
     port = free_port()
     ws = make_workspace({
-        "config/herald.yaml": HERALD_YAML + (
-            f'unsubscribe: {{base_url: "http://127.0.0.1:{port}", '
-            'secret: "${HERALD_TEST_UNSUB_SECRET}"}\n'),
+        "config/herald.yaml": unsubscribe_yaml(port),
         "templates/promo/default.sms.txt.j2": "Hi {{ name }}. Stop: {{ unsubscribe_url }}",
     }, rows=20)
     first = engine.run_local(ws, "promo", run_key="one")
@@ -454,29 +454,16 @@ def test_unsubscribe_link_and_one_click_post_suppress_for_the_next_run(
     sms_link = re.search(r"Stop: (http://\S+?)\"", sms)
     assert sms_link and "/u/" in sms_link.group(1)
 
-    server = uvicorn.Server(uvicorn.Config(make_app(ws), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(100):
-            if server.started:
-                break
-            time.sleep(0.05)
+    with unsubscribe_server(ws, port):
         page = httpx.get(link)
         assert page.status_code == 200 and '<form method="post"' in page.text
         assert httpx.get(link[:-3] + "AAA").status_code == 404  # forged: nothing written
-        from herald.delivery import suppression
-
         assert suppression.list_suppressions(ws.store) == []  # a GET unsubscribes nobody
         done = httpx.post(link, content="List-Unsubscribe=One-Click",
                           headers={"Content-Type": "application/x-www-form-urlencoded"})
         assert done.status_code == 200 and "Unsubscribed" in done.text
         clicked = httpx.post(sms_link.group(1))
         assert clicked.status_code == 200
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
     rows = {(r.value, r.channel, r.source) for r in suppression.list_suppressions(ws.store)}
     assert len(rows) == 2 and {r[1] for r in rows} == {"*"}  # every channel
     assert all(source == "unsubscribe" for *_, source in rows)

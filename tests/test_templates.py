@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from herald.core.errors import ValidationFailed
-from herald.delivery.render import RenderError
-from herald.flows.validate import check_flow, templates_for
+from herald.delivery.render import RenderError, templates_for
+from herald.flows.validate import check_flow
 
 VARS = {"id": 4, "name": "Li Lei", "email": "a@example.com", "phone": "+14155550004",
         "tier": "gold", "locale": "zh_CN", "score": 4, "flow": "promo", "run_key": "k",

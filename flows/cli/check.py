@@ -28,7 +28,8 @@ def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (defa
     """Check flows and journeys, SQL, templates and channels; exit 1 listing every
     problem."""
     from herald.core.spec import format_duration
-    from herald.flows.validate import check_flow, templates_for
+    from herald.delivery.render import templates_for
+    from herald.flows.validate import check_flow
     from herald.journeys import load as journeys
 
     ws = open_workspace(workspace)
