@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Self
 
 from sqlalchemy import Engine
 
-from herald.core.spec import KINDS, ChannelSettings, Rate, channel_kind, parse_rate
+from herald.core.channel_settings import KINDS, ChannelSettings, Rate, channel_kind, parse_rate
 
 log = logging.getLogger("herald.channels")
 

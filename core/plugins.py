@@ -17,8 +17,8 @@ from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Protocol
 
+from herald.core.channel_settings import ChannelSettings
 from herald.core.errors import ChannelError
-from herald.core.spec import ChannelSettings
 
 GROUP = "herald.channels"
 

@@ -1,6 +1,7 @@
-"""The YAML schema: workspace settings (``config/herald.yaml``), flows
-(``config/flows/*.yaml``), and the settings every channel accepts (adapters subclass
-``ChannelSettings`` in ``herald.channels``).
+"""The YAML schema: workspace settings (``config/herald.yaml``) and flows
+(``config/flows/*.yaml``). Their value types (durations, names, time zones) are in
+``herald.core.fields``, schedules in ``herald.core.schedules``, and the settings every
+channel accepts in ``herald.core.channel_settings``.
 
 Models are strict (``extra="forbid"``); cross-references (a tier naming a channel, an
 audience naming a source) are checked by ``herald.core.workspace`` where both sides are
@@ -9,97 +10,26 @@ known, so those errors carry file and line too.
 
 from __future__ import annotations
 
-import re
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    field_validator,
-    model_validator,
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+
+from herald.core.fields import (
+    Clock,
+    DatabaseUrl,
+    Duration,
+    Name,
+    Scalar,
+    Strict,
+    TimeZone,
+    Window,
+    format_duration,
 )
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
-
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
-_DURATION = re.compile(r"^\s*(\d+)\s*(m|min|h|d|w)\s*$")
-_UNIT = {"m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-MAX_DURATION = timedelta(days=3650)  # ten years: beyond it a window or wait is a typo
-
-
-def parse_duration(value: Any) -> timedelta:
-    """``30m``, ``12h``, ``7d`` or ``2w`` as a timedelta, at most ten years."""
-    if isinstance(value, timedelta):
-        return value
-    match = _DURATION.match(str(value))
-    if not match or int(match.group(1)) <= 0:
-        raise ValueError("duration must look like 30m, 12h, 7d or 2w")
-    seconds = int(match.group(1)) * _UNIT[match.group(2)]
-    if seconds > MAX_DURATION.total_seconds():
-        raise ValueError("duration must be at most 3650d (ten years)")
-    return timedelta(seconds=seconds)
-
-
-def _check_timezone(value: str) -> str:
-    try:
-        ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone '{value}' (use an IANA name such as "
-                         "Asia/Shanghai or UTC)") from None
-    return value
-
-
-def _check_name(value: str) -> str:
-    if not _NAME.match(value):
-        raise ValueError(f"'{value}' is not a valid name (letters, digits, _ and -)")
-    return value
-
-
-def _check_url(value: str) -> str:
-    try:
-        make_url(value)
-    except ArgumentError:
-        raise ValueError("not a database URL (e.g. sqlite:///.herald/shop.db or "
-                         "postgresql+psycopg://user@host/db)") from None
-    return value
-
-
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
-TimeZone = Annotated[str, AfterValidator(_check_timezone)]
-Name = Annotated[str, BeforeValidator(_check_name)]
-DatabaseUrl = Annotated[str, BeforeValidator(_check_url)]
-Scalar = str | int | float | bool | None
-
+from herald.core.schedules import ScheduleSpec
 
 RESERVED_PREFIX = "herald_"  # every table Herald keeps in the workspace database
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-
-def parse_window(value: Any) -> timedelta | str:
-    """A cap's window: a rolling duration (``7d``) or a calendar ``day`` / ``week``."""
-    if value in CALENDAR:
-        return str(value)
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        if "at most" in str(exc):
-            raise
-        raise ValueError("per must be a duration like 12h or 7d, or day or week "
-                         "(calendar, in the recipient's time zone)") from None
-
-
-CALENDAR = ("day", "week")
-Window = Annotated[timedelta | str, BeforeValidator(parse_window)]
 
 
 class _Cap(Strict):
@@ -142,31 +72,8 @@ class CapRule(_Cap):
         return f"max {self.max} per {per} ({where})"
 
 
-def format_duration(delta: timedelta) -> str:
-    seconds = int(delta.total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600)):
-        if seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds // 60}m"
-
-
 class FlowCapRule(_Cap):
     """A cap in a flow's YAML: it always applies to that flow only."""
-
-
-_CLOCK = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
-
-
-def _clock(value: Any) -> time:
-    if isinstance(value, time):
-        return value
-    match = _CLOCK.match(str(value))
-    if not match:
-        raise ValueError("a time of day like 21:00")
-    return time(int(match.group(1)), int(match.group(2)))
-
-
-Clock = Annotated[time, BeforeValidator(_clock)]
 
 
 class QuietHours(Strict):
@@ -209,100 +116,6 @@ class Alerts(Strict):
     """Thresholds past which a finished run also emits a ``herald.run.alert`` event."""
 
     failure_rate: float | None = Field(default=0.05, ge=0.0, le=1.0)
-
-
-# Cron and RRule strings are checked as Prefect's server checks them, without importing
-# Prefect (about 1 s, which read-only commands such as validate and preview do not pay):
-# cronsim parses the five (or six) fields and names the one it rejects; dateutil parses
-# RRules, as Prefect does.
-_CRON_ALIASES = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
-                 "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
-                 "@hourly": "0 * * * *"}
-_CRON_FIELDS = ("minute", "hour", "day-of-month", "month", "day-of-week", "second")
-MAX_RRULE_LENGTH = 6500  # Prefect's limit (about a year of RDATEs)
-
-
-def check_cron(value: str) -> None:
-    """Raise ValueError naming the bad field of a cron string (Prefect's accepted forms:
-    five fields or six with seconds, names, L, #, ranges, steps, ?, and @daily-style
-    aliases; no random or hashed H/R fields)."""
-    import datetime as dt
-
-    from cronsim import CronSim, CronSimError
-
-    expression = _CRON_ALIASES.get(value.strip().lower(), value)
-    fields = expression.split()
-    if len(fields) not in (5, 6):
-        raise ValueError(f'Invalid cron string: "{value}": {len(fields)} fields, expected 5 '
-                         "(minute hour day-of-month month day-of-week) or 6 (and second)")
-    for name, field in zip(_CRON_FIELDS, fields, strict=False):
-        if field.casefold() in ("h", "r"):
-            raise ValueError(f'Invalid cron string: "{value}": random and hashed '
-                             f"expressions are unsupported ({name} field '{field}')")
-    plain = [f.replace("?", "*") for f in fields]
-    # croniter's optional sixth field is seconds: 0-59 like minutes, checked as one
-    checks: list[tuple[str, str | None]] = [(" ".join(plain[:5]), None)]
-    if len(fields) == 6:
-        checks.append((f"{plain[5]} * * * *", "second"))
-    for expression, only in checks:
-        try:
-            CronSim(expression, dt.datetime(2026, 1, 1))
-        except CronSimError as exc:
-            said = only or str(exc).removeprefix("Bad ").strip()
-            where = (f"bad {said} field '{fields[_CRON_FIELDS.index(said)]}'"
-                     if said in _CRON_FIELDS else str(exc))
-            raise ValueError(f'Invalid cron string: "{value}": {where} (fields: minute hour '
-                             "day-of-month month day-of-week [second])") from None
-
-
-def check_rrule(value: str) -> None:
-    """Raise ValueError when dateutil (as Prefect) cannot parse an RRule string."""
-    from dateutil.rrule import rrulestr
-
-    try:
-        rrulestr(value, cache=True)
-    except ValueError as exc:
-        raise ValueError(f'Invalid RRule string "{value}": {exc}') from None
-    if len(value) > MAX_RRULE_LENGTH:
-        raise ValueError(f"Invalid RRule string: longer than {MAX_RRULE_LENGTH} characters")
-
-
-class ScheduleSpec(Strict):
-    """When a flow runs by itself: exactly one of ``cron``, ``interval`` or ``rrule``.
-
-    Times are in ``timezone`` (default: the flow's, then the workspace's). ``active:
-    false`` pauses the schedule without deleting it; ``params`` override the audience
-    parameters for runs of this schedule; ``name`` keeps the schedule's identity on the
-    Prefect server when the list is reordered.
-    """
-
-    name: Name | None = None
-    cron: str | None = None
-    interval: Duration | None = None
-    anchor: datetime | None = None  # where an interval starts counting
-    rrule: str | None = None
-    timezone: TimeZone | None = None
-    active: bool = True
-    params: dict[str, Scalar] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> ScheduleSpec:
-        given = [k for k in ("cron", "interval", "rrule") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("a schedule needs exactly one of cron, interval or rrule"
-                             + (f" (found {', '.join(given)})" if given else ""))
-        if self.anchor is not None and self.interval is None:
-            raise ValueError("anchor applies to interval schedules only")
-        if self.cron is not None:
-            check_cron(self.cron)
-        if self.rrule is not None:
-            check_rrule(self.rrule)
-        return self
-
-    def describe(self) -> str:
-        what = (f"cron {self.cron}" if self.cron else f"rrule {self.rrule}" if self.rrule
-                else f"every {format_duration(self.interval or timedelta())}")
-        return what + ("" if self.active else " (paused)")
 
 
 class TaskRunnerSpec(Strict):
@@ -591,76 +404,4 @@ class FlowSpec(Strict):
         return [CapRule(max=c.max, per=c.per, channel=c.channel, tier=c.tier,
                         flow=self.name) for c in self.caps]
 
-
-# -- channels: what the workspace needs to know of them ----------------------------------
-# What a message is, independent of who carries it. Each kind has the recipient column
-# that holds its address unless the channel's YAML names another (`address: column`).
-KINDS: dict[str, str] = {
-    "email": "email",
-    "sms": "phone",
-    "wechat": "wechat_openid",
-    "webhook": "webhook_url",
-}
-
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
-_PER_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
-                "h": 3600, "hour": 3600}
-
-
-MAX_RATE = 1_000_000  # messages a second
-
-
-def parse_rate(value: Any) -> float | None:
-    """Parse ``"50/s"``, ``"3000/min"`` or ``"100/h"`` (or a number: per second) into
-    messages per second; zero, negative or absurd rates are refused, never "no limit"."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ValueError("rate must look like 50/s, 3000/min or 100/h")
-    if isinstance(value, float | int):
-        if not 0 < value <= MAX_RATE:
-            raise ValueError(f"rate must be more than 0 and at most {MAX_RATE:,}/s (leave "
-                             "rate out for no limit)")
-        return float(value)
-    match = _RATE.match(str(value))
-    if not match:
-        raise ValueError("rate must look like 50/s, 3000/min or 100/h")
-    per_second = float(match.group(1)) / _PER_SECONDS[match.group(2)]
-    if not 0 < per_second <= MAX_RATE:
-        raise ValueError(f"rate must be more than 0 and at most {MAX_RATE:,}/s (leave rate "
-                         "out for no limit)")
-    return per_second
-
-
-
-Rate = Annotated[float | None, BeforeValidator(parse_rate)]
-
-
-class ChannelSettings(BaseModel):
-    """Settings every channel accepts; adapters subclass it with their own fields.
-
-    Secret fields (passwords, tokens) are ``SecretStr`` so they never print.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    type: str
-    kind: str | None = None
-    address: str | None = None
-    rate: Rate = None
-    batch_size: int | None = Field(default=None, gt=0)
-    # characters of a message (subject + text + HTML) the channel accepts; longer ones
-    # fail as ``body_too_long`` without reaching the provider (default: the adapter's)
-    max_body: int | None = Field(default=None, gt=0)
-
-
-def channel_kind(name: str, settings: ChannelSettings, kinds: frozenset[str]) -> str | None:
-    """The kind a configured channel carries (the one home of this decision): its
-    ``kind:``, else the adapter's only kind, else the channel's name when it names one
-    of the adapter's kinds; None when it cannot be told (a configuration error)."""
-    if settings.kind:
-        return settings.kind
-    if len(kinds) == 1:
-        return next(iter(kinds))
-    return name if name in kinds else None
 

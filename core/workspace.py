@@ -16,10 +16,11 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy import Engine
 
+from herald.core.channel_settings import KINDS, ChannelSettings, channel_kind
 from herald.core.db import make_engine, open_store
 from herald.core.errors import ChannelError, ConfigError, Problem, WorkspaceError
 from herald.core.plugins import channel_type
-from herald.core.spec import KINDS, ChannelSettings, FlowSpec, WorkspaceConfig, channel_kind
+from herald.core.spec import FlowSpec, WorkspaceConfig
 from herald.core.yamlio import Located, load_yaml, problems_from, validate
 
 CONFIG_FILE = "config/herald.yaml"

@@ -21,7 +21,7 @@ from uuid import UUID
 from zoneinfo import ZoneInfo
 
 from herald.core.errors import ConfigError, Problem
-from herald.core.spec import ScheduleSpec
+from herald.core.schedules import ScheduleSpec
 from herald.core.workspace import Workspace
 from herald.flows.validate import check_flow
 

@@ -21,7 +21,7 @@ from prefect.futures import PrefectFuture, as_completed
 
 from herald.core import clock
 from herald.core.errors import RunError
-from herald.core.spec import ScheduleSpec
+from herald.core.schedules import ScheduleSpec
 from herald.core.workspace import Workspace
 from herald.core.workspace import adopt as adopt_workspace
 from herald.core.workspace import shared as workspace_at

@@ -14,19 +14,9 @@ from zoneinfo import ZoneInfo
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from herald.core.spec import (
-    AudienceSpec,
-    Clock,
-    Duration,
-    FlowCapRule,
-    Name,
-    QuietHours,
-    Scalar,
-    ScheduleSpec,
-    Strict,
-    TierSpec,
-    TimeZone,
-)
+from herald.core.fields import Clock, Duration, Name, Scalar, Strict, TimeZone
+from herald.core.schedules import ScheduleSpec
+from herald.core.spec import AudienceSpec, FlowCapRule, QuietHours, TierSpec
 
 _OFFSET = re.compile(r"^\s*([-+]?)\s*(\d+)\s*(m|min|h|d|w)\s*$")
 _UNIT = {"m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

@@ -30,7 +30,8 @@ from sqlalchemy.exc import DBAPIError
 from herald.audiences.sql import Segment, bind_time, load_sql, probe
 from herald.core import clock
 from herald.core.errors import AudienceError, HeraldError, Problem, WorkspaceError
-from herald.core.spec import FlowSpec, format_duration
+from herald.core.fields import format_duration
+from herald.core.spec import FlowSpec
 from herald.core.workspace import Workspace
 from herald.delivery import ledger
 from herald.reporting.stats import Uplift, mean_difference, uplift

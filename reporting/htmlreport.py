@@ -12,7 +12,7 @@ from datetime import timedelta
 from html import escape
 from typing import Any
 
-from herald.core.spec import format_duration
+from herald.core.fields import format_duration
 from herald.reporting.conversions import ConversionReport, Row, by_day, incremental
 from herald.reporting.experiments import ExperimentReport
 from herald.reporting.runs import Timeline

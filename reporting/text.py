@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from herald.core.db import STATUSES
-from herald.core.spec import format_duration
+from herald.core.fields import format_duration
 from herald.reporting.conversions import ConversionReport, Row
 from herald.reporting.experiments import ExperimentReport, Result
 from herald.reporting.stats import Uplift, wilson

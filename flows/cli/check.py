@@ -27,7 +27,7 @@ def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (defa
              = None, workspace: WorkspaceOpt = None) -> None:
     """Check flows and journeys, SQL, templates and channels; exit 1 listing every
     problem."""
-    from herald.core.spec import format_duration
+    from herald.core.fields import format_duration
     from herald.delivery.render import templates_for
     from herald.flows.validate import check_flow
     from herald.journeys import load as journeys

@@ -183,7 +183,7 @@ def _print_conversion(report: Any, currency: str | None = None) -> None:
     """Conversions in tables that fit 80 columns: one row per tier, then per channel."""
     from rich import box
 
-    from herald.core.spec import format_duration
+    from herald.core.fields import format_duration
 
     state = ("[green]closed[/]" if report.window_closed else
              f"[yellow]open until {report.closes_at:%Y-%m-%d %H:%M} UTC: partial figures[/]")
