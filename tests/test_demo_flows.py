@@ -71,7 +71,7 @@ def test_outbox_holds_chinese_and_english(demo) -> None:
 def test_simulated_response_gives_an_explainable_uplift(demo, capsys) -> None:
     """The demo's simulated week after the win-back: contacted customers order more often,
     and the report measures exactly the orders the simulation placed."""
-    from herald.audiences.demo_shop import response_chance, simulate_response
+    from herald.audiences.demo_response import response_chance, simulate_response
     from herald.reporting.conversions import compute
     from herald.reporting.runs import contacts
 

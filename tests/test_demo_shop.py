@@ -19,7 +19,8 @@ from jinja2 import FileSystemLoader, StrictUndefined, meta
 from jinja2.sandbox import SandboxedEnvironment
 from sqlalchemy import create_engine, text
 
-from herald.audiences.demo_shop import LEVELS, build_demo_shop
+from herald.audiences.demo_rows import LEVELS
+from herald.audiences.demo_shop import build_demo_shop
 from herald.audiences.sql import bind_time
 from herald.core import clock
 

@@ -50,7 +50,7 @@ def demo_data(customers: Annotated[int, typer.Option(min=100)] = 20000,
 
 
 def _simulate(ws: Workspace, run: str) -> None:
-    from herald.audiences.demo_shop import simulate_response
+    from herald.audiences.demo_response import simulate_response
     from herald.core.db import resolve_url
     from herald.journeys import load as journeys
     from herald.reporting import runs
@@ -79,7 +79,7 @@ def _simulate(ws: Workspace, run: str) -> None:
 
 def _simulate_journey(ws: Workspace, name: str) -> None:
     """Orders after entering a journey: more likely for those not held out."""
-    from herald.audiences.demo_shop import simulate_response
+    from herald.audiences.demo_response import simulate_response
     from herald.core.db import resolve_url
     from herald.journeys import load as journeys
     from herald.journeys.report import contacts
