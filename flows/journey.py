@@ -26,6 +26,7 @@ from herald.core.workspace import Workspace
 from herald.core.workspace import adopt as adopt_workspace
 from herald.core.workspace import shared as workspace_at
 from herald.journeys import engine, load, report
+from herald.journeys.chunks import ChunkJob, ChunkResult
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 @task(name="journey-chunk", task_run_name="chunk-{job.index:04d}", cache_policy=NO_CACHE,
       retries=2, retry_delay_seconds=5)
-def advance_chunk(job: engine.ChunkJob) -> engine.ChunkResult:
+def advance_chunk(job: ChunkJob) -> ChunkResult:
     # A retried chunk is safe: its leases were released, the ledger holds what was sent.
     return engine.run_chunk(job)
 
@@ -76,11 +77,11 @@ def journey(workspace: str, journey_name: str, now: str | None = None,
         return summary
 
 
-def _advance_all(chunks: list[engine.ChunkJob], workers: int
-                 ) -> Iterator[engine.ChunkResult]:
+def _advance_all(chunks: list[ChunkJob], workers: int
+                 ) -> Iterator[ChunkResult]:
     """Chunks with at most ``workers`` in flight (as flows.campaign._send_all)."""
     waiting = list(reversed(chunks))
-    running: set[PrefectFuture[engine.ChunkResult]] = set()
+    running: set[PrefectFuture[ChunkResult]] = set()
     while waiting or running:
         while waiting and len(running) < workers:
             running.add(advance_chunk.submit(waiting.pop()))

@@ -9,7 +9,10 @@ reporting.
     spec        the YAML schema of ``config/journeys/NAME.yaml``
     load        loading with positions, and validation (``herald validate``)
     conditions  SQL conditions (exit_when, wait_for, branch) and the goal
-    engine      the tick: enter, claim, check exits, move (no Prefect here)
+    engine      the tick: prepare, run a chunk, finish (no Prefect here)
+    entry       versions, and entering the entry segment's recipients (re-entry rules)
+    chunks      a chunk's job and result, its enrollments, claiming them under a lease
+    mover       moving a claimed chunk: exit checks, then rounds of one step each
     report      status, one path, per-step report with uplift over the holdout
     html        the journey's HTML report
 """

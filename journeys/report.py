@@ -19,7 +19,7 @@ from herald.core.workspace import Workspace
 from herald.delivery import ledger
 from herald.delivery.variants import assign as assign_variant
 from herald.journeys import conditions, load
-from herald.journeys.engine import definition
+from herald.journeys.entry import definition
 from herald.journeys.spec import JourneySpec, SendStep
 from herald.reporting import stats
 

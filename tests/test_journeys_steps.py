@@ -12,7 +12,7 @@ import pytest
 
 from herald.core import clock
 from herald.delivery import variants
-from herald.journeys import engine, report
+from herald.journeys import chunks, engine, mover, report
 from herald.journeys.spec import Until, When, until_moment
 
 from .test_journeys import FILES, START, _crm_events, _event, _rows, tick
@@ -203,12 +203,12 @@ def test_a_tick_that_lost_its_lease_sends_nothing(make_workspace):
     with clock.using(clock.Clock(START, frozen=True)):
         prepared = engine.prepare(ws, "capped")
         (job,) = prepared.chunks
-        items = engine.claim(ws, job, "slow-tick")
+        items = chunks.claim(ws, job, "slow-tick")
         with ws.store.begin() as conn:  # another tick took them over meanwhile
             conn.execute(update(enrollments).values(lease_owner="other-tick"))
-        mover = engine.Mover(ws, job, "slow-tick", engine.ChunkResult())
+        moving = mover.Mover(ws, job, "slow-tick", chunks.ChunkResult())
         with pytest.raises(RunError, match="lost the lease on .* before sending"):
-            mover.run(items)
+            moving.run(items)
     assert outbox_messages(ws) == 0
 
 
