@@ -350,6 +350,8 @@ def make_engine(url: str, root: Path, store: bool = False, read_only: bool = Fal
         if read_only and backend == "postgresql":
             kwargs["connect_args"] = {"options": "-c default_transaction_read_only=on"}
     engine = create_engine(resolved, **kwargs)
+    _name_in_errors(engine, f"{'the workspace database' if store else 'the database'} "
+                            f"{render_url(resolved)}")
     if store and backend == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         begin_immediate(engine)
@@ -370,6 +372,27 @@ def open_store(url: str, root: Path) -> Engine:
 
 def describe_db_error(url: str, exc: DBAPIError) -> str:
     """``the workspace database URL: what went wrong`` with a hint for the usual cases."""
+    return f"the workspace database {render_url(url)}: {_what_went_wrong(exc)}"
+
+
+DATABASE_NOTE = "herald_database"  # the attribute naming the database an error came from
+
+
+def _name_in_errors(engine: Engine, name: str) -> None:
+    """Every DBAPIError of ``engine`` carries ``name`` (its URL, password hidden), so
+    that a failure far from where the engine was made still says which database."""
+    @event.listens_for(engine, "handle_error")
+    def _note(context: Any) -> None:
+        if context.sqlalchemy_exception is not None:
+            setattr(context.sqlalchemy_exception, DATABASE_NOTE, name)
+
+
+def describe_failure(exc: DBAPIError) -> str:
+    """One line for a database error: which database, what went wrong, and a hint."""
+    return f"{getattr(exc, DATABASE_NOTE, 'a database')}: {_what_went_wrong(exc)}"
+
+
+def _what_went_wrong(exc: DBAPIError) -> str:
     text = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
     hint = ""
     if "not a database" in text or "malformed" in text:
@@ -378,7 +401,7 @@ def describe_db_error(url: str, exc: DBAPIError) -> str:
         hint = " (Herald needs to write to it: check the file's and folder's permissions)"
     elif "locked" in text:
         hint = " (another process holds it: try again when it is done)"
-    return f"the workspace database {render_url(url)}: {text}{hint}"
+    return f"{text}{hint}"
 
 
 def render_url(url: str) -> str:

@@ -30,8 +30,10 @@ from prefect.exceptions import FailedRun
 from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Failed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from sqlalchemy.exc import DBAPIError
 
 from herald.core import clock
+from herald.core.db import describe_failure
 from herald.core.errors import HeraldError, RunError
 from herald.core.spec import Scalar, TaskRunnerSpec
 from herald.core.workspace import Workspace
@@ -49,9 +51,11 @@ def build_audience(ws: Workspace, flow_name: str, params: dict[str, Scalar], run
                    dry_run: bool) -> engine.Prepared | State:
     try:
         prepared = engine.prepare(ws, flow_name, params, run_key, dry_run)
-    except HeraldError as exc:
-        get_run_logger().error("%s", exc)
-        return Failed(message=str(exc))
+    except (HeraldError, DBAPIError) as exc:
+        # one line naming the file or the database, never the SQL and its parameters
+        message = describe_failure(exc) if isinstance(exc, DBAPIError) else str(exc)
+        get_run_logger().error("%s", message)
+        return Failed(message=message)
     package = prepared.package
     get_run_logger().info("audience package %s: %d recipients in %d chunks (%s)",
                           package.id, package.size, len(prepared.chunks),

@@ -265,6 +265,87 @@ def test_a_damaged_workspace_database_is_one_line(command, make_workspace, capsy
               "exit 1: " + line.replace(str(ws.root), "WORKSPACE")[:150])
 
 
+def _herald(ws: Any, *argv: str) -> tuple[int, str]:
+    """``herald ARGV -w WORKSPACE`` in its own process: exit status and the CLI's one
+    error line (the last of stderr; a run's Prefect log lines come before it)."""
+    herald = Path(sys.executable).parent / "herald"
+    proc = subprocess.run([str(herald), *argv, "-w", str(ws.root)], capture_output=True,
+                          text=True, timeout=180)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr and lines, proc.stderr
+    assert lines[-1].startswith("error:"), proc.stderr
+    assert sum(line.startswith("error:") for line in lines) == 1, proc.stderr
+    return proc.returncode, lines[-1]
+
+
+def _read_only_store(ws: Any) -> str:
+    """Point the workspace at its own database opened read-only (SQLite ``mode=ro``).
+
+    The tests run as root, whom a file mode of 0444 does not stop; a read-only
+    connection fails the way a file Herald may not write does, on Herald's first write."""
+    db = ws.root / ".herald" / "herald.db"
+    ws.store  # noqa: B018 - the database and its schema exist, as after an earlier command
+    ws.dispose()
+    url = f"sqlite:///file:{db}?mode=ro&uri=true"
+    config = ws.root / "config" / "herald.yaml"
+    config.write_text(config.read_text().replace('store: "sqlite:///.herald/herald.db"',
+                                                 f'store: "{url}"'))
+    return url
+
+
+@pytest.mark.parametrize("command", [
+    pytest.param(["run", "promo"], marks=pytest.mark.prefect),
+    ["suppress", "add", "a@example.com"]])
+def test_a_read_only_workspace_database_is_one_line_naming_it(command, make_workspace,
+                                                              catalogue) -> None:
+    ws = make_workspace(rows=5)
+    url = _read_only_store(ws)
+    code, line = _herald(ws, *command)
+    assert code == 1
+    assert line == (f"error: the workspace database {url}: attempt to write a readonly "
+                    "database (Herald needs to write to it: check the file's and folder's "
+                    "permissions)"), line
+    with sqlite3.connect(ws.root / ".herald" / "herald.db") as conn:
+        assert conn.execute("SELECT count(*) FROM herald_deliveries").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM herald_suppressions").fetchone() == (0,)
+    assert outbox_messages(ws) == 0
+    catalogue("input", f"read-only workspace database: `herald {' '.join(command[:2])}`",
+              "exit 1, nothing written or sent: "
+              + line.replace(str(ws.root), "WORKSPACE")[:150])
+
+
+@pytest.mark.prefect
+def test_a_locked_workspace_database_fails_after_the_busy_timeout(make_workspace,
+                                                                 catalogue) -> None:
+    """Another process holds the workspace database's write lock for longer than Herald
+    waits (its busy timeout, 30 s): the run fails in one line naming the database."""
+    ws = make_workspace(rows=5)
+    db = ws.root / ".herald" / "herald.db"
+    ws.store  # noqa: B018 - the database and its schema exist, as after an earlier command
+    ws.dispose()
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        code, line = _herald(ws, "run", "promo")
+        waited = time.monotonic() - started
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert code == 1
+    assert line == (f"error: the workspace database sqlite:///{db}: database is locked "
+                    "(another process holds it: try again when it is done)"), line
+    assert 30 <= waited < 60, waited  # one busy timeout (and Prefect's start), no more
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM herald_deliveries").fetchone() == (0,)
+    assert outbox_messages(ws) == 0
+    catalogue("fault", "workspace database locked by another process for longer than "
+              "Herald waits (`herald run`)",
+              f"waited its busy timeout (30 s; {waited:.0f} s with Prefect's start), then "
+              "exit 1, nothing sent: " + line.replace(str(ws.root), "WORKSPACE")[:120],
+              messages=5)
+
+
 def test_contact_fields_null_malformed_or_absurd_are_recorded_never_sent(
         make_workspace, catalogue) -> None:
     ws = make_workspace({FLOW: PROMO_YAML.replace("gold: {channels: [email, sms]}",
@@ -945,6 +1026,33 @@ def test_settling_waits_out_a_locked_store(make_workspace, hook, caplog, catalog
               "provider answers", "recording the answers retried (each attempt waits 5 s, "
               "at most 6): all 9 with an address recorded sent once the lock went; none "
               "left `sending`", messages=10, lost=lost, duplicated=duplicated)
+
+
+def test_a_database_error_names_the_database_with_its_password_hidden(tmp_path, catalogue
+                                                                      ) -> None:
+    """The line the CLI prints for a database failing under a command names the database
+    (every engine Herald makes notes its URL on its errors), its password hidden."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import DBAPIError
+
+    from herald.core.db import describe_failure, make_engine
+
+    from .conftest import PG_URL
+
+    url = make_url(PG_URL).set(password="planted-db-password",
+                               database="herald_no_such_database")
+    source = make_engine(url.render_as_string(hide_password=False), tmp_path)
+    with pytest.raises(DBAPIError) as exc, source.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    source.dispose()
+    line = describe_failure(exc.value)
+    assert "planted-db-password" not in line
+    assert line.startswith(f"the database {url.render_as_string(hide_password=True)}: "), line
+    assert "***" in line
+    catalogue("secret", "a database failing under a command, its URL holding a password",
+              "one line naming the database with the password as ***: "
+              + line.split(": ", 1)[0])
 
 
 class _SlowAfterData:

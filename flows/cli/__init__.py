@@ -14,6 +14,7 @@ import typer
 from rich.markup import escape
 from sqlalchemy.exc import DBAPIError
 
+from herald.core.db import describe_failure
 from herald.core.errors import HeraldError
 from herald.flows.cli import (  # noqa: F401
     audience,
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     except DBAPIError as exc:  # a database failing under a command: one line, exit 1
         if state.debug:
             raise
-        err.print(f"[red]error:[/] database error: {escape(_first_line(exc))}")
+        err.print(f"[red]error:[/] {escape(describe_failure(exc))}")
         sys.exit(1)
     except typer.Abort:
         err.print("aborted")
@@ -63,10 +64,6 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         close()
     sys.exit(code if isinstance(code, int) else 0)
-
-
-def _first_line(exc: DBAPIError) -> str:
-    return str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
 
 
 def close() -> None:

@@ -6,6 +6,7 @@ import os
 from typing import Annotated
 
 import typer
+from sqlalchemy.exc import DBAPIError
 
 from herald.core.errors import HeraldError, RunError
 from herald.core.spec import TaskRunnerSpec
@@ -101,8 +102,8 @@ def run(flow: str, param: ParamOpt = None,
                 with watching(watcher):
                     summary = campaign.run(ws, flow, params, run_key, dry_run, runner,
                                            resend_render_errors)
-    except HeraldError:
-        raise
+    except (HeraldError, DBAPIError):
+        raise  # the CLI names the file or the database in one line
     except Exception as exc:  # reported in one line; --debug shows the traceback
         if state.debug:
             raise
