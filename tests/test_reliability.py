@@ -742,7 +742,8 @@ def hook(tmp_path: Path) -> Any:
     server.server_close()
 
 
-def hook_ws(make_workspace: Any, peer: Peer, rows: int = 20) -> Any:
+def hook_ws(make_workspace: Any, peer: Peer, rows: int = 20, store: str | None = None
+            ) -> Any:
     return make_workspace({
         "config/herald.yaml": (
             "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
@@ -750,7 +751,7 @@ def hook_ws(make_workspace: Any, peer: Peer, rows: int = 20) -> Any:
             "timeout: 1}\nchunk_size: 40\n"),
         FLOW: PROMO_YAML.replace("gold: {channels: [email, sms]}", "gold: {channels: [hook]}")
         .replace("default: {channels: [sms, email]}", "default: {channels: [hook]}"),
-        "templates/promo/default.webhook.txt.j2": "Hello {{ name }}"}, rows=rows)
+        "templates/promo/default.webhook.txt.j2": "Hello {{ name }}"}, rows=rows, store=store)
 
 
 HTTP_FAULTS = {
@@ -1026,6 +1027,63 @@ def test_settling_waits_out_a_locked_store(make_workspace, hook, caplog, catalog
               "provider answers", "recording the answers retried (each attempt waits 5 s, "
               "at most 6): all 9 with an address recorded sent once the lock went; none "
               "left `sending`", messages=10, lost=lost, duplicated=duplicated)
+
+
+def test_settling_retries_after_a_postgres_lock_timeout(make_workspace, hook, pg_database,
+                                                       caplog, catalogue) -> None:
+    """On Postgres a settle gives up waiting for a lock after 5 s (``lock_timeout``) and
+    tries again: another session holds the ledger table for 7 s while the provider
+    answers, so the first attempt fails and only a retry records the answers."""
+    import logging
+
+    from sqlalchemy import create_engine, text
+
+    ws = hook_ws(make_workspace, hook, rows=10, store=pg_database)
+    ws.store  # noqa: B018 - the ledger's tables exist before the locker looks at them
+    for r in range(1, 11):
+        hook.script(str(r), ("timeout", 0.6))  # answers after 0.6 s (ok)
+    other = create_engine(pg_database)
+    held: list[float] = []
+
+    def locker() -> None:
+        deadline = time.monotonic() + 30
+        with other.connect() as conn:
+            while time.monotonic() < deadline and not conn.execute(text(
+                    "SELECT count(*) FROM herald_deliveries WHERE status = 'sending'")
+                    ).scalar():
+                conn.rollback()
+                time.sleep(0.02)
+            conn.rollback()
+            with conn.begin():
+                conn.execute(text("LOCK TABLE herald_deliveries IN EXCLUSIVE MODE"))
+                held.append(time.monotonic())
+                time.sleep(7)
+            held.append(time.monotonic())
+
+    thread = threading.Thread(target=locker)
+    caplog.set_level(logging.WARNING, logger="herald.ledger")
+    thread.start()
+    try:
+        summary = engine.run_local(ws, "promo", run_key="pglocked")
+    finally:
+        thread.join()
+    with other.connect() as conn:
+        ledger = {r: (st, why) for r, st, why in conn.execute(text(
+            "SELECT recipient, status, reason FROM herald_deliveries "
+            "WHERE run_key = 'pglocked'"))}
+    other.dispose()
+    assert len(held) == 2 and held[1] - held[0] >= 7
+    retried = [r.getMessage() for r in caplog.records
+               if "workspace database is locked; recording" in r.getMessage()]
+    assert retried, "the settle was not retried"
+    assert summary["deliveries"]["sent"] == 9 and not any(
+        st == "sending" for st, _ in ledger.values())
+    lost, duplicated = _account(ledger, Counter(hook.kept()), [str(i) for i in range(1, 11)])
+    assert lost == 0 and duplicated == 0
+    catalogue("fault", "ledger table (Postgres) locked by another session for 7 s while the "
+              "provider answers", "the settle's lock_timeout (5 s) fails the first attempt; "
+              f"retried ({len(retried)} warning(s)): all 9 with an address recorded sent; "
+              "none left `sending`", messages=10, lost=lost, duplicated=duplicated)
 
 
 def test_a_database_error_names_the_database_with_its_password_hidden(tmp_path, catalogue
