@@ -218,7 +218,7 @@ def test_timeout_and_matched_lead_where_the_yaml_says(journey_ws):
             ("thanks", "sent"), ("done", "completed")]
 
 
-def test_two_ticks_at_the_same_moment_send_each_step_once(journey_ws):
+def test_two_ticks_at_the_same_moment_send_each_step_once(journey_ws, store_url, catalogue):
     ws = journey_ws
     summaries: list[dict[str, Any]] = []
     errors: list[BaseException] = []
@@ -248,6 +248,11 @@ def test_two_ticks_at_the_same_moment_send_each_step_once(journey_ws):
     lines = _outbox_lines(ws)
     assert lines and max(lines.values()) == 1
     assert sum(lines.values()) + _eml_count(ws) == sum(1 for r in rows if r.status == "sent")
+    catalogue("fault", f"three ticks of one journey at the same moment, at two moments "
+              f"({'Postgres' if store_url else 'SQLite'})",
+              "each enrollment claimed by one tick; each step's message once per recipient "
+              f"({len(rows)} ledger rows for 54 + 54 sends)", messages=len(rows),
+              duplicated=sum(1 for n in lines.values() if n > 1))
 
 
 def _eml_count(ws: Workspace) -> int:
@@ -267,7 +272,7 @@ max_workers: 2
 
 
 def test_a_tick_killed_mid_send_then_a_tick_loses_and_repeats_nothing(make_workspace,
-                                                                      store_url):
+                                                                      store_url, catalogue):
     ws = make_workspace({**FILES, "config/herald.yaml": KILL_HERALD,
                          "config/journeys/nudge.yaml": NUDGE.replace(
                              "tiers: {default: {channels: [email, sms]}}\n    next: wait_visit",
@@ -304,6 +309,12 @@ def test_a_tick_killed_mid_send_then_a_tick_loses_and_repeats_nothing(make_works
     assert all(lines[next(iter(lines))[0], k] == 1 for k in main
                if k in expected and k not in unknown)
     assert 0 < before < len([k for k in main if k in expected])
+    catalogue("fault", "journey tick process killed (SIGKILL) mid-send, then a tick once its "
+              f"leases ran out ({'Postgres' if store_url else 'SQLite'})",
+              f"{before} messages before the kill; the next tick sent the rest once each and "
+              f"moved everyone on; {len(unknown)} caught in flight stay `sending` (never "
+              "resent blindly)", messages=len([k for k in main if k in expected]),
+              lost=lost, duplicated=duplicated)
 
 
 RE_ENTRY = """name: again
@@ -462,7 +473,7 @@ steps:
 """
 
 
-def test_validation_names_file_line_and_field(make_workspace):
+def test_validation_names_file_line_and_field(make_workspace, catalogue):
     ws = make_workspace({**FILES, "config/journeys/broken.yaml": BROKEN,
                          "templates/broken/a/default.email.subject.j2": "{{ nickname }}",
                          "templates/broken/a/default.email.txt.j2": "x"})
@@ -493,6 +504,9 @@ def test_validation_names_file_line_and_field(make_workspace):
     assert "config/journeys/broken.yaml:5 steps.b.cases[0].when.column: column 'nope'" in text
     assert "config/journeys/broken.yaml:6 steps.c.condition: audiences/visited.sql must " \
            "return the key column 'id'" in text
+    catalogue("input", "journey YAML: an unknown or unreachable step, a cycle without a "
+              "wait, a mistyped key, a template variable or condition column the SQL lacks",
+              "every problem named with file, line and field before any tick runs")
 
 
 def test_cli_tick_status_show_and_validate(journey_ws, capsys):
