@@ -1,6 +1,7 @@
 """What tests share besides fixtures: the test workspace's files, CRM rows, and readers
 of what a run left behind (the outbox, the ledger and the suppression list, read through
-the workspace's own database so they work on SQLite and Postgres alike)."""
+the workspace's own database so they work on SQLite and Postgres alike); the unsubscribe
+server; the test journey (``nudge``), its CRM events and its enrollments."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import select, text
 
+from herald.core.db import journey_enrollments as enrollments
 from herald.core.workspace import Workspace
+from herald.journeys import engine as journeys
 
 HERALD_YAML = """\
 timezone: UTC
@@ -175,3 +179,97 @@ def table_rows(ws: Workspace, table: str, *columns: str) -> list[tuple[Any, ...]
     with ws.store.connect() as conn:
         return [tuple(r) for r in conn.execute(text(
             f"SELECT {', '.join(columns)} FROM {table}"))]
+
+
+# -- journeys ----------------------------------------------------------------------------
+JOURNEY_START = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)  # a Monday, 10:00 in Shanghai
+
+NUDGE = """\
+name: nudge
+entry:
+  source: crm
+  segment: nudge_entry
+  params: {min_score: 0}
+  key: id
+  tier: tier
+  locale: locale
+exit_when:
+  - {condition: bought, at: placed_at, reason: purchased}
+goal: {segment: bought, window: 14d, at: placed_at, key: id, exit: false}
+steps:
+  split:
+    type: split
+    cohorts:
+      holdout: {weight: 10, holdout: true}
+      main: {weight: 90, next: first}
+  first:
+    type: send
+    tiers: {default: {channels: [email, sms]}}
+    next: wait_visit
+  wait_visit:
+    type: wait_for
+    condition: visited
+    at: visited_at
+    within: 3d
+    matched: thanks
+    timeout: second
+  second:
+    type: send
+    tiers: {default: {channels: [sms, email]}}
+    next: pause
+  pause: {type: wait, for: 2d, next: by_tier}
+  by_tier:
+    type: branch
+    cases:
+      - {when: {column: tier, eq: gold}, next: third_gold}
+    default: third
+  third_gold: {type: send, tiers: {default: {channels: [email]}}}
+  third: {type: send, tiers: {default: {channels: [email]}}}
+  thanks: {type: send, tiers: {default: {channels: [email]}}, next: done}
+  done: {type: exit, reason: thanked}
+"""
+
+NUDGE_TEMPLATES = {
+    f"templates/nudge/{step}/default.{kind}": text
+    for step in ("first", "second", "third", "third_gold", "thanks")
+    for kind, text in (("email.subject.j2", "Hello {{ name }}"),
+                       ("email.txt.j2", "Step {{ step }} for {{ name }} ({{ run_key }})"),
+                       ("sms.txt.j2", "Hi {{ name }}: {{ step }}. Reply STOP to opt out"))
+}
+
+JOURNEY_FILES: dict[str, str | None] = {
+    "config/journeys/nudge.yaml": NUDGE,
+    "audiences/nudge_entry.sql": ("SELECT id, name, email, phone, tier, locale, score "
+                                  "FROM people WHERE score >= :min_score"),
+    "audiences/bought.sql": ("SELECT customer_id AS id, placed_at FROM orders "
+                             "WHERE placed_at >= :since AND placed_at < :until"),
+    "audiences/visited.sql": ("SELECT id, visited_at FROM visits "
+                              "WHERE visited_at >= :since AND visited_at < :until"),
+    **NUDGE_TEMPLATES,
+}
+
+
+def crm_events(ws: Workspace) -> None:
+    """The CRM source's event tables the test journey's conditions read."""
+    with sqlite3.connect(ws.root / "crm.db") as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS orders (customer_id INTEGER, placed_at TEXT)")
+        conn.execute("CREATE TABLE IF NOT EXISTS visits (id INTEGER, visited_at TEXT)")
+
+
+def crm_event(ws: Workspace, table: str, key: int, at: datetime) -> None:
+    """One order or visit of recipient ``key`` at ``at``."""
+    with sqlite3.connect(ws.root / "crm.db") as conn:
+        conn.execute(f"INSERT INTO {table} VALUES (?, ?)",
+                     (key, at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")))
+
+
+def journey_tick(ws: Workspace, name: str = "nudge", **kw: Any) -> dict[str, Any]:
+    """One tick of journey ``name`` on a thread pool, without Prefect."""
+    return journeys.tick_local(ws, name, **kw)
+
+
+def enrollment_rows(ws: Workspace, name: str = "nudge") -> dict[str, Any]:
+    """{recipient: enrollment row} of journey ``name``."""
+    with ws.store.connect() as conn:
+        return {r.recipient: r for r in conn.execute(
+            select(enrollments).where(enrollments.c.journey == name))}

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -26,105 +26,28 @@ from herald.delivery.variants import assign as assign_variant
 from herald.flows import engine as flow_engine
 from herald.journeys import engine, load, report
 
-START = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)  # a Monday, 10:00 in Shanghai
-
-NUDGE = """\
-name: nudge
-entry:
-  source: crm
-  segment: nudge_entry
-  params: {min_score: 0}
-  key: id
-  tier: tier
-  locale: locale
-exit_when:
-  - {condition: bought, at: placed_at, reason: purchased}
-goal: {segment: bought, window: 14d, at: placed_at, key: id, exit: false}
-steps:
-  split:
-    type: split
-    cohorts:
-      holdout: {weight: 10, holdout: true}
-      main: {weight: 90, next: first}
-  first:
-    type: send
-    tiers: {default: {channels: [email, sms]}}
-    next: wait_visit
-  wait_visit:
-    type: wait_for
-    condition: visited
-    at: visited_at
-    within: 3d
-    matched: thanks
-    timeout: second
-  second:
-    type: send
-    tiers: {default: {channels: [sms, email]}}
-    next: pause
-  pause: {type: wait, for: 2d, next: by_tier}
-  by_tier:
-    type: branch
-    cases:
-      - {when: {column: tier, eq: gold}, next: third_gold}
-    default: third
-  third_gold: {type: send, tiers: {default: {channels: [email]}}}
-  third: {type: send, tiers: {default: {channels: [email]}}}
-  thanks: {type: send, tiers: {default: {channels: [email]}}, next: done}
-  done: {type: exit, reason: thanked}
-"""
-
-TEMPLATES = {
-    f"templates/nudge/{step}/default.{kind}": text
-    for step in ("first", "second", "third", "third_gold", "thanks")
-    for kind, text in (("email.subject.j2", "Hello {{ name }}"),
-                       ("email.txt.j2", "Step {{ step }} for {{ name }} ({{ run_key }})"),
-                       ("sms.txt.j2", "Hi {{ name }}: {{ step }}. Reply STOP to opt out"))
-}
-
-FILES: dict[str, str | None] = {
-    "config/journeys/nudge.yaml": NUDGE,
-    "audiences/nudge_entry.sql": ("SELECT id, name, email, phone, tier, locale, score "
-                                  "FROM people WHERE score >= :min_score"),
-    "audiences/bought.sql": ("SELECT customer_id AS id, placed_at FROM orders "
-                             "WHERE placed_at >= :since AND placed_at < :until"),
-    "audiences/visited.sql": ("SELECT id, visited_at FROM visits "
-                              "WHERE visited_at >= :since AND visited_at < :until"),
-    **TEMPLATES,
-}
-
-
-def _crm_events(ws: Workspace) -> None:
-    with sqlite3.connect(ws.root / "crm.db") as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS orders (customer_id INTEGER, placed_at TEXT)")
-        conn.execute("CREATE TABLE IF NOT EXISTS visits (id INTEGER, visited_at TEXT)")
-
-
-def _event(ws: Workspace, table: str, key: int, at: datetime) -> None:
-    with sqlite3.connect(ws.root / "crm.db") as conn:
-        conn.execute(f"INSERT INTO {table} VALUES (?, ?)",
-                     (key, at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")))
+from .helpers import (
+    JOURNEY_FILES,
+    JOURNEY_START,
+    NUDGE,
+    crm_event,
+    crm_events,
+    enrollment_rows,
+    journey_tick,
+)
 
 
 @pytest.fixture
 def journey_ws(make_workspace: Any, store_url: str | None) -> Workspace:
-    ws = make_workspace(FILES, rows=60, store=store_url)
-    _crm_events(ws)
+    ws = make_workspace(JOURNEY_FILES, rows=60, store=store_url)
+    crm_events(ws)
     return ws
 
 
-def tick(ws: Workspace, name: str = "nudge", **kw: Any) -> dict[str, Any]:
-    return engine.tick_local(ws, name, **kw)
-
-
-def _rows(ws: Workspace, name: str = "nudge") -> dict[str, Any]:
-    with ws.store.connect() as conn:
-        return {r.recipient: r for r in conn.execute(
-            select(enrollments).where(enrollments.c.journey == name))}
-
-
-def _deliveries(ws: Workspace, recipient: str | None = None) -> list[Any]:
+def _deliveries(ws: Workspace, recipient: str | None = None, flow: str = "journey:nudge"
+                ) -> list[Any]:
     d = ledger.deliveries.c
-    query = select(d.recipient, d.run_key, d.status, d.channel).where(d.flow == "journey:nudge")
+    query = select(d.recipient, d.run_key, d.status, d.channel).where(d.flow == flow)
     if recipient:
         query = query.where(d.recipient == recipient)
     with ws.store.connect() as conn:
@@ -158,26 +81,27 @@ assert HELD == 6, "the figures below are worked out for this draw"
 
 
 def _main_cohort(ws: Workspace) -> list[str]:
-    return sorted((k for k, r in _rows(ws).items() if r.cohort == "main"), key=int)
+    return sorted((k for k, r in enrollment_rows(ws).items() if r.cohort == "main"), key=int)
 
 
 def test_a_recipient_who_converts_during_a_wait_leaves_at_the_next_tick(journey_ws):
     ws = journey_ws
-    with clock.using(clock.Clock(START, frozen=True)):
-        first = tick(ws)
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        first = journey_tick(ws)
         assert first["entered"] == 60 and first["exits"] == {"holdout": 6}
         assert first["steps"]["first"]["sent"] + first["steps"]["first"].get(
             "no_address", 0) == 54
         buyer, other = _main_cohort(ws)[:2]
-        assert _rows(ws)[buyer].step == "wait_visit" and _rows(ws)[buyer].status == "waiting"
+        row = enrollment_rows(ws)[buyer]
+        assert row.step == "wait_visit" and row.status == "waiting"
         clock.advance(timedelta(days=1))
-        _event(ws, "orders", int(buyer), clock.now() - timedelta(hours=2))
-        later = tick(ws)
+        crm_event(ws, "orders", int(buyer), clock.now() - timedelta(hours=2))
+        later = journey_tick(ws)
         assert later["exits"] == {"purchased": 1}
-        row = _rows(ws)[buyer]
+        row = enrollment_rows(ws)[buyer]
         assert (row.status, row.exit_reason, row.step) == ("exited", "purchased", "wait_visit")
         clock.advance(timedelta(days=3))  # past wait_visit's 3 days: the others go on
-        after = tick(ws)
+        after = journey_tick(ws)
         assert after["steps"]["wait_visit"]["timeout"] == 53
         assert _steps_sent(ws, buyer) == ["first"]
         assert _steps_sent(ws, other) == ["first", "second"]
@@ -188,30 +112,31 @@ def test_a_recipient_who_converts_during_a_wait_leaves_at_the_next_tick(journey_
 
 def test_timeout_and_matched_lead_where_the_yaml_says(journey_ws):
     ws = journey_ws
-    with clock.using(clock.Clock(START, frozen=True)):
-        tick(ws)
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        journey_tick(ws)
         main = _main_cohort(ws)
         visitor = main[0]
         gold = next(k for k in main[1:] if int(k) % 4 == 0)
         plain = next(k for k in main[1:] if int(k) % 4 != 0)
         clock.advance(timedelta(hours=5))
-        _event(ws, "visits", int(visitor), clock.now() - timedelta(hours=1))
-        tick(ws)
-        row = _rows(ws)[visitor]
+        crm_event(ws, "visits", int(visitor), clock.now() - timedelta(hours=1))
+        journey_tick(ws)
+        row = enrollment_rows(ws)[visitor]
         assert (row.status, row.step) == ("completed", "done")
         assert _steps_sent(ws, visitor) == ["first", "thanks"]
-        assert _rows(ws)[gold].step == "wait_visit"  # nothing happened for them yet
+        assert enrollment_rows(ws)[gold].step == "wait_visit"  # nothing happened for them yet
         clock.advance(timedelta(days=3))  # timeout: second, then a 2-day pause
-        tick(ws)
-        assert _rows(ws)[gold].step == "pause" and _rows(ws)[gold].status == "waiting"
+        journey_tick(ws)
+        row = enrollment_rows(ws)[gold]
+        assert row.step == "pause" and row.status == "waiting"
         assert _steps_sent(ws, gold) == ["first", "second"]
         clock.advance(timedelta(days=1))
-        assert tick(ws)["steps"] == {}  # still pausing: nothing moves
+        assert journey_tick(ws)["steps"] == {}  # still pausing: nothing moves
         clock.advance(timedelta(days=1, minutes=1))
-        tick(ws)
+        journey_tick(ws)
         assert _steps_sent(ws, gold) == ["first", "second", "third_gold"]
         assert _steps_sent(ws, plain) == ["first", "second", "third"]
-        assert _rows(ws)[plain].status == "completed"
+        assert enrollment_rows(ws)[plain].status == "completed"
         shown = report.show(ws, "nudge", visitor)["enrollments"][0]["path"]
         assert [(p["step"], p["outcome"]) for p in shown] == [
             ("split", "cohort:main"), ("first", "sent"), ("wait_visit", "matched"),
@@ -231,7 +156,7 @@ def test_two_ticks_at_the_same_moment_send_each_step_once(journey_ws, store_url,
 
     # The clock is the process's: set once for the three threads of each moment. The
     # first moment enters and sends; the second, past wait_visit's 3 days, times out.
-    for moment in (START, START + timedelta(days=3, hours=1)):
+    for moment in (JOURNEY_START, JOURNEY_START + timedelta(days=3, hours=1)):
         with clock.using(clock.Clock(moment, frozen=True)):
             threads = [threading.Thread(target=one) for _ in range(3)]
             for t in threads:
@@ -273,16 +198,16 @@ max_workers: 2
 
 def test_a_tick_killed_mid_send_then_a_tick_loses_and_repeats_nothing(make_workspace,
                                                                       store_url, catalogue):
-    ws = make_workspace({**FILES, "config/herald.yaml": KILL_HERALD,
+    ws = make_workspace({**JOURNEY_FILES, "config/herald.yaml": KILL_HERALD,
                          "config/journeys/nudge.yaml": NUDGE.replace(
                              "tiers: {default: {channels: [email, sms]}}\n    next: wait_visit",
                              "tiers: {default: {channels: [sms]}}\n    next: wait_visit")},
                         rows=300, store=store_url)
-    _crm_events(ws)
+    crm_events(ws)
     code = ("import sys; from herald.core.workspace import Workspace; "
             "from herald.journeys.engine import tick_local; "
             "tick_local(Workspace.open(sys.argv[1]), 'nudge')")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", clock.ENV: START.isoformat()}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", clock.ENV: JOURNEY_START.isoformat()}
     proc = subprocess.Popen([sys.executable, "-c", code, str(ws.root)], env=env)
     deadline = time.monotonic() + 60
     while sum(_outbox_lines(ws).values()) < 40 and time.monotonic() < deadline:
@@ -294,9 +219,9 @@ def test_a_tick_killed_mid_send_then_a_tick_loses_and_repeats_nothing(make_works
     flow_engine.forget_workspace(ws.root)
     ws2 = Workspace.open(ws.root)
     # the killed tick's leases run out (10 minutes of Herald's clock), then a tick resumes
-    with clock.using(clock.Clock(START + timedelta(minutes=11), frozen=True)):
+    with clock.using(clock.Clock(JOURNEY_START + timedelta(minutes=11), frozen=True)):
         engine.tick_local(ws2, "nudge")
-    rows = _rows(ws2)
+    rows = enrollment_rows(ws2)
     main = [k for k, r in rows.items() if r.cohort == "main"]
     assert len(rows) == 300 and all(r.lease_owner is None for r in rows.values())
     assert all(rows[k].step == "wait_visit" for k in main)
@@ -326,39 +251,33 @@ steps:
 
 
 def test_re_entry_rules_hold_over_several_entry_runs(make_workspace, store_url):
-    ws = make_workspace({**FILES, "config/journeys/again.yaml": RE_ENTRY,
+    ws = make_workspace({**JOURNEY_FILES, "config/journeys/again.yaml": RE_ENTRY,
                          "templates/again/hello/default.email.subject.j2": "Hi {{ name }}",
                          "templates/again/hello/default.email.txt.j2": "Entry {{ run_key }}"},
                         rows=50, store=store_url)
-    _crm_events(ws)
+    crm_events(ws)
     entered = []
-    with clock.using(clock.Clock(START, frozen=True)):
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
         for days in (0, 1, 1, 3, 6, 9):  # ticks at day 0, 1, 2, 5, 11, 20
             clock.advance(timedelta(days=days))
-            entered.append(tick(ws, "again")["entered"])
+            entered.append(journey_tick(ws, "again")["entered"])
     # scores 8 and 9: 10 people; again after 2 days of cooldown, at most twice
     assert entered == [10, 0, 10, 0, 0, 0]
     with ws.store.connect() as conn:
         per = Counter(r.recipient for r in conn.execute(
             select(enrollments.c.recipient).where(enrollments.c.journey == "again")))
     assert set(per.values()) == {2}
-    keys = Counter((r.recipient, r.run_key) for r in _deliveries_of(ws, "journey:again"))
+    keys = Counter((r.recipient, r.run_key) for r in _deliveries(ws, flow="journey:again"))
     assert len(keys) == 20 and max(keys.values()) == 1
     assert {k[1] for k in keys} == {"e1:0:hello", "e2:0:hello"}
 
 
 def test_never_re_entry_and_nobody_inside_is_entered_twice(journey_ws):
-    with clock.using(clock.Clock(START, frozen=True)):
-        assert tick(journey_ws)["entered"] == 60
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        assert journey_tick(journey_ws)["entered"] == 60
         for _ in range(3):
             clock.advance(timedelta(days=4))
-            assert tick(journey_ws)["entered"] == 0
-
-
-def _deliveries_of(ws: Workspace, flow: str) -> list[Any]:
-    d = ledger.deliveries.c
-    with ws.store.connect() as conn:
-        return list(conn.execute(select(d.recipient, d.run_key, d.status).where(d.flow == flow)))
+            assert journey_tick(journey_ws)["entered"] == 0
 
 
 EDITED = NUDGE.replace("""    timeout: second
@@ -384,19 +303,19 @@ def test_editing_the_yaml_keeps_those_inside_on_their_version(journey_ws):
     (ws.root / "templates/nudge/final").mkdir()
     (ws.root / "templates/nudge/final/default.email.subject.j2").write_text("Last one")
     (ws.root / "templates/nudge/final/default.email.txt.j2").write_text("Bye {{ name }}")
-    with clock.using(clock.Clock(START, frozen=True)):
-        first = tick(ws)
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        first = journey_tick(ws)
         (ws.root / "config/journeys/nudge.yaml").write_text(EDITED)
         load.forget(ws)
         with sqlite3.connect(ws.root / "crm.db") as conn:
             conn.executemany("INSERT INTO people VALUES (?, ?, ?, NULL, 'gold', 'en', 5)",
                              [(i, f"New {i}", f"new{i}@example.com") for i in range(61, 71)])
         clock.advance(timedelta(days=3, hours=1))
-        second = tick(ws)
+        second = journey_tick(ws)
         assert second["version"] != first["version"] and second["entered"] == 10
         old_steps = set(load.parse_definition(
             engine_definition(ws, first["version"])).steps)
-        rows = _rows(ws)
+        rows = enrollment_rows(ws)
         for key, row in rows.items():
             if row.version == first["version"]:
                 assert row.step in old_steps
@@ -408,8 +327,8 @@ def test_editing_the_yaml_keeps_those_inside_on_their_version(journey_ws):
         assert set(state["live_by_version"]) == {first["version"], second["version"]}
         assert state["at_step"]["pause"]["waiting"] == 54  # a step only the old version has
         clock.advance(timedelta(days=3, hours=1))
-        tick(ws)
-        newcomer = next(k for k, r in _rows(ws).items()
+        journey_tick(ws)
+        newcomer = next(k for k, r in enrollment_rows(ws).items()
                         if int(k) > 60 and r.cohort == "main")
         assert _steps_sent(ws, newcomer) == ["final", "first"]
 
@@ -424,16 +343,16 @@ def engine_definition(ws: Workspace, version: str) -> str:
 
 def test_the_reports_per_step_counts_add_up(journey_ws):
     ws = journey_ws
-    with clock.using(clock.Clock(START, frozen=True)):
-        tick(ws)
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        journey_tick(ws)
         main = _main_cohort(ws)
-        holdout = sorted(k for k, r in _rows(ws).items() if r.cohort == "holdout")
+        holdout = sorted(k for k, r in enrollment_rows(ws).items() if r.cohort == "holdout")
         for key in main[:10] + holdout[:2]:
-            _event(ws, "orders", int(key), clock.now() + timedelta(hours=2))
-        _event(ws, "visits", int(main[20]), clock.now() + timedelta(hours=1))
+            crm_event(ws, "orders", int(key), clock.now() + timedelta(hours=2))
+        crm_event(ws, "visits", int(main[20]), clock.now() + timedelta(hours=1))
         for hours in (3, 24 * 3 + 3, 24 * 6):
-            clock.set_to(START + timedelta(hours=hours), frozen=True)
-            tick(ws)
+            clock.set_to(JOURNEY_START + timedelta(hours=hours), frozen=True)
+            journey_tick(ws)
         data = report.report(ws, "nudge")
         state = report.status(ws, "nudge")
     steps = data["steps"]
@@ -474,7 +393,7 @@ steps:
 
 
 def test_validation_names_file_line_and_field(make_workspace, catalogue):
-    ws = make_workspace({**FILES, "config/journeys/broken.yaml": BROKEN,
+    ws = make_workspace({**JOURNEY_FILES, "config/journeys/broken.yaml": BROKEN,
                          "templates/broken/a/default.email.subject.j2": "{{ nickname }}",
                          "templates/broken/a/default.email.txt.j2": "x"})
     with pytest.raises(ConfigError) as caught:
@@ -483,20 +402,20 @@ def test_validation_names_file_line_and_field(make_workspace, catalogue):
     assert "config/journeys/broken.yaml:6 steps.c.timeout: unknown step 'zz'" in text
     assert "config/journeys/broken.yaml:7 steps.orphan: step 'orphan' is not reachable" in text
     assert "the cycle a -> b -> a passes no wait" in text
-    ws2 = make_workspace({**FILES, "config/journeys/broken.yaml": BROKEN.replace(
+    ws2 = make_workspace({**JOURNEY_FILES, "config/journeys/broken.yaml": BROKEN.replace(
         "timeout: zz", "timeout: orphan").replace("next: a}]", "next: c}]")
         .replace("a: {type: send", "a: {type: send, on_capd: skip"), }, folder="ws2")
     with pytest.raises(ConfigError) as caught:
         load.load(ws2, "broken")
     assert ("config/journeys/broken.yaml:4 steps.a.on_capd: unknown key 'on_capd' "
             "(did you mean 'on_capped'?)") in str(caught.value)
-    ws3 = make_workspace({**FILES, "config/journeys/broken.yaml": BROKEN.replace(
+    ws3 = make_workspace({**JOURNEY_FILES, "config/journeys/broken.yaml": BROKEN.replace(
         "timeout: zz", "timeout: orphan").replace("next: a}]", "next: c}]"),
         "templates/broken/a/default.email.subject.j2": "{{ nickname }}",
         "templates/broken/a/default.email.txt.j2": "x",
         "audiences/visited.sql": "SELECT visited_at FROM visits WHERE visited_at >= :since"},
         folder="ws3")
-    _crm_events(ws3)
+    crm_events(ws3)
     with pytest.raises(ValidationFailed) as failed:
         load.check(ws3, "broken")
     text = str(failed.value)
@@ -513,7 +432,7 @@ def test_cli_tick_status_show_and_validate(journey_ws, capsys):
     from herald.flows.cli import main
 
     root = str(journey_ws.root)
-    for argv in (["validate"], ["--now", START.isoformat(), "journey", "tick", "nudge"],
+    for argv in (["validate"], ["--now", JOURNEY_START.isoformat(), "journey", "tick", "nudge"],
                  ["journey", "status", "nudge", "--json"], ["journey", "show", "nudge", "3"],
                  ["journey", "report", "nudge"]):
         with pytest.raises(SystemExit) as done:
@@ -567,15 +486,15 @@ def test_journey_messages_carry_a_working_unsubscribe_link(make_workspace, monke
                                     ("sms.txt.j2", "Hi {{ name }}. Stop: {{ unsubscribe_url }}"))}
     ws = make_workspace({"config/herald.yaml": unsubscribe_yaml(port),
                          "config/journeys/letters.yaml": LETTERS,
-                         "audiences/nudge_entry.sql": FILES["audiences/nudge_entry.sql"],
+                         "audiences/nudge_entry.sql": JOURNEY_FILES["audiences/nudge_entry.sql"],
                          **templates}, rows=20)
     with pytest.raises(SystemExit) as done:
         main(["-w", str(ws.root), "validate", "letters"])
     assert done.value.code == 0, capsys.readouterr()
     assert "✓ journey letters" in capsys.readouterr().out
 
-    with clock.using(clock.Clock(START, frozen=True)):
-        first = tick(ws, "letters")
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        first = journey_tick(ws, "letters")
         assert first["steps"]["first"] == {"sent": 20}  # no render_error
         emails = [message_from_bytes(p.read_bytes()) for p in outbox_files(ws)
                   if p.suffix == ".eml"]
@@ -602,10 +521,8 @@ def test_journey_messages_carry_a_working_unsubscribe_link(make_workspace, monke
             (found.recipient, "*", "unsubscribe")]
 
         clock.advance(timedelta(days=1, minutes=1))
-        second = tick(ws, "letters")
+        second = journey_tick(ws, "letters")
         assert second["steps"]["second"] == {"sent": 19, "suppressed": 1}
-        d = ledger.deliveries.c
-        with ws.store.connect() as conn:
-            history = sorted(conn.execute(select(d.run_key, d.status).where(
-                d.flow == "journey:letters", d.recipient == found.recipient)))
+        history = sorted((r.run_key, r.status) for r in _deliveries(
+            ws, found.recipient, flow="journey:letters"))
         assert history == [("e1:0:first", "sent"), ("e1:2:second", "suppressed")]

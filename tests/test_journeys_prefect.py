@@ -18,7 +18,7 @@ from prefect.client.schemas.filters import (
 from herald.core import clock
 from herald.flows import journey as journey_flow
 
-from .test_journeys import FILES, START, _crm_events
+from .helpers import JOURNEY_FILES, JOURNEY_START, crm_events
 
 pytestmark = pytest.mark.prefect
 
@@ -52,9 +52,9 @@ def _tasks(flow_run_id):
 
 
 def test_a_tick_is_one_flow_run_with_one_task_per_chunk(make_workspace, prefect_harness):
-    ws = make_workspace({**FILES, "config/journeys/slow.yaml": WAITING}, rows=1000)
-    _crm_events(ws)
-    with clock.using(clock.Clock(START, frozen=True)):
+    ws = make_workspace({**JOURNEY_FILES, "config/journeys/slow.yaml": WAITING}, rows=1000)
+    crm_events(ws)
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
         first = journey_flow.run(ws, "slow")
         clock.advance(timedelta(days=1, minutes=1))
         second = journey_flow.run(ws, "slow")
@@ -77,8 +77,8 @@ def test_a_tick_is_one_flow_run_with_one_task_per_chunk(make_workspace, prefect_
 
 
 def test_the_deployment_has_the_journeys_schedule(make_workspace):
-    ws = make_workspace({**FILES, "config/journeys/slow.yaml": WAITING}, rows=10)
-    _crm_events(ws)
+    ws = make_workspace({**JOURNEY_FILES, "config/journeys/slow.yaml": WAITING}, rows=10)
+    crm_events(ws)
     dep = journey_flow.deployment(ws, "slow")
     assert dep.name == "slow" and dep.entrypoint and "herald.flows.journey" in dep.entrypoint
     (sched,) = dep.schedules
@@ -88,10 +88,10 @@ def test_the_deployment_has_the_journeys_schedule(make_workspace):
 
 
 def test_a_hundred_thousand_enrollments_advance_in_chunks(make_workspace, prefect_harness):
-    ws = make_workspace({**FILES, "config/journeys/slow.yaml": WAITING.replace(
+    ws = make_workspace({**JOURNEY_FILES, "config/journeys/slow.yaml": WAITING.replace(
         "chunk_size: 100", "chunk_size: 5000")}, rows=100_000)
-    _crm_events(ws)
-    with clock.using(clock.Clock(START, frozen=True)):
+    crm_events(ws)
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
         first = journey_flow.run(ws, "slow")
         clock.advance(timedelta(days=1, minutes=1))
         second = journey_flow.run(ws, "slow")
@@ -116,13 +116,13 @@ def test_serve_and_deploy_take_flows_and_journeys(make_workspace):
     from herald.flows import deploy
     from herald.journeys import load
 
-    ws = make_workspace({**FILES, "config/journeys/slow.yaml": WAITING}, rows=10)
+    ws = make_workspace({**JOURNEY_FILES, "config/journeys/slow.yaml": WAITING}, rows=10)
     assert deploy._flows_and_journeys(ws, None) == (["promo"], ["nudge", "slow"])
     assert deploy._flows_and_journeys(ws, ["slow"]) == ([], ["slow"])
     assert deploy._flows_and_journeys(ws, ["promo", "slow"]) == (["promo"], ["slow"])
     with pytest.raises(ConfigError, match="unknown flow 'nope'"):
         deploy._flows_and_journeys(ws, ["nope"])
-    clash = make_workspace({**FILES, "config/journeys/promo.yaml": WAITING.replace(
+    clash = make_workspace({**JOURNEY_FILES, "config/journeys/promo.yaml": WAITING.replace(
         "name: slow", "name: promo")}, rows=10, folder="clash")
     with pytest.raises(ConfigError, match=r"promo.yaml:1 name: a flow is also named 'promo'"):
         load.load(clash, "promo")

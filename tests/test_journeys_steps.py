@@ -15,7 +15,14 @@ from herald.delivery import variants
 from herald.journeys import chunks, engine, mover, report
 from herald.journeys.spec import Until, When, until_moment
 
-from .test_journeys import FILES, START, _crm_events, _event, _rows, tick
+from .helpers import (
+    JOURNEY_FILES,
+    JOURNEY_START,
+    crm_event,
+    crm_events,
+    enrollment_rows,
+    journey_tick,
+)
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 NEW_YORK = ZoneInfo("America/New_York")
@@ -87,22 +94,22 @@ steps:
 
 
 def test_already_matching_on_arrival_does_not_wait_and_tiers_without_entry(make_workspace):
-    ws = make_workspace({**FILES, "config/journeys/arrival.yaml": ARRIVAL,
+    ws = make_workspace({**JOURNEY_FILES, "config/journeys/arrival.yaml": ARRIVAL,
                          "audiences/is_gold.sql": "SELECT id FROM people WHERE tier = 'gold'",
                          "templates/arrival/gold_hello/gold.email.subject.j2": "Gold",
                          "templates/arrival/gold_hello/gold.email.txt.j2": "Hi {{ name }}",
                          "templates/arrival/plain_hello/default.email.subject.j2": "Hi",
                          "templates/arrival/plain_hello/default.email.txt.j2": "Hi {{ name }}"},
                         rows=20)
-    _crm_events(ws)
-    with clock.using(clock.Clock(START, frozen=True)):
-        first = tick(ws, "arrival")
+    crm_events(ws)
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        first = journey_tick(ws, "arrival")
         assert first["steps"]["wait_gold"] == {"matched": 5}
         assert first["steps"]["gold_hello"] == {"sent": 5}
         clock.advance(timedelta(days=1))
-        second = tick(ws, "arrival")
+        second = journey_tick(ws, "arrival")
     assert second["steps"]["wait_gold"] == {"timeout": 15}
-    rows = _rows(ws, "arrival")
+    rows = enrollment_rows(ws, "arrival")
     assert all(r.status == "completed" for r in rows.values())
 
 
@@ -121,23 +128,23 @@ CAPPED_FILES = {f"templates/capped/{s}/default.email.{p}.j2": f"{s} {{{{ name }}
 
 @pytest.mark.parametrize("mode", ["wait", "skip"])
 def test_on_capped_wait_sends_later_and_skip_moves_on(make_workspace, mode):
-    ws = make_workspace({**FILES, **CAPPED_FILES,
+    ws = make_workspace({**JOURNEY_FILES, **CAPPED_FILES,
                          "config/journeys/capped.yaml": CAPPED.replace("ON", mode)}, rows=40)
-    _crm_events(ws)  # score 9: ids 9, 19, 29, 39
-    with clock.using(clock.Clock(START, frozen=True)):
-        first = tick(ws, "capped")
+    crm_events(ws)  # score 9: ids 9, 19, 29, 39
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        first = journey_tick(ws, "capped")
         assert first["steps"]["one"] == {"sent": 4}
         if mode == "skip":
             assert first["steps"]["two"] == {"capped": 4}
-            assert {r.step for r in _rows(ws, "capped").values()} == {"three"}
+            assert {r.step for r in enrollment_rows(ws, "capped").values()} == {"three"}
             return
         assert first["steps"].get("two") == {"capped_waiting": 4}
         clock.advance(timedelta(hours=2))
-        assert tick(ws, "capped")["steps"] == {"two": {"capped_waiting": 4}}
+        assert journey_tick(ws, "capped")["steps"] == {"two": {"capped_waiting": 4}}
         clock.advance(timedelta(days=1))
-        third = tick(ws, "capped")
+        third = journey_tick(ws, "capped")
     assert third["steps"]["two"] == {"sent": 4}
-    assert {r.step for r in _rows(ws, "capped").values()} == {"three"}
+    assert {r.step for r in enrollment_rows(ws, "capped").values()} == {"three"}
 
 
 LIMITS = """\
@@ -151,15 +158,15 @@ steps:
 
 
 def test_max_duration_and_the_goal_end_the_journey(make_workspace):
-    ws = make_workspace({**FILES, "config/journeys/limits.yaml": LIMITS}, rows=20)
-    _crm_events(ws)  # scores 8 and 9: ids 8, 9, 18, 19
-    with clock.using(clock.Clock(START, frozen=True)):
-        tick(ws, "limits")
-        _event(ws, "orders", 8, START + timedelta(hours=5))
+    ws = make_workspace({**JOURNEY_FILES, "config/journeys/limits.yaml": LIMITS}, rows=20)
+    crm_events(ws)  # scores 8 and 9: ids 8, 9, 18, 19
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        journey_tick(ws, "limits")
+        crm_event(ws, "orders", 8, JOURNEY_START + timedelta(hours=5))
         clock.advance(timedelta(hours=6))
-        assert tick(ws, "limits")["exits"] == {"goal": 1}
+        assert journey_tick(ws, "limits")["exits"] == {"goal": 1}
         clock.advance(timedelta(days=2))
-        assert tick(ws, "limits")["exits"] == {"max_duration": 3}
+        assert journey_tick(ws, "limits")["exits"] == {"max_duration": 3}
         state = report.status(ws, "limits")
     assert state["exited"] == {"max_duration": 3, "goal": 1} and state["live"] == 0
 
@@ -167,11 +174,11 @@ def test_max_duration_and_the_goal_end_the_journey(make_workspace):
 def test_a_failing_chunk_releases_its_leases_and_a_retry_takes_it_again(make_workspace):
     from sqlalchemy.exc import OperationalError
 
-    ws = make_workspace(FILES, rows=30)
-    _crm_events(ws)
-    with clock.using(clock.Clock(START, frozen=True)):
-        tick(ws)  # everyone in the main cohort waits at wait_visit
-        waiting = {k: r.checked_at for k, r in _rows(ws).items() if r.status == "waiting"}
+    ws = make_workspace(JOURNEY_FILES, rows=30)
+    crm_events(ws)
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        journey_tick(ws)  # everyone in the main cohort waits at wait_visit
+        waiting = {k: r.checked_at for k, r in enrollment_rows(ws).items() if r.status == "waiting"}
         clock.advance(timedelta(hours=1))
         prepared = engine.prepare(ws, "nudge")  # validated; then the source changes
         with sqlite3.connect(ws.root / "crm.db") as conn:
@@ -179,7 +186,7 @@ def test_a_failing_chunk_releases_its_leases_and_a_retry_takes_it_again(make_wor
         (job,) = prepared.chunks
         with pytest.raises(OperationalError, match="no such table: visits"):
             engine.run_chunk(job)
-        rows = _rows(ws)
+        rows = enrollment_rows(ws)
         assert all(rows[k].lease_owner is None and rows[k].checked_at == waiting[k]
                    for k in waiting)
         with sqlite3.connect(ws.root / "crm.db") as conn:
@@ -196,11 +203,11 @@ def test_a_tick_that_lost_its_lease_sends_nothing(make_workspace):
 
     from .helpers import outbox_messages
 
-    ws = make_workspace({**FILES, **CAPPED_FILES,  # its first step sends
+    ws = make_workspace({**JOURNEY_FILES, **CAPPED_FILES,  # its first step sends
                          "config/journeys/capped.yaml": CAPPED.replace("ON", "skip")},
                         rows=30)
-    _crm_events(ws)
-    with clock.using(clock.Clock(START, frozen=True)):
+    crm_events(ws)
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
         prepared = engine.prepare(ws, "capped")
         (job,) = prepared.chunks
         items = chunks.claim(ws, job, "slow-tick")
@@ -213,19 +220,19 @@ def test_a_tick_that_lost_its_lease_sends_nothing(make_workspace):
 
 
 def test_quiet_hours_defer_a_send_until_the_window_ends(make_workspace):
-    ws = make_workspace({**FILES, **CAPPED_FILES, "config/journeys/capped.yaml": CAPPED.replace(
-        "ON", "skip").replace("caps: [{max: 1, per: 1d}]",
-                              'quiet_hours: {from: "21:00", to: "09:00", mode: defer}')},
-        rows=40)
-    _crm_events(ws)
+    quiet = CAPPED.replace("ON", "skip").replace(
+        "caps: [{max: 1, per: 1d}]", 'quiet_hours: {from: "21:00", to: "09:00", mode: defer}')
+    ws = make_workspace({**JOURNEY_FILES, **CAPPED_FILES, "config/journeys/capped.yaml": quiet},
+                        rows=40)
+    crm_events(ws)
     late = datetime(2026, 11, 23, 23, 0, tzinfo=UTC)  # 23:00 UTC, the workspace's zone
     with clock.using(clock.Clock(late, frozen=True)):
-        first = tick(ws, "capped")
+        first = journey_tick(ws, "capped")
         assert first["steps"] == {"one": {"quiet_hours_waiting": 4}}
-        rows = _rows(ws, "capped")
+        rows = enrollment_rows(ws, "capped")
         assert {(r.step, r.status) for r in rows.values()} == {("one", "waiting")}
         clock.advance(timedelta(hours=9, minutes=30))  # 08:30: still quiet
-        assert tick(ws, "capped")["steps"] == {}
+        assert journey_tick(ws, "capped")["steps"] == {}
         clock.advance(timedelta(minutes=31))  # 09:01
-        later = tick(ws, "capped")
+        later = journey_tick(ws, "capped")
     assert later["steps"]["one"] == {"sent": 4} and later["steps"]["two"] == {"sent": 4}

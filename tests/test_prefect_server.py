@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,7 +33,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun
 
-from .helpers import PROMO_YAML, outbox_messages
+from .helpers import PROMO_YAML, free_port, outbox_messages
 
 pytestmark = [pytest.mark.prefect, pytest.mark.prefect_server]
 
@@ -43,12 +42,6 @@ HERALD = shutil.which("herald", path=str(BIN)) or "herald"
 PREFECT = shutil.which("prefect", path=str(BIN)) or "prefect"
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _env(home: Path, api: str | None = None) -> dict[str, str]:
@@ -79,7 +72,7 @@ class Server:
 
     def __init__(self, home: Path) -> None:
         self.home = home
-        self.url = f"http://127.0.0.1:{_free_port()}/api"
+        self.url = f"http://127.0.0.1:{free_port()}/api"
         port = self.url.split(":")[2].split("/")[0]
         env = _env(home / "server")
         env.update(PREFECT_UI_ENABLED="false",
@@ -464,7 +457,7 @@ def test_alert_event_fires_the_documented_automation(make_workspace, server, bac
         assert "<your-notification-block-id>" not in (scratch / "herald-alert.yaml"
                                                        ).read_text()
 
-        closed = _free_port()  # nothing listens here: every email fails
+        closed = free_port()  # nothing listens here: every email fails
         ws = make_workspace({
             "config/herald.yaml": (
                 "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\n"

@@ -26,7 +26,15 @@ from aiosmtpd.controller import Controller
 from herald.flows import engine
 from herald.flows.cli import main
 
-from .helpers import HERALD_YAML, PROMO_YAML, fill_people, outbox_files, outbox_messages
+from .helpers import (
+    HERALD_YAML,
+    PROMO_YAML,
+    fill_people,
+    free_port,
+    ledger_rows,
+    outbox_files,
+    outbox_messages,
+)
 from .http_peer import Peer, serve
 
 # -- bad input ------------------------------------------------------------------------------
@@ -718,10 +726,8 @@ def test_suppression_import_is_all_or_nothing(name, content, expected, make_work
 
 # -- faults ---------------------------------------------------------------------------------
 def _ledger(ws: Any, run_key: str) -> dict[str, tuple[str, str | None]]:
-    with sqlite3.connect(ws.root / ".herald" / "herald.db") as conn:
-        return {r: (s, why) for r, s, why in conn.execute(
-            "SELECT recipient, status, reason FROM herald_deliveries WHERE run_key = ?",
-            (run_key,))}
+    """{recipient: (status, reason)} of one run key, on SQLite or Postgres."""
+    return ledger_rows(ws, "status", "reason", where=f"run_key = '{run_key}'")
 
 
 def _account(ledger: dict[str, tuple[str, str | None]], delivered: Counter[str],
@@ -915,6 +921,19 @@ def test_http_refusals_are_recorded_never_lost(fault, make_workspace, hook, cata
               "nothing sent twice", messages=20, lost=lost, duplicated=duplicated)
 
 
+def smtp_ws(make_workspace: Any, port: int, timeout: float, rows: int) -> Any:
+    """The test workspace sending e-mail through the SMTP server on ``port`` (every tier
+    by e-mail; SMS, where a tier asks for it, to the outbox)."""
+    return make_workspace({
+        "config/herald.yaml": (
+            "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
+            f"  email: {{type: smtp, host: 127.0.0.1, port: {port}, security: none, "
+            f"sender: shop@example.com, timeout: {timeout:g}}}\n"
+            "  sms: {type: outbox, kind: sms}\n"),
+        FLOW: PROMO_YAML.replace("default: {channels: [sms, email]}",
+                                 "default: {channels: [email]}")}, rows=rows)
+
+
 class _Answers:
     """An SMTP server answering some recipients with a code of its choosing."""
 
@@ -944,7 +963,7 @@ SMTP_REFUSALS = {
 
 @pytest.mark.parametrize("fault", [*SMTP_REFUSALS, "SMTP server unreachable"])
 def test_smtp_refusals_are_recorded_never_lost(fault, make_workspace, catalogue) -> None:
-    port = _smtp_port()
+    port = free_port()
     hit = {f"user{i}@example.com" for i in (3, 6, 9, 12)}
     code, status = SMTP_REFUSALS.get(fault, ("", "failed"))
     box = _Answers(dict.fromkeys(hit, code))
@@ -953,13 +972,7 @@ def test_smtp_refusals_are_recorded_never_lost(fault, make_workspace, catalogue)
     if controller:
         controller.start()
     try:
-        ws = make_workspace({
-            "config/herald.yaml": (
-                "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
-                f"  email: {{type: smtp, host: 127.0.0.1, port: {port}, security: none, "
-                "sender: shop@example.com, timeout: 2}\n  sms: {type: outbox, kind: sms}\n"),
-            FLOW: PROMO_YAML.replace("default: {channels: [sms, email]}",
-                                     "default: {channels: [email]}")}, rows=14)
+        ws = smtp_ws(make_workspace, port, timeout=2, rows=14)
         summary = engine.run_local(ws, "promo", run_key="smtp")
         ledger = _ledger(ws, "smtp")
     finally:
@@ -1067,11 +1080,8 @@ def test_settling_retries_after_a_postgres_lock_timeout(make_workspace, hook, pg
         summary = engine.run_local(ws, "promo", run_key="pglocked")
     finally:
         thread.join()
-    with other.connect() as conn:
-        ledger = {r: (st, why) for r, st, why in conn.execute(text(
-            "SELECT recipient, status, reason FROM herald_deliveries "
-            "WHERE run_key = 'pglocked'"))}
     other.dispose()
+    ledger = _ledger(ws, "pglocked")
     assert len(held) == 2 and held[1] - held[0] >= 7
     retried = [r.getMessage() for r in caplog.records
                if "workspace database is locked; recording" in r.getMessage()]
@@ -1133,28 +1143,14 @@ class _SlowAfterData:
         return "250 OK queued as Q1"
 
 
-def _smtp_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_smtp_timeout_after_data_is_an_unknown_outcome(make_workspace, catalogue) -> None:
-    port = _smtp_port()
+    port = free_port()
     slow = {"user3@example.com", "user9@example.com", "user16@example.com"}
     box = _SlowAfterData(set(slow), 2.5)
     controller = Controller(box, hostname="127.0.0.1", port=port)
     controller.start()
     try:
-        ws = make_workspace({
-            "config/herald.yaml": (
-                "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
-                f"  email: {{type: smtp, host: 127.0.0.1, port: {port}, security: none, "
-                "sender: shop@example.com, timeout: 1}\n  sms: {type: outbox, kind: sms}\n"),
-            FLOW: PROMO_YAML.replace("default: {channels: [sms, email]}",
-                                     "default: {channels: [email]}")}, rows=20)
+        ws = smtp_ws(make_workspace, port, timeout=1, rows=20)
         first = engine.run_local(ws, "promo", run_key="slow")
         again = engine.run_local(ws, "promo", run_key="slow")
         ledger = _ledger(ws, "slow")
@@ -1192,22 +1188,12 @@ class _Mailbox:
 
 
 def test_smtp_server_dropping_mid_batch(make_workspace, catalogue) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     box = _Mailbox(drop_after=7)
     controller = Controller(box, hostname="127.0.0.1", port=port)
     controller.start()
     try:
-        ws = make_workspace({
-            "config/herald.yaml": (
-                "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
-                f"  email: {{type: smtp, host: 127.0.0.1, port: {port}, security: none, "
-                "sender: shop@example.com, timeout: 5}\n  sms: {type: outbox, kind: sms}\n"),
-            FLOW: PROMO_YAML.replace("default: {channels: [sms, email]}",
-                                     "default: {channels: [email]}")}, rows=20)
+        ws = smtp_ws(make_workspace, port, timeout=5, rows=20)
         summary = engine.run_local(ws, "promo", run_key="drop")
         ledger = _ledger(ws, "drop")
         delivered = Counter(address.split("@")[0].removeprefix("user")
@@ -1480,7 +1466,6 @@ def test_planted_secrets_never_leak(make_workspace, hook, capsys, caplog, monkey
     the ledger and every other table, the outbox, what the HTTP endpoint received."""
     import asyncio
     import logging
-    import socket
 
     from aiosmtpd.smtp import AuthResult, LoginPassword
     from prefect.client.orchestration import get_client
@@ -1490,9 +1475,7 @@ def test_planted_secrets_never_leak(make_workspace, hook, capsys, caplog, monkey
         return AuthResult(success=isinstance(data, LoginPassword) and data.password == b"x",
                           handled=False)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     controller = Controller(_Mailbox(0), hostname="127.0.0.1", port=port,
                             authenticator=refuse, auth_required=True, auth_require_tls=False)
     controller.start()
