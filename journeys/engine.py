@@ -45,7 +45,7 @@ from herald.core.errors import RunError
 from herald.core.workspace import Workspace
 from herald.core.workspace import shared as workspace_at
 from herald.delivery import ledger
-from herald.delivery.dispatch import Job, dispatch, forget_buckets, group
+from herald.delivery.dispatch import Job, dispatch, forget_run, group
 from herald.delivery.ledger import message_id
 from herald.delivery.policy import SEND, Decision, Policy
 from herald.delivery.render import RenderError, Templates
@@ -764,7 +764,7 @@ def _ledger_rows(conn: Any, flow: str, wanted: dict[tuple[str, str], Item]
 # -- a whole tick -------------------------------------------------------------------------
 def finish(ws: Workspace, prepared: Prepared, results: list[ChunkResult]) -> dict[str, Any]:
     """The tick's summary (``herald journey tick --json``)."""
-    forget_buckets(prepared.tick)
+    forget_run(prepared.tick)
     moves: Counter[tuple[str, str]] = Counter()
     exits: Counter[str] = Counter()
     for r in results:
