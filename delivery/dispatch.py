@@ -273,8 +273,11 @@ async def send_paced(channel: Channel, messages: Sequence[Message], limiter: Rat
     the provider answers slower than the rate allows, as many as the channel's
     concurrency holds. A fatal answer stops the slices not yet handed over; a throttling
     answer slows the shared rate down at once, not at the end of the batch."""
-    size = limiter.slice_size()
-    room = asyncio.Semaphore(max(1, channel.concurrency() // size))
+    size, concurrency, slices = limiter.slice_size(), channel.concurrency(), 1
+    if size < concurrency:  # whole slices in flight that fill the channel's concurrency
+        slices = concurrency // size
+        size = concurrency // slices
+    room = asyncio.Semaphore(slices)
     fatal: list[SendResult] = []
     parts: list[asyncio.Task[list[SendResult]] | list[SendResult]] = []
 

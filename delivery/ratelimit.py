@@ -73,11 +73,11 @@ class RateLimiter:
             "UPDATE herald_rate_limits SET rate = CASE WHEN rate / 2 > ceiling * "
             f"{FLOOR} THEN rate / 2 ELSE ceiling * {FLOOR} END, cut_at = {clock} "
             f"WHERE channel = :channel AND cut_at <= {clock} - 1 RETURNING rate")
+        self._insert = text(
+            "INSERT INTO herald_rate_limits (channel, ceiling, rate, next_at, cut_at) "
+            "VALUES (:channel, :rate, :rate, 0, 0) ON CONFLICT (channel) DO NOTHING")
         with writing(store) as conn:
-            conn.execute(text(
-                "INSERT INTO herald_rate_limits (channel, ceiling, rate, next_at, cut_at) "
-                "VALUES (:channel, :rate, :rate, 0, 0) ON CONFLICT (channel) DO NOTHING"),
-                {"channel": channel, "rate": rate})
+            conn.execute(self._insert, {"channel": channel, "rate": rate})
             conn.execute(text(
                 "UPDATE herald_rate_limits SET ceiling = :rate, rate = :rate WHERE "
                 f"channel = :channel AND (ceiling <> :rate OR next_at < {clock} - :idle)"),
@@ -94,7 +94,11 @@ class RateLimiter:
         with writing(self.store) as conn:
             if sent and self.rate < self.ceiling:
                 conn.execute(self._recover, {"channel": self.channel, "sent": sent})
-            wait, rate = conn.execute(self._claim, {"channel": self.channel, "n": n}).one()
+            row = conn.execute(self._claim, {"channel": self.channel, "n": n}).first()
+            if row is None:  # the row went (a database emptied by hand): start afresh
+                conn.execute(self._insert, {"channel": self.channel, "rate": self.ceiling})
+                row = conn.execute(self._claim, {"channel": self.channel, "n": n}).one()
+        wait, rate = row
         self.rate = float(rate)
         return max(0.0, float(wait))
 

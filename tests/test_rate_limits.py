@@ -3,6 +3,8 @@ database by every process that sends on the channel, throttling included."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -12,10 +14,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import Engine, text
 
+from herald.channels.base import ChannelContext, Message, Outcome
+from herald.channels.webhook import WebhookChannel, WebhookSettings
 from herald.core.db import open_store
+from herald.delivery.dispatch import send_paced
 from herald.delivery.ratelimit import RateLimiter, limiter_for
 
 from .http_peer import Peer, Request, serve
@@ -65,6 +71,41 @@ def test_throttling_halves_the_shared_rate_and_success_restores_it_gradually(
         mine.slow_down()
     assert mine.rate == pytest.approx(100 / 64)  # a 64th of the configured rate at least
     assert limiter_for(store, "sms", 80.0).rate == 80.0  # a new configured rate: afresh
+
+
+def test_paced_sending_slows_down_at_once_and_stops_at_a_fatal_answer(
+        store: Engine, tmp_path: Path) -> None:
+    requested: list[int] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        n = int(json.loads(request.content)["recipient"])
+        requested.append(n)
+        if n == 3:
+            return httpx.Response(429, json={"message": "slow down"})
+        if n == 12:
+            return httpx.Response(401, json={"message": "bad key"})
+        return httpx.Response(200, json={"id": f"p{n}"})
+
+    limiter = RateLimiter(store, "hook", 40.0)  # slices of 4, one at a time
+    settings = WebhookSettings(type="webhook", url="http://hook.test/send", concurrency=1)
+    context = ChannelContext(tmp_path, "promo", "k", "run",
+                             transport=httpx.MockTransport(answer))
+    messages = [Message(recipient=str(i), address="", kind="webhook", body="hello",
+                        message_id=f"<{i}@test>") for i in range(30)]
+
+    async def send() -> list:
+        async with WebhookChannel("hook", settings, context) as channel:
+            return await send_paced(channel, messages, limiter)
+
+    results = asyncio.run(send())
+    # the 429 of the first slice halved the shared rate; the sends after it recover a bit
+    assert 20.0 < limiter.rate < 22.0
+    assert requested == list(range(13))  # nothing handed over after the refusal
+    assert [r.outcome for r in results[:3]] == [Outcome.SENT] * 3
+    assert results[3].outcome is Outcome.RETRYABLE and results[3].throttled
+    assert results[12].outcome is Outcome.FATAL and results[12].code == "401"
+    assert all(r.outcome is Outcome.FATAL and r.detail.startswith(
+        "not sent: the channel stopped") for r in results[13:])
 
 
 CHILD = textwrap.dedent("""
