@@ -79,7 +79,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         except aiohttp.ClientResponseError as exc:  # not HTTP: a bad status line
             raise MalformedAnswer(f"malformed HTTP answer ({type(exc).__name__})",
                                   request=request) from None
-        except aiohttp.InvalidURL as exc:
+        except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
             raise httpx.UnsupportedProtocol(f"not an http(s) URL: {exc}",
                                             request=request) from None
         except aiohttp.ClientConnectorError as exc:
