@@ -168,26 +168,35 @@ class Channel(ABC):
         exception while sending one message is that message's failure (outcome unknown,
         not retried), never the batch's.
         """
-        gate = asyncio.Semaphore(self.concurrency())
+        # A fixed pool of ``concurrency()`` workers taking the next message in turn: a
+        # task per message and a semaphore cost a tenth of an HTTP request each.
+        results: list[SendResult | None] = [None] * len(messages)
+        turns = iter(range(len(messages)))
         fatal: list[SendResult] = []
 
-        async def one(message: Message) -> SendResult:
-            async with gate:
+        async def worker() -> None:
+            for i in turns:
                 if fatal:
-                    return SendResult.fatal(fatal[0].code, "not sent: the channel stopped: "
-                                            f"{fatal[0].detail}")
+                    results[i] = SendResult.fatal(fatal[0].code, "not sent: the channel "
+                                                  f"stopped: {fatal[0].detail}")
+                    continue
                 try:
-                    result = await self.send_one(message)
+                    result = await self.send_one(messages[i])
                 except Exception as exc:  # noqa: BLE001 - one message's failure, not the batch's
                     log.exception("channel %s raised while sending one message", self.name)
-                    return SendResult.permanent("adapter_error", f"adapter raised "
-                                                f"{type(exc).__name__}; outcome unknown, "
-                                                "not retried")
+                    result = SendResult.permanent("adapter_error", f"adapter raised "
+                                                  f"{type(exc).__name__}; outcome unknown, "
+                                                  "not retried")
                 if result.outcome is Outcome.FATAL:
                     fatal.append(result)
-                return result
+                results[i] = result
 
-        return list(await asyncio.gather(*(one(m) for m in messages)))
+        workers = min(self.concurrency(), len(messages))
+        if workers == 1:
+            await worker()
+        else:
+            await asyncio.gather(*(worker() for _ in range(workers)))
+        return [r for r in results if r is not None]
 
     async def aclose(self) -> None:
         """Release connections. Safe to call more than once."""

@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import abstractmethod
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 
@@ -41,65 +39,93 @@ class MalformedAnswer(httpx.RemoteProtocolError):
     """The peer answered with something that is not HTTP (a bad status line)."""
 
 
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """httpx's transport interface over one aiohttp connection pool, each request under
+    a deadline: connecting, sending and reading the whole answer within ``seconds``
+    (httpx's own timeouts are per read, so a peer trickling a byte a second never trips
+    them). The answer comes back read: an ``httpx.Response`` that holds its body.
+
+    ``send`` is the same exchange without an ``httpx.Request`` built first, the HTTP
+    channels' hot path (``HttpChannel.exchange``): httpx's request and stream models
+    cost about as much as aiohttp's whole request (BENCHMARKS.md, http).
+    """
+
+    def __init__(self, seconds: float, connections: int = 100) -> None:
+        self.seconds = seconds
+        self.connections = connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            # httpx's certificate bundle (certifi), as httpx's own transport verifies
+            connector = aiohttp.TCPConnector(limit=self.connections,
+                                             ssl=httpx.create_ssl_context())
+            # httpx decodes Content-Encoding itself: the body is handed over as it came
+            self._session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=self.seconds))
+        return self._session
+
+    async def send(self, method: str, url: str, headers: Any, content: bytes | None,
+                   request: httpx.Request | None = None) -> httpx.Response:
+        """One request and its whole answer; failures raised as httpx's exceptions."""
+        try:
+            async with self.session().request(method, url, headers=headers, data=content,
+                                              allow_redirects=False) as answer:
+                body = await answer.read()
+        except TimeoutError:  # aiohttp's total timeout: the request's deadline
+            raise httpx.ReadTimeout(f"no complete answer within {self.seconds:g} s",
+                                    request=request) from None
+        except aiohttp.ClientResponseError as exc:  # not HTTP: a bad status line
+            raise MalformedAnswer(f"malformed HTTP answer ({type(exc).__name__})",
+                                  request=request) from None
+        except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
+            raise httpx.UnsupportedProtocol(f"not an http(s) URL: {exc}",
+                                            request=request) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise httpx.ConnectError(str(exc), request=request) from None
+        except aiohttp.ClientError as exc:  # reset, dropped, a body cut short
+            raise httpx.ReadError(f"{type(exc).__name__}: {exc}", request=request) from None
+        extensions = {"http_version": b"HTTP/1.1"}
+        if answer.reason:
+            extensions["reason_phrase"] = answer.reason.encode()
+        response = httpx.Response(answer.status, headers=answer.raw_headers, content=body,
+                                  extensions=extensions)
+        if request is not None:
+            response.request = request
+        return response
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        content = await request.aread()
+        return await self.send(request.method, str(request.url),
+                               request.headers.multi_items(), content or None, request)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 class DeadlineTransport(httpx.AsyncBaseTransport):
-    """A transport whose requests each have a deadline: connecting, sending and reading
-    the whole answer within ``seconds`` (httpx's own timeouts are per read, so a peer
-    trickling a byte a second never trips them)."""
+    """An injected transport (tests' ``httpx.MockTransport``) under the deadline
+    ``AiohttpTransport`` keeps: connecting, sending and reading the whole answer."""
 
     def __init__(self, inner: httpx.AsyncBaseTransport, seconds: float) -> None:
         self.inner = inner
         self.seconds = seconds
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        deadline = asyncio.get_running_loop().time() + self.seconds
-        with _mapped(request, self.seconds):
-            async with asyncio.timeout_at(deadline):
+        try:
+            async with asyncio.timeout(self.seconds):
                 response = await self.inner.handle_async_request(request)
-        assert isinstance(response.stream, httpx.AsyncByteStream)
-        return httpx.Response(response.status_code, headers=response.headers,
-                              stream=_DeadlineStream(response.stream, deadline, request,
-                                                     self.seconds),
-                              request=request, extensions=response.extensions)
+                await response.aread()
+        except TimeoutError:
+            raise httpx.ReadTimeout(f"no complete answer within {self.seconds:g} s",
+                                    request=request) from None
+        return response
 
     async def aclose(self) -> None:
         await self.inner.aclose()
-
-
-class _DeadlineStream(httpx.AsyncByteStream):
-    def __init__(self, stream: httpx.AsyncByteStream, deadline: float,
-                 request: httpx.Request, seconds: float) -> None:
-        self.stream, self.deadline, self.request, self.seconds = (stream, deadline, request,
-                                                                  seconds)
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        chunks = self.stream.__aiter__()
-        while True:
-            try:
-                with _mapped(self.request, self.seconds):
-                    async with asyncio.timeout_at(self.deadline):
-                        try:
-                            chunk = await chunks.__anext__()
-                        except StopAsyncIteration:
-                            return
-            except BaseException:
-                await self.stream.aclose()  # give the connection back, whatever happened
-                raise
-            yield chunk
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-
-@contextmanager
-def _mapped(request: httpx.Request, seconds: float) -> Iterator[None]:
-    try:
-        yield
-    except TimeoutError:
-        raise httpx.ReadTimeout(f"no complete answer within {seconds:g} s",
-                                request=request) from None
-    except aiohttp.ClientResponseError as exc:  # httpx_aiohttp passes it on unmapped
-        raise MalformedAnswer(f"malformed HTTP answer ({type(exc).__name__})",
-                              request=request) from None
 
 
 class HttpChannel(Channel):
@@ -126,13 +152,23 @@ class HttpChannel(Channel):
         many requests a second (BENCHMARKS.md, http)."""
         if self._transport is None:
             if self.context.transport is not None:
-                inner = self.context.transport
+                self._transport = DeadlineTransport(self.context.transport,
+                                                    self.http.timeout)
             else:
-                from httpx_aiohttp import AiohttpTransport
-
-                inner = AiohttpTransport()
-            self._transport = DeadlineTransport(inner, self.http.timeout)
+                self._transport = AiohttpTransport(self.http.timeout,
+                                                   max(100, self.http.concurrency))
         return self._transport
+
+    async def exchange(self, method: str, url: str, content: bytes,
+                       headers: dict[str, str]) -> httpx.Response:
+        """One request and its whole answer, without httpx's client layer (redirects,
+        cookies, auth), nor, over the real transport, an ``httpx.Request``: the
+        response then has no ``request``. Transport failures raise httpx's errors."""
+        transport = self.transport()
+        if isinstance(transport, AiohttpTransport):
+            return await transport.send(method, url, headers, content)
+        return await transport.handle_async_request(
+            httpx.Request(method, url, content=content, headers=headers))
 
     def concurrency(self) -> int:
         return self.http.concurrency

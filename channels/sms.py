@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Literal
 from urllib.parse import quote
 
+import orjson
 from pydantic import SecretStr, model_validator
 
 from herald.channels.base import ChannelContext, ChannelSettings, Message, Outcome, SendResult
@@ -218,12 +219,12 @@ class SmsChannel(HttpChannel):
     # -- generic --------------------------------------------------------------------
     async def _generic(self, message: Message) -> SendResult:
         o = self.options
-        headers = {"Idempotency-Key": message.message_id}
+        headers = {"Content-Type": "application/json", "Idempotency-Key": message.message_id}
         if o.token is not None:
             headers["Authorization"] = f"Bearer {o.token.get_secret_value()}"
-        response = await self.client().post(o.url, json={
-            "to": message.address, "text": message.body, "message_id": message.message_id},
-            headers=headers)
+        body = orjson.dumps({"to": message.address, "text": message.body,
+                             "message_id": message.message_id})
+        response = await self.exchange("POST", o.url, body, headers)
         result = classify(response, message.message_id)
         if result.outcome is Outcome.SENT:
             return SendResult.sent(result.provider_id, segments=segments(message.body))

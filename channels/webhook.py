@@ -31,11 +31,11 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
-import json
 import time
 from typing import Any
 
 import httpx
+import orjson
 from pydantic import Field, SecretStr, field_validator
 
 from herald.channels.base import ChannelContext, ChannelSettings, Message, SendResult
@@ -104,8 +104,6 @@ class WebhookChannel(HttpChannel):
         super().__init__(name, settings, context)
         assert isinstance(settings, WebhookSettings)
         self.options = settings
-        self._urls: dict[str, httpx.URL] = {}
-
 
     async def request(self, message: Message) -> SendResult:
         return await self._post(message)
@@ -116,7 +114,7 @@ class WebhookChannel(HttpChannel):
             refused = await _private_target(url)
             if refused:
                 return SendResult.permanent("address_not_allowed", refused)
-        body = json.dumps(self.payload(message), ensure_ascii=False).encode()
+        body = orjson.dumps(self.payload(message))
         timestamp = str(int(time.time()))
         headers = {**self.options.headers, "User-Agent": "herald-webhook",
                    "Content-Type": "application/json", "Idempotency-Key": message.message_id,
@@ -124,14 +122,7 @@ class WebhookChannel(HttpChannel):
         if self.options.secret is not None:
             headers[SIGNATURE_HEADER] = sign(self.options.secret.get_secret_value(),
                                              timestamp, body)
-        target = self._urls.get(url)
-        if target is None:
-            target = self._urls[url] = httpx.URL(url)
-        request = httpx.Request("POST", target, content=body, headers=headers, extensions={
-            "timeout": {"connect": self.options.timeout, "read": self.options.timeout,
-                        "write": self.options.timeout, "pool": self.options.timeout}})
-        response = await self.transport().handle_async_request(request)
-        await response.aread()
+        response = await self.exchange("POST", url, body, headers)
         return classify(response, message.message_id)
 
     def payload(self, message: Message) -> dict[str, Any]:

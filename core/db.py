@@ -3,7 +3,8 @@
 Tables: runs and the per-recipient ledger (``herald.delivery.ledger``), the decisions of
 content experiments (``herald.delivery.variants``), the suppression
 list (``herald.delivery.suppression``), audience packages (``herald.audiences.store``)
-and state channels share across workers (``herald_channel_tokens``). They are declared
+and state channels share across workers (``herald_channel_tokens``, the rate limits of
+``herald_rate_limits``). They are declared
 here, in one place, so creating the schema needs no module from above the core.
 
 SQLite paths in URLs are relative to the workspace, not the current directory, so a
@@ -28,6 +29,7 @@ from sqlalchemy import (
     Connection,
     DateTime,
     Engine,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -220,6 +222,29 @@ channel_token_forces = Table(
     Column("count", Integer, nullable=False),
     Column("last_at", DateTime(timezone=True), nullable=False),
 )
+
+
+# A channel's rate limit, the provider account's, shared by every process that sends on
+# it (herald.delivery.ratelimit): the next free sending slot and the rate now in force
+# (halved on throttling, recovering with sends), as seconds on the database's clock.
+rate_limits = Table(
+    "herald_rate_limits", metadata,
+    Column("channel", String(64), primary_key=True),
+    Column("ceiling", Float, nullable=False),  # the configured rate, messages a second
+    Column("rate", Float, nullable=False),  # the rate in force (AIMD)
+    Column("next_at", Float, nullable=False),  # the next free slot
+    Column("cut_at", Float, nullable=False),  # when the rate was last halved
+)
+
+
+def clock_sql(dialect: str) -> str:
+    """SQL for the database's clock in seconds since the epoch: one time base for every
+    process and host that shares the database (their own clocks may disagree)."""
+    if dialect == "postgresql":
+        return "CAST(EXTRACT(EPOCH FROM statement_timestamp()) AS DOUBLE PRECISION)"
+    if dialect == "sqlite":
+        return "((julianday('now') - 2440587.5) * 86400.0)"
+    raise NotImplementedError(f"no clock for the {dialect} dialect")
 
 
 # -- journeys ---------------------------------------------------------------------------

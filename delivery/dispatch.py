@@ -1,8 +1,9 @@
 """The dispatcher: sends a chunk's messages through their channels, once each.
 
-Per channel: batches of the adapter's size, under the channel's rate limit (a token
-bucket shared by every chunk of the run in this process); each batch is marked
-``sending`` in the ledger just before it goes out and settled right after.
+Per channel: batches of the adapter's size, under the channel's rate limit (the
+provider account's, shared by every process that sends on the channel through the
+workspace database: ``herald.delivery.ratelimit``); each batch is marked ``sending`` in
+the ledger just before it goes out and settled right after.
 
 - A retryable answer is retried within the run, up to MAX_ATTEMPTS, after the provider's
   Retry-After or an exponential backoff, as long as that wait is at most
@@ -10,8 +11,9 @@ bucket shared by every chunk of the run in this process); each batch is marked
   (the provider's wait, at least DEFER_MIN and doubling with each deferral up to
   DEFER_MAX), and the next run of the run key after that time sends it, as after quiet
   hours. After MAX_TOTAL_ATTEMPTS attempts under one run key it fails with the reason.
-- A throttling answer (429, a provider's rate-limit code) also halves the channel's rate
-  (at most once a second); successful sends restore it gradually (AIMD).
+- A throttling answer (429, a provider's rate-limit code) also halves the channel's
+  shared rate, for every process (at most once a second); successful sends restore it
+  gradually (AIMD).
 - A permanent answer fails that recipient (and adds the address to the suppression list
   when the provider says so).
 - A fatal answer stops the channel for every chunk of the run in this process, the
@@ -25,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from herald.channels.base import Channel, ChannelContext, Message, Outcome, Send
 from herald.channels.registry import channel_class
 from herald.core.workspace import Workspace
 from herald.delivery import ledger, suppression
+from herald.delivery.ratelimit import RateLimiter, limiter_for
 
 log = logging.getLogger("herald.dispatch")
 
@@ -44,79 +46,6 @@ MAX_WAIT_IN_RUN = 30.0  # a longer wait (Retry-After, greylisting) defers the re
 DEFER_MIN = timedelta(minutes=1)
 DEFER_MAX = timedelta(hours=1)
 MAX_TOTAL_ATTEMPTS = 12  # under one run key, across runs: then the recipient fails
-
-
-class TokenBucket:
-    """A thread-safe token bucket: ``rate`` tokens a second, bursts up to ``burst``.
-
-    The rate adapts to the provider (AIMD): ``slow_down`` halves it on a throttling
-    answer, down to a 64th of the configured rate; ``recover`` adds back about 5% of the
-    configured rate for each second's worth of successful sends.
-    """
-
-    def __init__(self, rate: float, burst: float | None = None) -> None:
-        self.ceiling = rate
-        self.rate = rate
-        self.burst = max(1.0, burst if burst is not None else rate)
-        self._tokens = self.burst
-        self._stamp = time.monotonic()
-        self._cut_at = float("-inf")
-        self._lock = threading.Lock()
-
-    def slow_down(self) -> None:
-        """A throttling answer: halve the rate (once a second: a burst of 429s to the
-        requests already in flight is one signal, not twenty)."""
-        with self._lock:
-            now = time.monotonic()
-            if now - self._cut_at < 1.0:
-                return
-            self._cut_at = now
-            self.rate = max(self.ceiling / 64, self.rate / 2)
-            self._tokens = min(self._tokens, max(1.0, self.rate))
-
-    def recover(self, sent: int) -> None:
-        """``sent`` messages went through: creep back towards the configured rate."""
-        if sent <= 0 or self.rate >= self.ceiling:
-            return
-        with self._lock:
-            step = 0.05 * self.ceiling * sent / max(self.rate, 1.0)
-            self.rate = min(self.ceiling, self.rate + step)
-
-    def _take(self, n: float) -> float:
-        """Take ``n`` tokens now, going into debt; return how long to wait for them."""
-        with self._lock:
-            now = time.monotonic()
-            self._tokens = min(max(1.0, min(self.burst, self.rate)),
-                               self._tokens + (now - self._stamp) * self.rate)
-            self._stamp = now
-            self._tokens -= n
-            return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
-
-    async def acquire(self, n: int = 1) -> None:
-        wait = self._take(n)
-        if wait > 0:
-            await asyncio.sleep(wait)
-
-
-_buckets: dict[tuple[str, str], TokenBucket] = {}
-_buckets_lock = threading.Lock()
-
-
-def bucket_for(run_id: str, channel: str, rate: float) -> TokenBucket:
-    """The run's bucket for a channel, shared by all its chunks in this process."""
-    with _buckets_lock:
-        key = (run_id, channel)
-        if key not in _buckets:
-            _buckets[key] = TokenBucket(rate)
-        return _buckets[key]
-
-
-def forget_buckets(run_id: str) -> None:
-    with _buckets_lock:
-        for key in [k for k in _buckets if k[0] == run_id]:
-            del _buckets[key]
-        for key in [k for k in _stopped if k[0] == run_id]:
-            del _stopped[key]
 
 
 # A stop asked for by a signal (SIGTERM, Ctrl-C): no new batch is handed to a provider in
@@ -144,6 +73,15 @@ def clear_stop() -> None:
 # Channels a fatal answer stopped, per run: the other chunks of the run in this process
 # send nothing more on them either.
 _stopped: dict[tuple[str, str], str] = {}
+_stopped_lock = threading.Lock()
+
+
+def forget_run(run_id: str) -> None:
+    """Drop what this process kept about a finished run (the channels a fatal answer
+    stopped)."""
+    with _stopped_lock:
+        for key in [k for k in _stopped if k[0] == run_id]:
+            del _stopped[key]
 
 
 @dataclass(frozen=True)
@@ -173,7 +111,7 @@ async def _send_channel(ws: Workspace, job: Job, name: str, messages: list[Messa
     cls = channel_class(settings.type)
     size = settings.batch_size or cls.batch_size
     rate = settings.rate or cls.default_rate
-    bucket = bucket_for(job.run_id, name, rate) if rate else None
+    limiter = await asyncio.to_thread(limiter_for, ws.store, name, rate) if rate else None
     limit = settings.max_body or cls.max_body
     if limit:
         messages, too_long = _within(messages, limit)
@@ -190,17 +128,18 @@ async def _send_channel(ws: Workspace, job: Job, name: str, messages: list[Messa
                     m.recipient, "failed", f"fatal: channel stopped: {stopped}", attempts=0)
                     for m in batch])
                 continue
-            outcomes, fatal = await _send_batch(ws, job, channel, batch, bucket)
+            outcomes, fatal = await _send_batch(ws, job, channel, batch, limiter)
             await _settle(ws, job, outcomes)
             if fatal:
                 stopped = fatal
-                with _buckets_lock:
+                with _stopped_lock:
                     _stopped[job.run_id, name] = fatal
                 log.error("channel %s stopped: %s", name, fatal)
 
 
 async def _send_batch(ws: Workspace, job: Job, channel: Channel, batch: Sequence[Message],
-                      bucket: TokenBucket | None) -> tuple[list[ledger.Outcome], str | None]:
+                      limiter: RateLimiter | None
+                      ) -> tuple[list[ledger.Outcome], str | None]:
     await asyncio.to_thread(ledger.mark, ws.store, job.flow, job.run_key,
                             [m.recipient for m in batch], "sending")
     pending = list(batch)
@@ -209,9 +148,8 @@ async def _send_batch(ws: Workspace, job: Job, channel: Channel, batch: Sequence
     suppress: list[tuple[str, str | None, str | None]] = []
     fatal: str | None = None
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        if bucket:
-            await bucket.acquire(len(pending))
-        results = await _guarded(channel, pending)
+        results = await (send_paced(channel, pending, limiter) if limiter
+                         else _guarded(channel, pending))
         retry: list[Message] = []
         waits: list[float] = []
         for message, result in zip(pending, results, strict=True):
@@ -248,10 +186,6 @@ async def _send_batch(ws: Workspace, job: Job, channel: Channel, batch: Sequence
                     suppress.append((message.address, channel.name,
                                      f"provider: {result.code or ''} {result.detail or ''}"
                                      .strip()))
-        if bucket:
-            if any(r.throttled for r in results):
-                bucket.slow_down()
-            bucket.recover(sum(r.outcome is Outcome.SENT for r in results))
         if not retry:
             break
         await asyncio.sleep(max(waits))
@@ -330,6 +264,51 @@ async def _guarded(channel: Channel, messages: Sequence[Message]) -> list[SendRe
                   "outcome unknown, not retried")
         return [SendResult.permanent("adapter_error", detail) for _ in messages]
     return results
+
+
+async def send_paced(channel: Channel, messages: Sequence[Message], limiter: RateLimiter
+                     ) -> list[SendResult]:
+    """Send ``messages`` under the channel's shared rate limit: in slices of about a
+    tenth of a second's worth, each handed over at its claimed slot. Slices overlap when
+    the provider answers slower than the rate allows, as many as the channel's
+    concurrency holds. A fatal answer stops the slices not yet handed over; a throttling
+    answer slows the shared rate down at once, not at the end of the batch."""
+    size, concurrency, slices = limiter.slice_size(), channel.concurrency(), 1
+    if size < concurrency:  # whole slices in flight that fill the channel's concurrency
+        slices = concurrency // size
+        size = concurrency // slices
+    room = asyncio.Semaphore(slices)
+    fatal: list[SendResult] = []
+    parts: list[asyncio.Task[list[SendResult]] | list[SendResult]] = []
+
+    async def send(part: Sequence[Message]) -> list[SendResult]:
+        try:
+            results = await _guarded(channel, part)
+        finally:
+            room.release()
+        fatal.extend(r for r in results if r.outcome is Outcome.FATAL)
+        await limiter.observe(results)
+        return results
+
+    try:
+        for start in range(0, len(messages), size):
+            part = messages[start:start + size]
+            await room.acquire()
+            if not fatal:
+                await limiter.acquire(len(part))
+            if fatal:
+                room.release()
+                parts.append([SendResult.fatal(fatal[0].code, "not sent: the channel "
+                                               f"stopped: {fatal[0].detail}")] * len(part))
+                continue
+            parts.append(asyncio.create_task(send(part)))
+        await asyncio.gather(*(p for p in parts if isinstance(p, asyncio.Task)))
+    except BaseException:
+        for p in parts:
+            if isinstance(p, asyncio.Task):
+                p.cancel()
+        raise
+    return [r for p in parts for r in (p if isinstance(p, list) else p.result())]
 
 
 async def _settle(ws: Workspace, job: Job, outcomes: list[ledger.Outcome]) -> None:

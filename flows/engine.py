@@ -39,7 +39,7 @@ from herald.delivery.dispatch import (
     Job,
     clear_stop,
     dispatch,
-    forget_buckets,
+    forget_run,
     group,
     request_stop,
     stop_requested,
@@ -367,7 +367,7 @@ def build_message(ws: Workspace, templates: Templates, job: ChunkJob | Job,
 def finish(ws: Workspace, prepared: Prepared, chunk_results: list[ChunkResult],
            started: datetime) -> dict[str, Any]:
     """The run's summary (the ``herald run --json`` object), recorded with the run."""
-    forget_buckets(prepared.run_id)
+    forget_run(prepared.run_id)
     counts = ledger.RunCounts()
     reasons: Counter[tuple[str, str]] = Counter()
     if prepared.dry_run:

@@ -32,7 +32,7 @@ from herald.core.db import journey_enrollments as enrollments
 from herald.core.workspace import Workspace
 from herald.core.workspace import shared as workspace_at
 from herald.delivery import render
-from herald.delivery.dispatch import forget_buckets
+from herald.delivery.dispatch import forget_run
 from herald.journeys import load
 from herald.journeys.chunks import ChunkJob, ChunkResult, claim, claimable, release
 from herald.journeys.entry import definition, enter_recipients, store_version
@@ -102,7 +102,7 @@ def run_chunk(job: ChunkJob) -> ChunkResult:
 # -- a whole tick -------------------------------------------------------------------------
 def finish(ws: Workspace, prepared: Prepared, results: list[ChunkResult]) -> dict[str, Any]:
     """The tick's summary (``herald journey tick --json``)."""
-    forget_buckets(prepared.tick)
+    forget_run(prepared.tick)
     moves: Counter[tuple[str, str]] = Counter()
     exits: Counter[str] = Counter()
     for r in results:

@@ -17,7 +17,6 @@ from urllib.parse import parse_qs, quote
 import pytest
 
 from herald.channels.sms import segments
-from herald.delivery.dispatch import TokenBucket
 from herald.flows import engine
 
 from .helpers import PROMO_YAML, ledger_rows, suppression_rows
@@ -306,21 +305,3 @@ def test_twilio_throttling_defers_recipients_to_a_later_run_then_gives_up(
     assert rows["4"][4] == "retryable, gave up after 12 attempts: Twilio 503: unavailable"
     assert last["deliveries"]["failed"] == 1 and last["deferred_until"] is None
     assert all(n == 1 for n in twilio.delivered().values())  # nobody texted twice
-
-
-def test_throttling_halves_the_rate_and_success_restores_it_gradually() -> None:
-    bucket = TokenBucket(100.0)
-    bucket.slow_down()
-    assert bucket.rate == 50.0
-    bucket.slow_down()  # the same burst of 429s: one signal
-    assert bucket.rate == 50.0
-    bucket.recover(50)  # a second's worth of sends at 50/s: +5% of the configured rate
-    assert bucket.rate == pytest.approx(55.0)
-    for _ in range(100):
-        bucket.recover(100)
-    assert bucket.rate == 100.0  # never above the configured rate
-    floor = TokenBucket(64.0)
-    for _ in range(10):
-        floor._cut_at = float("-inf")  # a second later each time
-        floor.slow_down()
-    assert floor.rate == 1.0  # a 64th of the configured rate at the lowest

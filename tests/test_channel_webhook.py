@@ -3,12 +3,22 @@ of answer a provider gives, as they land in the ledger and the suppression list.
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from herald.channels.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from herald.channels.base import ChannelContext, Message, Outcome
+from herald.channels.webhook import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    WebhookChannel,
+    WebhookSettings,
+    sign,
+)
 from herald.flows import engine
 
 from .helpers import PROMO_YAML, ledger_rows, suppression_rows
@@ -114,3 +124,25 @@ def test_refused_credentials_stop_the_channel(make_workspace, peer, monkeypatch)
     assert len(peer.requests) == 1  # the channel stopped; the rest were never sent
     assert "refused the channel's credentials" in refused[0][4]
     assert suppressed(ws) == set()
+
+
+def test_transport_failures_over_the_real_connection_pool(tmp_path: Path) -> None:
+    """Nothing listening, a URL that is not http(s), a URL that does not parse: each that
+    message's own result, as httpx's errors would have made them."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]  # nothing listens there once the socket is closed
+    settings = WebhookSettings(type="webhook", allow_private_addresses=True, timeout=5)
+    addresses = [f"http://127.0.0.1:{closed}/hook", "ftp://127.0.0.1/hook", "http://[::1/x"]
+    messages = [Message(recipient=str(i), address=a, kind="webhook", body="hello",
+                        message_id=f"<{i}@test>") for i, a in enumerate(addresses)]
+
+    async def send() -> list:
+        async with WebhookChannel("hook", settings, ChannelContext(tmp_path, "promo", "k",
+                                                                   "run")) as channel:
+            return await channel.send_batch(messages)
+
+    refused, ftp, garbled = asyncio.run(send())
+    assert (refused.outcome, refused.code) == (Outcome.RETRYABLE, "connection")
+    assert (ftp.outcome, ftp.code) == (Outcome.PERMANENT, "bad_url")
+    assert (garbled.outcome, garbled.code) == (Outcome.PERMANENT, "bad_url")
