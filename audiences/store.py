@@ -14,7 +14,7 @@ import logging
 import secrets
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
@@ -212,10 +212,20 @@ def _build_streamed(source: Engine, store: Engine, flow: FlowSpec, segment: Segm
 
     Rows are fetched from the driver's (server-side, where there is one) cursor as plain
     tuples: SQLAlchemy's Row objects cost as much as the database's own work."""
+    try:
+        return _stream(source, store, flow, segment, package_id,
+                       source.dialect.loaded_dbapi.Error)
+    except _integrity_errors():  # at the end of Postgres's COPY: its rows are gone
+        raise _duplicates(segment, _source_duplicates(source, segment, flow.audience.key)
+                          ) from None
+
+
+def _stream(source: Engine, store: Engine, flow: FlowSpec, segment: Segment,
+            package_id: str, driver_error: type[Exception]
+            ) -> tuple[Counter[str], list[str]]:
     key_col, tier_col = flow.audience.key, flow.audience.tier
     tiers: Counter[str] = Counter()
     size = 0
-    driver_error = source.dialect.loaded_dbapi.Error
     with source.connect() as src, ExitStack() as stack:
         try:
             fetch, columns = _open_rows(src, segment, stack)
@@ -224,7 +234,8 @@ def _build_streamed(source: Engine, store: Engine, flow: FlowSpec, segment: Segm
         _check_columns(columns, flow, segment)
         key_at = columns.index(key_col)
         tier_at = columns.index(tier_col) if tier_col else None
-        encode = _encode
+        dumps = orjson.dumps
+        write = stack.enter_context(_row_writer(store, package_id, segment))
         while True:
             try:
                 batch = fetch()
@@ -242,8 +253,14 @@ def _build_streamed(source: Engine, store: Engine, flow: FlowSpec, segment: Segm
                 tier_names = [DEFAULT_TIER if row[tier_at] is None else str(row[tier_at])
                               for row in batch]
             tiers.update(tier_names)
-            data = [encode(dict(zip(columns, row, strict=True))) for row in batch]
-            _insert_rows(store, package_id, size, names, tier_names, data, segment)
+            # one comprehension, no call per row: orjson takes all but huge integers; a
+            # row has a value per column (the cursor's), and strict= costs 40% of the zip
+            try:
+                data = [dumps(dict(zip(columns, row, strict=False)),
+                              default=_json_default).decode() for row in batch]
+            except TypeError:
+                data = [_encode(dict(zip(columns, row, strict=False))) for row in batch]
+            write(size, names, tier_names, data)
             size += len(batch)
     return tiers, columns
 
@@ -278,56 +295,84 @@ BACKSLASH, DOUBLED = "\\", "\\\\"
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
+_COPY_SPECIAL = ("\\", "\t", "\n", "\r")
+
+
 def _copy_text(value: str) -> str:
     """A field of COPY's text format (JSON from orjson only ever needs its backslashes
     doubled: it escapes control characters itself)."""
-    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+    if any(c in value for c in _COPY_SPECIAL):
         return value.translate(_COPY_ESCAPES)
     return value
 
 
-def _insert_rows(store: Engine, package_id: str, start: int, keys: list[str],
-                 tiers: list[str], data: list[str], segment: Segment) -> None:
-    """Store a batch of rows: COPY on Postgres (text written whole, not row by row),
-    one executemany elsewhere.
+@contextmanager
+def _row_writer(store: Engine, package_id: str, segment: Segment
+                ) -> Iterator[Callable[[int, list[str], list[str], list[str]], None]]:
+    """What stores a batch of rows: on Postgres one COPY for the whole build (in one
+    transaction: the server stores a batch while Herald encodes the next; the text
+    written whole, not row by row); elsewhere one executemany a batch, each in its own
+    short transaction (SQLite's write lock is held a batch at a time).
 
     Both go straight to the driver: building SQLAlchemy parameters for each row cost
     more than the database's own work (see BENCHMARKS.md).
     """
-    try:
+    if store.dialect.name == "postgresql":
         with writing(store) as conn:
-            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            try:
-                if store.dialect.name == "postgresql":
-                    head = f"{_copy_text(package_id)}\t"
-                    lines = "".join([
-                        f"{head}{seq}\t{_copy_text(k)}\t{_copy_text(t)}\t"
-                        f"{d.replace(BACKSLASH, DOUBLED)}\n"
-                        for seq, k, t, d in zip(range(start, start + len(keys)), keys, tiers,
-                                                data, strict=True)])
-                    with cursor.copy(f"COPY {package_rows.name} (package_id, seq, key, tier, "
-                                     "data) FROM STDIN") as copy:
-                        copy.write(lines)
-                else:
-                    mark = "?" if store.dialect.paramstyle == "qmark" else "%s"
-                    marks = ", ".join([mark] * 5)
-                    cursor.executemany(
-                        f"INSERT INTO {package_rows.name} (package_id, seq, key, tier, data) "
-                        f"VALUES ({marks})",
-                        zip(repeat(package_id), range(start, start + len(keys)), keys, tiers,
-                            data))
-            finally:
-                cursor.close()
-    except _integrity_errors():
-        counts = Counter(keys)
-        dup = [k for k, n in counts.items() if n > 1]
-        if not dup:
-            with store.connect() as conn:
-                found = conn.execute(select(package_rows.c.key).where(
-                    package_rows.c.package_id == package_id,
-                    package_rows.c.key.in_(list(counts)))).scalars().all()
-            dup = list(found)
-        raise _duplicates(segment, dup) from None
+            driver = conn.connection.driver_connection
+            assert driver is not None
+            with driver.cursor() as cursor, cursor.copy(
+                    f"COPY {package_rows.name} (package_id, seq, key, tier, data) "
+                    "FROM STDIN") as copy:
+                head = f"{_copy_text(package_id)}\t"
+
+                def copy_rows(start: int, keys: list[str], tiers: list[str],
+                              data: list[str]) -> None:
+                    names = "".join(keys) + "".join(tiers)
+                    if any(c in names for c in _COPY_SPECIAL):  # rare: escape each
+                        keys = [_copy_text(k) for k in keys]
+                        tiers = [_copy_text(t) for t in tiers]
+                    copy.write("".join([
+                        f"{head}{seq}\t{k}\t{t}\t{d.replace(BACKSLASH, DOUBLED)}\n"
+                        for seq, k, t, d in zip(range(start, start + len(keys)), keys,
+                                                tiers, data, strict=False)]))
+
+                yield copy_rows
+        return
+    mark = "?" if store.dialect.paramstyle == "qmark" else "%s"
+    statement = (f"INSERT INTO {package_rows.name} (package_id, seq, key, tier, data) "
+                 f"VALUES ({', '.join([mark] * 5)})")
+
+    def insert_rows(start: int, keys: list[str], tiers: list[str], data: list[str]) -> None:
+        try:
+            with writing(store) as conn:
+                cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    cursor.executemany(statement, zip(
+                        repeat(package_id), range(start, start + len(keys)), keys, tiers, data))
+                finally:
+                    cursor.close()
+        except _integrity_errors():
+            counts = Counter(keys)
+            dup = [k for k, n in counts.items() if n > 1]
+            if not dup:
+                with store.connect() as conn:
+                    dup = list(conn.execute(select(package_rows.c.key).where(
+                        package_rows.c.package_id == package_id,
+                        package_rows.c.key.in_(list(counts)))).scalars())
+            raise _duplicates(segment, dup) from None
+
+    yield insert_rows
+
+
+def _source_duplicates(source: Engine, segment: Segment, key_col: str) -> list[str]:
+    """The keys (as stored: ``str``) that more than one row of the segment has, found by
+    the source itself: what a failed COPY or INSERT ... SELECT no longer holds."""
+    query = (f"SELECT k FROM (SELECT {inplace.quote_name(key_col)} AS k FROM (\n{segment.sql}"
+             "\n) AS herald_segment) AS keyed WHERE k IS NOT NULL GROUP BY k "
+             "HAVING count(*) > 1")
+    with source.connect() as src:
+        return [str(k) for k in src.execute(text(query), segment.params).scalars()]
 
 
 # -- inside the database ----------------------------------------------------------------
@@ -454,11 +499,10 @@ def _build_in_postgres(source: Engine, store: Engine, flow: FlowSpec, segment: S
         with source.connect() as src:
             null_at = src.execute(text(inplace.null_key_sql(segment.sql, flow.audience.key)),
                                   segment.params).scalar()
-            if null_at:
-                raise _null_key(segment, flow.audience.key, int(null_at)) from None
-            dup = list(src.execute(text(inplace.duplicate_keys_sql(segment.sql, row)),
-                                   params).scalars())
-        raise _duplicates(segment, dup) from None
+        if null_at:
+            raise _null_key(segment, flow.audience.key, int(null_at)) from None
+        raise _duplicates(segment, _source_duplicates(source, segment, flow.audience.key)
+                          ) from None
     return tiers, columns
 
 

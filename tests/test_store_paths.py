@@ -47,7 +47,7 @@ CREATE TABLE kinds AS SELECT * FROM (VALUES
  (3, 'silver', '中文 ✓', 'Infinity'::float8, 'NaN'::real, 'NaN'::numeric, -3::numeric,
   -9007199254740993::bigint, DATE '0999-01-02', TIMESTAMP '2024-03-01 00:00:00.123',
   TIMESTAMP '2024-03-01 00:00:00', TIMESTAMPTZ '2024-07-01 23:00:00.25-05', false, ''),
- (4, 'gold', '', 5::float8, 5::real, 1.0::numeric, 0::numeric, 0, DATE '2024-02-29',
+ (4, 'odd\ttier \\ here', '', 5::float8, 5::real, 1.0::numeric, 0::numeric, 0, DATE '2024-02-29',
   NULL, NULL, NULL, NULL, NULL)
 ) AS t (id, tier, label, ratio, small, amount, price, count, day, at, at_fraction,
         at_zone, flag, note)
@@ -113,7 +113,8 @@ def test_both_paths_store_the_same_values(backend, make_workspace, request, capl
                               "at": "2024-03-01"}
         assert store.read(ws, inside.id, 2, 3)[0].data["whole"] is None  # infinity
     else:
-        assert inside.size == 4 and inside.tiers == {"default": 1, "gold": 2, "silver": 1}
+        assert inside.size == 4 and inside.tiers == {"default": 1, "gold": 1, "silver": 1,
+                                                     "odd\ttier \\ here": 1}
         assert first.data["amount"] == 5.0 and repr(first.data["amount"]) == "5.0"
         assert first.data["at_fraction"] == "2024-03-01T10:00:00.500000"
         assert first.data["at"] == "2024-03-01T10:00:00"
