@@ -436,8 +436,10 @@ def _build_in_sqlite(source_file: Path, store_file: Path, flow: FlowSpec, segmen
         except sqlite3.Error as exc:
             raise _driver_error(segment, exc) from None
         _check_columns(columns, flow, segment)
-        if len(set(columns)) < len(columns):
-            return None  # a name twice: the streamed build keeps the last, as a dict does
+        if any(_renamed_twin(name, columns) for name in columns):
+            # a name twice: SQLite calls the second "name:1" in a subquery, the streamed
+            # build keeps the last of the two, as a dict does
+            return None
         row = inplace.sqlite_row(columns, flow.audience.key, flow.audience.tier,
                                  DEFAULT_TIER)
         params = {**segment.params, **row.params, "herald_package": package_id}
@@ -465,6 +467,13 @@ def _build_in_sqlite(source_file: Path, store_file: Path, flow: FlowSpec, segmen
         return tiers, columns
     finally:
         conn.close()
+
+
+def _renamed_twin(name: str, columns: list[str]) -> bool:
+    """Whether ``name`` is how SQLite renames a second column of the same name in a
+    subquery (``name:1``); a real column so named only makes the build stream."""
+    base, colon, number = name.rpartition(":")
+    return bool(colon) and number.isdigit() and base in columns
 
 
 def _build_in_postgres(source: Engine, store: Engine, flow: FlowSpec, segment: Segment,

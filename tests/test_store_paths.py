@@ -199,3 +199,21 @@ def test_postgres_types_it_cannot_write_alike_are_streamed(make_workspace, reque
     assert "streamed through Herald" in caplog.text
     assert _decoded(ws, package) == _decoded(ws, again)
     assert store.read(ws, again.id, 0, 1)[0].data["doc"] == {"a": [1, 2]}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_column_named_twice_is_streamed_and_keeps_the_last(backend, make_workspace,
+                                                             request, caplog) -> None:
+    """SQL cannot name one of two same-named columns: such a result is streamed, and
+    its row keeps the last value, as a dict built from the row does."""
+    ws = _workspace(make_workspace, request, backend)
+    (ws.root / "audiences/people.sql").write_text(
+        "SELECT id, tier, name, email AS name FROM people WHERE score >= :min_score "
+        "ORDER BY id")
+    spec = ws.flow("promo")
+    with caplog.at_level(logging.INFO, logger="herald.audiences"):
+        package = store.build(ws, spec, sql.load_segment(ws, spec))
+    assert "streamed through Herald" in caplog.text
+    first = store.read(ws, package.id, 0, 1)[0]
+    assert package.size == 20 and first.data == {"id": 1, "tier": "silver",
+                                                 "name": "user1@example.com"}
