@@ -1,0 +1,219 @@
+"""The two ways a package is built: inside the database (source and store are one
+database: SQLite with the source attached, or one Postgres database) and streamed
+through Herald. Same rows, same decoded values, same refusals with the same messages."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from herald.audiences import sql, store
+from herald.core.errors import AudienceError
+
+from .helpers import HERALD_YAML, fill_people
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+KINDS_FLOW = """\
+name: kinds
+audience: {source: crm, segment: kinds, key: id, tier: tier}
+tiers:
+  default: {channels: [sms]}
+"""
+
+# every kind of value SQLite holds, the odd ones included (a real and a text key, an
+# integer and a real tier, reals that need 17 digits, infinity, blobs)
+SQLITE_KINDS = [
+    (1, "gold", "plain", 0.1, 5.0, 2**62, b"utf-8 ok", "2024-03-01"),
+    (2, None, 'quote " and \\ backslash', 1 / 3, -0.0, -1, b"\xff\xfe not utf-8", None),
+    (3, 3, "tab\tnew\nline\rend", 1e16, float("inf"), 0, None, "2024-03-01 10:00:00"),
+    (4, 2.5, "中文 ✓", 1e-5, None, None, b"", "2024-03-01T10:00:00.123456"),
+    (7.5, "silver", "", -2.5, 123456789.125, 7, None, ""),
+    ("text-key", "", None, None, 1e-300, 42, None, None),
+]
+
+PG_KINDS = """\
+CREATE TABLE kinds AS SELECT * FROM (VALUES
+ (1, 'gold', 'plain', 0.1::float8, 0.1::real, 5::numeric, 2.50::numeric, 2::bigint,
+  DATE '2024-03-01', TIMESTAMP '2024-03-01 10:00:00', TIMESTAMP '2024-03-01 10:00:00.5',
+  TIMESTAMPTZ '2024-03-01 10:00:00+08', true, 'tab	and \\ "quote"'),
+ (2, NULL, NULL, 1e16::float8, 1e-5::real, 1e20::numeric, 0.125::numeric, NULL,
+  NULL, NULL, TIMESTAMP '1999-12-31 23:59:59.000001', NULL, NULL, NULL),
+ (3, 'silver', '中文 ✓', 'Infinity'::float8, 'NaN'::real, 'NaN'::numeric, -3::numeric,
+  -9007199254740993::bigint, DATE '0999-01-02', TIMESTAMP '2024-03-01 00:00:00.123',
+  TIMESTAMP '2024-03-01 00:00:00', TIMESTAMPTZ '2024-07-01 23:00:00.25-05', false, ''),
+ (4, 'odd\ttier \\ here', '', 5::float8, 5::real, 1.0::numeric, 0::numeric, 0, DATE '2024-02-29',
+  NULL, NULL, NULL, NULL, NULL)
+) AS t (id, tier, label, ratio, small, amount, price, count, day, at, at_fraction,
+        at_zone, flag, note)
+"""
+
+
+def _workspace(make_workspace, request, backend: str, rows: int = 20,
+               folder: str = "ws") -> Any:
+    if backend == "sqlite":
+        ws = make_workspace({"config/flows/kinds.yaml": KINDS_FLOW,
+                             "audiences/kinds.sql": "SELECT * FROM kinds ORDER BY seq"},
+                            rows=rows, folder=folder)
+        with sqlite3.connect(ws.root / "crm.db") as conn:
+            conn.execute("CREATE TABLE kinds (seq INTEGER, id, tier, label, ratio, whole, "
+                         "big, raw, at)")
+            conn.executemany("INSERT INTO kinds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             [(i, *row) for i, row in enumerate(SQLITE_KINDS)])
+        return ws
+    url = request.getfixturevalue("pg_database")
+    fill_people(url, rows)
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(PG_KINDS))
+    engine.dispose()
+    config = HERALD_YAML.replace('crm: "sqlite:///crm.db"', f'crm: "{url}"').replace(
+        'store: "sqlite:///.herald/herald.db"', f'store: "{url}"')
+    return make_workspace({"config/herald.yaml": config, "config/flows/kinds.yaml": KINDS_FLOW,
+                           "audiences/kinds.sql": "SELECT * FROM kinds ORDER BY id"},
+                          rows=rows, folder=folder)
+
+
+def _build(ws: Any, flow: str, stream: bool, caplog: pytest.LogCaptureFixture
+           ) -> store.Package:
+    spec = ws.flow(flow)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="herald.audiences"):
+        package = store.build(ws, spec, sql.load_segment(ws, spec), stream=stream)
+    how = "streamed through Herald" if stream else "inside the database"
+    assert any(how in r.getMessage() for r in caplog.records), caplog.text
+    return package
+
+
+def _decoded(ws: Any, package: store.Package) -> list[tuple[int, str, str, str]]:
+    # repr tells 5 from 5.0 and "5" from 5: a template would show them differently
+    return [(r.seq, r.key, r.tier, repr(r.data)) for r in store.read(ws, package.id)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_both_paths_store_the_same_values(backend, make_workspace, request, caplog) -> None:
+    ws = _workspace(make_workspace, request, backend)
+    inside = _build(ws, "kinds", False, caplog)
+    streamed = _build(ws, "kinds", True, caplog)
+    assert _decoded(ws, inside) == _decoded(ws, streamed)
+    assert (inside.size, inside.tiers, inside.columns) == \
+        (streamed.size, streamed.tiers, streamed.columns)
+    first = store.read(ws, inside.id, 0, 1)[0]
+    if backend == "sqlite":
+        assert inside.size == 6
+        assert inside.tiers == {"": 1, "2.5": 1, "3": 1, "default": 1, "gold": 1, "silver": 1}
+        assert [r.key for r in store.read(ws, inside.id)][3:5] == ["4", "7.5"]
+        assert first.data == {"seq": 0, "id": 1, "tier": "gold", "label": "plain",
+                              "ratio": 0.1, "whole": 5.0, "big": 2**62, "raw": "utf-8 ok",
+                              "at": "2024-03-01"}
+        assert store.read(ws, inside.id, 2, 3)[0].data["whole"] is None  # infinity
+    else:
+        assert inside.size == 4 and inside.tiers == {"default": 1, "gold": 1, "silver": 1,
+                                                     "odd\ttier \\ here": 1}
+        assert first.data["amount"] == 5.0 and repr(first.data["amount"]) == "5.0"
+        assert first.data["at_fraction"] == "2024-03-01T10:00:00.500000"
+        assert first.data["at"] == "2024-03-01T10:00:00"
+        assert first.data["flag"] is True and first.data["small"] == 0.1  # as psycopg reads a real
+        third = store.read(ws, inside.id, 2, 3)[0].data
+        assert third["ratio"] is None and third["small"] is None and third["amount"] is None
+        assert third["count"] == -9007199254740993
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_paths_refuse_the_same_segments_alike(backend, make_workspace, request,
+                                                  caplog) -> None:
+    """Each rule of a segment's result, on both paths: the same message, nothing kept."""
+    ws = _workspace(make_workspace, request, backend)
+    cases = {
+        "duplicate key": ("SELECT * FROM people WHERE score >= :min_score UNION ALL "
+                          "SELECT * FROM people WHERE id = 3",
+                          r"audiences/people.sql: duplicate key '3' in the result"),
+        "duplicate keys": ("SELECT * FROM people WHERE score >= :min_score UNION ALL "
+                           "SELECT * FROM people WHERE id IN (2, 11, 3)",
+                           r"duplicate keys '11', '2', '3' in the result"),
+        "no key column": ("SELECT id AS pid, name, tier FROM people WHERE score >= :min_score",
+                          r"audiences/people.sql: the result has no column 'id' "
+                          r"\(audience.key; columns: pid, name, tier\)"),
+        "no tier column": ("SELECT id, name FROM people WHERE score >= :min_score",
+                           r"no column 'tier' \(audience.tier; columns: id, name\)"),
+        "NULL key": ("SELECT CASE WHEN id = 4 THEN NULL ELSE id END AS id, name, tier "
+                     "FROM people WHERE score >= :min_score ORDER BY people.id",
+                     r"audiences/people.sql: row 4 has NULL in key column 'id'"),
+        "failing query": ("SELECT nope FROM people WHERE score >= :min_score",
+                          r"audiences/people.sql: the query failed: .*nope"),
+    }
+    for name, (segment, expected) in cases.items():
+        (ws.root / "audiences/people.sql").write_text(segment)
+        messages = []
+        for stream in (False, True):
+            with pytest.raises(AudienceError, match=expected) as exc:
+                _build(ws, "promo", stream, caplog)
+            messages.append(str(exc.value))
+        assert messages[0] == messages[1], name
+    assert store.list_packages(ws) == []
+    with ws.store.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM herald_package_rows")).scalar() == 0
+
+
+def test_a_sqlite_source_is_attached_read_only(make_workspace, caplog) -> None:
+    ws = make_workspace(rows=50)
+    before = hashlib.sha256((ws.root / "crm.db").read_bytes()).hexdigest()
+    package = _build(ws, "promo", False, caplog)
+    assert package.size == 50 and store.count_rows(ws, package.id) == 50
+    assert hashlib.sha256((ws.root / "crm.db").read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in ws.root.glob("crm.db*")) == ["crm.db"]
+
+
+@pytest.mark.postgres
+def test_postgres_refuses_a_writing_cte_on_both_paths(make_workspace, request,
+                                                      caplog) -> None:
+    ws = _workspace(make_workspace, request, "postgres")
+    (ws.root / "audiences/people.sql").write_text(
+        "WITH gone AS (DELETE FROM people WHERE score >= :min_score RETURNING *) "
+        "SELECT * FROM gone")
+    # Postgres refuses a data-modifying WITH inside a SELECT (the in-database path) and
+    # in a server-side cursor (the streamed one); the read-only session would anyway
+    for stream in (False, True):
+        with pytest.raises(AudienceError, match=r"the query failed: .*data-modifying"):
+            _build(ws, "promo", stream, caplog)
+    with ws.store.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM people")).scalar() == 20
+
+
+@pytest.mark.postgres
+def test_postgres_types_it_cannot_write_alike_are_streamed(make_workspace, request,
+                                                           caplog) -> None:
+    ws = _workspace(make_workspace, request, "postgres")
+    (ws.root / "audiences/kinds.sql").write_text(
+        "SELECT id, tier, '{\"a\": [1, 2]}'::jsonb AS doc, "
+        "'8c2f4b1e-0000-4000-8000-000000000001'::uuid AS ref FROM kinds ORDER BY id")
+    package = _build(ws, "kinds", True, caplog)
+    spec = ws.flow("kinds")
+    with caplog.at_level(logging.INFO, logger="herald.audiences"):
+        again = store.build(ws, spec, sql.load_segment(ws, spec))
+    assert "streamed through Herald" in caplog.text
+    assert _decoded(ws, package) == _decoded(ws, again)
+    assert store.read(ws, again.id, 0, 1)[0].data["doc"] == {"a": [1, 2]}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_column_named_twice_is_streamed_and_keeps_the_last(backend, make_workspace,
+                                                             request, caplog) -> None:
+    """SQL cannot name one of two same-named columns: such a result is streamed, and
+    its row keeps the last value, as a dict built from the row does."""
+    ws = _workspace(make_workspace, request, backend)
+    (ws.root / "audiences/people.sql").write_text(
+        "SELECT id, tier, name, email AS name FROM people WHERE score >= :min_score "
+        "ORDER BY id")
+    spec = ws.flow("promo")
+    with caplog.at_level(logging.INFO, logger="herald.audiences"):
+        package = store.build(ws, spec, sql.load_segment(ws, spec))
+    assert "streamed through Herald" in caplog.text
+    first = store.read(ws, package.id, 0, 1)[0]
+    assert package.size == 20 and first.data == {"id": 1, "tier": "silver",
+                                                 "name": "user1@example.com"}
