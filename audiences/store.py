@@ -1,7 +1,7 @@
 """Audience packages: immutable, versioned snapshots of a segment's result.
 
-A package is built by streaming the segment query from its source into the workspace
-database in batches, so memory stays O(batch) whatever the audience size. Its manifest
+``herald.audiences.builder`` builds a package; this module holds packages: their
+manifests and rows, reading them by range, pruning and removing orphans. A manifest
 records the flow, segment, SQL sha256, parameters, build time, size and counts per tier.
 Rows are numbered (``seq``) so a run can read any chunk by range.
 """
@@ -11,36 +11,24 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import secrets
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
-from itertools import repeat
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import orjson
 from sqlalchemy import (
-    Connection,
     Engine,
     delete,
     func,
-    insert,
     select,
-    text,
-    update,
 )
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 
-from herald.audiences import inplace
-from herald.audiences.sql import Segment, db_message
-from herald.core import clock
-from herald.core.db import owner_gone, package_rows, packages, process_owner, writing
-from herald.core.errors import AudienceError, WorkspaceError
-from herald.core.spec import FlowSpec
+from herald.core.db import owner_gone, package_rows, packages, writing
+from herald.core.errors import WorkspaceError
 from herald.core.workspace import Workspace
 
 log = logging.getLogger("herald.audiences")
@@ -86,24 +74,24 @@ class Recipient:
     data: dict[str, Any]
 
 
-_slow_encode = json.JSONEncoder(ensure_ascii=False, default=lambda v: _json_default(v)).encode
+_slow_encode = json.JSONEncoder(ensure_ascii=False, default=lambda v: json_default(v)).encode
 
 
-def _encode(row: dict[str, Any]) -> str:
+def encode_row(row: dict[str, Any]) -> str:
     """A row as JSON text: orjson (3x faster than json), json for what orjson refuses
     (integers beyond 64 bits)."""
     try:
-        return orjson.dumps(row, default=_json_default).decode()
+        return orjson.dumps(row, default=json_default).decode()
     except TypeError:
         return _slow_encode(row)
 
 
-def _encode_value(value: Any) -> str:
-    """One value as JSON text, as ``_encode`` writes it inside a row."""
-    return orjson.dumps(value, default=_json_default).decode()
+def encode_value(value: Any) -> str:
+    """One value as JSON text, as ``encode_row`` writes it inside a row."""
+    return orjson.dumps(value, default=json_default).decode()
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
     """JSON for the values a driver returns beyond JSON's own types."""
     converted = jsonable(value)
     if converted is value:
@@ -112,7 +100,7 @@ def _json_default(value: Any) -> Any:
 
 
 @functools.cache
-def _integrity_errors() -> tuple[type[BaseException], ...]:
+def integrity_errors() -> tuple[type[BaseException], ...]:
     """What a duplicate key raises: through SQLAlchemy, or from the driver's own cursor
     (psycopg is imported on first need: 0.1 s that read-only commands do not pay)."""
     import sqlite3
@@ -138,383 +126,6 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def build(ws: Workspace, flow: FlowSpec, segment: Segment, *, stream: bool = False
-          ) -> Package:
-    """Run ``segment`` and store its rows as a new, immutable package.
-
-    When the source and the workspace database are one database (two SQLite files, or
-    one Postgres database reached as one user), the rows are written by one
-    ``INSERT ... SELECT`` inside it and never travel through Python; otherwise, or with
-    ``stream``, they are streamed through Herald in batches. Both write the same rows
-    and refuse the same segments with the same messages.
-    """
-    source = ws.source(flow.audience.source)
-    store = ws.store
-    package_id = f"pkg-{secrets.token_hex(5)}"
-    with writing(store) as conn:
-        conn.execute(insert(packages).values(
-            id=package_id, flow=flow.name, segment=segment.name, source=flow.audience.source,
-            sql_sha256=segment.sha256, params=json.dumps(segment.params),
-            key_column=flow.audience.key, tier_column=flow.audience.tier, columns="[]",
-            built_at=clock.now(), size=0, tiers="{}", status="building",
-            owner=process_owner()))
-    try:
-        built = None if stream else _build_in_database(source, store, flow, segment,
-                                                        package_id)
-        how = "inside the database"
-        if built is None:
-            built = _build_streamed(source, store, flow, segment, package_id)
-            how = "streamed through Herald"
-    except DBAPIError as exc:
-        _discard(store, package_id)
-        raise AudienceError(f"{segment.file}: the query failed: {db_message(exc)}") from None
-    except BaseException:
-        _discard(store, package_id)
-        raise
-    tiers, columns = built
-    with writing(store) as conn:
-        conn.execute(update(packages).where(packages.c.id == package_id).values(
-            size=sum(tiers.values()), tiers=json.dumps(dict(sorted(tiers.items()))),
-            columns=json.dumps(columns), status="ready"))
-    log.info("package %s: %d rows built %s", package_id, sum(tiers.values()), how)
-    return get(ws, package_id)
-
-
-def _check_columns(columns: list[str], flow: FlowSpec, segment: Segment) -> None:
-    for needed, what in ((flow.audience.key, "audience.key"),
-                         (flow.audience.tier, "audience.tier")):
-        if needed and needed not in columns:
-            raise AudienceError(f"{segment.file}: the result has no column "
-                                f"'{needed}' ({what}; columns: {', '.join(columns)})")
-
-
-def _null_key(segment: Segment, key_col: str, row: int) -> AudienceError:
-    return AudienceError(f"{segment.file}: row {row} has NULL in key column '{key_col}'")
-
-
-def _duplicates(segment: Segment, dup: list[str]) -> AudienceError:
-    shown = ", ".join(repr(k) for k in sorted(dup)[:5])
-    return AudienceError(f"{segment.file}: duplicate key{'s' if len(dup) > 1 else ''} {shown} "
-                         "in the result: each recipient must appear once (a duplicate would "
-                         "be sent twice)")
-
-
-def _driver_error(segment: Segment, exc: BaseException) -> AudienceError:
-    first = str(exc).strip().splitlines()
-    return AudienceError(f"{segment.file}: the query failed: "
-                         f"{first[0] if first else type(exc).__name__}")
-
-
-# -- streamed through Herald ------------------------------------------------------------
-def _build_streamed(source: Engine, store: Engine, flow: FlowSpec, segment: Segment,
-                    package_id: str) -> tuple[Counter[str], list[str]]:
-    """Stream the segment's rows from the source and write them to the store in batches.
-
-    Rows are fetched from the driver's (server-side, where there is one) cursor as plain
-    tuples: SQLAlchemy's Row objects cost as much as the database's own work."""
-    try:
-        return _stream(source, store, flow, segment, package_id,
-                       source.dialect.loaded_dbapi.Error)
-    except _integrity_errors():  # at the end of Postgres's COPY: its rows are gone
-        raise _duplicates(segment, _source_duplicates(source, segment, flow.audience.key)
-                          ) from None
-
-
-def _stream(source: Engine, store: Engine, flow: FlowSpec, segment: Segment,
-            package_id: str, driver_error: type[Exception]
-            ) -> tuple[Counter[str], list[str]]:
-    key_col, tier_col = flow.audience.key, flow.audience.tier
-    tiers: Counter[str] = Counter()
-    size = 0
-    with source.connect() as src, ExitStack() as stack:
-        try:
-            fetch, columns = _open_rows(src, segment, stack)
-        except driver_error as exc:
-            raise _driver_error(segment, exc) from None
-        _check_columns(columns, flow, segment)
-        key_at = columns.index(key_col)
-        tier_at = columns.index(tier_col) if tier_col else None
-        dumps = orjson.dumps
-        write = stack.enter_context(_row_writer(store, package_id, segment))
-        while True:
-            try:
-                batch = fetch()
-            except driver_error as exc:
-                raise _driver_error(segment, exc) from None
-            if not batch:
-                break
-            keys = [row[key_at] for row in batch]
-            if None in keys:
-                raise _null_key(segment, key_col, size + keys.index(None) + 1)
-            names = [k if type(k) is str else str(k) for k in keys]
-            if tier_at is None:
-                tier_names = [DEFAULT_TIER] * len(batch)
-            else:
-                tier_names = [DEFAULT_TIER if row[tier_at] is None else str(row[tier_at])
-                              for row in batch]
-            tiers.update(tier_names)
-            # one comprehension, no call per row: orjson takes all but huge integers; a
-            # row has a value per column (the cursor's), and strict= costs 40% of the zip
-            try:
-                data = [dumps(dict(zip(columns, row, strict=False)),
-                              default=_json_default).decode() for row in batch]
-            except TypeError:
-                data = [_encode(dict(zip(columns, row, strict=False))) for row in batch]
-            write(size, names, tier_names, data)
-            size += len(batch)
-    return tiers, columns
-
-
-def _open_rows(src: Connection, segment: Segment, stack: ExitStack
-               ) -> tuple[Callable[[], Sequence[Sequence[Any]]], list[str]]:
-    """The segment's rows, a batch a call, and its columns. On SQLite and psycopg the
-    driver's own cursor (server-side on Postgres) gives plain tuples; elsewhere
-    SQLAlchemy streams them."""
-    dialect = src.dialect
-    if dialect.name == "sqlite" or dialect.driver == "psycopg":
-        compiled = text(segment.sql).compile(dialect=dialect)
-        values = compiled.construct_params(segment.params)
-        params: Any = ([values[n] for n in compiled.positiontup or ()] if compiled.positional
-                       else values)
-        driver = src.connection.driver_connection
-        assert driver is not None
-        cursor = (driver.cursor(name=f"herald_build_{secrets.token_hex(4)}")
-                  if dialect.name == "postgresql" else driver.cursor())
-        # close the (server-side) cursor on every exit, a duplicate key included
-        stack.callback(cursor.close)
-        cursor.execute(str(compiled), params)
-        return (lambda: cursor.fetchmany(INSERT_BATCH),
-                [d[0] for d in cursor.description])
-    result = src.execution_options(stream_results=True, yield_per=INSERT_BATCH).execute(
-        text(segment.sql), segment.params)
-    stack.callback(result.close)
-    return (lambda: result.fetchmany(INSERT_BATCH)), list(result.keys())
-
-
-BACKSLASH, DOUBLED = "\\", "\\\\"
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-_COPY_SPECIAL = ("\\", "\t", "\n", "\r")
-
-
-def _copy_text(value: str) -> str:
-    """A field of COPY's text format (JSON from orjson only ever needs its backslashes
-    doubled: it escapes control characters itself)."""
-    if any(c in value for c in _COPY_SPECIAL):
-        return value.translate(_COPY_ESCAPES)
-    return value
-
-
-@contextmanager
-def _row_writer(store: Engine, package_id: str, segment: Segment
-                ) -> Iterator[Callable[[int, list[str], list[str], list[str]], None]]:
-    """What stores a batch of rows: on Postgres one COPY for the whole build (in one
-    transaction: the server stores a batch while Herald encodes the next; the text
-    written whole, not row by row); elsewhere one executemany a batch, each in its own
-    short transaction (SQLite's write lock is held a batch at a time).
-
-    Both go straight to the driver: building SQLAlchemy parameters for each row cost
-    more than the database's own work (see BENCHMARKS.md).
-    """
-    if store.dialect.name == "postgresql":
-        with writing(store) as conn:
-            driver = conn.connection.driver_connection
-            assert driver is not None
-            with driver.cursor() as cursor, cursor.copy(
-                    f"COPY {package_rows.name} (package_id, seq, key, tier, data) "
-                    "FROM STDIN") as copy:
-                head = f"{_copy_text(package_id)}\t"
-
-                def copy_rows(start: int, keys: list[str], tiers: list[str],
-                              data: list[str]) -> None:
-                    names = "".join(keys) + "".join(tiers)
-                    if any(c in names for c in _COPY_SPECIAL):  # rare: escape each
-                        keys = [_copy_text(k) for k in keys]
-                        tiers = [_copy_text(t) for t in tiers]
-                    copy.write("".join([
-                        f"{head}{seq}\t{k}\t{t}\t{d.replace(BACKSLASH, DOUBLED)}\n"
-                        for seq, k, t, d in zip(range(start, start + len(keys)), keys,
-                                                tiers, data, strict=False)]))
-
-                yield copy_rows
-        return
-    mark = "?" if store.dialect.paramstyle == "qmark" else "%s"
-    statement = (f"INSERT INTO {package_rows.name} (package_id, seq, key, tier, data) "
-                 f"VALUES ({', '.join([mark] * 5)})")
-
-    def insert_rows(start: int, keys: list[str], tiers: list[str], data: list[str]) -> None:
-        try:
-            with writing(store) as conn:
-                cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-                try:
-                    cursor.executemany(statement, zip(
-                        repeat(package_id), range(start, start + len(keys)), keys, tiers, data))
-                finally:
-                    cursor.close()
-        except _integrity_errors():
-            counts = Counter(keys)
-            dup = [k for k, n in counts.items() if n > 1]
-            if not dup:
-                with store.connect() as conn:
-                    dup = list(conn.execute(select(package_rows.c.key).where(
-                        package_rows.c.package_id == package_id,
-                        package_rows.c.key.in_(list(counts)))).scalars())
-            raise _duplicates(segment, dup) from None
-
-    yield insert_rows
-
-
-def _source_duplicates(source: Engine, segment: Segment, key_col: str) -> list[str]:
-    """The keys (as stored: ``str``) that more than one row of the segment has, found by
-    the source itself: what a failed COPY or INSERT ... SELECT no longer holds."""
-    query = (f"SELECT k FROM (SELECT {inplace.quote_name(key_col)} AS k FROM (\n{segment.sql}"
-             "\n) AS herald_segment) AS keyed WHERE k IS NOT NULL GROUP BY k "
-             "HAVING count(*) > 1")
-    with source.connect() as src:
-        return [str(k) for k in src.execute(text(query), segment.params).scalars()]
-
-
-# -- inside the database ----------------------------------------------------------------
-def _build_in_database(source: Engine, store: Engine, flow: FlowSpec, segment: Segment,
-                       package_id: str) -> tuple[Counter[str], list[str]] | None:
-    """Build the package with one INSERT ... SELECT when source and store are one
-    database; None (nothing written) when they are not or a column's type needs Python."""
-    if source.dialect.name == store.dialect.name == "sqlite":
-        source_file, store_file = _sqlite_file(source), _sqlite_file(store)
-        if source_file and store_file:
-            return _build_in_sqlite(source_file, store_file, flow, segment, package_id)
-    elif source.dialect.name == store.dialect.name == "postgresql" \
-            and _same_postgres(source, store):
-        return _build_in_postgres(source, store, flow, segment, package_id)
-    return None
-
-
-def _sqlite_file(engine: Engine) -> Path | None:
-    database = engine.url.database
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    return Path(database)
-
-
-def _same_postgres(source: Engine, store: Engine) -> bool:
-    """One database reached as one user (so the store's session can read what the
-    source's can)."""
-    a, b = source.url, store.url
-    return ((a.host or "localhost", a.port or 5432, a.database, a.username)
-            == (b.host or "localhost", b.port or 5432, b.database, b.username))
-
-
-def _probe_sql(segment: Segment) -> str:
-    return f"SELECT * FROM (\n{segment.sql}\n) AS herald_probe LIMIT 0"
-
-
-def _build_in_sqlite(source_file: Path, store_file: Path, flow: FlowSpec, segment: Segment,
-                     package_id: str) -> tuple[Counter[str], list[str]] | None:
-    """The source opened read-only (``mode=ro``: never written, never created) with the
-    workspace database attached, and one INSERT ... SELECT into it."""
-    import sqlite3
-
-    from sqlalchemy.dialects import sqlite as sqlite_dialect
-
-    dialect = sqlite_dialect.dialect()
-    conn = sqlite3.connect(f"{source_file.as_uri()}?mode=ro", uri=True, timeout=30,
-                           isolation_level=None)
-    try:
-        conn.create_function("herald_text", 1, str, deterministic=True)
-        conn.create_function("herald_json", 1, _encode_value, deterministic=True)
-        conn.execute("ATTACH DATABASE ? AS herald_store", (f"{store_file.as_uri()}?mode=rw",))
-        conn.execute("PRAGMA herald_store.synchronous=NORMAL")
-
-        def run(sql: str, params: dict[str, Any]) -> Any:
-            compiled = text(sql).compile(dialect=dialect)
-            values = compiled.construct_params(params)
-            return conn.execute(str(compiled), [values[n] for n in compiled.positiontup or ()])
-
-        try:
-            columns = [d[0] for d in run(_probe_sql(segment), segment.params).description]
-        except sqlite3.Error as exc:
-            raise _driver_error(segment, exc) from None
-        _check_columns(columns, flow, segment)
-        if any(_renamed_twin(name, columns) for name in columns):
-            # a name twice: SQLite calls the second "name:1" in a subquery, the streamed
-            # build keeps the last of the two, as a dict does
-            return None
-        row = inplace.sqlite_row(columns, flow.audience.key, flow.audience.tier,
-                                 DEFAULT_TIER)
-        params = {**segment.params, **row.params, "herald_package": package_id}
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            run(inplace.insert_select(f"herald_store.{package_rows.name}", segment.sql, row),
-                params)
-            tiers = Counter(dict(conn.execute(
-                f"SELECT tier, count(*) FROM herald_store.{package_rows.name} "
-                "WHERE package_id = ? GROUP BY tier", (package_id,)).fetchall()))
-            conn.execute("COMMIT")
-        except sqlite3.IntegrityError:
-            conn.execute("ROLLBACK")
-            null_at = run(inplace.null_key_sql(segment.sql, flow.audience.key),
-                          segment.params).fetchone()
-            if null_at:
-                raise _null_key(segment, flow.audience.key, null_at[0]) from None
-            dup = [k for (k,) in run(inplace.duplicate_keys_sql(segment.sql, row),
-                                     params).fetchall()]
-            raise _duplicates(segment, dup) from None
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise _driver_error(segment, exc) from None
-        return tiers, columns
-    finally:
-        conn.close()
-
-
-def _renamed_twin(name: str, columns: list[str]) -> bool:
-    """Whether ``name`` is how SQLite renames a second column of the same name in a
-    subquery (``name:1``); a real column so named only makes the build stream."""
-    base, colon, number = name.rpartition(":")
-    return bool(colon) and number.isdigit() and base in columns
-
-
-def _build_in_postgres(source: Engine, store: Engine, flow: FlowSpec, segment: Segment,
-                       package_id: str) -> tuple[Counter[str], list[str]] | None:
-    """The segment checked on the source's read-only session (it compiles, its columns
-    and their types), then one INSERT ... SELECT on the store's. Postgres refuses a
-    writing CTE inside the SELECT (it must be at the top level)."""
-    with source.connect() as src:
-        probed = src.execute(text(_probe_sql(segment)), segment.params)
-        columns = list(probed.keys())
-        types = [cast(int, d[1]) for d in probed.cursor.description]  # type OIDs
-        probed.close()
-    _check_columns(columns, flow, segment)
-    if len(set(columns)) < len(columns):
-        return None
-    row = inplace.postgres_row(columns, types, flow.audience.key, flow.audience.tier,
-                               DEFAULT_TIER)
-    if row is None:
-        return None
-    params = {**segment.params, **row.params, "herald_package": package_id}
-    try:
-        with writing(store) as conn:
-            # float8's text as Python's repr: the shortest that reads back
-            conn.exec_driver_sql("SET LOCAL extra_float_digits = 1")
-            conn.execute(text(inplace.insert_select(package_rows.name, segment.sql, row)),
-                         params)
-            tiers = Counter(dict(conn.execute(
-                select(package_rows.c.tier, func.count()).where(
-                    package_rows.c.package_id == package_id).group_by(package_rows.c.tier)
-            ).tuples().all()))
-    except IntegrityError:
-        with source.connect() as src:
-            null_at = src.execute(text(inplace.null_key_sql(segment.sql, flow.audience.key)),
-                                  segment.params).scalar()
-        if null_at:
-            raise _null_key(segment, flow.audience.key, int(null_at)) from None
-        raise _duplicates(segment, _source_duplicates(source, segment, flow.audience.key)
-                          ) from None
-    return tiers, columns
-
-
 def remove_orphans(store: Engine) -> list[str]:
     """Remove packages left ``building`` by a process that has ended (killed during the
     build) on this host, with their rows. Returns their ids."""
@@ -523,11 +134,11 @@ def remove_orphans(store: Engine) -> list[str]:
             packages.c.status == "building", packages.c.owner.is_not(None)))
             if owner_gone(r.owner)]
     for package_id in found:
-        _discard(store, package_id)
+        discard(store, package_id)
     return found
 
 
-def _discard(store: Engine, package_id: str) -> None:
+def discard(store: Engine, package_id: str) -> None:
     with writing(store) as conn:
         conn.execute(delete(package_rows).where(package_rows.c.package_id == package_id))
         conn.execute(delete(packages).where(packages.c.id == package_id))
@@ -557,7 +168,7 @@ def prune(ws: Workspace, keep: int, flow: str | None = None) -> tuple[list[str],
             runs.c.status == "running")).scalars())
     deleted = [p for p in candidates if p not in needed]
     for package_id in deleted:
-        _discard(ws.store, package_id)
+        discard(ws.store, package_id)
     return deleted, [p for p in candidates if p in needed]
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from herald.audiences import store
+from herald.audiences import builder, store
 from herald.channels.base import Message
 from herald.core import clock, workspace
 from herald.core.db import writing
@@ -127,7 +127,7 @@ def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None =
     run_id = f"run-{clock.now():%Y%m%d%H%M%S}-{secrets.token_hex(3)}"
     ledger.start_run(ws.store, run_id, flow.name, key, dry_run)
     try:
-        package = store.build(ws, flow, checked.segment)
+        package = builder.build(ws, flow, checked.segment)
         orphans = [t for t in package.tiers if flow.tier_for(t) is None]
         if orphans:
             raise ValidationFailed([Problem(

@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, text
 
-from herald.audiences.store import Segment
+from herald.audiences.sql import Segment
 from herald.core.workspace import Workspace
 from herald.reporting.conversions import bind_period, utc
 

@@ -9,7 +9,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from herald.audiences import export, sql, store
+from herald.audiences import builder, export, sql, store
 from herald.core.errors import AudienceError, WorkspaceError
 
 from .helpers import people
@@ -17,7 +17,7 @@ from .helpers import people
 
 def build(ws, params=None):
     flow = ws.flow("promo")
-    return store.build(ws, flow, sql.load_segment(ws, flow, params))
+    return builder.build(ws, flow, sql.load_segment(ws, flow, params))
 
 
 def test_manifest_records_what_was_built(make_workspace) -> None:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-from herald.audiences import sql, store
+from herald.audiences import builder, sql, store
 from herald.core import clock
 from herald.delivery import ledger
 from herald.flows import engine
@@ -80,7 +80,7 @@ def test_segment_now_is_bound_from_the_clock(make_workspace, now) -> None:
     spec = ws.flow("promo")
     segment = sql.load_segment(ws, spec)
     assert segment.params["now"] == now.strftime("%Y-%m-%d %H:%M:%S")  # SQLite: UTC text
-    package = store.build(ws, spec, segment)
+    package = builder.build(ws, spec, segment)
     assert package.built_at.replace(tzinfo=UTC) == now
     rows = store.read(ws, package.id, 0, 3)
     assert {r.data["as_of"] for r in rows} == {now.strftime("%Y-%m-%d %H:%M:%S")}

@@ -344,7 +344,7 @@ def test_send_test_reaches_a_real_smtp_server_and_counts_nowhere(make_workspace,
 def test_preview_out_version_completion_and_prune(make_workspace, tmp_path, capsys) -> None:
     from email import message_from_bytes
 
-    from herald.audiences import store
+    from herald.audiences import builder, store
 
     ws = make_workspace(rows=20)
     code, _, err = cli(capsys, "preview", "promo", "--tier", "gold", "--limit", "2",
@@ -373,7 +373,7 @@ def test_preview_out_version_completion_and_prune(make_workspace, tmp_path, caps
     assert words.returncode == 0 and "audience" in words.stdout
 
     first = engine.run_local(ws, "promo", run_key="a")["package"]["id"]
-    built = [store.build(ws, ws.flow("promo"), engine.check_flow(ws, "promo").segment).id
+    built = [builder.build(ws, ws.flow("promo"), engine.check_flow(ws, "promo").segment).id
              for _ in range(3)]
     from herald.core.db import deliveries, writing
 

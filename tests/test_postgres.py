@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
-from herald.audiences import sql, store
+from herald.audiences import builder, sql, store
 from herald.core.errors import AudienceError
 from herald.delivery import ledger
 from herald.flows import campaign
@@ -56,5 +56,5 @@ def test_duplicate_keys_on_postgres(make_workspace, pg_database) -> None:
         "SELECT * FROM people WHERE id = 2")
     flow = ws.flow("promo")
     with pytest.raises(AudienceError, match=r"duplicate key '2'"):
-        store.build(ws, flow, sql.load_segment(ws, flow))
+        builder.build(ws, flow, sql.load_segment(ws, flow))
     assert store.list_packages(ws) == []

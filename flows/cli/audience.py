@@ -26,14 +26,14 @@ from herald.flows.cli.common import (
 def audience_build(flow: str, param: ParamOpt = None, workspace: WorkspaceOpt = None,
                    as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Build and store an audience package for FLOW (validated first); print its summary."""
-    from herald.audiences import store
+    from herald.audiences import builder
     from herald.flows.engine import tidy
     from herald.flows.validate import check_flow
 
     ws = open_workspace(workspace)
     checked = check_flow(ws, flow, parse_params(param))
     tidy(ws)
-    package = store.build(ws, checked.spec, checked.segment)
+    package = builder.build(ws, checked.spec, checked.segment)
     if as_json:
         print_json(package.manifest())
     else:
