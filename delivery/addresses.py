@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
@@ -45,6 +46,13 @@ class Addresses:
 PHONE_LIKE = re.compile(r"^\+?[\d\s().\-/]{6,32}$")
 
 
+# Cleaning is pure and costs tens of microseconds a value (email_validator's and
+# phonenumbers' parsers): a chunk asks for the same value several times (the address,
+# then its suppression-list form, then the recipient key), so results are kept by value.
+# The caches hold a few chunks' worth of values, never an audience's.
+CACHE_SIZE = 1 << 16
+
+
 def clean_address(kind: str, value: object, region: str | None = None,
                   special_use: bool = False) -> tuple[str | None, str | None]:
     """(address, None) when usable, else (None, why not). E-mail addresses are checked
@@ -53,7 +61,13 @@ def clean_address(kind: str, value: object, region: str | None = None,
     (``region``: the country of numbers written without a country code)."""
     if value is None:
         return None, "empty"
-    text = str(value).strip()
+    return _clean(kind, str(value), region, special_use)
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def _clean(kind: str, value: str, region: str | None, special_use: bool
+           ) -> tuple[str | None, str | None]:
+    text = value.strip()
     if not text:
         return None, "empty"
     if len(text) > 512:
@@ -82,6 +96,7 @@ def _special_use(address: str) -> bool:
     return any(domain == d or domain.endswith(f".{d}") for d in SPECIAL_USE_DOMAIN_NAMES)
 
 
+@lru_cache(maxsize=CACHE_SIZE)
 def e164(text: str, region: str | None) -> tuple[str | None, str | None]:
     """A phone number in E.164 (``+8613812345678``), or (None, why not)."""
     import phonenumbers
@@ -96,6 +111,7 @@ def e164(text: str, region: str | None) -> tuple[str | None, str | None]:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), None
 
 
+@lru_cache(maxsize=CACHE_SIZE)
 def comparable(value: str, region: str | None = None) -> str:
     """The form in which a recipient key or an address is compared (suppression list,
     deduplication): an e-mail address cleaned and lower-cased (its domain in Unicode,
