@@ -162,13 +162,19 @@ def open_channel(ws: Workspace, name: str, job: Job) -> Channel:
                                               ws.store))
 
 
-async def dispatch(ws: Workspace, job: Job, messages: dict[str, list[Message]]) -> None:
-    """Send every message (grouped by channel name), settling each in the ledger."""
-    await asyncio.gather(*(_send_channel(ws, job, name, msgs)
+async def dispatch(ws: Workspace, job: Job, messages: dict[str, list[Message]]
+                   ) -> list[ledger.Outcome]:
+    """Send every message (grouped by channel name), settling each in the ledger.
+    Returns the outcomes settled, as written: a message missing from them was not handed
+    to a provider (a stop) and its row is still ``queued``."""
+    settled: list[ledger.Outcome] = []
+    await asyncio.gather(*(_send_channel(ws, job, name, msgs, settled)
                            for name, msgs in messages.items() if msgs))
+    return settled
 
 
-async def _send_channel(ws: Workspace, job: Job, name: str, messages: list[Message]) -> None:
+async def _send_channel(ws: Workspace, job: Job, name: str, messages: list[Message],
+                        settled: list[ledger.Outcome]) -> None:
     settings = ws.channels[name]
     cls = channel_class(settings.type)
     size = settings.batch_size or cls.batch_size
@@ -178,7 +184,7 @@ async def _send_channel(ws: Workspace, job: Job, name: str, messages: list[Messa
     if limit:
         messages, too_long = _within(messages, limit)
         if too_long:
-            await _settle(ws, job, too_long)
+            await _settle(ws, job, too_long, settled)
     stopped: str | None = _stopped.get((job.run_id, name))
     async with open_channel(ws, name, job) as channel:
         for start in range(0, len(messages), size):
@@ -188,10 +194,10 @@ async def _send_channel(ws: Workspace, job: Job, name: str, messages: list[Messa
             if stopped:
                 await _settle(ws, job, [ledger.Outcome(
                     m.recipient, "failed", f"fatal: channel stopped: {stopped}", attempts=0)
-                    for m in batch])
+                    for m in batch], settled)
                 continue
             outcomes, fatal = await _send_batch(ws, job, channel, batch, bucket)
-            await _settle(ws, job, outcomes)
+            await _settle(ws, job, outcomes, settled)
             if fatal:
                 stopped = fatal
                 with _buckets_lock:
@@ -332,8 +338,10 @@ async def _guarded(channel: Channel, messages: Sequence[Message]) -> list[SendRe
     return results
 
 
-async def _settle(ws: Workspace, job: Job, outcomes: list[ledger.Outcome]) -> None:
+async def _settle(ws: Workspace, job: Job, outcomes: list[ledger.Outcome],
+                  settled: list[ledger.Outcome]) -> None:
     await asyncio.to_thread(ledger.settle, ws.store, job.flow, job.run_key, outcomes)
+    settled.extend(outcomes)  # only once written: a failed settle raises before this
 
 
 def group(messages: Sequence[tuple[str, Message]]) -> dict[str, list[Message]]:

@@ -273,6 +273,7 @@ def _run_chunk(job: ChunkJob) -> ChunkResult:
         decisions += _resume_decisions(ws, flow.name, job, resumed)
 
     outgoing: list[tuple[str, Message]] = []
+    tiers: dict[str, str] = {}  # each outgoing recipient's tier
     render_errors: list[ledger.Outcome] = []
     reasons: Counter[tuple[str, str]] = Counter()
     for d in decisions:
@@ -292,6 +293,7 @@ def _run_chunk(job: ChunkJob) -> ChunkResult:
                 reasons["render_error", str(exc)] += 1
             continue
         outgoing.append((d.channel, message))
+        tiers[d.recipient.key] = d.recipient.tier
         if job.dry_run:
             counts["sent", d.recipient.tier, d.channel] += 1
     if job.dry_run:
@@ -300,9 +302,14 @@ def _run_chunk(job: ChunkJob) -> ChunkResult:
     if render_errors:
         ledger.settle(ws.store, flow.name, job.run_key, render_errors)
     if outgoing:
-        asyncio.run(dispatch(ws, Job(flow.name, job.run_key, job.run_id), group(outgoing)))
-        for status, tier, channel, n in _settled(ws, job, [m.recipient for _, m in outgoing]):
-            counts[status, tier, channel] += n
+        settled = asyncio.run(dispatch(ws, Job(flow.name, job.run_key, job.run_id),
+                                       group(outgoing)))
+        # counted from the outcomes written, not read back from the ledger: each row of
+        # these recipients is this chunk's (reserved above under the ledger lock)
+        status_of = {o.recipient: o.status for o in settled}
+        for channel, message in outgoing:
+            counts[status_of.get(message.recipient, "queued"), tiers[message.recipient],
+                   channel] += 1
     return ChunkResult([(*k, n) for k, n in counts.items()], [])
 
 
@@ -338,20 +345,6 @@ def _resume_decisions(ws: Workspace, flow: str, job: ChunkJob,
         out.append(Decision(r, entry[0], SEND, channel=found[r.key].channel,
                             address=found[r.key].address, variant=found[r.key].variant))
     return out
-
-
-def _settled(ws: Workspace, job: ChunkJob, recipients: list[str]) -> ChunkCounts:
-    counts: Counter[tuple[str, str, str | None]] = Counter()
-    with ws.store.connect() as conn:
-        for part in ledger.among(conn, ledger.deliveries.c.recipient, recipients):
-            for status, tier, channel in conn.execute(
-                    ledger.deliveries.select().with_only_columns(
-                        ledger.deliveries.c.status, ledger.deliveries.c.tier,
-                        ledger.deliveries.c.channel).where(
-                        ledger.deliveries.c.flow == job.flow,
-                        ledger.deliveries.c.run_key == job.run_key, part)):
-                counts[status, tier, channel] += 1
-    return [(*k, n) for k, n in counts.items()]
 
 
 def build_message(ws: Workspace, templates: Templates, job: ChunkJob | Job,
