@@ -255,14 +255,22 @@ def existing(conn: Connection, flow: str, run_key: str, recipients: Sequence[str
 def addresses_taken(conn: Connection, flow: str, run_key: str, channel: str,
                     addresses: Sequence[str], fold_case: bool) -> dict[str, str]:
     """{address: recipient} for the addresses already sent or reserved on ``channel``
-    under this run key (``fold_case``: compared lower-cased, as e-mail addresses are)."""
-    column: Any = func.lower(deliveries.c.address) if fold_case else deliveries.c.address
+    under this run key (``fold_case``: compared lower-cased, as e-mail addresses are).
+
+    Looked up through the index on (flow, run key, channel, lower(address)): a chunk's
+    addresses cost index probes, not a scan of every row of the run key."""
+    wanted = {a.lower() if fold_case else a for a in addresses}
     out: dict[str, str] = {}
-    for part in among(conn, column, sorted(set(addresses))):
-        for address, recipient in conn.execute(select(column, deliveries.c.recipient).where(
-                deliveries.c.flow == flow, deliveries.c.run_key == run_key,
-                deliveries.c.channel == channel, deliveries.c.status.in_(COUNTED), part)):
-            out.setdefault(address, recipient)
+    for part in among(conn, func.lower(deliveries.c.address),
+                      sorted({a.lower() for a in wanted})):
+        for address, recipient in conn.execute(
+                select(deliveries.c.address, deliveries.c.recipient).where(
+                    deliveries.c.flow == flow, deliveries.c.run_key == run_key,
+                    deliveries.c.channel == channel, deliveries.c.status.in_(COUNTED),
+                    part).order_by(deliveries.c.id)):
+            key = address.lower() if fold_case else address
+            if key in wanted:  # case-sensitive channels: the exact address only
+                out.setdefault(key, recipient)
     return out
 
 

@@ -90,3 +90,35 @@ def test_batch_settle_writes_every_outcome(make_workspace, store_url) -> None:
             ledger.deliveries.c.attempts).where(ledger.deliveries.c.recipient == "3")
         ).scalar_one()
     assert attempts == 5  # added to the earlier attempts
+
+
+def test_deduplication_finds_addresses_through_the_index(make_workspace, store_url) -> None:
+    """A store made before the address index gets it when opened; e-mail addresses are
+    compared lower-cased through it, other channels' addresses exactly."""
+    from sqlalchemy import text
+
+    from herald.core.db import ensure_schema
+
+    ws = make_workspace(rows=4, store=store_url)
+    with writing(ws.store) as conn:
+        conn.execute(text("DROP INDEX ix_herald_deliveries_address"))
+    ensure_schema(ws.store)
+    with writing(ws.store) as conn:
+        ledger.write_entries(conn, [
+            ledger.Entry("1", "gold", "sent", "email", "Ann@shop.example.com"),
+            ledger.Entry("2", "gold", "queued", "wechat", "oAbC"),
+            ledger.Entry("3", "gold", "capped", "email", "bob@shop.example.com"),
+        ], flow="promo", run_key="k", run_id="r", package_id="p")
+    with ws.store.connect() as conn:
+        names = {n for (n,) in conn.execute(text(
+            "SELECT name FROM sqlite_master WHERE type = 'index'"
+            if conn.dialect.name == "sqlite" else
+            "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"))}
+        assert "ix_herald_deliveries_address" in names
+        assert ledger.addresses_taken(conn, "promo", "k", "email",
+                                      ["ann@shop.example.com", "bob@shop.example.com"],
+                                      True) == {"ann@shop.example.com": "1"}  # capped: free
+        assert ledger.addresses_taken(conn, "promo", "k", "wechat", ["oabc", "oAbC"],
+                                      False) == {"oAbC": "2"}
+        assert ledger.addresses_taken(conn, "promo", "other", "email",
+                                      ["ann@shop.example.com"], True) == {}
