@@ -297,19 +297,53 @@ def rewrite(conn: Connection, entries: Iterable[Entry], *, flow: str, run_key: s
             updated_at=stamp))
 
 
+ENTRY_COLUMNS = ("flow", "run_key", "recipient", "run_id", "package_id", "tier", "channel",
+                 "address", "status", "reason", "attempts", "priority", "counted",
+                 "not_before", "variant", "created_at", "updated_at")
+
+
 def write_entries(conn: Connection, entries: Iterable[Entry], *, flow: str, run_key: str,
                   run_id: str, package_id: str, priority: int = 0, counted: bool = True,
                   at: datetime | None = None) -> None:
+    """Write new rows in one statement: COPY on Postgres, one executemany elsewhere."""
     stamp = at or now()
-    rows = [{"flow": flow, "run_key": run_key, "recipient": e.recipient, "run_id": run_id,
-             "package_id": package_id, "tier": e.tier, "channel": e.channel,
-             "address": e.address, "status": e.status, "reason": e.reason,
-             "attempts": 0, "priority": priority, "counted": counted,
-             "not_before": e.not_before, "variant": e.variant, "created_at": stamp,
-             "updated_at": stamp}
+    rows = [(flow, run_key, e.recipient, run_id, package_id, e.tier, e.channel, e.address,
+             e.status, e.reason, 0, priority, counted, e.not_before, e.variant, stamp, stamp)
             for e in entries]
-    if rows:
-        conn.execute(insert(deliveries), rows)
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        with _driver(conn).cursor() as cursor, cursor.copy(
+                f"COPY {deliveries.name} ({', '.join(ENTRY_COLUMNS)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        return
+    # elsewhere (SQLite) one executemany at the driver: the times converted once, not
+    # by SQLAlchemy for each value of each row
+    when = _to_db(conn, deliveries.c.created_at)
+    fixed = when(stamp)
+    conn.exec_driver_sql(_INSERT_SQL, [
+        (*row[:13], when(row[13]) if row[13] is not None else None, row[14], fixed, fixed)
+        for row in rows])
+
+
+_INSERT_SQL = (f"INSERT INTO {deliveries.name} ({', '.join(ENTRY_COLUMNS)}) "
+               f"VALUES ({', '.join('?' for _ in ENTRY_COLUMNS)})")
+
+
+def _to_db(conn: Connection, column: Any) -> Any:
+    """The dialect's conversion of a Python value for ``column`` (SQLite stores times as
+    text), or the identity when there is none."""
+    process = column.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+    return process or (lambda value: value)
+
+
+def _driver(conn: Connection) -> Any:
+    """The driver's connection under ``conn``, in ``conn``'s transaction (psycopg's COPY
+    and array parameters have no SQLAlchemy statement)."""
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    return raw
 
 
 def adopt(conn: Connection, flow: str, run_key: str, recipients: Sequence[str],
@@ -336,31 +370,21 @@ def mark(engine: Engine, flow: str, run_key: str, recipients: Sequence[str], sta
 
 
 def settle(engine: Engine, flow: str, run_key: str, outcomes: Sequence[Outcome]) -> None:
-    """Write providers' answers for a batch in one transaction."""
+    """Write providers' answers for a batch in one transaction and one statement: on
+    Postgres one UPDATE ... FROM the answers bound as arrays, elsewhere one executemany."""
     if not outcomes:
         return
     stamp = now()
-    statement = update(deliveries).where(
-        deliveries.c.flow == bindparam("b_flow"), deliveries.c.run_key == bindparam("b_key"),
-        deliveries.c.recipient == bindparam("b_recipient")).values(
-        status=bindparam("b_status"), reason=bindparam("b_reason"), code=bindparam("b_code"),
-        provider_id=bindparam("b_provider_id"),
-        attempts=deliveries.c.attempts + bindparam("b_attempts"),
-        updated_at=bindparam("b_updated"), sent_at=bindparam("b_sent_at"),
-        segments=bindparam("b_segments"), not_before=bindparam("b_not_before"))
-    params = [{"b_flow": flow, "b_key": run_key, "b_recipient": o.recipient,
-               "b_status": o.status, "b_reason": o.reason, "b_code": o.code,
-               "b_provider_id": o.provider_id, "b_attempts": o.attempts,
-               "b_updated": stamp, "b_sent_at": stamp if o.status == "sent" else None,
-               "b_segments": o.segments, "b_not_before": o.not_before}
-              for o in outcomes]
     # The providers have answered: a store that is locked for a while (a backup, a long
     # report, another worker) must not leave these rows `sending` for ever. Each attempt
     # waits SETTLE_WAIT for the lock, and a few attempts are made before giving up loudly.
     for attempt in range(1, SETTLE_ATTEMPTS + 1):
         try:
             with _settling(engine) as conn:
-                conn.execute(statement, params)
+                if conn.dialect.name == "postgresql":
+                    _settle_arrays(conn, flow, run_key, outcomes, stamp)
+                else:
+                    _settle_many(conn, flow, run_key, outcomes, stamp)
             return
         except OperationalError as exc:
             text = str(exc.orig or exc).lower()
@@ -376,6 +400,53 @@ def settle(engine: Engine, flow: str, run_key: str, outcomes: Sequence[Outcome])
             log.warning("the workspace database is locked; recording %d answer(s) again "
                         "(attempt %d of %d)", len(outcomes), attempt + 1, SETTLE_ATTEMPTS)
             time.sleep(min(4.0, 0.5 * 2 ** (attempt - 1)))
+
+
+_SETTLE_SQL = (f"UPDATE {deliveries.name} SET status = ?, reason = ?, code = ?, "
+               "provider_id = ?, attempts = attempts + ?, updated_at = ?, sent_at = ?, "
+               "segments = ?, not_before = ? WHERE flow = ? AND run_key = ? "
+               "AND recipient = ?")
+
+
+def _settle_many(conn: Connection, flow: str, run_key: str, outcomes: Sequence[Outcome],
+                 stamp: datetime) -> None:
+    """SQLite: one executemany at the driver, the times converted once."""
+    when = _to_db(conn, deliveries.c.updated_at)
+    fixed = when(stamp)
+    conn.exec_driver_sql(_SETTLE_SQL, [
+        (o.status, o.reason, o.code, o.provider_id, o.attempts, fixed,
+         fixed if o.status == "sent" else None, o.segments,
+         when(o.not_before) if o.not_before is not None else None, flow, run_key,
+         o.recipient) for o in outcomes])
+
+
+# One statement for a whole batch: the answers travel as one array per column.
+_SETTLE_ARRAYS = f"""
+UPDATE {deliveries.name} AS d
+SET status = a.status, reason = a.reason, code = a.code, provider_id = a.provider_id,
+    attempts = d.attempts + a.attempts, updated_at = %(stamp)s,
+    sent_at = CASE WHEN a.status = 'sent' THEN %(stamp)s END,
+    segments = a.segments, not_before = a.not_before
+FROM unnest(%(recipient)s::text[], %(status)s::text[], %(reason)s::text[],
+            %(code)s::text[], %(provider_id)s::text[], %(attempts)s::int[],
+            %(segments)s::int[], %(not_before)s::timestamptz[])
+     AS a(recipient, status, reason, code, provider_id, attempts, segments, not_before)
+WHERE d.flow = %(flow)s AND d.run_key = %(run_key)s AND d.recipient = a.recipient
+"""
+
+
+def _settle_arrays(conn: Connection, flow: str, run_key: str, outcomes: Sequence[Outcome],
+                   stamp: datetime) -> None:
+    with _driver(conn).cursor() as cursor:
+        cursor.execute(_SETTLE_ARRAYS, {
+            "flow": flow, "run_key": run_key, "stamp": stamp,
+            "recipient": [o.recipient for o in outcomes],
+            "status": [o.status for o in outcomes],
+            "reason": [o.reason for o in outcomes], "code": [o.code for o in outcomes],
+            "provider_id": [o.provider_id for o in outcomes],
+            "attempts": [o.attempts for o in outcomes],
+            "segments": [o.segments for o in outcomes],
+            "not_before": [o.not_before for o in outcomes]})
 
 
 SETTLE_ATTEMPTS = 6
