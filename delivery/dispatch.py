@@ -34,7 +34,7 @@ from datetime import timedelta
 from herald.channels.base import Channel, ChannelContext, Message, Outcome, SendResult
 from herald.channels.registry import channel_class
 from herald.core.workspace import Workspace
-from herald.delivery import ledger, suppression
+from herald.delivery import ledger, ledger_reads, suppression
 
 log = logging.getLogger("herald.dispatch")
 
@@ -274,7 +274,7 @@ def _defer(ws: Workspace, job: Job, later: list[tuple[Message, SendResult, int, 
            ) -> list[ledger.Outcome]:
     """Retryable answers that outlasted the run's retries: deferred to a later run of the
     run key, or failed once the recipient has had MAX_TOTAL_ATTEMPTS attempts."""
-    before = ledger.attempts(ws.store, job.flow, job.run_key,
+    before = ledger_reads.attempts(ws.store, job.flow, job.run_key,
                              [m.recipient for m, *_ in later])
     at = ledger.now()
     out = []

@@ -22,7 +22,7 @@ from sqlalchemy import Connection
 from herald.audiences.store import Recipient
 from herald.core.spec import CapRule, FlowSpec
 from herald.core.workspace import Workspace
-from herald.delivery import ledger, suppression, variants
+from herald.delivery import ledger_reads, suppression, variants
 from herald.delivery.addresses import Addresses
 
 SEND = "send"
@@ -105,7 +105,7 @@ class Policy:
                 by_channel[d.channel].append((i, d.address.lower() if fold else d.address))
         out = list(decisions)
         for channel, items in by_channel.items():
-            taken = ledger.addresses_taken(conn, self.flow.name, run_key, channel,
+            taken = ledger_reads.addresses_taken(conn, self.flow.name, run_key, channel,
                                            [a for _, a in items],
                                            self.kinds[channel] == "email")
             for i, address in items:
@@ -124,15 +124,17 @@ class Policy:
         calendar window (its start is local midnight)."""
         applies = [r for r in rows if rule.tier is None or r.tier == rule.tier]
         if not rule.calendar:
-            return ledger.cap_counts(conn, [r.key for r in applies], rule.since(at, self.zone),
-                                     rule.channel, rule.flow, self.flow.priority, own)
+            return ledger_reads.cap_counts(conn, [r.key for r in applies],
+                                           rule.since(at, self.zone), rule.channel,
+                                           rule.flow, self.flow.priority, own)
         by_zone: dict[ZoneInfo, list[str]] = defaultdict(list)
         for r in applies:
             by_zone[self.zone_of(r)].append(r.key)
         counts: Counter[str] = Counter()
         for zone, keys in by_zone.items():
-            counts.update(ledger.cap_counts(conn, keys, rule.since(at, zone), rule.channel,
-                                            rule.flow, self.flow.priority, own))
+            counts.update(ledger_reads.cap_counts(conn, keys, rule.since(at, zone),
+                                                  rule.channel, rule.flow,
+                                                  self.flow.priority, own))
         return counts
 
     def _quiet(self, row: Recipient, tier: str, at: datetime) -> Decision | None:

@@ -34,7 +34,7 @@ from herald.core.db import writing
 from herald.core.errors import HeraldError, Problem, RunError, ValidationFailed
 from herald.core.spec import Scalar
 from herald.core.workspace import Workspace
-from herald.delivery import ledger, suppression, unsubscribe, variants
+from herald.delivery import ledger, ledger_reads, run_records, suppression, unsubscribe, variants
 from herald.delivery.dispatch import (
     Job,
     clear_stop,
@@ -101,11 +101,11 @@ def nothing_to_do(ws: Workspace, flow: str, run_key: str) -> dict[str, Any] | No
 
     Such a rerun would build a whole package only to find every recipient a duplicate;
     its answer instead is the run key's figures and one line saying so."""
-    found = ledger.list_runs(ws.store, 1000, flow=flow, run_key=run_key)
+    found = run_records.list_runs(ws.store, 1000, flow=flow, run_key=run_key)
     done = [r for r in found if r.status == "completed" and not r.dry_run]
-    if not done or ledger.open_rows(ws.store, flow, run_key):
+    if not done or ledger_reads.open_rows(ws.store, flow, run_key):
         return None
-    counts = ledger.key_counts(ws.store, flow, run_key)
+    counts = ledger_reads.key_counts(ws.store, flow, run_key)
     sent, failed = counts.deliveries.get("sent", 0), counts.deliveries.get("failed", 0)
     return {"run_id": None, "flow": flow, "run_key": run_key, "dry_run": False,
             "status": "nothing_to_do", "sent_by": done[-1].id, "package": None,
@@ -125,7 +125,7 @@ def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None =
     flow = checked.spec
     key = run_key or default_run_key(ws, flow_name)
     run_id = f"run-{clock.now():%Y%m%d%H%M%S}-{secrets.token_hex(3)}"
-    ledger.start_run(ws.store, run_id, flow.name, key, dry_run)
+    run_records.start_run(ws.store, run_id, flow.name, key, dry_run)
     try:
         package = store.build(ws, flow, checked.segment)
         orphans = [t for t in package.tiers if flow.tier_for(t) is None]
@@ -136,13 +136,13 @@ def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None =
                 "tier".format("ve" if len(orphans) > 1 else "s"),
                 file=ws.flow_file(flow.name), line=ws.flow_line(flow.name, ("tiers",)),
                 field="tiers")])
-        ledger.set_run_package(ws.store, run_id, package.id)
+        run_records.set_run_package(ws.store, run_id, package.id)
         if not dry_run and flow.experiments():
             from herald.flows.experiments import advance
 
             advance(ws, flow, key, clock.now())
     except HeraldError as exc:
-        ledger.finish_run(ws.store, run_id, "failed", None, str(exc))
+        run_records.finish_run(ws.store, run_id, "failed", None, str(exc))
         raise
     size = ws.chunk_size(flow)
     chunks = [ChunkJob(str(ws.root), flow.name, run_id, key, package.id, i, start,
@@ -154,7 +154,7 @@ def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None =
 def tidy(ws: Workspace) -> None:
     """Close runs a killed process left ``running`` and remove the packages it left
     half-built (on this host), saying so in the log."""
-    for run_id in ledger.close_abandoned_runs(ws.store):
+    for run_id in run_records.close_abandoned_runs(ws.store):
         log.warning("run %s was left running by a process that ended; closed as failed "
                     "(rerun with its run key to resume)", run_id)
     for package_id in store.remove_orphans(ws.store):
@@ -244,7 +244,7 @@ def _run_chunk(job: ChunkJob) -> ChunkResult:
     with writing(ws.store) as conn:
         _lock_ledger(conn)
         at = ledger.now()
-        seen = ledger.existing(conn, flow.name, job.run_key, [r.key for r in rows])
+        seen = ledger_reads.existing(conn, flow.name, job.run_key, [r.key for r in rows])
         resumed = [r for r in rows if r.key in seen and seen[r.key].status == "queued"]
         due = [r for r in rows if r.key in seen and seen[r.key].due(at)]
         for r in rows:
@@ -345,7 +345,7 @@ def _resume_decisions(ws: Workspace, flow: str, job: ChunkJob,
     """Queued rows from an interrupted run: send them on the channel they reserved."""
     out = []
     with ws.store.connect() as conn:
-        found = ledger.existing(conn, flow, job.run_key, [r.key for r in rows])
+        found = ledger_reads.existing(conn, flow, job.run_key, [r.key for r in rows])
     for r in rows:
         entry = ws.flow(flow).tier_for(r.tier)
         assert entry is not None, "the row was reserved under this flow's tiers"
@@ -386,7 +386,7 @@ def finish(ws: Workspace, prepared: Prepared, chunk_results: list[ChunkResult],
            started: datetime) -> dict[str, Any]:
     """The run's summary (the ``herald run --json`` object), recorded with the run."""
     forget_buckets(prepared.run_id)
-    counts = ledger.RunCounts()
+    counts = ledger_reads.RunCounts()
     reasons: Counter[tuple[str, str]] = Counter()
     if prepared.dry_run:
         for chunk in chunk_results:
@@ -395,7 +395,7 @@ def finish(ws: Workspace, prepared: Prepared, chunk_results: list[ChunkResult],
             for status, reason, n in chunk.reasons:
                 reasons[status, reason] += n
     else:
-        counts = ledger.run_counts(ws.store, prepared.run_id)
+        counts = ledger_reads.run_counts(ws.store, prepared.run_id)
         for chunk in chunk_results:  # rows this run did not write
             for status, tier, channel, n in chunk.counts:
                 if status in CARRIED:
@@ -422,9 +422,9 @@ def finish(ws: Workspace, prepared: Prepared, chunk_results: list[ChunkResult],
         "duration_seconds": round((finished - started).total_seconds(), 3),
     }
     if counts.deliveries.get("deferred") and not prepared.dry_run:
-        until = ledger.deferred_until(ws.store, prepared.flow, prepared.run_key)
+        until = ledger_reads.deferred_until(ws.store, prepared.flow, prepared.run_key)
         summary["deferred_until"] = until.isoformat() if until else None
-    ledger.finish_run(ws.store, prepared.run_id, "completed", summary)
+    run_records.finish_run(ws.store, prepared.run_id, "completed", summary)
     return summary
 
 
@@ -478,7 +478,7 @@ def stop_on_signals() -> Iterator[None]:
 
 
 def fail(ws: Workspace, run_id: str, error: BaseException) -> None:
-    ledger.finish_run(ws.store, run_id, "failed", None, f"{type(error).__name__}: {error}")
+    run_records.finish_run(ws.store, run_id, "failed", None, f"{type(error).__name__}: {error}")
 
 
 def run_local(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None = None,

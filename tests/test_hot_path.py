@@ -7,7 +7,7 @@ from collections import Counter
 
 from herald.core import clock
 from herald.core.db import writing
-from herald.delivery import ledger
+from herald.delivery import ledger, ledger_reads
 from herald.flows import engine
 
 from .helpers import HERALD_YAML
@@ -115,10 +115,10 @@ def test_deduplication_finds_addresses_through_the_index(make_workspace, store_u
             if conn.dialect.name == "sqlite" else
             "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"))}
         assert "ix_herald_deliveries_address" in names
-        assert ledger.addresses_taken(conn, "promo", "k", "email",
+        assert ledger_reads.addresses_taken(conn, "promo", "k", "email",
                                       ["ann@shop.example.com", "bob@shop.example.com"],
                                       True) == {"ann@shop.example.com": "1"}  # capped: free
-        assert ledger.addresses_taken(conn, "promo", "k", "wechat", ["oabc", "oAbC"],
+        assert ledger_reads.addresses_taken(conn, "promo", "k", "wechat", ["oabc", "oAbC"],
                                       False) == {"oAbC": "2"}
-        assert ledger.addresses_taken(conn, "promo", "other", "email",
+        assert ledger_reads.addresses_taken(conn, "promo", "other", "email",
                                       ["ann@shop.example.com"], True) == {}
