@@ -117,7 +117,7 @@ def _build_case(tmp: Path, n: int, kind: str, url: str) -> None:
     from sqlalchemy import create_engine, text
 
     from herald.audiences import sql, store
-    from herald.flows import engine
+    from herald.flows import chunks
 
     store_url = "sqlite:///.herald/herald.db" if kind == "sqlite" else url
     ws = open_ws(tmp / f"ws-build-{kind}", url, store_url)
@@ -161,7 +161,7 @@ def _build_case(tmp: Path, n: int, kind: str, url: str) -> None:
     record("build", f"{kind} source, {n:,} rows", bare_s=base, copy_floor_s=floor,
            herald_s=ours, time_ratio=ours / base, floor_ratio=floor / base,
            target="<= 1.5x", met=ours / base <= 1.5)
-    engine.forget_workspace(ws.root)
+    chunks.forget_workspace(ws.root)
     ws.dispose()
 
 
@@ -311,7 +311,7 @@ def bench_policy(tmp: Path, n: int, urls: dict[str, str]) -> None:
 
 
 def _policy_case(tmp: Path, n: int, kind: str, url: str) -> None:
-    from herald.flows import engine
+    from herald.flows import chunks, engine
 
     store_url = "sqlite:///.herald/herald.db" if kind == "sqlite" else url
     ws = open_ws(tmp / f"ws-policy-{kind}", url, store_url, chunk_size=10_000)
@@ -326,7 +326,7 @@ def _policy_case(tmp: Path, n: int, kind: str, url: str) -> None:
            ledger_ratio=ledger_us / (1e6 * bare / n),
            target=f"ledger <= {LEDGER_TARGET_US} us, dry <= {DRY_TARGET_US} us",
            met=ledger_us <= LEDGER_TARGET_US and dry_us <= DRY_TARGET_US)
-    engine.forget_workspace(ws.root)
+    chunks.forget_workspace(ws.root)
     ws.dispose()
 
 

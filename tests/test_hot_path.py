@@ -8,12 +8,12 @@ from collections import Counter
 from herald.core import clock
 from herald.core.db import writing
 from herald.delivery import ledger, ledger_reads
-from herald.flows import engine
+from herald.flows import chunks, engine
 
 from .helpers import HERALD_YAML
 
 
-def _chunk_counts(results: list[engine.ChunkResult]) -> Counter[tuple[str, str, str | None]]:
+def _chunk_counts(results: list[chunks.ChunkResult]) -> Counter[tuple[str, str, str | None]]:
     counts: Counter[tuple[str, str, str | None]] = Counter()
     for result in results:
         for status, tier, channel, n in result.counts:
@@ -45,7 +45,7 @@ def test_a_chunks_counts_match_the_ledger_after_settlement(make_workspace, store
                         rows=90, store=store_url)
     started = clock.now()
     prepared = engine.prepare(ws, "promo", run_key="k")
-    results = [engine.run_chunk(job) for job in prepared.chunks]
+    results = [chunks.run_chunk(job) for job in prepared.chunks]
     counts = _chunk_counts(results)
     assert counts == _ledger_counts(ws, prepared.run_id)
     statuses = {status for status, _, _ in counts}
