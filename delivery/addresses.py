@@ -41,16 +41,27 @@ class Addresses:
         return clean_address(self.ws.channel_kind(channel), value, self.region,
                              self.special_use)
 
+    def comparable(self, channel: str, address: str) -> str:
+        """The compared form (:func:`comparable`) of an address :meth:`clean` returned,
+        without parsing it again: a cleaned phone number is already in E.164, a cleaned
+        e-mail address only needs lower-casing."""
+        kind = self.ws.channel_kind(channel)
+        if kind == "sms":
+            return address
+        if kind == "email":
+            return address.lower()
+        return comparable(address, self.region)
+
 
 # what a phone number written by a person may contain: digits and separators
 PHONE_LIKE = re.compile(r"^\+?[\d\s().\-/]{6,32}$")
 
 
 # Cleaning is pure and costs tens of microseconds a value (email_validator's and
-# phonenumbers' parsers): a chunk asks for the same value several times (the address,
-# then its suppression-list form, then the recipient key), so results are kept by value.
-# The caches hold a few chunks' worth of values, never an audience's.
-CACHE_SIZE = 1 << 16
+# phonenumbers' parsers): the same values come back (a recipient key that is also an
+# address, a shared address, preview after a run), so recent results are kept by value.
+# The caches are small (a few MB): the contact policy keeps a chunk's own forms itself.
+CACHE_SIZE = 1 << 12
 
 
 def clean_address(kind: str, value: object, region: str | None = None,
