@@ -27,7 +27,7 @@ from typing import Any
 
 from herald.core import clock
 from herald.core.workspace import Workspace
-from herald.flows import engine as flow_engine
+from herald.flows import chunks as flow_chunks
 from herald.journeys import engine
 
 PG = os.environ.get("HERALD_BENCH_POSTGRES_URL",
@@ -93,7 +93,7 @@ def measure(size: int, store: str, label: str) -> dict[str, Any]:
                              "looked_at": summary["claimed"], "moves": moves,
                              "chunks": summary["chunks"],
                              "us_per_enrollment": round(1e6 * seconds / max(1, size), 1)}
-        flow_engine.forget_workspace(ws.root)
+        flow_chunks.forget_workspace(ws.root)
         ws.dispose()
         return out
 
@@ -122,7 +122,7 @@ def main() -> None:
         url = make_url(PG).set(database=name).render_as_string(hide_password=False)
         print(json.dumps(measure(args.size, url, "postgres")))
     finally:
-        flow_engine.forget_all()
+        flow_chunks.forget_all()
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()

@@ -16,7 +16,9 @@ Stages (ratios are Herald's throughput over the baseline's, except where noted):
            to the same local SMTP server (a separate process); target >= 0.8x.
 - http:    an HTTP adapter vs a bare aiohttp loop at the same concurrency to the same
            local sink (when an HTTP channel is installed); target >= 0.8x.
-- policy:  contact policy + ledger cost per recipient (a real run minus a dry run).
+- policy:  contact policy + ledger cost per recipient (a real run minus a dry run) vs a
+           bare executemany (SQLite) / COPY (Postgres) of as many rows of the ledger's
+           shape; target <= 20 us (dry run <= 25 us) per recipient.
 - rate:    two processes sending through the webhook channel under one configured rate
            (the account's, shared through the workspace database) to the local sink:
            the measured total rate over the configured one; target within 5%.
@@ -123,7 +125,7 @@ def _build_case(tmp: Path, n: int, kind: str, url: str) -> None:
     from sqlalchemy import create_engine, text
 
     from herald.audiences import builder, sql, store
-    from herald.flows import engine
+    from herald.flows import chunks
 
     store_url = "sqlite:///.herald/herald.db" if kind == "sqlite" else url
     ws = open_ws(tmp / f"ws-build-{kind}", url, store_url)
@@ -188,7 +190,7 @@ def _build_case(tmp: Path, n: int, kind: str, url: str) -> None:
                copy_floor_s=floor, herald_s=best, time_ratio=best / base,
                floor_ratio=floor / base, vs_floor=ratio, target="<= 1.3x floor",
                met=ratio <= 1.3)
-    engine.forget_workspace(ws.root)
+    chunks.forget_workspace(ws.root)
     ws.dispose()
 
 
@@ -371,18 +373,73 @@ def bench_policy(tmp: Path, n: int, urls: dict[str, str]) -> None:
 
 
 def _policy_case(tmp: Path, n: int, kind: str, url: str) -> None:
-    from herald.flows import engine
+    from herald.flows import chunks, engine
 
     store_url = "sqlite:///.herald/herald.db" if kind == "sqlite" else url
     ws = open_ws(tmp / f"ws-policy-{kind}", url, store_url, chunk_size=10_000)
     dry = timed(lambda: engine.run_local(ws, "bench", run_key="dry", dry_run=True,
                                          max_workers=1))
     real = timed(lambda: engine.run_local(ws, "bench", run_key="real", max_workers=1))
+    bare = min(_bare_ledger_writes(ws.store, n) for _ in range(2))
+    ledger_us, dry_us = 1e6 * (real - dry) / n, 1e6 * dry / n
     record("policy", f"{kind} store, {n:,} recipients, one worker",
-           dry_run_us_per_recipient=1e6 * dry / n, run_us_per_recipient=1e6 * real / n,
-           ledger_us_per_recipient=1e6 * (real - dry) / n)
-    engine.forget_workspace(ws.root)
+           dry_run_us_per_recipient=dry_us, run_us_per_recipient=1e6 * real / n,
+           ledger_us_per_recipient=ledger_us, baseline_us_per_recipient=1e6 * bare / n,
+           ledger_ratio=ledger_us / (1e6 * bare / n),
+           target=f"ledger <= {LEDGER_TARGET_US} us, dry <= {DRY_TARGET_US} us",
+           met=ledger_us <= LEDGER_TARGET_US and dry_us <= DRY_TARGET_US)
+    chunks.forget_workspace(ws.root)
     ws.dispose()
+
+
+LEDGER_TARGET_US = 20  # contact policy + ledger writes per recipient
+DRY_TARGET_US = 25  # a dry run (build, policy, render) per recipient
+
+
+def _bare_ledger_writes(store: Any, n: int) -> float:
+    """The baseline of the policy stage: ``n`` rows of the ledger's shape (its columns,
+    its unique key) written the plainest way into the same database: one executemany
+    in one transaction on SQLite, one COPY on Postgres. Returns the writes' seconds."""
+    from herald.core.db import deliveries
+
+    columns = [c.name for c in deliveries.columns if c.name != "id"]
+    kinds = {c.name: c.type.compile(dialect=store.dialect) for c in deliveries.columns}
+    stamp = datetime.now(UTC)
+    rows = ((("bench", "bare", str(i), "run-bare", "pkg", "default", "sms",
+              f"+86138{i:08d}", "sent", None, None, f"id-{i}", 1, 0, True, stamp, stamp,
+              stamp, None, 1, None)) for i in range(n))
+    assert len(columns) == 21, "the baseline rows follow the ledger's columns"
+    raw = store.raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute("DROP TABLE IF EXISTS bench_bare_deliveries")
+        cursor.execute("CREATE TABLE bench_bare_deliveries (id INTEGER PRIMARY KEY, "
+                       + ", ".join(f"{c} {kinds[c]}" for c in columns)
+                       + ", UNIQUE (flow, run_key, recipient))"
+                       if store.dialect.name == "sqlite" else
+                       "CREATE TABLE bench_bare_deliveries (id SERIAL PRIMARY KEY, "
+                       + ", ".join(f"{c} {kinds[c]}" for c in columns)
+                       + ", UNIQUE (flow, run_key, recipient))")
+        raw.commit()
+        start = time.perf_counter()
+        if store.dialect.name == "sqlite":
+            cursor.execute("BEGIN")
+            cursor.executemany(
+                f"INSERT INTO bench_bare_deliveries ({', '.join(columns)}) VALUES "
+                f"({', '.join('?' for _ in columns)})",
+                ((*r[:15], *(t.isoformat() for t in r[15:18]), *r[18:]) for r in rows))
+        else:
+            with cursor.copy(f"COPY bench_bare_deliveries ({', '.join(columns)}) "
+                             "FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        raw.commit()
+        elapsed = time.perf_counter() - start
+        cursor.execute("DROP TABLE bench_bare_deliveries")
+        raw.commit()
+    finally:
+        raw.close()
+    return elapsed
 
 
 def bench_e2e(tmp: Path, n: int, urls: dict[str, str]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
@@ -40,9 +41,27 @@ class Addresses:
         return clean_address(self.ws.channel_kind(channel), value, self.region,
                              self.special_use)
 
+    def comparable(self, channel: str, address: str) -> str:
+        """The compared form (:func:`comparable`) of an address :meth:`clean` returned,
+        without parsing it again: a cleaned phone number is already in E.164, a cleaned
+        e-mail address only needs lower-casing."""
+        kind = self.ws.channel_kind(channel)
+        if kind == "sms":
+            return address
+        if kind == "email":
+            return address.lower()
+        return comparable(address, self.region)
+
 
 # what a phone number written by a person may contain: digits and separators
 PHONE_LIKE = re.compile(r"^\+?[\d\s().\-/]{6,32}$")
+
+
+# Cleaning is pure and costs tens of microseconds a value (email_validator's and
+# phonenumbers' parsers): the same values come back (a recipient key that is also an
+# address, a shared address, preview after a run), so recent results are kept by value.
+# The caches are small (a few MB): the contact policy keeps a chunk's own forms itself.
+CACHE_SIZE = 1 << 12
 
 
 def clean_address(kind: str, value: object, region: str | None = None,
@@ -53,7 +72,13 @@ def clean_address(kind: str, value: object, region: str | None = None,
     (``region``: the country of numbers written without a country code)."""
     if value is None:
         return None, "empty"
-    text = str(value).strip()
+    return _clean(kind, str(value), region, special_use)
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def _clean(kind: str, value: str, region: str | None, special_use: bool
+           ) -> tuple[str | None, str | None]:
+    text = value.strip()
     if not text:
         return None, "empty"
     if len(text) > 512:
@@ -82,6 +107,7 @@ def _special_use(address: str) -> bool:
     return any(domain == d or domain.endswith(f".{d}") for d in SPECIAL_USE_DOMAIN_NAMES)
 
 
+@lru_cache(maxsize=CACHE_SIZE)
 def e164(text: str, region: str | None) -> tuple[str | None, str | None]:
     """A phone number in E.164 (``+8613812345678``), or (None, why not)."""
     import phonenumbers
@@ -96,6 +122,7 @@ def e164(text: str, region: str | None) -> tuple[str | None, str | None]:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), None
 
 
+@lru_cache(maxsize=CACHE_SIZE)
 def comparable(value: str, region: str | None = None) -> str:
     """The form in which a recipient key or an address is compared (suppression list,
     deduplication): an e-mail address cleaned and lower-cased (its domain in Unicode,

@@ -35,7 +35,7 @@ from datetime import timedelta
 from herald.channels.base import Channel, ChannelContext, Message, Outcome, SendResult
 from herald.channels.registry import channel_class
 from herald.core.workspace import Workspace
-from herald.delivery import ledger, suppression
+from herald.delivery import ledger, ledger_reads, suppression
 from herald.delivery.ratelimit import RateLimiter, limiter_for
 
 log = logging.getLogger("herald.dispatch")
@@ -100,13 +100,19 @@ def open_channel(ws: Workspace, name: str, job: Job) -> Channel:
                                               ws.store))
 
 
-async def dispatch(ws: Workspace, job: Job, messages: dict[str, list[Message]]) -> None:
-    """Send every message (grouped by channel name), settling each in the ledger."""
-    await asyncio.gather(*(_send_channel(ws, job, name, msgs)
+async def dispatch(ws: Workspace, job: Job, messages: dict[str, list[Message]]
+                   ) -> list[ledger.Outcome]:
+    """Send every message (grouped by channel name), settling each in the ledger.
+    Returns the outcomes settled, as written: a message missing from them was not handed
+    to a provider (a stop) and its row is still ``queued``."""
+    settled: list[ledger.Outcome] = []
+    await asyncio.gather(*(_send_channel(ws, job, name, msgs, settled)
                            for name, msgs in messages.items() if msgs))
+    return settled
 
 
-async def _send_channel(ws: Workspace, job: Job, name: str, messages: list[Message]) -> None:
+async def _send_channel(ws: Workspace, job: Job, name: str, messages: list[Message],
+                        settled: list[ledger.Outcome]) -> None:
     settings = ws.channels[name]
     cls = channel_class(settings.type)
     size = settings.batch_size or cls.batch_size
@@ -116,7 +122,7 @@ async def _send_channel(ws: Workspace, job: Job, name: str, messages: list[Messa
     if limit:
         messages, too_long = _within(messages, limit)
         if too_long:
-            await _settle(ws, job, too_long)
+            await _settle(ws, job, too_long, settled)
     stopped: str | None = _stopped.get((job.run_id, name))
     async with open_channel(ws, name, job) as channel:
         for start in range(0, len(messages), size):
@@ -126,10 +132,10 @@ async def _send_channel(ws: Workspace, job: Job, name: str, messages: list[Messa
             if stopped:
                 await _settle(ws, job, [ledger.Outcome(
                     m.recipient, "failed", f"fatal: channel stopped: {stopped}", attempts=0)
-                    for m in batch])
+                    for m in batch], settled)
                 continue
             outcomes, fatal = await _send_batch(ws, job, channel, batch, limiter)
-            await _settle(ws, job, outcomes)
+            await _settle(ws, job, outcomes, settled)
             if fatal:
                 stopped = fatal
                 with _stopped_lock:
@@ -202,7 +208,7 @@ def _defer(ws: Workspace, job: Job, later: list[tuple[Message, SendResult, int, 
            ) -> list[ledger.Outcome]:
     """Retryable answers that outlasted the run's retries: deferred to a later run of the
     run key, or failed once the recipient has had MAX_TOTAL_ATTEMPTS attempts."""
-    before = ledger.attempts(ws.store, job.flow, job.run_key,
+    before = ledger_reads.attempts(ws.store, job.flow, job.run_key,
                              [m.recipient for m, *_ in later])
     at = ledger.now()
     out = []
@@ -311,8 +317,10 @@ async def send_paced(channel: Channel, messages: Sequence[Message], limiter: Rat
     return [r for p in parts for r in (p if isinstance(p, list) else p.result())]
 
 
-async def _settle(ws: Workspace, job: Job, outcomes: list[ledger.Outcome]) -> None:
+async def _settle(ws: Workspace, job: Job, outcomes: list[ledger.Outcome],
+                  settled: list[ledger.Outcome]) -> None:
     await asyncio.to_thread(ledger.settle, ws.store, job.flow, job.run_key, outcomes)
+    settled.extend(outcomes)  # only once written: a failed settle raises before this
 
 
 def group(messages: Sequence[tuple[str, Message]]) -> dict[str, list[Message]]:

@@ -16,18 +16,21 @@ it.
 A ``queued`` row was never handed to a provider, so a later run with the same run key
 sends it. A ``sending`` row's outcome is unknown (the process died while the provider
 had it); it is never resent automatically.
+
+This module holds the rows' model and their state changes, each written per chunk or per
+batch in one statement; what reads the ledger (cap counts, reports) is in
+:mod:`herald.delivery.ledger_reads`, the runs' own records in
+:mod:`herald.delivery.run_records`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,9 +40,6 @@ from sqlalchemy import (
     String,
     any_,
     bindparam,
-    func,
-    insert,
-    select,
     text,
     update,
 )
@@ -49,12 +49,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from herald.core import clock
 from herald.core.db import (
-    COUNTED,
-    STATUSES,
     deliveries,
-    owner_gone,
-    process_owner,
-    runs,
     writing,
 )
 
@@ -119,151 +114,12 @@ class Outcome:
     not_before: datetime | None = None  # deferred: not sent again before this
 
 
-@dataclass
-class RunCounts:
-    """Counts of a run by status, tier and channel (every status present)."""
-
-    deliveries: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
-    by_tier: dict[str, dict[str, int]] = field(default_factory=dict)
-    by_channel: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    def add(self, status: str, tier: str, channel: str | None, n: int = 1) -> None:
-        self.deliveries[status] = self.deliveries.get(status, 0) + n
-        for table, name in ((self.by_tier, tier), (self.by_channel, channel)):
-            if name is None:
-                continue
-            row = table.setdefault(name, dict.fromkeys(STATUSES, 0))
-            row[status] = row.get(status, 0) + n
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"deliveries": self.deliveries, "by_tier": self.by_tier,
-                "by_channel": self.by_channel}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunCounts:
-        counts = cls()
-        counts.deliveries.update(data.get("deliveries", {}))
-        counts.by_tier = data.get("by_tier", {})
-        counts.by_channel = data.get("by_channel", {})
-        return counts
-
-
-# -- runs ----------------------------------------------------------------------------
-def start_run(engine: Engine, run_id: str, flow: str, run_key: str, dry_run: bool) -> None:
-    with writing(engine) as conn:
-        conn.execute(insert(runs).values(id=run_id, flow=flow, run_key=run_key,
-                                         dry_run=dry_run, status="running",
-                                         started_at=now(), owner=process_owner()))
-
-
-def close_abandoned_runs(engine: Engine) -> list[str]:
-    """Close runs left ``running`` by a process that has ended (killed, crashed) on this
-    host: ``failed`` with the reason. Returns their ids. Their ledger rows stay as they
-    are (a rerun with the run key resumes ``queued`` rows; ``sending`` ones stay)."""
-    with engine.connect() as conn:
-        found = [(r.id, r.owner) for r in conn.execute(select(runs.c.id, runs.c.owner).where(
-            runs.c.status == "running", runs.c.owner.is_not(None)))
-            if owner_gone(r.owner)]
-    if not found:
-        return []
-    with writing(engine) as conn:
-        for run_id, owner in found:
-            conn.execute(update(runs).where(runs.c.id == run_id, runs.c.status == "running")
-                         .values(status="failed", finished_at=now(),
-                                 error=f"abandoned: the process running it ({owner}) ended "
-                                       "without finishing it (killed?); rerun with its run "
-                                       "key to resume"))
-    return [run_id for run_id, _ in found]
-
-
-def set_run_package(engine: Engine, run_id: str, package_id: str) -> None:
-    with writing(engine) as conn:
-        conn.execute(update(runs).where(runs.c.id == run_id).values(package_id=package_id))
-
-
-def finish_run(engine: Engine, run_id: str, status: str, summary: dict[str, Any] | None,
-               error: str | None = None) -> None:
-    with writing(engine) as conn:
-        conn.execute(update(runs).where(runs.c.id == run_id).values(
-            status=status, finished_at=now(),
-            summary=json.dumps(summary, ensure_ascii=False) if summary else None,
-            error=error))
-
-
-def get_run(engine: Engine, run_id: str | None = None, flow: str | None = None
-            ) -> Any | None:
-    """A run by id, or the latest run (of ``flow`` if given)."""
-    query = select(runs)
-    if run_id:
-        query = query.where(runs.c.id == run_id)
-    if flow:
-        query = query.where(runs.c.flow == flow)
-    with engine.connect() as conn:
-        return conn.execute(query.order_by(runs.c.started_at.desc()).limit(1)).first()
-
-
-def list_runs(engine: Engine, limit: int = 20, flow: str | None = None,
-              run_key: str | None = None) -> list[Any]:
-    """Runs, newest first (of ``flow`` and ``run_key`` if given)."""
-    query = select(runs)
-    if flow:
-        query = query.where(runs.c.flow == flow)
-    if run_key:
-        query = query.where(runs.c.run_key == run_key)
-    with engine.connect() as conn:
-        return list(conn.execute(query.order_by(runs.c.started_at.desc()).limit(limit)))
-
-
-def run_flows(engine: Engine) -> list[str]:
-    """Every flow name the runs table knows."""
-    with engine.connect() as conn:
-        return list(conn.execute(select(runs.c.flow).distinct()).scalars())
-
-
-def open_rows(engine: Engine, flow: str, run_key: str) -> int:
-    """Rows of a run key still waiting for a send (queued, or deferred to a later run)."""
-    with engine.connect() as conn:
-        return int(conn.execute(select(func.count()).where(
-            deliveries.c.flow == flow, deliveries.c.run_key == run_key,
-            deliveries.c.status.in_(("queued", "deferred")))).scalar() or 0)
-
-
 def reserve_lock(conn: Connection) -> None:
     """Serialise reservations (cap checks and the rows they write) across runs, journeys
     and workers. SQLite: the ``writing`` transaction's BEGIN IMMEDIATE already holds the
     database's write lock. Postgres: one advisory transaction lock."""
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7242817)")
-
-
-# -- deliveries ----------------------------------------------------------------------
-def existing(conn: Connection, flow: str, run_key: str, recipients: Sequence[str]
-             ) -> dict[str, Existing]:
-    """Rows already in the ledger for these recipients under this run key."""
-    out: dict[str, Existing] = {}
-    for part in among(conn, deliveries.c.recipient, recipients):
-        rows = conn.execute(select(deliveries.c.recipient, deliveries.c.status,
-                                   deliveries.c.channel, deliveries.c.tier,
-                                   deliveries.c.address, deliveries.c.not_before,
-                                   deliveries.c.variant).where(
-            deliveries.c.flow == flow, deliveries.c.run_key == run_key, part))
-        out.update({r.recipient: Existing(r.status, r.channel, r.tier, r.address,
-                                          r.not_before, r.variant) for r in rows})
-    return out
-
-
-def addresses_taken(conn: Connection, flow: str, run_key: str, channel: str,
-                    addresses: Sequence[str], fold_case: bool) -> dict[str, str]:
-    """{address: recipient} for the addresses already sent or reserved on ``channel``
-    under this run key (``fold_case``: compared lower-cased, as e-mail addresses are)."""
-    column: Any = func.lower(deliveries.c.address) if fold_case else deliveries.c.address
-    out: dict[str, str] = {}
-    for part in among(conn, column, sorted(set(addresses))):
-        for address, recipient in conn.execute(select(column, deliveries.c.recipient).where(
-                deliveries.c.flow == flow, deliveries.c.run_key == run_key,
-                deliveries.c.channel == channel, deliveries.c.status.in_(COUNTED), part)):
-            out.setdefault(address, recipient)
-    return out
 
 
 def release_render_errors(engine: Engine, flow: str, run_key: str) -> int:
@@ -289,19 +145,53 @@ def rewrite(conn: Connection, entries: Iterable[Entry], *, flow: str, run_key: s
             updated_at=stamp))
 
 
+ENTRY_COLUMNS = ("flow", "run_key", "recipient", "run_id", "package_id", "tier", "channel",
+                 "address", "status", "reason", "attempts", "priority", "counted",
+                 "not_before", "variant", "created_at", "updated_at")
+
+
 def write_entries(conn: Connection, entries: Iterable[Entry], *, flow: str, run_key: str,
                   run_id: str, package_id: str, priority: int = 0, counted: bool = True,
                   at: datetime | None = None) -> None:
+    """Write new rows in one statement: COPY on Postgres, one executemany elsewhere."""
     stamp = at or now()
-    rows = [{"flow": flow, "run_key": run_key, "recipient": e.recipient, "run_id": run_id,
-             "package_id": package_id, "tier": e.tier, "channel": e.channel,
-             "address": e.address, "status": e.status, "reason": e.reason,
-             "attempts": 0, "priority": priority, "counted": counted,
-             "not_before": e.not_before, "variant": e.variant, "created_at": stamp,
-             "updated_at": stamp}
+    rows = [(flow, run_key, e.recipient, run_id, package_id, e.tier, e.channel, e.address,
+             e.status, e.reason, 0, priority, counted, e.not_before, e.variant, stamp, stamp)
             for e in entries]
-    if rows:
-        conn.execute(insert(deliveries), rows)
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        with _driver(conn).cursor() as cursor, cursor.copy(
+                f"COPY {deliveries.name} ({', '.join(ENTRY_COLUMNS)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        return
+    # elsewhere (SQLite) one executemany at the driver: the times converted once, not
+    # by SQLAlchemy for each value of each row
+    when = _to_db(conn, deliveries.c.created_at)
+    fixed = when(stamp)
+    conn.exec_driver_sql(_INSERT_SQL, [
+        (*row[:13], when(row[13]) if row[13] is not None else None, row[14], fixed, fixed)
+        for row in rows])
+
+
+_INSERT_SQL = (f"INSERT INTO {deliveries.name} ({', '.join(ENTRY_COLUMNS)}) "
+               f"VALUES ({', '.join('?' for _ in ENTRY_COLUMNS)})")
+
+
+def _to_db(conn: Connection, column: Any) -> Any:
+    """The dialect's conversion of a Python value for ``column`` (SQLite stores times as
+    text), or the identity when there is none."""
+    process = column.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+    return process or (lambda value: value)
+
+
+def _driver(conn: Connection) -> Any:
+    """The driver's connection under ``conn``, in ``conn``'s transaction (psycopg's COPY
+    and array parameters have no SQLAlchemy statement)."""
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    return raw
 
 
 def adopt(conn: Connection, flow: str, run_key: str, recipients: Sequence[str],
@@ -328,31 +218,21 @@ def mark(engine: Engine, flow: str, run_key: str, recipients: Sequence[str], sta
 
 
 def settle(engine: Engine, flow: str, run_key: str, outcomes: Sequence[Outcome]) -> None:
-    """Write providers' answers for a batch in one transaction."""
+    """Write providers' answers for a batch in one transaction and one statement: on
+    Postgres one UPDATE ... FROM the answers bound as arrays, elsewhere one executemany."""
     if not outcomes:
         return
     stamp = now()
-    statement = update(deliveries).where(
-        deliveries.c.flow == bindparam("b_flow"), deliveries.c.run_key == bindparam("b_key"),
-        deliveries.c.recipient == bindparam("b_recipient")).values(
-        status=bindparam("b_status"), reason=bindparam("b_reason"), code=bindparam("b_code"),
-        provider_id=bindparam("b_provider_id"),
-        attempts=deliveries.c.attempts + bindparam("b_attempts"),
-        updated_at=bindparam("b_updated"), sent_at=bindparam("b_sent_at"),
-        segments=bindparam("b_segments"), not_before=bindparam("b_not_before"))
-    params = [{"b_flow": flow, "b_key": run_key, "b_recipient": o.recipient,
-               "b_status": o.status, "b_reason": o.reason, "b_code": o.code,
-               "b_provider_id": o.provider_id, "b_attempts": o.attempts,
-               "b_updated": stamp, "b_sent_at": stamp if o.status == "sent" else None,
-               "b_segments": o.segments, "b_not_before": o.not_before}
-              for o in outcomes]
     # The providers have answered: a store that is locked for a while (a backup, a long
     # report, another worker) must not leave these rows `sending` for ever. Each attempt
     # waits SETTLE_WAIT for the lock, and a few attempts are made before giving up loudly.
     for attempt in range(1, SETTLE_ATTEMPTS + 1):
         try:
             with _settling(engine) as conn:
-                conn.execute(statement, params)
+                if conn.dialect.name == "postgresql":
+                    _settle_arrays(conn, flow, run_key, outcomes, stamp)
+                else:
+                    _settle_many(conn, flow, run_key, outcomes, stamp)
             return
         except OperationalError as exc:
             text = str(exc.orig or exc).lower()
@@ -368,6 +248,53 @@ def settle(engine: Engine, flow: str, run_key: str, outcomes: Sequence[Outcome])
             log.warning("the workspace database is locked; recording %d answer(s) again "
                         "(attempt %d of %d)", len(outcomes), attempt + 1, SETTLE_ATTEMPTS)
             time.sleep(min(4.0, 0.5 * 2 ** (attempt - 1)))
+
+
+_SETTLE_SQL = (f"UPDATE {deliveries.name} SET status = ?, reason = ?, code = ?, "
+               "provider_id = ?, attempts = attempts + ?, updated_at = ?, sent_at = ?, "
+               "segments = ?, not_before = ? WHERE flow = ? AND run_key = ? "
+               "AND recipient = ?")
+
+
+def _settle_many(conn: Connection, flow: str, run_key: str, outcomes: Sequence[Outcome],
+                 stamp: datetime) -> None:
+    """SQLite: one executemany at the driver, the times converted once."""
+    when = _to_db(conn, deliveries.c.updated_at)
+    fixed = when(stamp)
+    conn.exec_driver_sql(_SETTLE_SQL, [
+        (o.status, o.reason, o.code, o.provider_id, o.attempts, fixed,
+         fixed if o.status == "sent" else None, o.segments,
+         when(o.not_before) if o.not_before is not None else None, flow, run_key,
+         o.recipient) for o in outcomes])
+
+
+# One statement for a whole batch: the answers travel as one array per column.
+_SETTLE_ARRAYS = f"""
+UPDATE {deliveries.name} AS d
+SET status = a.status, reason = a.reason, code = a.code, provider_id = a.provider_id,
+    attempts = d.attempts + a.attempts, updated_at = %(stamp)s,
+    sent_at = CASE WHEN a.status = 'sent' THEN %(stamp)s END,
+    segments = a.segments, not_before = a.not_before
+FROM unnest(%(recipient)s::text[], %(status)s::text[], %(reason)s::text[],
+            %(code)s::text[], %(provider_id)s::text[], %(attempts)s::int[],
+            %(segments)s::int[], %(not_before)s::timestamptz[])
+     AS a(recipient, status, reason, code, provider_id, attempts, segments, not_before)
+WHERE d.flow = %(flow)s AND d.run_key = %(run_key)s AND d.recipient = a.recipient
+"""
+
+
+def _settle_arrays(conn: Connection, flow: str, run_key: str, outcomes: Sequence[Outcome],
+                   stamp: datetime) -> None:
+    with _driver(conn).cursor() as cursor:
+        cursor.execute(_SETTLE_ARRAYS, {
+            "flow": flow, "run_key": run_key, "stamp": stamp,
+            "recipient": [o.recipient for o in outcomes],
+            "status": [o.status for o in outcomes],
+            "reason": [o.reason for o in outcomes], "code": [o.code for o in outcomes],
+            "provider_id": [o.provider_id for o in outcomes],
+            "attempts": [o.attempts for o in outcomes],
+            "segments": [o.segments for o in outcomes],
+            "not_before": [o.not_before for o in outcomes]})
 
 
 SETTLE_ATTEMPTS = 6
@@ -392,123 +319,6 @@ def _settling(engine: Engine) -> Iterator[Connection]:
         finally:
             if sqlite and raw is not None:
                 raw.execute("PRAGMA busy_timeout = 30000")
-
-
-def attempts(engine: Engine, flow: str, run_key: str, recipients: Sequence[str]
-             ) -> dict[str, int]:
-    """Provider attempts so far of each recipient's row under this run key."""
-    out: dict[str, int] = {}
-    with engine.connect() as conn:
-        for part in among(conn, deliveries.c.recipient, recipients):
-            for recipient, n in conn.execute(select(
-                    deliveries.c.recipient, deliveries.c.attempts).where(
-                    deliveries.c.flow == flow, deliveries.c.run_key == run_key, part)):
-                out[recipient] = int(n or 0)
-    return out
-
-
-def cap_counts(conn: Connection, recipients: Sequence[str], since: datetime,
-               channel: str | None, flow: str | None, min_priority: int = -100,
-               own: tuple[str, str] | None = None) -> Counter[str]:
-    """How many messages each recipient got (or has reserved) since ``since`` in a scope,
-    counting only flows of priority ``min_priority`` or higher that are not exempt, and
-    not the row of ``own`` (flow, run key): a deferred row does not cap itself."""
-    counts: Counter[str] = Counter()
-    for part in among(conn, deliveries.c.recipient, recipients):
-        query = select(deliveries.c.recipient, func.count()).where(
-            part, deliveries.c.status.in_(COUNTED),
-            deliveries.c.created_at >= since, deliveries.c.counted.is_(True),
-            deliveries.c.priority >= min_priority)
-        if channel:
-            query = query.where(deliveries.c.channel == channel)
-        if flow:
-            query = query.where(deliveries.c.flow == flow)
-        if own:
-            query = query.where(~((deliveries.c.flow == own[0])
-                                  & (deliveries.c.run_key == own[1])))
-        for recipient, n in conn.execute(query.group_by(deliveries.c.recipient)):
-            counts[recipient] = int(n)
-    return counts
-
-
-def run_key_rows(engine: Engine, flow: str, run_key: str, columns: Sequence[Any],
-                 statuses: Sequence[str] | None = None, size: int = 5000
-                 ) -> Iterator[list[Any]]:
-    """The rows of (flow, run key), ``size`` at a time in recipient order (each slice a
-    short query of its own, so a long consumer holds no transaction open)."""
-    last = ""
-    while True:
-        query = select(deliveries.c.recipient, *columns).where(
-            deliveries.c.flow == flow, deliveries.c.run_key == run_key,
-            deliveries.c.recipient > last)
-        if statuses is not None:
-            query = query.where(deliveries.c.status.in_(statuses))
-        with engine.connect() as conn:
-            rows = list(conn.execute(query.order_by(deliveries.c.recipient).limit(size)))
-        if not rows:
-            return
-        yield rows
-        last = rows[-1].recipient
-
-
-def run_counts(engine: Engine, run_id: str) -> RunCounts:
-    """Counts of a run's ledger rows by status, tier and channel."""
-    counts = RunCounts()
-    query = select(deliveries.c.status, deliveries.c.tier, deliveries.c.channel,
-                   func.count()).where(deliveries.c.run_id == run_id).group_by(
-        deliveries.c.status, deliveries.c.tier, deliveries.c.channel)
-    with engine.connect() as conn:
-        for status, tier, channel, n in conn.execute(query):
-            counts.add(status, tier, channel, int(n))
-    return counts
-
-
-def key_counts(engine: Engine, flow: str, run_key: str) -> RunCounts:
-    """Counts of every ledger row of a run key (each recipient once, whichever run of the
-    key wrote it last) by status, tier and channel."""
-    counts = RunCounts()
-    query = select(deliveries.c.status, deliveries.c.tier, deliveries.c.channel,
-                   func.count()).where(deliveries.c.flow == flow,
-                                       deliveries.c.run_key == run_key).group_by(
-        deliveries.c.status, deliveries.c.tier, deliveries.c.channel)
-    with engine.connect() as conn:
-        for status, tier, channel, n in conn.execute(query):
-            counts.add(status, tier, channel, int(n))
-    return counts
-
-
-def failure_reasons(engine: Engine, flow: str, run_key: str, limit: int = 10,
-                    run_id: str | None = None) -> list[Any]:
-    """The most common reasons sends failed under a run key (or one run of it): channel,
-    the provider's code, the reason (with the provider's message) and how many."""
-    query = select(deliveries.c.channel, deliveries.c.code, deliveries.c.reason,
-                   func.count().label("n")).where(
-        deliveries.c.flow == flow, deliveries.c.run_key == run_key,
-        deliveries.c.status == "failed")
-    if run_id:
-        query = query.where(deliveries.c.run_id == run_id)
-    query = query.group_by(deliveries.c.channel, deliveries.c.code,
-                           deliveries.c.reason).order_by(func.count().desc(),
-                                                         deliveries.c.reason).limit(limit)
-    with engine.connect() as conn:
-        return list(conn.execute(query))
-
-
-def failures(engine: Engine, run_id: str | None, limit: int = 20,
-             key: tuple[str, str] | None = None) -> list[Any]:
-    """The most common reasons recipients of a run (or of a (flow, run key)) were not
-    sent, with their counts."""
-    where = (deliveries.c.run_id == run_id) if key is None else (
-        (deliveries.c.flow == key[0]) & (deliveries.c.run_key == key[1]))
-    query = select(deliveries.c.channel, deliveries.c.status, deliveries.c.reason,
-                   func.count().label("n")).where(
-        where,
-        deliveries.c.status.in_(("failed", "render_error", "capped", "suppressed",
-                                 "no_address"))).group_by(
-        deliveries.c.channel, deliveries.c.status, deliveries.c.reason).order_by(
-        func.count().desc()).limit(limit)
-    with engine.connect() as conn:
-        return list(conn.execute(query))
 
 
 def refresh_statistics(engine: Engine) -> None:
@@ -541,14 +351,3 @@ def among(conn: Connection, column: ColumnElement[Any], values: Sequence[str]
         return
     for i in range(0, len(values), 500):
         yield column.in_(values[i:i + 500])
-
-
-def deferred_until(engine: Engine, flow: str, run_key: str) -> datetime | None:
-    """When the earliest deferred recipient of a run key may be sent (UTC), if any."""
-    with engine.connect() as conn:
-        when = conn.execute(select(func.min(deliveries.c.not_before)).where(
-            deliveries.c.flow == flow, deliveries.c.run_key == run_key,
-            deliveries.c.status == "deferred")).scalar()
-    if when is None:
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)

@@ -22,7 +22,7 @@ from sqlalchemy import Connection
 from herald.audiences.store import Recipient
 from herald.core.spec import CapRule, FlowSpec
 from herald.core.workspace import Workspace
-from herald.delivery import ledger, suppression, variants
+from herald.delivery import ledger_reads, suppression, variants
 from herald.delivery.addresses import Addresses
 
 SEND = "send"
@@ -68,8 +68,11 @@ class Policy:
 
     def decide(self, conn: Connection, rows: Sequence[Recipient], at: datetime,
                run_key: str | None = None) -> list[Decision]:
-        keys = [r.key for r in rows]
-        values = set(keys)
+        region = self.ws.config.phone_region
+        # each key's and address's compared form, worked out once for the chunk: the
+        # suppression lookup and each recipient's checks below use the same forms
+        forms: dict[str | tuple[str, str], str] = {
+            r.key: suppression.normalize(r.key, region) for r in rows}
         candidates: dict[str, list[tuple[str, str | None, str | None]]] = {}
         tiers: dict[str, str] = {}
         for row in rows:
@@ -80,15 +83,15 @@ class Policy:
             for channel in entry[1].channels:
                 address, why = self.addresses.of(channel, row.data)
                 options.append((channel, address, why))
-                if address:
-                    values.add(address)
+                if address and (channel, address) not in forms:
+                    forms[channel, address] = self.addresses.comparable(channel, address)
             candidates[row.key] = options
-        listed = suppression.suppressed(conn, values, self.ws.config.phone_region)
+        listed = suppression.suppressed(conn, forms.values(), normalized=True)
         own = (self.flow.name, run_key) if run_key else None
         counts = [] if self.flow.exempt else [
             (rule, self._counts(conn, rule, rows, at, own)) for rule in self.caps]
-        decisions = [self._one(row, tiers[row.key], candidates[row.key], listed, counts, at)
-                     for row in rows]
+        decisions = [self._one(row, tiers[row.key], candidates[row.key], listed, forms,
+                               counts, at) for row in rows]
         if self.flow.deduplicate and run_key:
             decisions = self._deduplicate(conn, decisions, run_key)
         return decisions
@@ -105,7 +108,7 @@ class Policy:
                 by_channel[d.channel].append((i, d.address.lower() if fold else d.address))
         out = list(decisions)
         for channel, items in by_channel.items():
-            taken = ledger.addresses_taken(conn, self.flow.name, run_key, channel,
+            taken = ledger_reads.addresses_taken(conn, self.flow.name, run_key, channel,
                                            [a for _, a in items],
                                            self.kinds[channel] == "email")
             for i, address in items:
@@ -124,15 +127,17 @@ class Policy:
         calendar window (its start is local midnight)."""
         applies = [r for r in rows if rule.tier is None or r.tier == rule.tier]
         if not rule.calendar:
-            return ledger.cap_counts(conn, [r.key for r in applies], rule.since(at, self.zone),
-                                     rule.channel, rule.flow, self.flow.priority, own)
+            return ledger_reads.cap_counts(conn, [r.key for r in applies],
+                                           rule.since(at, self.zone), rule.channel,
+                                           rule.flow, self.flow.priority, own)
         by_zone: dict[ZoneInfo, list[str]] = defaultdict(list)
         for r in applies:
             by_zone[self.zone_of(r)].append(r.key)
         counts: Counter[str] = Counter()
         for zone, keys in by_zone.items():
-            counts.update(ledger.cap_counts(conn, keys, rule.since(at, zone), rule.channel,
-                                            rule.flow, self.flow.priority, own))
+            counts.update(ledger_reads.cap_counts(conn, keys, rule.since(at, zone),
+                                                  rule.channel, rule.flow,
+                                                  self.flow.priority, own))
         return counts
 
     def _quiet(self, row: Recipient, tier: str, at: datetime) -> Decision | None:
@@ -190,13 +195,12 @@ class Policy:
 
     def _one(self, row: Recipient, tier: str,
              options: list[tuple[str, str | None, str | None]],
-             listed: dict[str, set[str]], counts: list[tuple[CapRule, Counter[str]]],
-             at: datetime) -> Decision:
+             listed: dict[str, set[str]], forms: Mapping[str | tuple[str, str], str],
+             counts: list[tuple[CapRule, Counter[str]]], at: datetime) -> Decision:
         if in_holdout(self.flow.name, row.key, self.flow.holdout):
             return Decision(row, tier, "held_out",
                             reason=f"control group ({self.flow.holdout:.0%} holdout)")
-        key_channels = listed.get(
-            suppression.normalize(row.key, self.ws.config.phone_region), set())
+        key_channels = listed.get(forms[row.key], set())
         if suppression.ALL_CHANNELS in key_channels:
             return Decision(row, tier, "suppressed", reason="recipient is on the suppression list")
         for rule, seen in counts:  # a tier-scoped rule only counted its tier's recipients
@@ -208,8 +212,7 @@ class Policy:
                 stops.append(("no_address", channel, None,
                               f"{self.ws.address_column(channel)} {why}"))
                 continue
-            blocked = listed.get(suppression.normalize(address, self.ws.config.phone_region),
-                                 set()) | key_channels
+            blocked = listed.get(forms[channel, address], set()) | key_channels
             if suppression.ALL_CHANNELS in blocked or channel in blocked:
                 stops.append(("suppressed", channel, address,
                               f"{channel} address is on the suppression list"))

@@ -33,10 +33,11 @@ def normalize(value: str, region: str | None = None) -> str:
     return comparable(value, region)
 
 
-def suppressed(conn: Connection, values: Iterable[str], region: str | None = None
-               ) -> dict[str, set[str]]:
-    """{normalized value: channels it is suppressed on ("*" for every channel)}."""
-    wanted = sorted({normalize(v, region) for v in values if v})
+def suppressed(conn: Connection, values: Iterable[str], region: str | None = None,
+               normalized: bool = False) -> dict[str, set[str]]:
+    """{normalized value: channels it is suppressed on ("*" for every channel)}
+    (``normalized``: the values are already in their compared form)."""
+    wanted = sorted({v if normalized else normalize(v, region) for v in values if v})
     out: dict[str, set[str]] = defaultdict(set)
     for part in among(conn, suppressions.c.value, wanted):
         for value, channel in conn.execute(select(suppressions.c.value,

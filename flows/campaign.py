@@ -39,7 +39,7 @@ from herald.core.spec import Scalar, TaskRunnerSpec
 from herald.core.workspace import Workspace
 from herald.delivery import ledger
 from herald.delivery.dispatch import stop_requested
-from herald.flows import engine
+from herald.flows import chunks, engine
 from herald.flows import progress as live
 from herald.flows.artifacts import artifact_key
 from herald.reporting import runs
@@ -73,9 +73,9 @@ def build_audience(ws: Workspace, flow_name: str, params: dict[str, Scalar], run
 
 @task(name="send-chunk", task_run_name="chunk-{job.index:04d}", cache_policy=NO_CACHE,
       retries=2, retry_delay_seconds=5)
-def send_chunk(job: engine.ChunkJob) -> engine.ChunkResult:
+def send_chunk(job: chunks.ChunkJob) -> chunks.ChunkResult:
     # A retried chunk is safe: the ledger holds who was already reserved or sent.
-    return engine.run_chunk(job)
+    return chunks.run_chunk(job)
 
 
 def resolve_run_key(ws: Workspace, flow_name: str, run_key: str | None,
@@ -111,7 +111,7 @@ def _run_name() -> str:
     assert ctx is not None and ctx.parameters is not None
     params = ctx.parameters
     try:
-        ws = engine.workspace_at(params["workspace"])
+        ws = chunks.workspace_at(params["workspace"])
         with clock.using(_clock_of(params.get("now"))):
             key = resolve_run_key(ws, params["flow_name"], params.get("run_key"),
                                   ctx.flow_run)
@@ -166,7 +166,7 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
               resend_render_errors: bool = False) -> dict[str, Any]:
     logger = get_run_logger()
     started = clock.now()
-    ws = engine.workspace_at(workspace)
+    ws = chunks.workspace_at(workspace)
     ctx = FlowRunContext.get()
     key = resolve_run_key(ws, flow_name, run_key, ctx.flow_run if ctx else None)
     _not_before_scheduled_time(ctx.flow_run if ctx else None)
@@ -196,7 +196,7 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
         key=artifact_key(flow_name, "sending"), markdown=figures.markdown(),
         description=f"Sending {flow_name} {key}: figures as chunks finish"))
     live.notify("begin", figures)
-    results: list[engine.ChunkResult] = []
+    results: list[chunks.ChunkResult] = []
     try:
         with engine.stop_on_signals():
             for job, result in _send_all(prepared.chunks, ws.config.max_workers):
@@ -246,16 +246,16 @@ def _publish(progress: UUID, table: UUID, figures: live.Progress) -> None:
         client.update_artifact(table, ArtifactUpdate(data=figures.markdown()))
 
 
-def _send_all(chunks: list[engine.ChunkJob], workers: int
-              ) -> Iterator[tuple[engine.ChunkJob, engine.ChunkResult]]:
+def _send_all(jobs: list[chunks.ChunkJob], workers: int
+              ) -> Iterator[tuple[chunks.ChunkJob, chunks.ChunkResult]]:
     """Send chunks with at most ``workers`` in flight, yielding results as they finish.
 
     Bounding the submissions here (not in the task runner's constructor) keeps the
     workspace's ``max_workers`` in force however the flow was started: ``herald run``,
     ``herald serve`` or a worker.
     """
-    waiting = list(reversed(chunks))
-    running: dict[PrefectFuture[engine.ChunkResult], engine.ChunkJob] = {}
+    waiting = list(reversed(jobs))
+    running: dict[PrefectFuture[chunks.ChunkResult], chunks.ChunkJob] = {}
     while waiting or running:
         while waiting and len(running) < workers and not stop_requested():
             job = waiting.pop()
@@ -323,7 +323,7 @@ def run(ws: Workspace, flow_name: str, params: dict[str, Scalar] | None, run_key
         dry_run: bool, runner: TaskRunnerSpec | None = None,
         resend_render_errors: bool = False) -> dict[str, Any]:
     """Run the campaign flow here and now (``herald run``), tagged like a deployment's."""
-    engine.adopt_workspace(ws)
+    chunks.adopt_workspace(ws)
     configured = campaign.with_options(task_runner=task_runner(runner or ws.config.task_runner))
     with tags(*run_tags(ws, flow_name)):
         state = configured(str(ws.root), flow_name, run_key, params or {}, dry_run,

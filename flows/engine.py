@@ -2,6 +2,7 @@
 
     prepare()    load and validate the flow, build the audience package, plan chunks
     run_chunk()  policy + reservation, render, dispatch, ledger: one chunk of recipients
+                 (in herald.flows.chunks)
     finish()     the run's report, from the ledger
 
 Nothing here imports Prefect: the same functions run under the Prefect flow in
@@ -11,62 +12,41 @@ database (a chunk job is a small picklable value).
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 import secrets
 import signal
-import socket
 import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from herald.audiences import builder, store
-from herald.channels.base import Message
-from herald.core import clock, workspace
-from herald.core.db import writing
+from herald.core import clock
 from herald.core.errors import HeraldError, Problem, RunError, ValidationFailed
 from herald.core.spec import Scalar
 from herald.core.workspace import Workspace
-from herald.delivery import ledger, render, suppression, unsubscribe, variants
+from herald.delivery import ledger_reads, run_records, suppression
 from herald.delivery.dispatch import (
-    Job,
     clear_stop,
-    dispatch,
     forget_run,
-    group,
     request_stop,
     stop_requested,
 )
-from herald.delivery.policy import SEND, Decision, Policy
-from herald.delivery.render import RenderError, Templates
+from herald.flows.chunks import (
+    CARRIED,
+    ChunkJob,
+    ChunkResult,
+    adopt_workspace,
+    opened,
+    run_chunk,
+)
 from herald.flows.validate import check_flow
 
 log = logging.getLogger("herald.run")
-
-
-@dataclass(frozen=True)
-class ChunkJob:
-    """Everything a worker needs to run one chunk (picklable, no secrets)."""
-
-    workspace: str
-    flow: str
-    run_id: str
-    run_key: str
-    package_id: str
-    index: int
-    start: int
-    stop: int
-    dry_run: bool
-    # the clock of the run that planned the chunk, so a worker process decides caps and
-    # quiet hours at the same "now" as the run (the real time unless the clock was set)
-    clock: clock.Clock = clock.REAL
 
 
 @dataclass(frozen=True)
@@ -101,11 +81,11 @@ def nothing_to_do(ws: Workspace, flow: str, run_key: str) -> dict[str, Any] | No
 
     Such a rerun would build a whole package only to find every recipient a duplicate;
     its answer instead is the run key's figures and one line saying so."""
-    found = ledger.list_runs(ws.store, 1000, flow=flow, run_key=run_key)
+    found = run_records.list_runs(ws.store, 1000, flow=flow, run_key=run_key)
     done = [r for r in found if r.status == "completed" and not r.dry_run]
-    if not done or ledger.open_rows(ws.store, flow, run_key):
+    if not done or ledger_reads.open_rows(ws.store, flow, run_key):
         return None
-    counts = ledger.key_counts(ws.store, flow, run_key)
+    counts = ledger_reads.key_counts(ws.store, flow, run_key)
     sent, failed = counts.deliveries.get("sent", 0), counts.deliveries.get("failed", 0)
     return {"run_id": None, "flow": flow, "run_key": run_key, "dry_run": False,
             "status": "nothing_to_do", "sent_by": done[-1].id, "package": None,
@@ -118,14 +98,14 @@ def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None =
             run_key: str | None = None, dry_run: bool = False) -> Prepared:
     """Validate, record the run, build the package and plan its chunks."""
     adopt_workspace(ws)
-    checked = check_flow(ws, flow_name, params, _open(str(ws.root))[1])
+    checked = check_flow(ws, flow_name, params, opened(str(ws.root))[1])
     # entries written before suppression values were normalised like addresses
     suppression.migrate(ws.store, ws.config.phone_region)
     tidy(ws)
     flow = checked.spec
     key = run_key or default_run_key(ws, flow_name)
     run_id = f"run-{clock.now():%Y%m%d%H%M%S}-{secrets.token_hex(3)}"
-    ledger.start_run(ws.store, run_id, flow.name, key, dry_run)
+    run_records.start_run(ws.store, run_id, flow.name, key, dry_run)
     try:
         package = builder.build(ws, flow, checked.segment)
         orphans = [t for t in package.tiers if flow.tier_for(t) is None]
@@ -136,13 +116,13 @@ def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None =
                 "tier".format("ve" if len(orphans) > 1 else "s"),
                 file=ws.flow_file(flow.name), line=ws.flow_line(flow.name, ("tiers",)),
                 field="tiers")])
-        ledger.set_run_package(ws.store, run_id, package.id)
+        run_records.set_run_package(ws.store, run_id, package.id)
         if not dry_run and flow.experiments():
             from herald.flows.experiments import advance
 
             advance(ws, flow, key, clock.now())
     except HeraldError as exc:
-        ledger.finish_run(ws.store, run_id, "failed", None, str(exc))
+        run_records.finish_run(ws.store, run_id, "failed", None, str(exc))
         raise
     size = ws.chunk_size(flow)
     chunks = [ChunkJob(str(ws.root), flow.name, run_id, key, package.id, i, start,
@@ -154,7 +134,7 @@ def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None =
 def tidy(ws: Workspace) -> None:
     """Close runs a killed process left ``running`` and remove the packages it left
     half-built (on this host), saying so in the log."""
-    for run_id in ledger.close_abandoned_runs(ws.store):
+    for run_id in run_records.close_abandoned_runs(ws.store):
         log.warning("run %s was left running by a process that ended; closed as failed "
                     "(rerun with its run key to resume)", run_id)
     for package_id in store.remove_orphans(ws.store):
@@ -162,213 +142,12 @@ def tidy(ws: Workspace) -> None:
                     package_id)
 
 
-# -- one chunk --------------------------------------------------------------------------
-def _open(root: str) -> tuple[Workspace, Templates]:
-    """This process's workspace for ``root`` and its compiled templates."""
-    ws = workspace.shared(root)
-    return ws, render.shared(ws)
-
-
-def workspace_at(root: str) -> Workspace:
-    """The workspace of this process for ``root``, opened once."""
-    return _open(root)[0]
-
-
-def adopt_workspace(ws: Workspace) -> None:
-    """Make ``ws`` the one chunks of this process use for its folder."""
-    workspace.adopt(ws)
-    _open(str(ws.root))
-
-
-def forget_workspace(root: str | Path) -> None:
-    """Drop the cached workspace for ``root`` (its YAML or databases changed)."""
-    workspace.forget(root)  # its templates are rebuilt with the next workspace
-
-
-def forget_all() -> None:
-    """Drop every cached workspace (tests that drop their databases)."""
-    render.forget_shared()
-    workspace.forget_all()
-
-
-ChunkCounts = list[tuple[str, str, str | None, int]]  # (status, tier, channel, n)
-
-
-@dataclass(frozen=True)
-class ChunkResult:
-    """What a chunk reports: counts, and (dry runs) why recipients would not be sent."""
-
-    counts: ChunkCounts
-    reasons: list[tuple[str, str, int]]  # (status, reason, n)
-    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
-
-# Recipients of a chunk that have no row of this run: counted from the chunk's results
-# (a deferred recipient still waiting is reported as deferred).
-WAITING = "waiting"
-ALREADY = "already"  # handled by an earlier run of the run key: reported as duplicate
-CARRIED = {ALREADY: "duplicate", WAITING: "deferred"}
-
-
-def run_chunk(job: ChunkJob) -> ChunkResult:
-    """Run one chunk: decide, reserve, render, send, settle. Returns its counts."""
-    if clock.current() != job.clock:  # a worker process started with another clock
-        clock.install(job.clock)
-    return _run_chunk(job)
-
-
-def _run_chunk(job: ChunkJob) -> ChunkResult:
-    if stop_requested():  # stopping: a chunk not started yet is left to the rerun
-        return ChunkResult([], [])
-    ws, templates = _open(job.workspace)
-    flow = ws.flow(job.flow)
-    rows = store.read(ws, job.package_id, job.start, job.stop)
-    policy = Policy(ws, flow, variants.states(ws.store, flow.name, job.run_key)
-                    if flow.experiments() else None)
-    counts: Counter[tuple[str, str, str | None]] = Counter()
-
-    # Decide and reserve in one transaction holding the write lock, so that two runs
-    # checking the same person's caps at once cannot both pass.
-    with writing(ws.store) as conn:
-        _lock_ledger(conn)
-        at = ledger.now()
-        seen = ledger.existing(conn, flow.name, job.run_key, [r.key for r in rows])
-        resumed = [r for r in rows if r.key in seen and seen[r.key].status == "queued"]
-        due = [r for r in rows if r.key in seen and seen[r.key].due(at)]
-        for r in rows:
-            old = seen.get(r.key)
-            if old and old.status != "queued" and not old.due(at):
-                # already handled under this run key; a deferred row still waits
-                status = WAITING if old.status == "deferred" else ALREADY
-                counts[status, old.tier, old.channel] += 1
-        fresh = [r for r in rows if r.key not in seen]
-        decisions = policy.decide(conn, fresh, at, job.run_key)
-        redecided = policy.decide(conn, due, at, job.run_key) if due else []
-        if not job.dry_run:
-            ledger.write_entries(conn, map(_entry, decisions),
-                                 flow=flow.name, run_key=job.run_key, run_id=job.run_id,
-                                 package_id=job.package_id, priority=flow.priority,
-                                 counted=not flow.exempt)
-            ledger.rewrite(conn, map(_entry, redecided), flow=flow.name,
-                           run_key=job.run_key, run_id=job.run_id)
-            if resumed:
-                ledger.adopt(conn, flow.name, job.run_key, [r.key for r in resumed],
-                             job.run_id)
-    if not job.dry_run and len(decisions) >= 1000:
-        ledger.refresh_statistics(ws.store)
-    decisions += redecided
-    if resumed:
-        decisions += _resume_decisions(ws, flow.name, job, resumed)
-
-    outgoing: list[tuple[str, Message]] = []
-    render_errors: list[ledger.Outcome] = []
-    reasons: Counter[tuple[str, str]] = Counter()
-    for d in decisions:
-        if d.status != SEND:
-            counts[d.status, d.recipient.tier, d.channel] += 1
-            if job.dry_run:
-                reasons[d.status, _reason_kind(d)] += 1
-            continue
-        assert d.channel is not None and d.address is not None
-        try:
-            message = build_message(ws, templates, job, d)
-        except RenderError as exc:
-            render_errors.append(ledger.Outcome(d.recipient.key, "render_error", str(exc),
-                                                attempts=0))
-            counts["render_error", d.recipient.tier, d.channel] += 1
-            if job.dry_run:
-                reasons["render_error", str(exc)] += 1
-            continue
-        outgoing.append((d.channel, message))
-        if job.dry_run:
-            counts["sent", d.recipient.tier, d.channel] += 1
-    if job.dry_run:
-        return ChunkResult([(*k, n) for k, n in counts.items()],
-                           [(*k, n) for k, n in reasons.items()])
-    if render_errors:
-        ledger.settle(ws.store, flow.name, job.run_key, render_errors)
-    if outgoing:
-        asyncio.run(dispatch(ws, Job(flow.name, job.run_key, job.run_id), group(outgoing)))
-        for status, tier, channel, n in _settled(ws, job, [m.recipient for _, m in outgoing]):
-            counts[status, tier, channel] += n
-    return ChunkResult([(*k, n) for k, n in counts.items()], [])
-
-
-def _reason_kind(d: Decision) -> str:
-    """A decision's reason without the per-recipient details (local times, dates)."""
-    reason = d.reason or d.status
-    if d.status == "deferred" and reason.startswith("experiment "):
-        return reason.split(", decided at")[0]  # waiting for the winner
-    if d.status in ("deferred", "quiet_hours"):
-        return reason.split(":")[0] + " (quiet hours)"
-    return reason
-
-
-def _entry(d: Decision) -> ledger.Entry:
-    return ledger.Entry(d.recipient.key, d.recipient.tier,
-                        "queued" if d.status == SEND else d.status, d.channel, d.address,
-                        d.reason, d.not_before, d.variant)
-
-
-def _lock_ledger(conn: Any) -> None:
-    ledger.reserve_lock(conn)
-
-
-def _resume_decisions(ws: Workspace, flow: str, job: ChunkJob,
-                      rows: list[store.Recipient]) -> list[Decision]:
-    """Queued rows from an interrupted run: send them on the channel they reserved."""
-    out = []
-    with ws.store.connect() as conn:
-        found = ledger.existing(conn, flow, job.run_key, [r.key for r in rows])
-    for r in rows:
-        entry = ws.flow(flow).tier_for(r.tier)
-        assert entry is not None, "the row was reserved under this flow's tiers"
-        out.append(Decision(r, entry[0], SEND, channel=found[r.key].channel,
-                            address=found[r.key].address, variant=found[r.key].variant))
-    return out
-
-
-def _settled(ws: Workspace, job: ChunkJob, recipients: list[str]) -> ChunkCounts:
-    counts: Counter[tuple[str, str, str | None]] = Counter()
-    with ws.store.connect() as conn:
-        for part in ledger.among(conn, ledger.deliveries.c.recipient, recipients):
-            for status, tier, channel in conn.execute(
-                    ledger.deliveries.select().with_only_columns(
-                        ledger.deliveries.c.status, ledger.deliveries.c.tier,
-                        ledger.deliveries.c.channel).where(
-                        ledger.deliveries.c.flow == job.flow,
-                        ledger.deliveries.c.run_key == job.run_key, part)):
-                counts[status, tier, channel] += 1
-    return [(*k, n) for k, n in counts.items()]
-
-
-def build_message(ws: Workspace, templates: Templates, job: ChunkJob | Job,
-                  d: Decision) -> Message:
-    """Render the message a decision sends (RenderError when a template fails)."""
-    flow = ws.flow(job.flow)
-    assert d.channel is not None and d.address is not None
-    kind = ws.channel_kind(d.channel)
-    locale_col = flow.audience.locale
-    locale = d.recipient.data.get(locale_col) if locale_col else None
-    link, headers = unsubscribe.for_message(ws.config.unsubscribe, d.recipient.key,
-                                            d.channel, kind, flow.name)
-    variables = {**d.recipient.data, "flow": flow.name, "tier": d.recipient.tier,
-                 "run_key": job.run_key, "channel": d.channel, "variant": d.variant, **link}
-    rendered = templates.render(flow, d.tier, kind, str(locale) if locale else None,
-                                variables, d.variant)
-    return Message(recipient=d.recipient.key, address=d.address, kind=kind,
-                   body=rendered.body, subject=rendered.subject, html=rendered.html,
-                   message_id=ledger.message_id(flow.name, job.run_key, d.recipient.key),
-                   headers=headers,
-                   meta={"flow": flow.name, "run_key": job.run_key, "tier": d.recipient.tier,
-                         **({"variant": d.variant} if d.variant else {})})
-
-
 # -- the report -------------------------------------------------------------------------
 def finish(ws: Workspace, prepared: Prepared, chunk_results: list[ChunkResult],
            started: datetime) -> dict[str, Any]:
     """The run's summary (the ``herald run --json`` object), recorded with the run."""
     forget_run(prepared.run_id)
-    counts = ledger.RunCounts()
+    counts = ledger_reads.RunCounts()
     reasons: Counter[tuple[str, str]] = Counter()
     if prepared.dry_run:
         for chunk in chunk_results:
@@ -377,7 +156,7 @@ def finish(ws: Workspace, prepared: Prepared, chunk_results: list[ChunkResult],
             for status, reason, n in chunk.reasons:
                 reasons[status, reason] += n
     else:
-        counts = ledger.run_counts(ws.store, prepared.run_id)
+        counts = ledger_reads.run_counts(ws.store, prepared.run_id)
         for chunk in chunk_results:  # rows this run did not write
             for status, tier, channel, n in chunk.counts:
                 if status in CARRIED:
@@ -404,9 +183,9 @@ def finish(ws: Workspace, prepared: Prepared, chunk_results: list[ChunkResult],
         "duration_seconds": round((finished - started).total_seconds(), 3),
     }
     if counts.deliveries.get("deferred") and not prepared.dry_run:
-        until = ledger.deferred_until(ws.store, prepared.flow, prepared.run_key)
+        until = ledger_reads.deferred_until(ws.store, prepared.flow, prepared.run_key)
         summary["deferred_until"] = until.isoformat() if until else None
-    ledger.finish_run(ws.store, prepared.run_id, "completed", summary)
+    run_records.finish_run(ws.store, prepared.run_id, "completed", summary)
     return summary
 
 
@@ -460,7 +239,7 @@ def stop_on_signals() -> Iterator[None]:
 
 
 def fail(ws: Workspace, run_id: str, error: BaseException) -> None:
-    ledger.finish_run(ws.store, run_id, "failed", None, f"{type(error).__name__}: {error}")
+    run_records.finish_run(ws.store, run_id, "failed", None, f"{type(error).__name__}: {error}")
 
 
 def run_local(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None = None,

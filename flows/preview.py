@@ -23,7 +23,8 @@ from herald.delivery.addresses import Addresses
 from herald.delivery.dispatch import Job
 from herald.delivery.policy import SEND, Decision
 from herald.delivery.render import RenderError, templates_for
-from herald.flows.engine import build_message, default_run_key
+from herald.flows.chunks import build_message
+from herald.flows.engine import default_run_key
 from herald.flows.validate import CheckedFlow, check_flow, did_you_mean
 
 

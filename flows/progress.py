@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from herald.core.db import STATUSES
-from herald.flows.engine import CARRIED, ChunkJob, ChunkResult
+from herald.flows.chunks import CARRIED, ChunkJob, ChunkResult
 
 # The order counts are shown in: what was sent or failed first, then why others were not.
 SHOWN = ("sent", "failed", "capped", "suppressed", "held_out", "no_address", "render_error",

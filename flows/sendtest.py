@@ -25,7 +25,7 @@ from herald.delivery.addresses import Addresses
 from herald.delivery.dispatch import Job, open_channel
 from herald.delivery.policy import SEND, Decision
 from herald.delivery.render import templates_for
-from herald.flows.engine import build_message
+from herald.flows.chunks import build_message
 from herald.flows.preview import sample_recipients
 from herald.flows.validate import check_flow, did_you_mean
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from herald.core.spec import ExperimentSpec
 from herald.core.workspace import Workspace
-from herald.delivery import ledger, variants
+from herald.delivery import ledger, ledger_reads, variants
 from herald.reporting.conversions import CONTACTED
 from herald.reporting.stats import chi_squared_test, two_proportion_test, uplift, wilson
 
@@ -197,7 +197,7 @@ def compute(ws: Workspace, flow_name: str, run_key: str,
                                          state=states.get(name))
     entry_of: dict[str, str | None] = {}
     d = ledger.deliveries
-    for rows in ledger.run_key_rows(ws.store, flow.name, run_key,
+    for rows in ledger_reads.run_key_rows(ws.store, flow.name, run_key,
                                     [d.c.tier, d.c.status, d.c.variant, d.c.reason],
                                     statuses=[CONTACTED, "deferred", "stopped"]):
         for r in rows:

@@ -12,7 +12,7 @@ from herald.core import clock
 from herald.core.db import deliveries
 from herald.core.spec import CapRule
 from herald.core.workspace import Workspace
-from herald.delivery import ledger, suppression
+from herald.delivery import ledger_reads, suppression
 from herald.delivery.policy import in_holdout
 from herald.reporting.conversions import utc
 
@@ -36,7 +36,7 @@ def recipient_view(ws: Workspace, key: str, limit: int = 50) -> dict[str, Any]:
         caps = []
         for flow, rule in rules:
             since = rule.since(now, zone)
-            used = ledger.cap_counts(conn, [key], since, rule.channel, rule.flow)[key]
+            used = ledger_reads.cap_counts(conn, [key], since, rule.channel, rule.flow)[key]
             caps.append({"rule": rule.describe(), "defined_in": flow and
                          f"config/flows/{flow}.yaml" or "config/herald.yaml",
                          "used": used, "max": rule.max, "since": since.isoformat(),

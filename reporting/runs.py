@@ -14,7 +14,7 @@ from sqlalchemy import and_, case, func, select
 
 from herald.core.errors import HeraldError
 from herald.core.workspace import Workspace
-from herald.delivery import ledger
+from herald.delivery import ledger, ledger_reads, run_records
 from herald.reporting.conversions import _START, CONTACTED, HELD_OUT, utc
 
 _d = ledger.deliveries
@@ -25,19 +25,19 @@ def find_run(ws: Workspace, run: str | None, dry_runs: bool = False) -> Any:
     """A run by id, else the latest run of the flow named ``run``, else the latest run
     (dry runs only when ``dry_runs``)."""
     if run:
-        row = ledger.get_run(ws.store, run_id=run)
+        row = run_records.get_run(ws.store, run_id=run)
         if row is not None:
             return row
-    for candidate in ledger.list_runs(ws.store, 200, flow=run or None):
+    for candidate in run_records.list_runs(ws.store, 200, flow=run or None):
         if dry_runs or not candidate.dry_run:
             return candidate
-    if run and (run in ws.flow_names() or run in ledger.run_flows(ws.store)):
+    if run and (run in ws.flow_names() or run in run_records.run_flows(ws.store)):
         raise HeraldError(f"flow '{run}' has no {'' if dry_runs else 'real '}runs yet"
                           + ("" if dry_runs else " (--dry-runs to report dry runs)"))
     if run:
         raise HeraldError(f"no run or flow '{run}'" + did_you_mean(run, [
-            *ws.flow_names(), *ledger.run_flows(ws.store),
-            *(r.id for r in ledger.list_runs(ws.store, 200))]))
+            *ws.flow_names(), *run_records.run_flows(ws.store),
+            *(r.id for r in run_records.list_runs(ws.store, 200))]))
     raise HeraldError("no runs yet" if dry_runs else "no real runs yet (--dry-runs to "
                       "report dry runs)")
 
@@ -52,7 +52,7 @@ def run_report(ws: Workspace, row: Any) -> dict[str, Any]:
     """A run's delivery report from the ledger (``herald report --json`` without the
     conversions)."""
     summary = json.loads(row.summary) if row.summary else None
-    counts = ledger.run_counts(ws.store, row.id)
+    counts = ledger_reads.run_counts(ws.store, row.id)
     if summary is not None:  # duplicates are counted in the summary, not in the ledger
         counts.deliveries["duplicate"] = summary["deliveries"].get("duplicate", 0)
     data = {"run_id": row.id, "flow": row.flow, "run_key": row.run_key,
@@ -60,7 +60,7 @@ def run_report(ws: Workspace, row: Any) -> dict[str, Any]:
             "package": summary["package"] if summary else {"id": row.package_id},
             "error": row.error, **counts.to_dict(),
             "reasons": [{"channel": r.channel, "status": r.status, "reason": r.reason,
-                         "count": int(r.n)} for r in ledger.failures(ws.store, row.id)],
+                         "count": int(r.n)} for r in ledger_reads.failures(ws.store, row.id)],
             "failure_reasons": failure_reasons(ws, row.flow, row.run_key, row.id)}
     if row.dry_run and summary:
         data.update({k: summary[k] for k in ("deliveries", "by_tier", "by_channel")})
@@ -74,20 +74,20 @@ def key_report(ws: Workspace, flow: str, run_key: str, dry_runs: bool = False
     the reruns that found them already handled, the follow-ups that sent the deferred),
     and the runs under it. Dry runs write no ledger rows: with ``dry_runs`` and no real
     run, the latest dry run's figures."""
-    rows = ledger.list_runs(ws.store, 1000, flow=flow, run_key=run_key)
+    rows = run_records.list_runs(ws.store, 1000, flow=flow, run_key=run_key)
     real = [r for r in rows if not r.dry_run]
     if not real:
         dry = [r for r in rows if r.dry_run]
         if dry and dry_runs:
             return {**run_report(ws, dry[0]), "runs": [run_row(r) for r in dry]}
-        known = sorted({r.run_key for r in ledger.list_runs(ws.store, 200, flow=flow)})
+        known = sorted({r.run_key for r in run_records.list_runs(ws.store, 200, flow=flow)})
         raise HeraldError(f"no {'' if dry_runs else 'real '}run of {flow} under run key "
                           f"'{run_key}'" + (did_you_mean(run_key, known) or (
                               f" (run keys: {', '.join(known[-5:])})" if known else "")))
     latest, first = real[0], real[-1]
     sender = next((r for r in reversed(real) if r.summary), first)
     summary = json.loads(sender.summary) if sender.summary else None
-    counts = ledger.key_counts(ws.store, flow, run_key)
+    counts = ledger_reads.key_counts(ws.store, flow, run_key)
     shown = rows if dry_runs else real
     return {"run_id": latest.id, "flow": flow, "run_key": run_key, "status": latest.status,
             "dry_run": False,
@@ -95,7 +95,7 @@ def key_report(ws: Workspace, flow: str, run_key: str, dry_runs: bool = False
             "error": latest.error, **counts.to_dict(),
             "reasons": [{"channel": r.channel, "status": r.status, "reason": r.reason,
                          "count": int(r.n)}
-                        for r in ledger.failures(ws.store, None, key=(flow, run_key))],
+                        for r in ledger_reads.failures(ws.store, None, key=(flow, run_key))],
             "failure_reasons": failure_reasons(ws, flow, run_key),
             "runs": [run_row(r) for r in shown]}
 
@@ -104,7 +104,7 @@ def failure_reasons(ws: Workspace, flow: str, run_key: str, run_id: str | None =
                     limit: int = 10) -> list[dict[str, Any]]:
     """The top reasons sends failed: channel, provider code, reason, count."""
     return [{"channel": r.channel, "code": r.code, "reason": r.reason, "count": int(r.n)}
-            for r in ledger.failure_reasons(ws.store, flow, run_key, limit, run_id)]
+            for r in ledger_reads.failure_reasons(ws.store, flow, run_key, limit, run_id)]
 
 
 def run_row(row: Any) -> dict[str, Any]:
@@ -124,10 +124,10 @@ def run_row(row: Any) -> dict[str, Any]:
 
 def list_runs(ws: Workspace, flow: str | None, limit: int = 20) -> list[dict[str, Any]]:
     """The latest runs (of ``flow``), newest first."""
-    if flow and flow not in ws.flow_names() and flow not in ledger.run_flows(ws.store):
+    if flow and flow not in ws.flow_names() and flow not in run_records.run_flows(ws.store):
         raise HeraldError(f"unknown flow '{flow}'" + did_you_mean(
-            flow, [*ws.flow_names(), *ledger.run_flows(ws.store)]))
-    return [run_row(r) for r in ledger.list_runs(ws.store, limit, flow=flow)]
+            flow, [*ws.flow_names(), *run_records.run_flows(ws.store)]))
+    return [run_row(r) for r in run_records.list_runs(ws.store, limit, flow=flow)]
 
 
 def measures(ws: Workspace, row: Any) -> bool:
@@ -151,7 +151,7 @@ class Contact:
 
 def contacts(ws: Workspace, flow: str, run_key: str) -> Iterator[Contact]:
     """The contacted and held-out recipients of a run key, a slice at a time."""
-    for rows in ledger.run_key_rows(ws.store, flow, run_key,
+    for rows in ledger_reads.run_key_rows(ws.store, flow, run_key,
                                     [_d.c.tier, _d.c.status, _START, _d.c.variant],
                                     statuses=(CONTACTED, HELD_OUT)):
         for recipient, tier, status, start, variant in rows:

@@ -36,7 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from herald.core.errors import RunError
 from herald.core.workspace import Workspace
-from herald.delivery import ledger
+from herald.delivery import ledger, ledger_reads
 from herald.reporting.conversions import CONTACTED, HELD_OUT, ConversionReport, Row
 
 ARMS = {CONTACTED: "contacted", HELD_OUT: "held_out"}
@@ -125,7 +125,7 @@ def write_back(ws: Workspace, flow: str, run_key: str,
 def _ledger_rows(ws: Workspace, flow: str, run_key: str,
                  conversion: ConversionReport | None) -> Iterator[list[dict[str, Any]]]:
     d = ledger.deliveries
-    for rows in ledger.run_key_rows(ws.store, flow, run_key, [
+    for rows in ledger_reads.run_key_rows(ws.store, flow, run_key, [
             d.c.run_id, d.c.tier, d.c.channel, d.c.status, d.c.reason, d.c.created_at,
             d.c.sent_at, d.c.variant]):
         batch = []

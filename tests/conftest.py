@@ -15,7 +15,7 @@ import pytest
 
 from herald.core import clock
 from herald.core.workspace import Workspace
-from herald.flows import engine
+from herald.flows import chunks
 
 # what tests share besides fixtures lives in tests/helpers.py; these names stay importable
 # from here too
@@ -106,7 +106,7 @@ def make_workspace(tmp_path: Path) -> Iterator[WorkspaceFactory]:
 
     yield factory
     for ws in opened:
-        engine.forget_workspace(ws.root)
+        chunks.forget_workspace(ws.root)
         ws.dispose()
 
 
@@ -139,7 +139,7 @@ def pg_database() -> Iterator[str]:
     try:
         yield url
     finally:
-        engine.forget_all()
+        chunks.forget_all()
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from herald.audiences import builder, sql, store
 from herald.core import clock
 from herald.delivery import ledger
-from herald.flows import engine
+from herald.flows import chunks, engine
 from herald.flows.cli import main
 
 
@@ -63,7 +63,7 @@ def test_default_run_key_is_today_in_the_flows_zone_by_the_clock(make_workspace)
         config = ws.root / "config/herald.yaml"
         config.write_text(config.read_text().replace("timezone: UTC",
                                                      "timezone: Asia/Shanghai"))
-        engine.forget_workspace(ws.root)
+        chunks.forget_workspace(ws.root)
         from herald.core.workspace import Workspace
 
         shanghai = Workspace.open(ws.root)
@@ -95,7 +95,7 @@ def test_a_chunk_job_carries_the_clock_of_its_run(make_workspace, now) -> None:
     job = pickle.loads(pickle.dumps(prepared.chunks[0]))
     assert job.clock == clock.current()
     with clock.using(clock.REAL):  # as in another process
-        engine.run_chunk(job)
+        chunks.run_chunk(job)
     with ws.store.connect() as conn:
         stamps = set(conn.execute(select(ledger.deliveries.c.created_at)).scalars())
     assert {s.replace(tzinfo=UTC) for s in stamps} == {now}

@@ -159,7 +159,7 @@ def test_a_nullable_column_added_since_is_added_to_an_existing_ledger(make_works
                                                                       ) -> None:
     import sqlite3
 
-    from herald.flows import engine
+    from herald.flows import chunks, engine
 
     ws = make_workspace(rows=5)
     engine.run_local(ws, "promo", run_key="before")
@@ -167,9 +167,9 @@ def test_a_nullable_column_added_since_is_added_to_an_existing_ledger(make_works
     db = ws.root / ".herald/herald.db"
     with sqlite3.connect(db) as conn:  # the ledger as an older Herald left it
         conn.execute("ALTER TABLE herald_deliveries DROP COLUMN segments")
-    engine.forget_workspace(ws.root)
+    chunks.forget_workspace(ws.root)
     again = Workspace.open(ws.root)
-    engine.adopt_workspace(again)
+    chunks.adopt_workspace(again)
     assert engine.run_local(again, "promo", run_key="before")["deliveries"]["duplicate"] == 5
     with sqlite3.connect(db) as conn:
         columns = [r[1] for r in conn.execute("PRAGMA table_info(herald_deliveries)")]

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from herald.core import clock
 from herald.core.db import experiments as experiments_table
 from herald.core.errors import ConfigError, ValidationFailed
-from herald.delivery import ledger
+from herald.delivery import ledger, ledger_reads
 from herald.delivery.policy import in_holdout
 from herald.delivery.variants import assign, in_test
 from herald.flows.engine import run_local
@@ -247,7 +247,7 @@ def sent_messages(ws) -> list[dict]:
 
 def ledger_rows(ws, run_key: str) -> dict[str, ledger.Existing]:
     with ws.store.connect() as conn:
-        return ledger.existing(conn, "promo", run_key, [str(i) for i in range(1, 2000)])
+        return ledger_reads.existing(conn, "promo", run_key, [str(i) for i in range(1, 2000)])
 
 
 def test_ab_variants_are_sticky_across_runs(make_workspace, now) -> None:

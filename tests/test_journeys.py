@@ -23,7 +23,7 @@ from herald.core.errors import ConfigError, ValidationFailed
 from herald.core.workspace import Workspace
 from herald.delivery import ledger
 from herald.delivery.variants import assign as assign_variant
-from herald.flows import engine as flow_engine
+from herald.flows import chunks as flow_chunks
 from herald.journeys import engine, load, report
 
 from .helpers import (
@@ -216,7 +216,7 @@ def test_a_tick_killed_mid_send_then_a_tick_loses_and_repeats_nothing(make_works
     proc.wait()
     before = sum(_outbox_lines(ws).values())
     expected = [k for k in map(str, range(1, 301)) if int(k) % 5]  # has a phone
-    flow_engine.forget_workspace(ws.root)
+    flow_chunks.forget_workspace(ws.root)
     ws2 = Workspace.open(ws.root)
     # the killed tick's leases run out (10 minutes of Herald's clock), then a tick resumes
     with clock.using(clock.Clock(JOURNEY_START + timedelta(minutes=11), frozen=True)):

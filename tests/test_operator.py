@@ -471,7 +471,7 @@ def test_unsubscribe_link_and_one_click_post_suppress_for_the_next_run(
     second = engine.run_local(ws, "promo", run_key="two")
     assert second["deliveries"]["suppressed"] == len(gone)
     assert second["deliveries"]["sent"] == sent - len(gone)
-    from herald.delivery.ledger import existing
+    from herald.delivery.ledger_reads import existing
 
     with ws.store.connect() as conn:
         found = existing(conn, "promo", "two", sorted(gone))

@@ -211,6 +211,45 @@ def test_holdout_draw_is_stable_and_proportional() -> None:
     assert not any(in_holdout("winback", str(i), 0.0) for i in range(1000))
 
 
+def test_addresses_are_parsed_once_per_value() -> None:
+    """A chunk asks for a phone number's E.164 form for the address, then for its
+    suppression-list form: the parser runs once for the value, and the answers match."""
+    from herald.delivery.addresses import clean_address, comparable, e164
+
+    number = "+86 138 0013 9017"
+    e164.cache_clear()
+    assert clean_address("sms", number) == ("+8613800139017", None)
+    assert clean_address("sms", f" {number} ") == ("+8613800139017", None)
+    assert comparable("+8613800139017") == "+8613800139017"
+    parsed = e164.cache_info()
+    assert comparable("+8613800139017") == "+8613800139017"
+    assert clean_address("sms", number) == ("+8613800139017", None)
+    assert e164.cache_info().misses == parsed.misses  # answered from the cache
+    assert clean_address("sms", "12") == (None, "invalid (no country code, and no "
+                                                "phone_region in herald.yaml)")
+    assert clean_address("sms", "138 0013 9017", "CN") == ("+8613800139017", None)
+    assert clean_address("email", None) == (None, "empty")
+
+
+def test_a_cleaned_addresss_compared_form_is_the_suppression_lists(make_workspace) -> None:
+    """The policy compares a cleaned address without parsing it again: the form it uses
+    is the one the suppression list stores for any spelling of that address."""
+    from herald.delivery.addresses import Addresses, comparable
+
+    from .helpers import HERALD_YAML
+
+    ws = make_workspace({"config/herald.yaml": HERALD_YAML.replace(
+        "caps: []", "caps: []\nphone_region: CN\nemail: {allow_special_use_domains: true}")})
+    addresses = Addresses(ws)
+    for channel, raw in [("sms", "138 0013 9017"), ("sms", "+86 (138) 0013-9017"),
+                         ("email", "Ann.Lee@Shop.Example.COM"), ("email", "bob@xn--bcher-kva.de"),
+                         ("email", "Zoe@bücher.de"), ("email", "Max@Printer.Test")]:
+        address, why = addresses.clean(channel, raw)
+        assert address is not None, (raw, why)
+        assert addresses.comparable(channel, address) == comparable(raw, "CN") \
+            == comparable(address, "CN"), raw
+
+
 def test_special_use_email_domains_are_a_workspace_setting(make_workspace) -> None:
     from herald.delivery.addresses import clean_address
 

@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 
 from herald.audiences import builder, sql, store
 from herald.core.errors import AudienceError
-from herald.delivery import ledger
+from herald.delivery import ledger, run_records
 from herald.flows import campaign
 from herald.flows.engine import run_local
 
@@ -46,7 +46,7 @@ def test_prefect_flow_on_postgres(make_workspace, pg_database, prefect_harness) 
     assert summary["package"]["size"] == expected
     assert summary["deliveries"]["sent"] + summary["deliveries"]["no_address"] == expected
     assert outbox_messages(ws) == summary["deliveries"]["sent"]
-    assert ledger.get_run(ws.store, summary["run_id"]).status == "completed"
+    assert run_records.get_run(ws.store, summary["run_id"]).status == "completed"
 
 
 def test_duplicate_keys_on_postgres(make_workspace, pg_database) -> None:

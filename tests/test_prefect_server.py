@@ -537,7 +537,7 @@ def test_experiment_follow_up_decides_and_sends_the_winner_to_the_rest(
     from sqlalchemy import func, select
 
     from herald.core.db import deliveries, experiments
-    from herald.delivery import ledger
+    from herald.delivery import ledger_reads
 
     from .test_experiments import TEST_THEN_WINNER, files, sent_messages
 
@@ -555,7 +555,7 @@ def test_experiment_follow_up_decides_and_sends_the_winner_to_the_rest(
     first = finished(server, created.id)
     assert first.state is not None and first.state.is_completed(), first.state
     with ws.store.connect() as conn:
-        rows = ledger.existing(conn, "promo", "ab", [str(i) for i in range(1, 201)])
+        rows = ledger_reads.existing(conn, "promo", "ab", [str(i) for i in range(1, 201)])
         decide_at = conn.execute(select(experiments.c.decide_at)).scalar_one()
     tested = {k for k, r in rows.items() if r.status == "sent"}
     waiting = {k for k, r in rows.items() if r.status == "deferred"}
@@ -586,7 +586,7 @@ def test_experiment_follow_up_decides_and_sends_the_winner_to_the_rest(
     done = finished(server, scheduled.id, timeout=240)
     assert done.state is not None and done.state.is_completed(), done.state
     with ws.store.connect() as conn:
-        after = ledger.existing(conn, "promo", "ab", [str(i) for i in range(1, 201)])
+        after = ledger_reads.existing(conn, "promo", "ab", [str(i) for i in range(1, 201)])
         decision = conn.execute(select(experiments)).one()
     assert (decision.status, decision.winner, decision.outcome) == ("decided", "b", "winner")
     assert json.loads(decision.figures)["verdict"]["winner"] == "b"

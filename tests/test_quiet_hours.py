@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from herald.core import clock
 from herald.core.spec import QuietHours
-from herald.delivery import ledger, suppression
+from herald.delivery import ledger, ledger_reads, suppression
 from herald.flows.engine import run_local
 
 from .helpers import outbox_messages
@@ -48,7 +48,7 @@ caps:
 
 def statuses(ws) -> dict[str, ledger.Existing]:
     with ws.store.connect() as conn:
-        return ledger.existing(conn, "promo", "q", [str(i) for i in range(1, 100)])
+        return ledger_reads.existing(conn, "promo", "q", [str(i) for i in range(1, 100)])
 
 
 def test_skip_records_quiet_hours_and_sends_nothing(make_workspace, store_url, now) -> None:

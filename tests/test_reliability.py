@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from herald.flows import engine
+from herald.flows import chunks, engine
 from herald.flows.cli import main
 
 from .helpers import (
@@ -409,7 +409,7 @@ def test_sources_are_opened_read_only(backend, make_workspace, request, catalogu
         fill_people(url, 10)
         config = ws.root / "config/herald.yaml"
         config.write_text(config.read_text().replace("sqlite:///crm.db", url))
-        engine.forget_workspace(ws.root)
+        chunks.forget_workspace(ws.root)
         from herald.core.workspace import Workspace
 
         ws = Workspace.open(ws.root)
@@ -555,7 +555,7 @@ def test_the_same_person_under_two_keys_gets_one_message(dedupe, make_workspace,
     flow = ws.root / FLOW
     flow.write_text(flow.read_text().replace("default: {channels: [email]}",
                                              "default: {channels: [email, sms]}"))
-    engine.forget_workspace(ws.root)
+    chunks.forget_workspace(ws.root)
     from herald.core.workspace import Workspace
 
     ws = Workspace.open(ws.root)
@@ -1238,11 +1238,11 @@ def test_workspace_database_connections_killed_mid_run(make_workspace, pg_databa
         first_error = type(exc).__name__
     thread.join()
     admin.dispose()
-    engine.forget_workspace(ws.root)
+    chunks.forget_workspace(ws.root)
     from herald.core.workspace import Workspace
 
     ws2 = Workspace.open(ws.root)
-    engine.adopt_workspace(ws2)
+    chunks.adopt_workspace(ws2)
     for _ in range(5):  # queued rows the kill left are sent by reruns of the run key
         again = engine.run_local(ws2, "promo", run_key="pgkill")
         if not again["deliveries"]["queued"]:
@@ -1286,11 +1286,11 @@ def test_process_killed_mid_send_then_rerun(make_workspace, catalogue) -> None:
     proc.wait()
     before = outbox_messages(ws)
     assert 0 < before < 298
-    engine.forget_workspace(ws.root)
+    chunks.forget_workspace(ws.root)
     from herald.core.workspace import Workspace
 
     ws2 = Workspace.open(ws.root)
-    engine.adopt_workspace(ws2)
+    chunks.adopt_workspace(ws2)
     engine.run_local(ws2, "promo", run_key="killed")
     ledger = _ledger(ws2, "killed")
     lines = [json.loads(line)["recipient"] for path in outbox_files(ws2)
@@ -1335,11 +1335,11 @@ def test_stop_signal_takes_no_new_batch_and_says_how_to_resume(sig, make_workspa
     assert before < 400  # it stopped well before the end (598 have an address)
     first = _ledger(ws, "stop")
     assert not any(s == "sending" for s, _ in first.values())  # in flight: settled
-    engine.forget_workspace(ws.root)
+    chunks.forget_workspace(ws.root)
     from herald.core.workspace import Workspace
 
     ws2 = Workspace.open(ws.root)
-    engine.adopt_workspace(ws2)
+    chunks.adopt_workspace(ws2)
     engine.run_local(ws2, "promo", run_key="stop")
     ledger = _ledger(ws2, "stop")
     delivered = _delivered(ws2)
@@ -1382,11 +1382,11 @@ def test_sigterm_to_herald_run_under_prefect(make_workspace, catalogue) -> None:
     assert "herald run promo --run-key term" in " ".join(err.split()), err[-800:]
     assert 30 <= before < 400
     assert not any(s == "sending" for s, _ in _ledger(ws, "term").values())
-    engine.forget_workspace(ws.root)
+    chunks.forget_workspace(ws.root)
     from herald.core.workspace import Workspace
 
     ws2 = Workspace.open(ws.root)
-    engine.adopt_workspace(ws2)
+    chunks.adopt_workspace(ws2)
     engine.run_local(ws2, "promo", run_key="term")  # what the error line says to run
     ledger = _ledger(ws2, "term")
     lost, duplicated = _account(ledger, _delivered(ws2), [str(i) for i in range(1, 601)])
@@ -1424,11 +1424,11 @@ def test_process_killed_during_the_audience_build(make_workspace, catalogue) -> 
     assert building and outbox_messages(ws) == 0
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT status FROM herald_runs").fetchall() == [("running",)]
-    engine.forget_workspace(ws.root)
+    chunks.forget_workspace(ws.root)
     from herald.core.workspace import Workspace
 
     ws2 = Workspace.open(ws.root)
-    engine.adopt_workspace(ws2)
+    chunks.adopt_workspace(ws2)
     # the next run (here of the 800 with score 9, to keep the test short) tidies up
     summary = engine.run_local(ws2, "promo", {"min_score": 9}, run_key="build")
     with sqlite3.connect(db) as conn:

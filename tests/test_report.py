@@ -8,7 +8,7 @@ from html.parser import HTMLParser
 import pytest
 from sqlalchemy import create_engine, text
 
-from herald.delivery import ledger
+from herald.delivery import run_records
 from herald.flows.engine import run_local
 
 from .helpers import HERALD_YAML, fill_people
@@ -19,9 +19,9 @@ WRITEBACK = HERALD_YAML + "writeback: {source: crm, prefix: an_}\n"
 
 
 def recorded_run(ws, run_key: str = "k1") -> None:
-    ledger.start_run(ws.store, "run-1", "promo", run_key, False)
+    run_records.start_run(ws.store, "run-1", "promo", run_key, False)
     write_ledger(ws, LEDGER, run_key)
-    ledger.finish_run(ws.store, "run-1", "completed", None)
+    run_records.finish_run(ws.store, "run-1", "completed", None)
 
 
 @pytest.fixture
@@ -229,5 +229,5 @@ def test_a_failed_writeback_fails_the_run(make_workspace, capsys) -> None:
     assert code == 1
     assert "write-back of promo wb-x to source crm" in out + err
     assert "no column named" in out + err
-    run = ledger.get_run(ws.store, flow="promo")
+    run = run_records.get_run(ws.store, flow="promo")
     assert run.status == "failed" and "write-back" in run.error

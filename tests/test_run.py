@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select, update
 
+from herald.core.db import STATUSES
 from herald.core.errors import ValidationFailed
-from herald.delivery import ledger, suppression
+from herald.delivery import ledger, run_records, suppression
 from herald.flows.engine import run_local
 
 from .helpers import outbox_messages, people
@@ -50,7 +51,7 @@ def test_every_recipient_gets_one_ledger_row_and_messages_land(make_workspace) -
     assert summary["chunks"] == 3
     assert summary["deliveries"]["sent"] == len(sent) == 98
     assert summary["deliveries"]["no_address"] == 2  # ids 35 and 70 have neither
-    assert set(summary["deliveries"]) >= set(ledger.STATUSES)
+    assert set(summary["deliveries"]) >= set(STATUSES)
     by_channel = {c: summary["by_channel"][c]["sent"] for c in ("email", "sms")}
     assert by_channel == {"email": sum(1 for c in sent.values() if c == "email"),
                           "sms": sum(1 for c in sent.values() if c == "sms")}
@@ -196,7 +197,7 @@ def test_tier_without_entry_or_default_stops_before_sending(make_workspace) -> N
                                                r"segment have no entry"):
         run_local(ws, "promo", run_key="t")
     assert rows(ws) == {} and outbox_messages(ws) == 0
-    run = ledger.get_run(ws.store, flow="promo")
+    run = run_records.get_run(ws.store, flow="promo")
     assert run.status == "failed"
 
 

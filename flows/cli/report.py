@@ -44,13 +44,13 @@ def report(run_id: Annotated[str | None, typer.Argument(
            now: NowOpt = None) -> None:
     """Delivery report of a run key (or one run) from the ledger, with its conversions,
     uplift, content experiments and the top failure reasons."""
-    from herald.delivery import ledger
+    from herald.delivery import run_records
     from herald.reporting import conversions, experiments, runs
 
     set_now(now)
     ws = open_workspace(workspace)
     if run_key and not run_id:
-        found = ledger.list_runs(ws.store, 1, run_key=run_key)
+        found = run_records.list_runs(ws.store, 1, run_key=run_key)
         if not found:
             raise HeraldError(f"no run under run key '{run_key}'")
         run_id = found[0].flow
@@ -59,7 +59,7 @@ def report(run_id: Annotated[str | None, typer.Argument(
         data = runs.run_report(ws, row)  # one run, as it happened
     else:
         data = runs.key_report(ws, row.flow, run_key or row.run_key, dry_runs)
-        row = ledger.get_run(ws.store, run_id=data["run_id"])
+        row = run_records.get_run(ws.store, run_id=data["run_id"])
     conversion, written = None, None
     if runs.measures(ws, row):
         conversion = conversions.compute(ws, row.flow, row.run_key)

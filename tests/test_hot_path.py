@@ -1,0 +1,124 @@
+"""The per-recipient path of a run, written per batch: what a chunk reports matches the
+ledger it wrote, and batch state transitions land on SQLite and on Postgres alike."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from herald.core import clock
+from herald.core.db import writing
+from herald.delivery import ledger, ledger_reads
+from herald.flows import chunks, engine
+
+from .helpers import HERALD_YAML
+
+
+def _chunk_counts(results: list[chunks.ChunkResult]) -> Counter[tuple[str, str, str | None]]:
+    counts: Counter[tuple[str, str, str | None]] = Counter()
+    for result in results:
+        for status, tier, channel, n in result.counts:
+            counts[status, tier, channel] += n
+    return counts
+
+
+def _ledger_counts(ws, run_id: str) -> Counter[tuple[str, str, str | None]]:
+    from sqlalchemy import func, select
+
+    d = ledger.deliveries
+    with ws.store.connect() as conn:
+        return Counter({(s, t, c): int(n) for s, t, c, n in conn.execute(
+            select(d.c.status, d.c.tier, d.c.channel, func.count()).where(
+                d.c.run_id == run_id).group_by(d.c.status, d.c.tier, d.c.channel))})
+
+
+def test_a_chunks_counts_match_the_ledger_after_settlement(make_workspace, store_url) -> None:
+    """Counts come from the outcomes the chunk settled, not from re-reading the ledger:
+    sent, render errors, bodies over the limit (failed) and the policy's stops agree
+    with the rows, per status, tier and channel."""
+    config = HERALD_YAML.replace("sms: {type: outbox, kind: sms}",
+                                 "sms: {type: outbox, kind: sms, max_body: 60}")
+    ws = make_workspace({"config/herald.yaml": config,
+                         # score 1 divides by zero; a long name makes the SMS too long
+                         "templates/promo/default.sms.txt.j2":
+                             "Hi {{ name }}{{ '!' * (score % 3) * 30 }} "
+                             "{{ 100 // (score - 1) }}"},
+                        rows=90, store=store_url)
+    started = clock.now()
+    prepared = engine.prepare(ws, "promo", run_key="k")
+    results = [chunks.run_chunk(job) for job in prepared.chunks]
+    counts = _chunk_counts(results)
+    assert counts == _ledger_counts(ws, prepared.run_id)
+    statuses = {status for status, _, _ in counts}
+    assert {"sent", "render_error", "failed", "no_address"} <= statuses
+    summary = engine.finish(ws, prepared, results, started)
+    assert summary["deliveries"]["sent"] == sum(
+        n for (s, _, _), n in counts.items() if s == "sent")
+
+
+def test_batch_settle_writes_every_outcome(make_workspace, store_url) -> None:
+    """One batch's answers (sent, failed, deferred, unknown) are written in one go; the
+    rows not in the batch keep their state."""
+    ws = make_workspace(rows=10, store=store_url)
+    entries = [ledger.Entry(str(i), "gold", "queued", "sms", f"+86138001390{i:02d}")
+               for i in range(1, 7)]
+    with writing(ws.store) as conn:
+        ledger.write_entries(conn, entries, flow="promo", run_key="k", run_id="r",
+                             package_id="p")
+    ledger.mark(ws.store, "promo", "k", ["1", "2", "3", "4", "5"], "sending")
+    later = ledger.now().replace(microsecond=0)
+    ledger.settle(ws.store, "promo", "k", [
+        ledger.Outcome("1", "sent", code="ok", provider_id="p1", segments=2),
+        ledger.Outcome("2", "failed", "permanent: no such number", code="404"),
+        ledger.Outcome("3", "deferred", "deferred: busy", attempts=3, not_before=later),
+        ledger.Outcome("4", "sending", "outcome unknown, not resent"),
+    ])
+    with ws.store.connect() as conn:
+        got = {r.recipient: r for r in conn.execute(ledger.deliveries.select().where(
+            ledger.deliveries.c.run_key == "k"))}
+    assert {k: r.status for k, r in got.items()} == {
+        "1": "sent", "2": "failed", "3": "deferred", "4": "sending", "5": "sending",
+        "6": "queued"}
+    assert (got["1"].provider_id, got["1"].segments, got["1"].attempts) == ("p1", 2, 1)
+    assert got["1"].sent_at is not None and got["2"].sent_at is None
+    assert (got["2"].reason, got["2"].code) == ("permanent: no such number", "404")
+    assert got["3"].attempts == 3
+    assert got["3"].not_before.replace(tzinfo=None) == later.replace(tzinfo=None)
+    assert got["4"].reason == "outcome unknown, not resent"
+    ledger.settle(ws.store, "promo", "k", [ledger.Outcome("3", "sent", attempts=2)])
+    with ws.store.connect() as conn:
+        attempts = conn.execute(ledger.deliveries.select().with_only_columns(
+            ledger.deliveries.c.attempts).where(ledger.deliveries.c.recipient == "3")
+        ).scalar_one()
+    assert attempts == 5  # added to the earlier attempts
+
+
+def test_deduplication_finds_addresses_through_the_index(make_workspace, store_url) -> None:
+    """A store made before the address index gets it when opened; e-mail addresses are
+    compared lower-cased through it, other channels' addresses exactly."""
+    from sqlalchemy import text
+
+    from herald.core.db import ensure_schema
+
+    ws = make_workspace(rows=4, store=store_url)
+    with writing(ws.store) as conn:
+        conn.execute(text("DROP INDEX ix_herald_deliveries_address"))
+    ensure_schema(ws.store)
+    with writing(ws.store) as conn:
+        ledger.write_entries(conn, [
+            ledger.Entry("1", "gold", "sent", "email", "Ann@shop.example.com"),
+            ledger.Entry("2", "gold", "queued", "wechat", "oAbC"),
+            ledger.Entry("3", "gold", "capped", "email", "bob@shop.example.com"),
+        ], flow="promo", run_key="k", run_id="r", package_id="p")
+    with ws.store.connect() as conn:
+        names = {n for (n,) in conn.execute(text(
+            "SELECT name FROM sqlite_master WHERE type = 'index'"
+            if conn.dialect.name == "sqlite" else
+            "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"))}
+        assert "ix_herald_deliveries_address" in names
+        assert ledger_reads.addresses_taken(conn, "promo", "k", "email",
+                                      ["ann@shop.example.com", "bob@shop.example.com"],
+                                      True) == {"ann@shop.example.com": "1"}  # capped: free
+        assert ledger_reads.addresses_taken(conn, "promo", "k", "wechat", ["oabc", "oAbC"],
+                                      False) == {"oAbC": "2"}
+        assert ledger_reads.addresses_taken(conn, "promo", "other", "email",
+                                      ["ann@shop.example.com"], True) == {}
