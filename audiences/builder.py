@@ -50,7 +50,14 @@ from herald.audiences.store import (
     json_default,
 )
 from herald.core import clock
-from herald.core.db import package_rows, packages, process_owner, writing
+from herald.core.db import (
+    at_driver,
+    from_database,
+    package_rows,
+    packages,
+    process_owner,
+    writing,
+)
 from herald.core.errors import AudienceError
 from herald.core.spec import FlowSpec
 from herald.core.workspace import Workspace
@@ -87,6 +94,8 @@ def build(ws: Workspace, flow: FlowSpec, segment: Segment, *, stream: bool = Fal
             how = "streamed through Herald"
     except DBAPIError as exc:
         discard(store, package_id)
+        if from_database(exc, store):  # the workspace database failed, not the segment
+            raise
         raise AudienceError(f"{segment.file}: the query failed: {db_message(exc)}") from None
     except BaseException:
         discard(store, package_id)
@@ -238,26 +247,23 @@ def _row_writer(store: Engine, package_id: str, segment: Segment
     more than the database's own work (see BENCHMARKS.md).
     """
     if store.dialect.name == "postgresql":
-        with writing(store) as conn:
-            driver = conn.connection.driver_connection
-            assert driver is not None
-            with driver.cursor() as cursor, cursor.copy(
-                    f"COPY {package_rows.name} (package_id, seq, key, tier, data) "
-                    "FROM STDIN") as copy:
-                head = f"{_copy_text(package_id)}\t"
+        statement = f"COPY {package_rows.name} (package_id, seq, key, tier, data) FROM STDIN"
+        with writing(store) as conn, at_driver(conn, statement) as driver, \
+                driver.cursor() as cursor, cursor.copy(statement) as copy:
+            head = f"{_copy_text(package_id)}\t"
 
-                def copy_rows(start: int, keys: list[str], tiers: list[str],
-                              data: list[str]) -> None:
-                    names = "".join(keys) + "".join(tiers)
-                    if any(c in names for c in _COPY_SPECIAL):  # rare: escape each
-                        keys = [_copy_text(k) for k in keys]
-                        tiers = [_copy_text(t) for t in tiers]
-                    copy.write("".join([
-                        f"{head}{seq}\t{k}\t{t}\t{d.replace(BACKSLASH, DOUBLED)}\n"
-                        for seq, k, t, d in zip(range(start, start + len(keys)), keys,
-                                                tiers, data, strict=False)]))
+            def copy_rows(start: int, keys: list[str], tiers: list[str],
+                          data: list[str]) -> None:
+                names = "".join(keys) + "".join(tiers)
+                if any(c in names for c in _COPY_SPECIAL):  # rare: escape each
+                    keys = [_copy_text(k) for k in keys]
+                    tiers = [_copy_text(t) for t in tiers]
+                copy.write("".join([
+                    f"{head}{seq}\t{k}\t{t}\t{d.replace(BACKSLASH, DOUBLED)}\n"
+                    for seq, k, t, d in zip(range(start, start + len(keys)), keys,
+                                            tiers, data, strict=False)]))
 
-                yield copy_rows
+            yield copy_rows
         return
     mark = "?" if store.dialect.paramstyle == "qmark" else "%s"
     statement = (f"INSERT INTO {package_rows.name} (package_id, seq, key, tier, data) "
@@ -265,8 +271,8 @@ def _row_writer(store: Engine, package_id: str, segment: Segment
 
     def insert_rows(start: int, keys: list[str], tiers: list[str], data: list[str]) -> None:
         try:
-            with writing(store) as conn:
-                cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            with writing(store) as conn, at_driver(conn, statement) as driver:
+                cursor = driver.cursor()
                 try:
                     cursor.executemany(statement, zip(
                         repeat(package_id), range(start, start + len(keys)), keys, tiers, data))

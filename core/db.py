@@ -17,6 +17,7 @@ import os
 import socket
 import sqlite3
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -412,15 +413,45 @@ def describe_db_error(url: str, exc: DBAPIError) -> str:
 
 
 DATABASE_NOTE = "herald_database"  # the attribute naming the database an error came from
+_names: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
 
 
 def _name_in_errors(engine: Engine, name: str) -> None:
     """Every DBAPIError of ``engine`` carries ``name`` (its URL, password hidden), so
     that a failure far from where the engine was made still says which database."""
+    _names[engine] = name  # for errors raised at the driver (at_driver)
+
     @event.listens_for(engine, "handle_error")
     def _note(context: Any) -> None:
         if context.sqlalchemy_exception is not None:
             setattr(context.sqlalchemy_exception, DATABASE_NOTE, name)
+
+
+@contextmanager
+def at_driver(conn: Connection, statement: str) -> Iterator[Any]:
+    """The driver's connection under ``conn``, in ``conn``'s transaction (for what
+    SQLAlchemy has no statement for: psycopg's COPY, arrays bound whole). A driver error
+    comes out as SQLAlchemy's (``DBAPIError`` and its subclasses: OperationalError for a
+    lock timeout or a dropped connection), naming the database, as ``conn.execute``'s
+    would: retries and the CLI's one-line error treat both alike."""
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        yield raw
+    except dbapi.Error as exc:
+        wrapped = DBAPIError.instance(statement, None, exc, dbapi.Error,
+                                      dialect=conn.dialect)
+        note = _names.get(conn.engine)
+        if note:
+            setattr(wrapped, DATABASE_NOTE, note)
+        raise wrapped from exc
+
+
+def from_database(exc: DBAPIError, engine: Engine) -> bool:
+    """Whether ``exc`` was raised by ``engine``'s database (it carries its name)."""
+    name = _names.get(engine)
+    return name is not None and getattr(exc, DATABASE_NOTE, None) == name
 
 
 def describe_failure(exc: DBAPIError) -> str:

@@ -48,10 +48,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.sql.elements import ColumnElement
 
 from herald.core import clock
-from herald.core.db import (
-    deliveries,
-    writing,
-)
+from herald.core.db import at_driver, deliveries, writing
 
 log = logging.getLogger("herald.ledger")
 
@@ -161,8 +158,9 @@ def write_entries(conn: Connection, entries: Iterable[Entry], *, flow: str, run_
     if not rows:
         return
     if conn.dialect.name == "postgresql":
-        with _driver(conn).cursor() as cursor, cursor.copy(
-                f"COPY {deliveries.name} ({', '.join(ENTRY_COLUMNS)}) FROM STDIN") as copy:
+        statement = f"COPY {deliveries.name} ({', '.join(ENTRY_COLUMNS)}) FROM STDIN"
+        with at_driver(conn, statement) as raw, raw.cursor() as cursor, \
+                cursor.copy(statement) as copy:
             for row in rows:
                 copy.write_row(row)
         return
@@ -184,14 +182,6 @@ def _to_db(conn: Connection, column: Any) -> Any:
     text), or the identity when there is none."""
     process = column.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
     return process or (lambda value: value)
-
-
-def _driver(conn: Connection) -> Any:
-    """The driver's connection under ``conn``, in ``conn``'s transaction (psycopg's COPY
-    and array parameters have no SQLAlchemy statement)."""
-    raw = conn.connection.dbapi_connection
-    assert raw is not None
-    return raw
 
 
 def adopt(conn: Connection, flow: str, run_key: str, recipients: Sequence[str],
@@ -285,7 +275,7 @@ WHERE d.flow = %(flow)s AND d.run_key = %(run_key)s AND d.recipient = a.recipien
 
 def _settle_arrays(conn: Connection, flow: str, run_key: str, outcomes: Sequence[Outcome],
                    stamp: datetime) -> None:
-    with _driver(conn).cursor() as cursor:
+    with at_driver(conn, _SETTLE_ARRAYS) as raw, raw.cursor() as cursor:
         cursor.execute(_SETTLE_ARRAYS, {
             "flow": flow, "run_key": run_key, "stamp": stamp,
             "recipient": [o.recipient for o in outcomes],

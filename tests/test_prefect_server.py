@@ -284,8 +284,7 @@ def test_served_flow_runs_from_the_api_and_from_its_schedule(
 
 
 def test_served_journey_ticks_on_its_schedule(make_workspace, server, background) -> None:
-    from .test_journeys import FILES as JOURNEY_FILES
-    from .test_journeys import _crm_events
+    from .helpers import JOURNEY_FILES, crm_events
 
     soon = (datetime.now(UTC) + timedelta(seconds=25)).replace(microsecond=0)
     ws = make_workspace({**JOURNEY_FILES, "config/journeys/hello.yaml": (
@@ -298,7 +297,7 @@ def test_served_journey_ticks_on_its_schedule(make_workspace, server, background
         "templates/hello/hi/default.email.subject.j2": "Hello {{ name }}",
         "templates/hello/hi/default.email.txt.j2": "Welcome, {{ name }}."},
         rows=100, folder="journey")
-    _crm_events(ws)
+    crm_events(ws)
     serve = background([HERALD, "serve", "hello", "-w", str(ws.root)], server.env("serve"),
                        ws.root / "serve.log")
     dep = deployment_of(server, "hello", ws)
