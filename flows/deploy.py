@@ -18,11 +18,11 @@ import threading
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
-from zoneinfo import ZoneInfo
 
 from herald.core.errors import ConfigError, Problem
 from herald.core.schedules import ScheduleSpec
 from herald.core.workspace import Workspace
+from herald.flows.schedules import prefect_schedule
 from herald.flows.validate import check_flow
 
 if TYPE_CHECKING:
@@ -31,25 +31,10 @@ if TYPE_CHECKING:
 
 
 def schedule(ws: Workspace, flow_name: str, index: int, spec: ScheduleSpec) -> Schedule:
-    """The Prefect schedule for one entry of a flow's ``schedules``."""
-    from prefect.schedules import Cron, Interval, RRule
-
-    zone = spec.timezone or ws.timezone(ws.flow(flow_name))
-    slug = f"{flow_name}-{spec.name or index}"
+    """A flow's schedule entry as Prefect's schedule (the flow's zone by default)."""
     parameters: dict[str, Any] = {"params": dict(spec.params)} if spec.params else {}
-    common: dict[str, Any] = {"timezone": zone, "active": spec.active,
-                              "parameters": parameters, "slug": slug}
-    if spec.cron is not None:
-        return Cron(spec.cron, **common)
-    if spec.rrule is not None:
-        return RRule(spec.rrule, **common)
-    assert spec.interval is not None
-    # Without an anchor, "every 6h" counts from local midnight of a fixed day (00, 06,
-    # 12, 18), not from whenever the deployment was last served.
-    anchor = spec.anchor or datetime(2020, 1, 1)
-    if anchor.tzinfo is None:
-        anchor = anchor.replace(tzinfo=ZoneInfo(zone))
-    return Interval(spec.interval, anchor_date=anchor, **common)
+    return prefect_schedule(spec, spec.timezone or ws.timezone(ws.flow(flow_name)),
+                            f"{flow_name}-{spec.name or index}", parameters)
 
 
 def deployment(ws: Workspace, flow_name: str, work_pool: str | None = None

@@ -10,9 +10,7 @@ register beside the flows.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
-from zoneinfo import ZoneInfo
 
 from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_table_artifact
@@ -25,6 +23,7 @@ from herald.core.schedules import ScheduleSpec
 from herald.core.workspace import Workspace
 from herald.core.workspace import adopt as adopt_workspace
 from herald.core.workspace import shared as workspace_at
+from herald.flows.schedules import prefect_schedule
 from herald.journeys import engine, load, report
 from herald.journeys.chunks import ChunkJob, ChunkResult
 
@@ -105,20 +104,9 @@ def run(ws: Workspace, name: str, enter: bool = True) -> dict[str, Any]:
 
 
 def schedule(ws: Workspace, name: str, index: int, spec: ScheduleSpec) -> Schedule:
-    from prefect.schedules import Cron, Interval, RRule
-
+    """A journey's schedule entry as Prefect's schedule (the journey's zone by default)."""
     zone = spec.timezone or load.load(ws, name).spec.timezone or ws.config.timezone
-    common: dict[str, Any] = {"timezone": zone, "active": spec.active,
-                              "slug": f"journey-{name}-{spec.name or index}"}
-    if spec.cron is not None:
-        return Cron(spec.cron, **common)
-    if spec.rrule is not None:
-        return RRule(spec.rrule, **common)
-    assert spec.interval is not None
-    anchor = spec.anchor or datetime(2020, 1, 1)
-    if anchor.tzinfo is None:
-        anchor = anchor.replace(tzinfo=ZoneInfo(zone))
-    return Interval(spec.interval, anchor_date=anchor, **common)
+    return prefect_schedule(spec, zone, f"journey-{name}-{spec.name or index}")
 
 
 def deployment(ws: Workspace, name: str, work_pool: str | None = None) -> RunnerDeployment:
