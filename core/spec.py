@@ -10,6 +10,7 @@ known, so those errors carry file and line too.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
@@ -326,6 +327,16 @@ def _fraction(value: Any) -> Any:
     return value
 
 
+def tier_entry(tiers: Mapping[str, TierSpec], tier: str) -> tuple[str, TierSpec] | None:
+    """The tier entry a recipient of ``tier`` uses (a flow's or a journey send step's):
+    its own, else ``default``, else none."""
+    if tier in tiers:
+        return tier, tiers[tier]
+    if "default" in tiers:
+        return "default", tiers["default"]
+    return None
+
+
 class FlowSpec(Strict):
     """``config/flows/NAME.yaml``: one campaign."""
 
@@ -381,12 +392,7 @@ class FlowSpec(Strict):
         return out
 
     def tier_for(self, tier: str) -> tuple[str, TierSpec] | None:
-        """The tier entry a recipient of ``tier`` uses: its own, else ``default``."""
-        if tier in self.tiers:
-            return tier, self.tiers[tier]
-        if "default" in self.tiers:
-            return "default", self.tiers["default"]
-        return None
+        return tier_entry(self.tiers, tier)
 
     def channel_names(self) -> list[str]:
         seen: dict[str, None] = {}

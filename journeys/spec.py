@@ -16,7 +16,7 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from herald.core.fields import Clock, Duration, Name, Scalar, Strict, TimeZone
 from herald.core.schedules import ScheduleSpec
-from herald.core.spec import AudienceSpec, FlowCapRule, QuietHours, TierSpec
+from herald.core.spec import AudienceSpec, FlowCapRule, QuietHours, TierSpec, tier_entry
 
 _OFFSET = re.compile(r"^\s*([-+]?)\s*(\d+)\s*(m|min|h|d|w)\s*$")
 _UNIT = {"m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -103,11 +103,7 @@ class SendStep(_Step):
         return value
 
     def tier_for(self, tier: str) -> tuple[str, TierSpec] | None:
-        if tier in self.tiers:
-            return tier, self.tiers[tier]
-        if "default" in self.tiers:
-            return "default", self.tiers["default"]
-        return None
+        return tier_entry(self.tiers, tier)
 
     def successors(self) -> list[str]:
         return [self.next] if self.next else []
