@@ -161,6 +161,25 @@ def test_settings_validation() -> None:
         SmtpSettings(type="smtp", host="h", sender="not an address")
 
 
+def smtp_workspace(port: int, extra: str = "") -> dict[str, str | None]:
+    """A workspace whose promo flow sends e-mail to the SMTP server on ``port``."""
+    config = f"""\
+timezone: UTC
+sources: {{crm: "sqlite:///crm.db"}}
+channels:
+  email: {{type: smtp, host: 127.0.0.1, port: {port}, security: none, timeout: 5,
+           sender: "Shop <news@shop.example>"}}
+  sms: {{type: outbox, kind: sms}}
+""" + extra
+    flow = """\
+name: promo
+audience: {source: crm, segment: people, params: {min_score: 0}, key: id, tier: tier}
+tiers:
+  default: {channels: [email]}
+"""
+    return {"config/herald.yaml": config, "config/flows/promo.yaml": flow}
+
+
 def test_a_run_through_smtp_records_bounces_and_retries(make_workspace, smtp_server
                                                        ) -> None:
     from sqlalchemy import select
@@ -172,23 +191,7 @@ def test_a_run_through_smtp_records_bounces_and_retries(make_workspace, smtp_ser
     handler.refuse = {"user1@example.com": "550 5.1.1 no such user",
                       "user2@example.com": "450 4.2.1 try later"}
     handler.drop_at_rcpt = {"user3@example.com"}  # dropped once, then delivered
-    config = f"""\
-timezone: UTC
-sources: {{crm: "sqlite:///crm.db"}}
-channels:
-  email: {{type: smtp, host: 127.0.0.1, port: {port}, security: none, timeout: 5,
-           sender: "Shop <news@shop.example>"}}
-  sms: {{type: outbox, kind: sms}}
-chunk_size: 10
-"""
-    flow = """\
-name: promo
-audience: {source: crm, segment: people, params: {min_score: 0}, key: id, tier: tier}
-tiers:
-  default: {channels: [email]}
-"""
-    ws = make_workspace({"config/herald.yaml": config, "config/flows/promo.yaml": flow},
-                        rows=20)
+    ws = make_workspace(smtp_workspace(port, "chunk_size: 10\n"), rows=20)
     summary = run_local(ws, "promo", run_key="smtp")
     with ws.store.connect() as conn:
         got = {r.recipient: r for r in conn.execute(select(ledger.deliveries))}
@@ -240,22 +243,7 @@ def test_greylisting_for_a_minute_defers_then_delivers_once(make_workspace) -> N
     controller = Controller(handler, hostname="127.0.0.1", port=port)
     controller.start()
     try:
-        config = f"""\
-timezone: UTC
-sources: {{crm: "sqlite:///crm.db"}}
-channels:
-  email: {{type: smtp, host: 127.0.0.1, port: {port}, security: none, timeout: 5,
-           sender: "Shop <news@shop.example>"}}
-  sms: {{type: outbox, kind: sms}}
-"""
-        flow = """\
-name: promo
-audience: {source: crm, segment: people, params: {min_score: 0}, key: id, tier: tier}
-tiers:
-  default: {channels: [email]}
-"""
-        ws = make_workspace({"config/herald.yaml": config,
-                             "config/flows/promo.yaml": flow}, rows=6)
+        ws = make_workspace(smtp_workspace(port), rows=6)
         first = run_local(ws, "promo", run_key="grey")
         assert first["deliveries"]["deferred"] == 6 and first["deliveries"]["failed"] == 0
         assert len(handler.first_seen) == 6  # one attempt each, not three within seconds
