@@ -181,6 +181,34 @@ def finished(srv: Server, run_id: Any, timeout: float = 120.0) -> FlowRun:
     return wait_for(read, f"flow run {run_id} to finish", timeout)
 
 
+def served_run(srv: Server, background: Any, ws: Any, run_key: str) -> tuple[Any, FlowRun]:
+    """``herald serve promo`` started, one run of its deployment triggered under
+    ``run_key`` and finished (completed): the deployment and that run."""
+    serve = background([HERALD, "serve", "promo", "-w", str(ws.root)], srv.env("serve"),
+                       ws.root / "serve.log")
+    dep = deployment_of(srv, "promo", ws)
+    serve.alive()
+    with srv.client() as client:
+        created = client.create_flow_run_from_deployment(dep.id, parameters={
+            "run_key": run_key})
+    run = finished(srv, created.id)
+    assert run.state is not None and run.state.is_completed(), run.state
+    return dep, run
+
+
+def follow_up_of(srv: Server, dep: Any, first: FlowRun, what: str) -> FlowRun:
+    """The run Herald scheduled on ``dep`` after ``first``, under its run key."""
+    def later() -> FlowRun | None:
+        with srv.client() as client:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                deployment_id={"any_": [dep.id]}))
+        found = [r for r in runs if r.id != first.id
+                 and r.parameters.get("run_key") == first.parameters.get("run_key")]
+        return found[0] if found else None
+
+    return wait_for(later, what)
+
+
 def schedules_yaml(*entries: str) -> str:
     return PROMO_YAML + "schedules:\n" + "".join(entries)
 
@@ -496,26 +524,9 @@ def test_deferred_recipients_are_sent_by_the_follow_up_run_herald_schedules(
     ws = make_workspace({"config/flows/promo.yaml": PROMO_YAML + (
         f'quiet_hours: {{from: "{start:%H:%M}", to: "{end:%H:%M}", mode: defer}}\n')},
         rows=12, folder="quiet")
-    serve = background([HERALD, "serve", "promo", "-w", str(ws.root)], server.env("serve"),
-                       ws.root / "serve.log")
-    dep = deployment_of(server, "promo", ws)
-    serve.alive()
-    with server.client() as client:
-        created = client.create_flow_run_from_deployment(dep.id, parameters={
-            "run_key": "night"})
-    first = finished(server, created.id)
-    assert first.state is not None and first.state.is_completed(), first.state
+    dep, first = served_run(server, background, ws, "night")
     assert outbox_messages(ws) == 0
-
-    def follow_up() -> FlowRun | None:
-        with server.client() as client:
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                deployment_id={"any_": [dep.id]}))
-        later = [r for r in runs if r.id != created.id
-                 and r.parameters.get("run_key") == "night"]
-        return later[0] if later else None
-
-    scheduled = wait_for(follow_up, "the follow-up run")
+    scheduled = follow_up_of(server, dep, first, "the follow-up run")
     assert scheduled.expected_start_time is not None
     assert abs((scheduled.expected_start_time - end).total_seconds()) < 1
     done = finished(server, scheduled.id, timeout=240)
@@ -544,15 +555,7 @@ def test_experiment_follow_up_decides_and_sends_the_winner_to_the_rest(
     ws = make_workspace(files(experiment), rows=200, folder="experiment")
     with sqlite3.connect(ws.root / "crm.db") as conn:
         conn.execute("CREATE TABLE orders (customer INTEGER, placed_at TEXT, amount REAL)")
-    serve = background([HERALD, "serve", "promo", "-w", str(ws.root)], server.env("serve"),
-                       ws.root / "serve.log")
-    dep = deployment_of(server, "promo", ws)
-    serve.alive()
-    with server.client() as client:
-        created = client.create_flow_run_from_deployment(dep.id, parameters={
-            "run_key": "ab"})
-    first = finished(server, created.id)
-    assert first.state is not None and first.state.is_completed(), first.state
+    dep, first = served_run(server, background, ws, "ab")
     with ws.store.connect() as conn:
         rows = ledger_reads.existing(conn, "promo", "ab", [str(i) for i in range(1, 201)])
         decide_at = conn.execute(select(experiments.c.decide_at)).scalar_one()
@@ -571,14 +574,7 @@ def test_experiment_follow_up_decides_and_sends_the_winner_to_the_rest(
         conn.executemany("INSERT INTO orders VALUES (?, ?, 1.0)",
                          [(int(k), placed) for k in tested if rows[k].variant == "b"])
 
-    def follow_up() -> FlowRun | None:
-        with server.client() as client:
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                deployment_id={"any_": [dep.id]}))
-        later = [r for r in runs if r.id != created.id and r.parameters.get("run_key") == "ab"]
-        return later[0] if later else None
-
-    scheduled = wait_for(follow_up, "the decision's follow-up run")
+    scheduled = follow_up_of(server, dep, first, "the decision's follow-up run")
     assert scheduled.expected_start_time is not None
     expected = decide_at if decide_at.tzinfo else decide_at.replace(tzinfo=UTC)
     assert abs((scheduled.expected_start_time - expected).total_seconds()) < 1
