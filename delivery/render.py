@@ -142,6 +142,11 @@ class Templates:
                 template = self._compiled.get(name)
                 if template is None:
                     template = self._compiled[name] = self.env.get_template(name)
+                    # Jinja keeps a template's globals as a ChainMap over the
+                    # environment's and copies it into every render's context, which
+                    # cost a fifth of a render; Herald never changes globals after
+                    # loading, so a plain dict of the same names serves
+                    template.globals = dict(template.globals)
                 parts[part] = template.render(variables)
             except UndefinedError as exc:
                 raise RenderError(f"{self._where(name, exc)}: {exc.message}") from None

@@ -5,7 +5,6 @@ IMMEDIATE serialises claims) and releasing them.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from collections import Counter
@@ -15,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 
-from herald.audiences.store import Recipient
+from herald.audiences.store import Recipient, decode_row
 from herald.core import clock
 from herald.core.db import JOURNEY_LIVE as LIVE
 from herald.core.db import journey_enrollments as enrollments
@@ -120,7 +119,7 @@ def claim(ws: Workspace, job: ChunkJob, owner: str) -> list[Item]:
             rows.extend(conn.execute(select(enrollments).where(part)))
     return [Item(r.id, r.recipient, r.entry_no, r.version, r.step, r.seq, r.status, r.tier,
                  r.cohort, must(r.due_at), utc(r.deadline), must(r.arrived_at),
-                 must(r.entered_at), json.loads(r.data)) for r in rows]
+                 must(r.entered_at), decode_row(r.data)) for r in rows]
 
 
 def must(value: Any) -> datetime:
