@@ -33,6 +33,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
 import orjson
@@ -47,9 +48,9 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import UserDefinedType
 
 from herald.core import clock
 from herald.core.db import at_driver, deliveries, writing
@@ -313,13 +314,14 @@ def _settle_arrays(conn: Connection, flow: str, run_key: str, outcomes: Sequence
     with at_driver(conn, _SETTLE_ARRAYS) as raw, raw.cursor() as cursor:
         cursor.execute(_SETTLE_ARRAYS, {
             "flow": flow, "run_key": run_key, "stamp": stamp,
-            "recipient": [o.recipient for o in outcomes],
-            "status": [o.status for o in outcomes],
-            "reason": [o.reason for o in outcomes], "code": [o.code for o in outcomes],
-            "provider_id": [o.provider_id for o in outcomes],
-            "attempts": [o.attempts for o in outcomes],
-            "segments": [o.segments for o in outcomes],
-            "not_before": [o.not_before for o in outcomes]})
+            "recipient": pg_array([o.recipient for o in outcomes]),
+            "status": pg_array([o.status for o in outcomes]),
+            "reason": pg_array([o.reason for o in outcomes]),
+            "code": pg_array([o.code for o in outcomes]),
+            "provider_id": pg_array([o.provider_id for o in outcomes]),
+            "attempts": pg_array([o.attempts for o in outcomes]),
+            "segments": pg_array([o.segments for o in outcomes]),
+            "not_before": pg_array([o.not_before for o in outcomes])})
 
 
 SETTLE_ATTEMPTS = 6
@@ -370,9 +372,9 @@ def among(conn: Connection, column: ColumnElement[Any], values: Sequence[str]
     and its text changes with its length, so no statement cache keeps it.
     """
     for i in range(0, len(values), 20_000):
-        part = list(values[i:i + 20_000])
+        part = values[i:i + 20_000]
         if conn.dialect.name == "postgresql":
-            yield column == any_(bindparam(None, part, type_=ARRAY(String)))
+            yield column == any_(bindparam(None, pg_text_array(part), type_=_TextArray()))
         elif not SQLITE_JSON:
             for j in range(0, len(part), 500):  # within SQLite's bound-parameter limit
                 yield column.in_(part[j:j + 500])
@@ -380,3 +382,69 @@ def among(conn: Connection, column: ColumnElement[Any], values: Sequence[str]
             each = func.json_each(bindparam(None, orjson.dumps(part).decode(),
                                             type_=String)).table_valued("value")
             yield column.in_(select(each.c.value))
+
+
+class PgTextArray(str):
+    """A ``text[]`` parameter already written as Postgres's array text (:func:`pg_array`),
+    sent as such: the server parses it once, as a parameter of that type."""
+
+    __slots__ = ()
+
+
+def pg_text_array(values: Sequence[str]) -> PgTextArray:
+    _register_text_array()
+    return PgTextArray(pg_array(values))
+
+
+@cache
+def _register_text_array() -> None:
+    from psycopg import adapters
+    from psycopg.adapt import Dumper
+    from psycopg.postgres import types
+
+    class TextArrayDumper(Dumper):
+        oid = types["text"].array_oid
+
+        def dump(self, obj: Any) -> bytes:
+            return str(obj).encode()
+
+    adapters.register_dumper(PgTextArray, TextArrayDumper)
+
+
+class _TextArray(UserDefinedType[str]):
+    """A bound ``text[]`` that SQLAlchemy passes on as it is (a :class:`PgTextArray`).
+    Not a cast in the statement: a cast of text to an array is not folded by the
+    planner, and a sequential scan evaluated it for every row."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "TEXT[]"
+
+    def bind_processor(self, dialect: Any) -> None:
+        return None
+
+
+def pg_array(values: Sequence[Any]) -> str:
+    """``values`` as the text of a Postgres array (``{"a","b",NULL}``), for a parameter
+    cast to an array type: joined in one step where no value needs escaping. psycopg's
+    own list adaptation works value by value in Python, and was a tenth of a run's CPU
+    on Postgres (the ledger's and the policy's recipient sets, the settlements)."""
+    if not values:
+        return "{}"
+    if all(type(v) is str for v in values):
+        joined = '","'.join(values)  # type: ignore[arg-type]
+        if "\\" not in joined and '"' not in joined:
+            return '{"' + joined + '"}'
+    return "{" + ",".join(_pg_element(v) for v in values) + "}"
+
+
+def _pg_element(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, int):
+        return str(value)
+    text = value.isoformat() if isinstance(value, datetime) else str(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
