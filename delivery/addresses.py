@@ -111,7 +111,15 @@ def _special_use(address: str) -> bool:
 @lru_cache(maxsize=CACHE_SIZE)
 def e164(text: str, region: str | None) -> tuple[str | None, str | None]:
     """A phone number in E.164 (``+8613812345678``), or (None, why not)."""
-    if text[:1] == "+" and (known := _e164_as_written(text)) is not None:
+    if text[:1] == "+":
+        known = _e164_as_written(text)
+    elif region:
+        known = _national(text, region)
+    elif "+" not in text and "\uff0b" not in text:  # no country code, and no region
+        return None, "invalid (no country code, and no phone_region in herald.yaml)"
+    else:
+        known = None
+    if known is not None:
         return known
     import phonenumbers
 
@@ -150,6 +158,11 @@ def _e164_as_written(text: str) -> tuple[str | None, str | None] | None:
     if (len(national) < 2 or national[0] == "0" or not regions
             or (strip is not None and strip.match(national))):
         return None
+    return _decide(text, national, regions)
+
+
+def _decide(written: str, national: str, regions: tuple[_Region, ...]
+            ) -> tuple[str | None, str | None]:
     # phonenumbers' region_code_for_number: the only region, or the first whose
     # leading digits match or, without leading digits, of whose types the number is
     region = regions[0] if len(regions) == 1 else next(
@@ -158,7 +171,40 @@ def _e164_as_written(text: str) -> tuple[str | None, str | None] | None:
         None)
     if region is None or not region.valid(national):
         return None, "invalid"
-    return text, None
+    return written, None
+
+
+def _national(text: str, region: str) -> tuple[str | None, str | None] | None:
+    """A number written as dialled inside ``region`` (digits only), checked as
+    :func:`_e164_as_written` checks one in E.164, where the parser would take the digits
+    as they are: not when they start with the region's international or national prefix
+    or its country code (the parser may strip them), nor with a zero."""
+    if not (2 <= len(text) <= 17 and text.isascii() and text.isdigit()) or text[0] == "0":
+        return None
+    home = _home(region)
+    if home is None:
+        return None
+    code, prefixes, regions = home
+    if not regions or text.startswith(code) or any(p.match(text) for p in prefixes):
+        return None
+    return _decide(f"+{code}{text}", text, regions)
+
+
+@cache
+def _home(region: str) -> tuple[str, tuple[re.Pattern[str], ...], tuple[_Region, ...]] | None:
+    """For a region: its country code, the prefixes the parser strips from a number
+    dialled there (international, national), and the regions of its country code."""
+    from phonenumbers import PhoneMetadata
+
+    meta = PhoneMetadata.metadata_for_region(region.upper(), None)
+    if meta is None or meta.country_code is None:
+        return None
+    country = _country(str(meta.country_code))
+    if country is None:
+        return None
+    prefixes = tuple(re.compile(p) for p in (meta.international_prefix,
+                                             meta.national_prefix_for_parsing) if p)
+    return str(meta.country_code), prefixes, country[1]
 
 
 @dataclass(frozen=True, slots=True)

@@ -432,10 +432,15 @@ def pg_array(values: Sequence[Any]) -> str:
     on Postgres (the ledger's and the policy's recipient sets, the settlements)."""
     if not values:
         return "{}"
-    if all(type(v) is str for v in values):
-        joined = '","'.join(values)  # type: ignore[arg-type]
+    kinds = set(map(type, values))
+    if kinds == {str}:
+        joined = '","'.join(values)
         if "\\" not in joined and '"' not in joined:
             return '{"' + joined + '"}'
+    elif kinds == {type(None)}:
+        return "{" + ",".join(["NULL"] * len(values)) + "}"
+    elif kinds == {int}:
+        return "{" + ",".join(map(str, values)) + "}"
     return "{" + ",".join(_pg_element(v) for v in values) + "}"
 
 

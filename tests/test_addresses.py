@@ -14,15 +14,16 @@ import random
 import phonenumbers
 import pytest
 
-from herald.delivery.addresses import _e164_as_written, e164
+from herald.delivery.addresses import _e164_as_written, _national, e164
 
 
-def parser(text: str) -> tuple[str | None, str | None]:
+def parser(text: str, region: str | None = None) -> tuple[str | None, str | None]:
     """What phonenumbers' general parser says of ``text`` (the path the fast one skips)."""
     try:
-        number = phonenumbers.parse(text, None)
+        number = phonenumbers.parse(text, region)
     except phonenumbers.NumberParseException:
-        return None, "invalid"
+        return None, "invalid" if region or "+" in text else \
+            "invalid (no country code, and no phone_region in herald.yaml)"
     if not phonenumbers.is_valid_number(number):
         return None, "invalid"
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), None
@@ -66,6 +67,46 @@ def test_numbers_in_e164_get_the_parsers_answer_in_every_region() -> None:
     assert len(numbers) > 10_000 and decided / len(numbers) > 0.8, (decided, len(numbers))
 
 
+def national_numbers() -> list[tuple[str, str]]:
+    """(digits as dialled inside a region, the region) for every region and type, with
+    variants, and random digits."""
+    pick = random.Random(20261201)
+    found: set[tuple[str, str]] = set()
+    for region in sorted(phonenumbers.SUPPORTED_REGIONS):
+        for kind in range(12):
+            example = phonenumbers.example_number_for_type(region, kind)
+            if example is None:
+                continue
+            text = "".join(c for c in phonenumbers.format_number(
+                example, phonenumbers.PhoneNumberFormat.NATIONAL) if c.isdigit())
+            for variant in (text, text[:-1] + str((int(text[-1]) + 1) % 10),
+                            text + str(pick.randrange(10)), text[:-1],
+                            str(phonenumbers.national_significant_number(example))):
+                found.add((variant, region))
+        for size in (2, 5, 6, 8, 10, 11, 12, 17):  # keys that look like numbers
+            found.add(("".join(str(pick.randrange(10)) for _ in range(size)), region))
+    return sorted(found)
+
+
+def test_numbers_dialled_in_a_region_get_the_parsers_answer() -> None:
+    numbers = national_numbers()
+    decided = 0
+    for text, region in numbers:
+        fast = _national(text, region)
+        if fast is None:
+            continue
+        decided += 1
+        assert fast == parser(text, region), (text, region)
+    assert len(numbers) > 5_000 and decided / len(numbers) > 0.5, (decided, len(numbers))
+
+
+def test_digits_without_a_country_code_or_region_are_refused_without_the_parser() -> None:
+    for text in ("123456", "13800138000", "8613800138000", "00861380013800"):
+        e164.cache_clear()
+        assert e164(text, None) == parser(text) == (
+            None, "invalid (no country code, and no phone_region in herald.yaml)")
+
+
 @pytest.mark.parametrize("text, expected", [
     ("+8613800138000", ("+8613800138000", None)),  # China, mobile
     ("+86138001380001", (None, "invalid")),  # one digit too many
@@ -79,7 +120,15 @@ def test_numbers_in_e164_get_the_parsers_answer_in_every_region() -> None:
     ("+0123456789", (None, "invalid")),  # no country code starts with 0
     ("+99912345678", (None, "invalid")),  # no such country code
     ("+٨٦١٣٨٠٠١٣٨٠٠٠", ("+8613800138000", None)),  # Arabic-Indic digits: the parser's
+    ("13800138000 CN", ("+8613800138000", None)),  # dialled in China
+    ("013800138000 CN", ("+8613800138000", None)),  # a national prefix: the parser's
+    ("8613800138000 CN", ("+8613800138000", None)),  # the country code without '+'
+    ("00861380013800 CN", (None, "invalid")),  # China's international prefix
+    ("4155552671 US", ("+14155552671", None)),
+    ("6135550123 US", ("+16135550123", None)),  # a Canadian number dialled in the US
+    ("123456 CN", (None, "invalid")),  # a customer id that is no number
 ])
 def test_e164_agrees_with_the_parser_on_hard_cases(text: str, expected: tuple) -> None:
+    text, _, region = text.partition(" ")
     e164.cache_clear()
-    assert e164(text, None) == expected == parser(text)
+    assert e164(text, region or None) == expected == parser(text, region or None)
