@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from herald.core.db import owner_gone, package_rows, packages, writing
+from herald.core.db import at_driver, owner_gone, package_rows, packages, writing
 from herald.core.errors import WorkspaceError
 from herald.core.workspace import Workspace
 
@@ -223,14 +223,21 @@ def list_packages(ws: Workspace, flow: str | None = None, limit: int = 50) -> li
 def read(ws: Workspace, package_id: str, start: int = 0, stop: int | None = None
          ) -> list[Recipient]:
     """Rows ``start <= seq < stop`` of a package, in order."""
-    query = select(package_rows.c.seq, package_rows.c.key, package_rows.c.tier,
-                   package_rows.c.data).where(package_rows.c.package_id == package_id,
-                                              package_rows.c.seq >= start)
-    if stop is not None:
-        query = query.where(package_rows.c.seq < stop)
+    # at the driver: SQLAlchemy's rows cost as much as decoding each row's JSON
     with ws.store.connect() as conn:
-        return [Recipient(r.seq, r.key, r.tier, decode_row(r.data))
-                for r in conn.execute(query.order_by(package_rows.c.seq))]
+        mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+        statement = (f"SELECT seq, key, tier, data FROM {package_rows.name} "
+                     f"WHERE package_id = {mark} AND seq >= {mark} AND seq < {mark} "
+                     "ORDER BY seq")
+        with at_driver(conn, statement) as raw:
+            cursor = raw.cursor()
+            try:
+                cursor.execute(statement, (package_id, start,
+                                           stop if stop is not None else 1 << 62))
+                rows = cursor.fetchall()
+            finally:
+                cursor.close()
+    return [Recipient(seq, key, tier, decode_row(data)) for seq, key, tier, data in rows]
 
 
 def iter_rows(ws: Workspace, package_id: str, batch: int = INSERT_BATCH
