@@ -55,10 +55,19 @@ def test_a_chunks_counts_match_the_ledger_after_settlement(make_workspace, store
         n for (s, _, _), n in counts.items() if s == "sent")
 
 
-def test_batch_settle_writes_every_outcome(make_workspace, store_url) -> None:
+def test_a_chunk_on_sqlite_older_than_3_38(make_workspace, monkeypatch) -> None:
+    """Where SQLite has no built-in JSON (before 3.38), recipient sets go as IN lists of
+    500 and settlements as one executemany: a chunk's outcome is the same."""
+    monkeypatch.setattr(ledger, "SQLITE_JSON", False)
+    test_a_chunks_counts_match_the_ledger_after_settlement(make_workspace, None)
+    test_batch_settle_writes_every_outcome(make_workspace, None, folder="settle")
+
+
+def test_batch_settle_writes_every_outcome(make_workspace, store_url,
+                                           folder: str = "ws") -> None:
     """One batch's answers (sent, failed, deferred, unknown) are written in one go; the
     rows not in the batch keep their state."""
-    ws = make_workspace(rows=10, store=store_url)
+    ws = make_workspace(rows=10, store=store_url, folder=folder)
     entries = [ledger.Entry(str(i), "gold", "queued", "sms", f"+86138001390{i:02d}")
                for i in range(1, 7)]
     with writing(ws.store) as conn:
