@@ -199,11 +199,17 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
     results: list[chunks.ChunkResult] = []
     try:
         with engine.stop_on_signals():
+            published = 0.0
             for job, result in _send_all(prepared.chunks, ws.config.max_workers):
                 results.append(result)
                 line = figures.add(job, result)
                 logger.info("%s", line)
-                _publish(progress, table, figures)
+                # the UI's figures at most once a second, and at the end: each update is
+                # two calls to the Prefect API, which shares the machine with the chunks
+                last = len(results) == len(prepared.chunks)
+                if last or time.monotonic() - published >= PUBLISH_EVERY:
+                    _publish(progress, table, figures)
+                    published = time.monotonic()
                 live.notify("chunk", figures, line)
             engine.check_stopped(prepared)  # a signal stopped it: fail, saying how to resume
     except BaseException as exc:
@@ -239,6 +245,9 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
     return summary
 
 
+PUBLISH_EVERY = 1.0  # seconds between updates of a run's progress artifacts
+
+
 def _publish(progress: UUID, table: UUID, figures: live.Progress) -> None:
     """The progress artifact's percentage and headline, and the figures' table."""
     update_progress_artifact(progress, figures.percent, description=figures.headline())
@@ -256,14 +265,20 @@ def _send_all(jobs: list[chunks.ChunkJob], workers: int
     """
     waiting = list(reversed(jobs))
     running: dict[PrefectFuture[chunks.ChunkResult], chunks.ChunkJob] = {}
-    while waiting or running:
+
+    def fill() -> None:
         while waiting and len(running) < workers and not stop_requested():
             job = waiting.pop()
             running[send_chunk.submit(job)] = job
+
+    while waiting or running:
+        fill()
         if not running:
             return  # stopping: chunks not started are left for the rerun
         done = next(as_completed(list(running)))
-        yield running.pop(done), done.result()
+        finished = running.pop(done), done.result()
+        fill()  # the next chunk starts before the caller reports this one
+        yield finished
 
 
 def failure_rate(deliveries: dict[str, int]) -> float:
