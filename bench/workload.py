@@ -65,6 +65,7 @@ caps:
   - {{max: 1, per: day, channel: sms}}
 chunk_size: {chunk_size}
 max_workers: {workers}
+task_runner: {{type: {runner}, workers: {workers}}}
 """
 
 FLOW_YAML = """\
@@ -93,11 +94,14 @@ TEMPLATES = {
 
 
 def make_workspace(folder: Path, source: str, store: str, channel: str = "sms",
-                   chunk_size: int = 10_000, workers: int = 2) -> Path:
-    """Write a benchmark workspace into ``folder``; return it."""
+                   chunk_size: int = 10_000, workers: int = 2, runner: str = "threads"
+                   ) -> Path:
+    """Write a benchmark workspace into ``folder``; return it. ``runner``: where a run
+    through Prefect executes its chunks (``threads`` or a local ``dask`` cluster)."""
     files = {
         "config/herald.yaml": HERALD_YAML.format(source=source, store=store,
-                                                 chunk_size=chunk_size, workers=workers),
+                                                 chunk_size=chunk_size, workers=workers,
+                                                 runner=runner),
         "config/flows/bench.yaml": FLOW_YAML.format(channel=channel),
         "audiences/customers.sql": SEGMENT_SQL,
         **{f"templates/bench/{name}": text for name, text in TEMPLATES.items()},

@@ -199,17 +199,11 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
     results: list[chunks.ChunkResult] = []
     try:
         with engine.stop_on_signals():
-            published = 0.0
             for job, result in _send_all(prepared.chunks, ws.config.max_workers):
                 results.append(result)
                 line = figures.add(job, result)
                 logger.info("%s", line)
-                # the UI's figures at most once a second, and at the end: each update is
-                # two calls to the Prefect API, which shares the machine with the chunks
-                last = len(results) == len(prepared.chunks)
-                if last or time.monotonic() - published >= PUBLISH_EVERY:
-                    _publish(progress, table, figures)
-                    published = time.monotonic()
+                _publish(progress, table, figures)
                 live.notify("chunk", figures, line)
             engine.check_stopped(prepared)  # a signal stopped it: fail, saying how to resume
     except BaseException as exc:
@@ -243,9 +237,6 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
     logger.info("run %s finished: %s", prepared.run_id,
                 ", ".join(f"{s}={n}" for s, n in summary["deliveries"].items() if n) or "nothing")
     return summary
-
-
-PUBLISH_EVERY = 1.0  # seconds between updates of a run's progress artifacts
 
 
 def _publish(progress: UUID, table: UUID, figures: live.Progress) -> None:
