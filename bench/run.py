@@ -442,13 +442,16 @@ def _bare_ledger_writes(store: Any, n: int) -> float:
     return elapsed
 
 
-def bench_e2e(tmp: Path, n: int, urls: dict[str, str]) -> None:
+def bench_e2e(tmp: Path, n: int, urls: dict[str, str], dask: bool = False) -> None:
     kind = "postgres" if "postgres" in urls else "sqlite"
     url = urls[kind]
     store_url = url if kind == "postgres" else "sqlite:///.herald/herald.db"
-    # the third: through Prefect with the chunks in two worker processes (a local Dask
-    # cluster), where each has a core's worth of Python instead of sharing one (the GIL)
-    for mode, runner in (("engine", "threads"), ("prefect", "threads"), ("prefect", "dask")):
+    # with ``dask`` (--only ...,dask) a third: through Prefect with the chunks in two
+    # worker processes (a local Dask cluster), each with a core's worth of Python
+    # instead of two threads sharing one (the GIL)
+    runs = [("engine", "threads"), ("prefect", "threads")] + ([("prefect", "dask")] if dask
+                                                               else [])
+    for mode, runner in runs:
         label = mode if runner == "threads" else f"{mode} + dask (2 worker processes)"
         folder = make_workspace(tmp / f"ws-e2e-{mode}-{runner}-{n}", url, store_url,
                                 runner=runner)
@@ -564,7 +567,7 @@ def main() -> None:
             if "e2e" in only:
                 if n == sizes[0]:
                     bench_startup(tmp)
-                bench_e2e(tmp, n, urls)
+                bench_e2e(tmp, n, urls, dask="dask" in only)
             if "rate" in only and n == sizes[0]:
                 bench_rate(tmp, urls)
         if "render" in only:
