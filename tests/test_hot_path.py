@@ -61,6 +61,7 @@ def test_a_chunk_on_sqlite_older_than_3_38(make_workspace, monkeypatch) -> None:
     monkeypatch.setattr(ledger, "SQLITE_JSON", False)
     test_a_chunks_counts_match_the_ledger_after_settlement(make_workspace, None)
     test_batch_settle_writes_every_outcome(make_workspace, None, folder="settle")
+    test_recipient_sets_and_answers_with_awkward_text(make_workspace, None, folder="odd")
 
 
 def test_batch_settle_writes_every_outcome(make_workspace, store_url,
@@ -131,3 +132,30 @@ def test_deduplication_finds_addresses_through_the_index(make_workspace, store_u
                                       False) == {"oAbC": "2"}
         assert ledger_reads.addresses_taken(conn, "promo", "other", "email",
                                       ["ann@shop.example.com"], True) == {}
+
+
+def test_recipient_sets_and_answers_with_awkward_text(make_workspace, store_url,
+                                                      folder: str = "ws") -> None:
+    """Recipient sets and answers travel as one parameter (a JSON array on SQLite, array
+    text on Postgres): keys and reasons with quotes, backslashes, commas, braces, the
+    word NULL or spaces reach the right rows and come back exactly."""
+    ws = make_workspace(rows=10, store=store_url, folder=folder)
+    keys = ['a"b', "c\\d", "e,f", "{g}", "NULL", " h ", "ü 中", "", "plain"]
+    with writing(ws.store) as conn:
+        ledger.write_entries(conn, [ledger.Entry(k, "gold", "queued", "sms", None)
+                                    for k in keys], flow="promo", run_key="k", run_id="r",
+                             package_id="p")
+    ledger.mark(ws.store, "promo", "k", keys[:-1], "sending")
+    reasons = {k: f'refused: "{k}" \\ {{x}}, NULL' for k in keys[:-1]}
+    ledger.settle(ws.store, "promo", "k", [
+        ledger.Outcome(k, "failed", reasons[k], code=None if i % 2 else "4,0\"4")
+        for i, k in enumerate(keys[:-1])])
+    with ws.store.connect() as conn:
+        got = {r.recipient: r for r in conn.execute(ledger.deliveries.select().where(
+            ledger.deliveries.c.run_key == "k"))}
+        taken = ledger_reads.existing(conn, "promo", "k", keys)
+    assert set(got) == set(keys) == set(taken)
+    assert got["plain"].status == "queued"
+    for i, k in enumerate(keys[:-1]):
+        assert (got[k].status, got[k].reason) == ("failed", reasons[k]), k
+        assert got[k].code == (None if i % 2 else '4,0"4')

@@ -229,3 +229,17 @@ def test_a_column_named_twice_is_streamed_and_keeps_the_last(backend, make_works
     first = store.read(ws, package.id, 0, 1)[0]
     assert package.size == 20 and first.data == {"id": 1, "tier": "silver",
                                                  "name": "user1@example.com"}
+
+
+def test_rows_read_back_as_written() -> None:
+    """A row's JSON is read with orjson, and with json where orjson would change it: an
+    integer beyond 64 bits (which orjson reads as a float), at any depth."""
+    from herald.audiences.store import decode_row, encode_row
+
+    for row in [{"a": 2**70, "b": "x"}, {"a": [1, -(2**65)]}, {"n": {"x": 10**19}},
+                {"i": 2**63, "j": -(2**63)}, {"f": 1.5, "s": "12345678901234567890123"},
+                {"f": 1e300, "g": -0.0, "t": True, "z": None}]:
+        back = decode_row(encode_row(row))
+        assert back == row and repr(back) == repr(row), row
+    assert decode_row(encode_row({"nan": float("nan")})) == {"nan": None}
+    assert decode_row('{"x": NaN, "y": 1}')["y"] == 1  # json's NaN, as written before
