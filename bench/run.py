@@ -443,9 +443,6 @@ def _bare_ledger_writes(store: Any, n: int) -> float:
 
 
 def bench_e2e(tmp: Path, n: int, urls: dict[str, str], dask: bool = False) -> None:
-    kind = "postgres" if "postgres" in urls else "sqlite"
-    url = urls[kind]
-    store_url = url if kind == "postgres" else "sqlite:///.herald/herald.db"
     # with ``dask`` (--only ...,dask) a third: through Prefect with the chunks in two
     # worker processes (a local Dask cluster), each with a core's worth of Python
     # instead of two threads sharing one (the GIL)
@@ -453,11 +450,8 @@ def bench_e2e(tmp: Path, n: int, urls: dict[str, str], dask: bool = False) -> No
                                                                else [])
     for mode, runner in runs:
         label = mode if runner == "threads" else f"{mode} + dask (2 worker processes)"
-        folder = make_workspace(tmp / f"ws-e2e-{mode}-{runner}-{n}", url, store_url,
-                                runner=runner)
-        if kind == "postgres":  # a fresh ledger for each mode
-            _reset_store(url)
-        wall, rss, summary = _in_child(folder, mode)
+        kind, wall, rss, summary = _e2e_run(tmp / f"ws-e2e-{mode}-{runner}-{n}", urls, mode,
+                                            runner)
         record("e2e", f"{label}, {kind}, {n:,} recipients", wall_s=wall,
                per_s=n / wall, peak_rss_mb=rss / 1024, sent=summary["deliveries"]["sent"])
 
@@ -470,16 +464,23 @@ def bench_startup(tmp: Path) -> None:
     it is mostly Prefect's temporary server starting (``herald run`` without a
     PREFECT_API_URL), which a deployment served by a running server does not pay."""
     urls = sources(tmp, STARTUP_SIZE)
+    for mode in ("engine", "prefect"):
+        _, wall, _, summary = _e2e_run(tmp / f"ws-startup-{mode}", urls, mode)
+        assert summary["deliveries"]["sent"] > 0, "the run sent its messages"
+        RESULTS.setdefault("_startup", {})[mode] = wall
+
+
+def _e2e_run(folder: Path, urls: dict[str, str], mode: str, runner: str = "threads"
+             ) -> tuple[str, float, int, dict[str, Any]]:
+    """One whole run in a child process, on the Postgres source and store when Postgres
+    answers (a fresh ledger each time), else SQLite: (kind, wall, peak RSS, summary)."""
     kind = "postgres" if "postgres" in urls else "sqlite"
     url = urls[kind]
     store_url = url if kind == "postgres" else "sqlite:///.herald/herald.db"
-    for mode in ("engine", "prefect"):
-        folder = make_workspace(tmp / f"ws-startup-{mode}", url, store_url)
-        if kind == "postgres":
-            _reset_store(url)
-        wall, _, summary = _in_child(folder, mode)
-        assert summary["deliveries"]["sent"] > 0, "the run sent its messages"
-        RESULTS.setdefault("_startup", {})[mode] = wall
+    workspace = make_workspace(folder, url, store_url, runner=runner)
+    if kind == "postgres":
+        _reset_store(url)
+    return (kind, *_in_child(workspace, mode))
 
 
 def _reset_store(url: str) -> None:
