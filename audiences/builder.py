@@ -52,6 +52,7 @@ from herald.audiences.store import (
 from herald.core import clock
 from herald.core.db import (
     at_driver,
+    driver_mark,
     from_database,
     package_rows,
     packages,
@@ -265,7 +266,7 @@ def _row_writer(store: Engine, package_id: str, segment: Segment
 
             yield copy_rows
         return
-    mark = "?" if store.dialect.paramstyle == "qmark" else "%s"
+    mark = driver_mark(store.dialect)
     statement = (f"INSERT INTO {package_rows.name} (package_id, seq, key, tier, data) "
                  f"VALUES ({', '.join([mark] * 5)})")
 

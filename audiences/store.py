@@ -28,7 +28,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from herald.core.db import at_driver, owner_gone, package_rows, packages, writing
+from herald.core.db import (
+    at_driver,
+    driver_mark,
+    owner_gone,
+    package_rows,
+    packages,
+    writing,
+)
 from herald.core.errors import WorkspaceError
 from herald.core.workspace import Workspace
 
@@ -225,7 +232,7 @@ def read(ws: Workspace, package_id: str, start: int = 0, stop: int | None = None
     """Rows ``start <= seq < stop`` of a package, in order."""
     # at the driver: SQLAlchemy's rows cost as much as decoding each row's JSON
     with ws.store.connect() as conn:
-        mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+        mark = driver_mark(conn.dialect)
         statement = (f"SELECT seq, key, tier, data FROM {package_rows.name} "
                      f"WHERE package_id = {mark} AND seq >= {mark} AND seq < {mark} "
                      "ORDER BY seq")

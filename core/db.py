@@ -448,6 +448,12 @@ def at_driver(conn: Connection, statement: str) -> Iterator[Any]:
         raise wrapped from exc
 
 
+def driver_mark(dialect: Any) -> str:
+    """The placeholder of a statement written for the driver (``at_driver``): SQLite's
+    ``?``, psycopg's ``%s``."""
+    return "?" if dialect.paramstyle == "qmark" else "%s"
+
+
 def from_database(exc: DBAPIError, engine: Engine) -> bool:
     """Whether ``exc`` was raised by ``engine``'s database (it carries its name)."""
     name = _names.get(engine)
