@@ -348,16 +348,29 @@ def _settling(engine: Engine) -> Iterator[Connection]:
                 raw.execute("PRAGMA busy_timeout = 30000")
 
 
-def refresh_statistics(engine: Engine) -> None:
-    """Let Postgres's planner see the ledger as it is after a chunk's reservations.
+def refresh_statistics(engine: Engine, written: int) -> None:
+    """Let Postgres's planner see the ledger as it is after ``written`` rows were
+    reserved (by this run so far, or this tick).
 
     A run's first chunks fill a table the planner last saw empty; with those statistics
     it scans every row of the run key for each batch's ``recipient = ANY(...)`` instead
-    of using the index, and a million-recipient run turns quadratic.
+    of using the index, and a million-recipient run turns quadratic. So the statistics
+    are refreshed while they describe a table less than half the size of what was
+    written (never analysed: ``reltuples`` -1): on a fresh ledger after about 1, 3, 7,
+    15... chunks' worth of rows; on a ledger already holding earlier runs, not at all.
+    The whole table is analysed: analysing only the filtered columns cost a third as
+    much but left the expression index's statistics (``lower(address)``) out, and the
+    planner then read the whole run key for each chunk's deduplication (0.44 s a chunk
+    against 0.14 s, measured at 1,000,000 rows).
     """
     if engine.dialect.name != "postgresql":
         return
     with engine.connect() as conn:
+        known = conn.execute(text("SELECT reltuples FROM pg_class WHERE oid = "
+                                  "to_regclass(:table)"), {"table": deliveries.name}
+                             ).scalar()
+        if known is not None and known >= written / 2:
+            return
         conn.execute(text(f"ANALYZE {deliveries.name}"))
         conn.commit()
 
@@ -435,7 +448,8 @@ def pg_array(values: Sequence[Any]) -> str:
     kinds = set(map(type, values))
     if kinds == {str}:
         joined = '","'.join(values)
-        if "\\" not in joined and '"' not in joined:
+        # no value holds a quote or a backslash: the only quotes are the separators'
+        if "\\" not in joined and joined.count('"') == 2 * (len(values) - 1):
             return '{"' + joined + '"}'
     elif kinds == {type(None)}:
         return "{" + ",".join(["NULL"] * len(values)) + "}"

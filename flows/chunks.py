@@ -141,8 +141,9 @@ def _run_chunk(job: ChunkJob) -> ChunkResult:
             if resumed:
                 ledger.adopt(conn, flow.name, job.run_key, [r.key for r in resumed],
                              job.run_id)
-    if not job.dry_run and len(decisions) >= 1000 and _statistics_due(job.index):
-        ledger.refresh_statistics(ws.store)
+    if not job.dry_run and len(decisions) >= 1000:
+        # roughly the rows this run has reserved so far (chunks are of equal size)
+        ledger.refresh_statistics(ws.store, (job.index + 1) * (job.stop - job.start))
     decisions += redecided
     if resumed:
         decisions += _resume_decisions(ws, flow.name, job, resumed)
@@ -186,13 +187,6 @@ def _run_chunk(job: ChunkJob) -> ChunkResult:
             counts[status_of.get(message.recipient, "queued"), tiers[message.recipient],
                    channel] += 1
     return ChunkResult([(*k, n) for k, n in counts.items()], [])
-
-
-def _statistics_due(index: int) -> bool:
-    """Whether chunk ``index`` refreshes the planner's statistics: chunks 0, 1, 3, 7, 15...
-    so they stay within a factor two of the run key's rows (a fresh table's first chunks
-    need them most) at a logarithmic number of ANALYZEs, not one per chunk."""
-    return (index + 1) & index == 0
 
 
 def _reason_kind(d: Decision) -> str:

@@ -275,8 +275,9 @@ class Mover:
                 ledger.write_entries(conn, entries, flow=flow, run_key=run_key,
                                      run_id=self.job.tick, package_id=item_version(items),
                                      priority=spec.priority, counted=not spec.exempt)
-        if sum(map(len, by_key.values())) >= 1000:  # as flows' chunks do (see the ledger)
-            ledger.refresh_statistics(ws.store)
+        written = sum(map(len, by_key.values()))
+        if written >= 1000:  # as flows' chunks do (see the ledger)
+            ledger.refresh_statistics(ws.store, written)
         for key, row in have.items():
             item = wanted[key]
             if row.status == "queued":  # reserved by an interrupted tick: send it now
