@@ -42,6 +42,17 @@ class Decision:
     variant: str | None = None  # the content variant to send (experiments)
 
 
+@dataclass(frozen=True, slots=True)
+class Screening:
+    """What :meth:`Policy.screen` found in a chunk's rows (by recipient key)."""
+
+    tiers: dict[str, str]  # the tier entry that applies
+    # (channel, address or None, why not) in the tier's order of preference
+    candidates: dict[str, list[tuple[str, str | None, str | None]]]
+    forms: dict[str | tuple[str, str], str]  # compared forms of keys and addresses
+    held: set[str]  # in the holdout
+
+
 def in_holdout(flow: str, key: str, fraction: float) -> bool:
     """A stable draw per (flow, recipient): the same people are held out on every run."""
     if fraction <= 0:
@@ -66,8 +77,11 @@ class Policy:
         self.quiet = None if flow.quiet_hours is False else (
             flow.quiet_hours or ws.config.quiet_hours)
 
-    def decide(self, conn: Connection, rows: Sequence[Recipient], at: datetime,
-               run_key: str | None = None) -> list[Decision]:
+    def screen(self, rows: Sequence[Recipient]) -> Screening:
+        """What is decided from the rows alone, without the ledger: each recipient's tier
+        entry and cleaned addresses, the compared forms of keys and addresses, and the
+        holdout draw. A chunk screens its rows before it takes the reservation lock, so
+        that another worker's reservation does not wait for this Python work."""
         region = self.ws.config.phone_region
         # each key's and address's compared form, worked out once for the chunk: the
         # suppression lookup and each recipient's checks below use the same forms
@@ -86,12 +100,25 @@ class Policy:
                 if address and (channel, address) not in forms:
                     forms[channel, address] = self.addresses.comparable(channel, address)
             candidates[row.key] = options
-        listed = suppression.suppressed(conn, forms.values(), normalized=True)
+        fraction = self.flow.holdout
+        held = {r.key for r in rows if in_holdout(self.flow.name, r.key, fraction)} \
+            if fraction > 0 else set()
+        return Screening(tiers, candidates, forms, held)
+
+    def decide(self, conn: Connection, rows: Sequence[Recipient], at: datetime,
+               run_key: str | None = None, screened: Screening | None = None
+               ) -> list[Decision]:
+        """Decide for ``rows`` inside the reservation's transaction: the suppression
+        list, the caps and the deduplication read the ledger. ``screened`` is
+        :meth:`screen` of these rows (or of more), done beforehand; else done here."""
+        s = screened if screened is not None else self.screen(rows)
+        listed = suppression.suppressed(conn, s.forms.values(), normalized=True)
         own = (self.flow.name, run_key) if run_key else None
         counts = [] if self.flow.exempt else [
             (rule, self._counts(conn, rule, rows, at, own)) for rule in self.caps]
-        decisions = [self._one(row, tiers[row.key], candidates[row.key], listed, forms,
-                               counts, at) for row in rows]
+        decisions = [self._one(row, s.tiers[row.key], s.candidates[row.key],
+                               row.key in s.held, listed, s.forms, counts, at)
+                     for row in rows]
         if self.flow.deduplicate and run_key:
             decisions = self._deduplicate(conn, decisions, run_key)
         return decisions
@@ -194,10 +221,10 @@ class Policy:
         return self._zones[name]
 
     def _one(self, row: Recipient, tier: str,
-             options: list[tuple[str, str | None, str | None]],
+             options: list[tuple[str, str | None, str | None]], held_out: bool,
              listed: dict[str, set[str]], forms: Mapping[str | tuple[str, str], str],
              counts: list[tuple[CapRule, Counter[str]]], at: datetime) -> Decision:
-        if in_holdout(self.flow.name, row.key, self.flow.holdout):
+        if held_out:
             return Decision(row, tier, "held_out",
                             reason=f"control group ({self.flow.holdout:.0%} holdout)")
         key_channels = listed.get(forms[row.key], set())

@@ -113,6 +113,7 @@ def _run_chunk(job: ChunkJob) -> ChunkResult:
     policy = Policy(ws, flow, variants.states(ws.store, flow.name, job.run_key)
                     if flow.experiments() else None)
     counts: Counter[tuple[str, str, str | None]] = Counter()
+    screened = policy.screen(rows)  # the rows alone (addresses, holdout): before the lock
 
     # Decide and reserve in one transaction holding the write lock, so that two runs
     # checking the same person's caps at once cannot both pass.
@@ -129,8 +130,8 @@ def _run_chunk(job: ChunkJob) -> ChunkResult:
                 status = WAITING if old.status == "deferred" else ALREADY
                 counts[status, old.tier, old.channel] += 1
         fresh = [r for r in rows if r.key not in seen]
-        decisions = policy.decide(conn, fresh, at, job.run_key)
-        redecided = policy.decide(conn, due, at, job.run_key) if due else []
+        decisions = policy.decide(conn, fresh, at, job.run_key, screened)
+        redecided = policy.decide(conn, due, at, job.run_key, screened) if due else []
         if not job.dry_run:
             ledger.write_entries(conn, map(_entry, decisions),
                                  flow=flow.name, run_key=job.run_key, run_id=job.run_id,
