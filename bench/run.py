@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -372,15 +373,25 @@ def bench_policy(tmp: Path, n: int, urls: dict[str, str]) -> None:
         _policy_case(tmp, n, kind, url)
 
 
-def _policy_case(tmp: Path, n: int, kind: str, url: str) -> None:
+def _policy_case(tmp: Path, n: int, kind: str, url: str, repeat: int = 2) -> None:
+    """A dry run and a real run, each the best of ``repeat`` on a fresh workspace and
+    ledger (a second real run on the same ledger would find everyone capped by the
+    first), and the bare writes of as many rows."""
     from herald.flows import chunks, engine
 
     store_url = "sqlite:///.herald/herald.db" if kind == "sqlite" else url
-    ws = open_ws(tmp / f"ws-policy-{kind}", url, store_url, chunk_size=10_000)
-    dry = timed(lambda: engine.run_local(ws, "bench", run_key="dry", dry_run=True,
-                                         max_workers=1))
-    real = timed(lambda: engine.run_local(ws, "bench", run_key="real", max_workers=1))
-    bare = min(_bare_ledger_writes(ws.store, n) for _ in range(2))
+    dry = real = bare = float("inf")
+    for _ in range(repeat):
+        if kind == "postgres":
+            _reset_store(url)
+        ws = open_ws(tmp / f"ws-policy-{kind}", url, store_url, chunk_size=10_000)
+        dry = min(dry, timed(functools.partial(engine.run_local, ws, "bench",
+                                               run_key="dry", dry_run=True, max_workers=1)))
+        real = min(real, timed(functools.partial(engine.run_local, ws, "bench",
+                                                 run_key="real", max_workers=1)))
+        bare = min(bare, _bare_ledger_writes(ws.store, n))
+        chunks.forget_workspace(ws.root)
+        ws.dispose()
     ledger_us, dry_us = 1e6 * (real - dry) / n, 1e6 * dry / n
     record("policy", f"{kind} store, {n:,} recipients, one worker",
            dry_run_us_per_recipient=dry_us, run_us_per_recipient=1e6 * real / n,
@@ -388,8 +399,6 @@ def _policy_case(tmp: Path, n: int, kind: str, url: str) -> None:
            ledger_ratio=ledger_us / (1e6 * bare / n),
            target=f"ledger <= {LEDGER_TARGET_US} us, dry <= {DRY_TARGET_US} us",
            met=ledger_us <= LEDGER_TARGET_US and dry_us <= DRY_TARGET_US)
-    chunks.forget_workspace(ws.root)
-    ws.dispose()
 
 
 LEDGER_TARGET_US = 20  # contact policy + ledger writes per recipient
