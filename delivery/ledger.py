@@ -360,8 +360,8 @@ def refresh_statistics(engine: Engine, written: int) -> None:
     15... chunks' worth of rows; on a ledger already holding earlier runs, not at all.
     The whole table is analysed: analysing only the filtered columns cost a third as
     much but left the expression index's statistics (``lower(address)``) out, and the
-    planner then read the whole run key for each chunk's deduplication (0.44 s a chunk
-    against 0.14 s, measured at 1,000,000 rows).
+    planner then read the whole run key for each chunk's deduplication (0.82 s against
+    0.14 s for 10,000 addresses among 1,000,000 rows; BENCHMARKS.md).
     """
     if engine.dialect.name != "postgresql":
         return
