@@ -100,9 +100,7 @@ class Policy:
                 if address and (channel, address) not in forms:
                     forms[channel, address] = self.addresses.comparable(channel, address)
             candidates[row.key] = options
-        fraction = self.flow.holdout
-        held = {r.key for r in rows if in_holdout(self.flow.name, r.key, fraction)} \
-            if fraction > 0 else set()
+        held = {r.key for r in rows if in_holdout(self.flow.name, r.key, self.flow.holdout)}
         return Screening(tiers, candidates, forms, held)
 
     def decide(self, conn: Connection, rows: Sequence[Recipient], at: datetime,
