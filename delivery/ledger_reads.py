@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     Engine,
+    case,
     func,
     select,
 )
@@ -112,27 +113,59 @@ def attempts(engine: Engine, flow: str, run_key: str, recipients: Sequence[str]
     return out
 
 
+@dataclass(frozen=True)
+class Window:
+    """What one frequency cap counts: messages since ``since``, on ``channel`` and of
+    ``flow`` when given."""
+
+    since: datetime
+    channel: str | None = None
+    flow: str | None = None
+
+
 def cap_counts(conn: Connection, recipients: Sequence[str], since: datetime,
                channel: str | None, flow: str | None, min_priority: int = -100,
                own: tuple[str, str] | None = None) -> Counter[str]:
-    """How many messages each recipient got (or has reserved) since ``since`` in a scope,
-    counting only flows of priority ``min_priority`` or higher that are not exempt, and
-    not the row of ``own`` (flow, run key): a deferred row does not cap itself."""
-    counts: Counter[str] = Counter()
+    """How many messages each recipient got (or has reserved) in one window (see
+    :func:`window_counts`)."""
+    return window_counts(conn, recipients, [Window(since, channel, flow)], min_priority,
+                         own)[0]
+
+
+def window_counts(conn: Connection, recipients: Sequence[str], windows: Sequence[Window],
+                  min_priority: int = -100, own: tuple[str, str] | None = None
+                  ) -> list[Counter[str]]:
+    """How many messages each recipient got (or has reserved) in each window, counting
+    only flows of priority ``min_priority`` or higher that are not exempt, and not the
+    row of ``own`` (flow, run key): a deferred row does not cap itself.
+
+    One query for all the windows: the recipients' rows since the earliest start are
+    read once through the caps index (recipient, created_at) and counted per window in
+    SQL, so a chunk pays one index probe per recipient whatever the number of rules."""
+    counts: list[Counter[str]] = [Counter() for _ in windows]
+    if not windows or not recipients:
+        return counts
+    columns = []
+    for w in windows:
+        test = deliveries.c.created_at >= w.since
+        if w.channel:
+            test = test & (deliveries.c.channel == w.channel)
+        if w.flow:
+            test = test & (deliveries.c.flow == w.flow)
+        columns.append(func.count(case((test, 1))))
+    earliest = min(w.since for w in windows)
     for part in among(conn, deliveries.c.recipient, recipients):
-        query = select(deliveries.c.recipient, func.count()).where(
+        query = select(deliveries.c.recipient, *columns).where(
             part, deliveries.c.status.in_(COUNTED),
-            deliveries.c.created_at >= since, deliveries.c.counted.is_(True),
+            deliveries.c.created_at >= earliest, deliveries.c.counted.is_(True),
             deliveries.c.priority >= min_priority)
-        if channel:
-            query = query.where(deliveries.c.channel == channel)
-        if flow:
-            query = query.where(deliveries.c.flow == flow)
         if own:
             query = query.where(~((deliveries.c.flow == own[0])
                                   & (deliveries.c.run_key == own[1])))
-        for recipient, n in conn.execute(query.group_by(deliveries.c.recipient)):
-            counts[recipient] = int(n)
+        for recipient, *found in conn.execute(query.group_by(deliveries.c.recipient)):
+            for counter, n in zip(counts, found, strict=True):
+                if n:
+                    counter[recipient] = int(n)
     return counts
 
 

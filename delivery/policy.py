@@ -112,8 +112,7 @@ class Policy:
         s = screened if screened is not None else self.screen(rows)
         listed = suppression.suppressed(conn, s.forms.values(), normalized=True)
         own = (self.flow.name, run_key) if run_key else None
-        counts = [] if self.flow.exempt else [
-            (rule, self._counts(conn, rule, rows, at, own)) for rule in self.caps]
+        counts = [] if self.flow.exempt else self._counts(conn, rows, at, own)
         decisions = [self._one(row, s.tiers[row.key], s.candidates[row.key],
                                row.key in s.held, listed, s.forms, counts, at)
                      for row in rows]
@@ -146,24 +145,39 @@ class Policy:
                                              "in this run (deduplicated)")
         return out
 
-    def _counts(self, conn: Connection, rule: CapRule, rows: Sequence[Recipient],
-                at: datetime, own: tuple[str, str] | None) -> Counter[str]:
-        """Each recipient's count under ``rule``: one query, or one per time zone for a
-        calendar window (its start is local midnight)."""
-        applies = [r for r in rows if rule.tier is None or r.tier == rule.tier]
-        if not rule.calendar:
-            return ledger_reads.cap_counts(conn, [r.key for r in applies],
-                                           rule.since(at, self.zone), rule.channel,
-                                           rule.flow, self.flow.priority, own)
-        by_zone: dict[ZoneInfo, list[str]] = defaultdict(list)
-        for r in applies:
-            by_zone[self.zone_of(r)].append(r.key)
-        counts: Counter[str] = Counter()
-        for zone, keys in by_zone.items():
-            counts.update(ledger_reads.cap_counts(conn, keys, rule.since(at, zone),
-                                                  rule.channel, rule.flow,
-                                                  self.flow.priority, own))
-        return counts
+    def _counts(self, conn: Connection, rows: Sequence[Recipient], at: datetime,
+                own: tuple[str, str] | None) -> list[tuple[CapRule, Counter[str]]]:
+        """Each recipient's count under each cap rule, from one query for all of them: a
+        rolling window is one window for everyone; a calendar window (its start is local
+        midnight) one per time zone among the rows, each recipient read from their own."""
+        if not self.caps or not rows:
+            return [(rule, Counter()) for rule in self.caps]
+        windows: dict[ledger_reads.Window, int] = {}
+        plan: list[int | dict[ZoneInfo, int]] = []  # per rule: its window, or per zone
+        zones: dict[str, ZoneInfo] = {}
+        for rule in self.caps:
+            if not rule.calendar:
+                window = ledger_reads.Window(rule.since(at, self.zone), rule.channel,
+                                             rule.flow)
+                plan.append(windows.setdefault(window, len(windows)))
+                continue
+            if not zones:
+                zones = {r.key: self.zone_of(r) for r in rows}
+            per_zone = {}
+            for zone in set(zones.values()):
+                window = ledger_reads.Window(rule.since(at, zone), rule.channel, rule.flow)
+                per_zone[zone] = windows.setdefault(window, len(windows))
+            plan.append(per_zone)
+        found = ledger_reads.window_counts(conn, [r.key for r in rows], list(windows),
+                                           self.flow.priority, own)
+        out: list[tuple[CapRule, Counter[str]]] = []
+        for rule, where in zip(self.caps, plan, strict=True):
+            if isinstance(where, int):
+                out.append((rule, found[where]))
+            else:
+                out.append((rule, Counter({key: n for key, zone in zones.items()
+                                           if (n := found[where[zone]][key])})))
+        return out
 
     def _quiet(self, row: Recipient, tier: str, at: datetime) -> Decision | None:
         """Quiet hours for someone we would send to now: skip or defer, else None."""

@@ -177,6 +177,61 @@ def test_scopes_channel_flow_and_tier(make_workspace, store_url, now) -> None:
     assert got["4"][0] == SEND
 
 
+def test_every_cap_rule_is_counted_by_one_query_each_in_its_own_window(
+    make_workspace, store_url, now
+) -> None:
+    """Rolling and calendar rules, scoped and not, over recipients in two time zones: a
+    chunk reads the ledger for all of them at once, and each rule still counts only its
+    own window (a calendar day from each recipient's own midnight) and scope."""
+    from sqlalchemy import event
+
+    caps = (
+        "  - {tier: vip, max: 1, per: week}\n"
+        "  - {max: 1, per: day}\n"
+        "  - {channel: sms, max: 1, per: 30d}\n"
+        "  - {max: 2, per: 12h}"
+    )
+    ws = workspace(make_workspace, caps, store=store_url)
+    an_hour_ago = now - timedelta(hours=1)  # the same local day in New York and Shanghai
+    week_start = (now - timedelta(days=now.weekday())).replace(hour=0, minute=10)
+    history(
+        ws,
+        [
+            ("1", "other", "email", an_hour_ago),  # New York: still today, capped
+            ("2", "other", "email", an_hour_ago),  # Shanghai: already tomorrow, sent
+            ("3", "other", "sms", now - timedelta(days=20)),  # its only channel capped
+            ("4", "other", "email", week_start),  # a vip this week (UTC)
+            ("5", "other", "email", week_start),  # not a vip: no weekly cap
+            ("6", "other", "email", now - timedelta(hours=30)),  # yesterday everywhere
+            ("6", "other", "email", now - timedelta(hours=31)),
+        ],
+    )
+    rows = [recipient(1, tz="America/New_York"), recipient(2, tz="Asia/Shanghai"),
+            recipient(3), recipient(4, tier="vip"), recipient(5), recipient(6)]
+    rows[2].data.update(email=None, phone="+14155550003")
+    statements: list[str] = []
+
+    def seen(conn, cursor, statement, *args) -> None:
+        statements.append(statement)
+
+    event.listen(ws.store, "before_cursor_execute", seen)
+    try:
+        got = decide(ws, "promo", rows, now)
+    finally:
+        event.remove(ws.store, "before_cursor_execute", seen)
+    assert got["1"] == ("capped", "cap max 1 per day (all channels)")
+    assert got["2"] == (SEND, "email")
+    assert got["3"][0] == "capped" and "sms: cap max 1 per 30d (channel sms)" in got["3"][1]
+    assert got["4"] == ("capped", "cap max 1 per week (tier vip)")
+    # 5's message this week counts under no rule of a gold recipient once it is older
+    # than today (on a Monday it is today's, which the daily rule counts)
+    assert got["5"] == ((SEND, "email") if now.weekday() else
+                        ("capped", "cap max 1 per day (all channels)"))
+    assert got["6"] == (SEND, "email")  # two yesterday: outside the 12h and the day
+    counting = [s for s in statements if "count(" in s.lower()]
+    assert len(counting) == 1, counting
+
+
 def test_priority_counts_only_messages_of_equal_or_higher_priority(
     make_workspace, store_url, now
 ) -> None:
