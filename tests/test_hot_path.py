@@ -234,3 +234,44 @@ def test_planner_statistics_refreshed_only_while_they_lag_the_rows(make_workspac
         plan = "\n".join(row[0] for row in conn.exec_driver_sql(
             f"EXPLAIN {statement}", parameters))
     assert "ix_herald_deliveries_address" in plan, plan
+
+
+def test_state_changes_update_rows_in_place_on_postgres(make_workspace, pg_database) -> None:
+    """A row's ``sending`` mark and its settlement change no indexed column, and the
+    ledger's pages keep room for both new versions: Postgres writes them as HOT updates
+    (no new entry in any of the five indexes). A ledger made with another fill factor
+    is given the ledger's on opening."""
+    import time
+
+    from sqlalchemy import create_engine
+
+    from herald.core.db import LEDGER_FILLFACTOR, deliveries, ensure_schema
+
+    ws = make_workspace(rows=2000, store=pg_database)
+    summary = engine.run_local(ws, "promo", run_key="hot")
+    sent = summary["deliveries"]["sent"]
+    assert sent > 1900
+    ws.dispose()  # the run's sessions end and report their statistics
+    stats = create_engine(pg_database)
+    try:
+        for _ in range(100):
+            with stats.connect() as conn:
+                updates, hot = conn.exec_driver_sql(
+                    "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables "
+                    "WHERE relname = %(t)s", {"t": deliveries.name}).one()
+            if updates >= 2 * sent:
+                break
+            time.sleep(0.1)
+        assert updates == 2 * sent  # each sent row: marked, then settled
+        # measured: 99.8% (at fill factor 60: 92.7% here, 72% with a run's larger chunks)
+        assert hot >= 0.97 * updates, (hot, updates)
+
+        with stats.begin() as conn:
+            conn.exec_driver_sql(f"ALTER TABLE {deliveries.name} SET (fillfactor = 60)")
+        ensure_schema(stats)
+        with stats.connect() as conn:
+            assert conn.exec_driver_sql(
+                "SELECT reloptions FROM pg_class WHERE relname = %(t)s",
+                {"t": deliveries.name}).scalar() == [f"fillfactor={LEDGER_FILLFACTOR}"]
+    finally:
+        stats.dispose()
