@@ -25,7 +25,9 @@ Stages (ratios are Herald's throughput over the baseline's, except where noted):
 - e2e:     the whole run through the outbox channel, with Prefect (``herald run``) and
            without (the engine alone), each in its own process: wall time, recipients per
            second, the share orchestration takes, and peak memory (RSS); the peak at the
-           largest size must stay within 1.2x of the smallest.
+           largest size must stay within 1.2x of the smallest. Also the CPU time per
+           recipient of the run's processes and of the local Postgres server, and the
+           least wall time that CPU allows on this machine's cores (cpu_bound_s).
 
 Raw results go to build/bench-results.json (not committed: one machine's output);
 the figures go between the markers of BENCHMARKS.md, the record.
@@ -40,6 +42,7 @@ import functools
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -459,10 +462,13 @@ def bench_e2e(tmp: Path, n: int, urls: dict[str, str], dask: bool = False) -> No
                                                                else [])
     for mode, runner in runs:
         label = mode if runner == "threads" else f"{mode} + dask (2 worker processes)"
-        kind, wall, rss, summary = _e2e_run(tmp / f"ws-e2e-{mode}-{runner}-{n}", urls, mode,
-                                            runner)
+        kind, wall, rss, summary, cpu = _e2e_run(tmp / f"ws-e2e-{mode}-{runner}-{n}", urls,
+                                                 mode, runner)
+        herald_us, postgres_us = (None if s is None else 1e6 * s / n for s in cpu)
         record("e2e", f"{label}, {kind}, {n:,} recipients", wall_s=wall,
-               per_s=n / wall, peak_rss_mb=rss / 1024, sent=summary["deliveries"]["sent"])
+               per_s=n / wall, peak_rss_mb=rss / 1024, sent=summary["deliveries"]["sent"],
+               herald_cpu_us=herald_us, postgres_cpu_us=postgres_us,
+               cpu_bound_s=None if cpu[1] is None else (cpu[0] + cpu[1]) / CORES)
 
 
 STARTUP_SIZE = 100  # recipients of the run that measures a run's fixed cost
@@ -474,15 +480,16 @@ def bench_startup(tmp: Path) -> None:
     PREFECT_API_URL), which a deployment served by a running server does not pay."""
     urls = sources(tmp, STARTUP_SIZE)
     for mode in ("engine", "prefect"):
-        _, wall, _, summary = _e2e_run(tmp / f"ws-startup-{mode}", urls, mode)
+        _, wall, _, summary, _ = _e2e_run(tmp / f"ws-startup-{mode}", urls, mode)
         assert summary["deliveries"]["sent"] > 0, "the run sent its messages"
         RESULTS.setdefault("_startup", {})[mode] = wall
 
 
 def _e2e_run(folder: Path, urls: dict[str, str], mode: str, runner: str = "threads"
-             ) -> tuple[str, float, int, dict[str, Any]]:
+             ) -> tuple[str, float, int, dict[str, Any], tuple[float, float | None]]:
     """One whole run in a child process, on the Postgres source and store when Postgres
-    answers (a fresh ledger each time), else SQLite: (kind, wall, peak RSS, summary)."""
+    answers (a fresh ledger each time), else SQLite: (kind, wall, peak RSS, summary,
+    CPU seconds of the run's processes and of Postgres's)."""
     kind = "postgres" if "postgres" in urls else "sqlite"
     url = urls[kind]
     store_url = url if kind == "postgres" else "sqlite:///.herald/herald.db"
@@ -503,18 +510,51 @@ def _reset_store(url: str) -> None:
     eng.dispose()
 
 
-def _in_child(folder: Path, mode: str) -> tuple[float, int, dict[str, Any]]:
-    """Run the flow in a child process; its wall time, peak RSS (KiB) and summary."""
+def _in_child(folder: Path, mode: str
+              ) -> tuple[float, int, dict[str, Any], tuple[float, float | None]]:
+    """Run the flow in a child process; its wall time, peak RSS (KiB), summary, and the
+    CPU seconds (user + system) it used with its own children (Prefect's temporary
+    server, Dask's workers) and that the local Postgres server used meanwhile (None when
+    Postgres is not on this machine)."""
     out = folder / "child.json"
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    before, pg_before = resource.getrusage(resource.RUSAGE_CHILDREN), postgres_cpu()
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(HERE / "child.py"), mode, str(folder),
                            str(out)], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
+    after, pg_after = resource.getrusage(resource.RUSAGE_CHILDREN), postgres_cpu()
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} run failed: {proc.stderr[-3000:]}")
     data = json.loads(out.read_text())
-    return wall, int(data["peak_kib"]), data["summary"]
+    used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    server = None if pg_before is None or pg_after is None else pg_after - pg_before
+    return wall, int(data["peak_kib"]), data["summary"], (used, server)
+
+
+CORES = os.cpu_count() or 1
+
+
+def postgres_cpu() -> float | None:
+    """CPU seconds (user + system) the local PostgreSQL server's processes have used,
+    with those of its sessions that have ended (counted in the postmaster's children),
+    read from /proc; None where there is no /proc or no Postgres process in it."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total, found = 0, False
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/comm") as fh:
+                if not fh.read().startswith("postgres"):
+                    continue
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        found = True
+        total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return total / ticks if found else None
 
 
 @contextlib.contextmanager
