@@ -592,8 +592,20 @@ def machine() -> str:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    speed = " / ".join(f"{s:.2f} s" for s in RESULTS.get("_loop", []))
     return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} "
-            f"{platform.release()}, Python {platform.python_version()}")
+            f"{platform.release()}, Python {platform.python_version()}"
+            + (f"; a 10,000,000-step Python loop took {speed} (start / end of the pass: "
+               "machines of one kind differ by several times, so compare ratios, not "
+               "µs, between passes)" if speed else ""))
+
+
+def python_loop() -> float:
+    """Seconds for a bare 10,000,000-step Python loop: how fast this machine is now."""
+    start = time.perf_counter()
+    for _ in range(10_000_000):
+        pass
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -605,6 +617,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     only = set(args.only.split(","))
     started = datetime.now(UTC)
+    RESULTS["_loop"] = [python_loop()]
     with tempfile.TemporaryDirectory(prefix="herald-bench-") as folder:
         tmp = Path(folder)
         for n in sizes:
@@ -627,7 +640,9 @@ def main() -> None:
         if "http" in only:
             bench_http(tmp, max(sizes))
     summarize(sizes)
+    RESULTS["_loop"].append(python_loop())
     RESULTS["machine"] = machine()
+    RESULTS.pop("_loop")
     RESULTS["date"] = started.date().isoformat()
     RESULTS.pop("_startup", None)
     path = HERE.parent / "build" / "bench-results.json"  # this machine's raw output
