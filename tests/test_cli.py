@@ -170,6 +170,24 @@ def test_cli_runs_without_a_prefect_server(make_workspace, tmp_path) -> None:
     assert outbox_messages(ws) == 20
 
 
+def test_the_temporary_prefect_server_is_given_time_to_start(monkeypatch) -> None:
+    """Prefect waits 20 s for the temporary server `herald run` starts; it took longer
+    on a loaded 2-core machine and the run failed before sending. Herald waits longer,
+    unless the operator chose a wait."""
+    from prefect.settings import Settings
+
+    from herald.flows.cli.common import EPHEMERAL_STARTUP_SECONDS, prefect_env
+
+    name = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+    monkeypatch.delenv(name, raising=False)
+    prefect_env()
+    assert os.environ[name] == str(EPHEMERAL_STARTUP_SECONDS) == "120"
+    assert Settings().server.ephemeral.startup_timeout_seconds == 120  # Prefect reads it
+    monkeypatch.setenv(name, "45")
+    prefect_env()
+    assert os.environ[name] == "45"  # the operator's choice stands
+
+
 def test_dry_run_table_and_report_of_a_real_run(make_workspace, capsys) -> None:
     from herald.flows.cli.common import print_summary
 

@@ -136,12 +136,20 @@ ChannelOpt = Annotated[str | None, typer.Option("--channel", help="Only this cha
                                                 "(default: every channel)")]
 
 
+EPHEMERAL_STARTUP_SECONDS = 120
+
+
 def prefect_env() -> None:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "herald")
     # herald's loggers also speak outside flow runs (a chunk's dispatcher in a worker
     # thread, a command tidying up after a killed run): no warning for those records
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server `herald run` starts without PREFECT_API_URL took 15 s to
+    # answer on a loaded 2-core machine and, once, more than Prefect's default wait of
+    # 20 s: the run then failed before sending anything. Wait longer before giving up.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+                          str(EPHEMERAL_STARTUP_SECONDS))
 
 
 def require_server(command: str) -> None:
