@@ -130,8 +130,8 @@ Index("ix_herald_deliveries_address", deliveries.c.flow, deliveries.c.run_key,
 # and none of those columns is indexed: with room left on its page Postgres writes each
 # new version beside the old one (a HOT update) instead of a new entry into each of the
 # five indexes. Pages filled to 40% keep room for both versions (a settled row is wider
-# than a reserved one): measured at 100,000 recipients, 95% of updates HOT and 20% less
-# Postgres CPU than at 60% (72% HOT), in a table no larger (the non-HOT versions took
+# than a reserved one): measured at 100,000 recipients, 93-97% of updates HOT and 20% less
+# Postgres CPU than at 60% (69-72% HOT), in a table no larger (the non-HOT versions took
 # new pages). ensure_schema sets it on ledgers created with another fill factor.
 LEDGER_FILLFACTOR = 40
 event.listen(deliveries, "after_create", DDL(
