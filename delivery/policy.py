@@ -150,8 +150,6 @@ class Policy:
         """Each recipient's count under each cap rule, from one query for all of them: a
         rolling window is one window for everyone; a calendar window (its start is local
         midnight) one per time zone among the rows, each recipient read from their own."""
-        if not self.caps or not rows:
-            return [(rule, Counter()) for rule in self.caps]
         windows: dict[ledger_reads.Window, int] = {}
         plan: list[int | dict[ZoneInfo, int]] = []  # per rule: its window, or per zone
         zones: dict[str, ZoneInfo] = {}

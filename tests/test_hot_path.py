@@ -236,6 +236,7 @@ def test_planner_statistics_refreshed_only_while_they_lag_the_rows(make_workspac
     assert "ix_herald_deliveries_address" in plan, plan
 
 
+@pytest.mark.postgres
 def test_state_changes_update_rows_in_place_on_postgres(make_workspace, pg_database) -> None:
     """A row's ``sending`` mark and its settlement change no indexed column, and the
     ledger's pages keep room for both new versions: Postgres writes them as HOT updates
