@@ -6,11 +6,13 @@ from the request (the JSON body's ``recipient`` by default) and consumed in orde
 (answers late, with ``action`` or ``ok``), ``("reset",)`` (closes the connection
 without an answer), ``("raw", bytes)`` (writes those bytes as the answer, a bad status
 line from a load balancer, and closes), ``("trickle", seconds)`` (a 200 whose body
-arrives one byte every ``seconds``). A key with no script left gets ``ok``.
+arrives one byte every ``seconds``), ``("gzip", body)`` (a 200 whose JSON body is sent
+gzip-compressed with ``Content-Encoding: gzip``). A key with no script left gets ``ok``.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import threading
@@ -121,6 +123,13 @@ def serve(peer: Peer) -> tuple[ThreadingHTTPServer, Peer]:
                         peer._ok[peer.key(request)] += 1
                 self._answer(status, json.dumps(body_obj).encode(),
                              action[3] if len(action) > 3 else {})
+                return
+            if action[0] == "gzip":
+                with peer.lock:
+                    peer._ok[peer.key(request)] += 1
+                request.status = 200
+                self._answer(200, gzip.compress(json.dumps(action[1]).encode()),
+                             {"Content-Encoding": "gzip"})
                 return
             if action[0] == "ok":
                 body = json.dumps(action[1] if len(action) > 1 else peer.ok_body(request))

@@ -4,6 +4,7 @@ of answer a provider gives, as they land in the ledger and the suppression list.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections import Counter
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from herald.channels.base import ChannelContext, Message, Outcome
+from herald.channels.http import AiohttpTransport
 from herald.channels.webhook import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -146,3 +148,38 @@ def test_transport_failures_over_the_real_connection_pool(tmp_path: Path) -> Non
     assert (refused.outcome, refused.code) == (Outcome.RETRYABLE, "connection")
     assert (ftp.outcome, ftp.code) == (Outcome.PERMANENT, "bad_url")
     assert (garbled.outcome, garbled.code) == (Outcome.PERMANENT, "bad_url")
+
+
+def test_answers_are_read_whole_plain_or_compressed(tmp_path: Path, peer: Peer) -> None:
+    """Over the real connection pool an answer comes back read: a plain body handed over
+    as it came, a gzip-compressed one decoded, each as httpx would give it."""
+    for _ in range(2):  # once for the transport alone, once through the channel
+        peer.script("plain", ("ok", {"id": "prov-plain", "note": "café"}))
+        peer.script("packed", ("gzip", {"id": "prov-packed", "note": "café"}))
+    settings = WebhookSettings(type="webhook", url=f"{peer.url}/v1/messages", timeout=5)
+    messages = [Message(recipient=r, address=f"{r}@example.com", kind="webhook",
+                        body="hello", message_id=f"<{r}@test>") for r in ("plain", "packed")]
+
+    async def exchange() -> tuple[list, list]:
+        transport = AiohttpTransport(5)
+        try:
+            answers = [await transport.send("POST", f"{peer.url}/v1/messages",
+                                            {"Content-Type": "application/json"},
+                                            json.dumps({"recipient": r}).encode())
+                       for r in ("plain", "packed")]
+        finally:
+            await transport.aclose()
+        async with WebhookChannel("hook", settings, ChannelContext(tmp_path, "promo", "k",
+                                                                   "run")) as channel:
+            return answers, await channel.send_batch(messages)
+
+    answers, results = asyncio.run(exchange())
+    for answer, provider_id in zip(answers, ("prov-plain", "prov-packed"), strict=True):
+        assert answer.status_code == 200 and answer.reason_phrase == "OK"
+        assert answer.json() == {"id": provider_id, "note": "café"}
+        assert answer.text == json.dumps({"id": provider_id, "note": "café"})
+        assert answer.is_closed and answer.is_stream_consumed
+    assert answers[1].headers["Content-Encoding"] == "gzip"
+    assert answers[0].content == json.dumps({"id": "prov-plain", "note": "café"}).encode()
+    assert [(r.outcome, r.provider_id) for r in results] == [
+        (Outcome.SENT, "prov-plain"), (Outcome.SENT, "prov-packed")]
