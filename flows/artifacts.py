@@ -1,9 +1,31 @@
-"""Names of the Prefect artifacts Herald publishes (shared by every Prefect flow)."""
+"""What every Prefect flow of Herald shares: the artifacts' names, and task runs that
+carry no tags."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def artifact_key(name: str, what: str) -> str:
     """``herald-NAME-WHAT``: artifact keys allow lowercase letters, digits and dashes only,
     and only keyed artifacts appear on the Artifacts page with their history."""
     return f"herald-{name.lower().replace('_', '-')}-{what}"
+
+
+@contextmanager
+def untagged_tasks() -> Iterator[None]:
+    """Task runs started inside carry no tags; the flow run keeps its own.
+
+    Prefect asks its server for tag concurrency slots before every task run that has
+    tags, whether or not any limit exists (PrefectHQ/prefect#19367): one API call before
+    each chunk starts. `herald run` tags its flow run, and Prefect gives a task run the
+    tags in force where it is submitted, so every chunk waited on that call: 48 ms at the
+    median and up to 2.4 s with the temporary server busy on the run's two cores, 13-25 s
+    of idle workers in a 300,000-recipient run (BENCHMARKS.md, orchestration). Runs of a
+    deployment already started their task runs without tags.
+    """
+    from prefect.context import TagsContext
+
+    with TagsContext(current_tags=set()):
+        yield

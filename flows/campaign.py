@@ -41,7 +41,7 @@ from herald.delivery import ledger
 from herald.delivery.dispatch import stop_requested
 from herald.flows import chunks, engine
 from herald.flows import progress as live
-from herald.flows.artifacts import artifact_key
+from herald.flows.artifacts import artifact_key, untagged_tasks
 from herald.reporting import runs
 from herald.reporting.text import delivery_markdown
 
@@ -143,7 +143,7 @@ def campaign(workspace: str, flow_name: str, run_key: str | None = None,
     ``resend_render_errors``: after a template fix, the run key's ``render_error`` rows
     are forgotten and those recipients decided and sent afresh.
     """
-    with clock.using(_clock_of(now)):
+    with clock.using(_clock_of(now)), untagged_tasks():
         try:
             return _campaign(workspace, flow_name, run_key, params, dry_run,
                              resend_render_errors)

@@ -23,6 +23,7 @@ from herald.core.schedules import ScheduleSpec
 from herald.core.workspace import Workspace
 from herald.core.workspace import adopt as adopt_workspace
 from herald.core.workspace import shared as workspace_at
+from herald.flows.artifacts import artifact_key, untagged_tasks
 from herald.flows.schedules import prefect_schedule
 from herald.journeys import engine, load, report
 from herald.journeys.chunks import ChunkJob, ChunkResult
@@ -39,16 +40,12 @@ def advance_chunk(job: ChunkJob) -> ChunkResult:
     return engine.run_chunk(job)
 
 
-def _artifact_key(name: str) -> str:
-    return f"herald-journey-{name.lower().replace('_', '-')}-funnel"
-
-
 @flow(name="herald-journey", flow_run_name="{journey_name}", log_prints=False,
       validate_parameters=False)
 def journey(workspace: str, journey_name: str, now: str | None = None,
             enter: bool = True) -> dict[str, Any]:
     """One tick: enter, claim chunks, move everyone who can move, report."""
-    with clock.using(clock.Clock(clock.parse(now)) if now else None):
+    with clock.using(clock.Clock(clock.parse(now)) if now else None), untagged_tasks():
         logger = get_run_logger()
         ws = workspace_at(workspace)
         prepared = engine.prepare(ws, journey_name, enter)
@@ -59,7 +56,7 @@ def journey(workspace: str, journey_name: str, now: str | None = None,
         summary = engine.finish(ws, prepared, results)
         state = report.status(ws, journey_name)
         create_table_artifact(
-            key=_artifact_key(journey_name),
+            key=artifact_key(f"journey-{journey_name}", "funnel"),
             description=f"Where everyone is in {journey_name} after {prepared.tick}",
             table=[{"step": step, "active": n["active"], "waiting": n["waiting"],
                     "moved this tick": sum(summary["steps"].get(step, {}).values())}

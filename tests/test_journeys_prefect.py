@@ -72,6 +72,7 @@ def test_a_tick_is_one_flow_run_with_one_task_per_chunk(make_workspace, prefect_
     run, tasks, artifacts = _tasks(latest.id)
     assert run.state.is_completed()
     assert sorted(t.name for t in tasks) == [f"chunk-{i:04d}" for i in range(10)]
+    assert all(t.tags == [] for t in tasks)  # the tags are the flow run's (see flows.artifacts)
     funnel = next(a for a in artifacts if a.key == "herald-journey-slow-funnel")
     assert "exited: holdout" in str(funnel.data)
 

@@ -12,6 +12,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterName,
 )
+from prefect.concurrency import _sync as prefect_sync
 
 from herald.core.errors import RunError
 from herald.flows import campaign
@@ -36,9 +37,15 @@ def flow_run(name: str):
     return asyncio.run(read())
 
 
-def test_one_flow_run_one_task_per_chunk_and_artifacts(make_workspace, prefect_harness
-                                                      ) -> None:
+def test_one_flow_run_one_task_per_chunk_and_artifacts(make_workspace, prefect_harness,
+                                                      monkeypatch) -> None:
     ws = make_workspace(rows=100)  # chunk_size 40: three chunks
+    # A task run with tags first asks the server for tag concurrency slots (an API call
+    # per chunk, limits or not): the tags stay on the flow run, its task runs have none
+    asked: list[object] = []
+    acquire = prefect_sync.acquire_concurrency_slots_with_lease
+    monkeypatch.setattr(prefect_sync, "acquire_concurrency_slots_with_lease",
+                        lambda names, *a, **k: asked.append(names) or acquire(names, *a, **k))
     summary = campaign.run(ws, "promo", None, "pf-1", False)
     assert summary["deliveries"]["sent"] == 98
     run, tasks, artifacts = flow_run("promo/pf-1")
@@ -47,6 +54,7 @@ def test_one_flow_run_one_task_per_chunk_and_artifacts(make_workspace, prefect_h
                              "channel:sms"}
     names = sorted(t.name for t in tasks)
     assert names == ["build-audience", "chunk-0000", "chunk-0001", "chunk-0002"]
+    assert [t.tags for t in tasks] == [[]] * 4 and asked == []
     by_key = {a.key: a for a in artifacts}
     audience = by_key["herald-promo-audience"]
     assert summary["package"]["id"] in audience.data
