@@ -54,6 +54,20 @@ def _autoescape(name: str | None) -> bool:
     return bool(name) and ".html." in f"{name}."
 
 
+def _render(template: Template, names: dict[str, Any]) -> str:
+    """``template.render(variables)`` given the template's globals and the variables in
+    one dict, which the context reads as it is: ``render`` copies the variables, and its
+    context copies them again beside the globals, two copies of the row per part. What a
+    template assigns goes into its context, never into ``names``."""
+    context = template.new_context(names, shared=True)
+    try:
+        return template.environment.concat(  # type: ignore[attr-defined,no-any-return]
+            template.root_render_func(context))
+    except Exception:  # noqa: BLE001 - re-raised with the template's file and line
+        template.environment.handle_exception()
+        raise  # handle_exception always raises
+
+
 @dataclass(frozen=True)
 class Rendered:
     subject: str | None
@@ -130,6 +144,7 @@ class Templates:
                variables: dict[str, Any], variant: str | None = None) -> Rendered:
         """Render every part of one message; RenderError says which part failed and why."""
         parts: dict[str, str | None] = {}
+        names: dict[str, Any] | None = None  # what every part sees: globals, then variables
         for part, required in PARTS[kind]:
             name = self.find(flow, tier, kind, part, locale, variant)
             if name is None:
@@ -147,7 +162,9 @@ class Templates:
                     # of a render's profiled time); Herald never changes globals after
                     # loading, so a plain dict of the same names serves
                     template.globals = dict(template.globals)
-                parts[part] = template.render(variables)
+                if names is None:
+                    names = {**template.globals, **variables}
+                parts[part] = _render(template, names)
             except UndefinedError as exc:
                 raise RenderError(f"{self._where(name, exc)}: {exc.message}") from None
             except SecurityError as exc:

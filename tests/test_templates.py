@@ -28,6 +28,27 @@ def test_tier_locale_and_default_fallbacks(make_workspace) -> None:
     assert other.subject is None
 
 
+def test_assignments_and_globals_stay_in_their_part(make_workspace) -> None:
+    """A name a part assigns ({% set %}, a loop) shadows the recipient's value in that
+    part only: the next part and the next recipient read the row as it is; Jinja's own
+    globals (range, namespace) are there in every part, and a column of the same name
+    wins over a global, as in jinja2's own render."""
+    ws = make_workspace({
+        "templates/promo/default.email.subject.j2":
+            "{% set name = 'Shadowed' %}{{ name }}{% for i in range(2) %}{{ i }}{% endfor %}",
+        "templates/promo/default.email.txt.j2":
+            "{% set ns = namespace(n=0) %}{% for c in name %}{% set ns.n = ns.n + 1 %}"
+            "{% endfor %}{{ name }} {{ ns.n }} {{ lipsum }}",
+    })
+    t = templates_for(ws)
+    variables = {**VARS, "lipsum": "column"}
+    first = t.render(ws.flow("promo"), "default", "email", None, variables)
+    assert (first.subject, first.body) == ("Shadowed01", "Li Lei 6 column")
+    second = t.render(ws.flow("promo"), "default", "email", None, {**variables, "name": "Bo"})
+    assert (second.subject, second.body) == ("Shadowed01", "Bo 2 column")
+    assert variables["name"] == "Li Lei" and "ns" not in variables
+
+
 def test_html_is_autoescaped_text_is_not(make_workspace) -> None:
     ws = make_workspace()
     t = templates_for(ws)
