@@ -52,6 +52,7 @@ from herald.audiences.store import (
 from herald.core import clock
 from herald.core.db import (
     at_driver,
+    copy_text,
     driver_mark,
     from_database,
     package_rows,
@@ -221,19 +222,8 @@ def _open_rows(src: Connection, segment: Segment, stack: ExitStack
     return (lambda: result.fetchmany(INSERT_BATCH)), list(result.keys())
 
 
-BACKSLASH, DOUBLED = "\\", "\\\\"
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-_COPY_SPECIAL = ("\\", "\t", "\n", "\r")
-
-
-def _copy_text(value: str) -> str:
-    """A field of COPY's text format (JSON from orjson only ever needs its backslashes
-    doubled: it escapes control characters itself)."""
-    if any(c in value for c in _COPY_SPECIAL):
-        return value.translate(_COPY_ESCAPES)
-    return value
+BACKSLASH, DOUBLED = "\\", "\\\\"  # JSON from orjson only ever needs its backslashes
+# doubled in COPY's text format: it escapes control characters itself
 
 
 @contextmanager
@@ -251,14 +241,14 @@ def _row_writer(store: Engine, package_id: str, segment: Segment
         statement = f"COPY {package_rows.name} (package_id, seq, key, tier, data) FROM STDIN"
         with writing(store) as conn, at_driver(conn, statement) as driver, \
                 driver.cursor() as cursor, cursor.copy(statement) as copy:
-            head = f"{_copy_text(package_id)}\t"
+            head = f"{copy_text(package_id)}\t"
 
             def copy_rows(start: int, keys: list[str], tiers: list[str],
                           data: list[str]) -> None:
                 names = "".join(keys) + "".join(tiers)
-                if any(c in names for c in _COPY_SPECIAL):  # rare: escape each
-                    keys = [_copy_text(k) for k in keys]
-                    tiers = [_copy_text(t) for t in tiers]
+                if "\\" in names or not names.isprintable():  # rare: escape each
+                    keys = [copy_text(k) for k in keys]
+                    tiers = [copy_text(t) for t in tiers]
                 copy.write("".join([
                     f"{head}{seq}\t{k}\t{t}\t{d.replace(BACKSLASH, DOUBLED)}\n"
                     for seq, k, t, d in zip(range(start, start + len(keys)), keys,

@@ -454,6 +454,19 @@ def at_driver(conn: Connection, statement: str) -> Iterator[Any]:
         raise wrapped from exc
 
 
+# COPY's text format: a field's backslashes, tabs, newlines and carriage returns escaped
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def copy_text(value: str) -> str:
+    """``value`` as a field of Postgres's COPY text format. A value with none of the four
+    characters to escape (the common case: ``isprintable`` is false for tab, newline and
+    carriage return) is returned as it is."""
+    if "\\" in value or not value.isprintable():
+        return value.translate(_COPY_ESCAPES)
+    return value
+
+
 def driver_mark(dialect: Any) -> str:
     """The placeholder of a statement written for the driver (``at_driver``): SQLite's
     ``?``, psycopg's ``%s``."""

@@ -53,7 +53,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import UserDefinedType
 
 from herald.core import clock
-from herald.core.db import at_driver, deliveries, writing
+from herald.core.db import at_driver, copy_text, deliveries, writing
 
 log = logging.getLogger("herald.ledger")
 
@@ -157,17 +157,14 @@ def write_entries(conn: Connection, entries: Iterable[Entry], *, flow: str, run_
                   at: datetime | None = None) -> None:
     """Write new rows in one statement: COPY on Postgres, one executemany elsewhere."""
     stamp = at or now()
+    if conn.dialect.name == "postgresql":
+        _copy_entries(conn, list(entries), flow, run_key, run_id, package_id, priority,
+                      counted, stamp)
+        return
     rows = [(flow, run_key, e.recipient, run_id, package_id, e.tier, e.channel, e.address,
              e.status, e.reason, 0, priority, counted, e.not_before, e.variant, stamp, stamp)
             for e in entries]
     if not rows:
-        return
-    if conn.dialect.name == "postgresql":
-        statement = f"COPY {deliveries.name} ({', '.join(ENTRY_COLUMNS)}) FROM STDIN"
-        with at_driver(conn, statement) as raw, raw.cursor() as cursor, \
-                cursor.copy(statement) as copy:
-            for row in rows:
-                copy.write_row(row)
         return
     # elsewhere (SQLite) one executemany at the driver: the times converted once, not
     # by SQLAlchemy for each value of each row
@@ -176,6 +173,38 @@ def write_entries(conn: Connection, entries: Iterable[Entry], *, flow: str, run_
     conn.exec_driver_sql(_INSERT_SQL, [
         (*row[:13], when(row[13]) if row[13] is not None else None, row[14], fixed, fixed)
         for row in rows])
+
+
+def _copy_entries(conn: Connection, entries: list[Entry], flow: str, run_key: str,
+                  run_id: str, package_id: str, priority: int, counted: bool,
+                  stamp: datetime) -> None:
+    """Postgres: the rows as COPY's text, written whole. The columns every row shares
+    (flow, run key, run, package, attempts, priority, counted, times) are formatted once;
+    psycopg's ``write_row`` formatted all seventeen for each row, 5.5 µs of CPU a row
+    against 1.8 here (BENCHMARKS.md)."""
+    if not entries:
+        return
+    head = f"{copy_text(flow)}\t{copy_text(run_key)}\t"
+    middle = f"\t{copy_text(run_id)}\t{copy_text(package_id)}\t"
+    tail = f"\t0\t{int(priority)}\t{'t' if counted else 'f'}\t"
+    when = f"\t{stamp.isoformat()}\t{stamp.isoformat()}\n"
+    text_ = "".join([
+        f"{head}{copy_text(e.recipient)}{middle}{copy_text(e.tier)}\t"
+        f"{_copy_or_null(e.channel)}\t{_copy_or_null(e.address)}\t{copy_text(e.status)}\t"
+        f"{_copy_or_null(e.reason)}{tail}"
+        f"{NULL_FIELD if e.not_before is None else e.not_before.isoformat()}\t"
+        f"{_copy_or_null(e.variant)}{when}" for e in entries])
+    statement = f"COPY {deliveries.name} ({', '.join(ENTRY_COLUMNS)}) FROM STDIN"
+    with at_driver(conn, statement) as raw, raw.cursor() as cursor, \
+            cursor.copy(statement) as copy:
+        copy.write(text_)
+
+
+NULL_FIELD = "\\N"  # NULL in COPY's text format
+
+
+def _copy_or_null(value: str | None) -> str:
+    return NULL_FIELD if value is None else copy_text(value)
 
 
 _INSERT_SQL = (f"INSERT INTO {deliveries.name} ({', '.join(ENTRY_COLUMNS)}) "

@@ -4,6 +4,7 @@ ledger it wrote, and batch state transitions land on SQLite and on Postgres alik
 from __future__ import annotations
 
 from collections import Counter
+from datetime import UTC, timedelta
 
 import pytest
 
@@ -161,6 +162,41 @@ def test_recipient_sets_and_answers_with_awkward_text(make_workspace, store_url,
     for i, k in enumerate(keys[:-1]):
         assert (got[k].status, got[k].reason) == ("failed", reasons[k]), k
         assert got[k].code == (None if i % 2 else '4,0"4')
+
+
+def test_new_rows_are_written_exactly(make_workspace, store_url) -> None:
+    """Reservations come back as written, whatever their text holds (on Postgres they
+    travel as COPY text built by Herald): tabs, newlines, carriage returns and
+    backslashes in keys, tiers, addresses, reasons and variants, an escape sequence
+    written out, NULLs, a time of deferral, the run's priority and an exempt flow."""
+    ws = make_workspace(rows=4, store=store_url)
+    later = ledger.now().replace(microsecond=123456) + timedelta(hours=3)
+    entries = [
+        ledger.Entry("tab\there", "gold\nline", "queued", "sms", "+8613800138000"),
+        ledger.Entry("back\\slash \\N", "default", "capped", "email", "a\rb@example.com",
+                     "cap 1 per day:\tsms \\ email", None, "v\\2"),
+        ledger.Entry("中文 ✓", "default", "deferred", "sms", None,
+                     "deferred to later\n(quiet hours)", later),
+        ledger.Entry("\\N", "default", "no_address", None, None, None),
+    ]
+    stamp = ledger.now().replace(microsecond=654321)
+    with writing(ws.store) as conn:
+        ledger.write_entries(conn, entries, flow="pro\tmo", run_key="k\\1", run_id="r\n1",
+                             package_id="p", priority=7, counted=False, at=stamp)
+    with ws.store.connect() as conn:
+        got = {r.recipient: r for r in conn.execute(ledger.deliveries.select())}
+    assert set(got) == {e.recipient for e in entries}
+    for e in entries:
+        row = got[e.recipient]
+        assert (row.tier, row.status, row.channel, row.address, row.reason, row.variant) == (
+            e.tier, e.status, e.channel, e.address, e.reason, e.variant), e.recipient
+        assert (row.flow, row.run_key, row.run_id, row.package_id) == (
+            "pro\tmo", "k\\1", "r\n1", "p")
+        assert (row.attempts, row.priority, row.counted) == (0, 7, False)
+        for written, read in ((stamp, row.created_at), (stamp, row.updated_at),
+                              (e.not_before, row.not_before)):
+            assert (read if read is None or read.tzinfo else read.replace(tzinfo=UTC)
+                    ) == written, e.recipient
 
 
 def test_array_text_joined_in_one_step_only_when_no_value_needs_escaping(
