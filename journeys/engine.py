@@ -26,7 +26,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from herald.core import clock
+from herald.core import clock, collector
 from herald.core.db import JOURNEY_LIVE as LIVE
 from herald.core.db import journey_enrollments as enrollments
 from herald.core.workspace import Workspace
@@ -131,6 +131,7 @@ def tick_local(ws: Workspace, name: str, max_workers: int | None = None,
 
     adopt_workspace(ws)
     prepared = prepare(ws, name, enter)
-    with ThreadPoolExecutor(max_workers or ws.config.max_workers) as pool:
+    with collector.for_run(), ThreadPoolExecutor(max_workers or ws.config.max_workers
+                                                 ) as pool:
         results = list(pool.map(run_chunk, prepared.chunks))
     return finish(ws, prepared, results)

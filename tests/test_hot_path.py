@@ -312,3 +312,50 @@ def test_state_changes_update_rows_in_place_on_postgres(make_workspace, pg_datab
                 {"t": deliveries.name}).scalar() == [f"fillfactor={LEDGER_FILLFACTOR}"]
     finally:
         stats.dispose()
+
+
+def test_the_collector_is_tuned_during_runs_and_restored_after(make_workspace) -> None:
+    """While a run's chunks work, what existed before is frozen out of the cyclic
+    collector's walks and the young generation is collected less often; overlapping runs
+    (threads) share that, and the last one out puts the collector back as it was. Cyclic
+    garbage made during a run is still collected."""
+    import gc
+    import threading
+    import weakref
+
+    from herald.core import collector
+
+    class Node:
+        me: object = None
+
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    inside: list[tuple[tuple[int, int, int], int]] = []
+    first_in, second_done = threading.Event(), threading.Event()
+
+    def second() -> None:
+        first_in.wait(10)
+        with collector.for_run():
+            inside.append((gc.get_threshold(), gc.get_freeze_count()))
+        second_done.set()
+
+    helper = threading.Thread(target=second)
+    helper.start()
+    with collector.for_run():
+        first_in.set()
+        assert second_done.wait(10)
+        inside.append((gc.get_threshold(), gc.get_freeze_count()))  # the other one left
+        node = Node()
+        node.me = node  # a cycle: only the collector frees it
+        gone = weakref.ref(node)
+        del node
+        gc.collect()
+        assert gone() is None
+    helper.join()
+    assert len(inside) == 2
+    for threshold, count in inside:
+        assert threshold == (max(collector.YOUNG_THRESHOLD, before[0]), *before[1:])
+        assert count > frozen
+    assert (gc.get_threshold(), gc.get_freeze_count()) == (before, frozen)
+    ws = make_workspace(rows=20)
+    assert engine.run_local(ws, "promo", run_key="gc")["deliveries"]["sent"] > 0
+    assert (gc.get_threshold(), gc.get_freeze_count()) == (before, frozen)
