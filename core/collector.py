@@ -5,11 +5,13 @@ hundred allocations CPython's collector runs; with its default thresholds the ol
 generation (every object the process has: the imported modules, SQLAlchemy's and
 Prefect's) is walked again and again. Measured on a 10,000-recipient chunk on Postgres:
 the collector took 12-19 µs per recipient, most of it in full collections, a fifth of
-the chunk's CPU (BENCHMARKS.md). During a run Herald therefore freezes what existed
-before it (``gc.freeze``: the collector no longer walks it; it is all alive) and
-collects the young generation every 10,000 allocations instead of 700; both are put
-back when the last run of the process ends. Garbage without cycles is freed at once
-either way (reference counting); only cyclic garbage waits a little longer.
+the chunk's CPU (BENCHMARKS.md). While a chunk works Herald therefore freezes what
+existed before it (``gc.freeze``: the collector no longer walks it; it is all alive)
+and collects the young generation every 10,000 allocations instead of 700; both are put
+back when the last chunk at work in the process ends (a chunk runs in a thread of the
+run, a Prefect task run or a Dask worker process: each process tunes its own). Garbage
+without cycles is freed at once either way (reference counting); only cyclic garbage
+waits a little longer.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ _saved: tuple[int, int, int] | None = None
 
 
 @contextmanager
-def for_run() -> Iterator[None]:
-    """The collector tuned for a run while any run of this process is inside (runs may
-    overlap in threads: the first one in tunes it, the last one out restores it)."""
+def for_chunks() -> Iterator[None]:
+    """The collector tuned while any chunk of this process is inside (chunks overlap in
+    threads: the first one in tunes it, the last one out restores it). Freezing and
+    thawing move whole generations: a chunk's entry and exit cost microseconds."""
     global _runs, _saved
     with _lock:
         if _runs == 0:

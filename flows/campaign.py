@@ -32,7 +32,7 @@ from prefect.states import Failed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from sqlalchemy.exc import DBAPIError
 
-from herald.core import clock, collector
+from herald.core import clock
 from herald.core.db import describe_failure
 from herald.core.errors import HeraldError, RunError
 from herald.core.spec import Scalar, TaskRunnerSpec
@@ -198,7 +198,7 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
     live.notify("begin", figures)
     results: list[chunks.ChunkResult] = []
     try:
-        with engine.stop_on_signals(), collector.for_run():
+        with engine.stop_on_signals():
             for job, result in _send_all(prepared.chunks, ws.config.max_workers):
                 results.append(result)
                 line = figures.add(job, result)

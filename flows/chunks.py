@@ -18,7 +18,7 @@ from typing import Any
 
 from herald.audiences import store
 from herald.channels.base import Message
-from herald.core import clock, workspace
+from herald.core import clock, collector, workspace
 from herald.core.db import writing
 from herald.core.workspace import Workspace
 from herald.delivery import ledger, ledger_reads, render, unsubscribe, variants
@@ -101,7 +101,8 @@ def run_chunk(job: ChunkJob) -> ChunkResult:
     """Run one chunk: decide, reserve, render, send, settle. Returns its counts."""
     if clock.current() != job.clock:  # a worker process started with another clock
         clock.install(job.clock)
-    return _run_chunk(job)
+    with collector.for_chunks():  # threads, Prefect's task runs and Dask's processes alike
+        return _run_chunk(job)
 
 
 def _run_chunk(job: ChunkJob) -> ChunkResult:

@@ -25,7 +25,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from herald.audiences import builder, store
-from herald.core import clock, collector
+from herald.core import clock
 from herald.core.errors import HeraldError, Problem, RunError, ValidationFailed
 from herald.core.spec import Scalar
 from herald.core.workspace import Workspace
@@ -251,8 +251,7 @@ def run_local(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None
     started = clock.now()
     prepared = prepare(ws, flow_name, params, run_key, dry_run)
     try:
-        with collector.for_run(), ThreadPoolExecutor(max_workers or ws.config.max_workers
-                                                     ) as pool:
+        with ThreadPoolExecutor(max_workers or ws.config.max_workers) as pool:
             results = list(pool.map(run_chunk, prepared.chunks))
         check_stopped(prepared)
         return finish(ws, prepared, results, started)

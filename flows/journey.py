@@ -17,7 +17,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 
-from herald.core import clock, collector
+from herald.core import clock
 from herald.core.errors import RunError
 from herald.core.schedules import ScheduleSpec
 from herald.core.workspace import Workspace
@@ -52,8 +52,7 @@ def journey(workspace: str, journey_name: str, now: str | None = None,
         logger.info("journey %s tick %s: %d entered, %d to look at in %d chunks",
                     journey_name, prepared.tick, prepared.entered, prepared.live,
                     len(prepared.chunks))
-        with collector.for_run():
-            results = list(_advance_all(prepared.chunks, ws.config.max_workers))
+        results = list(_advance_all(prepared.chunks, ws.config.max_workers))
         summary = engine.finish(ws, prepared, results)
         state = report.status(ws, journey_name)
         create_table_artifact(

@@ -91,7 +91,8 @@ def run_chunk(job: ChunkJob) -> ChunkResult:
         return result
     done = False
     try:
-        Mover(ws, job, owner, result).run(items)
+        with collector.for_chunks():
+            Mover(ws, job, owner, result).run(items)
         done = True
     finally:
         # A failed chunk is not stamped as looked at: a retry of its task takes it again.
@@ -131,7 +132,6 @@ def tick_local(ws: Workspace, name: str, max_workers: int | None = None,
 
     adopt_workspace(ws)
     prepared = prepare(ws, name, enter)
-    with collector.for_run(), ThreadPoolExecutor(max_workers or ws.config.max_workers
-                                                 ) as pool:
+    with ThreadPoolExecutor(max_workers or ws.config.max_workers) as pool:
         results = list(pool.map(run_chunk, prepared.chunks))
     return finish(ws, prepared, results)

@@ -314,11 +314,12 @@ def test_state_changes_update_rows_in_place_on_postgres(make_workspace, pg_datab
         stats.dispose()
 
 
-def test_the_collector_is_tuned_during_runs_and_restored_after(make_workspace) -> None:
-    """While a run's chunks work, what existed before is frozen out of the cyclic
-    collector's walks and the young generation is collected less often; overlapping runs
-    (threads) share that, and the last one out puts the collector back as it was. Cyclic
-    garbage made during a run is still collected."""
+def test_the_collector_is_tuned_while_chunks_work_and_restored_after(make_workspace
+                                                                     ) -> None:
+    """While chunks work, what existed before is frozen out of the cyclic collector's
+    walks and the young generation is collected less often; overlapping chunks (threads)
+    share that, and the last one out puts the collector back as it was. Cyclic garbage
+    made meanwhile is still collected; a whole run leaves the collector as it found it."""
     import gc
     import threading
     import weakref
@@ -334,13 +335,13 @@ def test_the_collector_is_tuned_during_runs_and_restored_after(make_workspace) -
 
     def second() -> None:
         first_in.wait(10)
-        with collector.for_run():
+        with collector.for_chunks():
             inside.append((gc.get_threshold(), gc.get_freeze_count()))
         second_done.set()
 
     helper = threading.Thread(target=second)
     helper.start()
-    with collector.for_run():
+    with collector.for_chunks():
         first_in.set()
         assert second_done.wait(10)
         inside.append((gc.get_threshold(), gc.get_freeze_count()))  # the other one left
