@@ -52,6 +52,7 @@ from herald.audiences.store import (
 from herald.core import clock
 from herald.core.db import (
     at_driver,
+    copy_escapes,
     copy_text,
     driver_mark,
     from_database,
@@ -246,7 +247,7 @@ def _row_writer(store: Engine, package_id: str, segment: Segment
             def copy_rows(start: int, keys: list[str], tiers: list[str],
                           data: list[str]) -> None:
                 names = "".join(keys) + "".join(tiers)
-                if "\\" in names or not names.isprintable():  # rare: escape each
+                if copy_escapes(names):  # rare: escape each
                     keys = [copy_text(k) for k in keys]
                     tiers = [copy_text(t) for t in tiers]
                 copy.write("".join([

@@ -458,13 +458,16 @@ def at_driver(conn: Connection, statement: str) -> Iterator[Any]:
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
+def copy_escapes(value: str) -> bool:
+    """Whether ``value`` may hold one of the four characters COPY's text format escapes
+    (``isprintable`` is false for tab, newline and carriage return): a cheap test, so
+    that the common value is written as it is."""
+    return "\\" in value or not value.isprintable()
+
+
 def copy_text(value: str) -> str:
-    """``value`` as a field of Postgres's COPY text format. A value with none of the four
-    characters to escape (the common case: ``isprintable`` is false for tab, newline and
-    carriage return) is returned as it is."""
-    if "\\" in value or not value.isprintable():
-        return value.translate(_COPY_ESCAPES)
-    return value
+    """``value`` as a field of Postgres's COPY text format."""
+    return value.translate(_COPY_ESCAPES) if copy_escapes(value) else value
 
 
 def driver_mark(dialect: Any) -> str:
