@@ -120,13 +120,14 @@ class Alerts(Strict):
 
 
 class TaskRunnerSpec(Strict):
-    """Where a run's chunks execute: threads of the flow's process, or a Dask cluster.
+    """Where a run's chunks execute: threads of the flow's process, ``workers`` processes
+    of this machine started for the run, or a Dask cluster.
 
     ``dask`` without ``address`` starts a local cluster of ``workers`` processes for the
     run; with ``address`` (``tcp://scheduler:8786``) it uses that cluster's workers.
     """
 
-    type: Literal["threads", "dask"] = "threads"
+    type: Literal["threads", "processes", "dask"] = "threads"
     address: str | None = None
     workers: int = Field(default=2, ge=1, le=256)
 

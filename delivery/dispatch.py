@@ -31,6 +31,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from herald.channels.base import Channel, ChannelContext, Message, Outcome, SendResult
 from herald.channels.registry import channel_class
@@ -49,25 +50,52 @@ MAX_TOTAL_ATTEMPTS = 12  # under one run key, across runs: then the recipient fa
 
 
 # A stop asked for by a signal (SIGTERM, Ctrl-C): no new batch is handed to a provider in
-# this process; batches in flight finish and are settled. Unsent rows stay `queued`, and
-# a rerun with the run key sends them.
-_stop = threading.Event()
+# this process, nor in the worker processes sharing its stop (herald.flows.processes);
+# batches in flight finish and are settled. Unsent rows stay `queued`, and a rerun with
+# the run key sends them.
+_stop: Any = threading.Event()  # in a worker process, the event its run's process sets
 _stop_reason: list[str] = []
+_shared: list[Any] = []  # worker processes' events that this process's stop sets too
 
 
 def request_stop(reason: str) -> None:
     _stop_reason[:] = [reason]
     _stop.set()
+    for event in list(_shared):
+        event.set()
 
 
 def stop_requested() -> str | None:
-    """Why sending stopped (``"SIGTERM"``), or None while it goes on."""
-    return _stop_reason[0] if _stop.is_set() and _stop_reason else None
+    """Why sending stopped (``"SIGTERM"``), or None while it goes on. A worker process
+    knows that its run stopped, not why: the run's process says why."""
+    if not _stop.is_set():
+        return None
+    return _stop_reason[0] if _stop_reason else "a stop of the run"
 
 
 def clear_stop() -> None:
     _stop.clear()
     _stop_reason.clear()
+    for event in list(_shared):
+        event.clear()
+
+
+def share_stop(event: Any) -> None:
+    """Set ``event`` (a multiprocessing event that worker processes read as their stop)
+    whenever this process stops sending, already set if it has."""
+    _shared.append(event)
+    if _stop.is_set():
+        event.set()
+
+
+def unshare_stop(event: Any) -> None:
+    _shared.remove(event)
+
+
+def follow_stop(event: Any) -> None:
+    """In a worker process: stop sending when ``event`` is set (by the run's process)."""
+    global _stop
+    _stop = event
 
 
 # Channels a fatal answer stopped, per run: the other chunks of the run in this process

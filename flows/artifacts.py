@@ -1,5 +1,5 @@
-"""What every Prefect flow of Herald shares: the artifacts' names, and task runs that
-carry no tags."""
+"""What every Prefect flow of Herald shares: the artifacts' names, task runs that carry
+no tags, and the marks that file a worker process's log lines under a task run."""
 
 from __future__ import annotations
 
@@ -29,3 +29,16 @@ def untagged_tasks() -> Iterator[None]:
 
     with TagsContext(current_tags=set()):
         yield
+
+
+def task_marks() -> dict[str, str]:
+    """What a worker process (herald.delivery.workers) sets on the log records of the
+    chunk this task run hands it, so that Prefect files them under this flow and task
+    run; nothing outside a task run."""
+    from prefect.context import TaskRunContext
+
+    context = TaskRunContext.get()
+    if context is None:
+        return {}
+    return {"flow_run_id": str(context.task_run.flow_run_id),
+            "task_run_id": str(context.task_run.id)}

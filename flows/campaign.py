@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, cast
 from uuid import UUID
@@ -37,11 +38,11 @@ from herald.core.db import describe_failure
 from herald.core.errors import HeraldError, RunError
 from herald.core.spec import Scalar, TaskRunnerSpec
 from herald.core.workspace import Workspace
-from herald.delivery import ledger
+from herald.delivery import ledger, workers
 from herald.delivery.dispatch import stop_requested
 from herald.flows import chunks, engine
 from herald.flows import progress as live
-from herald.flows.artifacts import artifact_key, untagged_tasks
+from herald.flows.artifacts import artifact_key, task_marks, untagged_tasks
 from herald.reporting import runs
 from herald.reporting.text import delivery_markdown
 
@@ -75,7 +76,16 @@ def build_audience(ws: Workspace, flow_name: str, params: dict[str, Scalar], run
       retries=2, retry_delay_seconds=5)
 def send_chunk(job: chunks.ChunkJob) -> chunks.ChunkResult:
     # A retried chunk is safe: the ledger holds who was already reserved or sent.
-    return chunks.run_chunk(job)
+    pool = workers.serving(job.run_id)
+    if pool is None:  # threads, or a Dask worker
+        return chunks.run_chunk(job)
+    return pool.run(chunks.run_chunk, job, task_marks())
+
+
+
+# `herald run --task-runner`: the runner of the flow run it starts in this process, in
+# place of the workspace's (a deployment's runs read the workspace's)
+_runner: ContextVar[TaskRunnerSpec | None] = ContextVar("herald_task_runner", default=None)
 
 
 def resolve_run_key(ws: Workspace, flow_name: str, run_key: str | None,
@@ -198,7 +208,8 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
     live.notify("begin", figures)
     results: list[chunks.ChunkResult] = []
     try:
-        with engine.stop_on_signals():
+        with engine.stop_on_signals(), workers.chunk_runner(
+                _runner.get() or ws.config.task_runner, prepared.run_id, chunks.run_chunk):
             for job, result in _send_all(prepared.chunks, ws.config.max_workers):
                 results.append(result)
                 line = figures.add(job, result)
@@ -313,8 +324,10 @@ def _emit_failed(flow_name: str, run_key: str, run_id: str | None,
 
 
 def task_runner(spec: TaskRunnerSpec) -> TaskRunner[Any]:
-    """The Prefect task runner for ``spec``: threads, or a Dask cluster (local or not)."""
-    if spec.type == "threads":
+    """The Prefect task runner for ``spec``: threads, or a Dask cluster (local or not).
+    With ``processes`` the chunk tasks run in threads too, each handing its chunk to the
+    run's worker processes (herald.flows.processes)."""
+    if spec.type in ("threads", "processes"):
         return ThreadPoolTaskRunner()
     from prefect_dask import DaskTaskRunner
 
@@ -331,9 +344,13 @@ def run(ws: Workspace, flow_name: str, params: dict[str, Scalar] | None, run_key
     """Run the campaign flow here and now (``herald run``), tagged like a deployment's."""
     chunks.adopt_workspace(ws)
     configured = campaign.with_options(task_runner=task_runner(runner or ws.config.task_runner))
-    with tags(*run_tags(ws, flow_name)):
-        state = configured(str(ws.root), flow_name, run_key, params or {}, dry_run,
-                           resend_render_errors=resend_render_errors, return_state=True)
+    chosen = _runner.set(runner)
+    try:
+        with tags(*run_tags(ws, flow_name)):
+            state = configured(str(ws.root), flow_name, run_key, params or {}, dry_run,
+                               resend_render_errors=resend_render_errors, return_state=True)
+    finally:
+        _runner.reset(chosen)
     if state.is_failed():
         outcome = state.result(raise_on_failure=False)
         if isinstance(outcome, BaseException) and not isinstance(outcome, FailedRun):

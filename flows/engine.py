@@ -27,7 +27,7 @@ from zoneinfo import ZoneInfo
 from herald.audiences import builder, store
 from herald.core import clock
 from herald.core.errors import HeraldError, Problem, RunError, ValidationFailed
-from herald.core.spec import Scalar
+from herald.core.spec import Scalar, TaskRunnerSpec
 from herald.core.workspace import Workspace
 from herald.delivery import ledger_reads, run_records, suppression
 from herald.delivery.dispatch import (
@@ -36,6 +36,7 @@ from herald.delivery.dispatch import (
     request_stop,
     stop_requested,
 )
+from herald.delivery.workers import chunk_runner
 from herald.flows.chunks import (
     CARRIED,
     ChunkJob,
@@ -244,15 +245,20 @@ def fail(ws: Workspace, run_id: str, error: BaseException) -> None:
 
 def run_local(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None = None,
               run_key: str | None = None, dry_run: bool = False,
-              max_workers: int | None = None) -> dict[str, Any]:
-    """Run a campaign on a thread pool without Prefect (tests, embedded use)."""
+              max_workers: int | None = None, runner: TaskRunnerSpec | None = None
+              ) -> dict[str, Any]:
+    """Run a campaign without Prefect (tests, embedded use): at most ``max_workers``
+    chunks at once, each in a thread, or in a worker process when the workspace's
+    ``task_runner`` is ``processes`` (``runner`` overrides it; ``dask`` runs threads)."""
     from concurrent.futures import ThreadPoolExecutor
 
     started = clock.now()
     prepared = prepare(ws, flow_name, params, run_key, dry_run)
     try:
-        with ThreadPoolExecutor(max_workers or ws.config.max_workers) as pool:
-            results = list(pool.map(run_chunk, prepared.chunks))
+        with chunk_runner(runner or ws.config.task_runner, prepared.run_id,
+                          run_chunk) as run, \
+                ThreadPoolExecutor(max_workers or ws.config.max_workers) as pool:
+            results = list(pool.map(run, prepared.chunks))
         check_stopped(prepared)
         return finish(ws, prepared, results, started)
     except BaseException as exc:

@@ -23,7 +23,8 @@ from herald.core.schedules import ScheduleSpec
 from herald.core.workspace import Workspace
 from herald.core.workspace import adopt as adopt_workspace
 from herald.core.workspace import shared as workspace_at
-from herald.flows.artifacts import artifact_key, untagged_tasks
+from herald.delivery import workers
+from herald.flows.artifacts import artifact_key, task_marks, untagged_tasks
 from herald.flows.schedules import prefect_schedule
 from herald.journeys import engine, load, report
 from herald.journeys.chunks import ChunkJob, ChunkResult
@@ -37,7 +38,10 @@ if TYPE_CHECKING:
       retries=2, retry_delay_seconds=5)
 def advance_chunk(job: ChunkJob) -> ChunkResult:
     # A retried chunk is safe: its leases were released, the ledger holds what was sent.
-    return engine.run_chunk(job)
+    pool = workers.serving(job.tick)
+    if pool is None:
+        return engine.run_chunk(job)
+    return pool.run(engine.run_chunk, job, task_marks())
 
 
 @flow(name="herald-journey", flow_run_name="{journey_name}", log_prints=False,
@@ -52,7 +56,8 @@ def journey(workspace: str, journey_name: str, now: str | None = None,
         logger.info("journey %s tick %s: %d entered, %d to look at in %d chunks",
                     journey_name, prepared.tick, prepared.entered, prepared.live,
                     len(prepared.chunks))
-        results = list(_advance_all(prepared.chunks, ws.config.max_workers))
+        with workers.chunk_runner(ws.config.task_runner, prepared.tick, engine.run_chunk):
+            results = list(_advance_all(prepared.chunks, ws.config.max_workers))
         summary = engine.finish(ws, prepared, results)
         state = report.status(ws, journey_name)
         create_table_artifact(

@@ -33,6 +33,7 @@ from herald.core.workspace import Workspace
 from herald.core.workspace import shared as workspace_at
 from herald.delivery import render
 from herald.delivery.dispatch import forget_run
+from herald.delivery.workers import chunk_runner
 from herald.journeys import load
 from herald.journeys.chunks import ChunkJob, ChunkResult, claim, claimable, release
 from herald.journeys.entry import definition, enter_recipients, store_version
@@ -125,13 +126,16 @@ def finish(ws: Workspace, prepared: Prepared, results: list[ChunkResult]) -> dic
 
 def tick_local(ws: Workspace, name: str, max_workers: int | None = None,
                enter: bool = True) -> dict[str, Any]:
-    """One tick on a thread pool without Prefect (CLI, tests, embedded use)."""
+    """One tick without Prefect (CLI, tests, embedded use): at most ``max_workers``
+    chunks at once, each in a thread, or in a worker process when the workspace's
+    ``task_runner`` is ``processes``."""
     from concurrent.futures import ThreadPoolExecutor
 
     from herald.core.workspace import adopt as adopt_workspace
 
     adopt_workspace(ws)
     prepared = prepare(ws, name, enter)
-    with ThreadPoolExecutor(max_workers or ws.config.max_workers) as pool:
-        results = list(pool.map(run_chunk, prepared.chunks))
+    with chunk_runner(ws.config.task_runner, prepared.tick, run_chunk) as run, \
+            ThreadPoolExecutor(max_workers or ws.config.max_workers) as pool:
+        results = list(pool.map(run, prepared.chunks))
     return finish(ws, prepared, results)

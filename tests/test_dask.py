@@ -61,7 +61,7 @@ def test_task_runner_options_are_checked(make_workspace, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["run", "promo", "--task-runner", "spark", "-w", str(ws.root)])
     assert exc.value.code == 2
-    assert "'spark' (use threads or dask)" in capsys.readouterr().err
+    assert "'spark' (use threads, processes or dask)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["run", "promo", "--task-runner", "threads", "--dask-address", "tcp://h:1",
               "-w", str(ws.root)])

@@ -38,7 +38,8 @@ def run(flow: str, param: ParamOpt = None,
                                               "and record nothing")] = False,
         as_json: Annotated[bool, typer.Option("--json")] = False,
         task_runner: Annotated[str | None, typer.Option(
-            "--task-runner", help="threads or dask (default: the workspace's task_runner)")
+            "--task-runner", help="threads, processes or dask (default: the workspace's "
+            "task_runner)")
         ] = None,
         dask_address: Annotated[str | None, typer.Option(
             "--dask-address", help="Dask scheduler, e.g. tcp://10.0.0.5:8786 (implies "
@@ -121,14 +122,17 @@ def run(flow: str, param: ParamOpt = None,
 def _runner(ws: Workspace, kind: str | None, address: str | None) -> TaskRunnerSpec | None:
     if kind is None and address is None:
         return None
-    if kind not in (None, "threads", "dask"):
-        raise typer.BadParameter(f"'{kind}' (use threads or dask)", param_hint="--task-runner")
-    if kind == "threads" and address:
+    if kind not in (None, "threads", "processes", "dask"):
+        raise typer.BadParameter(f"'{kind}' (use threads, processes or dask)",
+                                 param_hint="--task-runner")
+    if kind in ("threads", "processes") and address:
         raise typer.BadParameter("--dask-address needs --task-runner dask",
                                  param_hint="--dask-address")
+    base = ws.config.task_runner
     if kind == "threads":
         return TaskRunnerSpec(type="threads")
-    base = ws.config.task_runner
+    if kind == "processes":
+        return TaskRunnerSpec(type="processes", workers=base.workers)
     return TaskRunnerSpec(type="dask", address=address or base.address, workers=base.workers)
 
 

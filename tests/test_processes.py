@@ -1,0 +1,267 @@
+"""Chunks in worker processes of this machine (``task_runner: processes``): the same
+ledger as on threads, on SQLite and Postgres, through the engine and through Prefect;
+a stop reaches the workers; their log lines reach the run's process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from herald.core.spec import TaskRunnerSpec
+from herald.flows import chunks, engine
+
+from .helpers import (
+    HERALD_YAML,
+    JOURNEY_FILES,
+    JOURNEY_START,
+    PROMO_YAML,
+    crm_event,
+    crm_events,
+    enrollment_rows,
+    journey_tick,
+    ledger_rows,
+    outbox_files,
+    outbox_messages,
+)
+from .test_channel_webhook import hook_workspace
+
+HERE = f"{socket.gethostname()}:{os.getpid()}"
+PROCESSES = TaskRunnerSpec(type="processes", workers=2)
+
+
+def _delivered(ws: Any) -> Counter[str]:
+    lines = [json.loads(line)["recipient"] for path in outbox_files(ws)
+             if path.suffix == ".jsonl" for line in path.read_text().splitlines() if line]
+    return Counter(lines + [p.stem for p in outbox_files(ws) if p.suffix == ".eml"])
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_processes_write_the_ledger_threads_write(store, make_workspace, request) -> None:
+    url = request.getfixturevalue("pg_database") if store == "postgres" else None
+    ws = make_workspace({"config/flows/promo.yaml": PROMO_YAML + "holdout: 0.1\n"},
+                        rows=300, store=url)
+    threaded = engine.run_local(ws, "promo", run_key="threads")
+    spread = engine.run_local(ws, "promo", run_key="processes", runner=PROCESSES)
+    assert spread["chunks"] == threaded["chunks"] == 8  # chunk_size 40
+    assert spread["deliveries"] == threaded["deliveries"]
+    assert spread["by_tier"] == threaded["by_tier"]
+    assert threaded["deliveries"]["held_out"] > 0 and threaded["deliveries"]["sent"] > 200
+
+    def rows(key: str) -> dict[str, tuple[Any, ...]]:
+        return ledger_rows(ws, "tier", "channel", "address", "status", "variant",
+                           where=f"run_key = '{key}'")
+
+    assert rows("processes") == rows("threads") and len(rows("threads")) == 300
+    # each recipient of the second run got one message, from one of two other processes
+    delivered = _delivered(ws)
+    assert set(delivered.values()) == {2}
+    assert len(delivered) == threaded["deliveries"]["sent"]
+    assert threaded["workers"] == [HERE]
+    assert len(spread["workers"]) == 2 and HERE not in spread["workers"]
+
+
+def test_the_workspace_setting_chooses_processes(make_workspace) -> None:
+    ws = make_workspace({"config/herald.yaml": HERALD_YAML + (
+        "task_runner: {type: processes, workers: 2}\n")}, rows=120)
+    summary = engine.run_local(ws, "promo", run_key="k")
+    threaded = engine.run_local(ws, "promo", run_key="t", runner=TaskRunnerSpec())
+    assert summary["deliveries"] == threaded["deliveries"]
+    assert outbox_messages(ws) == 2 * summary["deliveries"]["sent"] > 100
+    assert threaded["workers"] == [HERE]
+    assert HERE not in summary["workers"] and 1 <= len(summary["workers"]) <= 2
+
+
+def test_worker_log_lines_reach_the_run_process(make_workspace, peer, monkeypatch,
+                                                caplog) -> None:
+    """A chunk's error in a worker (a provider refusing the channel's credentials stops
+    the channel) is a record of the run's process, under the same logger name, with the
+    marks its chunk was given."""
+    from herald.delivery.workers import ChunkProcesses
+
+    ws = hook_workspace(make_workspace, peer, monkeypatch, concurrency="1")
+    for i in range(1, 13):
+        peer.script(str(i), ("status", 401))
+    prepared = engine.prepare(ws, "promo", run_key="logs")
+    caplog.set_level(logging.INFO, logger="herald")
+    pool = ChunkProcesses(1)
+    try:
+        result = pool.run(chunks.run_chunk, prepared.chunks[0],
+                          {"flow_run_id": "f-1", "task_run_id": "t-1"})
+    finally:
+        pool.close()
+    assert sum(n for status, *_, n in result.counts if status == "failed") == 11
+    assert result.worker != HERE
+    stopped = [r for r in caplog.records if r.name == "herald.dispatch"
+               and "channel hook stopped" in r.getMessage()]
+    assert len(stopped) == 1, [r.getMessage() for r in caplog.records]
+    assert stopped[0].levelno == logging.ERROR and stopped[0].process != os.getpid()
+    assert (stopped[0].flow_run_id, stopped[0].task_run_id) == ("f-1", "t-1")
+
+
+def test_a_stop_in_the_run_process_stops_the_workers(make_workspace) -> None:
+    from herald.delivery import dispatch
+    from herald.delivery.workers import ChunkProcesses
+
+    ws = make_workspace(rows=40)
+    prepared = engine.prepare(ws, "promo", run_key="stop")
+    pool = ChunkProcesses(1)
+    try:
+        dispatch.request_stop("SIGTERM")
+        # a chunk that starts after the stop sends nothing (its rows are left queued for
+        # the rerun): the worker read the run process's stop
+        assert pool.run(chunks.run_chunk, prepared.chunks[0]).counts == []
+    finally:
+        dispatch.clear_stop()
+        pool.close()
+    assert outbox_messages(ws) == 0
+    assert dispatch._shared == []  # the pool's event is no longer set by later stops
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_stops_worker_processes_between_batches(sig, make_workspace) -> None:
+    """SIGTERM to the run's process, or Ctrl-C in its terminal (SIGINT to the whole
+    process group, workers included): no new batch anywhere, the batches in flight
+    settled, and the rerun sends the rest once each."""
+    ws = make_workspace({"config/herald.yaml": (
+        "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
+        "  email: {type: outbox, kind: email, rate: 100/s, batch_size: 20}\n"
+        "  sms: {type: outbox, kind: sms, rate: 100/s, batch_size: 20}\n"
+        "chunk_size: 100\nmax_workers: 2\ntask_runner: {type: processes, workers: 2}\n")},
+        rows=600)
+    code = ("import sys; from herald.core.workspace import Workspace; "
+            "from herald.flows import engine\n"
+            "if __name__ == '__main__':\n"
+            "    ws = Workspace.open(sys.argv[1])\n"
+            "    with engine.stop_on_signals():\n"
+            "        engine.run_local(ws, 'promo', run_key='stop')\n")
+    script = ws.root / "run_stop.py"
+    script.write_text(code)
+    proc = subprocess.Popen([sys.executable, str(script), str(ws.root)],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while outbox_messages(ws) < 60 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C: every process of the group
+    else:
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    before = outbox_messages(ws)
+    assert proc.returncode != 0, err[-800:]
+    assert "herald run promo --run-key stop" in err and "stopped by" in err, err[-800:]
+    assert before < 400
+    first = ledger_rows(ws, "status", where="run_key = 'stop'")
+    assert not any(s == "sending" for (s,) in first.values())  # in flight: settled
+    chunks.forget_workspace(ws.root)
+    from herald.core.workspace import Workspace
+
+    again = Workspace.open(ws.root)
+    try:
+        engine.run_local(again, "promo", run_key="stop")
+        rows = ledger_rows(again, "status", where="run_key = 'stop'")
+    finally:
+        chunks.forget_workspace(again.root)
+        again.dispose()
+    delivered = _delivered(ws)
+    assert len(rows) == 600 and max(delivered.values()) == 1
+    assert sorted(delivered) == sorted(k for k, (s,) in rows.items() if s == "sent")
+
+
+def test_processes_options_are_checked(make_workspace, capsys) -> None:
+    from herald.core.errors import ConfigError
+    from herald.core.workspace import Workspace
+    from herald.flows.cli import main
+
+    ws = make_workspace(rows=5)
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "promo", "--task-runner", "processes", "--dask-address", "tcp://h:1",
+              "-w", str(ws.root)])
+    assert exc.value.code == 2
+    assert "--dask-address needs --task-runner dask" in capsys.readouterr().err
+    config = ws.root / "config" / "herald.yaml"
+    config.write_text(HERALD_YAML + "task_runner: {type: processes, address: "
+                      "\"tcp://h:1\"}\n")
+    with pytest.raises(ConfigError, match="address applies to the dask task runner only"):
+        Workspace.open(ws.root)
+    config.write_text(HERALD_YAML + "task_runner: {type: processes, workers: 0}\n")
+    with pytest.raises(ConfigError, match="workers"):
+        Workspace.open(ws.root)
+
+
+@pytest.mark.prefect
+def test_herald_run_with_processes(make_workspace, prefect_harness, capsys) -> None:
+    """``herald run --task-runner processes``: Prefect's task runs hand their chunks to
+    two worker processes; the ledger is that of a run on threads."""
+    from herald.flows.cli import main
+
+    ws = make_workspace({"config/flows/promo.yaml": PROMO_YAML + "holdout: 0.1\n"},
+                        rows=200)
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "promo", "--json", "--run-key", "spread", "--task-runner",
+              "processes", "-w", str(ws.root)])
+    assert exc.value.code in (0, None)
+    summary = json.loads(capsys.readouterr().out)
+    threaded = engine.run_local(ws, "promo", run_key="threads")
+    assert summary["deliveries"] == threaded["deliveries"] and summary["chunks"] == 5
+    assert len(summary["workers"]) == 2 and HERE not in summary["workers"]
+    by_key = {key: ledger_rows(ws, "tier", "channel", "status",
+                               where=f"run_key = '{key}'") for key in ("spread", "threads")}
+    assert by_key["spread"] == by_key["threads"] and len(by_key["spread"]) == 200
+
+
+def test_a_journey_tick_in_worker_processes(make_workspace) -> None:
+    """A journey's chunks in two worker processes move everyone as threads do, at the
+    tick's clock (set here, read there)."""
+    from herald.core import clock
+
+    def tick_twice(ws: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        crm_events(ws)
+        with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+            first = journey_tick(ws)
+            buyer = sorted((k for k, r in enrollment_rows(ws).items()
+                            if r.cohort == "main"), key=int)[0]
+            clock.advance(timedelta(days=1))
+            crm_event(ws, "orders", int(buyer), clock.now() - timedelta(hours=2))
+            second = journey_tick(ws)
+        where = {k: (r.step, r.status, r.cohort, r.exit_reason)
+                 for k, r in enrollment_rows(ws).items()}
+        return first, second, where
+
+    spread = make_workspace({**JOURNEY_FILES, "config/herald.yaml": HERALD_YAML + (
+        "task_runner: {type: processes, workers: 2}\n")}, rows=60, folder="spread")
+    threaded = make_workspace(JOURNEY_FILES, rows=60, folder="threaded")
+    first, second, where = tick_twice(spread)
+    assert first["entered"] == 60 and first["exits"] == {"holdout": 6}
+    assert first["steps"]["first"]["sent"] > 40 and second["exits"] == {"purchased": 1}
+    assert len(first["workers"]) >= 1 and HERE not in first["workers"]
+    alike = tick_twice(threaded)
+    assert (first["steps"], second["steps"], second["exits"]) == (
+        alike[0]["steps"], alike[1]["steps"], alike[1]["exits"])
+    assert where == alike[2] and alike[0]["workers"] == [HERE]
+
+
+@pytest.mark.prefect
+def test_a_journey_flow_run_hands_its_chunks_to_worker_processes(make_workspace,
+                                                                 prefect_harness) -> None:
+    from herald.core import clock
+    from herald.flows import journey as journey_flow
+
+    ws = make_workspace({**JOURNEY_FILES, "config/herald.yaml": HERALD_YAML + (
+        "task_runner: {type: processes, workers: 2}\n")}, rows=60)
+    crm_events(ws)
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        summary = journey_flow.run(ws, "nudge")
+    assert summary["entered"] == 60 and summary["exits"] == {"holdout": 6}
+    assert summary["chunks"] == 2 and HERE not in summary["workers"]
+    assert sum(summary["steps"]["first"].values()) == 54
