@@ -110,6 +110,18 @@ def make_workspace(tmp_path: Path) -> Iterator[WorkspaceFactory]:
         ws.dispose()
 
 
+# -- a provider's HTTP API on loopback ------------------------------------------------------
+@pytest.fixture
+def peer() -> Iterator[Any]:
+    """A real HTTP server on loopback answering as each test scripts it (http_peer.py)."""
+    from .http_peer import Peer, serve
+
+    server, found = serve(Peer())
+    yield found
+    server.shutdown()
+    server.server_close()
+
+
 # -- Postgres -----------------------------------------------------------------------------
 def _pg_admin() -> Any:
     from sqlalchemy import create_engine

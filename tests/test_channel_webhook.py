@@ -7,10 +7,7 @@ import asyncio
 import json
 import socket
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from herald.channels.base import ChannelContext, Message, Outcome
 from herald.channels.http import AiohttpTransport
@@ -24,17 +21,9 @@ from herald.channels.webhook import (
 from herald.flows import engine
 
 from .helpers import PROMO_YAML, ledger_rows, suppression_rows
-from .http_peer import Peer, serve
+from .http_peer import Peer
 
 SECRET = "whsec-test-3f9a"
-
-
-@pytest.fixture
-def peer() -> Iterator[Peer]:
-    server, found = serve(Peer())
-    yield found
-    server.shutdown()
-    server.server_close()
 
 
 def hook_workspace(make_workspace, peer: Peer, monkeypatch, **extra: str):

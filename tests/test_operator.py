@@ -130,16 +130,6 @@ def test_progress_lines_and_artifacts_mid_run(make_workspace, prefect_harness) -
 
 
 # -- failures an operator can act on --------------------------------------------------------
-@pytest.fixture
-def peer():
-    from .http_peer import Peer, serve
-
-    server, found = serve(Peer())
-    yield found
-    server.shutdown()
-    server.server_close()
-
-
 def test_failure_reasons_keep_the_providers_code(make_workspace, peer, capsys) -> None:
     """A gateway's own error code and message travel from its answer to the ledger, the
     report's top failure reasons and the delivery artifact's Markdown."""
