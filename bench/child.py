@@ -4,7 +4,8 @@
 
 ``engine`` runs the flow with the engine alone (threads, no Prefect); ``prefect`` runs
 ``herald run`` in this process. OUT.json gets the summary and this process's peak RSS
-(children such as Prefect's temporary server are not counted: they are not Herald).
+(children such as Prefect's temporary server are not counted: they are not Herald) and
+the largest child's.
 """
 
 from __future__ import annotations
@@ -38,8 +39,12 @@ def main() -> None:
         summary = json.loads(buffer.getvalue())
     wall = time.perf_counter() - start
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # the largest child ended: a worker process (task_runner: processes) or, through
+    # Prefect, its temporary server
+    children_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     with open(out, "w") as fh:
-        json.dump({"summary": summary, "wall": wall, "peak_kib": peak_kib}, fh)
+        json.dump({"summary": summary, "wall": wall, "peak_kib": peak_kib,
+                   "children_kib": children_kib}, fh)
 
 
 if __name__ == "__main__":
