@@ -61,14 +61,15 @@ def _steps_sent(ws: Workspace, recipient: str) -> list[str]:
 
 def _outbox_lines(ws: Workspace) -> Counter[tuple[str, str]]:
     """(run key folder, recipient) of every JSON-lines message in the outbox: a message
-    sent twice shows up twice."""
+    sent twice shows up twice. Read while a tick writes, a last line not yet ended is
+    not counted."""
     import json
 
     seen: Counter[tuple[str, str]] = Counter()
     base = ws.root / ".herald" / "outbox"
     for path in base.rglob("*.jsonl") if base.exists() else []:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line:
+        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+            if line.endswith("\n") and line.strip():
                 seen[path.parent.name, str(json.loads(line)["recipient"])] += 1
     return seen
 
