@@ -74,12 +74,13 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
-# The reliability catalogue (tests/test_reliability.py and the journeys' faults in
-# tests/test_journeys.py, also part of make test): runs them and rewrites RELIABILITY.md
-# with each entry's outcome and the totals.
+# The reliability catalogue (tests/test_reliability.py, the journeys' faults in
+# tests/test_journeys.py and the worker processes' in tests/test_processes.py, also part
+# of make test): runs them and rewrites RELIABILITY.md with each entry's outcome and the
+# totals.
 reliability: $(STAMP)
 	HERALD_CATALOGUE=build/catalogue.json $(BIN)/python -m pytest -q tests/test_reliability.py \
-	    tests/test_journeys.py
+	    tests/test_journeys.py tests/test_processes.py
 	$(BIN)/python -m tests.catalogue build/catalogue.json > RELIABILITY.md
 
 clean:

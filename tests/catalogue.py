@@ -44,8 +44,9 @@ HEAD = """\
 # Reliability
 
 What Herald does with bad input, provider faults, crashes and secrets, as tried on
-purpose by the test suite (`tests/test_reliability.py`, and for journeys
-`tests/test_journeys.py`; part of `make test`). Every entry
+purpose by the test suite (`tests/test_reliability.py`, for journeys
+`tests/test_journeys.py`, for chunks in worker processes `tests/test_processes.py`; part
+of `make test`). Every entry
 below is a test that passed; its outcome column is what the test asserts. Regenerate with
 `make reliability` (runs the catalogue and rewrites this file).
 
