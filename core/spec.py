@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
 from herald.core.fields import (
     Clock,
@@ -206,6 +206,17 @@ class WorkspaceConfig(Strict):
     # how reports show revenue: an ISO 4217 code (CNY, USD, EUR) before the amounts
     currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$")
 
+    @field_validator("task_runner")
+    @classmethod
+    def _store_every_worker_opens(cls, value: TaskRunnerSpec, info: ValidationInfo
+                                  ) -> TaskRunnerSpec:
+        store = str(info.data.get("store") or "")
+        if value.type != "threads" and _in_memory(store):
+            raise ValueError(f"{value.type} runs chunks in other processes, which cannot "
+                             f"open this process's in-memory workspace database ({store}): "
+                             "use a database file or a server")
+        return value
+
     @field_validator("channels", mode="before")
     @classmethod
     def _channel_tables(cls, value: Any) -> Any:
@@ -214,6 +225,14 @@ class WorkspaceConfig(Strict):
                 if not isinstance(settings, dict):
                     raise ValueError(f"channel '{name}' must be a mapping with a 'type'")
         return value
+
+
+def _in_memory(url: str) -> bool:
+    """Whether ``url`` is a SQLite database that lives in one process's memory."""
+    if not url.startswith("sqlite"):
+        return False
+    database = url.partition("://")[2].removeprefix("/")
+    return database in ("", ":memory:") or "mode=memory" in database
 
 
 class AudienceSpec(Strict):
