@@ -588,3 +588,33 @@ def test_experiment_follow_up_decides_and_sends_the_winner_to_the_rest(
     assert {(after[k].status, after[k].variant) for k in waiting} == {("sent", "b")}
     per_person = Counter(m["recipient"] for m in sent_messages(ws))
     assert set(per_person) == tested | waiting and set(per_person.values()) == {1}
+
+
+def test_a_served_run_hands_its_chunks_to_worker_processes(make_workspace, server,
+                                                            background) -> None:
+    """A deployment's run of a workspace with ``task_runner: processes`` (``herald
+    serve``): its chunk tasks hand the chunks to worker processes of the run's process."""
+    import json
+    import sqlite3
+
+    from .helpers import HERALD_YAML
+
+    ws = make_workspace({"config/herald.yaml": HERALD_YAML + (
+        "task_runner: {type: processes, workers: 2}\n")}, rows=120, folder="spread")
+    dep, run = served_run(server, background, ws, "spread")
+    with sqlite3.connect(ws.root / ".herald" / "herald.db") as conn:
+        summary, owner = conn.execute("SELECT summary, owner FROM herald_runs WHERE "
+                                      "run_key = 'spread' AND status = 'completed'"
+                                      ).fetchone()
+        statuses = dict(conn.execute("SELECT status, count(*) FROM herald_deliveries "
+                                     "WHERE run_key = 'spread' GROUP BY status").fetchall())
+    figures = json.loads(summary)
+    # the chunks ran in one or two workers, none of them the flow run's own process
+    assert figures["chunks"] == 3 and 1 <= len(figures["workers"]) <= 2
+    assert owner and owner not in figures["workers"]
+    assert sum(statuses.values()) == 120 and statuses["sent"] == outbox_messages(ws) > 100
+    with server.client() as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [run.id]}))
+    assert sorted(t.name for t in tasks if t.name.startswith("chunk-")) == [
+        "chunk-0000", "chunk-0001", "chunk-0002"]
+    assert all(t.state is not None and t.state.is_completed() for t in tasks)
