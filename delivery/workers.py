@@ -22,6 +22,8 @@ chunk. What the workers share with the run's process:
   when there is one, so it reaches the Prefect UI as from a thread.
 - the clock, with each chunk job (``ChunkJob.clock``).
 
+A worker ends at once when the run's process is gone (killed): as on threads, nothing
+more is sent, and a rerun does not race a worker still sending the rows it resumes.
 Not shared: a fatal answer stops a channel for the chunks of its own process only (as
 on Dask); anything patched into the run's process after it started (tests).
 """
@@ -31,8 +33,10 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import multiprocessing
+import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -119,12 +123,26 @@ def _start_worker(stop: Any, logs: Any, level: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     dispatch.follow_stop(stop)
+    threading.Thread(target=_end_with, args=(os.getppid(),), daemon=True,
+                     name="herald-worker-parent").start()
     forward = logging.handlers.QueueHandler(logs)
     forward.addFilter(_mark)
     herald = logging.getLogger("herald")
     herald.handlers[:] = [forward]
     herald.setLevel(level)
     herald.propagate = False
+
+
+def _end_with(parent: int) -> None:
+    """End this worker at once when the run's process is gone (killed, say): as in a
+    run on threads, nothing more is sent; its `queued` rows wait for the rerun, which
+    must not find a worker still sending them."""
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_CHECK_SECONDS)
+    os._exit(1)
+
+
+ORPHAN_CHECK_SECONDS = 0.05
 
 
 def _mark(record: logging.LogRecord) -> bool:

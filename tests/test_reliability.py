@@ -1358,6 +1358,66 @@ def test_worker_process_killed_mid_send_then_rerun(make_workspace, catalogue) ->
               messages=600, lost=lost, duplicated=duplicated)
 
 
+def test_run_process_killed_with_chunks_in_worker_processes(make_workspace,
+                                                            catalogue) -> None:
+    """task_runner: processes: the run's own process killed (SIGKILL). Its workers end
+    at once too (nothing more is sent), so the rerun, resuming the rows still `queued`,
+    races no worker still sending them."""
+    ws = make_workspace({"config/herald.yaml": (
+        "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
+        "  email: {type: outbox, kind: email, rate: 100/s, batch_size: 20}\n"
+        "  sms: {type: outbox, kind: sms, rate: 100/s, batch_size: 20}\n"
+        "chunk_size: 100\nmax_workers: 2\ntask_runner: {type: processes, workers: 2}\n")},
+        rows=600)
+    script = ws.root / "run_killed.py"
+    script.write_text("import sys\nfrom herald.core.workspace import Workspace\n"
+                      "from herald.flows.engine import run_local\n"
+                      "if __name__ == '__main__':\n"
+                      "    run_local(Workspace.open(sys.argv[1]), 'promo', run_key='rkill')\n")
+    proc = subprocess.Popen([sys.executable, str(script), str(ws.root)])
+    deadline = time.monotonic() + 60
+    while outbox_messages(ws) < 60 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = _spawned_workers(proc.pid)
+    assert len(workers) == 2, workers
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = time.monotonic()
+    while any(Path(f"/proc/{w}").exists() and "Z" not in _state(w) for w in workers) \
+            and time.monotonic() - killed < 5:
+        time.sleep(0.01)
+    gone = time.monotonic() - killed
+    assert gone < 1, f"workers still running {gone:.1f} s after their run's process died"
+    before = outbox_messages(ws)
+    time.sleep(0.5)
+    assert outbox_messages(ws) == before  # nothing more was sent
+    assert 0 < before < 598
+    chunks.forget_workspace(ws.root)
+    from herald.core.workspace import Workspace
+
+    ws2 = Workspace.open(ws.root)
+    chunks.adopt_workspace(ws2)
+    engine.run_local(ws2, "promo", run_key="rkill")
+    ledger = _ledger(ws2, "rkill")
+    lost, duplicated = _account(ledger, _delivered(ws2), [str(i) for i in range(1, 601)])
+    in_flight = sum(1 for s, _ in ledger.values() if s == "sending")
+    assert lost == 0 and duplicated == 0 and len(ledger) == 600
+    ws2.dispose()
+    catalogue("fault", "the run's process killed (SIGKILL) with chunks in two worker "
+              "processes (task_runner: processes), then rerun",
+              f"both workers ended {gone:.2f} s after it, nothing more sent (stopped at "
+              f"{before} messages); the rerun sent the rest once; {in_flight} rows caught "
+              "in flight stay `sending` for review (never resent blindly)",
+              messages=600, lost=lost, duplicated=duplicated)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
 def _spawned_workers(pid: int) -> list[int]:
     """The worker processes a run's process spawned (not multiprocessing's resource
     tracker), read from /proc."""
