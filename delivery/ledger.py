@@ -93,6 +93,7 @@ class Existing:
     address: str | None
     not_before: datetime | None
     variant: str | None = None
+    run_id: str | None = None  # the run that wrote or last took over the row
 
     def due(self, at: datetime) -> bool:
         """A deferred row whose time has come (quiet hours over, provider back-off done)."""

@@ -71,10 +71,11 @@ def existing(conn: Connection, flow: str, run_key: str, recipients: Sequence[str
         rows = conn.execute(select(deliveries.c.recipient, deliveries.c.status,
                                    deliveries.c.channel, deliveries.c.tier,
                                    deliveries.c.address, deliveries.c.not_before,
-                                   deliveries.c.variant).where(
+                                   deliveries.c.variant, deliveries.c.run_id).where(
             deliveries.c.flow == flow, deliveries.c.run_key == run_key, part))
         out.update({r.recipient: Existing(r.status, r.channel, r.tier, r.address,
-                                          r.not_before, r.variant) for r in rows})
+                                          r.not_before, r.variant, r.run_id)
+                    for r in rows})
     return out
 
 

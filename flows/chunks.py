@@ -126,8 +126,11 @@ def _run_chunk(job: ChunkJob) -> ChunkResult:
         due = [r for r in rows if r.key in seen and seen[r.key].due(at)]
         for r in rows:
             old = seen.get(r.key)
-            if old and old.status != "queued" and not old.due(at):
-                # already handled under this run key; a deferred row still waits
+            if old and old.status != "queued" and not old.due(at) \
+                    and old.run_id != job.run_id:
+                # already handled under this run key by an earlier run (this run's own
+                # rows, met again when a chunk is retried, are counted from the ledger);
+                # a deferred row still waits
                 status = WAITING if old.status == "deferred" else ALREADY
                 counts[status, old.tier, old.channel] += 1
         fresh = [r for r in rows if r.key not in seen]
