@@ -39,11 +39,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from herald.core.spec import TaskRunnerSpec
 from herald.delivery import dispatch
+
+log = logging.getLogger("herald.workers")
 
 Job = TypeVar("Job")
 Result = TypeVar("Result")
@@ -55,34 +58,69 @@ _pools_lock = threading.Lock()
 
 
 class ChunkProcesses:
-    """``workers`` spawned processes that run chunk jobs; close() when the run ends."""
+    """``workers`` spawned processes that run chunk jobs; close() when the run ends.
+
+    A worker that dies (killed, out of memory) breaks the pool: every chunk in it fails
+    with ``BrokenProcessPool`` (the other workers are stopped by the pool, and stop
+    sending between batches), and the next chunk handed over starts a new pool. A Prefect
+    chunk task's retry thus resumes its chunk in fresh workers (rows already `sending`
+    are never resent); the engine, which has no retries, fails the run.
+    """
 
     def __init__(self, workers: int) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._stop = context.Event()
-        self._logs: Any = context.Queue()
-        level = logging.getLogger("herald").getEffectiveLevel()
-        self._pool = ProcessPoolExecutor(workers, mp_context=context,
-                                         initializer=_start_worker,
-                                         initargs=(self._stop, self._logs, level))
+        self._context = multiprocessing.get_context("spawn")
+        self._workers = workers
+        self._logs: Any = self._context.Queue()
+        self._level = logging.getLogger("herald").getEffectiveLevel()
+        self._lock = threading.Lock()
+        self._pool, self._stop = self._start()
         self._relay = threading.Thread(target=_relay, args=(self._logs,), daemon=True,
                                        name="herald-worker-logs")
         self._relay.start()
-        dispatch.share_stop(self._stop)
+
+    def _start(self) -> tuple[ProcessPoolExecutor, Any]:
+        # each pool its own stop event: a broken pool's workers set theirs when the pool
+        # stops them, and a new pool's must start clear (unless the run stopped)
+        stop = self._context.Event()
+        pool = ProcessPoolExecutor(self._workers, mp_context=self._context,
+                                   initializer=_start_worker,
+                                   initargs=(stop, self._logs, self._level))
+        dispatch.share_stop(stop)
+        return pool, stop
 
     def run(self, chunk: Callable[[Job], Result], job: Job,
             marks: dict[str, str] | None = None) -> Result:
         """``chunk(job)`` in a worker (a module-level function: it is sent by name), waited
         for; ``marks`` are set on the records it logs (Prefect's ``flow_run_id`` and
         ``task_run_id``)."""
-        return self._pool.submit(_run, chunk, job, marks or {}).result()
+        with self._lock:
+            pool = self._pool
+        try:
+            return pool.submit(_run, chunk, job, marks or {}).result()
+        except BrokenProcessPool:
+            self._replace(pool)
+            raise
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._pool is not broken:
+                return  # another chunk of the broken pool replaced it already
+            stop = self._stop
+            self._pool, self._stop = self._start()
+        broken.shutdown(wait=False, cancel_futures=True)
+        dispatch.unshare_stop(stop)
+        log.warning("a worker process ended abruptly; its chunks failed (rows it had "
+                    "handed to a provider stay `sending`); new worker processes take the "
+                    "next chunks")
 
     def close(self) -> None:
         """Cancel the jobs not started, wait for the running ones, stop the workers."""
+        with self._lock:
+            pool, stop = self._pool, self._stop
         try:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)
         finally:
-            dispatch.unshare_stop(self._stop)
+            dispatch.unshare_stop(stop)
             self._logs.put(None)
             self._relay.join(timeout=10)
             self._logs.close()

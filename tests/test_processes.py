@@ -286,3 +286,66 @@ def test_a_journey_flow_run_hands_its_chunks_to_worker_processes(make_workspace,
     assert summary["entered"] == 60 and summary["exits"] == {"holdout": 6}
     assert summary["chunks"] == 2 and HERE not in summary["workers"]
     assert sum(summary["steps"]["first"].values()) == 54
+
+
+@pytest.mark.prefect
+def test_a_killed_worker_s_chunks_are_retried_in_new_workers(make_workspace,
+                                                             prefect_harness, capsys,
+                                                             catalogue) -> None:
+    """Under Prefect a worker killed mid-send (out of memory, say) fails the chunks in
+    its pool; their task runs retry in new worker processes and the run completes: each
+    recipient sent once, the killed worker's batches in flight left `sending`."""
+    import threading
+
+    from herald.flows.cli import main
+
+    from .test_reliability import _spawned_workers
+
+    ws = make_workspace({"config/herald.yaml": (
+        "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
+        "  email: {type: outbox, kind: email, rate: 100/s, batch_size: 20}\n"
+        "  sms: {type: outbox, kind: sms, rate: 100/s, batch_size: 20}\n"
+        "chunk_size: 100\nmax_workers: 2\ntask_runner: {type: processes, workers: 2}\n")},
+        rows=600)
+    killed: list[int] = []
+
+    def kill_one() -> None:
+        deadline = time.monotonic() + 60
+        while outbox_messages(ws) < 60 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        found = _spawned_workers(os.getpid())
+        if found:
+            os.kill(found[0], signal.SIGKILL)
+            killed.append(found[0])
+
+    killer = threading.Thread(target=kill_one)
+    killer.start()
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "promo", "--json", "--run-key", "oom", "-w", str(ws.root)])
+    killer.join()
+    assert killed and exc.value.code in (0, None), capsys.readouterr().err[-800:]
+    summary = json.loads(capsys.readouterr().out)
+    rows = ledger_rows(ws, "status", where="run_key = 'oom'")
+    delivered = _delivered(ws)
+    in_flight = sum(1 for (s,) in rows.values() if s == "sending")
+    lost = sum(1 for r in map(str, range(1, 601)) if not delivered[r]
+               and rows.get(r, ("queued",))[0] in ("queued", "sent"))
+    duplicated = sum(1 for n in delivered.values() if n > 1)
+    assert len(rows) == 600 and lost == 0 and duplicated == 0
+    assert 0 < in_flight <= 40  # the killed worker's batches, one per channel
+    # the summary counts each recipient once: the retried chunks' rows are this run's
+    # own, not duplicates
+    counts = {s: n for s, n in summary["deliveries"].items() if n}
+    assert sum(counts.values()) == 600 and "duplicate" not in counts, counts
+    sent = sum(1 for (s,) in rows.values() if s == "sent")
+    assert counts["sent"] == sent and counts["sending"] == in_flight
+    # the killed worker may have handed part of its batches over before it died
+    assert sent <= len(delivered) <= sent + in_flight
+    assert all(rows[r][0] in ("sent", "sending") for r in delivered)
+    catalogue("fault", "a worker process killed (SIGKILL) mid-send under Prefect "
+              "(task_runner: processes)",
+              f"the chunks of its pool failed and their task runs retried in new worker "
+              f"processes; the run completed: {len(delivered)} delivered once each "
+              f"({sent} recorded `sent`), {in_flight} rows of the killed worker's batches "
+              "stay `sending` for review",
+              messages=600, lost=lost, duplicated=duplicated)
