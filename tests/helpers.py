@@ -143,6 +143,36 @@ def fill_people(url: str, rows: int) -> None:
     engine.dispose()
 
 
+# A workspace whose runs send slowly enough to be interrupted, its chunks in two worker
+# processes (task_runner: processes): 600 recipients, chunks of 100, batches of 20 at 100/s.
+SLOW_WORKERS_YAML = (
+    "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
+    "  email: {type: outbox, kind: email, rate: 100/s, batch_size: 20}\n"
+    "  sms: {type: outbox, kind: sms, rate: 100/s, batch_size: 20}\n"
+    "chunk_size: 100\nmax_workers: 2\ntask_runner: {type: processes, workers: 2}\n")
+
+
+def run_script(ws: Workspace, run_key: str, stop_on_signals: bool = False) -> Path:
+    """A script that runs the workspace's ``promo`` under ``run_key`` in a process of its
+    own, behind the main guard that worker processes need (``stop_on_signals``: as
+    ``herald run`` does, SIGTERM and Ctrl-C stop the sending)."""
+    run = f"engine.run_local(Workspace.open(sys.argv[1]), 'promo', run_key={run_key!r})"
+    body = (f"    with engine.stop_on_signals():\n        {run}\n" if stop_on_signals
+            else f"    {run}\n")
+    script = ws.root / f"run_{run_key}.py"
+    script.write_text("import sys\nfrom herald.core.workspace import Workspace\n"
+                      "from herald.flows import engine\n"
+                      f"if __name__ == '__main__':\n{body}")
+    return script
+
+
+def wait_for_outbox(ws: Workspace, messages: int, timeout: float = 60) -> None:
+    """Until the outbox holds ``messages`` messages (or ``timeout`` seconds passed)."""
+    deadline = time.monotonic() + timeout
+    while outbox_messages(ws) < messages and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def outbox_files(ws: Workspace) -> list[Path]:
     base = ws.root / ".herald" / "outbox"
     return sorted(p for p in base.rglob("*") if p.is_file()) if base.exists() else []

@@ -26,6 +26,7 @@ from .helpers import (
     JOURNEY_FILES,
     JOURNEY_START,
     PROMO_YAML,
+    SLOW_WORKERS_YAML,
     crm_event,
     crm_events,
     enrollment_rows,
@@ -33,6 +34,8 @@ from .helpers import (
     ledger_rows,
     outbox_files,
     outbox_messages,
+    run_script,
+    wait_for_outbox,
 )
 from .test_channel_webhook import hook_workspace
 
@@ -134,25 +137,11 @@ def test_a_signal_stops_worker_processes_between_batches(sig, make_workspace,
     """SIGTERM to the run's process, or Ctrl-C in its terminal (SIGINT to the whole
     process group, workers included): no new batch anywhere, the batches in flight
     settled, and the rerun sends the rest once each."""
-    ws = make_workspace({"config/herald.yaml": (
-        "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
-        "  email: {type: outbox, kind: email, rate: 100/s, batch_size: 20}\n"
-        "  sms: {type: outbox, kind: sms, rate: 100/s, batch_size: 20}\n"
-        "chunk_size: 100\nmax_workers: 2\ntask_runner: {type: processes, workers: 2}\n")},
-        rows=600)
-    code = ("import sys; from herald.core.workspace import Workspace; "
-            "from herald.flows import engine\n"
-            "if __name__ == '__main__':\n"
-            "    ws = Workspace.open(sys.argv[1])\n"
-            "    with engine.stop_on_signals():\n"
-            "        engine.run_local(ws, 'promo', run_key='stop')\n")
-    script = ws.root / "run_stop.py"
-    script.write_text(code)
+    ws = make_workspace({"config/herald.yaml": SLOW_WORKERS_YAML}, rows=600)
+    script = run_script(ws, "stop", stop_on_signals=True)
     proc = subprocess.Popen([sys.executable, str(script), str(ws.root)],
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while outbox_messages(ws) < 60 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_outbox(ws, 60)
     if sig == signal.SIGINT:
         os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C: every process of the group
     else:
@@ -301,18 +290,11 @@ def test_a_killed_worker_s_chunks_are_retried_in_new_workers(make_workspace,
 
     from .test_reliability import _spawned_workers
 
-    ws = make_workspace({"config/herald.yaml": (
-        "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
-        "  email: {type: outbox, kind: email, rate: 100/s, batch_size: 20}\n"
-        "  sms: {type: outbox, kind: sms, rate: 100/s, batch_size: 20}\n"
-        "chunk_size: 100\nmax_workers: 2\ntask_runner: {type: processes, workers: 2}\n")},
-        rows=600)
+    ws = make_workspace({"config/herald.yaml": SLOW_WORKERS_YAML}, rows=600)
     killed: list[int] = []
 
     def kill_one() -> None:
-        deadline = time.monotonic() + 60
-        while outbox_messages(ws) < 60 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_outbox(ws, 60)
         found = _spawned_workers(os.getpid())
         if found:
             os.kill(found[0], signal.SIGKILL)

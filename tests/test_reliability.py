@@ -23,17 +23,21 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
+from herald.core.spec import TaskRunnerSpec
 from herald.flows import chunks, engine
 from herald.flows.cli import main
 
 from .helpers import (
     HERALD_YAML,
     PROMO_YAML,
+    SLOW_WORKERS_YAML,
     fill_people,
     free_port,
     ledger_rows,
     outbox_files,
     outbox_messages,
+    run_script,
+    wait_for_outbox,
 )
 from .http_peer import Peer, serve
 
@@ -1311,22 +1315,11 @@ def test_worker_process_killed_mid_send_then_rerun(make_workspace, catalogue) ->
     """task_runner: processes: one worker killed (SIGKILL) while its chunk sends. The
     run fails saying so; the other worker finishes the batch it had in flight; the
     rerun with the run key sends the rest once each."""
-    ws = make_workspace({"config/herald.yaml": (
-        "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
-        "  email: {type: outbox, kind: email, rate: 100/s, batch_size: 20}\n"
-        "  sms: {type: outbox, kind: sms, rate: 100/s, batch_size: 20}\n"
-        "chunk_size: 100\nmax_workers: 2\ntask_runner: {type: processes, workers: 2}\n")},
-        rows=600)
-    script = ws.root / "run_killed.py"
-    script.write_text("import sys\nfrom herald.core.workspace import Workspace\n"
-                      "from herald.flows.engine import run_local\n"
-                      "if __name__ == '__main__':\n"
-                      "    run_local(Workspace.open(sys.argv[1]), 'promo', run_key='wkill')\n")
+    ws = make_workspace({"config/herald.yaml": SLOW_WORKERS_YAML}, rows=600)
+    script = run_script(ws, "wkill")
     proc = subprocess.Popen([sys.executable, str(script), str(ws.root)],
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while outbox_messages(ws) < 60 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_outbox(ws, 60)
     workers = _spawned_workers(proc.pid)
     assert len(workers) == 2, workers
     os.kill(workers[0], signal.SIGKILL)
@@ -1336,20 +1329,11 @@ def test_worker_process_killed_mid_send_then_rerun(make_workspace, catalogue) ->
     before = outbox_messages(ws)
     assert proc.returncode != 0 and "BrokenProcessPool" in err, err[-800:]
     assert 0 < before < 598
-    chunks.forget_workspace(ws.root)
-    from herald.core.workspace import Workspace
-
-    ws2 = Workspace.open(ws.root)
-    chunks.adopt_workspace(ws2)
-    engine.run_local(ws2, "promo", run_key="wkill")
-    ledger = _ledger(ws2, "wkill")
-    lost, duplicated = _account(ledger, _delivered(ws2), [str(i) for i in range(1, 601)])
-    in_flight = sum(1 for s, _ in ledger.values() if s == "sending")
+    ledger, lost, duplicated, in_flight = _rerun(ws, "wkill", 600)
     assert lost == 0 and duplicated == 0 and len(ledger) == 600
     # at most the killed worker's batches in flight: one per channel (two, of 20 each);
     # the other worker's were settled
     assert in_flight <= 40
-    ws2.dispose()
     catalogue("fault", "a worker process (task_runner: processes) killed (SIGKILL) "
               "mid-send, then rerun",
               f"the run failed {took:.1f} s later (BrokenProcessPool) after {before} "
@@ -1363,21 +1347,10 @@ def test_run_process_killed_with_chunks_in_worker_processes(make_workspace,
     """task_runner: processes: the run's own process killed (SIGKILL). Its workers end
     at once too (nothing more is sent), so the rerun, resuming the rows still `queued`,
     races no worker still sending them."""
-    ws = make_workspace({"config/herald.yaml": (
-        "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
-        "  email: {type: outbox, kind: email, rate: 100/s, batch_size: 20}\n"
-        "  sms: {type: outbox, kind: sms, rate: 100/s, batch_size: 20}\n"
-        "chunk_size: 100\nmax_workers: 2\ntask_runner: {type: processes, workers: 2}\n")},
-        rows=600)
-    script = ws.root / "run_killed.py"
-    script.write_text("import sys\nfrom herald.core.workspace import Workspace\n"
-                      "from herald.flows.engine import run_local\n"
-                      "if __name__ == '__main__':\n"
-                      "    run_local(Workspace.open(sys.argv[1]), 'promo', run_key='rkill')\n")
+    ws = make_workspace({"config/herald.yaml": SLOW_WORKERS_YAML}, rows=600)
+    script = run_script(ws, "rkill")
     proc = subprocess.Popen([sys.executable, str(script), str(ws.root)])
-    deadline = time.monotonic() + 60
-    while outbox_messages(ws) < 60 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_outbox(ws, 60)
     workers = _spawned_workers(proc.pid)
     assert len(workers) == 2, workers
     proc.send_signal(signal.SIGKILL)
@@ -1392,23 +1365,35 @@ def test_run_process_killed_with_chunks_in_worker_processes(make_workspace,
     time.sleep(0.5)
     assert outbox_messages(ws) == before  # nothing more was sent
     assert 0 < before < 598
-    chunks.forget_workspace(ws.root)
-    from herald.core.workspace import Workspace
-
-    ws2 = Workspace.open(ws.root)
-    chunks.adopt_workspace(ws2)
-    engine.run_local(ws2, "promo", run_key="rkill")
-    ledger = _ledger(ws2, "rkill")
-    lost, duplicated = _account(ledger, _delivered(ws2), [str(i) for i in range(1, 601)])
-    in_flight = sum(1 for s, _ in ledger.values() if s == "sending")
+    ledger, lost, duplicated, in_flight = _rerun(ws, "rkill", 600)
     assert lost == 0 and duplicated == 0 and len(ledger) == 600
-    ws2.dispose()
     catalogue("fault", "the run's process killed (SIGKILL) with chunks in two worker "
               "processes (task_runner: processes), then rerun",
               f"both workers ended {gone:.2f} s after it, nothing more sent (stopped at "
               f"{before} messages); the rerun sent the rest once; {in_flight} rows caught "
               "in flight stay `sending` for review (never resent blindly)",
               messages=600, lost=lost, duplicated=duplicated)
+
+
+def _rerun(ws: Any, run_key: str, n: int
+           ) -> tuple[dict[str, tuple[str, str | None]], int, int, int]:
+    """After an interrupted run in another process: the rerun of ``run_key`` here, on
+    threads; its ledger, (lost, duplicated) over recipients 1..n, and the rows still
+    `sending`."""
+    from herald.core.workspace import Workspace
+
+    chunks.forget_workspace(ws.root)
+    again = Workspace.open(ws.root)
+    try:
+        chunks.adopt_workspace(again)
+        engine.run_local(again, "promo", run_key=run_key, runner=TaskRunnerSpec())
+        ledger = _ledger(again, run_key)
+        lost, duplicated = _account(ledger, _delivered(again), [str(i) for i in
+                                                                 range(1, n + 1)])
+    finally:
+        chunks.forget_workspace(again.root)
+        again.dispose()
+    return ledger, lost, duplicated, sum(1 for s, _ in ledger.values() if s == "sending")
 
 
 def _state(pid: int) -> str:
