@@ -16,7 +16,8 @@ chunk. What the workers share with the run's process:
 - its stop: SIGTERM or Ctrl-C in the run's process (``herald.flows.engine``) stops the
   workers' sending too, between batches, as in threads. Workers ignore SIGINT themselves
   (a terminal's Ctrl-C reaches the whole process group, and the run's process decides);
-  a SIGTERM sent to a worker stops the run's sending the same way.
+  a SIGTERM sent to a worker stops its pool's sending and then the run's, which fails
+  saying how to resume, as after a SIGTERM to the run's process.
 - its logs: each record a worker's ``herald`` loggers emit is handled by the run's
   process's logger of that name, marked with the Prefect flow and task run of its chunk
   when there is one, so it reaches the Prefect UI as from a thread.
@@ -94,12 +95,17 @@ class ChunkProcesses:
         for; ``marks`` are set on the records it logs (Prefect's ``flow_run_id`` and
         ``task_run_id``)."""
         with self._lock:
-            pool = self._pool
+            pool, stop = self._pool, self._stop
         try:
-            return pool.submit(_run, chunk, job, marks or {}).result()
+            result = pool.submit(_run, chunk, job, marks or {}).result()
         except BrokenProcessPool:
             self._replace(pool)
             raise
+        if stop.is_set() and not dispatch.stop_requested():
+            # a worker was sent SIGTERM (its pool's workers stopped sending): the run
+            # stops too, saying so, rather than completing with its rows queued
+            dispatch.request_stop("SIGTERM to a worker process")
+        return result
 
     def _replace(self, broken: ProcessPoolExecutor) -> None:
         with self._lock:

@@ -131,21 +131,26 @@ def test_a_stop_in_the_run_process_stops_the_workers(make_workspace) -> None:
     assert dispatch._shared == []  # the pool's event is no longer set by later stops
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "Ctrl-C", "SIGTERM to a worker"])
 def test_a_signal_stops_worker_processes_between_batches(sig, make_workspace,
                                                          catalogue) -> None:
-    """SIGTERM to the run's process, or Ctrl-C in its terminal (SIGINT to the whole
-    process group, workers included): no new batch anywhere, the batches in flight
-    settled, and the rerun sends the rest once each."""
+    """SIGTERM to the run's process, Ctrl-C in its terminal (SIGINT to the whole
+    process group, workers included) or SIGTERM to one worker: no new batch anywhere,
+    the batches in flight settled, the run fails saying how to resume, and the rerun
+    sends the rest once each."""
+    from .test_reliability import _spawned_workers
+
     ws = make_workspace({"config/herald.yaml": SLOW_WORKERS_YAML}, rows=600)
     script = run_script(ws, "stop", stop_on_signals=True)
     proc = subprocess.Popen([sys.executable, str(script), str(ws.root)],
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for_outbox(ws, 60)
-    if sig == signal.SIGINT:
-        os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C: every process of the group
+    if sig == "Ctrl-C":
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's: every process of the group
+    elif sig == "SIGTERM":
+        proc.send_signal(signal.SIGTERM)
     else:
-        proc.send_signal(sig)
+        os.kill(_spawned_workers(proc.pid)[0], signal.SIGTERM)
     signalled = time.monotonic()
     _, err = proc.communicate(timeout=30)
     took = time.monotonic() - signalled
@@ -172,8 +177,9 @@ def test_a_signal_stops_worker_processes_between_batches(sig, make_workspace,
     lost = sum(1 for r in every if not delivered[r] and rows.get(r, ("queued",))[0]
                in ("queued", "sent"))
     assert lost == 0
-    what = ("SIGTERM to the run's process" if sig == signal.SIGTERM
-            else "Ctrl-C (SIGINT to the process group)")
+    what = {"SIGTERM": "SIGTERM to the run's process",
+            "Ctrl-C": "Ctrl-C (SIGINT to the process group)",
+            "SIGTERM to a worker": "SIGTERM to one worker process"}[sig]
     catalogue("fault", f"{what}, chunks in two worker processes (task_runner: processes)",
               f"no new batch in any worker; exited {proc.returncode} in {took:.1f} s after "
               f"{before} messages, saying how to resume; no row left `sending`; the "
