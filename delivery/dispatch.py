@@ -50,7 +50,7 @@ MAX_TOTAL_ATTEMPTS = 12  # under one run key, across runs: then the recipient fa
 
 
 # A stop asked for by a signal (SIGTERM, Ctrl-C): no new batch is handed to a provider in
-# this process, nor in the worker processes sharing its stop (herald.flows.processes);
+# this process, nor in the worker processes sharing its stop (herald.delivery.workers);
 # batches in flight finish and are settled. Unsent rows stay `queued`, and a rerun with
 # the run key sends them.
 _stop: Any = threading.Event()  # in a worker process, the event its run's process sets

@@ -1,10 +1,16 @@
 """What every Prefect flow of Herald shares: the artifacts' names, task runs that carry
-no tags, and the marks that file a worker process's log lines under a task run."""
+no tags, and chunk tasks that hand their chunk to the run's worker processes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
+
+from herald.delivery import workers
+
+Job = TypeVar("Job")
+Result = TypeVar("Result")
 
 
 def artifact_key(name: str, what: str) -> str:
@@ -31,10 +37,17 @@ def untagged_tasks() -> Iterator[None]:
         yield
 
 
-def task_marks() -> dict[str, str]:
-    """What a worker process (herald.delivery.workers) sets on the log records of the
-    chunk this task run hands it, so that Prefect files them under this flow and task
-    run; nothing outside a task run."""
+def in_run_workers(run_id: str, chunk: Callable[[Job], Result], job: Job) -> Result:
+    """A chunk task's body: ``chunk(job)`` in the worker processes of run (or tick)
+    ``run_id`` when this process has them (``task_runner: processes``), its log lines
+    filed under this task run; else here (threads, a Dask worker)."""
+    pool = workers.serving(run_id)
+    return chunk(job) if pool is None else pool.run(chunk, job, _task_marks())
+
+
+def _task_marks() -> dict[str, str]:
+    """What a worker process sets on the log records of the chunk this task run hands
+    it, so that Prefect files them under this flow and task run; nothing outside one."""
     from prefect.context import TaskRunContext
 
     context = TaskRunContext.get()

@@ -42,7 +42,7 @@ from herald.delivery import ledger, workers
 from herald.delivery.dispatch import stop_requested
 from herald.flows import chunks, engine
 from herald.flows import progress as live
-from herald.flows.artifacts import artifact_key, task_marks, untagged_tasks
+from herald.flows.artifacts import artifact_key, in_run_workers, untagged_tasks
 from herald.reporting import runs
 from herald.reporting.text import delivery_markdown
 
@@ -76,11 +76,7 @@ def build_audience(ws: Workspace, flow_name: str, params: dict[str, Scalar], run
       retries=2, retry_delay_seconds=5)
 def send_chunk(job: chunks.ChunkJob) -> chunks.ChunkResult:
     # A retried chunk is safe: the ledger holds who was already reserved or sent.
-    pool = workers.serving(job.run_id)
-    if pool is None:  # threads, or a Dask worker
-        return chunks.run_chunk(job)
-    return pool.run(chunks.run_chunk, job, task_marks())
-
+    return in_run_workers(job.run_id, chunks.run_chunk, job)
 
 
 # `herald run --task-runner`: the runner of the flow run it starts in this process, in
@@ -326,7 +322,7 @@ def _emit_failed(flow_name: str, run_key: str, run_id: str | None,
 def task_runner(spec: TaskRunnerSpec) -> TaskRunner[Any]:
     """The Prefect task runner for ``spec``: threads, or a Dask cluster (local or not).
     With ``processes`` the chunk tasks run in threads too, each handing its chunk to the
-    run's worker processes (herald.flows.processes)."""
+    run's worker processes (herald.delivery.workers)."""
     if spec.type in ("threads", "processes"):
         return ThreadPoolTaskRunner()
     from prefect_dask import DaskTaskRunner

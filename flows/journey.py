@@ -24,7 +24,7 @@ from herald.core.workspace import Workspace
 from herald.core.workspace import adopt as adopt_workspace
 from herald.core.workspace import shared as workspace_at
 from herald.delivery import workers
-from herald.flows.artifacts import artifact_key, task_marks, untagged_tasks
+from herald.flows.artifacts import artifact_key, in_run_workers, untagged_tasks
 from herald.flows.schedules import prefect_schedule
 from herald.journeys import engine, load, report
 from herald.journeys.chunks import ChunkJob, ChunkResult
@@ -38,10 +38,7 @@ if TYPE_CHECKING:
       retries=2, retry_delay_seconds=5)
 def advance_chunk(job: ChunkJob) -> ChunkResult:
     # A retried chunk is safe: its leases were released, the ledger holds what was sent.
-    pool = workers.serving(job.tick)
-    if pool is None:
-        return engine.run_chunk(job)
-    return pool.run(engine.run_chunk, job, task_marks())
+    return in_run_workers(job.tick, engine.run_chunk, job)
 
 
 @flow(name="herald-journey", flow_run_name="{journey_name}", log_prints=False,
