@@ -9,9 +9,12 @@ templates are cached here, per workspace folder. Nothing here imports Prefect.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import socket
+import threading
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,6 +139,10 @@ def _run_chunk(job: ChunkJob) -> ChunkResult:
         fresh = [r for r in rows if r.key not in seen]
         decisions = policy.decide(conn, fresh, at, job.run_key, screened)
         redecided = policy.decide(conn, due, at, job.run_key, screened) if due else []
+        # the messages are rendered in a helper thread while this one writes the
+        # reservations and commits (the database works on the rows meanwhile): nothing
+        # is handed to a channel before the commit
+        rendering = _render_beside(ws, templates, job, decisions + redecided)
         if not job.dry_run:
             ledger.write_entries(conn, map(_entry, decisions),
                                  flow=flow.name, run_key=job.run_key, run_id=job.run_id,
@@ -150,28 +157,29 @@ def _run_chunk(job: ChunkJob) -> ChunkResult:
         # roughly the rows this run has reserved so far (chunks are of equal size)
         ledger.refresh_statistics(ws.store, (job.index + 1) * (job.stop - job.start))
     decisions += redecided
+    built = rendering.result()
     if resumed:
-        decisions += _resume_decisions(ws, flow.name, job, resumed)
+        more = _resume_decisions(ws, flow.name, job, resumed)
+        decisions += more
+        built += _render_all(ws, templates, job, more)
 
     outgoing: list[tuple[str, Message]] = []
     tiers: dict[str, str] = {}  # each outgoing recipient's tier
     render_errors: list[ledger.Outcome] = []
     reasons: Counter[tuple[str, str]] = Counter()
-    for d in decisions:
+    for d, message in zip(decisions, built, strict=True):
         if d.status != SEND:
             counts[d.status, d.recipient.tier, d.channel] += 1
             if job.dry_run:
                 reasons[d.status, _reason_kind(d)] += 1
             continue
-        assert d.channel is not None and d.address is not None
-        try:
-            message = build_message(ws, templates, job, d)
-        except RenderError as exc:
-            render_errors.append(ledger.Outcome(d.recipient.key, "render_error", str(exc),
-                                                attempts=0))
+        assert d.channel is not None and message is not None
+        if isinstance(message, RenderError):
+            render_errors.append(ledger.Outcome(d.recipient.key, "render_error",
+                                                str(message), attempts=0))
             counts["render_error", d.recipient.tier, d.channel] += 1
             if job.dry_run:
-                reasons["render_error", str(exc)] += 1
+                reasons["render_error", str(message)] += 1
             continue
         outgoing.append((d.channel, message))
         tiers[d.recipient.key] = d.recipient.tier
@@ -192,6 +200,46 @@ def _run_chunk(job: ChunkJob) -> ChunkResult:
             counts[status_of.get(message.recipient, "queued"), tiers[message.recipient],
                    channel] += 1
     return ChunkResult([(*k, n) for k, n in counts.items()], [])
+
+
+Built = Message | RenderError | None  # None: a decision that sends nothing
+
+
+def _render_all(ws: Workspace, templates: Templates, job: ChunkJob,
+                decisions: list[Decision]) -> list[Built]:
+    """Each decision's message (its RenderError when a template fails), in order."""
+    out: list[Built] = []
+    for d in decisions:
+        if d.status != SEND:
+            out.append(None)
+            continue
+        try:
+            out.append(build_message(ws, templates, job, d))
+        except RenderError as exc:
+            out.append(exc)
+    return out
+
+
+def _render_beside(ws: Workspace, templates: Templates, job: ChunkJob,
+                   decisions: list[Decision]) -> Future[list[Built]]:
+    """:func:`_render_all` in a thread of its own (with this thread's context
+    variables), so that rendering overlaps the reservation's writes and commit; a dry
+    run writes nothing and renders here. What it raises is raised by ``result()``."""
+    if job.dry_run:
+        done: Future[list[Built]] = Future()
+        done.set_result(_render_all(ws, templates, job, decisions))
+        return done
+    context = contextvars.copy_context()
+    result: Future[list[Built]] = Future()
+
+    def work() -> None:
+        try:
+            result.set_result(context.run(_render_all, ws, templates, job, decisions))
+        except BaseException as exc:  # handed to the chunk's thread, raised there
+            result.set_exception(exc)
+
+    threading.Thread(target=work, name="herald-render", daemon=True).start()
+    return result
 
 
 def _reason_kind(d: Decision) -> str:
