@@ -152,23 +152,54 @@ async def _send_channel(ws: Workspace, job: Job, name: str, messages: list[Messa
         if too_long:
             await _settle(ws, job, too_long, settled)
     stopped: str | None = _stopped.get((job.run_id, name))
-    async with open_channel(ws, name, job) as channel:
-        for start in range(0, len(messages), size):
-            if _stop.is_set():
-                break  # the rest stay `queued`: a rerun with the run key sends them
-            batch = messages[start:start + size]
-            if stopped:
-                await _settle(ws, job, [ledger.Outcome(
-                    m.recipient, "failed", f"fatal: channel stopped: {stopped}", attempts=0)
-                    for m in batch], settled)
-                continue
-            outcomes, fatal = await _send_batch(ws, job, channel, batch, limiter)
-            await _settle(ws, job, outcomes, settled)
-            if fatal:
-                stopped = fatal
-                with _stopped_lock:
-                    _stopped[job.run_id, name] = fatal
-                log.error("channel %s stopped: %s", name, fatal)
+    # On Postgres a batch's settlement is written while the next batch is marked
+    # `sending` and handed to the provider (the server works on it in another session
+    # meanwhile); it must be written before the next settlement starts. SQLite has one
+    # writer at a time: there each settlement is written before the next batch.
+    overlap = ws.store.dialect.name == "postgresql"
+    settling: asyncio.Task[None] | None = None
+    try:
+        async with open_channel(ws, name, job) as channel:
+            for start in range(0, len(messages), size):
+                if _stop.is_set():
+                    break  # the rest stay `queued`: a rerun with the run key sends them
+                batch = messages[start:start + size]
+                if stopped:
+                    await _settle(ws, job, [ledger.Outcome(
+                        m.recipient, "failed", f"fatal: channel stopped: {stopped}",
+                        attempts=0) for m in batch], settled)
+                    continue
+                outcomes, fatal = await _send_batch(ws, job, channel, batch, limiter)
+                if settling is not None:
+                    previous, settling = settling, None
+                    await _settled_before(previous, job, outcomes)
+                settling = asyncio.ensure_future(_settle(ws, job, outcomes, settled))
+                if not overlap:
+                    previous, settling = settling, None
+                    await previous
+                if fatal:
+                    stopped = fatal
+                    with _stopped_lock:
+                        _stopped[job.run_id, name] = fatal
+                    log.error("channel %s stopped: %s", name, fatal)
+    finally:
+        if settling is not None:
+            await settling
+
+
+async def _settled_before(previous: asyncio.Task[None], job: Job,
+                          sent: list[ledger.Outcome]) -> None:
+    """Wait for the previous batch's settlement. When it failed (the store refused it
+    for good), the batch sent meanwhile is not settled either: its rows stay `sending`
+    (never resent) and the log names them with the previous batch's."""
+    try:
+        await previous
+    except Exception:
+        log.error("the answers to %d more message(s) of %s %s, sent while the previous "
+                  "batch's were being recorded, are not recorded either: their rows stay "
+                  "`sending` though the provider answered (recipients: %s)", len(sent),
+                  job.flow, job.run_key, ", ".join(o.recipient for o in sent[:20]))
+        raise
 
 
 async def _send_batch(ws: Workspace, job: Job, channel: Channel, batch: Sequence[Message],

@@ -3,9 +3,11 @@ ledger it wrote, and batch state transitions land on SQLite and on Postgres alik
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from datetime import UTC, timedelta
 
+import orjson
 import pytest
 
 from herald.core import clock
@@ -13,7 +15,7 @@ from herald.core.db import writing
 from herald.delivery import ledger, ledger_reads
 from herald.flows import chunks, engine
 
-from .helpers import HERALD_YAML
+from .helpers import HERALD_YAML, PROMO_YAML, ledger_rows, outbox_files
 
 
 def _chunk_counts(results: list[chunks.ChunkResult]) -> Counter[tuple[str, str, str | None]]:
@@ -360,3 +362,140 @@ def test_the_collector_is_tuned_while_chunks_work_and_restored_after(make_worksp
     ws = make_workspace(rows=20)
     assert engine.run_local(ws, "promo", run_key="gc")["deliveries"]["sent"] > 0
     assert (gc.get_threshold(), gc.get_freeze_count()) == (before, frozen)
+
+
+# One channel (SMS in the outbox), five messages a batch: 30 people, 24 with a phone, so
+# five batches (5, 5, 5, 5, 4) in one chunk.
+BATCHED = {
+    "config/herald.yaml": HERALD_YAML.replace(
+        "sms: {type: outbox, kind: sms}", "sms: {type: outbox, kind: sms, batch_size: 5}"
+    ).replace("chunk_size: 40", "chunk_size: 100"),
+    "config/flows/promo.yaml": PROMO_YAML.replace(
+        "gold: {channels: [email, sms]}", "gold: {channels: [sms]}").replace(
+        "default: {channels: [sms, email]}", "default: {channels: [sms]}"),
+}
+
+
+def _sent_recipients(ws) -> Counter[str]:
+    """How many times the outbox holds a message to each recipient."""
+    found: Counter[str] = Counter()
+    for path in outbox_files(ws):
+        found.update(orjson.loads(line)["recipient"]
+                     for line in path.read_text(encoding="utf-8").splitlines() if line)
+    return found
+
+
+def test_a_settlement_is_written_beside_the_next_batch_on_postgres(make_workspace, store_url,
+                                                                   monkeypatch) -> None:
+    """On Postgres a batch's settlement is written while the next batch is marked
+    `sending` and sent; on SQLite (one writer at a time) one after the other. Either
+    way settlements are written one at a time, in order, each batch marked before it is
+    settled, and every row ends `sent`."""
+    ws = make_workspace(BATCHED, rows=30, store=store_url)
+    events: list[tuple[str, float, float, tuple[str, ...]]] = []
+    mark, settle = ledger.mark, ledger.settle
+
+    def marking(engine_, flow, run_key, recipients, status, reason=None) -> None:
+        start = time.monotonic()
+        mark(engine_, flow, run_key, recipients, status, reason)
+        events.append(("mark", start, time.monotonic(), tuple(recipients)))
+
+    def settling(engine_, flow, run_key, outcomes) -> None:
+        start = time.monotonic()
+        time.sleep(0.2)  # a slow store: long enough to see what happens meanwhile
+        settle(engine_, flow, run_key, outcomes)
+        events.append(("settle", start, time.monotonic(),
+                       tuple(o.recipient for o in outcomes)))
+
+    monkeypatch.setattr(ledger, "mark", marking)
+    monkeypatch.setattr(ledger, "settle", settling)
+    summary = engine.run_local(ws, "promo", run_key="k")
+
+    assert summary["deliveries"]["sent"] == 24
+    assert {s for (s,) in ledger_rows(ws, "status", where="status <> 'no_address'").values()
+            } == {"sent"}
+    marks = sorted((e for e in events if e[0] == "mark"), key=lambda e: e[1])
+    settles = sorted((e for e in events if e[0] == "settle"), key=lambda e: e[1])
+    assert [len(e[3]) for e in marks] == [5, 5, 5, 5, 4]
+    assert [e[3] for e in settles] == [e[3] for e in marks]  # each batch, in order
+    for before, after in zip(settles, settles[1:], strict=False):
+        assert before[2] <= after[1]  # one settlement at a time
+    for m, s in zip(marks, settles, strict=True):
+        assert m[2] <= s[1]  # marked before settled
+    # the next batch marked while the previous settlement was still being written
+    beside = sum(1 for s, m in zip(settles, marks[1:], strict=False) if m[1] < s[2])
+    assert beside == (4 if ws.store.dialect.name == "postgresql" else 0)
+
+
+def test_a_settlement_that_fails_for_good_stops_the_channel(make_workspace, store_url,
+                                                            monkeypatch, caplog) -> None:
+    """The store refuses a batch's settlement for good: the channel stops. On Postgres
+    the batch sent while it was being written stays `sending` too (it was sent: never
+    resent) and the log names it; nothing after it is marked or sent. A rerun sends the
+    rest, each recipient once in all."""
+    import logging
+
+    from sqlalchemy.exc import OperationalError
+
+    ws = make_workspace(BATCHED, rows=30, store=store_url)
+    settle = ledger.settle
+    calls: list[int] = []
+
+    def refusing(engine_, flow, run_key, outcomes) -> None:
+        calls.append(len(outcomes))
+        if len(calls) == 2:
+            time.sleep(0.2)
+            raise OperationalError("UPDATE herald_deliveries", {}, Exception("disk I/O error"))
+        settle(engine_, flow, run_key, outcomes)
+
+    monkeypatch.setattr(ledger, "settle", refusing)
+    caplog.set_level(logging.ERROR, logger="herald.dispatch")
+    with pytest.raises(OperationalError, match="disk I/O error"):
+        engine.run_local(ws, "promo", run_key="k")
+    postgres = ws.store.dialect.name == "postgresql"
+    rows = ledger_rows(ws, "status", where="status <> 'no_address'")
+    statuses = Counter(s for (s,) in rows.values())
+    sent_first = _sent_recipients(ws)
+    if postgres:  # the third batch went out while the second's settlement was refused
+        assert statuses == {"sent": 5, "sending": 10, "queued": 9}
+        assert len(sent_first) == 15
+        logged = [r.getMessage() for r in caplog.records
+                  if "are not recorded either" in r.getMessage()]
+        assert len(logged) == 1 and "5 more message(s)" in logged[0]
+    else:
+        assert statuses == {"sent": 5, "sending": 5, "queued": 14}
+        assert len(sent_first) == 10
+    assert {r for r, (s,) in rows.items() if s != "queued"} == set(sent_first)
+
+    monkeypatch.setattr(ledger, "settle", settle)
+    summary = engine.run_local(ws, "promo", run_key="k")
+    assert summary["deliveries"]["sent"] == 9 if postgres else 14
+    sent = _sent_recipients(ws)
+    assert len(sent) == 24 and set(sent.values()) == {1}  # each once, none lost
+    after = Counter(s for (s,) in ledger_rows(ws, "status",
+                                              where="status <> 'no_address'").values())
+    assert after == {"sent": 14, "sending": 10} if postgres else {"sent": 19, "sending": 5}
+
+
+def test_a_failure_while_rendering_beside_the_reservation_sends_nothing(
+        make_workspace, monkeypatch) -> None:
+    """Messages are rendered in a helper thread while the reservation is written: an
+    error there that is not a template's (a defect) fails the chunk before anything is
+    handed to a channel, its rows stay `queued`, and the rerun sends them."""
+    ws = make_workspace(BATCHED, rows=30)
+    build = chunks.build_message
+
+    def broken(ws_, templates, job, d):
+        if d.recipient.key == "17":
+            raise ValueError("a defect while rendering")
+        return build(ws_, templates, job, d)
+
+    monkeypatch.setattr(chunks, "build_message", broken)
+    with pytest.raises(ValueError, match="a defect while rendering"):
+        engine.run_local(ws, "promo", run_key="k")
+    assert not _sent_recipients(ws)
+    assert Counter(s for (s,) in ledger_rows(ws, "status", where="status <> 'no_address'")
+                   .values()) == {"queued": 24}
+    monkeypatch.setattr(chunks, "build_message", build)
+    assert engine.run_local(ws, "promo", run_key="k")["deliveries"]["sent"] == 24
+    assert set(_sent_recipients(ws).values()) == {1}
