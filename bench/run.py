@@ -22,7 +22,8 @@ Stages (ratios are Herald's throughput over the baseline's, except where noted):
 - rate:    two processes sending through the webhook channel under one configured rate
            (the account's, shared through the workspace database) to the local sink:
            the measured total rate over the configured one; target within 5%.
-- e2e:     the whole run through the outbox channel, with Prefect (``herald run``) and
+- e2e:     the whole run through the outbox channel, with Prefect (``herald run``, with
+           Prefect's temporary server and against a running one) and
            without (the engine alone), each in its own process: wall time, recipients per
            second, the share orchestration takes, and peak memory (RSS); the peak at the
            largest size must stay within 1.2x of the smallest. Also the CPU time per
@@ -455,29 +456,116 @@ def _bare_ledger_writes(store: Any, n: int) -> float:
 
 
 def bench_e2e(tmp: Path, n: int, urls: dict[str, str], dask: bool = False) -> None:
-    # with ``dask`` (--only ...,dask) a third: through Prefect with the chunks in two
-    # worker processes (a local Dask cluster), each with a core's worth of Python
-    # instead of two threads sharing one (the GIL)
     # each mode on threads (the default task runner) and in two worker processes
-    # (task_runner: processes)
+    # (task_runner: processes); ``herald run`` once with Prefect's temporary server (no
+    # PREFECT_API_URL: a laptop's first run) and once against a Prefect server already
+    # running (a deployment's setting: the server outlives the runs). With ``dask``
+    # (--only ...,dask) also through Prefect on a local Dask cluster.
     runs = [("engine", "threads"), ("engine", "processes"), ("prefect", "threads"),
-            ("prefect", "processes")] + ([("prefect", "dask")] if dask else [])
-    for mode, runner in runs:
-        label = mode if runner == "threads" else f"{mode} + {runner} (2 workers)"
-        kind, wall, rss, summary, cpu = _e2e_run(tmp / f"ws-e2e-{mode}-{runner}-{n}", urls,
-                                                 mode, runner)
-        herald_us, postgres_us = (None if s is None else 1e6 * s / n for s in cpu)
-        target = E2E_TARGET_S[mode] if n >= 1_000_000 else None
-        record("e2e", f"{label}, {kind}, {n:,} recipients", wall_s=wall,
-               per_s=n / wall, peak_rss_mb=rss[0] / 1024, children_peak_rss_mb=rss[1] / 1024,
-               sent=summary["deliveries"]["sent"],
-               herald_cpu_us=herald_us, postgres_cpu_us=postgres_us,
-               cpu_bound_s=None if cpu[1] is None else (cpu[0] + cpu[1]) / CORES,
-               target="—" if target is None else f"<= {target} s",
-               met=None if target is None else wall <= target)
+            ("prefect", "processes"), ("served", "threads"), ("served", "processes")
+            ] + ([("prefect", "dask")] if dask else [])
+    with prefect_server(tmp / "prefect-server") as server:
+        for mode, runner in runs:
+            label = E2E_LABELS[mode] + ("" if runner == "threads"
+                                        else f" + {runner} (2 workers)")
+            kind, wall, rss, summary, cpu = _e2e_run(
+                tmp / f"ws-e2e-{mode}-{runner}-{n}", urls,
+                "prefect" if mode == "served" else mode, runner,
+                server if mode == "served" else None)
+            herald_us, postgres_us = (None if s is None else 1e6 * s / n for s in cpu)
+            target = E2E_TARGET_S[mode] if n >= 1_000_000 else None
+            record("e2e", f"{label}, {kind}, {n:,} recipients", wall_s=wall,
+                   per_s=n / wall, peak_rss_mb=rss[0] / 1024,
+                   children_peak_rss_mb=rss[1] / 1024,
+                   sent=summary["deliveries"]["sent"],
+                   herald_cpu_us=herald_us, postgres_cpu_us=postgres_us,
+                   cpu_bound_s=None if cpu[1] is None else (cpu[0] + cpu[1]) / CORES,
+                   target="—" if target is None else f"<= {target} s",
+                   met=None if target is None else wall <= target)
 
 
-E2E_TARGET_S = {"engine": 50, "prefect": 60}  # at 1,000,000 recipients
+E2E_LABELS = {"engine": "engine", "prefect": "prefect",
+              "served": "prefect on a running server"}
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path) -> Iterator[PrefectServer]:
+    """``prefect server start`` in a process of its own (its own home and database, no
+    UI), answering; stopped at the end."""
+    server = PrefectServer(home)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class PrefectServer:
+    def __init__(self, home: Path) -> None:
+        import urllib.error
+        import urllib.request
+
+        home.mkdir(parents=True, exist_ok=True)
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}/api"
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+               "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "PREFECT_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+        self.log = (home / "server.log").open("wb")
+        self.proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host",
+                                      "127.0.0.1", "--port", str(port)], env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError("prefect server exited: "
+                                   + (home / "server.log").read_text()[-2000:])
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("prefect server did not answer within 120 s")
+            time.sleep(0.5)
+
+    def cpu(self) -> float:
+        """CPU seconds the server's processes have used so far (with ended children)."""
+        return tree_cpu(self.proc.pid)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds (user + system, ended children included) of process ``root`` and its
+    descendants, read from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    times: dict[int, int] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        parents[int(pid)] = int(fields[1])
+        times[int(pid)] = sum(int(f) for f in fields[11:15])
+    tree, grown = {root}, True
+    while grown:  # children, then their children...
+        found = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= found
+        grown = bool(found)
+    return sum(times.get(pid, 0) for pid in tree) / ticks
+
+
+E2E_TARGET_S = {"engine": 50, "prefect": 60, "served": 60}  # at 1,000,000
 
 
 STARTUP_SIZE = 100  # recipients of the run that measures a run's fixed cost
@@ -494,20 +582,26 @@ def bench_startup(tmp: Path) -> None:
         RESULTS.setdefault("_startup", {})[mode] = wall
 
 
-def _e2e_run(folder: Path, urls: dict[str, str], mode: str, runner: str = "threads"
+def _e2e_run(folder: Path, urls: dict[str, str], mode: str, runner: str = "threads",
+             server: PrefectServer | None = None
              ) -> tuple[str, float, tuple[int, int], dict[str, Any],
                         tuple[float, float | None]]:
     """One whole run in a child process, on the Postgres source and store when Postgres
     answers (a fresh ledger each time), else SQLite: (kind, wall, peak RSS of the run's
-    process and of its largest child, summary, CPU seconds of the run's processes and of
-    Postgres's)."""
+    process and of its largest child, summary, CPU seconds of the run's processes (and
+    of the running Prefect ``server`` it talks to, when given) and of Postgres's)."""
     kind = "postgres" if "postgres" in urls else "sqlite"
     url = urls[kind]
     store_url = url if kind == "postgres" else "sqlite:///.herald/herald.db"
     workspace = make_workspace(folder, url, store_url, runner=runner)
     if kind == "postgres":
         _reset_store(url)
-    return (kind, *_in_child(workspace, mode))
+    if server is None:
+        return (kind, *_in_child(workspace, mode))
+    before = server.cpu()
+    wall, rss, summary, (used, postgres) = _in_child(workspace, mode,
+                                                    {"PREFECT_API_URL": server.url})
+    return kind, wall, rss, summary, (used + server.cpu() - before, postgres)
 
 
 def _reset_store(url: str) -> None:
@@ -521,7 +615,7 @@ def _reset_store(url: str) -> None:
     eng.dispose()
 
 
-def _in_child(folder: Path, mode: str
+def _in_child(folder: Path, mode: str, env_extra: dict[str, str] | None = None
               ) -> tuple[float, tuple[int, int], dict[str, Any], tuple[float, float | None]]:
     """Run the flow in a child process; its wall time, peak RSS (KiB: its own, its
     largest child's), summary, and the
@@ -529,7 +623,7 @@ def _in_child(folder: Path, mode: str
     server, Dask's workers) and that the local Postgres server used meanwhile (None when
     Postgres is not on this machine)."""
     out = folder / "child.json"
-    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING", **(env_extra or {})}
     before, pg_before = resource.getrusage(resource.RUSAGE_CHILDREN), postgres_cpu()
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(HERE / "child.py"), mode, str(folder),
@@ -692,17 +786,24 @@ def summarize(sizes: list[int]) -> None:
     startup = RESULTS.get("_startup", {})
     fixed = max(0.0, startup.get("prefect", 0.0) - startup.get("engine", 0.0))
     for n in sizes:
-        for runner in ("", " + processes (2 workers)"):
-            engine_run, prefect_run = find(f"engine{runner}", n), find(f"prefect{runner}", n)
-            if engine_run is None or prefect_run is None:
-                continue
-            extra = max(0.0, prefect_run["wall_s"] - engine_run["wall_s"])
-            how = "processes" if runner else "threads"
-            record("orchestration", f"{n:,} recipients, {how}",
-                   engine_s=engine_run["wall_s"], prefect_s=prefect_run["wall_s"],
-                   orchestration_share=extra / prefect_run["wall_s"], fixed_startup_s=fixed,
-                   share_after_startup=max(0.0, extra - fixed) / prefect_run["wall_s"],
-                   target="<= 10%", met=extra / prefect_run["wall_s"] <= 0.10)
+        for mode in ("prefect", "served"):
+            for runner in ("", " + processes (2 workers)"):
+                engine_run = find(f"engine{runner}", n)
+                prefect_run = find(f"{E2E_LABELS[mode]}{runner}", n)
+                if engine_run is None or prefect_run is None:
+                    continue
+                extra = max(0.0, prefect_run["wall_s"] - engine_run["wall_s"])
+                how = ("processes" if runner else "threads") + (
+                    ", Prefect's temporary server" if mode == "prefect"
+                    else ", a running Prefect server")
+                # the temporary server's start is paid by each run without a server
+                startup = fixed if mode == "prefect" else 0.0
+                record("orchestration", f"{n:,} recipients, {how}",
+                       engine_s=engine_run["wall_s"], prefect_s=prefect_run["wall_s"],
+                       orchestration_share=extra / prefect_run["wall_s"],
+                       fixed_startup_s=startup,
+                       share_after_startup=max(0.0, extra - startup) / prefect_run["wall_s"],
+                       target="<= 10%", met=extra / prefect_run["wall_s"] <= 0.10)
 
 
 def write_markdown() -> None:
