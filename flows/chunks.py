@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import os
 import socket
 import threading
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,9 +141,9 @@ def _run_chunk(job: ChunkJob) -> ChunkResult:
         fresh = [r for r in rows if r.key not in seen]
         decisions = policy.decide(conn, fresh, at, job.run_key, screened)
         redecided = policy.decide(conn, due, at, job.run_key, screened) if due else []
-        # the messages are rendered in a helper thread while this one writes the
-        # reservations and commits (the database works on the rows meanwhile): nothing
-        # is handed to a channel before the commit
+        # on Postgres the messages are rendered in a helper thread while this one writes
+        # the reservations and commits (the server works on the rows meanwhile):
+        # nothing is handed to a channel before the commit
         rendering = _render_beside(ws, templates, job, decisions + redecided)
         if not job.dry_run:
             ledger.write_entries(conn, map(_entry, decisions),
@@ -157,7 +159,7 @@ def _run_chunk(job: ChunkJob) -> ChunkResult:
         # roughly the rows this run has reserved so far (chunks are of equal size)
         ledger.refresh_statistics(ws.store, (job.index + 1) * (job.stop - job.start))
     decisions += redecided
-    built = rendering.result()
+    built = rendering()
     if resumed:
         more = _resume_decisions(ws, flow.name, job, resumed)
         decisions += more
@@ -221,14 +223,17 @@ def _render_all(ws: Workspace, templates: Templates, job: ChunkJob,
 
 
 def _render_beside(ws: Workspace, templates: Templates, job: ChunkJob,
-                   decisions: list[Decision]) -> Future[list[Built]]:
-    """:func:`_render_all` in a thread of its own (with this thread's context
-    variables), so that rendering overlaps the reservation's writes and commit; a dry
-    run writes nothing and renders here. What it raises is raised by ``result()``."""
-    if job.dry_run:
-        done: Future[list[Built]] = Future()
-        done.set_result(_render_all(ws, templates, job, decisions))
-        return done
+                   decisions: list[Decision]) -> Callable[[], list[Built]]:
+    """What renders ``decisions`` (:func:`_render_all`) once called. On Postgres the
+    rendering starts at once in a thread of its own (with this thread's context
+    variables), overlapping the reservation's writes and commit, which the server does
+    in its own process; the call waits for it and raises what it raised. A dry run
+    (nothing written) and SQLite render when called, after the commit: SQLite's writes
+    run in this process, their Python holding the interpreter lock that rendering needs
+    (a run took 2-5% longer with the thread, BENCHMARKS.md), and the reservation's
+    transaction holds the database's write lock, which rendering must not prolong."""
+    if job.dry_run or ws.store.dialect.name != "postgresql":
+        return functools.partial(_render_all, ws, templates, job, decisions)
     context = contextvars.copy_context()
     result: Future[list[Built]] = Future()
 
@@ -239,7 +244,7 @@ def _render_beside(ws: Workspace, templates: Templates, job: ChunkJob,
             result.set_exception(exc)
 
     threading.Thread(target=work, name="herald-render", daemon=True).start()
-    return result
+    return result.result
 
 
 def _reason_kind(d: Decision) -> str:

@@ -3,6 +3,7 @@ ledger it wrote, and batch state transitions land on SQLite and on Postgres alik
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from datetime import UTC, timedelta
@@ -478,14 +479,17 @@ def test_a_settlement_that_fails_for_good_stops_the_channel(make_workspace, stor
 
 
 def test_a_failure_while_rendering_beside_the_reservation_sends_nothing(
-        make_workspace, monkeypatch) -> None:
-    """Messages are rendered in a helper thread while the reservation is written: an
-    error there that is not a template's (a defect) fails the chunk before anything is
-    handed to a channel, its rows stay `queued`, and the rerun sends them."""
-    ws = make_workspace(BATCHED, rows=30)
+        make_workspace, store_url, monkeypatch) -> None:
+    """On Postgres messages are rendered in a helper thread while the reservation is
+    written (on SQLite after it): an error there that is not a template's (a defect)
+    fails the chunk before anything is handed to a channel, its rows stay `queued`, and
+    the rerun sends them."""
+    ws = make_workspace(BATCHED, rows=30, store=store_url)
+    threads: set[str] = set()
     build = chunks.build_message
 
     def broken(ws_, templates, job, d):
+        threads.add(threading.current_thread().name)
         if d.recipient.key == "17":
             raise ValueError("a defect while rendering")
         return build(ws_, templates, job, d)
@@ -494,6 +498,8 @@ def test_a_failure_while_rendering_beside_the_reservation_sends_nothing(
     with pytest.raises(ValueError, match="a defect while rendering"):
         engine.run_local(ws, "promo", run_key="k")
     assert not _sent_recipients(ws)
+    # rendered beside the reservation on Postgres, in the chunk's own thread on SQLite
+    assert (threads == {"herald-render"}) == (ws.store.dialect.name == "postgresql")
     assert Counter(s for (s,) in ledger_rows(ws, "status", where="status <> 'no_address'")
                    .values()) == {"queued": 24}
     monkeypatch.setattr(chunks, "build_message", build)
