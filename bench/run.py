@@ -535,9 +535,9 @@ class PrefectServer:
 
     def stop(self) -> None:
         self.proc.terminate()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(20)
-        except subprocess.TimeoutExpired:
+        if self.proc.poll() is None:  # still there after 20 s
             self.proc.kill()
             self.proc.wait()
         self.log.close()
