@@ -5,10 +5,12 @@ server; the test journey (``nudge``), its CRM events and its enrollments."""
 
 from __future__ import annotations
 
+import json
 import socket
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -187,6 +189,15 @@ def outbox_messages(ws: Workspace) -> int:
         elif path.suffix == ".jsonl":
             total += sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line)
     return total
+
+
+def outbox_recipients(ws: Workspace) -> Counter[str]:
+    """How many messages the outbox holds for each recipient key (JSON lines and .eml
+    files)."""
+    lines = [json.loads(line)["recipient"] for path in outbox_files(ws)
+             if path.suffix == ".jsonl" for line in path.read_text(encoding="utf-8").splitlines()
+             if line]
+    return Counter(lines + [p.stem for p in outbox_files(ws) if p.suffix == ".eml"])
 
 
 def ledger_rows(ws: Workspace, *columns: str, where: str = "") -> dict[str, tuple[Any, ...]]:

@@ -8,7 +8,6 @@ import time
 from collections import Counter
 from datetime import UTC, timedelta
 
-import orjson
 import pytest
 
 from herald.core import clock
@@ -16,7 +15,7 @@ from herald.core.db import writing
 from herald.delivery import ledger, ledger_reads
 from herald.flows import chunks, engine
 
-from .helpers import HERALD_YAML, PROMO_YAML, ledger_rows, outbox_files
+from .helpers import HERALD_YAML, PROMO_YAML, ledger_rows, outbox_recipients
 
 
 def _chunk_counts(results: list[chunks.ChunkResult]) -> Counter[tuple[str, str, str | None]]:
@@ -377,15 +376,6 @@ BATCHED = {
 }
 
 
-def _sent_recipients(ws) -> Counter[str]:
-    """How many times the outbox holds a message to each recipient."""
-    found: Counter[str] = Counter()
-    for path in outbox_files(ws):
-        found.update(orjson.loads(line)["recipient"]
-                     for line in path.read_text(encoding="utf-8").splitlines() if line)
-    return found
-
-
 def test_a_settlement_is_written_beside_the_next_batch_on_postgres(make_workspace, store_url,
                                                                    monkeypatch) -> None:
     """On Postgres a batch's settlement is written while the next batch is marked
@@ -456,7 +446,7 @@ def test_a_settlement_that_fails_for_good_stops_the_channel(make_workspace, stor
     postgres = ws.store.dialect.name == "postgresql"
     rows = ledger_rows(ws, "status", where="status <> 'no_address'")
     statuses = Counter(s for (s,) in rows.values())
-    sent_first = _sent_recipients(ws)
+    sent_first = outbox_recipients(ws)
     if postgres:  # the third batch went out while the second's settlement was refused
         assert statuses == {"sent": 5, "sending": 10, "queued": 9}
         assert len(sent_first) == 15
@@ -471,7 +461,7 @@ def test_a_settlement_that_fails_for_good_stops_the_channel(make_workspace, stor
     monkeypatch.setattr(ledger, "settle", settle)
     summary = engine.run_local(ws, "promo", run_key="k")
     assert summary["deliveries"]["sent"] == 9 if postgres else 14
-    sent = _sent_recipients(ws)
+    sent = outbox_recipients(ws)
     assert len(sent) == 24 and set(sent.values()) == {1}  # each once, none lost
     after = Counter(s for (s,) in ledger_rows(ws, "status",
                                               where="status <> 'no_address'").values())
@@ -497,11 +487,11 @@ def test_a_failure_while_rendering_beside_the_reservation_sends_nothing(
     monkeypatch.setattr(chunks, "build_message", broken)
     with pytest.raises(ValueError, match="a defect while rendering"):
         engine.run_local(ws, "promo", run_key="k")
-    assert not _sent_recipients(ws)
+    assert not outbox_recipients(ws)
     # rendered beside the reservation on Postgres, in the chunk's own thread on SQLite
     assert (threads == {"herald-render"}) == (ws.store.dialect.name == "postgresql")
     assert Counter(s for (s,) in ledger_rows(ws, "status", where="status <> 'no_address'")
                    .values()) == {"queued": 24}
     monkeypatch.setattr(chunks, "build_message", build)
     assert engine.run_local(ws, "promo", run_key="k")["deliveries"]["sent"] == 24
-    assert set(_sent_recipients(ws).values()) == {1}
+    assert set(outbox_recipients(ws).values()) == {1}

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections import Counter
 from datetime import timedelta
 from typing import Any
 
@@ -32,8 +31,8 @@ from .helpers import (
     enrollment_rows,
     journey_tick,
     ledger_rows,
-    outbox_files,
     outbox_messages,
+    outbox_recipients,
     run_script,
     wait_for_outbox,
 )
@@ -41,12 +40,6 @@ from .test_channel_webhook import hook_workspace
 
 HERE = f"{socket.gethostname()}:{os.getpid()}"
 PROCESSES = TaskRunnerSpec(type="processes", workers=2)
-
-
-def _delivered(ws: Any) -> Counter[str]:
-    lines = [json.loads(line)["recipient"] for path in outbox_files(ws)
-             if path.suffix == ".jsonl" for line in path.read_text().splitlines() if line]
-    return Counter(lines + [p.stem for p in outbox_files(ws) if p.suffix == ".eml"])
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgres"])
@@ -67,7 +60,7 @@ def test_processes_write_the_ledger_threads_write(store, make_workspace, request
 
     assert rows("processes") == rows("threads") and len(rows("threads")) == 300
     # each recipient of the second run got one message, from one of two other processes
-    delivered = _delivered(ws)
+    delivered = outbox_recipients(ws)
     assert set(delivered.values()) == {2}
     assert len(delivered) == threaded["deliveries"]["sent"]
     assert threaded["workers"] == [HERE]
@@ -170,7 +163,7 @@ def test_a_signal_stops_worker_processes_between_batches(sig, make_workspace,
     finally:
         chunks.forget_workspace(again.root)
         again.dispose()
-    delivered = _delivered(ws)
+    delivered = outbox_recipients(ws)
     assert len(rows) == 600 and max(delivered.values()) == 1
     assert sorted(delivered) == sorted(k for k, (s,) in rows.items() if s == "sent")
     every = [str(i) for i in range(1, 601)]
@@ -314,7 +307,7 @@ def test_a_killed_worker_s_chunks_are_retried_in_new_workers(make_workspace,
     assert killed and exc.value.code in (0, None), capsys.readouterr().err[-800:]
     summary = json.loads(capsys.readouterr().out)
     rows = ledger_rows(ws, "status", where="run_key = 'oom'")
-    delivered = _delivered(ws)
+    delivered = outbox_recipients(ws)
     in_flight = sum(1 for (s,) in rows.values() if s == "sending")
     lost = sum(1 for r in map(str, range(1, 601)) if not delivered[r]
                and rows.get(r, ("queued",))[0] in ("queued", "sent"))

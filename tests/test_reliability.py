@@ -36,6 +36,7 @@ from .helpers import (
     ledger_rows,
     outbox_files,
     outbox_messages,
+    outbox_recipients,
     run_script,
     wait_for_outbox,
 )
@@ -469,7 +470,7 @@ def test_any_render_exception_is_that_recipients_render_error(case, make_workspa
             (key, status, reason)
     assert not any(s in ("queued", "sending") for s, _ in ledger.values())
     assert summary["deliveries"]["render_error"] == len(failing)
-    delivered = _delivered(ws)
+    delivered = outbox_recipients(ws)
     assert not set(delivered) & failing and max(delivered.values()) == 1
     assert summary["deliveries"]["sent"] == len(delivered) > 0
     lost, duplicated = _account(ledger, delivered, [str(i) for i in range(1, 41)])
@@ -565,7 +566,7 @@ def test_the_same_person_under_two_keys_gets_one_message(dedupe, make_workspace,
     ws = Workspace.open(ws.root)
     summary = engine.run_local(ws, "promo", run_key="same", max_workers=1)
     ledger = _ledger(ws, "same")
-    delivered = _delivered(ws)
+    delivered = outbox_recipients(ws)
     for name, key, _, first in SAME_PERSON:
         if dedupe:
             assert ledger[str(key)][0] == "duplicate", (name, ledger[str(key)])
@@ -590,12 +591,6 @@ def test_the_same_person_under_two_keys_gets_one_message(dedupe, make_workspace,
 
 
 # -- opt-outs: the suppression list ----------------------------------------------------------
-def _delivered(ws: Any) -> Counter[str]:
-    """Recipient keys the outbox holds a message for (JSON lines and .eml files)."""
-    lines = [json.loads(line)["recipient"] for path in outbox_files(ws)
-             if path.suffix == ".jsonl" for line in path.read_text().splitlines() if line]
-    return Counter(lines + [p.stem for p in outbox_files(ws) if p.suffix == ".eml"])
-
 
 # (case, how it was suppressed, recipient id): each suppressed value is written differently
 # from the address the source holds; source addresses changed for a case are in SOURCE_AS
@@ -657,7 +652,7 @@ def test_opt_outs_hold_whatever_form_the_value_was_written_in(make_workspace, tm
     capsys.readouterr()
     summary = engine.run_local(ws, "promo", run_key="optouts")
     ledger = _ledger(ws, "optouts")
-    delivered = _delivered(ws)
+    delivered = outbox_recipients(ws)
     for name, _how, key in OPT_OUTS:
         assert ledger[str(key)][0] == "suppressed", (name, ledger[str(key)])
         assert not delivered[str(key)], name
@@ -878,7 +873,7 @@ def test_bodies_over_the_channel_limit_fail_unsent(make_workspace, catalogue) ->
     for key in long:
         assert ledger[key][0] == "failed" and "over the channel's limit of 160" in \
             str(ledger[key][1])
-    delivered = _delivered(ws)
+    delivered = outbox_recipients(ws)
     assert not set(delivered) & long and summary["deliveries"]["sent"] == len(delivered)
     lost, duplicated = _account(ledger, delivered, [str(i) for i in range(1, 21)])
     assert lost == 0 and duplicated == 0
@@ -1258,10 +1253,7 @@ def test_workspace_database_connections_killed_mid_run(make_workspace, pg_databa
         statuses = dict(conn.execute(text(
             "SELECT recipient, status FROM herald_deliveries WHERE run_key = 'pgkill'")).all())
     eng.dispose()
-    lines = [json.loads(line)["recipient"] for path in outbox_files(ws2)
-             if path.suffix == ".jsonl" for line in path.read_text().splitlines() if line]
-    emails = [p.stem for p in outbox_files(ws2) if p.suffix == ".eml"]
-    delivered = Counter(lines + emails)
+    delivered = outbox_recipients(ws2)
     every = [str(i) for i in range(1, 401)]
     lost, duplicated = _account({r: (s, None) for r, s in statuses.items()}, delivered, every)
     assert duplicated == 0 and lost == 0
@@ -1326,10 +1318,7 @@ def _killed_mid_send_then_rerun(ws: Any) -> tuple[int, int, int, int]:
     chunks.adopt_workspace(ws2)
     engine.run_local(ws2, "promo", run_key="killed")
     ledger = _ledger(ws2, "killed")
-    lines = [json.loads(line)["recipient"] for path in outbox_files(ws2)
-             if path.suffix == ".jsonl" for line in path.read_text().splitlines() if line]
-    emails = [p.stem for p in outbox_files(ws2) if p.suffix == ".eml"]
-    delivered = Counter(lines + emails)
+    delivered = outbox_recipients(ws2)
     every = [str(i) for i in range(1, 301)]
     lost, duplicated = _account(ledger, delivered, every)
     in_flight = sum(1 for s, _ in ledger.values() if s == "sending")
@@ -1416,7 +1405,7 @@ def _rerun(ws: Any, run_key: str, n: int
         chunks.adopt_workspace(again)
         engine.run_local(again, "promo", run_key=run_key, runner=TaskRunnerSpec())
         ledger = _ledger(again, run_key)
-        lost, duplicated = _account(ledger, _delivered(again), [str(i) for i in
+        lost, duplicated = _account(ledger, outbox_recipients(again), [str(i) for i in
                                                                  range(1, n + 1)])
     finally:
         chunks.forget_workspace(again.root)
@@ -1484,7 +1473,7 @@ def test_stop_signal_takes_no_new_batch_and_says_how_to_resume(sig, make_workspa
     chunks.adopt_workspace(ws2)
     engine.run_local(ws2, "promo", run_key="stop")
     ledger = _ledger(ws2, "stop")
-    delivered = _delivered(ws2)
+    delivered = outbox_recipients(ws2)
     lost, duplicated = _account(ledger, delivered, [str(i) for i in range(1, 601)])
     assert lost == 0 and duplicated == 0 and len(ledger) == 600
     assert sum(1 for s, _ in ledger.values() if s == "sent") == len(delivered)
@@ -1531,7 +1520,7 @@ def test_sigterm_to_herald_run_under_prefect(make_workspace, catalogue) -> None:
     chunks.adopt_workspace(ws2)
     engine.run_local(ws2, "promo", run_key="term")  # what the error line says to run
     ledger = _ledger(ws2, "term")
-    lost, duplicated = _account(ledger, _delivered(ws2), [str(i) for i in range(1, 601)])
+    lost, duplicated = _account(ledger, outbox_recipients(ws2), [str(i) for i in range(1, 601)])
     assert lost == 0 and duplicated == 0
     ws2.dispose()
     catalogue("fault", "SIGTERM to `herald run` (under its Prefect flow run)",
@@ -1584,7 +1573,7 @@ def test_process_killed_during_the_audience_build(make_workspace, catalogue) -> 
     assert runs[0][0] == "failed" and "abandoned: the process running it" in runs[0][1]
     assert runs[1][0] == "completed" and orphans == 0 and left == 0
     ledger = _ledger(ws2, "build")
-    delivered = _delivered(ws2)
+    delivered = outbox_recipients(ws2)
     lost, duplicated = _account(ledger, delivered, [str(i) for i in range(9, 8_001, 10)])
     assert len(ledger) == 800
     assert lost == 0 and duplicated == 0 and summary["deliveries"]["sent"] == len(delivered)
@@ -1696,15 +1685,15 @@ def test_render_errors_of_a_run_key_resent_after_the_fix(make_workspace, prefect
     first = run()
     failing = {"4", "8", "12", "16", "20", "24", "32", "36", "40"}  # gold, zh, with email
     assert first["deliveries"]["render_error"] == len(failing)
-    sent_before = _delivered(ws)
+    sent_before = outbox_recipients(ws)
     (ws.root / "templates/promo/gold.email.txt.zh.j2").write_text("金卡会员 {{ name }}")
     again = run()  # a plain rerun does not touch them: the run key is complete
-    assert again["status"] == "nothing_to_do" and _delivered(ws) == sent_before
+    assert again["status"] == "nothing_to_do" and outbox_recipients(ws) == sent_before
     second = run("--resend-render-errors")
     assert second["deliveries"]["sent"] == len(failing)
     assert second["deliveries"]["render_error"] == 0
     ledger = _ledger(ws, "fixme")
-    delivered = _delivered(ws)
+    delivered = outbox_recipients(ws)
     assert max(delivered.values()) == 1 and set(delivered) - set(sent_before) == failing
     assert all(s != "render_error" for s, _ in ledger.values())
     lost, duplicated = _account(ledger, delivered, [str(i) for i in range(1, 41)])
