@@ -170,13 +170,13 @@ async def _send_channel(ws: Workspace, job: Job, name: str, messages: list[Messa
                         attempts=0) for m in batch], settled)
                     continue
                 outcomes, fatal = await _send_batch(ws, job, channel, batch, limiter)
-                if settling is not None:
-                    previous, settling = settling, None
-                    await _settled_before(previous, job, outcomes)
-                settling = asyncio.ensure_future(_settle(ws, job, outcomes, settled))
                 if not overlap:
-                    previous, settling = settling, None
-                    await previous
+                    await _settle(ws, job, outcomes, settled)
+                else:
+                    if settling is not None:
+                        previous, settling = settling, None
+                        await _settled_before(previous, job, outcomes)
+                    settling = asyncio.ensure_future(_settle(ws, job, outcomes, settled))
                 if fatal:
                     stopped = fatal
                     with _stopped_lock:
