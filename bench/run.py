@@ -546,23 +546,13 @@ class PrefectServer:
 def tree_cpu(root: int) -> float:
     """CPU seconds (user + system, ended children included) of process ``root`` and its
     descendants, read from /proc."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    parents: dict[int, int] = {}
-    times: dict[int, int] = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:  # ended meanwhile
-            continue
-        parents[int(pid)] = int(fields[1])
-        times[int(pid)] = sum(int(f) for f in fields[11:15])
+    table = processes()
     tree, grown = {root}, True
     while grown:  # children, then their children...
-        found = {pid for pid, parent in parents.items() if parent in tree} - tree
+        found = {pid for pid, (_, parent, _) in table.items() if parent in tree} - tree
         tree |= found
         grown = bool(found)
-    return sum(times.get(pid, 0) for pid in tree) / ticks
+    return sum(table[pid][2] for pid in tree if pid in table)
 
 
 E2E_TARGET_S = {"engine": 50, "prefect": 60, "served": 60}  # at 1,000,000
@@ -646,22 +636,26 @@ def postgres_cpu() -> float | None:
     """CPU seconds (user + system) the local PostgreSQL server's processes have used,
     with those of its sessions that have ended (counted in the postmaster's children),
     read from /proc; None where there is no /proc or no Postgres process in it."""
+    found = [cpu for name, _, cpu in processes().values() if name.startswith("postgres")]
+    return sum(found) if found else None
+
+
+def processes() -> dict[int, tuple[str, int, float]]:
+    """Each process of this machine as /proc shows it: {pid: (name, parent pid, CPU
+    seconds of user + system time, its ended children's included)}; empty without
+    /proc."""
     ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    total, found = 0, False
-    for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if not pid.isdigit():
-            continue
+    table = {}
+    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else ()):
         try:
-            with open(f"/proc/{pid}/comm") as fh:
-                if not fh.read().startswith("postgres"):
-                    continue
             with open(f"/proc/{pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
+                head, _, tail = fh.read().rpartition(")")
         except OSError:  # ended meanwhile
             continue
-        found = True
-        total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
-    return total / ticks if found else None
+        fields = tail.split()  # utime, stime, cutime, cstime are fields 11 to 14
+        table[int(pid)] = (head.partition("(")[2], int(fields[1]),
+                           sum(int(f) for f in fields[11:15]) / ticks)
+    return table
 
 
 @contextlib.contextmanager
