@@ -3,7 +3,9 @@ Postgres databases made per test, and one Prefect test harness per session."""
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import textwrap
 import uuid
 from collections.abc import Callable, Iterator
@@ -69,6 +71,42 @@ def _base_clock() -> Iterator[None]:
     set), and a test that sets the clock cannot leak it into the next."""
     with clock.using(BASE_CLOCK):
         yield
+
+
+# -- Prefect's console ----------------------------------------------------------------------
+# Prefect builds its console handler once, when a test first imports it (a `herald run`
+# imports Prefect lazily), on the sys.stderr of that moment: under `capsys`, a stream
+# pytest closes when that test ends. Every later Prefect console line then failed with
+# "--- Logging error --- ... I/O operation on closed file" on the next test's stderr, so a
+# test's result depended on which test ran before it. After each test the handlers write
+# to whatever sys.stderr is current, as they do in a `herald` process.
+class _CurrentStderr:
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _prefect_console_follows_stderr() -> Iterator[None]:
+    yield
+    if "prefect.logging.handlers" not in sys.modules:
+        return
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(logging.getLogger(name)
+                                      for name in list(logging.Logger.manager.loggerDict))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler) and not isinstance(
+                    handler.stream, _CurrentStderr):
+                # not setStream: it flushes the old stream, already closed
+                handler.stream = _CurrentStderr()  # type: ignore[assignment]
+                handler.console.file = handler.stream  # type: ignore[assignment]
 
 
 @pytest.fixture(params=list(MOMENTS.values()), ids=list(MOMENTS))
