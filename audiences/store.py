@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy import (
@@ -72,9 +72,9 @@ class Package:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class Recipient:
-    """One row of a package."""
+class Recipient(NamedTuple):
+    """One row of a package. A NamedTuple (immutable, as a frozen dataclass would be) is
+    made in a third of the time: one is made for every row a chunk reads."""
 
     seq: int
     key: str

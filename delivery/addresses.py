@@ -21,7 +21,7 @@ from email_validator import EmailNotValidError, validate_email
 
 from herald.core.workspace import Workspace
 
-__all__ = ["Addresses", "clean_address", "comparable", "e164"]
+__all__ = ["Addresses", "clean_address", "comparable", "compared_form", "e164"]
 
 
 class Addresses:
@@ -46,12 +46,16 @@ class Addresses:
         """The compared form (:func:`comparable`) of an address :meth:`clean` returned,
         without parsing it again: a cleaned phone number is already in E.164, a cleaned
         e-mail address only needs lower-casing."""
-        kind = self.ws.channel_kind(channel)
-        if kind == "sms":
-            return address
-        if kind == "email":
-            return address.lower()
-        return comparable(address, self.region)
+        return compared_form(self.ws.channel_kind(channel), address, self.region)
+
+
+def compared_form(kind: str, address: str, region: str | None) -> str:
+    """:meth:`Addresses.comparable` for a channel of ``kind``."""
+    if kind == "sms":
+        return address
+    if kind == "email":
+        return address.lower()
+    return comparable(address, region)
 
 
 # what a phone number written by a person may contain: digits and separators

@@ -69,7 +69,7 @@ def message_id(flow: str, run_key: str, recipient: str) -> str:
     return f"<{digest[:32]}.{flow}@herald>"
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """A ledger row to write."""
 
@@ -103,7 +103,7 @@ class Existing:
         return (when if when.tzinfo else when.replace(tzinfo=UTC)) <= at
 
 
-@dataclass
+@dataclass(slots=True)
 class Outcome:
     """A settled send: what to write back to a ``sending`` row."""
 

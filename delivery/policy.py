@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import Connection
@@ -23,14 +24,16 @@ from herald.audiences.store import Recipient
 from herald.core.spec import CapRule, FlowSpec
 from herald.core.workspace import Workspace
 from herald.delivery import ledger_reads, suppression, variants
-from herald.delivery.addresses import Addresses
+from herald.delivery.addresses import Addresses, clean_address, compared_form
 
 SEND = "send"
+NOWHERE: frozenset[str] = frozenset()  # the channels of someone not on the list
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What the policy decided for one recipient."""
+class Decision(NamedTuple):
+    """What the policy decided for one recipient. A NamedTuple: immutable, and made in a
+    third of a frozen dataclass's time (its ``__init__`` sets each of the eight fields
+    through ``object.__setattr__``), once for every recipient of a chunk."""
 
     recipient: Recipient
     tier: str  # the tier entry that applies (templates, channels): its own or "default"
@@ -89,16 +92,27 @@ class Policy:
             r.key: suppression.normalize(r.key, region) for r in rows}
         candidates: dict[str, list[tuple[str, str | None, str | None]]] = {}
         tiers: dict[str, str] = {}
+        # per tier: its entry's name and, for each of its channels, the address column
+        # and the channel's kind (what Addresses.of looks up per call), found once
+        plans: dict[str, tuple[str, list[tuple[str, str, str]]]] = {}
+        special_use = self.addresses.special_use
         for row in rows:
-            entry = self.flow.tier_for(row.tier)
-            assert entry is not None, "validation guarantees a tier entry or a default"
-            tiers[row.key] = entry[0]
+            plan = plans.get(row.tier)
+            if plan is None:
+                entry = self.flow.tier_for(row.tier)
+                assert entry is not None, "validation guarantees a tier entry or a default"
+                plan = plans[row.tier] = (entry[0], [
+                    (channel, self.ws.address_column(channel), self.ws.channel_kind(channel))
+                    for channel in entry[1].channels])
+            tiers[row.key] = plan[0]
             options = []
-            for channel in entry[1].channels:
-                address, why = self.addresses.of(channel, row.data)
+            data = row.data
+            for channel, column, kind in plan[1]:
+                # what self.addresses.of(channel, data) and .comparable return
+                address, why = clean_address(kind, data.get(column), region, special_use)
                 options.append((channel, address, why))
                 if address and (channel, address) not in forms:
-                    forms[channel, address] = self.addresses.comparable(channel, address)
+                    forms[channel, address] = compared_form(kind, address, region)
             candidates[row.key] = options
         held = {r.key for r in rows if in_holdout(self.flow.name, r.key, self.flow.holdout)}
         return Screening(tiers, candidates, forms, held)
@@ -237,11 +251,14 @@ class Policy:
         if held_out:
             return Decision(row, tier, "held_out",
                             reason=f"control group ({self.flow.holdout:.0%} holdout)")
-        key_channels = listed.get(forms[row.key], set())
+        # this runs once per recipient: no set, generator or Counter.__missing__ call
+        # (a Python function) made for the common case, someone listed nowhere, uncapped
+        key = row.key
+        key_channels = listed.get(forms[key], NOWHERE)
         if suppression.ALL_CHANNELS in key_channels:
             return Decision(row, tier, "suppressed", reason="recipient is on the suppression list")
         for rule, seen in counts:  # a tier-scoped rule only counted its tier's recipients
-            if rule.channel is None and seen[row.key] >= rule.max and _applies(rule, row):
+            if rule.channel is None and seen.get(key, 0) >= rule.max and _applies(rule, row):
                 return Decision(row, tier, "capped", reason=f"cap {rule.describe()}")
         stops: list[tuple[str, str, str | None, str]] = []  # (status, channel, address, why)
         for channel, address, why in options:
@@ -249,14 +266,19 @@ class Policy:
                 stops.append(("no_address", channel, None,
                               f"{self.ws.address_column(channel)} {why}"))
                 continue
-            blocked = listed.get(forms[channel, address], set()) | key_channels
-            if suppression.ALL_CHANNELS in blocked or channel in blocked:
+            # the key's own ALL_CHANNELS entry returned above
+            on_list = listed.get(forms[channel, address], NOWHERE)
+            if suppression.ALL_CHANNELS in on_list or channel in on_list \
+                    or channel in key_channels:
                 stops.append(("suppressed", channel, address,
                               f"{channel} address is on the suppression list"))
                 continue
-            capped = next((rule for rule, seen in counts
-                           if rule.channel == channel and seen[row.key] >= rule.max
-                           and _applies(rule, row)), None)
+            capped = None
+            for rule, seen in counts:
+                if rule.channel == channel and seen.get(key, 0) >= rule.max \
+                        and _applies(rule, row):
+                    capped = rule
+                    break
             if capped:
                 stops.append(("capped", channel, address, f"cap {capped.describe()}"))
                 continue

@@ -25,9 +25,8 @@ from __future__ import annotations
 import re
 import threading
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from jinja2 import FileSystemLoader, StrictUndefined, Template, TemplateSyntaxError, meta, nodes
 from jinja2.exceptions import SecurityError, UndefinedError
@@ -68,8 +67,7 @@ def _render(template: Template, names: dict[str, Any]) -> str:
         raise  # handle_exception always raises
 
 
-@dataclass(frozen=True)
-class Rendered:
+class Rendered(NamedTuple):
     subject: str | None
     body: str
     html: str | None
