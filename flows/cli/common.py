@@ -11,6 +11,7 @@ usage errors exit 2.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Annotated, Any
@@ -150,6 +151,31 @@ def prefect_env() -> None:
     # 20 s: the run then failed before sending anything. Wait longer before giving up.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
                           str(EPHEMERAL_STARTUP_SECONDS))
+
+
+class _HeraldOnly(logging.Filter):
+    """Lets Herald's own records through a Prefect console handler, not Prefect's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith("prefect")
+
+
+def prefect_console(verbose: bool) -> None:
+    """Without ``verbose``, Prefect's console handlers (set up when Prefect is imported)
+    print Herald's records only: Prefect's own lines (task states, a failed task's
+    "Finished in state Failed(...)" and its bare "NoneType: None") stay off stderr, where
+    the command prints the failure itself in one line. They still reach the Prefect API
+    and UI, through other handlers. With ``verbose``, everything is printed."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(logging.getLogger(name)
+                                      for name in list(logging.Logger.manager.loggerDict))]
+    for handler in {h for logger in loggers for h in logger.handlers
+                    if isinstance(h, PrefectConsoleHandler)}:
+        for found in [f for f in handler.filters if isinstance(f, _HeraldOnly)]:
+            handler.removeFilter(found)
+        if not verbose:
+            handler.addFilter(_HeraldOnly())
 
 
 def require_server(command: str) -> None:

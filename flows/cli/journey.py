@@ -16,6 +16,7 @@ from herald.flows.cli.common import (
     journey_app,
     open_workspace,
     out,
+    prefect_console,
     prefect_env,
     print_json,
     set_now,
@@ -37,6 +38,7 @@ def journey_tick(name: str, workspace: WorkspaceOpt = None, now: NowOpt = None,
         prefect_env()
         from herald.flows.journey import run as run_tick
 
+        prefect_console(verbose=False)
         summary = run_tick(ws, name, enter=enter)
     else:
         from herald.journeys.engine import tick_local

@@ -20,6 +20,7 @@ from herald.flows.cli.common import (
     open_workspace,
     out,
     parse_params,
+    prefect_console,
     prefect_env,
     print_json,
     print_summary,
@@ -82,13 +83,15 @@ def run(flow: str, param: ParamOpt = None,
     prefect_env()
     if not verbose:
         # Prefect's console lines (task states, temporary server) stay off stderr; its
-        # logs still reach the Prefect API and UI, whose level is not changed.
-        # With --json, only errors: a run's warnings (failure reasons) are in its JSON.
+        # logs still reach the Prefect API and UI, whose level is not changed. Herald's
+        # own lines: with --json only errors (a run's warnings, failure reasons, are in
+        # its JSON).
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL",
                               "ERROR" if as_json else "WARNING")
     if state.debug:
         os.environ["HERALD_DEBUG"] = "1"  # the flow raises with its traceback
     from herald.flows import campaign
+    prefect_console(verbose)
     from herald.flows.cli.live import LiveReport
     from herald.flows.engine import stop_on_signals
     from herald.flows.progress import watching
