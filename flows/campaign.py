@@ -55,7 +55,8 @@ def build_audience(ws: Workspace, flow_name: str, params: dict[str, Scalar], run
     except (HeraldError, DBAPIError) as exc:
         # one line naming the file or the database, never the SQL and its parameters
         message = describe_failure(exc) if isinstance(exc, DBAPIError) else str(exc)
-        get_run_logger().error("%s", message)
+        # for the Prefect UI: `herald run` prints the failure itself, in one line
+        get_run_logger().error("%s", message, extra={"ui_only": True})
         return Failed(message=message)
     package = prepared.package
     get_run_logger().info("audience package %s: %d recipients in %d chunks (%s)",
@@ -383,9 +384,11 @@ def _follow_up(flow_name: str, run_key: str, params: dict[str, Scalar], when: st
 
     logger = get_run_logger()
     if not deployment.id:
+        # `herald run`'s summary says so itself (a deployment's run has no such summary)
         logger.warning("recipients deferred (quiet hours or a provider's back-off) until "
                        "%s: run `herald run %s "
-                       "--run-key %s` after that time to send them", when, flow_name, run_key)
+                       "--run-key %s` after that time to send them", when, flow_name, run_key,
+                       extra={"ui_only": True})
         return
     from prefect.deployments import run_deployment
 

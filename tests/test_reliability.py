@@ -239,6 +239,7 @@ def test_bad_input_is_named_and_nothing_is_sent(name, files, expected, make_work
     assert "Traceback" not in err
     # Prefect's console lines stay off without --verbose: the error is Herald's one line
     assert "Finished in state" not in err and "NoneType: None" not in err, err
+    assert all(err.count(line) == 1 for line in expected), err  # said once
     assert outbox_messages(ws) == 0 and _deliveries(ws) == 0
     with sqlite3.connect(ws.root / "crm.db") as conn:  # the source is never written
         assert conn.execute("SELECT count(*) FROM people WHERE email IS NOT NULL"

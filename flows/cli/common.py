@@ -154,19 +154,31 @@ def prefect_env() -> None:
 
 
 class _HeraldOnly(logging.Filter):
-    """Lets Herald's own records through a Prefect console handler, not Prefect's."""
+    """Lets Herald's own records through a Prefect console handler: not those Prefect's
+    code writes (through its run loggers too), nor Herald's marked ``ui_only``."""
+
+    def __init__(self, prefect_code: str) -> None:
+        super().__init__()
+        self.prefect_code = prefect_code
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.name.startswith("prefect")
+        return not (record.pathname.startswith(self.prefect_code)
+                    or getattr(record, "ui_only", False))
 
 
 def prefect_console(verbose: bool) -> None:
     """Without ``verbose``, Prefect's console handlers (set up when Prefect is imported)
-    print Herald's records only: Prefect's own lines (task states, a failed task's
-    "Finished in state Failed(...)" and its bare "NoneType: None") stay off stderr, where
-    the command prints the failure itself in one line. They still reach the Prefect API
-    and UI, through other handlers. With ``verbose``, everything is printed."""
+    print Herald's records only: Prefect's own lines (task states, the temporary server,
+    a failed task's "Finished in state Failed(...)" and its bare "NoneType: None") stay
+    off stderr, and so do Herald's records that the command reports itself (marked
+    ``extra={"ui_only": True}``: a failed build's reason, printed as the command's one
+    error line). Herald's warnings (the main failure reasons, a failure-rate alert) are
+    still printed. All of them reach the Prefect API and UI, through other handlers.
+    With ``verbose``, everything is printed."""
+    import prefect
     from prefect.logging.handlers import PrefectConsoleHandler
+
+    prefect_code = os.path.dirname(prefect.__file__) + os.sep
 
     loggers = [logging.getLogger(), *(logging.getLogger(name)
                                       for name in list(logging.Logger.manager.loggerDict))]
@@ -175,7 +187,7 @@ def prefect_console(verbose: bool) -> None:
         for found in [f for f in handler.filters if isinstance(f, _HeraldOnly)]:
             handler.removeFilter(found)
         if not verbose:
-            handler.addFilter(_HeraldOnly())
+            handler.addFilter(_HeraldOnly(prefect_code))
 
 
 def require_server(command: str) -> None:
