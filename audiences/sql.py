@@ -14,9 +14,9 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from herald.core import clock
-from herald.core.errors import AudienceError, WorkspaceError
+from herald.core.errors import AudienceError, Problem, WorkspaceError
 from herald.core.spec import FlowSpec, Scalar
-from herald.core.workspace import Workspace
+from herald.core.workspace import SegmentNotFound, Workspace
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,16 @@ def load_segment(ws: Workspace, flow: FlowSpec, overrides: Mapping[str, Scalar] 
     database's, so a rehearsal (``--now``) selects who a run at that moment would select.
     """
     moment = bind_time(ws.source(flow.audience.source), clock.now())
-    return load_sql(ws, flow.audience.segment, flow.audience.source,
-                    {**flow.audience.params, **(overrides or {})},
-                    hint="set audience.params in the flow or pass -p name=value",
-                    defaults={"now": moment})
+    try:
+        return load_sql(ws, flow.audience.segment, flow.audience.source,
+                        {**flow.audience.params, **(overrides or {})},
+                        hint="set audience.params in the flow or pass -p name=value",
+                        defaults={"now": moment})
+    except SegmentNotFound as exc:
+        raise WorkspaceError(str(Problem(
+            str(exc), file=ws.flow_file(flow.name),
+            line=ws.flow_line(flow.name, ("audience", "segment")),
+            field="audience.segment"))) from None
 
 
 def bind_time(engine: Engine, moment: datetime) -> Any:

@@ -27,6 +27,10 @@ CONFIG_FILE = "config/herald.yaml"
 FLOWS_DIR = "config/flows"
 
 
+class SegmentNotFound(WorkspaceError):
+    """No ``audiences/SEGMENT[.dialect].sql``: the caller names the field that wanted it."""
+
+
 class Workspace:
     """The operator's files and the databases they name."""
 
@@ -143,8 +147,8 @@ class Workspace:
         for candidate in (f"audiences/{segment}.{dialect}.sql", f"audiences/{segment}.sql"):
             if (self.root / candidate).is_file():
                 return self.root / candidate
-        raise WorkspaceError(f"segment '{segment}' not found: audiences/{segment}.sql "
-                             "does not exist")
+        raise SegmentNotFound(f"segment '{segment}' not found: audiences/{segment}.sql "
+                              "does not exist")
 
     def relative(self, path: Path) -> str:
         try:
@@ -173,7 +177,9 @@ class Workspace:
                 self._engines[handle] = make_engine(self.config.sources[name], self.root,
                                                     read_only=not write)
             except WorkspaceError as exc:
-                raise WorkspaceError(f"source '{name}': {exc}") from None
+                raise WorkspaceError(str(Problem(
+                    str(exc), file=CONFIG_FILE, line=self._doc.line_of(("sources", name)),
+                    field=f"sources.{name}"))) from None
         return self._engines[handle]
 
     def channel_kind(self, channel: str) -> str:

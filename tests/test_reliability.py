@@ -52,7 +52,9 @@ CASES: list[tuple[str, dict[str, str | bytes | None], list[str]]] = [
      ["config/flows/promo.yaml:8 audience.teir: unknown key 'teir' (did you mean 'tier'?)"]),
     ("wrong type", {FLOW: PROMO_YAML + "holdout: lots\n"},
      ["config/flows/promo.yaml:13 holdout: Input should be a valid number"]),
-    ("missing segment file", {SQL: None}, ["audiences/people.sql"]),
+    ("missing segment file", {SQL: None},
+     ["config/flows/promo.yaml:5 audience.segment: segment 'people' not found: "
+      "audiences/people.sql does not exist"]),
     ("missing template file", {"templates/promo/default.sms.txt.j2": None},
      ["no sms text template for tier 'default': create templates/promo/default.sms.txt.j2"]),
     ("SQL that fails", {SQL: "SELECT id, name FROM nowhere WHERE id > :min_score"},
@@ -198,7 +200,8 @@ CASES: list[tuple[str, dict[str, str | bytes | None], list[str]]] = [
      ["config/herald.yaml:9 chunk_size: Input should be greater than or equal to 1"]),
     ("mistyped SQLite source path",
      {"config/herald.yaml": HERALD_YAML.replace("sqlite:///crm.db", "sqlite:///crm_typo.db")},
-     ["source 'crm': sqlite:///", "crm_typo.db: database file not found"]),
+     ["config/herald.yaml:3 sources.crm: sqlite:///", "crm_typo.db: database file not "
+      "found"]),
 ]
 
 
