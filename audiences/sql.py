@@ -15,6 +15,7 @@ from sqlalchemy.exc import DBAPIError
 
 from herald.core import clock
 from herald.core.errors import AudienceError, Problem, WorkspaceError
+from herald.core.files import read_text
 from herald.core.spec import FlowSpec, Scalar
 from herald.core.workspace import SegmentNotFound, Workspace
 
@@ -62,8 +63,8 @@ def segment_params(ws: Workspace, name: str, source: str) -> tuple[str, set[str]
     """The parameters a segment's SQL uses, and its workspace-relative file."""
     path = ws.segment_file(name, ws.source(source).dialect.name)
     try:
-        sql = path.read_bytes().decode("utf-8")
-    except (OSError, UnicodeDecodeError):
+        sql = read_text(path, ws.relative(path))
+    except UnicodeDecodeError:
         raise AudienceError(f"{ws.relative(path)}: cannot be read") from None
     check_query(sql, ws.relative(path))  # a statement that is not a query says so first
     return ws.relative(path), set(text(sql).compile().binds)
@@ -82,7 +83,7 @@ def load_sql(ws: Workspace, name: str, source: str, params: Mapping[str, Scalar]
     path = ws.segment_file(name, engine.dialect.name)
     rel = ws.relative(path)
     try:
-        sql = path.read_bytes().decode("utf-8")
+        sql = read_text(path, rel)
     except UnicodeDecodeError as exc:
         raise WorkspaceError(f"{rel}: not valid UTF-8 (byte {exc.start})") from None
     sql = sql.strip().rstrip(";").rstrip()

@@ -49,6 +49,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from herald.core.errors import WorkspaceError
+from herald.core.files import check_readable
 
 # Every table Herald keeps in the workspace database is declared on this one MetaData.
 metadata = MetaData()
@@ -382,9 +383,10 @@ def make_engine(url: str, root: Path, store: bool = False, read_only: bool = Fal
         if read_only and parsed.database and parsed.database != ":memory:" \
                 and not parsed.database.startswith("file:"):
             path = Path(parsed.database)
-            if not path.is_file():
+            if not path.exists():
                 raise WorkspaceError(f"{render_url(resolved)}: database file not found "
                                      f"({path})")
+            check_readable(path, render_url(resolved))  # else blamed on the query
             uri = f"{path.as_uri()}?mode=ro"
             kwargs["creator"] = lambda: sqlite3.connect(uri, uri=True, timeout=30,
                                                         check_same_thread=False)

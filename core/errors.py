@@ -6,7 +6,8 @@ its message on one line and exits with status 1 (a traceback only with ``--debug
     HeraldError
      ├── ConfigError          YAML that cannot be loaded or does not match the schema;
      │                        carries every problem found, each with file, line and field
-     ├── WorkspaceError       no workspace here, a missing segment, template or flow file
+     ├── WorkspaceError       no workspace here, a missing segment, template or flow file,
+     │                        or one that is a folder or cannot be read (UnreadableFile)
      ├── ValidationFailed     a flow that must not run: SQL, template or channel problems
      │                        (carries every problem, like ConfigError)
      ├── AudienceError        the segment query failed or its result is unusable

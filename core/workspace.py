@@ -50,7 +50,7 @@ class Workspace:
     def open(cls, root: str | Path | None = None) -> Workspace:
         """Open the workspace at ``root``, ``$HERALD_WORKSPACE`` or the current folder."""
         path = Path(root or os.environ.get("HERALD_WORKSPACE") or ".").resolve()
-        if not (path / CONFIG_FILE).is_file():
+        if not (path / CONFIG_FILE).exists():  # a folder there is named by load_yaml
             raise WorkspaceError(f"{path} is not a Herald workspace: {CONFIG_FILE} not found "
                                  "(use --workspace DIR or set HERALD_WORKSPACE)")
         doc = load_yaml(path / CONFIG_FILE, CONFIG_FILE)
@@ -88,7 +88,7 @@ class Workspace:
 
     def _load_flow(self, name: str) -> FlowSpec:
         rel = f"{FLOWS_DIR}/{name}.yaml"
-        if not (self.root / rel).is_file():
+        if not (self.root / rel).exists():  # a folder there is named by load_yaml
             import difflib
 
             close = difflib.get_close_matches(name, self.flow_names(), n=1, cutoff=0.6)
@@ -145,7 +145,7 @@ class Workspace:
     def segment_file(self, segment: str, dialect: str) -> Path:
         """``audiences/SEGMENT.<dialect>.sql`` if present, else ``audiences/SEGMENT.sql``."""
         for candidate in (f"audiences/{segment}.{dialect}.sql", f"audiences/{segment}.sql"):
-            if (self.root / candidate).is_file():
+            if (self.root / candidate).exists():  # a folder there is named when read
                 return self.root / candidate
         raise SegmentNotFound(f"segment '{segment}' not found: audiences/{segment}.sql "
                               "does not exist")

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from herald.core.errors import ConfigError, Problem
+from herald.core.files import UnreadableFile, read_text
 
 Loc = tuple[str | int, ...]
 M = TypeVar("M", bound=BaseModel)
@@ -55,13 +56,11 @@ def load_yaml(path: Path, display: str | None = None, env: Mapping[str, str] | N
     """Read ``path``; raise ConfigError naming the file and line on any problem."""
     name = display or str(path)
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError([Problem("file not found", file=name)]) from None
-    try:
-        text = raw.decode("utf-8")
+        text = read_text(path, name)
+    except UnreadableFile as exc:
+        raise ConfigError([Problem(exc.reason, file=name)]) from None
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
+        line = exc.object[: exc.start].count(b"\n") + 1
         raise ConfigError([Problem("not valid UTF-8", file=name, line=line)]) from None
     return parse_yaml(text, name, os.environ if env is None else env)
 

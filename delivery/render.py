@@ -33,6 +33,7 @@ from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
 from herald.core.errors import Problem
+from herald.core.files import UnreadableFile, read_text
 from herald.core.spec import FlowSpec
 from herald.core.workspace import Workspace
 
@@ -209,10 +210,13 @@ class Templates:
             for variant in ([None, *experiment[1].variants] if experiment else [None]):
                 for kind in sorted(kinds):
                     for part, required in PARTS[kind]:
+                        candidates = [f"{p}.{kind}.{part}.j2"
+                                      for p in self.prefixes(flow, tier, variant)]
                         if required and self.find(flow, tier, kind, part, None,
-                                                  variant) is None:
-                            first, *shared = [f"templates/{p}.{kind}.{part}.j2"
-                                              for p in self.prefixes(flow, tier, variant)]
+                                                  variant) is None and not any(
+                                (self.root / c).is_dir() for c in candidates):
+                            # (a folder in a template's place is named by _check_one)
+                            first, *shared = [f"templates/{c}" for c in candidates]
                             problems.append(Problem(
                                 f"no {kind} {PART_NAMES.get(part, part)} template for tier "
                                 f"'{tier}'" + (f" (variant '{variant}')" if variant else "")
@@ -249,7 +253,9 @@ class Templates:
         checked.add(name)
         file = f"templates/{name}"
         try:
-            source = (self.root / name).read_bytes().decode("utf-8")
+            source = read_text(self.root / name, file)
+        except UnreadableFile as exc:
+            return [Problem(exc.reason, file=file)]
         except UnicodeDecodeError as exc:
             return [Problem(f"not valid UTF-8 (byte {exc.start})", file=file)]
         try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from herald.audiences.sql import Segment, load_segment, probe_columns, segment_params
 from herald.core.errors import AudienceError, Problem, ValidationFailed, WorkspaceError
+from herald.core.files import read_text
 from herald.core.spec import FlowSpec, Scalar
 from herald.core.workspace import Workspace
 from herald.delivery.render import Templates, templates_for
@@ -195,7 +196,7 @@ def _opt_out_warnings(ws: Workspace, flow: FlowSpec, engine: Templates,
         for name in engine.variants(flow, tier, "sms", "txt"):
             locale = name.rsplit("/", 1)[-1].split(".")[3:-1]
             chinese = locale[0].startswith("zh") if locale else default_zh
-            text = (ws.templates_dir / name).read_text(encoding="utf-8")
+            text = read_text(ws.templates_dir / name, f"templates/{name}")
             if chinese and not any(marker in text for marker in OPT_OUT_MARKERS):
                 found.append(f"templates/{name}: a marketing SMS to mainland China must say "
                              "how to opt out (e.g. 回T退订)")

@@ -84,7 +84,7 @@ def forget(ws: Workspace) -> None:
 
 def _load(ws: Workspace, name: str) -> Loaded:
     rel = f"{JOURNEYS_DIR}/{name}.yaml"
-    if not (ws.root / rel).is_file():
+    if not (ws.root / rel).exists():  # a folder there is named by load_yaml
         raise WorkspaceError(f"unknown journey '{name}': {rel} not found (journeys: "
                              f"{', '.join(names(ws)) or 'none'})")
     doc = load_yaml(ws.root / rel, rel)

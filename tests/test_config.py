@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +12,8 @@ from herald.core.errors import ConfigError, ValidationFailed, WorkspaceError
 from herald.core.spec import FlowSpec, WorkspaceConfig
 from herald.core.workspace import Workspace
 from herald.core.yamlio import parse_yaml, validate
+from herald.flows.cli import main
+from herald.flows.validate import check_flow
 
 
 def problems(exc: pytest.ExceptionInfo[Any]) -> list[str]:
@@ -141,6 +145,68 @@ def test_non_utf8_yaml(make_workspace) -> None:
     (ws.root / "config/flows/promo.yaml").write_bytes(b"name: promo\ndescription: \xff\n")
     with pytest.raises(ConfigError, match=r"promo.yaml:2: not valid UTF-8"):
         Workspace.open(ws.root).flow("promo")
+
+
+@pytest.mark.parametrize("rel", ["config/herald.yaml", "config/flows/promo.yaml",
+                                 "audiences/people.sql",
+                                 "templates/promo/gold.email.txt.j2"])
+def test_a_file_that_cannot_be_read_is_named(rel, make_workspace, monkeypatch,
+                                              capsys) -> None:
+    """The OS refusing a read (the tests run as root, whom file modes do not stop: the
+    refusal is raised where Herald reads the file's bytes) is one line naming the file."""
+    ws = make_workspace()
+    refused = ws.root / rel
+    real_read_bytes = Path.read_bytes
+
+    def read_bytes(path: Path) -> bytes:
+        if path == refused:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(SystemExit) as exc:
+        main(["validate", "-w", str(ws.root)])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 1 and "Traceback" not in err, err
+    assert f"{rel}: cannot read: permission denied" in err, err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+def test_a_flow_file_without_read_permission_is_named(make_workspace) -> None:
+    ws = make_workspace()
+    (ws.root / "config/flows/promo.yaml").chmod(0)
+    with pytest.raises(ConfigError) as exc:
+        Workspace.open(ws.root).flow("promo")
+    assert problems(exc) == ["config/flows/promo.yaml: cannot read: permission denied"]
+
+
+def test_a_source_database_that_cannot_be_read_is_named_not_the_sql(
+        make_workspace, monkeypatch) -> None:
+    ws = make_workspace()
+    db = ws.root / "crm.db"
+    real_open = Path.open
+
+    def refuse(path: Path, *args: Any, **kwargs: Any) -> Any:
+        if path == db:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refuse)
+    with pytest.raises(ValidationFailed) as exc:
+        check_flow(Workspace.open(ws.root), "promo")
+    assert problems(exc) == [f"config/herald.yaml:3 sources.crm: sqlite:///{db}: cannot "
+                             "read: permission denied"]
+
+
+def test_a_source_database_that_is_a_folder_is_named(make_workspace) -> None:
+    ws = make_workspace()
+    db = ws.root / "crm.db"
+    db.unlink()
+    db.mkdir()
+    with pytest.raises(ValidationFailed) as exc:
+        check_flow(Workspace.open(ws.root), "promo")
+    assert problems(exc) == [f"config/herald.yaml:3 sources.crm: sqlite:///{db}: is a "
+                             "folder, not a file"]
 
 
 def test_a_workspace_database_from_an_older_herald_is_named(make_workspace) -> None:

@@ -45,7 +45,8 @@ from .http_peer import Peer, serve
 # -- bad input ------------------------------------------------------------------------------
 SQL = "audiences/people.sql"
 FLOW = "config/flows/promo.yaml"
-CASES: list[tuple[str, dict[str, str | bytes | None], list[str]]] = [
+FOLDER = object()  # in CASES: a folder where the file should be
+CASES: list[tuple[str, dict[str, str | bytes | object | None], list[str]]] = [
     ("malformed YAML", {FLOW: PROMO_YAML.replace("key: id", "key: [id")},
      ["config/flows/promo.yaml:8: invalid YAML"]),
     ("unknown key, with a suggestion", {FLOW: PROMO_YAML.replace("tier: tier", "teir: tier")},
@@ -55,6 +56,12 @@ CASES: list[tuple[str, dict[str, str | bytes | None], list[str]]] = [
     ("missing segment file", {SQL: None},
      ["config/flows/promo.yaml:5 audience.segment: segment 'people' not found: "
       "audiences/people.sql does not exist"]),
+    ("segment SQL that is a folder", {SQL: FOLDER},
+     ["audiences/people.sql: is a folder, not a file"]),
+    ("flow YAML that is a folder", {FLOW: FOLDER},
+     ["config/flows/promo.yaml: is a folder, not a file"]),
+    ("template that is a folder", {"templates/promo/default.sms.txt.j2": FOLDER},
+     ["error: templates/promo/default.sms.txt.j2: is a folder, not a file"]),
     ("missing template file", {"templates/promo/default.sms.txt.j2": None},
      ["no sms text template for tier 'default': create templates/promo/default.sms.txt.j2"]),
     ("SQL that fails", {SQL: "SELECT id, name FROM nowhere WHERE id > :min_score"},
@@ -205,14 +212,18 @@ CASES: list[tuple[str, dict[str, str | bytes | None], list[str]]] = [
 ]
 
 
-def _write(ws: Any, files: dict[str, str | bytes | None]) -> None:
+def _write(ws: Any, files: dict[str, str | bytes | object | None]) -> None:
     for rel, content in files.items():
         path = ws.root / rel
         if content is None:
             path.unlink()
+        elif content is FOLDER:
+            path.unlink()
+            path.mkdir()
         elif isinstance(content, bytes):
             path.write_bytes(content)
         else:
+            assert isinstance(content, str)
             path.write_text(content, encoding="utf-8")
 
 
