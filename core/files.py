@@ -1,8 +1,10 @@
 """Reading the operator's files (YAML, SQL, templates, SQLite sources): one place turns
-what the OS says about a file into one line naming it."""
+what the OS says about a file into one line naming it, and drops the byte-order mark
+some editors write at the start of a UTF-8 file."""
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
 from herald.core.errors import WorkspaceError
@@ -18,7 +20,7 @@ class UnreadableFile(WorkspaceError):
 
 
 def read_text(path: Path, display: str) -> str:
-    """The text of ``path`` as UTF-8.
+    """The text of ``path`` as UTF-8, a leading byte-order mark dropped.
 
     UnreadableFile (naming ``display``) when it is missing, a folder or unreadable;
     UnicodeDecodeError for bytes that are not UTF-8, for the caller to locate.
@@ -27,7 +29,7 @@ def read_text(path: Path, display: str) -> str:
         raw = path.read_bytes()
     except OSError as exc:
         raise UnreadableFile(display, unreadable_reason(path, exc)) from None
-    return raw.decode("utf-8")
+    return raw.removeprefix(codecs.BOM_UTF8).decode("utf-8")
 
 
 def check_readable(path: Path, display: str) -> None:

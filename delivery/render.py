@@ -87,7 +87,8 @@ class Templates:
         self.default_locale = default_locale
         self.globals = GLOBALS | extra_globals  # e.g. unsubscribe_url, when configured
         self.env = SandboxedEnvironment(
-            loader=FileSystemLoader(str(root), encoding="utf-8"),
+            # utf-8-sig: a byte-order mark some editors write would start the message
+            loader=FileSystemLoader(str(root), encoding="utf-8-sig"),
             undefined=StrictUndefined,
             autoescape=_autoescape,
             keep_trailing_newline=False,

@@ -148,3 +148,11 @@ def test_rows_keep_their_values(make_workspace) -> None:
                           "phone": "+14155550001", "tier": "silver", "locale": "en_US",
                           "score": 1}
     assert json.loads(json.dumps(first.data)) == first.data
+
+
+def test_a_byte_order_mark_before_the_segment_sql_is_ignored(make_workspace) -> None:
+    ws = make_workspace({"audiences/people.sql": "\ufeffSELECT id, name, email, phone, "
+                         "tier, locale, score FROM people WHERE score >= :min_score\n"})
+    segment = sql.load_segment(ws, ws.flow("promo"))
+    assert segment.sql.startswith("SELECT id")
+    assert build(ws).size == 100

@@ -209,6 +209,13 @@ def test_a_source_database_that_is_a_folder_is_named(make_workspace) -> None:
                              "folder, not a file"]
 
 
+def test_a_byte_order_mark_before_yaml_is_ignored(make_workspace) -> None:
+    ws = make_workspace()
+    flow = ws.root / "config/flows/promo.yaml"
+    flow.write_bytes(b"\xef\xbb\xbf" + flow.read_bytes())
+    assert Workspace.open(ws.root).flow("promo").name == "promo"
+
+
 def test_a_workspace_database_from_an_older_herald_is_named(make_workspace) -> None:
     import sqlite3
 

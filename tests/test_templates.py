@@ -119,3 +119,13 @@ def test_a_valid_flow_passes(make_workspace) -> None:
     checked = check_flow(ws, "promo")
     assert checked.columns == ["id", "name", "email", "phone", "tier", "locale", "score"]
     assert checked.templates == 8  # every file under templates/promo/
+
+
+def test_a_byte_order_mark_is_not_sent(make_workspace) -> None:
+    """Some editors start a UTF-8 file with U+FEFF; it is not part of the message."""
+    ws = make_workspace({"templates/promo/gold.email.subject.j2": "\ufeffA gift, {{ name }}",
+                         "templates/promo/gold.email.txt.j2": "\ufeffDear {{ name }}."})
+    check_flow(ws, "promo")
+    rendered = templates_for(ws).render(ws.flow("promo"), "gold", "email", None, VARS)
+    assert rendered.subject == "A gift, Li Lei"
+    assert rendered.body == "Dear Li Lei."
