@@ -46,7 +46,7 @@ from sqlalchemy import (
     inspect,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from herald.core.errors import WorkspaceError
 from herald.core.files import check_readable
@@ -394,6 +394,9 @@ def make_engine(url: str, root: Path, store: bool = False, read_only: bool = Fal
         kwargs["pool_pre_ping"] = True
         if read_only and backend == "postgresql":
             kwargs["connect_args"] = {"options": "-c default_transaction_read_only=on"}
+    problem = driver_problem(resolved)
+    if problem:
+        raise WorkspaceError(f"{render_url(resolved)}: {problem}")
     engine = create_engine(resolved, **kwargs)
     _name_in_errors(engine, f"{'the workspace database' if store else 'the database'} "
                             f"{render_url(resolved)}")
@@ -401,6 +404,22 @@ def make_engine(url: str, root: Path, store: bool = False, read_only: bool = Fal
         event.listen(engine, "connect", _sqlite_pragmas)
         begin_immediate(engine)
     return engine
+
+
+def driver_problem(url: str) -> str | None:
+    """Why SQLAlchemy cannot load a driver for ``url`` (an unknown database type, or its
+    Python driver not installed), or None when it can."""
+    try:
+        make_url(url).get_dialect().import_dbapi()
+    except NoSuchModuleError:
+        return (f"unknown database type '{make_url(url).drivername}' (use sqlite or "
+                "postgresql+psycopg)")
+    except ArgumentError:
+        return None  # not a URL at all: that is reported where it is parsed
+    except ImportError as exc:
+        return (f"unsupported database URL: its driver is not installed (no module "
+                f"'{exc.name}'; use sqlite or postgresql+psycopg)")
+    return None
 
 
 def open_store(url: str, root: Path) -> Engine:

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from sqlalchemy import Engine
 
 from herald.core.channel_settings import KINDS, ChannelSettings, channel_kind
-from herald.core.db import make_engine, open_store
+from herald.core.db import driver_problem, make_engine, open_store
 from herald.core.errors import ChannelError, ConfigError, Problem, WorkspaceError
 from herald.core.plugins import channel_type
 from herald.core.spec import FlowSpec, WorkspaceConfig
@@ -56,6 +56,10 @@ class Workspace:
         doc = load_yaml(path / CONFIG_FILE, CONFIG_FILE)
         config = validate(WorkspaceConfig, doc)
         channels, kinds, problems = _channel_settings(config, doc)
+        driver = driver_problem(config.store)
+        if driver:
+            problems.append(Problem(driver, file=doc.file, line=doc.line_of(("store",)),
+                                    field="store"))
         if config.writeback and config.writeback.source not in config.sources:
             problems.append(Problem(
                 f"unknown source '{config.writeback.source}' (sources: "

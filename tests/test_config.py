@@ -216,6 +216,21 @@ def test_a_byte_order_mark_before_yaml_is_ignored(make_workspace) -> None:
     assert Workspace.open(ws.root).flow("promo").name == "promo"
 
 
+def test_validate_refuses_a_store_whose_driver_is_not_installed(make_workspace,
+                                                                 capsys) -> None:
+    ws = make_workspace()
+    config = ws.root / "config/herald.yaml"
+    config.write_text(config.read_text().replace("sqlite:///.herald/herald.db",
+                                                 "mysql://u:secret@127.0.0.1:1/db"))
+    with pytest.raises(SystemExit) as exc:
+        main(["validate", "-w", str(ws.root)])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 1 and "Traceback" not in err and "secret" not in err, err
+    assert err.strip() == ("error: config/herald.yaml:4 store: unsupported database URL: "
+                           "its driver is not installed (no module 'MySQLdb'; use sqlite "
+                           "or postgresql+psycopg)")
+
+
 def test_a_workspace_database_from_an_older_herald_is_named(make_workspace) -> None:
     import sqlite3
 

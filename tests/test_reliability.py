@@ -209,6 +209,20 @@ CASES: list[tuple[str, dict[str, str | bytes | object | None], list[str]]] = [
      {"config/herald.yaml": HERALD_YAML.replace("sqlite:///crm.db", "sqlite:///crm_typo.db")},
      ["config/herald.yaml:3 sources.crm: sqlite:///", "crm_typo.db: database file not "
       "found"]),
+    ("store whose database driver is not installed",
+     {"config/herald.yaml": HERALD_YAML.replace("sqlite:///.herald/herald.db",
+                                                "mysql://u:pw@127.0.0.1:1/db")},
+     ["config/herald.yaml:4 store: unsupported database URL: its driver is not installed "
+      "(no module 'MySQLdb'; use sqlite or postgresql+psycopg)"]),
+    ("source whose database driver is not installed",
+     {"config/herald.yaml": HERALD_YAML.replace("sqlite:///crm.db",
+                                                "mysql://u:pw@127.0.0.1:1/db")},
+     ["config/herald.yaml:3 sources.crm: mysql://u:***@127.0.0.1:1/db: unsupported "
+      "database URL: its driver is not installed (no module 'MySQLdb'"]),
+    ("source of an unknown database type",
+     {"config/herald.yaml": HERALD_YAML.replace("sqlite:///crm.db", "nosuchdb://h/db")},
+     ["config/herald.yaml:3 sources.crm: nosuchdb://h/db: unknown database type "
+      "'nosuchdb' (use sqlite or postgresql+psycopg)"]),
 ]
 
 
