@@ -25,10 +25,19 @@ from __future__ import annotations
 import re
 import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from jinja2 import FileSystemLoader, StrictUndefined, Template, TemplateSyntaxError, meta, nodes
+from jinja2 import (
+    Environment,
+    FileSystemLoader,
+    StrictUndefined,
+    Template,
+    TemplateSyntaxError,
+    meta,
+    nodes,
+)
 from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -68,6 +77,26 @@ def _render(template: Template, names: dict[str, Any]) -> str:
         raise  # handle_exception always raises
 
 
+OUTSIDE = "is a link to a file outside templates/ (templates are read only from there)"
+
+
+class _Loader(FileSystemLoader):
+    """Jinja's file loader, refusing a file whose real path is outside its folder (a
+    link out of templates/): validation refuses it first, and a run never reads it."""
+
+    def __init__(self, root: Path) -> None:
+        # utf-8-sig: a byte-order mark some editors write would start the message
+        super().__init__(str(root), encoding="utf-8-sig")
+        self._real_root = root.resolve()
+
+    def get_source(self, environment: Environment, template: str
+                   ) -> tuple[str, str, Callable[[], bool]]:
+        source, filename, uptodate = super().get_source(environment, template)
+        if not Path(filename).resolve().is_relative_to(self._real_root):
+            raise SecurityError(f"templates/{template} {OUTSIDE}")
+        return source, filename, uptodate
+
+
 class Rendered(NamedTuple):
     subject: str | None
     body: str
@@ -87,8 +116,7 @@ class Templates:
         self.default_locale = default_locale
         self.globals = GLOBALS | extra_globals  # e.g. unsubscribe_url, when configured
         self.env = SandboxedEnvironment(
-            # utf-8-sig: a byte-order mark some editors write would start the message
-            loader=FileSystemLoader(str(root), encoding="utf-8-sig"),
+            loader=_Loader(root),
             undefined=StrictUndefined,
             autoescape=_autoescape,
             keep_trailing_newline=False,
@@ -253,6 +281,8 @@ class Templates:
             return []
         checked.add(name)
         file = f"templates/{name}"
+        if not (self.root / name).resolve().is_relative_to(self.root.resolve()):
+            return [Problem(OUTSIDE, file=file)]
         try:
             source = read_text(self.root / name, file)
         except UnreadableFile as exc:

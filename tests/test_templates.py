@@ -129,3 +129,32 @@ def test_a_byte_order_mark_is_not_sent(make_workspace) -> None:
     rendered = templates_for(ws).render(ws.flow("promo"), "gold", "email", None, VARS)
     assert rendered.subject == "A gift, Li Lei"
     assert rendered.body == "Dear Li Lei."
+
+
+def test_a_template_linked_to_a_file_outside_templates_is_refused(make_workspace,
+                                                                   tmp_path) -> None:
+    """A link out of templates/ would put any file Herald can read into messages; it is
+    refused like an include that climbs out."""
+    outside = tmp_path / "elsewhere.j2"
+    outside.write_text("OUTSIDE {{ name }}", encoding="utf-8")
+    ws = make_workspace()
+    linked = ws.root / "templates/promo/gold.email.txt.j2"
+    linked.unlink()
+    linked.symlink_to(outside)
+    with pytest.raises(ValidationFailed) as exc:
+        check_flow(ws, "promo")
+    assert [str(p) for p in exc.value.problems] == [
+        "templates/promo/gold.email.txt.j2: is a link to a file outside templates/ "
+        "(templates are read only from there)"]
+    with pytest.raises(RenderError, match="outside templates/"):  # and a run never reads it
+        templates_for(ws).render(ws.flow("promo"), "gold", "email", None, VARS)
+
+
+def test_a_link_inside_templates_is_followed(make_workspace) -> None:
+    ws = make_workspace()
+    linked = ws.root / "templates/promo/gold.email.txt.j2"
+    linked.unlink()
+    linked.symlink_to(ws.root / "templates/promo/default.email.txt.j2")
+    check_flow(ws, "promo")
+    rendered = templates_for(ws).render(ws.flow("promo"), "gold", "email", None, VARS)
+    assert rendered.body == "Hello Li Lei, your score is 4."
