@@ -31,6 +31,11 @@ class SegmentNotFound(WorkspaceError):
     """No ``audiences/SEGMENT[.dialect].sql``: the caller names the field that wanted it."""
 
 
+class SourceError(WorkspaceError):
+    """A source that cannot be opened, located at its line in config/herald.yaml (callers
+    add no location of their own)."""
+
+
 class Workspace:
     """The operator's files and the databases they name."""
 
@@ -181,7 +186,7 @@ class Workspace:
                 self._engines[handle] = make_engine(self.config.sources[name], self.root,
                                                     read_only=not write)
             except WorkspaceError as exc:
-                raise WorkspaceError(str(Problem(
+                raise SourceError(str(Problem(
                     str(exc), file=CONFIG_FILE, line=self._doc.line_of(("sources", name)),
                     field=f"sources.{name}"))) from None
         return self._engines[handle]

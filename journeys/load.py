@@ -27,7 +27,7 @@ from herald.core.errors import (
     WorkspaceError,
 )
 from herald.core.spec import AudienceSpec, FlowSpec
-from herald.core.workspace import Workspace
+from herald.core.workspace import SourceError, Workspace
 from herald.core.yamlio import Located, dotted, load_yaml
 from herald.delivery.render import Templates, templates_for
 from herald.journeys.spec import (
@@ -324,6 +324,8 @@ def check(ws: Workspace, name: str, templates: Templates | None = None) -> Check
     try:
         segment = entry_segment(ws, spec)
         columns = probe(ws, spec.entry.source, segment, segment.params)
+    except SourceError as exc:
+        raise ValidationFailed([Problem(str(exc))]) from None
     except (AudienceError, WorkspaceError) as exc:
         raise ValidationFailed([at(str(exc), "entry", "segment")]) from None
     have = set(columns)
@@ -340,6 +342,10 @@ def check(ws: Workspace, name: str, templates: Templates | None = None) -> Check
             engine = ws.source(condition_source(spec, cond))
             got = probe(ws, condition_source(spec, cond), query,
                         bind_period(engine, query, now, now))
+        except SourceError as exc:
+            if Problem(str(exc)) not in problems:  # one line per source, not per condition
+                problems.append(Problem(str(exc)))
+            continue
         except (AudienceError, WorkspaceError) as exc:
             problems.append(at(str(exc), *loc, "condition"))
             continue
@@ -362,6 +368,9 @@ def check(ws: Workspace, name: str, templates: Templates | None = None) -> Check
                                        f"{query.file} (columns: {', '.join(got)})",
                                        "goal", field if field != "key" or goal.key
                                        else "segment"))
+        except SourceError as exc:
+            if Problem(str(exc)) not in problems:
+                problems.append(Problem(str(exc)))
         except (AudienceError, WorkspaceError) as exc:
             problems.append(at(str(exc), "goal", "segment"))
     engine_templates = templates or templates_for(ws)

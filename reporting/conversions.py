@@ -32,7 +32,7 @@ from herald.core import clock
 from herald.core.errors import AudienceError, HeraldError, Problem, WorkspaceError
 from herald.core.fields import format_duration
 from herald.core.spec import FlowSpec
-from herald.core.workspace import Workspace
+from herald.core.workspace import SourceError, Workspace
 from herald.delivery import ledger
 from herald.reporting.stats import Uplift, mean_difference, uplift
 
@@ -219,6 +219,8 @@ def check_conversion(ws: Workspace, flow: FlowSpec) -> list[Problem]:
         source, query = conversion_query(ws, flow)
         now = clock.now()
         have = probe(ws, source, query, bind_period(ws.source(source), query, now, now))
+    except SourceError as exc:
+        return [Problem(str(exc))]
     except WorkspaceError as exc:
         return [Problem(str(exc), file=file, field="conversion.segment",
                         line=ws.flow_line(flow.name, ("conversion", "segment")))]

@@ -527,3 +527,16 @@ def test_journey_messages_carry_a_working_unsubscribe_link(make_workspace, monke
         history = sorted((r.run_key, r.status) for r in _deliveries(
             ws, found.recipient, flow="journey:letters"))
         assert history == [("e1:0:first", "sent"), ("e1:2:second", "suppressed")]
+
+
+def test_a_source_that_cannot_be_opened_is_named_once_where_it_is_defined(make_workspace):
+    """The entry's source is named at its sources.NAME line in config/herald.yaml, not
+    also at the journey's entry.segment."""
+    ws = make_workspace(JOURNEY_FILES, rows=5)
+    (ws.root / "crm.db").unlink()
+    with pytest.raises(ValidationFailed) as exc:
+        load.check(Workspace.open(ws.root), "nudge")
+    lines = [str(p) for p in exc.value.problems]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("config/herald.yaml:3 sources.crm: sqlite:///"), lines
+    assert lines[0].endswith(f"crm.db: database file not found ({ws.root / 'crm.db'})")
