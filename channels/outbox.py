@@ -9,6 +9,7 @@ sends); every other kind becomes one JSON line in a file per channel. The layout
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -18,7 +19,14 @@ from pathlib import Path
 
 import orjson
 
-from herald.channels.base import KINDS, Channel, ChannelSettings, Message, SendResult
+from herald.channels.base import (
+    KINDS,
+    Channel,
+    ChannelSettings,
+    Message,
+    Outcome,
+    SendResult,
+)
 from herald.core import clock
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.@+-]")
@@ -60,31 +68,51 @@ class OutboxChannel(Channel):
 
     def _write(self, messages: Sequence[Message]) -> list[SendResult]:
         if self.kind == "email":
-            return [self._write_email(m) for m in messages]
-        self.folder.mkdir(parents=True, exist_ok=True)
+            return self._write_emails(messages)
         path = self.folder / f"{safe_name(self.name)}.jsonl"
         # O_APPEND and one write() per batch: chunks of a run append to the same file
         # from several threads and processes without interleaving their lines.
         stamp = clock.now().isoformat()
-        data = b"".join(orjson.dumps({
+        lines = [orjson.dumps({
             "recipient": m.recipient, "address": m.address, "kind": m.kind,
             "body": m.body, "message_id": m.message_id, "meta": dict(m.meta),
-            "written_at": stamp}) + b"\n" for m in messages)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            "written_at": stamp}) + b"\n" for m in messages]
+        written = 0
         try:
-            view = memoryview(data)
-            while view:  # a regular file takes it whole unless the disk fills
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                view = memoryview(b"".join(lines))
+                while view:  # a regular file takes it whole unless the disk fills
+                    n = os.write(fd, view)
+                    written += n
+                    view = view[n:]
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            # the lines written whole before the error are delivered; the rest are not
+            failure = self._unwritable(path, exc)
+            results, end = [], 0
+            for m, line in zip(messages, lines, strict=True):
+                end += len(line)
+                results.append(SendResult.sent(provider_id=f"{path.name}#{m.message_id}")
+                               if end <= written else failure)
+            return results
         return [SendResult.sent(provider_id=f"{path.name}#{m.message_id}") for m in messages]
+
+    def _write_emails(self, messages: Sequence[Message]) -> list[SendResult]:
+        results: list[SendResult] = []
+        for message in messages:
+            if results and results[-1].outcome is Outcome.FATAL:
+                results.append(results[-1])  # the folder cannot be written: stop here
+                continue
+            results.append(self._write_email(message))
+        return results
 
     def _write_email(self, message: Message) -> SendResult:
         from herald.channels.mime import build_email
 
-        folder = self.folder / safe_name(self.name)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{safe_name(message.recipient)}.eml"
+        path = self.folder / safe_name(self.name) / f"{safe_name(message.recipient)}.eml"
         settings = self.settings
         assert isinstance(settings, OutboxSettings)
         try:
@@ -92,7 +120,27 @@ class OutboxChannel(Channel):
         except (ValueError, MessageError) as exc:  # the refusal SMTP would give too
             return SendResult.permanent("invalid_address", f"cannot build the message: {exc}")
         tmp = path.with_suffix(".eml.part")
-        tmp.write_bytes(email.as_bytes())
-        tmp.replace(path)  # a reader never sees half a message
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(email.as_bytes())
+            tmp.replace(path)  # a reader never sees half a message
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            return self._unwritable(path, exc)
         return SendResult.sent(provider_id=str(path.relative_to(self.context.workspace))
                                if path.is_relative_to(self.context.workspace) else str(path))
+
+    def _unwritable(self, path: Path, exc: OSError) -> SendResult:
+        """Nothing was written for the message: a fault of the outbox folder, not of the
+        recipient. The channel cannot work (fatal), and the message did not go out."""
+        def shown(p: Path) -> Path:
+            root = self.context.workspace
+            return p.relative_to(root) if p.is_relative_to(root) else p
+
+        why = exc.strerror or type(exc).__name__
+        blocking = next((p for p in reversed(path.parents)
+                         if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            why = f"{shown(blocking)} is a file, not a folder"
+        return SendResult.fatal("outbox_unwritable", f"cannot write {shown(path)}: {why}")

@@ -16,8 +16,10 @@ the ledger just before it goes out and settled right after.
   gradually (AIMD).
 - A permanent answer fails that recipient (and adds the address to the suppression list
   when the provider says so).
-- A fatal answer stops the channel for every chunk of the run in this process, the
-  unsent messages recorded as failed with the reason.
+- A fatal answer stops the channel for every chunk of the run in this process. The
+  messages it kept from going out (that one and the rest) stay ``queued`` with the
+  reason when the job can be run again (a campaign run: its rerun sends them once the
+  channel is fixed), else they are recorded as failed with the reason (a journey tick).
 - An unknown outcome (the provider took the message but did not answer) is never
   retried: the row stays ``sending`` with the reason, as after a crash mid-send.
 """
@@ -119,6 +121,9 @@ class Job:
     flow: str
     run_key: str
     run_id: str
+    # the status of messages a fatal answer kept from going out: ``queued`` when a rerun
+    # of the run key will send them, ``failed`` when nothing runs the job again
+    unsent: str = "failed"
 
 
 def open_channel(ws: Workspace, name: str, job: Job) -> Channel:
@@ -166,7 +171,7 @@ async def _send_channel(ws: Workspace, job: Job, name: str, messages: list[Messa
                 batch = messages[start:start + size]
                 if stopped:
                     await _settle(ws, job, [ledger.Outcome(
-                        m.recipient, "failed", f"fatal: channel stopped: {stopped}",
+                        m.recipient, job.unsent, f"fatal: channel stopped: {stopped}",
                         attempts=0) for m in batch], settled)
                     continue
                 outcomes, fatal = await _send_batch(ws, job, channel, batch, limiter)
@@ -238,12 +243,14 @@ async def _send_batch(ws: Workspace, job: Job, channel: Channel, batch: Sequence
                 else:
                     later.append((message, result, attempt, wait))
             else:
-                kind = result.outcome.value
+                kind, status = result.outcome.value, "failed"
                 if result.outcome is Outcome.RETRYABLE:
                     kind = f"retryable, not retried: the channel stopped after {attempt} " \
                            "attempts"
+                elif result.outcome is Outcome.FATAL:
+                    status = job.unsent  # the provider refused it: it did not go out
                 done[message.recipient] = ledger.Outcome(
-                    message.recipient, "failed", f"{kind}: {result.detail or 'no detail'}",
+                    message.recipient, status, f"{kind}: {result.detail or 'no detail'}",
                     code=result.code, attempts=attempt)
                 if result.outcome is Outcome.FATAL:
                     fatal = result.detail or "fatal provider answer"

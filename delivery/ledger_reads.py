@@ -233,6 +233,18 @@ def failure_reasons(engine: Engine, flow: str, run_key: str, limit: int = 10,
         return list(conn.execute(query))
 
 
+def stopped_channels(engine: Engine, run_id: str) -> dict[str, tuple[str, int]]:
+    """The channels a fatal answer stopped in a run, each with its reason and how many
+    of the run's messages it kept ``queued`` (not sent)."""
+    query = select(deliveries.c.channel, func.min(deliveries.c.reason),
+                   func.count()).where(
+        deliveries.c.run_id == run_id, deliveries.c.status == "queued",
+        deliveries.c.reason.like("fatal: %")).group_by(deliveries.c.channel)
+    with engine.connect() as conn:
+        return {str(channel): (str(reason), int(n))
+                for channel, reason, n in conn.execute(query)}
+
+
 def failures(engine: Engine, run_id: str | None, limit: int = 20,
              key: tuple[str, str] | None = None) -> list[Any]:
     """The most common reasons recipients of a run (or of a (flow, run key)) were not

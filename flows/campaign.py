@@ -214,6 +214,7 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
                 _publish(progress, table, figures)
                 live.notify("chunk", figures, line)
             engine.check_stopped(prepared)  # a signal stopped it: fail, saying how to resume
+            engine.check_channels(ws, prepared)  # a channel could not work: likewise
     except BaseException as exc:
         engine.fail(ws, prepared.run_id, exc)
         _emit_failed(flow_name, key, prepared.run_id, exc)

@@ -199,6 +199,28 @@ def check_stopped(prepared: Prepared) -> None:
                        f"run key: herald run {prepared.flow} --run-key {prepared.run_key}")
 
 
+def check_channels(ws: Workspace, prepared: Prepared) -> None:
+    """After the chunks: a channel that could not work (a fatal answer: an outbox folder
+    that cannot be written, refused credentials) fails the run. The messages it did not
+    send stay ``queued``, so the same run key sends them once it is fixed."""
+    if prepared.dry_run:
+        return
+    stopped = ledger_reads.stopped_channels(ws.store, prepared.run_id)
+    if not stopped:
+        return
+    why = "; ".join(f"channel {name} stopped ({_cause(reason)}): {n:,} message(s) not "
+                    "sent" for name, (reason, n) in stopped.items())
+    raise RunError(f"{why}. Fix it, then run again with the same run key to send them: "
+                   f"herald run {prepared.flow} --run-key {prepared.run_key}")
+
+
+def _cause(reason: str) -> str:
+    """A stopped channel's reason without the words that say it stopped."""
+    for prefix in ("fatal: ", "channel stopped: ", "not sent: the channel stopped: "):
+        reason = reason.removeprefix(prefix)
+    return reason
+
+
 _signal_depth = [0]
 
 
@@ -260,6 +282,7 @@ def run_local(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None
                 ThreadPoolExecutor(max_workers or ws.config.max_workers) as pool:
             results = list(pool.map(run, prepared.chunks))
         check_stopped(prepared)
+        check_channels(ws, prepared)
         return finish(ws, prepared, results, started)
     except BaseException as exc:
         fail(ws, prepared.run_id, exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import threading
 from email import message_from_bytes
 from email.policy import default as default_policy
@@ -103,3 +104,33 @@ def test_a_long_unsubscribe_url_stays_one_readable_header() -> None:
     raw = build_email(message, "Shop <news@shop.example>").as_bytes()
     assert f"List-Unsubscribe: <{url}>\r\n".encode() in raw
     assert message_from_bytes(raw, policy=default_policy)["List-Unsubscribe"] == f"<{url}>"
+
+
+def test_a_folder_that_cannot_be_written_is_fatal_and_writes_nothing(tmp_path) -> None:
+    (tmp_path / ".herald").mkdir()
+    (tmp_path / ".herald/outbox").write_text("")
+    for kind in ("email", "sms"):
+        results = asyncio.run(outbox(tmp_path, kind).send_batch(
+            [msg(str(i), kind) for i in range(3)]))
+        assert [r.outcome for r in results] == [Outcome.FATAL] * 3
+        assert results[0].code == "outbox_unwritable"
+        assert ".herald/outbox is a file, not a folder" in str(results[0].detail)
+    assert (tmp_path / ".herald/outbox").read_text() == ""
+
+
+def test_lines_written_before_the_disk_filled_are_sent_the_rest_are_not(tmp_path) -> None:
+    ch = outbox(tmp_path, "sms")
+    asyncio.run(ch.send_batch([msg("0")]))  # the file exists: the limit counts from it
+    path = tmp_path / ".herald/outbox/promo/2026-11-22/ch.jsonl"
+    line = path.stat().st_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    # room for two more whole lines and half of a third (Python ignores SIGXFSZ: the
+    # write stops short, then fails with EFBIG, as on a full disk)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(line * 3.5), hard))
+    try:
+        results = asyncio.run(ch.send_batch([msg(str(i)) for i in range(1, 6)]))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert [r.outcome for r in results] == [Outcome.SENT] * 2 + [Outcome.FATAL] * 3
+    whole = [json.loads(x)["recipient"] for x in path.read_bytes().split(b"\n")[:-1]]
+    assert whole == ["0", "1", "2"]

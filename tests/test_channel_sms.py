@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, quote
 import pytest
 
 from herald.channels.sms import segments
+from herald.core.errors import RunError
 from herald.flows import engine
 
 from .helpers import PROMO_YAML, ledger_rows, suppression_rows
@@ -112,8 +113,9 @@ def test_twilio_bad_credentials_stop_the_channel(make_workspace, twilio) -> None
                        "concurrency: 1")
     for i in range(1, 13):
         twilio.script(number(i), ("json", 401, {"code": 20003, "message": "Authenticate"}))
-    summary = engine.run_local(ws, "promo", run_key="tw401")
-    assert summary["deliveries"]["sent"] == 0 and summary["deliveries"]["failed"] == 10
+    with pytest.raises(RunError, match=r"channel text stopped \(.*\): 10 message\(s\) not sent"):
+        engine.run_local(ws, "promo", run_key="tw401")
+    assert sorted(r[0] for r in ledger(ws).values()) == ["no_address"] * 2 + ["queued"] * 10
     assert len(twilio.requests) == 1  # nothing more was sent after the refusal
     assert suppressed(ws) == set()
 
@@ -197,8 +199,9 @@ def test_aliyun_balance_exhausted_is_fatal(make_workspace, aliyun) -> None:
     for i in range(1, 13):
         aliyun.script(f"1415555{i:04d}", ("json", 200, {"Code": "isv.AMOUNT_NOT_ENOUGH",
                                                         "Message": "账户余额不足"}))
-    summary = engine.run_local(ws, "promo", run_key="broke")
-    assert summary["deliveries"]["sent"] == 0 and len(aliyun.requests) == 1
+    with pytest.raises(RunError, match=r"channel text stopped \(.*\): 10 message\(s\) not sent"):
+        engine.run_local(ws, "promo", run_key="broke")
+    assert "sent" not in {r[0] for r in ledger(ws).values()} and len(aliyun.requests) == 1
 
 
 def test_generic_gateway(make_workspace, monkeypatch) -> None:

@@ -9,6 +9,8 @@ import socket
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from herald.channels.base import ChannelContext, Message, Outcome
 from herald.channels.http import AiohttpTransport
 from herald.channels.webhook import (
@@ -18,6 +20,7 @@ from herald.channels.webhook import (
     WebhookSettings,
     sign,
 )
+from herald.core.errors import RunError
 from herald.flows import engine
 
 from .helpers import PROMO_YAML, ledger_rows, suppression_rows
@@ -105,10 +108,10 @@ def test_refused_credentials_stop_the_channel(make_workspace, peer, monkeypatch)
     peer.script("1", ("status", 401))
     for i in range(2, 13):
         peer.script(str(i), ("status", 401))
-    summary = engine.run_local(ws, "promo", run_key="denied")
+    with pytest.raises(RunError, match=r"channel hook stopped \(.*\): 11 message\(s\) not sent"):
+        engine.run_local(ws, "promo", run_key="denied")
     rows = ledger(ws)
-    assert summary["deliveries"]["failed"] == 11 and summary["deliveries"]["sent"] == 0
-    assert all(r[0] == "failed" for k, r in rows.items() if k != "7")
+    assert all(r[0] == "queued" for k, r in rows.items() if k != "7")
     stopped = [r for r in rows.values() if "channel stopped" in (r[4] or "")]
     refused = [r for r in rows.values() if r[1] == "401" and r not in stopped]
     assert len(refused) == 1 and len(stopped) == 10

@@ -18,6 +18,7 @@ import pytest
 
 from herald.channels.wechat import check_fields, token_forces
 from herald.core.db import ensure_schema
+from herald.core.errors import RunError
 from herald.flows import engine
 
 from .helpers import PROMO_YAML, ledger_rows, suppression_rows, table_rows
@@ -196,11 +197,12 @@ def test_force_refresh_stays_within_wechats_limits(count, seconds_ago, why, make
                              for t in ("T1", "T2")))
     expired = ("json", 200, {"errcode": 42001, "errmsg": "access_token expired"})
     wechat.script(openid(1), expired, expired)
-    engine.run_local(ws, "promo", run_key="limits")
+    with pytest.raises(RunError, match="channel wx stopped"):
+        engine.run_local(ws, "promo", run_key="limits")
     assert [r.json()["force_refresh"] for r in wechat.requests if key(r) == "token"] == [
         False, False]  # never forced beyond the limits
-    status, _, code, _, reason = ledger(ws)["1"]
-    assert (status, code) == ("failed", "40001") and why in reason
+    status, _, code, _, reason = ledger(ws)["1"]  # kept for a rerun once a token works
+    assert (status, code) == ("queued", "40001") and why in reason
 
 
 @pytest.mark.parametrize(("errcode", "errmsg", "why"), [
@@ -213,11 +215,11 @@ def test_template_messages_and_a_banned_template_or_the_quota_stops_the_channel(
     wechat.script("token", ("json", 200, {"access_token": "T1", "expires_in": 7200}))
     for i in range(1, 7):
         wechat.script(openid(i), ("json", 200, {"errcode": errcode, "errmsg": errmsg}))
-    summary = engine.run_local(ws, "promo", run_key="banned", max_workers=1)
+    with pytest.raises(RunError, match=rf"channel wx stopped \(.*{why}.*\): 6 message"):
+        engine.run_local(ws, "promo", run_key="banned", max_workers=1)
     rows = ledger(ws)
-    # the run itself completes: the channel stopped, each recipient failed with the reason
-    assert summary["deliveries"]["sent"] == 0 and summary["deliveries"]["failed"] == 6
-    assert why in rows["1"][4] and all(why in r[4] for r in rows.values())
+    # the channel stopped and the run failed: each recipient kept queued with the reason
+    assert all(r[0] == "queued" and why in r[4] for r in rows.values())
     sends = [r for r in wechat.requests if key(r) != "token"]
     assert len(sends) == 1  # the channel stopped for the whole run after the answer
     assert all(r.path.startswith("/cgi-bin/message/template/send") for r in sends)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 from sqlalchemy import select, update
 
 from herald.core.db import STATUSES
-from herald.core.errors import ValidationFailed
+from herald.core.errors import RunError, ValidationFailed
 from herald.delivery import ledger, run_records, suppression
 from herald.flows.engine import run_local
 
-from .helpers import outbox_messages, people
+from .helpers import outbox_messages, outbox_recipients, people
 
 CAP_WEEKLY = """\
 timezone: UTC
@@ -234,3 +236,27 @@ def test_dry_run_says_which_rule_stops_whom(make_workspace) -> None:
         ("no_address", "sms: phone empty; email: email empty"): 1,
     }
     assert len(rows(ws)) == 50  # only the real run's rows
+
+
+def test_an_outbox_that_cannot_be_written_fails_the_run_and_its_rerun_sends(
+        make_workspace) -> None:
+    ws = make_workspace(rows=100)
+    blocked = ws.root / ".herald" / "outbox"
+    blocked.parent.mkdir(exist_ok=True)
+    blocked.write_text("not a folder\n")
+    with pytest.raises(RunError, match=r"channel (email|sms) stopped \(cannot write "
+                       r".*: \.herald/outbox is a file, not a folder\): \d+ message\(s\) "
+                       r"not sent.*herald run promo --run-key k1"):
+        run_local(ws, "promo", run_key="k1")
+    expected = {k for k, c in expected_channels(100).items() if c}
+    first = rows(ws)
+    assert {k for k, r in first.items() if r.status == "queued"} == expected
+    assert all(r.reason.startswith("fatal: ") for k, r in first.items() if k in expected)
+    assert blocked.read_text() == "not a folder\n"
+
+    blocked.unlink()
+    summary = run_local(ws, "promo", run_key="k1")
+    assert summary["deliveries"]["sent"] == len(expected)
+    assert {k for k, r in rows(ws).items() if r.status == "sent"} == expected
+    assert outbox_recipients(ws) == Counter(expected)
+
