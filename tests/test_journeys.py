@@ -442,6 +442,17 @@ def test_cli_tick_status_show_and_validate(journey_ws, capsys):
     output = capsys.readouterr().out
     assert "✓ journey nudge" in output and '"live": 54' in output
     assert "first" in output and "split" in output
+    (journey_ws.root / "out").mkdir()
+    (journey_ws.root / "a-file").write_text("x")
+    with pytest.raises(SystemExit) as done:
+        main(["-w", root, "journey", "report", "nudge", "--to", f"{root}/out"])
+    assert done.value.code == 0 and (journey_ws.root / "out/nudge.html").is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        main(["-w", root, "journey", "report", "nudge", "--to", f"{root}/a-file/r.html"])
+    err = capsys.readouterr().err
+    assert done.value.code == 1 and err == (f"error: --to {root}/a-file/r.html: cannot "
+                                            f"write: {root}/a-file is a file, not a folder\n")
 
 
 # -- unsubscribe links ----------------------------------------------------------------------

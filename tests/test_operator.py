@@ -349,6 +349,13 @@ def test_preview_out_version_completion_and_prune(make_workspace, tmp_path, caps
     sample = json.loads(next((tmp_path / "pv").glob("*.json")).read_text())
     assert sample["tier"] == "gold" and sample["status"] == "would_send"
 
+    existing = ws.root / "config/herald.yaml"
+    before = existing.read_text()
+    code, _, err = cli(capsys, "preview", "promo", "--limit", "1", "--out", str(existing),
+                       "-w", str(ws.root))
+    assert code == 1 and err == f"error: --out {existing}: is a file, not a folder\n"
+    assert existing.read_text() == before
+
     code, out, _ = cli(capsys, "--version")
     assert code == 0 and out.startswith("herald ")
     # completion as bash asks for it (`--show-completion` detects the shell from the parent

@@ -80,6 +80,24 @@ def test_html_report_is_one_self_contained_file(reported, capsys, tmp_path) -> N
     assert code == 0 and json.loads(out)["html"] == str(target) and target.is_file()
 
 
+def test_report_to_a_folder_writes_into_it_and_a_bad_path_is_one_line(
+        reported, capsys, tmp_path) -> None:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    code, out, _ = cli(capsys, "report", "promo", "-w", str(reported.root), "--to",
+                       str(folder), "--json")
+    assert code == 0 and json.loads(out)["html"] == str(folder / "promo-k1.html")
+    assert "Conversion rate by tier" in (folder / "promo-k1.html").read_text()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code, _, err = cli(capsys, "report", "promo", "-w", str(reported.root), "--to",
+                       str(blocker / "r.html"))
+    assert code == 1 and "Traceback" not in err
+    assert err.startswith(f"error: --to {blocker / 'r.html'}: cannot write") and \
+        len(err.splitlines()) == 1, err
+    assert blocker.read_text() == "x"
+
+
 class Tags(HTMLParser):
     def __init__(self) -> None:
         super().__init__()

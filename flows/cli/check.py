@@ -16,8 +16,10 @@ from herald.flows.cli.common import (
     mask,
     open_workspace,
     out,
+    output_folder,
     parse_params,
     print_json,
+    writing_output,
 )
 
 
@@ -89,9 +91,12 @@ def preview(flow: str, tier: Annotated[str | None, typer.Option("--tier")] = Non
     from herald.flows.preview import render_samples, write_samples
 
     ws = open_workspace(workspace)
+    if out_dir is not None:
+        output_folder("--out", out_dir)
     samples = render_samples(ws, flow, parse_params(param), tier, limit)
     if out_dir is not None:
-        files = write_samples(ws, flow, samples, out_dir)
+        with writing_output("--out", out_dir):
+            files = write_samples(ws, flow, samples, out_dir)
         err.print(f"{len(files)} files written to {out_dir}: "
                   + ", ".join(p.name for p in files[:6]) + (" ..." if len(files) > 6 else ""),
                   markup=False)

@@ -14,6 +14,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -121,6 +124,28 @@ def check_channel(ws: Workspace, channel: str | None, where: str = "--channel") 
                           f"(configured: {', '.join(ws.channels)})")
 
 
+
+
+def output_folder(option: str, folder: Path) -> None:
+    """Check, before any work, that an option's folder can take the files it names."""
+    if folder.exists() and not folder.is_dir():
+        raise HeraldError(f"{option} {folder}: is a file, not a folder")
+
+
+@contextmanager
+def writing_output(option: str, path: Path) -> Iterator[None]:
+    """A file or folder an option names that cannot be written: one line naming it."""
+    try:
+        yield
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        if exc.filename and str(exc.filename) != str(path):
+            why = f"{exc.filename}: {why}"
+        blocking = next((p for p in reversed(path.parents)
+                         if p.exists() and not p.is_dir()), None)
+        if blocking is not None:  # mkdir says "File exists", open "Not a directory"
+            why = f"{blocking} is a file, not a folder"
+        raise HeraldError(f"{option} {path}: cannot write: {why}") from None
 
 
 def mask(value: str) -> str:

@@ -20,6 +20,7 @@ from herald.flows.cli.common import (
     prefect_env,
     print_json,
     set_now,
+    writing_output,
 )
 
 
@@ -110,7 +111,8 @@ def journey_report(name: str, workspace: WorkspaceOpt = None,
                    html: Annotated[bool, typer.Option(
                        "--html", help="Also write reports/journeys/NAME.html")] = False,
                    to: Annotated[Path | None, typer.Option(
-                       "--to", help="Write the HTML report to this file")] = None) -> None:
+                       "--to", help="Write the HTML report to this file, or into this "
+                       "existing folder as NAME.html")] = None) -> None:
     """Per step: visited, outcomes, messages, converted; the uplift over the holdout."""
     from herald.journeys.report import report as journey_results
     from herald.reporting.text import pp
@@ -122,8 +124,12 @@ def journey_report(name: str, workspace: WorkspaceOpt = None,
         from herald.journeys.report import status as journey_state
 
         page = to or ws.root / "reports" / "journeys" / f"{name}.html"
-        page.parent.mkdir(parents=True, exist_ok=True)
-        page.write_text(journey_html.render(data, journey_state(ws, name)), encoding="utf-8")
+        if to is not None and to.is_dir():
+            page = to / f"{name}.html"
+        text = journey_html.render(data, journey_state(ws, name))
+        with writing_output("--to" if to else "the HTML report", page):
+            page.parent.mkdir(parents=True, exist_ok=True)
+            page.write_text(text, encoding="utf-8")
         err.print(f"HTML report: {page}")
     if as_json:
         print_json(data)

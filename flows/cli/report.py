@@ -20,6 +20,7 @@ from herald.flows.cli.common import (
     print_json,
     print_summary,
     set_now,
+    writing_output,
 )
 from herald.reporting.text import interval, pp
 
@@ -36,8 +37,9 @@ def report(run_id: Annotated[str | None, typer.Argument(
            as_json: Annotated[bool, typer.Option("--json")] = False,
            html: Annotated[bool, typer.Option("--html", help="Also write the HTML report "
                                               "(reports/FLOW/RUN_KEY.html)")] = False,
-           to: Annotated[Path | None, typer.Option("--to", help="Write the HTML report "
-                                                   "here (implies --html)")] = None,
+           to: Annotated[Path | None, typer.Option(
+               "--to", help="Write the HTML report to this file, or into this existing "
+               "folder as FLOW-RUN_KEY.html (implies --html)")] = None,
            write_back: Annotated[bool, typer.Option(
                "--write-back", help="Also copy the ledger and conversion results into the "
                "workspace's write-back source (a report alone writes nothing)")] = False,
@@ -77,14 +79,18 @@ def report(run_id: Annotated[str | None, typer.Argument(
         written = copy(ws, row.flow, row.run_key, conversion)
     path = None
     if html or to:
+        from herald.channels.outbox import safe_name
         from herald.reporting.htmlreport import render
 
         path = to or ws.root / "reports" / row.flow / f"{row.run_key}.html"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if to is not None and to.is_dir():
+            path = to / f"{safe_name(row.flow)}-{safe_name(row.run_key)}.html"
         _with_package_params(ws, data)
-        path.write_text(render(data, conversion, runs.timeline(ws, row.flow, row.run_key),
-                               _tier_messages(ws, row.flow), ws.config.currency, tested),
-                        encoding="utf-8")
+        page = render(data, conversion, runs.timeline(ws, row.flow, row.run_key),
+                      _tier_messages(ws, row.flow), ws.config.currency, tested)
+        with writing_output("--to" if to else "the HTML report", path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(page, encoding="utf-8")
     if as_json:
         print_json({**data, **({"html": str(path)} if path else {})})
         return
