@@ -198,7 +198,8 @@ def read_import(file: Path, channel: str | None, reason: str | None,
 
 
 def import_value(raw: str, region: str | None, keys: bool) -> tuple[str | None, str | None]:
-    """(value, None) for one value of an import file, or (None, why it is refused)."""
+    """(value, None) for one value an operator suppresses (``suppress add``, a line of
+    ``suppress import``), or (None, why it is refused)."""
     text = raw.strip()
     if not text:
         return None, "no value (an empty first column)"
@@ -224,7 +225,7 @@ def import_value(raw: str, region: str | None, keys: bool) -> tuple[str | None, 
             return None, f"'{_shown(text)}' is not a valid phone number ({why})"
         return number, None
     return None, (f"'{_shown(text)}' is neither an e-mail address nor a phone number "
-                  "(recipient keys: import with --keys)")
+                  "(recipient keys: --keys)")
 
 
 def _shown(text: str) -> str:

@@ -115,6 +115,20 @@ def test_suppress_commands(make_workspace, tmp_path, capsys) -> None:
     assert cli(capsys, "suppress", "remove", "c@example.com", "-w", str(ws.root))[0] == 0
     code, _, err = cli(capsys, "suppress", "add", "x", "--channel", "fax", "-w", str(ws.root))
     assert code == 1 and "unknown channel 'fax'" in err
+    before = cli(capsys, "suppress", "list", "--json", "-w", str(ws.root))[1]
+    code, _, err = cli(capsys, "suppress", "add", "  ", "-w", str(ws.root))
+    assert code == 1 and err == "error: an empty value; nothing added\n"
+    code, _, err = cli(capsys, "suppress", "add", "d@example.com", "John Smith", "",
+                       "-w", str(ws.root))
+    assert code == 1 and err.splitlines() == [
+        "error: 3 problems",
+        "  'John Smith' is neither an e-mail address nor a phone number (recipient keys: "
+        "--keys)", "  an empty value", "  nothing added: 2 values refused"]
+    assert cli(capsys, "suppress", "list", "--json", "-w", str(ws.root))[1] == before
+    code, out, _ = cli(capsys, "suppress", "add", "--keys", "cust-7", "-w", str(ws.root))
+    assert code == 0 and "1 added" in out
+    code, _, err = cli(capsys, "suppress", "add", "--keys", "John Smith", "-w", str(ws.root))
+    assert code == 1 and "'John Smith' is not a recipient key; nothing added" in err
     listing.write_text("x@example.com,pigeon\n", encoding="utf-8")
     code, _, err = cli(capsys, "suppress", "import", str(listing), "-w", str(ws.root))
     assert code == 1 and f"{listing}:1: unknown channel 'pigeon'" in err

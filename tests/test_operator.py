@@ -398,7 +398,8 @@ def test_recipient_history_caps_suppression_and_holdout(make_workspace, capsys) 
     sent = next(str(i) for i in range(1, 41) if not in_holdout("promo", str(i), 0.3)
                 and i % 7 != 0)
     held = next(str(i) for i in range(1, 41) if in_holdout("promo", str(i), 0.3))
-    code, out, _ = cli(capsys, "suppress", "add", sent, "-w", str(ws.root))
+    code, out, _ = cli(capsys, "suppress", "add", "--keys", sent, "-w", str(ws.root))
+    assert code == 0
     code, out, _ = cli(capsys, "recipient", sent, "-w", str(ws.root), "--json")
     assert code == 0
     view = json.loads(out)

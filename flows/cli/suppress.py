@@ -24,16 +24,27 @@ from herald.flows.cli.common import (
 @suppress_app.command("add")
 def suppress_add(values: list[str], channel: ChannelOpt = None,
                  reason: Annotated[str | None, typer.Option("--reason")] = None,
+                 keys: Annotated[bool, typer.Option(
+                     "--keys", help="The values are recipient keys, not addresses")] = False,
                  workspace: WorkspaceOpt = None) -> None:
-    """Suppress addresses or recipient keys."""
+    """Suppress e-mail addresses and phone numbers (recipient keys with --keys). All or
+    nothing: a value that is not one refuses them all, as `import` does."""
     from herald.delivery import suppression
 
     ws = open_workspace(workspace)
     check_channel(ws, channel)
     region = ws.config.phone_region
+    checked = [suppression.import_value(v, region, keys) if v.strip()
+               else (None, "an empty value") for v in values]
+    refused = [why for _, why in checked if why]
+    if len(refused) == 1:
+        raise HeraldError(f"{refused[0]}; nothing added")
+    if refused:
+        raise HeraldError("\n".join([*refused, f"nothing added: {len(refused)} values "
+                                     "refused"]))
     suppression.migrate(ws.store, region)
-    added = suppression.suppress(ws.store, [(v, channel, reason) for v in values], "operator",
-                                 region)
+    added = suppression.suppress(ws.store, [(v, channel, reason) for v, _ in checked
+                                            if v is not None], "operator", region)
     out.print(f"{added} added, {len(values) - added} already suppressed")
 
 
