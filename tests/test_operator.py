@@ -288,6 +288,14 @@ def test_secrets_are_required_by_commands_that_send_only(make_workspace, capsys,
 
 
 # -- send-test, preview --out, version, completion, prune --------------------------------------
+def test_help_keeps_square_brackets_as_text(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = cli(capsys, "send-test", "--help")
+    assert code == 0 and "to your own address (marked [test]; recorded apart" in out
+    code, out, _ = cli(capsys, "--help")
+    assert code == 0 and "(marked [test];" in out
+
+
 def test_send_test_reaches_a_real_smtp_server_and_counts_nowhere(make_workspace,
                                                                   capsys) -> None:
     import sqlite3

@@ -31,7 +31,7 @@ def send_test(flow: str,
               ] = None,
               param: ParamOpt = None, workspace: WorkspaceOpt = None,
               as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Send FLOW's message for TIER once, for real, to your own address (marked [test];
+    """Send FLOW's message for TIER once, for real, to your own address (marked \\[test];
     recorded apart from the ledger: no cap, report or rerun counts it)."""
     from herald.flows.sendtest import send_test as send
 
