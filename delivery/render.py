@@ -63,6 +63,13 @@ def _autoescape(name: str | None) -> bool:
     return bool(name) and ".html." in f"{name}."
 
 
+def _blank_none(value: Any) -> Any:
+    """A NULL column prints as nothing, never as the text "None" ("Dear None"); an
+    unknown name still fails (StrictUndefined), and ``default('there', true)`` gives a
+    fallback for both empty and NULL values."""
+    return "" if value is None else value
+
+
 def _render(template: Template, names: dict[str, Any]) -> str:
     """``template.render(variables)`` given the template's globals and the variables in
     one dict, which the context reads as it is: ``render`` copies the variables, and its
@@ -118,6 +125,7 @@ class Templates:
         self.env = SandboxedEnvironment(
             loader=_Loader(root),
             undefined=StrictUndefined,
+            finalize=_blank_none,
             autoescape=_autoescape,
             keep_trailing_newline=False,
             auto_reload=False,

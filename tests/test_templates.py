@@ -67,6 +67,21 @@ def test_strict_undefined_is_a_render_error(make_workspace) -> None:
         t.render(ws.flow("promo"), "default", "sms", None, missing)
 
 
+def test_a_null_column_renders_empty_and_default_can_replace_it(make_workspace) -> None:
+    ws = make_workspace({
+        "templates/promo/default.email.subject.j2": "Hello {{ name }}!",
+        "templates/promo/default.email.txt.j2": "Dear {{ name | default('there', true) }},",
+        "templates/promo/default.email.html.j2": "<p>{{ name }}|{{ score }}</p>"})
+    t = templates_for(ws)
+    rendered = t.render(ws.flow("promo"), "default", "email", None,
+                        {**VARS, "name": None, "score": 0})
+    assert (rendered.subject, rendered.body) == ("Hello !", "Dear there,")
+    assert rendered.html == "<p>|0</p>"  # a zero is a value, not a NULL
+    missing = {k: v for k, v in VARS.items() if k != "name"}
+    with pytest.raises(RenderError, match="'name' is undefined"):
+        t.render(ws.flow("promo"), "default", "email", None, missing)
+
+
 def test_sandbox_blocks_escapes(make_workspace) -> None:
     ws = make_workspace({"templates/promo/default.sms.txt.j2":
                          "{{ name.__class__.__mro__[1].__subclasses__() }}"})
