@@ -77,3 +77,12 @@ class ChannelError(HeraldError):
 
 class RunError(HeraldError):
     """A run failed after validation passed."""
+
+
+def quoted(value: str, limit: int = 60) -> str:
+    """An operator's value in an error message: quoted, shortened past ``limit``
+    characters, and on one line: a value holding a newline or another control character
+    is shown escaped, as Python writes it (the CLI prints each line of an error as a
+    problem of its own)."""
+    text = value if len(value) <= limit else value[:limit - 3] + "..."
+    return repr(text) if not text.isprintable() else f"'{text}'"

@@ -18,7 +18,7 @@ from urllib.parse import unquote
 from sqlalchemy import Connection, Engine, delete, insert, select, update
 
 from herald.core.db import ALL_CHANNELS, suppressions, writing
-from herald.core.errors import ConfigError, HeraldError, Problem
+from herald.core.errors import ConfigError, HeraldError, Problem, quoted
 from herald.delivery.addresses import PHONE_LIKE, clean_address, comparable, e164
 from herald.delivery.ledger import among, now
 
@@ -205,28 +205,24 @@ def import_value(raw: str, region: str | None, keys: bool) -> tuple[str | None, 
         return None, "no value (an empty first column)"
     if keys:
         if not text or any(c.isspace() or c in "<>\"'" for c in text):
-            return None, f"'{_shown(text)}' is not a recipient key"
+            return None, f"{quoted(text)} is not a recipient key"
         return text, None
     if text.lower().startswith("mailto:"):
         text = unquote(text[len("mailto:"):].split("?", 1)[0]).strip()
     if "<" in text or ">" in text:
         name, address = email.utils.parseaddr(text)
         if not address or not text.endswith(">") or text.count("<") != 1:
-            return None, f"'{_shown(text)}' is not an address (Name <addr> expected)"
+            return None, f"{quoted(text)} is not an address (Name <addr> expected)"
         text = address
     if "@" in text:
         cleaned, why = clean_address("email", text, special_use=True)
         if cleaned is None:
-            return None, f"'{_shown(text)}' is not a valid e-mail address ({why})"
+            return None, f"{quoted(text)} is not a valid e-mail address ({why})"
         return cleaned, None
     if PHONE_LIKE.match(text):
         number, why = e164(text, region)
         if number is None:
-            return None, f"'{_shown(text)}' is not a valid phone number ({why})"
+            return None, f"{quoted(text)} is not a valid phone number ({why})"
         return number, None
-    return None, (f"'{_shown(text)}' is neither an e-mail address nor a phone number "
+    return None, (f"{quoted(text)} is neither an e-mail address nor a phone number "
                   "(recipient keys: --keys)")
-
-
-def _shown(text: str) -> str:
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -18,7 +18,7 @@ from sqlalchemy import insert
 from herald.channels.base import Message, Outcome
 from herald.core import clock
 from herald.core.db import test_sends, writing
-from herald.core.errors import HeraldError
+from herald.core.errors import HeraldError, quoted
 from herald.core.spec import Scalar
 from herald.core.workspace import Workspace
 from herald.delivery.addresses import Addresses
@@ -54,7 +54,7 @@ def send_test(ws: Workspace, flow_name: str, tier: str, to: str, channel: str | 
             break
         why.append(f"{name}: {problem}")
     if not address or not chosen:
-        raise HeraldError(f"--to: '{to}' is not an address for "
+        raise HeraldError(f"--to: {quoted(to, 200)} is not an address for "
                           + "; ".join(why or ["any channel of the tier"]))
     sample = sample_recipients(ws, checked, tier if tier != "default" else None, 1)
     if not sample:

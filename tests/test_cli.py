@@ -129,6 +129,10 @@ def test_suppress_commands(make_workspace, tmp_path, capsys) -> None:
     assert code == 0 and "1 added" in out
     code, _, err = cli(capsys, "suppress", "add", "--keys", "John Smith", "-w", str(ws.root))
     assert code == 1 and "'John Smith' is not a recipient key; nothing added" in err
+    code, _, err = cli(capsys, "suppress", "add", "x@example.com\nBcc: y@example.com",
+                       "-w", str(ws.root))
+    assert code == 1 and err == ("error: 'x@example.com\\nBcc: y@example.com' is not a valid "
+                                 "e-mail address (invalid); nothing added\n")
     listing.write_text("x@example.com,pigeon\n", encoding="utf-8")
     code, _, err = cli(capsys, "suppress", "import", str(listing), "-w", str(ws.root))
     assert code == 1 and f"{listing}:1: unknown channel 'pigeon'" in err

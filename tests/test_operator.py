@@ -327,6 +327,11 @@ def test_send_test_reaches_a_real_smtp_server_and_counts_nowhere(make_workspace,
         code, _, err = cli(capsys, "send-test", "promo", "--tier", "gold", "--to",
                            "not-an-address", "-w", str(ws.root))
         assert code == 1 and "--to: 'not-an-address' is not an address" in err
+        code, _, err = cli(capsys, "send-test", "promo", "--tier", "gold", "--to",
+                           "me@ops.example\r\nBcc: x@evil.example", "-w", str(ws.root))
+        assert code == 1 and err.startswith(
+            "error: --to: 'me@ops.example\\r\\nBcc: x@evil.example' is not an address for "
+            "email: invalid; sms: invalid") and len(err.splitlines()) == 1, err
     finally:
         controller.stop()
     with sqlite3.connect(ws.root / ".herald/herald.db") as conn:
