@@ -39,7 +39,6 @@ from sqlalchemy.exc import DBAPIError
 from herald.audiences import inplace
 from herald.audiences.sql import Segment, db_message
 from herald.audiences.store import (
-    DEFAULT_TIER,
     INSERT_BATCH,
     Package,
     discard,
@@ -62,7 +61,7 @@ from herald.core.db import (
     writing,
 )
 from herald.core.errors import AudienceError
-from herald.core.spec import FlowSpec
+from herald.core.spec import DEFAULT_TIER, FlowSpec
 from herald.core.workspace import Workspace
 
 log = logging.getLogger("herald.audiences")

@@ -41,7 +41,6 @@ from herald.core.workspace import Workspace
 
 log = logging.getLogger("herald.audiences")
 
-DEFAULT_TIER = "default"
 INSERT_BATCH = 20_000
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ and errors name fields, not their contents.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -45,6 +46,12 @@ class Problem:
         if self.field:
             where = f"{where} {self.field}" if where else self.field
         return f"{where}: {self.message}" if where else self.message
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'email'?)`` when one of ``choices`` is close to ``word``, else ''."""
+    close = difflib.get_close_matches(word, list(dict.fromkeys(choices)), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 class _ProblemsError(HeraldError):

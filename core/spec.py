@@ -31,6 +31,9 @@ from herald.core.fields import (
 from herald.core.schedules import ScheduleSpec
 
 RESERVED_PREFIX = "herald_"  # every table Herald keeps in the workspace database
+# the tier entry of every tier without its own, and the tier of every recipient when the
+# audience names no tier column
+DEFAULT_TIER = "default"
 
 
 class _Cap(Strict):
@@ -352,8 +355,8 @@ def tier_entry(tiers: Mapping[str, TierSpec], tier: str) -> tuple[str, TierSpec]
     its own, else ``default``, else none."""
     if tier in tiers:
         return tier, tiers[tier]
-    if "default" in tiers:
-        return "default", tiers["default"]
+    if DEFAULT_TIER in tiers:
+        return DEFAULT_TIER, tiers[DEFAULT_TIER]
     return None
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -18,13 +18,20 @@ from sqlalchemy import Engine
 
 from herald.core.channel_settings import KINDS, ChannelSettings, channel_kind
 from herald.core.db import driver_problem, make_engine, open_store
-from herald.core.errors import ChannelError, ConfigError, Problem, WorkspaceError
+from herald.core.errors import (
+    ChannelError,
+    ConfigError,
+    Problem,
+    WorkspaceError,
+    did_you_mean,
+)
 from herald.core.plugins import channel_type
-from herald.core.spec import FlowSpec, WorkspaceConfig
+from herald.core.spec import DEFAULT_TIER, CapRule, FlowCapRule, FlowSpec, WorkspaceConfig
 from herald.core.yamlio import Located, load_yaml, problems_from, validate
 
 CONFIG_FILE = "config/herald.yaml"
 FLOWS_DIR = "config/flows"
+JOURNEYS_DIR = "config/journeys"
 
 
 class SegmentNotFound(WorkspaceError):
@@ -65,6 +72,8 @@ class Workspace:
         if driver:
             problems.append(Problem(driver, file=doc.file, line=doc.line_of(("store",)),
                                     field="store"))
+        problems += cap_problems(config.caps, doc, channels, flows=[
+            *_stems(path / FLOWS_DIR), *(f"journey:{j}" for j in _stems(path / JOURNEYS_DIR))])
         if config.writeback and config.writeback.source not in config.sources:
             problems.append(Problem(
                 f"unknown source '{config.writeback.source}' (sources: "
@@ -86,8 +95,10 @@ class Workspace:
 
     # -- flows ---------------------------------------------------------------------
     def flow_names(self) -> list[str]:
-        folder = self.root / FLOWS_DIR
-        return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+        return _stems(self.root / FLOWS_DIR)
+
+    def journey_names(self) -> list[str]:
+        return _stems(self.root / JOURNEYS_DIR)
 
     def flow(self, name: str) -> FlowSpec:
         """Load and check ``config/flows/NAME.yaml``."""
@@ -133,17 +144,18 @@ class Workspace:
                         f"{', '.join(self.channels) or 'none'})",
                         file=rel, line=doc.line_of(loc),
                         field=f"tiers.{tier_name}.channels[{i}]"))
-        for i, cap in enumerate(spec.caps):
-            if cap.channel and cap.channel not in self.channels:
-                problems.append(Problem(f"unknown channel '{cap.channel}'", file=rel,
-                                        line=doc.line_of(("caps", i, "channel")),
-                                        field=f"caps[{i}].channel"))
+        problems += cap_problems(spec.caps, doc, self.channels, tiers=spec.tiers,
+                                 tier_column=spec.audience.tier)
         if problems:
             raise ConfigError(problems)
         return spec
 
     def flow_file(self, name: str) -> str:
         return f"{FLOWS_DIR}/{name}.yaml"
+
+    def config_line(self, loc: tuple[str | int, ...]) -> int | None:
+        """The line of a field in ``config/herald.yaml`` (for error messages)."""
+        return self._doc.line_of(loc)
 
     def flow_line(self, name: str, loc: tuple[str | int, ...]) -> int | None:
         """The line of a field in a loaded flow's YAML (for error messages)."""
@@ -209,6 +221,47 @@ class Workspace:
             engine.dispose()
         if "store" in self.__dict__:
             self.store.dispose()
+
+
+def _stems(folder: Path) -> list[str]:
+    """The names of the YAML files in ``folder`` (flows, journeys), sorted."""
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def cap_problems(caps: Sequence[CapRule | FlowCapRule], doc: Located,
+                 channels: Collection[str], flows: Collection[str] | None = None,
+                 tiers: Collection[str] | None = None, tier_column: str | None = None
+                 ) -> list[Problem]:
+    """A cap scoped to something that does not exist never counts or stops anything, so
+    the scope is checked where the cap is written: its channel among the configured ones;
+    in ``config/herald.yaml`` its flow among the flows (and ``journey:NAME``); in a flow or
+    journey its tier among the tier entries the recipients can have (``tiers``)."""
+    problems: list[Problem] = []
+    where = "" if doc.file == CONFIG_FILE else f" in {CONFIG_FILE}"
+
+    def unknown(i: int, key: str, message: str) -> None:
+        problems.append(Problem(message, file=doc.file, line=doc.line_of(("caps", i, key)),
+                                field=f"caps[{i}].{key}"))
+
+    for i, cap in enumerate(caps):
+        if cap.channel is not None and cap.channel not in channels:
+            unknown(i, "channel", f"unknown channel '{cap.channel}'"
+                    f"{did_you_mean(cap.channel, channels)} (configured{where}: "
+                    f"{', '.join(channels) or 'none'})")
+        flow = getattr(cap, "flow", None)
+        if flows is not None and flow is not None and flow not in flows:
+            unknown(i, "flow", f"unknown flow '{flow}'{did_you_mean(flow, flows)} (flows: "
+                    f"{', '.join(flows) or 'none'})")
+        if tiers is None or cap.tier is None:
+            continue
+        if tier_column is None and cap.tier != DEFAULT_TIER:
+            unknown(i, "tier", f"tier '{cap.tier}' never applies: the audience names no "
+                    f"tier column, so every recipient is tier '{DEFAULT_TIER}'")
+        elif cap.tier not in tiers and DEFAULT_TIER not in tiers:
+            # a recipient of a tier without an entry (and no default) stops the run
+            unknown(i, "tier", f"unknown tier '{cap.tier}'{did_you_mean(cap.tier, tiers)} "
+                    f"(tiers: {', '.join(tiers)})")
+    return problems
 
 
 def _channel_settings(config: WorkspaceConfig, doc: Located

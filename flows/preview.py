@@ -14,9 +14,9 @@ from typing import Any
 
 from sqlalchemy import text
 
-from herald.audiences.store import DEFAULT_TIER, Recipient, jsonable
+from herald.audiences.store import Recipient, jsonable
 from herald.core.errors import AudienceError
-from herald.core.spec import Scalar
+from herald.core.spec import DEFAULT_TIER, Scalar
 from herald.core.workspace import Workspace
 from herald.delivery import variants
 from herald.delivery.addresses import Addresses

@@ -7,14 +7,19 @@ returns; every channel the flow names is configured (checked when the flow loads
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from herald.audiences.sql import Segment, load_segment, probe_columns, segment_params
-from herald.core.errors import AudienceError, Problem, ValidationFailed, WorkspaceError
+from herald.core.errors import (
+    AudienceError,
+    Problem,
+    ValidationFailed,
+    WorkspaceError,
+    did_you_mean,
+)
 from herald.core.files import read_text
-from herald.core.spec import FlowSpec, Scalar
+from herald.core.spec import CapRule, FlowCapRule, FlowSpec, Scalar
 from herald.core.workspace import Workspace
 from herald.delivery.render import Templates, templates_for
 
@@ -90,8 +95,27 @@ def check_flow(ws: Workspace, name: str, overrides: Mapping[str, Scalar] | None 
              for part in ("subject", "txt", "html")
              for variant in _variants_of(flow, tier)
              for name in engine.variants(flow, tier, kind, part, variant)}
-    return CheckedFlow(flow, segment, columns, len(files),
-                       tuple(_opt_out_warnings(ws, flow, engine, kinds)))
+    warnings = [*cap_tier_warnings(flow.caps, flow.tiers, file,
+                                   lambda loc: ws.flow_line(name, loc)),
+                *_opt_out_warnings(ws, flow, engine, kinds)]
+    return CheckedFlow(flow, segment, columns, len(files), tuple(warnings))
+
+
+def cap_tier_warnings(caps: Sequence[CapRule | FlowCapRule], tiers: Collection[str],
+                      file: str, line_of: Callable[[tuple[str | int, ...]], int | None]
+                      ) -> list[str]:
+    """Caps scoped to a tier that has no entry in ``tiers``: such a cap applies only if
+    the segment returns recipients of that tier (who then use ``default``), so a typo
+    there is found only by reading the data; worth a warning."""
+    found = []
+    for i, cap in enumerate(caps):
+        if cap.tier is not None and cap.tier not in tiers:
+            found.append(str(Problem(
+                f"no tier entry is named '{cap.tier}'{did_you_mean(cap.tier, tiers)}; the "
+                f"cap applies only to recipients whose tier is '{cap.tier}' (tiers: "
+                f"{', '.join(tiers) or 'none'})",
+                file, line_of(("caps", i, "tier")), f"caps[{i}].tier")))
+    return found
 
 
 def _variants_of(flow: FlowSpec, tier: str) -> list[str | None]:
@@ -174,12 +198,6 @@ def param_problems(ws: Workspace, flow: FlowSpec, overrides: Mapping[str, Scalar
             problems.append(Problem(f"-p {name}: {file} does not use :{name}"
                                     f"{did_you_mean(name, used)} (it uses: {listed})"))
     return problems
-
-
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """`` (did you mean 'days'?)`` when one of ``choices`` is close to ``word``."""
-    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _opt_out_warnings(ws: Workspace, flow: FlowSpec, engine: Templates,

@@ -27,7 +27,7 @@ from herald.core.errors import (
     WorkspaceError,
 )
 from herald.core.spec import AudienceSpec, FlowSpec
-from herald.core.workspace import SourceError, Workspace
+from herald.core.workspace import JOURNEYS_DIR, SourceError, Workspace, cap_problems
 from herald.core.yamlio import Located, dotted, load_yaml
 from herald.delivery.render import Templates, templates_for
 from herald.journeys.spec import (
@@ -43,7 +43,6 @@ from herald.journeys.spec import (
 )
 from herald.reporting.conversions import bind_period
 
-JOURNEYS_DIR = "config/journeys"
 GLOBALS = frozenset({"journey", "step", "variant"})  # besides the flows' template globals
 _STEP_MODELS: dict[str, type[BaseModel]] = {
     "send": SendStep, "wait": WaitStep, "wait_for": WaitForStep, "branch": BranchStep,
@@ -66,8 +65,7 @@ _cache: weakref.WeakKeyDictionary[Workspace, dict[str, Loaded]] = weakref.WeakKe
 
 
 def names(ws: Workspace) -> list[str]:
-    folder = ws.root / JOURNEYS_DIR
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    return ws.journey_names()
 
 
 def load(ws: Workspace, name: str) -> Loaded:
@@ -177,10 +175,10 @@ def _check_refs(ws: Workspace, j: Loaded, name: str) -> list[Problem]:
                         add(f"unknown channel '{channel}' (configured in config/herald.yaml: "
                             f"{', '.join(ws.channels) or 'none'})",
                             "steps", step_name, "tiers", tier, "channels", i)
-    for i, cap in enumerate(spec.caps):
-        if cap.channel and cap.channel not in ws.channels:
-            add(f"unknown channel '{cap.channel}'", "caps", i, "channel")
-    return problems
+    tiers = {t for step in spec.steps.values() if isinstance(step, SendStep)
+             for t in step.tiers}
+    return problems + cap_problems(spec.caps, j.doc, ws.channels, tiers=sorted(tiers),
+                                   tier_column=spec.entry.tier)
 
 
 def conditions(spec: JourneySpec) -> list[tuple[tuple[str | int, ...], Condition]]:

@@ -15,6 +15,8 @@ from herald.core.yamlio import parse_yaml, validate
 from herald.flows.cli import main
 from herald.flows.validate import check_flow
 
+from .helpers import HERALD_YAML, JOURNEY_FILES, PROMO_YAML
+
 
 def problems(exc: pytest.ExceptionInfo[Any]) -> list[str]:
     return [str(p) for p in exc.value.problems]
@@ -87,6 +89,101 @@ def test_flow_cross_references(make_workspace) -> None:
         "config/flows/promo.yaml:4 tiers.gold.channels[1]: unknown channel 'wchat' "
         "(configured in config/herald.yaml: email, sms)",
     ]
+
+
+def test_workspace_cap_scoped_to_unknown_channel_or_flow_is_refused(make_workspace) -> None:
+    """A cap whose scope names nothing that exists would count and stop nothing."""
+    with pytest.raises(ConfigError) as exc:
+        make_workspace({"config/herald.yaml": HERALD_YAML.replace("caps: []", """\
+caps:
+  - {channel: emial, max: 1, per: 30d}
+  - {flow: promoo, max: 1, per: 30d}
+  - {flow: "journey:promo", max: 1, per: 30d}
+  - {max: 3, per: 7d}""")})
+    assert problems(exc) == [
+        "config/herald.yaml:9 caps[0].channel: unknown channel 'emial' (did you mean "
+        "'email'?) (configured: email, sms)",
+        "config/herald.yaml:10 caps[1].flow: unknown flow 'promoo' (did you mean 'promo'?) "
+        "(flows: promo)",
+        "config/herald.yaml:11 caps[2].flow: unknown flow 'journey:promo' (flows: promo)",
+    ]
+
+
+def test_workspace_cap_may_name_a_journey(make_workspace) -> None:
+    ws = make_workspace({**JOURNEY_FILES, "config/herald.yaml": HERALD_YAML.replace(
+        "caps: []", 'caps: [{flow: "journey:nudge", max: 1, per: 7d}]')})
+    assert [c.flow for c in ws.config.caps] == ["journey:nudge"]
+
+
+def test_flow_cap_scoped_to_unknown_channel_or_tier_is_refused(make_workspace) -> None:
+    """A tier-scoped cap of a flow without a ``default`` entry applies to its tiers only
+    (a recipient of any other tier stops the run); without a tier column every recipient
+    is tier ``default``."""
+    no_default = PROMO_YAML.replace("  default: {channels: [sms, email]}\n", "")
+    ws = make_workspace({"config/flows/promo.yaml": no_default + """\
+caps:
+  - {tier: gld, max: 1, per: 1d}
+  - {channel: smss, max: 1, per: 1d}
+  - {tier: gold, channel: sms, max: 1, per: 1d}
+""", "config/flows/untiered.yaml": """\
+name: untiered
+audience: {source: crm, segment: people, key: id}
+tiers: {gold: {channels: [email]}, default: {channels: [email]}}
+caps: [{tier: gold, max: 1, per: 1d}, {tier: default, max: 1, per: 1d}]
+"""})
+    with pytest.raises(ConfigError) as exc:
+        ws.flow("promo")
+    assert problems(exc) == [
+        "config/flows/promo.yaml:13 caps[0].tier: unknown tier 'gld' (did you mean 'gold'?) "
+        "(tiers: gold)",
+        "config/flows/promo.yaml:14 caps[1].channel: unknown channel 'smss' (did you mean "
+        "'sms'?) (configured in config/herald.yaml: email, sms)",
+    ]
+    with pytest.raises(ConfigError) as exc:
+        ws.flow("untiered")
+    assert problems(exc) == [
+        "config/flows/untiered.yaml:4 caps[0].tier: tier 'gold' never applies: the audience "
+        "names no tier column, so every recipient is tier 'default'"]
+
+
+def test_journey_cap_scoped_to_unknown_tier_is_refused(make_workspace) -> None:
+    from herald.journeys import load as journeys
+
+    nudge = JOURNEY_FILES["config/journeys/nudge.yaml"]
+    assert nudge is not None
+    ws = make_workspace({**JOURNEY_FILES, "config/journeys/nudge.yaml": nudge.replace(
+        "default: {channels: [email]}", "gold: {channels: [email]}").replace(
+        "default: {channels: [email, sms]}", "gold: {channels: [email, sms]}").replace(
+        "default: {channels: [sms, email]}", "gold: {channels: [sms, email]}")
+        + "caps: [{tier: gld, max: 1, per: 1d}, {channel: emial, max: 1, per: 1d}]\n"})
+    with pytest.raises(ConfigError) as exc:
+        journeys.load(ws, "nudge")
+    assert [p.split(" (")[0] for p in problems(exc)] == [
+        "config/journeys/nudge.yaml:43 caps[0].tier: unknown tier 'gld'",
+        "config/journeys/nudge.yaml:43 caps[1].channel: unknown channel 'emial'",
+    ]
+
+
+def test_cap_tier_without_an_entry_is_a_warning_where_default_takes_it(make_workspace,
+                                                                        capsys) -> None:
+    """With a ``default`` entry any tier of the data can be capped, so a tier no entry
+    names is only suspicious: validate warns, for the flow's caps and the workspace's."""
+    from herald.flows.cli import main
+
+    ws = make_workspace({
+        "config/herald.yaml": HERALD_YAML.replace(
+            "caps: []", "caps: [{tier: silverr, max: 1, per: 1d}]"),
+        "config/flows/promo.yaml": PROMO_YAML + "caps: [{tier: gld, max: 1, per: 1d}]\n"})
+    with pytest.raises(SystemExit) as done:
+        main(["validate", "-w", str(ws.root)])
+    assert done.value.code == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("warning: config/flows/promo.yaml:13 caps[0].tier: no tier entry is named 'gld' "
+            "(did you mean 'gold'?); the cap applies only to recipients whose tier is 'gld' "
+            "(tiers: gold, default)") in err
+    assert ("warning: config/herald.yaml:8 caps[0].tier: no tier entry is named 'silverr'; "
+            "the cap applies only to recipients whose tier is 'silverr' (tiers: default, "
+            "gold)") in err
 
 
 def test_flow_name_must_match_file_and_unknown_flow(make_workspace) -> None:

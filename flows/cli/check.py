@@ -30,8 +30,9 @@ def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (defa
     """Check flows and journeys, SQL, templates and channels; exit 1 listing every
     problem."""
     from herald.core.fields import format_duration
+    from herald.core.workspace import CONFIG_FILE
     from herald.delivery.render import templates_for
-    from herald.flows.validate import check_flow
+    from herald.flows.validate import cap_tier_warnings, check_flow
     from herald.journeys import load as journeys
 
     ws = open_workspace(workspace)
@@ -42,6 +43,7 @@ def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (defa
         raise HeraldError("no flows in config/flows/")
     templates = templates_for(ws)
     problems: list[str] = []
+    tiers: set[str] = set()  # every tier entry of the flows and journeys checked
     for name in chosen_journeys:
         try:
             jc = journeys.check(ws, name, templates)
@@ -50,6 +52,7 @@ def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (defa
             err.print(f"[red]✗[/] journey {name}")
             continue
         spec = jc.loaded.spec
+        tiers.update(t for step in spec.steps.values() for t in getattr(step, "tiers", ()))
         out.print(f"[green]✓[/] journey {name}: entry {jc.segment.file} "
                   f"({len(jc.columns)} columns), {len(spec.steps)} steps, "
                   f"{jc.templates} templates"
@@ -72,6 +75,11 @@ def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (defa
                      if (conv := checked.spec.conversion) else ""))
         for warning in checked.warnings:
             err.print(f"  [yellow]warning:[/] {warning}", highlight=False)
+        tiers.update(checked.spec.tiers)
+    if not flows and not problems:  # all of them: a workspace cap's tier is among theirs
+        for warning in cap_tier_warnings(ws.config.caps, sorted(tiers), CONFIG_FILE,
+                                         ws.config_line):
+            err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if problems:
         for line in problems:
             err.print(f"  {line}", markup=False)
