@@ -69,7 +69,12 @@ Scalar = str | int | float | bool | None
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    """Unknown keys are errors, and so are values of the wrong YAML type: pydantic's lax
+    mode would read ``"yes"``, ``"on"`` or ``1`` as true (``exempt: "yes"`` would uncap a
+    flow) and ``true`` as the number 1 (``chunk_size: true``). A quoted number is text."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              strict=True)
 
 
 def parse_window(value: Any) -> timedelta | str:

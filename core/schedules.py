@@ -77,7 +77,9 @@ class ScheduleSpec(Strict):
     name: Name | None = None
     cron: str | None = None
     interval: Duration | None = None
-    anchor: datetime | None = None  # where an interval starts counting
+    # where an interval starts counting: ISO text ("2026-01-05T08:00"), which YAML 1.2
+    # leaves a string
+    anchor: datetime | None = Field(default=None, strict=False)
     rrule: str | None = None
     timezone: TimeZone | None = None
     active: bool = True

@@ -218,10 +218,12 @@ def problems_from(exc: ValidationError, doc: Located, model: type[BaseModel] | N
                   prefix: Loc = ()) -> list[Problem]:
     """Turn a pydantic ValidationError into located Problems (never echoing values)."""
     problems: list[Problem] = []
-    for err in exc.errors(include_url=False, include_input=False):
+    for err in exc.errors(include_url=False):
         loc = (*prefix, *_clean_loc(err["loc"]))
         msg = err["msg"]
-        if err["type"] == "extra_forbidden":
+        if err["type"] in _EXPECTED:
+            msg = _wrong_type(err["type"], err.get("input"))
+        elif err["type"] == "extra_forbidden":
             msg = f"unknown key '{loc[-1]}'"
             hint = _suggest(model, loc[len(prefix):]) if model else None
             if hint:
@@ -233,6 +235,31 @@ def problems_from(exc: ValidationError, doc: Located, model: type[BaseModel] | N
         problems.append(Problem(msg, file=doc.file, line=doc.line_of(loc),
                                 field=dotted(loc) or None))
     return problems
+
+
+# What a strict model's type errors expect. The value itself is never echoed (it may be
+# a secret from the environment); its YAML type is what went wrong.
+_EXPECTED = {"bool_type": "true or false", "int_type": "a whole number",
+             "float_type": "a number"}
+
+
+def _wrong_type(error: str, value: Any) -> str:
+    expected = _EXPECTED[error]
+    if isinstance(value, bool):
+        return f"must be {expected}, not true or false"
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("yes", "no", "on", "off", "y", "n", "true", "false"):
+            why = " (YAML 1.2 reads yes, no, on, off and quoted words as text)"
+        elif _INT.match(word) or _FLOAT.match(word):
+            why = " (a quoted number is text)"
+        else:
+            why = ""
+        return f"must be {expected}, not text{why}"
+    if isinstance(value, int | float):
+        return f"must be {expected}, not a number"
+    kind = {list: "a list", dict: "a mapping", type(None): "empty"}.get(type(value))
+    return f"must be {expected}, not {kind}" if kind else f"must be {expected}"
 
 
 def _clean_loc(loc: tuple[Any, ...]) -> Loc:

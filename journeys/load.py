@@ -100,8 +100,9 @@ def _load(ws: Workspace, name: str) -> Loaded:
 
 
 def parse_definition(definition: str) -> JourneySpec:
-    """A stored version's definition, validated again (it was valid when stored)."""
-    return JourneySpec.model_validate(json.loads(definition))
+    """A stored version's definition, validated again (it was valid when stored, perhaps
+    under the lax types of earlier versions: an enrollment keeps its definition)."""
+    return JourneySpec.model_validate(json.loads(definition), strict=False)
 
 
 def _problems(exc: ValidationError, doc: Located) -> list[Problem]:

@@ -57,8 +57,7 @@ def test_unknown_key_suggests_and_every_error_is_reported() -> None:
     assert "f.yaml:2 audience.segment: required key is missing" in found
     assert any(p.startswith("f.yaml:7 tiers.gold.channels: List should have at least 1")
                for p in found)
-    assert any(p.startswith("f.yaml:8 holdout: Input should be a valid number")
-               for p in found)
+    assert "f.yaml:8 holdout: must be a number, not text" in found
     assert len(found) == 4
 
 
@@ -72,6 +71,42 @@ def test_workspace_settings_types() -> None:
     assert any(p.startswith("herald.yaml:2 chunk_size:") for p in found)
     assert any(p.startswith("herald.yaml:4 caps[0].per: per must be a duration like")
                for p in found)
+
+
+def test_values_of_the_wrong_yaml_type_are_not_coerced() -> None:
+    """``exempt: on`` would uncap a flow and ``chunk_size: true`` mean 1: booleans must be
+    true or false, numbers must be numbers (not true, not quoted)."""
+    text = ("name: promo\naudience: {source: crm, segment: people, key: id}\n"
+            "tiers: {default: {channels: [email]}}\nexempt: on\ndeduplicate: 'no'\n"
+            "holdout: true\npriority: '5'\nchunk_size: true\n")
+    with pytest.raises(ConfigError) as exc:
+        validate(FlowSpec, parse_yaml(text, "f.yaml", {}))
+    words = "(YAML 1.2 reads yes, no, on, off and quoted words as text)"
+    assert sorted(problems(exc)) == [
+        f"f.yaml:4 exempt: must be true or false, not text {words}",
+        f"f.yaml:5 deduplicate: must be true or false, not text {words}",
+        "f.yaml:6 holdout: must be a number, not true or false",
+        "f.yaml:7 priority: must be a whole number, not text (a quoted number is text)",
+        "f.yaml:8 chunk_size: must be a whole number, not true or false",
+    ]
+    with pytest.raises(ConfigError) as exc:
+        validate(WorkspaceConfig, parse_yaml("chunk_size: true\nemail: "
+                                             "{allow_special_use_domains: 1}\n", "h.yaml", {}))
+    assert sorted(problems(exc)) == [
+        "h.yaml:1 chunk_size: must be a whole number, not true or false",
+        "h.yaml:2 email.allow_special_use_domains: must be true or false, not a number"]
+
+
+def test_strict_types_still_read_what_yaml_means() -> None:
+    """Whole numbers where a number is wanted, and a schedule's anchor as ISO text."""
+    text = ("name: promo\naudience: {source: crm, segment: people, key: id}\n"
+            "tiers: {default: {channels: [email]}}\nexempt: true\nholdout: 0\n"
+            "alerts: {failure_rate: 1}\nexperiment: {variants: {a: 1, b: 2}}\n"
+            "schedules: [{interval: 6h, anchor: '2026-01-05T08:00'}]\n")
+    spec = validate(FlowSpec, parse_yaml(text, "f.yaml", {}))
+    assert spec.exempt is True and spec.holdout == 0.0
+    assert spec.alerts is not None and spec.alerts.failure_rate == 1.0
+    assert spec.schedules[0].anchor is not None and spec.schedules[0].anchor.hour == 8
 
 
 def test_flow_cross_references(make_workspace) -> None:

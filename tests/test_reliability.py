@@ -53,7 +53,7 @@ CASES: list[tuple[str, dict[str, str | bytes | object | None], list[str]]] = [
     ("unknown key, with a suggestion", {FLOW: PROMO_YAML.replace("tier: tier", "teir: tier")},
      ["config/flows/promo.yaml:8 audience.teir: unknown key 'teir' (did you mean 'tier'?)"]),
     ("wrong type", {FLOW: PROMO_YAML + "holdout: lots\n"},
-     ["config/flows/promo.yaml:13 holdout: Input should be a valid number"]),
+     ["config/flows/promo.yaml:13 holdout: must be a number, not text"]),
     ("missing segment file", {SQL: None},
      ["config/flows/promo.yaml:5 audience.segment: segment 'people' not found: "
       "audiences/people.sql does not exist"]),
