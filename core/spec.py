@@ -220,6 +220,18 @@ class WorkspaceConfig(Strict):
                              "use a database file or a server")
         return value
 
+    @field_validator("phone_region")
+    @classmethod
+    def _known_region(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        import phonenumbers  # here, not at the top: most commands never clean a number
+
+        if value not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"unknown region '{value}' (an ISO 3166 country that phone "
+                             "numbers have, such as CN or US)")
+        return value
+
     @field_validator("channels", mode="before")
     @classmethod
     def _channel_tables(cls, value: Any) -> Any:

@@ -109,6 +109,16 @@ def test_strict_types_still_read_what_yaml_means() -> None:
     assert spec.schedules[0].anchor is not None and spec.schedules[0].anchor.hour == 8
 
 
+def test_phone_region_must_be_one_phone_numbers_have() -> None:
+    with pytest.raises(ConfigError) as exc:
+        validate(WorkspaceConfig, parse_yaml("timezone: UTC\nphone_region: XX\n",
+                                             "herald.yaml", {}))
+    assert problems(exc) == ["herald.yaml:2 phone_region: unknown region 'XX' (an ISO 3166 "
+                             "country that phone numbers have, such as CN or US)"]
+    config = validate(WorkspaceConfig, parse_yaml("phone_region: CN\n", "herald.yaml", {}))
+    assert config.phone_region == "CN"
+
+
 def test_flow_cross_references(make_workspace) -> None:
     ws = make_workspace({"config/flows/promo.yaml": """\
         name: promo
