@@ -15,7 +15,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from herald.core.fields import (
     Clock,
@@ -209,15 +211,16 @@ class WorkspaceConfig(Strict):
     # how reports show revenue: an ISO 4217 code (CNY, USD, EUR) before the amounts
     currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$")
 
-    @field_validator("task_runner")
+    @field_validator("store")
     @classmethod
-    def _store_every_worker_opens(cls, value: TaskRunnerSpec, info: ValidationInfo
-                                  ) -> TaskRunnerSpec:
-        store = str(info.data.get("store") or "")
-        if value.type != "threads" and _in_memory(store):
-            raise ValueError(f"{value.type} runs chunks in other processes, which cannot "
-                             f"open this process's in-memory workspace database ({store}): "
-                             "use a database file or a server")
+    def _outlasts_the_command(cls, value: str) -> str:
+        # every command is its own process: an in-memory database would lose the ledger,
+        # the suppression list and the packages when it ends (and worker processes or
+        # threads of a run would each see another, empty, database)
+        if _in_memory(value):
+            raise ValueError("an in-memory SQLite database is gone when the command ends, "
+                             "and with it the ledger, the suppression list and the packages: "
+                             "use a database file (sqlite:///.herald/herald.db) or a server")
         return value
 
     @field_validator("phone_region")
@@ -243,11 +246,18 @@ class WorkspaceConfig(Strict):
 
 
 def _in_memory(url: str) -> bool:
-    """Whether ``url`` is a SQLite database that lives in one process's memory."""
-    if not url.startswith("sqlite"):
+    """Whether ``url`` is a SQLite database that lives in one process's memory: no file
+    (``sqlite://``), ``:memory:``, or a ``file:`` URI naming ``:memory:`` or with
+    ``mode=memory``."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
         return False
-    database = url.partition("://")[2].removeprefix("/")
-    return database in ("", ":memory:") or "mode=memory" in database
+    if parsed.get_backend_name() != "sqlite":
+        return False
+    database = parsed.database or ""
+    return (database in ("", ":memory:") or database.startswith("file::memory:")
+            or parsed.query.get("mode") == "memory")
 
 
 class AudienceSpec(Strict):

@@ -119,6 +119,27 @@ def test_phone_region_must_be_one_phone_numbers_have() -> None:
     assert config.phone_region == "CN"
 
 
+@pytest.mark.parametrize("store", [
+    "sqlite://", "sqlite:///:memory:", "sqlite+pysqlite:///:memory:",
+    "sqlite:///file::memory:?cache=shared&uri=true",
+    "sqlite:///file:ledger?mode=memory&cache=shared&uri=true"])
+@pytest.mark.parametrize("runner", ["threads", "processes"])
+def test_an_in_memory_store_is_refused(store: str, runner: str) -> None:
+    """Every command is its own process: an in-memory workspace database would forget a
+    suppression or a ledger row as soon as the command that wrote it ends."""
+    text = f'timezone: UTC\nstore: "{store}"\ntask_runner: {{type: {runner}}}\n'
+    with pytest.raises(ConfigError) as exc:
+        validate(WorkspaceConfig, parse_yaml(text, "config/herald.yaml", {}))
+    assert problems(exc) == [
+        "config/herald.yaml:2 store: an in-memory SQLite database is gone when the command "
+        "ends, and with it the ledger, the suppression list and the packages: use a "
+        "database file (sqlite:///.herald/herald.db) or a server"]
+    for kept in ("sqlite:///.herald/herald.db", "sqlite:///file:ledger.db?uri=true",
+                 "postgresql+psycopg://u@h/db"):
+        config = validate(WorkspaceConfig, parse_yaml(f'store: "{kept}"\n', "h.yaml", {}))
+        assert config.store == kept
+
+
 def test_flow_cross_references(make_workspace) -> None:
     ws = make_workspace({"config/flows/promo.yaml": """\
         name: promo
