@@ -100,6 +100,17 @@ class Workspace:
     def journey_names(self) -> list[str]:
         return _stems(self.root / JOURNEYS_DIR)
 
+    def misnamed(self) -> list[Problem]:
+        """Files of ``config/flows`` and ``config/journeys`` Herald does not read because
+        they do not end in ``.yaml`` (``promo.yml``): without this they are silently
+        ignored."""
+        out = []
+        for folder, what in ((FLOWS_DIR, "flow"), (JOURNEYS_DIR, "journey")):
+            for path in _misnamed(self.root / folder):
+                out.append(Problem(f"{what} files end in .yaml, so this one is not read: "
+                                   f"rename it to {path.stem}.yaml", file=f"{folder}/{path.name}"))
+        return out
+
     def flow(self, name: str) -> FlowSpec:
         """Load and check ``config/flows/NAME.yaml``."""
         if name not in self._flows:
@@ -114,6 +125,7 @@ class Workspace:
             close = difflib.get_close_matches(name, self.flow_names(), n=1, cutoff=0.6)
             known = ", ".join(self.flow_names()) or "none"
             raise WorkspaceError(f"unknown flow '{name}': {rel} not found"
+                                 + misnamed_hint(self.root / FLOWS_DIR, name)
                                  + (f" (did you mean '{close[0]}'?)" if close else "")
                                  + f" (flows: {known})")
         doc = load_yaml(self.root / rel, rel)
@@ -226,6 +238,21 @@ class Workspace:
 def _stems(folder: Path) -> list[str]:
     """The names of the YAML files in ``folder`` (flows, journeys), sorted."""
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def _misnamed(folder: Path) -> list[Path]:
+    """YAML files in ``folder`` whose suffix is not exactly ``.yaml``."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".yml", ".yaml")
+                  and p.suffix != ".yaml")
+
+
+def misnamed_hint(folder: Path, name: str) -> str:
+    """`` (promo.yml is there: rename it to promo.yaml)`` when ``name`` was saved with
+    another suffix, else ''."""
+    found = [p.name for p in _misnamed(folder) if p.stem == name]
+    return f" ({found[0]} is there: rename it to {name}.yaml)" if found else ""
 
 
 def cap_problems(caps: Sequence[CapRule | FlowCapRule], doc: Located,

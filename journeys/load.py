@@ -27,7 +27,13 @@ from herald.core.errors import (
     WorkspaceError,
 )
 from herald.core.spec import AudienceSpec, FlowSpec
-from herald.core.workspace import JOURNEYS_DIR, SourceError, Workspace, cap_problems
+from herald.core.workspace import (
+    JOURNEYS_DIR,
+    SourceError,
+    Workspace,
+    cap_problems,
+    misnamed_hint,
+)
 from herald.core.yamlio import Located, dotted, load_yaml
 from herald.delivery.render import Templates, templates_for
 from herald.journeys.spec import (
@@ -83,7 +89,8 @@ def forget(ws: Workspace) -> None:
 def _load(ws: Workspace, name: str) -> Loaded:
     rel = f"{JOURNEYS_DIR}/{name}.yaml"
     if not (ws.root / rel).exists():  # a folder there is named by load_yaml
-        raise WorkspaceError(f"unknown journey '{name}': {rel} not found (journeys: "
+        raise WorkspaceError(f"unknown journey '{name}': {rel} not found"
+                             f"{misnamed_hint(ws.root / JOURNEYS_DIR, name)} (journeys: "
                              f"{', '.join(names(ws)) or 'none'})")
     doc = load_yaml(ws.root / rel, rel)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +261,34 @@ def test_flow_name_must_match_file_and_unknown_flow(make_workspace) -> None:
         ws.flow("other")
     with pytest.raises(WorkspaceError, match=r"unknown flow 'nope'.*flows: other, promo"):
         ws.flow("nope")
+
+
+def test_flow_or_journey_saved_as_yml_is_reported_not_ignored(make_workspace,
+                                                              capsys) -> None:
+    """Herald reads ``config/flows/*.yaml``: a ``promo.yml`` beside another flow was left
+    out of ``validate`` (exit 0) and of every run."""
+    from herald.flows.cli import main
+    from herald.journeys import load as journeys
+
+    ws = make_workspace({"config/flows/other.yaml": PROMO_YAML.replace("name: promo",
+                                                                       "name: other"),
+                         "config/journeys/nudge.YML": "name: nudge\n"})
+    shutil.copytree(ws.root / "templates/promo", ws.root / "templates/other")
+    (ws.root / "config/flows/promo.yaml").rename(ws.root / "config/flows/promo.yml")
+    with pytest.raises(SystemExit) as done:
+        main(["validate", "-w", str(ws.root)])
+    out, err = capsys.readouterr()
+    assert "✓ other" in out and "✗" not in err  # the only problems: the two names
+    assert done.value.code == 1
+    assert ("config/flows/promo.yml: flow files end in .yaml, so this one is not read: "
+            "rename it to promo.yaml") in err
+    assert ("config/journeys/nudge.YML: journey files end in .yaml, so this one is not "
+            "read: rename it to nudge.yaml") in err
+    with pytest.raises(WorkspaceError, match=r"unknown flow 'promo': config/flows/promo.yaml "
+                       r"not found \(promo.yml is there: rename it to promo.yaml\)"):
+        ws.flow("promo")
+    with pytest.raises(WorkspaceError, match=r"\(nudge.YML is there: rename it to nudge.yaml"):
+        journeys.load(ws, "nudge")
 
 
 def test_unknown_channel_type_lists_installed(make_workspace) -> None:

@@ -39,10 +39,11 @@ def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (defa
     journey_names = journeys.names(ws)
     names = [n for n in flows if n not in journey_names] if flows else ws.flow_names()
     chosen_journeys = [n for n in flows if n in journey_names] if flows else journey_names
-    if not names and not chosen_journeys:
+    # a flow or journey saved as .yml would be silently left out of "all"
+    problems: list[str] = [] if flows else [str(p) for p in ws.misnamed()]
+    if not names and not chosen_journeys and not problems:
         raise HeraldError("no flows in config/flows/")
     templates = templates_for(ws)
-    problems: list[str] = []
     tiers: set[str] = set()  # every tier entry of the flows and journeys checked
     for name in chosen_journeys:
         try:
