@@ -102,7 +102,7 @@ def format_duration(delta: timedelta) -> str:
     return f"{seconds // 60}m"
 
 
-_CLOCK = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+_CLOCK = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")  # 21:00, 09:00 or 9:00
 
 
 def _clock(value: Any) -> time:
@@ -110,7 +110,7 @@ def _clock(value: Any) -> time:
         return value
     match = _CLOCK.match(str(value))
     if not match:
-        raise ValueError("a time of day like 21:00")
+        raise ValueError("a time of day like 21:00 or 9:30")
     return time(int(match.group(1)), int(match.group(2)))
 
 

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from herald.core.errors import ConfigError, Problem
 from herald.core.files import UnreadableFile, read_text
@@ -218,23 +219,52 @@ def problems_from(exc: ValidationError, doc: Located, model: type[BaseModel] | N
                   prefix: Loc = ()) -> list[Problem]:
     """Turn a pydantic ValidationError into located Problems (never echoing values)."""
     problems: list[Problem] = []
-    for err in exc.errors(include_url=False):
-        loc = (*prefix, *_clean_loc(err["loc"]))
-        msg = err["msg"]
-        if err["type"] in _EXPECTED:
-            msg = _wrong_type(err["type"], err.get("input"))
-        elif err["type"] == "extra_forbidden":
+    for loc, err, msg in readable_errors(exc):
+        loc = (*prefix, *loc)
+        if err["type"] == "extra_forbidden":
             msg = f"unknown key '{loc[-1]}'"
             hint = _suggest(model, loc[len(prefix):]) if model else None
             if hint:
                 msg += f" (did you mean '{hint}'?)"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
         problems.append(Problem(msg, file=doc.file, line=doc.line_of(loc),
                                 field=dotted(loc) or None))
     return problems
+
+
+def readable_errors(exc: ValidationError) -> list[tuple[Loc, ErrorDetails, str]]:
+    """pydantic's errors as (path in the YAML, error, message for an operator).
+
+    A value that no branch of a union accepts (``quiet_hours``: a mapping or ``false``)
+    is reported once, by the branch the YAML meant, not also as "Input should be False";
+    the message never names a model class, nor echoes the value (it may be a secret from
+    the environment): it says which YAML type was expected and which was found."""
+    located = [(_clean_loc(err["loc"]), err) for err in exc.errors(include_url=False)]
+    out = []
+    for loc, err in located:
+        if _lost_branch(err) and any(other is not err and other_loc[:len(loc)] == loc
+                                     for other_loc, other in located):
+            continue  # another branch of the same union says what is wrong
+        out.append((loc, err, _message(err, loc, located)))
+    return out
+
+
+def _lost_branch(err: ErrorDetails) -> bool:
+    """A ``Literal`` branch of a union (pydantic names it ``literal[False]``)."""
+    return (err["type"] == "literal_error" and bool(err["loc"])
+            and str(err["loc"][-1]).startswith("literal["))
+
+
+def _message(err: ErrorDetails, loc: Loc, located: list[tuple[Loc, ErrorDetails]]) -> str:
+    kind = err["type"]
+    if kind in _EXPECTED:
+        return _wrong_type(_EXPECTED[kind], err.get("input"), yes_no=kind == "bool_type")
+    if kind == "model_type":  # "Input should be a valid dictionary or instance of QuietHours"
+        others = [str((other.get("ctx") or {}).get("expected", "")).lower()
+                  for other_loc, other in located if other_loc == loc and _lost_branch(other)]
+        return _wrong_type(" or ".join(["a mapping", *others]), err.get("input"))
+    if kind == "missing":
+        return "required key is missing"
+    return err["msg"].removeprefix("Value error, ")
 
 
 # What a strict model's type errors expect. The value itself is never echoed (it may be
@@ -243,13 +273,12 @@ _EXPECTED = {"bool_type": "true or false", "int_type": "a whole number",
              "float_type": "a number"}
 
 
-def _wrong_type(error: str, value: Any) -> str:
-    expected = _EXPECTED[error]
+def _wrong_type(expected: str, value: Any, yes_no: bool = False) -> str:
     if isinstance(value, bool):
-        return f"must be {expected}, not true or false"
+        return f"must be {expected}, not {str(value).lower()}"
     if isinstance(value, str):
         word = value.strip().lower()
-        if word in ("yes", "no", "on", "off", "y", "n", "true", "false"):
+        if yes_no and word in ("yes", "no", "on", "off", "y", "n", "true", "false"):
             why = " (YAML 1.2 reads yes, no, on, off and quoted words as text)"
         elif _INT.match(word) or _FLOAT.match(word):
             why = " (a quoted number is text)"

@@ -34,7 +34,7 @@ from herald.core.workspace import (
     cap_problems,
     misnamed_hint,
 )
-from herald.core.yamlio import Located, dotted, load_yaml
+from herald.core.yamlio import Located, dotted, load_yaml, readable_errors
 from herald.delivery.render import Templates, templates_for
 from herald.journeys.spec import (
     PAUSES,
@@ -115,27 +115,20 @@ def parse_definition(definition: str) -> JourneySpec:
 def _problems(exc: ValidationError, doc: Located) -> list[Problem]:
     """pydantic's errors as located Problems, without the step type pydantic inserts
     into the path of a step (``steps.warn.send.tiers`` is ``steps.warn.tiers``)."""
-    from herald.core.yamlio import _clean_loc
-
     out = []
-    for err in exc.errors(include_url=False, include_input=False):
-        loc = list(_clean_loc(err["loc"]))
+    for found, err, msg in readable_errors(exc):
+        loc = list(found)
         if len(loc) > 2 and loc[0] == "steps" and loc[2] in STEP_TYPES:
             del loc[2]
-        msg = err["msg"]
         kind = err["type"]
         if kind == "extra_forbidden":
             msg = f"unknown key '{loc[-1]}'"
             hint = _suggest(doc, loc)
             if hint:
                 msg += f" (did you mean '{hint}'?)"
-        elif kind == "missing":
-            msg = "required key is missing"
         elif kind in ("union_tag_not_found", "union_tag_invalid"):
             msg = f"type must be one of: {', '.join(STEP_TYPES)}"
             loc = [*loc, "type"] if loc[-1:] != ["type"] else loc
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
         out.append(Problem(msg, file=doc.file, line=doc.line_of(tuple(loc)),
                            field=dotted(loc) or None))
     return out

@@ -86,15 +86,15 @@ def test_values_of_the_wrong_yaml_type_are_not_coerced() -> None:
     assert sorted(problems(exc)) == [
         f"f.yaml:4 exempt: must be true or false, not text {words}",
         f"f.yaml:5 deduplicate: must be true or false, not text {words}",
-        "f.yaml:6 holdout: must be a number, not true or false",
+        "f.yaml:6 holdout: must be a number, not true",
         "f.yaml:7 priority: must be a whole number, not text (a quoted number is text)",
-        "f.yaml:8 chunk_size: must be a whole number, not true or false",
+        "f.yaml:8 chunk_size: must be a whole number, not true",
     ]
     with pytest.raises(ConfigError) as exc:
         validate(WorkspaceConfig, parse_yaml("chunk_size: true\nemail: "
                                              "{allow_special_use_domains: 1}\n", "h.yaml", {}))
     assert sorted(problems(exc)) == [
-        "h.yaml:1 chunk_size: must be a whole number, not true or false",
+        "h.yaml:1 chunk_size: must be a whole number, not true",
         "h.yaml:2 email.allow_special_use_domains: must be true or false, not a number"]
 
 
@@ -139,6 +139,29 @@ def test_an_in_memory_store_is_refused(store: str, runner: str) -> None:
                  "postgresql+psycopg://u@h/db"):
         config = validate(WorkspaceConfig, parse_yaml(f'store: "{kept}"\n', "h.yaml", {}))
         assert config.store == kept
+
+
+def test_quiet_hours_errors_are_one_line_each_and_name_no_class() -> None:
+    """``quiet_hours`` is a mapping or ``false``: a bad mapping is not also reported as
+    "Input should be False", and no message names a model class (QuietHours, FlowSpec)."""
+    base = ("name: promo\naudience: {source: crm, segment: people, key: id}\n"
+            "tiers: {default: {channels: [email]}}\n")
+
+    def found(text: str) -> list[str]:
+        with pytest.raises(ConfigError) as exc:
+            validate(FlowSpec, parse_yaml(text, "f.yaml", {}))
+        return problems(exc)
+
+    assert found(base + 'quiet_hours: {from: "25:00", to: "09:00"}\n') == [
+        "f.yaml:4 quiet_hours.from: a time of day like 21:00 or 9:30"]
+    assert found(base + "quiet_hours: true\n") == [
+        "f.yaml:4 quiet_hours: must be a mapping or false, not true"]
+    assert found(base.replace("[email]}", "[email], experiment: 3}")) == [
+        "f.yaml:3 tiers.default.experiment: must be a mapping or false, not a number"]
+    assert found("- promo\n") == ["f.yaml:1: must be a mapping, not a list"]
+    spec = validate(FlowSpec, parse_yaml(base + 'quiet_hours: {from: "21:00", to: 9:00}\n',
+                                         "f.yaml", {}))
+    assert spec.quiet_hours and spec.quiet_hours.describe() == "21:00-09:00"
 
 
 def test_flow_cross_references(make_workspace) -> None:
