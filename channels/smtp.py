@@ -25,7 +25,7 @@ from urllib.parse import quote
 import aiosmtplib
 from aiosmtplib.response import SMTPResponse
 from aiosmtplib.typing import Default
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, StrictBool, field_validator
 
 from herald.channels.base import Channel, ChannelSettings, Message, SendResult
 from herald.channels.mime import build_email
@@ -45,7 +45,7 @@ class SmtpSettings(ChannelSettings):
     sender: str
     reply_to: str | None = None
     timeout: float = Field(default=30.0, gt=0, le=3600)  # seconds, for each SMTP step
-    validate_certs: bool = True
+    validate_certs: StrictBool = True  # "off" or "no" is text, not false
     # e.g. "https://shop.example/unsubscribe?m={message_id}" or "mailto:unsub@shop.example"
     list_unsubscribe: str | None = None
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 import orjson
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, StrictBool, field_validator
 
 from herald.channels.base import ChannelContext, ChannelSettings, Message, SendResult
 from herald.channels.http import HttpChannel, HttpSettings, classify
@@ -51,7 +51,7 @@ class WebhookSettings(HttpSettings):
     headers: dict[str, str] = Field(default_factory=dict)
     concurrency: int = Field(default=32, ge=1, le=1000)
     # recipients' own URLs may point inside the network (loopback, 10/8, 169.254/16...)
-    allow_private_addresses: bool = False
+    allow_private_addresses: StrictBool = False  # "on" or "yes" is text, not true
 
     @field_validator("url")
     @classmethod

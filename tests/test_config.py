@@ -330,6 +330,26 @@ def test_unknown_channel_type_lists_installed(make_workspace) -> None:
                         "(did you mean 'port'?)")
 
 
+def test_a_channel_safety_switch_takes_true_or_false_only(make_workspace) -> None:
+    """``validate_certs: "off"`` and ``allow_private_addresses: on`` were read as booleans
+    by pydantic's lax mode: a typo could turn certificate checks or the private-address
+    guard off. A channel's other settings (ports from ``${VAR}``) stay as they were."""
+    with pytest.raises(ConfigError) as exc:
+        make_workspace({"config/herald.yaml": """\
+            sources: {crm: "sqlite:///crm.db"}
+            channels:
+              email: {type: smtp, host: mx.example.com, sender: "a@example.com",
+                      port: "2525", validate_certs: "off"}
+              hook: {type: webhook, kind: webhook, allow_private_addresses: on}
+            """})
+    words = "(YAML 1.2 reads yes, no, on, off and quoted words as text)"
+    assert problems(exc) == [
+        f"config/herald.yaml:4 channels.email.validate_certs: must be true or false, not "
+        f"text {words}",
+        f"config/herald.yaml:5 channels.hook.allow_private_addresses: must be true or "
+        f"false, not text {words}"]
+
+
 def test_missing_secret_env_var_is_named_not_printed(make_workspace, monkeypatch) -> None:
     """A channel's secret is required by what sends through it (check_flow: validate,
     run, serve), not by opening the workspace (report, suppress list)."""
