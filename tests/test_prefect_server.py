@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from aiosmtpd.controller import Controller
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import (
@@ -482,7 +484,9 @@ def test_alert_event_fires_the_documented_automation(make_workspace, server, bac
     README's automation turns it into a notification (here, a webhook on loopback)."""
     hook = HTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=hook.serve_forever, daemon=True).start()
-    try:
+    with ExitStack() as stack:
+        stack.callback(hook.server_close)
+        stack.callback(hook.shutdown)
         # The README's setup lines, as written, run from the repository (only the hook's
         # URL is this test's); they leave herald-alert.yaml in a scratch copy.
         readme = (REPO / "README.md").read_text()
@@ -500,12 +504,16 @@ def test_alert_event_fires_the_documented_automation(make_workspace, server, bac
         assert "<your-notification-block-id>" not in (scratch / "herald-alert.yaml"
                                                        ).read_text()
 
-        closed = free_port()  # nothing listens here: every email fails
+        # an SMTP server refusing every recipient: each e-mail fails for good, one by one
+        # (a server that does not answer stops the channel and fails the run instead)
+        smtp = Controller(_RefuseAll(), hostname="127.0.0.1", port=free_port())
+        smtp.start()
+        stack.callback(smtp.stop)
         ws = make_workspace({
             "config/herald.yaml": (
                 "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\n"
                 "channels:\n  email: {type: smtp, host: 127.0.0.1, port: "
-                f"{closed}, security: none, sender: shop@example.com, timeout: 2}}\n"
+                f"{smtp.port}, security: none, sender: shop@example.com, timeout: 2}}\n"
                 "  sms: {type: outbox, kind: sms}\nalerts: {failure_rate: 0.1}\n"),
             "config/flows/promo.yaml": PROMO_YAML.replace(
                 "default: {channels: [sms, email]}", "default: {channels: [email]}")},
@@ -525,9 +533,14 @@ def test_alert_event_fires_the_documented_automation(make_workspace, server, bac
         assert alert["payload"]["threshold"] == 0.1
         body = wait_for(lambda: _Hook.received, "the automation's notification", 60)[0]
         assert b"promo" in body and b"failure rate" in body
-    finally:
-        hook.shutdown()
-        hook.server_close()
+
+
+class _RefuseAll:
+    """An aiosmtpd handler that refuses every recipient (550: a hard bounce)."""
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: Any) -> str:
+        return "550 5.1.1 no such user"
 
 
 def test_deferred_recipients_are_sent_by_the_follow_up_run_herald_schedules(
