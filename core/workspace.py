@@ -120,14 +120,11 @@ class Workspace:
     def _load_flow(self, name: str) -> FlowSpec:
         rel = f"{FLOWS_DIR}/{name}.yaml"
         if not (self.root / rel).exists():  # a folder there is named by load_yaml
-            import difflib
-
-            close = difflib.get_close_matches(name, self.flow_names(), n=1, cutoff=0.6)
-            known = ", ".join(self.flow_names()) or "none"
+            known = self.flow_names()
             raise WorkspaceError(f"unknown flow '{name}': {rel} not found"
                                  + misnamed_hint(self.root / FLOWS_DIR, name)
-                                 + (f" (did you mean '{close[0]}'?)" if close else "")
-                                 + f" (flows: {known})")
+                                 + did_you_mean(name, known)
+                                 + f" (flows: {', '.join(known) or 'none'})")
         doc = load_yaml(self.root / rel, rel)
         spec = validate(FlowSpec, doc)
         self._flow_docs[name] = doc

@@ -25,6 +25,7 @@ from herald.core.errors import (
     Problem,
     ValidationFailed,
     WorkspaceError,
+    did_you_mean,
 )
 from herald.core.spec import AudienceSpec, FlowSpec
 from herald.core.workspace import (
@@ -176,9 +177,7 @@ def _check_refs(ws: Workspace, j: Loaded, name: str) -> list[Problem]:
                         add(f"unknown channel '{channel}' (configured in config/herald.yaml: "
                             f"{', '.join(ws.channels) or 'none'})",
                             "steps", step_name, "tiers", tier, "channels", i)
-    tiers = {t for step in spec.steps.values() if isinstance(step, SendStep)
-             for t in step.tiers}
-    return problems + cap_problems(spec.caps, j.doc, ws.channels, tiers=sorted(tiers),
+    return problems + cap_problems(spec.caps, j.doc, ws.channels, tiers=spec.tier_names(),
                                    tier_column=spec.entry.tier)
 
 
@@ -221,10 +220,9 @@ def graph_problems(j: Loaded) -> list[Problem]:
     edges = _edges(j)
     for _src, dst, loc in edges:
         if dst not in steps:
-            close = difflib.get_close_matches(dst, list(steps), n=1)
             problems.append(Problem(
-                f"unknown step '{dst}'" + (f" (did you mean '{close[0]}'?)" if close else
-                                            f" (steps: {', '.join(steps)})"),
+                f"unknown step '{dst}'" + (did_you_mean(dst, steps)
+                                           or f" (steps: {', '.join(steps)})"),
                 file=j.file, line=j.line(*loc), field=dotted(loc)))
     following: dict[str, list[str]] = {n: [] for n in steps}
     for src, dst, _ in edges:

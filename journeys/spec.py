@@ -342,6 +342,11 @@ class JourneySpec(Strict):
         """The ledger's flow column for this journey's sends."""
         return f"journey:{self.name}"
 
+    def tier_names(self) -> list[str]:
+        """The tier entries of its send steps, sorted."""
+        return sorted({t for step in self.steps.values() if isinstance(step, SendStep)
+                       for t in step.tiers})
+
     def checks_every_tick(self) -> bool:
         """Whether waiting enrollments must be looked at on every tick, not only when due."""
         return bool(self.exit_when or (self.goal and self.goal.exit) or self.max_duration

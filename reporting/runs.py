@@ -3,16 +3,15 @@ held out, and sends over time."""
 
 from __future__ import annotations
 
-import difflib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, case, func, select
 
-from herald.core.errors import HeraldError
+from herald.core.errors import HeraldError, did_you_mean
 from herald.core.workspace import Workspace
 from herald.delivery import ledger, ledger_reads, run_records
 from herald.reporting.conversions import _START, CONTACTED, HELD_OUT, utc
@@ -40,12 +39,6 @@ def find_run(ws: Workspace, run: str | None, dry_runs: bool = False) -> Any:
             *(r.id for r in run_records.list_runs(ws.store, 200))]))
     raise HeraldError("no runs yet" if dry_runs else "no real runs yet (--dry-runs to "
                       "report dry runs)")
-
-
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """`` (did you mean 'winback'?)`` when a choice is close to ``word``, else ''."""
-    close = difflib.get_close_matches(word, list(dict.fromkeys(choices)), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def run_report(ws: Workspace, row: Any) -> dict[str, Any]:

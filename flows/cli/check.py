@@ -53,7 +53,7 @@ def validate(flows: Annotated[list[str] | None, typer.Argument(help="Flows (defa
             err.print(f"[red]✗[/] journey {name}")
             continue
         spec = jc.loaded.spec
-        tiers.update(t for step in spec.steps.values() for t in getattr(step, "tiers", ()))
+        tiers.update(spec.tier_names())
         out.print(f"[green]✓[/] journey {name}: entry {jc.segment.file} "
                   f"({len(jc.columns)} columns), {len(spec.steps)} steps, "
                   f"{jc.templates} templates"
