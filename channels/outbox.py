@@ -28,6 +28,7 @@ from herald.channels.base import (
     SendResult,
 )
 from herald.core import clock
+from herald.core.files import file_in_the_way
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.@+-]")
 
@@ -139,8 +140,7 @@ class OutboxChannel(Channel):
             return p.relative_to(root) if p.is_relative_to(root) else p
 
         why = exc.strerror or type(exc).__name__
-        blocking = next((p for p in reversed(path.parents)
-                         if p.exists() and not p.is_dir()), None)
+        blocking = file_in_the_way(path)
         if blocking is not None:
             why = f"{shown(blocking)} is a file, not a folder"
         return SendResult.fatal("outbox_unwritable", f"cannot write {shown(path)}: {why}")

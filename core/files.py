@@ -41,6 +41,12 @@ def check_readable(path: Path, display: str) -> None:
         raise UnreadableFile(display, unreadable_reason(path, exc)) from None
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The first of ``path``'s folders that is a file instead (``.herald/outbox`` made a
+    file), which is why nothing can be written there; None when there is none."""
+    return next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
+
+
 def unreadable_reason(path: Path, exc: OSError) -> str:
     """Why ``path`` could not be read, in the words of an error message."""
     if isinstance(exc, IsADirectoryError) or path.is_dir():

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from herald.core.errors import HeraldError
+from herald.core.files import file_in_the_way
 from herald.core.spec import Scalar
 from herald.core.workspace import Workspace
 
@@ -141,11 +142,17 @@ def writing_output(option: str, path: Path) -> Iterator[None]:
         why = exc.strerror or type(exc).__name__
         if exc.filename and str(exc.filename) != str(path):
             why = f"{exc.filename}: {why}"
-        blocking = next((p for p in reversed(path.parents)
-                         if p.exists() and not p.is_dir()), None)
+        blocking = file_in_the_way(path)
         if blocking is not None:  # mkdir says "File exists", open "Not a directory"
             why = f"{blocking} is a file, not a folder"
         raise HeraldError(f"{option} {path}: cannot write: {why}") from None
+
+
+def write_page(option: str, path: Path, text: str) -> None:
+    """Write a report page (its folders made), or say in one line why it cannot be."""
+    with writing_output(option, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
 
 
 def mask(value: str) -> str:
@@ -191,6 +198,17 @@ class _HeraldOnly(logging.Filter):
                     or getattr(record, "ui_only", False))
 
 
+def prefect_console_handlers() -> set[logging.StreamHandler[Any]]:
+    """Prefect's console handlers, on whichever loggers its logging setup put them (the
+    root, Prefect's, and Herald's through PREFECT_LOGGING_EXTRA_LOGGERS)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(logging.getLogger(name)
+                                      for name in list(logging.Logger.manager.loggerDict))]
+    return {h for logger in loggers for h in logger.handlers
+            if isinstance(h, PrefectConsoleHandler)}
+
+
 def prefect_console(verbose: bool) -> None:
     """Without ``verbose``, Prefect's console handlers (set up when Prefect is imported)
     print Herald's records only: Prefect's own lines (task states, the temporary server,
@@ -201,14 +219,9 @@ def prefect_console(verbose: bool) -> None:
     still printed. All of them reach the Prefect API and UI, through other handlers.
     With ``verbose``, everything is printed."""
     import prefect
-    from prefect.logging.handlers import PrefectConsoleHandler
 
     prefect_code = os.path.dirname(prefect.__file__) + os.sep
-
-    loggers = [logging.getLogger(), *(logging.getLogger(name)
-                                      for name in list(logging.Logger.manager.loggerDict))]
-    for handler in {h for logger in loggers for h in logger.handlers
-                    if isinstance(h, PrefectConsoleHandler)}:
+    for handler in prefect_console_handlers():
         for found in [f for f in handler.filters if isinstance(f, _HeraldOnly)]:
             handler.removeFilter(found)
         if not verbose:

@@ -20,7 +20,7 @@ from herald.flows.cli.common import (
     prefect_env,
     print_json,
     set_now,
-    writing_output,
+    write_page,
 )
 
 
@@ -127,9 +127,7 @@ def journey_report(name: str, workspace: WorkspaceOpt = None,
         if to is not None and to.is_dir():
             page = to / f"{name}.html"
         text = journey_html.render(data, journey_state(ws, name))
-        with writing_output("--to" if to else "the HTML report", page):
-            page.parent.mkdir(parents=True, exist_ok=True)
-            page.write_text(text, encoding="utf-8")
+        write_page("--to" if to else "the HTML report", page, text)
         err.print(f"HTML report: {page}")
     if as_json:
         print_json(data)

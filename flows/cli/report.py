@@ -20,7 +20,7 @@ from herald.flows.cli.common import (
     print_json,
     print_summary,
     set_now,
-    writing_output,
+    write_page,
 )
 from herald.reporting.text import interval, pp
 
@@ -88,9 +88,7 @@ def report(run_id: Annotated[str | None, typer.Argument(
         _with_package_params(ws, data)
         page = render(data, conversion, runs.timeline(ws, row.flow, row.run_key),
                       _tier_messages(ws, row.flow), ws.config.currency, tested)
-        with writing_output("--to" if to else "the HTML report", path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(page, encoding="utf-8")
+        write_page("--to" if to else "the HTML report", path, page)
     if as_json:
         print_json({**data, **({"html": str(path)} if path else {})})
         return
