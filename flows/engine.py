@@ -216,7 +216,7 @@ def check_channels(ws: Workspace, prepared: Prepared) -> None:
 
 def _cause(reason: str) -> str:
     """A stopped channel's reason without the words that say it stopped."""
-    for prefix in ("fatal: ", "channel stopped: ", "not sent: the channel stopped: "):
+    for prefix in ("fatal: ", "channel stopped: "):
         reason = reason.removeprefix(prefix)
     return reason
 
