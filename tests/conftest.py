@@ -3,7 +3,6 @@ Postgres databases made per test, and one Prefect test harness per session."""
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import textwrap
@@ -96,17 +95,13 @@ def _prefect_console_follows_stderr() -> Iterator[None]:
     yield
     if "prefect.logging.handlers" not in sys.modules:
         return
-    from prefect.logging.handlers import PrefectConsoleHandler
+    from herald.flows.cli.common import prefect_console_handlers
 
-    loggers = [logging.getLogger(), *(logging.getLogger(name)
-                                      for name in list(logging.Logger.manager.loggerDict))]
-    for logger in loggers:
-        for handler in logger.handlers:
-            if isinstance(handler, PrefectConsoleHandler) and not isinstance(
-                    handler.stream, _CurrentStderr):
-                # not setStream: it flushes the old stream, already closed
-                handler.stream = _CurrentStderr()  # type: ignore[assignment]
-                handler.console.file = handler.stream  # type: ignore[assignment]
+    for handler in prefect_console_handlers():
+        if not isinstance(handler.stream, _CurrentStderr):
+            # not setStream: it flushes the old stream, already closed
+            handler.stream = _CurrentStderr()  # type: ignore[assignment]
+            handler.console.file = handler.stream  # type: ignore[attr-defined]
 
 
 @pytest.fixture(params=list(MOMENTS.values()), ids=list(MOMENTS))

@@ -415,10 +415,7 @@ def test_a_flow_file_without_read_permission_is_named(make_workspace) -> None:
     assert problems(exc) == ["config/flows/promo.yaml: cannot read: permission denied"]
 
 
-def test_a_source_database_that_cannot_be_read_is_named_not_the_sql(
-        make_workspace, monkeypatch) -> None:
-    ws = make_workspace()
-    db = ws.root / "crm.db"
+def _refuse_to_open(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_open = Path.open
 
     def refuse(path: Path, *args: Any, **kwargs: Any) -> Any:
@@ -427,21 +424,25 @@ def test_a_source_database_that_cannot_be_read_is_named_not_the_sql(
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(Path, "open", refuse)
-    with pytest.raises(ValidationFailed) as exc:
-        check_flow(Workspace.open(ws.root), "promo")
-    assert problems(exc) == [f"config/herald.yaml:3 sources.crm: sqlite:///{db}: cannot "
-                             "read: permission denied"]
 
 
-def test_a_source_database_that_is_a_folder_is_named(make_workspace) -> None:
-    ws = make_workspace()
-    db = ws.root / "crm.db"
+def _folder_instead(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     db.unlink()
     db.mkdir()
+
+
+@pytest.mark.parametrize(("spoil", "reason"), [
+    (_refuse_to_open, "cannot read: permission denied"),
+    (_folder_instead, "is a folder, not a file"),
+], ids=["unreadable", "a folder"])
+def test_a_source_database_that_cannot_be_read_is_named_not_the_sql(
+        make_workspace, monkeypatch, spoil, reason) -> None:
+    ws = make_workspace()
+    db = ws.root / "crm.db"
+    spoil(db, monkeypatch)
     with pytest.raises(ValidationFailed) as exc:
         check_flow(Workspace.open(ws.root), "promo")
-    assert problems(exc) == [f"config/herald.yaml:3 sources.crm: sqlite:///{db}: is a "
-                             "folder, not a file"]
+    assert problems(exc) == [f"config/herald.yaml:3 sources.crm: sqlite:///{db}: {reason}"]
 
 
 def test_a_byte_order_mark_before_yaml_is_ignored(make_workspace) -> None:
