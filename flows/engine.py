@@ -24,8 +24,11 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from sqlalchemy.exc import DBAPIError
+
 from herald.audiences import builder, store
 from herald.core import clock
+from herald.core.db import describe_failure
 from herald.core.errors import HeraldError, Problem, RunError, ValidationFailed
 from herald.core.spec import Scalar, TaskRunnerSpec
 from herald.core.workspace import Workspace
@@ -122,14 +125,25 @@ def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None =
             from herald.flows.experiments import advance
 
             advance(ws, flow, key, clock.now())
-    except HeraldError as exc:
-        run_records.finish_run(ws.store, run_id, "failed", None, str(exc))
+    except BaseException as exc:  # the run is recorded as failed, whatever stopped it
+        run_records.finish_run(ws.store, run_id, "failed", None, _build_failure(exc))
         raise
     size = ws.chunk_size(flow)
     chunks = [ChunkJob(str(ws.root), flow.name, run_id, key, package.id, i, start,
                        min(start + size, package.size), dry_run, clock.current())
               for i, start in enumerate(range(0, package.size, size))]
     return Prepared(run_id, flow.name, key, dry_run, package, chunks, checked.templates)
+
+
+def _build_failure(exc: BaseException) -> str:
+    """Why a run failed before sending, for its record."""
+    if isinstance(exc, HeraldError):
+        return str(exc)
+    if isinstance(exc, DBAPIError):
+        return describe_failure(exc)
+    if not isinstance(exc, Exception):  # a signal (Prefect's handler or Ctrl-C)
+        return "stopped by a signal while the audience was built: nothing was sent"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def tidy(ws: Workspace) -> None:
@@ -222,16 +236,22 @@ def _cause(reason: str) -> str:
 
 
 _signal_depth = [0]
+_sending = [False]  # a use with ``sending`` began since the outermost was entered
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[None]:
+def stop_on_signals(sending: bool = True) -> Iterator[None]:
     """While running: SIGTERM or Ctrl-C (SIGINT) stops handing batches to providers at
     once; batches in flight finish and are recorded; the run then fails saying how to
     resume. A second signal stops at once (as without this). Used by ``herald run`` and,
     in the main thread, around the campaign flow's sending (Prefect installs its own
     SIGTERM handler for a flow run; this one takes over while chunks are sent). Nested
-    uses share one stop request. Outside the main thread it does nothing."""
+    uses share one stop request. Outside the main thread it does nothing.
+
+    ``sending=False`` (``herald run``, around the whole command): until a nested use with
+    ``sending`` begins, nothing has been handed to a provider, and a signal stops at once
+    (KeyboardInterrupt) instead of waiting for Prefect's temporary server to start and
+    the audience to be built; see ``began_sending``."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -239,7 +259,7 @@ def stop_on_signals() -> Iterator[None]:
 
     def handler(signum: int, frame: Any) -> None:
         sig = signal.Signals(signum)
-        if stop_requested():
+        if stop_requested() or not _sending[0]:
             signal.signal(sig, previous[sig])
             raise KeyboardInterrupt(sig.name)
         log.warning("%s: no new batches; finishing the ones in flight (again to stop "
@@ -248,7 +268,9 @@ def stop_on_signals() -> Iterator[None]:
 
     if not _signal_depth[0]:
         clear_stop()
+        _sending[0] = False
     _signal_depth[0] += 1
+    _sending[0] = _sending[0] or sending
     for sig in previous:
         signal.signal(sig, handler)
     try:
@@ -259,6 +281,11 @@ def stop_on_signals() -> Iterator[None]:
         _signal_depth[0] -= 1
         if not _signal_depth[0]:
             clear_stop()
+
+
+def began_sending() -> bool:
+    """Whether the chunks of the run under ``stop_on_signals`` began (see there)."""
+    return _sending[0]
 
 
 def fail(ws: Workspace, run_id: str, error: BaseException) -> None:

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -1608,6 +1609,64 @@ def test_sigterm_to_herald_run_under_prefect(make_workspace, catalogue) -> None:
               f"exit 1 in {took:.1f} s after {before} messages, the error line naming "
               "`herald run promo --run-key term`; no row left `sending`; the rerun sent the "
               "rest once each", messages=600, lost=lost, duplicated=duplicated)
+
+
+@pytest.mark.prefect
+def test_sigterm_to_herald_run_before_sending(make_workspace, catalogue) -> None:
+    """A signal before any chunk began (Prefect's temporary server starting, the audience
+    being built) ends `herald run` without waiting for the rest of the start: nothing
+    was reserved or sent, the run is recorded failed, and the rerun sends to each once."""
+    # a segment that takes a few seconds (a recursive count) keeps the run in its build
+    slow = ("WITH RECURSIVE burn(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM burn "
+            "WHERE x < 3000000)\nSELECT id, name, email, phone, tier, locale, score\n"
+            "FROM people WHERE score >= :min_score AND (SELECT count(*) FROM burn) > 0")
+    ws = make_workspace({"audiences/people.sql": slow}, rows=200)
+    herald = Path(sys.executable).parent / "herald"
+    proc = subprocess.Popen([str(herald), "run", "promo", "--run-key", "early", "-w",
+                             str(ws.root)], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    database = ws.root / ".herald" / "herald.db"
+
+    def recorded() -> list[tuple[str, str | None]]:
+        if not database.exists():
+            return []
+        try:
+            with closing(sqlite3.connect(database, timeout=5)) as conn:
+                return conn.execute("SELECT status, error FROM herald_runs WHERE "
+                                    "run_key = 'early'").fetchall()
+        except sqlite3.OperationalError:  # the schema not made yet
+            return []
+
+    deadline = time.monotonic() + 120
+    while not recorded() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    took = time.monotonic() - signalled
+    said = " ".join(err.split())
+    assert proc.returncode == 1, (proc.returncode, err[-800:])
+    assert "stopped by SIGTERM before sending: nothing was sent" in said, err[-800:]
+    assert "herald run promo --run-key early" in said, err[-800:]
+    assert recorded() == [("failed", "stopped by a signal while the audience was built: "
+                                     "nothing was sent")]
+    assert outbox_messages(ws) == 0 and _ledger(ws, "early") == {}
+    chunks.forget_workspace(ws.root)
+    from herald.core.workspace import Workspace
+
+    ws2 = Workspace.open(ws.root)
+    chunks.adopt_workspace(ws2)
+    engine.run_local(ws2, "promo", run_key="early")  # what the error line says to run
+    ledger = _ledger(ws2, "early")
+    lost, duplicated = _account(ledger, outbox_recipients(ws2),
+                                [str(i) for i in range(1, 201)])
+    assert lost == 0 and duplicated == 0 and len(ledger) == 200
+    ws2.dispose()
+    catalogue("fault", "SIGTERM to `herald run` before sending (its audience being built)",
+              f"exit 1 {took:.1f} s after it (the segment's statement ends first), saying "
+              "nothing was sent and how to run it again; the run recorded failed with that "
+              "reason; the rerun sent to each once", messages=200, lost=lost,
+              duplicated=duplicated)
 
 
 def test_process_killed_during_the_audience_build(make_workspace, catalogue) -> None:

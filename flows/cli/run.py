@@ -93,12 +93,12 @@ def run(flow: str, param: ParamOpt = None,
     from herald.flows import campaign
     prefect_console(verbose)
     from herald.flows.cli.live import LiveReport
-    from herald.flows.engine import stop_on_signals
+    from herald.flows.engine import began_sending, stop_on_signals
     from herald.flows.progress import watching
 
     watcher = LiveReport(err)
     try:
-        with stop_on_signals():
+        with stop_on_signals(sending=False):
             if as_json or verbose:
                 summary = campaign.run(ws, flow, params, run_key, dry_run, runner,
                                        resend_render_errors)
@@ -108,6 +108,12 @@ def run(flow: str, param: ParamOpt = None,
                                            resend_render_errors)
     except (HeraldError, DBAPIError):
         raise  # the CLI names the file or the database in one line
+    except KeyboardInterrupt as exc:
+        if began_sending():
+            raise  # a second signal while sending: stopped at once
+        again = f"herald run {flow}" + (f" --run-key {run_key}" if run_key else "")
+        raise RunError(f"stopped by {exc or 'Ctrl-C'} before sending: nothing was sent; "
+                       f"to send, run it again: {again}") from None
     except Exception as exc:  # reported in one line; --debug shows the traceback
         if state.debug:
             raise
