@@ -68,6 +68,9 @@ class ReEntry(Strict):
 def _re_entry(value: Any) -> Any:
     if value in ("never", None):
         return {"max": 1}
+    if not isinstance(value, dict):  # another word, a number: say what is accepted
+        raise ValueError(f"{value!r} is not accepted: never (the default), "
+                         "{cooldown: 30d}, {max: 3} or both")
     return value
 
 

@@ -429,6 +429,18 @@ def test_validation_names_file_line_and_field(make_workspace, catalogue):
               "every problem named with file, line and field before any tick runs")
 
 
+
+@pytest.mark.parametrize("value", ["sometimes", "3", "[never]"])
+def test_re_entry_other_than_never_or_a_mapping_says_what_is_accepted(make_workspace, value):
+    ws = make_workspace({**JOURNEY_FILES, "config/journeys/broken.yaml": BROKEN.replace(
+        "timeout: zz", "timeout: orphan").replace("next: a}]", "next: c}]").replace(
+        "steps:", f"re_entry: {value}\nsteps:")}, folder="ws")
+    with pytest.raises(ConfigError) as caught:
+        load.load(ws, "broken")
+    assert ("config/journeys/broken.yaml:3 re_entry: " in str(caught.value)
+            and "is not accepted: never (the default), {cooldown: 30d}, {max: 3} or both"
+            in str(caught.value)), str(caught.value)
+
 def test_cli_tick_status_show_and_validate(journey_ws, capsys):
     from herald.flows.cli import main
 
