@@ -72,7 +72,9 @@ class Workspace:
         if driver:
             problems.append(Problem(driver, file=doc.file, line=doc.line_of(("store",)),
                                     field="store"))
-        problems += cap_problems(config.caps, doc, channels, flows=[
+        # every channel the YAML names: one whose settings are wrong is reported as such,
+        # not again as unknown in each cap that names it
+        problems += cap_problems(config.caps, doc, list(config.channels), flows=[
             *_stems(path / FLOWS_DIR), *(f"journey:{j}" for j in _stems(path / JOURNEYS_DIR))])
         if config.writeback and config.writeback.source not in config.sources:
             problems.append(Problem(

@@ -330,6 +330,17 @@ def test_unknown_channel_type_lists_installed(make_workspace) -> None:
                         "(did you mean 'port'?)")
 
 
+
+def test_a_channel_with_wrong_settings_is_reported_once(make_workspace) -> None:
+    """A cap naming a channel whose settings are wrong: the settings are the problem, not
+    the cap (it read `unknown channel` as well)."""
+    with pytest.raises(ConfigError) as exc:
+        make_workspace({"config/herald.yaml": HERALD_YAML.replace(
+            "sms: {type: outbox, kind: sms}", "sms: {type: outbox, kind: sms, batch_size: -1}"
+        ).replace("caps: []", "caps:\n  - {channel: sms, max: 1, per: 1d}")})
+    assert problems(exc) == [
+        "config/herald.yaml:7 channels.sms.batch_size: Input should be greater than 0"]
+
 def test_a_channel_safety_switch_takes_true_or_false_only(make_workspace) -> None:
     """``validate_certs: "off"`` and ``allow_private_addresses: on`` were read as booleans
     by pydantic's lax mode: a typo could turn certificate checks or the private-address
