@@ -115,6 +115,24 @@ def test_validate_syntax_error_and_missing_required_part(make_workspace) -> None
             "templates/promo/default.email.subject.j2") in text
 
 
+
+@pytest.mark.parametrize(("source", "said"), [
+    ("Hi {{ name | shout }}\n", "No filter named 'shout'"),
+    ("Hi\n{% if score > 1 %}{{ name | shout }}{% endif %}\n", "No filter named 'shout'"),
+    ("Hi\n{% if name is shouted %}!{% endif %}\n", "No test named 'shouted'"),
+], ids=["filter", "filter in an if", "test"])
+def test_validate_names_an_unknown_filter_or_test(make_workspace, source, said) -> None:
+    """One problem with its line, no traceback (the check of the variables a template
+    uses made Jinja raise on the first), and also inside an `if`, where Jinja refuses
+    them only when the branch renders (a render error per recipient)."""
+    ws = make_workspace({"templates/promo/default.sms.txt.j2": source})
+    with pytest.raises(ValidationFailed) as exc:
+        check_flow(ws, "promo")
+    (problem,) = exc.value.problems
+    assert (problem.file, problem.line) == ("templates/promo/default.sms.txt.j2",
+                                            1 if source.startswith("Hi {{") else 2)
+    assert problem.message == f"syntax error: {said}."
+
 def test_validate_checks_columns_the_flow_needs(make_workspace) -> None:
     ws = make_workspace({"audiences/people.sql":
                          "SELECT id, name, email, tier, locale, score FROM people "
