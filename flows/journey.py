@@ -45,7 +45,8 @@ def advance_chunk(job: ChunkJob) -> ChunkResult:
       validate_parameters=False)
 def journey(workspace: str, journey_name: str, now: str | None = None,
             enter: bool = True) -> dict[str, Any]:
-    """One tick: enter, claim chunks, move everyone who can move, report."""
+    """One tick: enter, claim chunks, move everyone who can move, report; fails after
+    that when a channel stopped (``engine.check``)."""
     with clock.using(clock.Clock(clock.parse(now)) if now else None), untagged_tasks():
         logger = get_run_logger()
         ws = workspace_at(workspace)
@@ -55,24 +56,31 @@ def journey(workspace: str, journey_name: str, now: str | None = None,
                     len(prepared.chunks))
         with workers.chunk_runner(ws.config.task_runner, prepared.tick, engine.run_chunk):
             results = list(_advance_all(prepared.chunks, ws.config.max_workers))
-        summary = engine.finish(ws, prepared, results)
-        state = report.status(ws, journey_name)
-        create_table_artifact(
-            key=artifact_key(f"journey-{journey_name}", "funnel"),
-            description=f"Where everyone is in {journey_name} after {prepared.tick}",
-            table=[{"step": step, "active": n["active"], "waiting": n["waiting"],
-                    "moved this tick": sum(summary["steps"].get(step, {}).values())}
-                   for step, n in state["at_step"].items()]
-            + [{"step": "completed", "active": state["completed"], "waiting": 0,
-                "moved this tick": 0}]
-            + [{"step": f"exited: {reason}", "active": n, "waiting": 0,
-                "moved this tick": summary["exits"].get(reason, 0)}
-               for reason, n in state["exited"].items()])
-        logger.info("journey %s tick %s: %d looked at, moves %s, exits %s", journey_name,
-                    prepared.tick, summary["claimed"],
-                    {s: sum(o.values()) for s, o in summary["steps"].items()},
-                    summary["exits"])
+            summary = engine.finish(ws, prepared, results)
+            _funnel(ws, prepared, summary)
+            logger.info("journey %s tick %s: %d looked at, moves %s, exits %s",
+                        journey_name, prepared.tick, summary["claimed"],
+                        {s: sum(o.values()) for s, o in summary["steps"].items()},
+                        summary["exits"])
+            engine.check(prepared, results)  # a channel stopped: the run fails
         return summary
+
+
+def _funnel(ws: Workspace, prepared: engine.Prepared, summary: dict[str, Any]) -> None:
+    """The artifact of where everyone is after the tick."""
+    name = prepared.journey
+    state = report.status(ws, name)
+    create_table_artifact(
+        key=artifact_key(f"journey-{name}", "funnel"),
+        description=f"Where everyone is in {name} after {prepared.tick}",
+        table=[{"step": step, "active": n["active"], "waiting": n["waiting"],
+                "moved this tick": sum(summary["steps"].get(step, {}).values())}
+               for step, n in state["at_step"].items()]
+        + [{"step": "completed", "active": state["completed"], "waiting": 0,
+            "moved this tick": 0}]
+        + [{"step": f"exited: {reason}", "active": n, "waiting": 0,
+            "moved this tick": summary["exits"].get(reason, 0)}
+           for reason, n in state["exited"].items()])
 
 
 def _advance_all(chunks: list[ChunkJob], workers: int

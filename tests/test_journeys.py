@@ -33,7 +33,9 @@ from .helpers import (
     crm_event,
     crm_events,
     enrollment_rows,
+    hooked_workspace,
     journey_tick,
+    ledger_rows,
 )
 
 
@@ -241,6 +243,102 @@ def test_a_tick_killed_mid_send_then_a_tick_loses_and_repeats_nothing(make_works
               f"moved everyone on; {len(unknown)} caught in flight stay `sending` (never "
               "resent blindly)", messages=len([k for k in main if k in expected]),
               lost=lost, duplicated=duplicated)
+
+
+# -- a send that did not go out ----------------------------------------------------------
+def _hooked(ws: Workspace) -> dict[str, tuple[str, str | None]]:
+    """{recipient: (status, reason)} of the journey's ledger."""
+    return ledger_rows(ws, "status", "reason", where="flow = 'journey:hooked'")
+
+
+WITH_ADDRESS = [str(i) for i in range(1, 21) if i % 7]
+
+
+def test_a_refused_credential_keeps_the_unsent_at_their_step_until_a_tick_sends_them(
+        make_workspace, peer, store_url, capsys, catalogue):
+    from herald.core.errors import RunError
+    from herald.flows.cli import main
+
+    ws = hooked_workspace(make_workspace, peer, store_url)
+    for key in map(str, range(4, 21)):  # a wrong key from the 4th request on
+        peer.script(key, *[("status", 401)] * 3)
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)), \
+            pytest.raises(RunError) as failed:
+        journey_tick(ws, "hooked")
+    rows = _hooked(ws)
+    sent = sorted(k for k, (status, _) in rows.items() if status == "sent")
+    kept = sorted(k for k, (status, _) in rows.items() if status == "queued")
+    assert sent and kept and sorted(sent + kept, key=int) == WITH_ADDRESS
+    assert all(str(rows[k][1]).startswith("fatal: ") for k in kept)
+    assert len(peer.requests) == len(sent) + 1  # nothing went out after the refusal
+    assert str(failed.value) == (
+        f"journey hooked: channel hook stopped (HTTP 401 Unauthorized: the endpoint "
+        f"refused the channel's credentials): {len(kept)} message(s) not sent; their "
+        "recipients wait at their send step. Fix it, then tick again to send them: "
+        "herald journey tick hooked")
+    enrolled = enrollment_rows(ws, "hooked")
+    assert all(r.lease_owner is None for r in enrolled.values())
+    for key, row in enrolled.items():
+        if key in kept:  # the step is not done: due again, no visit logged
+            assert (row.step, row.status, row.seq) == ("hello", "waiting", 0)
+            assert row.due_at.replace(tzinfo=None) == JOURNEY_START.replace(tzinfo=None)
+        else:  # sent, or no address: moved on as before
+            assert (row.step, row.status) == ("later", "waiting")
+    state = report.status(ws, "hooked")
+    assert state["at_step"]["hello"] == {"active": 0, "waiting": len(kept)}
+    results = report.report(ws, "hooked")
+    assert results["steps"]["hello"]["visited"] == len(sent) + 2  # 2 without an address
+    assert results["steps"]["hello"]["outcomes"] == {"sent": len(sent), "no_address": 2}
+    assert results["steps"]["hello"]["messages"]["queued"] == len(kept)
+    assert report.show(ws, "hooked", kept[0])["enrollments"][0]["path"] == []
+
+    # An hour later, still refused: the tick tries once more and fails again (exit 1).
+    later = (JOURNEY_START + timedelta(hours=1)).isoformat()
+    root = str(ws.root)
+    with pytest.raises(SystemExit) as done:
+        main(["-w", root, "--now", later, "journey", "tick", "hooked"])
+    err = capsys.readouterr().err
+    assert done.value.code == 1 and "channel hook stopped (HTTP 401" in err, err
+    assert f"{len(kept)} message(s) not sent" in err and "herald journey tick hooked" in err
+    assert len(peer.requests) == len(sent) + 2
+
+    peer.scripts.clear()  # the credentials fixed
+    with clock.using(clock.Clock(JOURNEY_START + timedelta(hours=2), frozen=True)):
+        fixed = journey_tick(ws, "hooked")
+    assert fixed["steps"] == {"hello": {"sent": len(kept)}}
+    rows = _hooked(ws)
+    assert sorted(k for k, (status, _) in rows.items() if status == "sent") == sorted(
+        WITH_ADDRESS)
+    delivered = peer.delivered()
+    assert sorted(delivered, key=int) == WITH_ADDRESS and set(delivered.values()) == {1}
+    enrolled = enrollment_rows(ws, "hooked")
+    assert {(r.step, r.status) for r in enrolled.values()} == {("later", "waiting")}
+    path = report.show(ws, "hooked", kept[0])["enrollments"][0]["path"]
+    assert [(p["step"], p["outcome"]) for p in path] == [("hello", "sent")]
+    duplicated = sum(1 for n in delivered.values() if n > 1)
+    catalogue("fault", "journey send: webhook 401, credentials refused (the channel stops) "
+              f"({'Postgres' if store_url else 'SQLite'})",
+              f"the tick fails naming the channel and its answer (exit 1); the {len(kept)} "
+              "not sent stay queued and their recipients at the step; after the fix the "
+              "next tick sends them once each and moves them on", messages=len(WITH_ADDRESS),
+              lost=len(WITH_ADDRESS) - len(delivered), duplicated=duplicated)
+
+
+def test_a_recipient_the_provider_refuses_fails_and_moves_on(make_workspace, peer,
+                                                             store_url):
+    ws = hooked_workspace(make_workspace, peer, store_url)
+    peer.script("3", ("status", 400))  # refused for this recipient only: not fatal
+    peer.script("9", ("status", 410))  # gone: failed, and the address suppressed
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        summary = journey_tick(ws, "hooked")
+    assert summary["steps"] == {"hello": {"sent": 16, "failed": 2, "no_address": 2}}
+    rows = _hooked(ws)
+    assert rows["3"][0] == rows["9"][0] == "failed"
+    assert str(rows["3"][1]).startswith("permanent: HTTP 400")
+    enrolled = enrollment_rows(ws, "hooked")
+    assert {(r.step, r.status) for r in enrolled.values()} == {("later", "waiting")}
+    path = report.show(ws, "hooked", "3")["enrollments"][0]["path"]
+    assert [(p["step"], p["outcome"]) for p in path] == [("hello", "failed")]
 
 
 RE_ENTRY = """name: again

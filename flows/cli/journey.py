@@ -32,7 +32,10 @@ def journey_tick(name: str, workspace: WorkspaceOpt = None, now: NowOpt = None,
                  enter: Annotated[bool, typer.Option(
                      "--enter/--no-enter", help="Run the entry segment first")] = True,
                  ) -> None:
-    """Enter new recipients, then move everyone who can move now (one tick)."""
+    """Enter new recipients, then move everyone who can move now (one tick).
+
+    Exits 1 when a channel stopped (a fatal answer): whoever was not sent on it waits at
+    their send step for the next tick."""
     set_now(now)
     ws = open_workspace(workspace)
     if prefect:
