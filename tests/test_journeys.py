@@ -258,6 +258,7 @@ def test_a_refused_credential_keeps_the_unsent_at_their_step_until_a_tick_sends_
         make_workspace, peer, store_url, capsys, catalogue):
     from herald.core.errors import RunError
     from herald.flows.cli import main
+    from herald.journeys import html
 
     ws = hooked_workspace(make_workspace, peer, store_url)
     for key in map(str, range(4, 21)):  # a wrong key from the 4th request on
@@ -285,12 +286,17 @@ def test_a_refused_credential_keeps_the_unsent_at_their_step_until_a_tick_sends_
         else:  # sent, or no address: moved on as before
             assert (row.step, row.status) == ("later", "waiting")
     state = report.status(ws, "hooked")
+    assert state["queued"] == {"hello": len(kept)}
     assert state["at_step"]["hello"] == {"active": 0, "waiting": len(kept)}
     results = report.report(ws, "hooked")
+    assert results["queued"] == {"hello": len(kept)}
     assert results["steps"]["hello"]["visited"] == len(sent) + 2  # 2 without an address
     assert results["steps"]["hello"]["outcomes"] == {"sent": len(sent), "no_address": 2}
     assert results["steps"]["hello"]["messages"]["queued"] == len(kept)
-    assert report.show(ws, "hooked", kept[0])["enrollments"][0]["path"] == []
+    assert f"message queued, not sent: hello {len(kept)}" in html.render(results, state)
+    shown = report.show(ws, "hooked", kept[0])["enrollments"][0]
+    assert shown["path"] == [] and shown["message"]["status"] == "queued"
+    assert shown["message"]["channel"] == "hook"
 
     # An hour later, still refused: the tick tries once more and fails again (exit 1).
     later = (JOURNEY_START + timedelta(hours=1)).isoformat()
@@ -301,6 +307,11 @@ def test_a_refused_credential_keeps_the_unsent_at_their_step_until_a_tick_sends_
     assert done.value.code == 1 and "channel hook stopped (HTTP 401" in err, err
     assert f"{len(kept)} message(s) not sent" in err and "herald journey tick hooked" in err
     assert len(peer.requests) == len(sent) + 2
+    with pytest.raises(SystemExit) as done:
+        main(["-w", root, "journey", "status", "hooked"])
+    assert done.value.code == 0
+    assert f"message queued, not sent yet (the next tick sends it): hello {len(kept)}" in \
+        capsys.readouterr().out
 
     peer.scripts.clear()  # the credentials fixed
     with clock.using(clock.Clock(JOURNEY_START + timedelta(hours=2), frozen=True)):
@@ -313,6 +324,7 @@ def test_a_refused_credential_keeps_the_unsent_at_their_step_until_a_tick_sends_
     assert sorted(delivered, key=int) == WITH_ADDRESS and set(delivered.values()) == {1}
     enrolled = enrollment_rows(ws, "hooked")
     assert {(r.step, r.status) for r in enrolled.values()} == {("later", "waiting")}
+    assert report.status(ws, "hooked")["queued"] == {}
     path = report.show(ws, "hooked", kept[0])["enrollments"][0]["path"]
     assert [(p["step"], p["outcome"]) for p in path] == [("hello", "sent")]
     duplicated = sum(1 for n in delivered.values() if n > 1)
@@ -337,6 +349,7 @@ def test_a_recipient_the_provider_refuses_fails_and_moves_on(make_workspace, pee
     assert str(rows["3"][1]).startswith("permanent: HTTP 400")
     enrolled = enrollment_rows(ws, "hooked")
     assert {(r.step, r.status) for r in enrolled.values()} == {("later", "waiting")}
+    assert report.status(ws, "hooked")["queued"] == {}
     path = report.show(ws, "hooked", "3")["enrollments"][0]["path"]
     assert [(p["step"], p["outcome"]) for p in path] == [("hello", "failed")]
 

@@ -77,11 +77,18 @@ def journey_status(name: str, workspace: WorkspaceOpt = None,
     for step, counts in data["at_step"].items():
         table.add_row(step, f"{counts['active']:,}", f"{counts['waiting']:,}")
     out.print(table)
+    if data["queued"]:
+        out.print(_queued_line(data["queued"]))
     if data["exited"]:
         out.print("exited: " + ", ".join(f"{r} {n:,}" for r, n in data["exited"].items()))
     if len(data["live_by_version"]) > 1:
         out.print("inside by version: " + ", ".join(
             f"{v} {n:,}" for v, n in data["live_by_version"].items()))
+
+
+def _queued_line(queued: dict[str, int]) -> str:
+    return ("waiting with their message queued, not sent yet (the next tick sends it): "
+            + ", ".join(f"{step} {n:,}" for step, n in queued.items()))
 
 
 @journey_app.command("show")
@@ -102,6 +109,10 @@ def journey_show(name: str, recipient: str, workspace: WorkspaceOpt = None,
                   + (f" at {e['step']}" + (f" until {e['due_at']}" if e["due_at"] else "")
                      if e["status"] in ("active", "waiting") else "")
                   + (f" ({e['exit_reason']})" if e["exit_reason"] else ""))
+        if e["message"]:
+            m = e["message"]
+            out.print(f"  message at {e['step']}: {m['status']} via {m['channel']}"
+                      + (f"  {m['reason']}" if m["reason"] else ""), markup=False)
         for p in e["path"]:
             out.print(f"  {p['at']}  {p['step']:<16} {p['outcome']}"
                       + (f" via {p['channel']}" if p.get("channel") else "")
@@ -138,6 +149,8 @@ def journey_report(name: str, workspace: WorkspaceOpt = None,
     out.print(f"journey {name}: {data['entered']:,} entered, {data['live']:,} inside, "
               f"{data['completed']:,} completed, exited: "
               + (", ".join(f"{r} {n:,}" for r, n in data["exited"].items()) or "none"))
+    if data["queued"]:
+        out.print(_queued_line(data["queued"]))
     # One line per step, unwrapped: a send step's outcomes are its ledger statuses
     # (the JSON also has them per step as "messages").
     width = max(len(step) for step in data["steps"])
