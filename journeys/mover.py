@@ -28,6 +28,7 @@ from herald.delivery.dispatch import (
     dispatch,
     fatal_cause,
     group,
+    stop_requested,
 )
 from herald.delivery.ledger import message_id
 from herald.delivery.policy import SEND, Decision, Policy
@@ -244,6 +245,10 @@ class Mover:
     def send(self, spec: JourneySpec, name: str, step: SendStep, items: list[Item]) -> None:
         """Policy, reservation, render and dispatch for the items at one send step."""
         ws, flow = self.ws, spec.flow
+        if stop_requested():  # stopping: they stay here, due, for the next tick
+            for item in items:
+                item.moving = False
+            return
         for item in items:  # a capped or deferred recipient back for another try
             item.status = "active"
         orphans = [it for it in items if step.tier_for(it.tier) is None]

@@ -354,6 +354,63 @@ def test_a_recipient_the_provider_refuses_fails_and_moves_on(make_workspace, pee
     assert [(p["step"], p["outcome"]) for p in path] == [("hello", "failed")]
 
 
+def test_a_stop_signal_mid_send_keeps_the_unsent_at_their_step(make_workspace, store_url,
+                                                               catalogue):
+    """SIGTERM to ``herald journey tick`` while it sends: no new batch; the batches in
+    flight are recorded; those not sent stay queued at the step (not moved on), the
+    leases are released, and the next tick sends them once each."""
+    ws = make_workspace({**JOURNEY_FILES, "config/herald.yaml": KILL_HERALD,
+                         "config/journeys/nudge.yaml": NUDGE.replace(
+                             "tiers: {default: {channels: [email, sms]}}\n    next: wait_visit",
+                             "tiers: {default: {channels: [sms]}}\n    next: wait_visit")},
+                        rows=300, store=store_url)
+    crm_events(ws)
+    code = "import sys; from herald.flows.cli import main; main(sys.argv[1:])"
+    proc = subprocess.Popen([sys.executable, "-c", code, "-w", str(ws.root), "--now",
+                             JOURNEY_START.isoformat(), "journey", "tick", "nudge"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while sum(_outbox_lines(ws).values()) < 40 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    _, err = proc.communicate(timeout=30)
+    took = time.monotonic() - signalled
+    assert proc.returncode == 1 and took < 5, (proc.returncode, took, err[-500:])
+    assert "stopped by SIGTERM" in err and "herald journey tick nudge" in err, err[-500:]
+    before = sum(_outbox_lines(ws).values())
+    expected = [k for k in map(str, range(1, 301)) if int(k) % 5]  # has a phone
+    flow_chunks.forget_workspace(ws.root)
+    ws2 = Workspace.open(ws.root)
+    first = {r.recipient: r.status for r in _deliveries(ws2)}
+    assert "sending" not in first.values()  # the batches in flight were recorded
+    kept = [k for k, status in first.items() if status == "queued"]
+    rows = enrollment_rows(ws2)
+    assert kept and all(rows[k].lease_owner is None for k in rows)
+    assert all((rows[k].step, rows[k].status) == ("first", "waiting") for k in kept)
+    assert all(rows[k].step == "wait_visit" for k, s in first.items() if s == "sent")
+    assert all([p["step"] for p in report.show(ws2, "nudge", k)["enrollments"][0]["path"]]
+               == ["split"] for k in kept)  # no visit of `first` for them
+    # within the stopped tick's lease time: its leases were released, not left to expire
+    with clock.using(clock.Clock(JOURNEY_START + timedelta(minutes=2), frozen=True)):
+        engine.tick_local(ws2, "nudge")
+    rows = enrollment_rows(ws2)
+    main = [k for k, r in rows.items() if r.cohort == "main"]
+    assert all(rows[k].step == "wait_visit" for k in main)
+    sent = {r.recipient: r.status for r in _deliveries(ws2)}
+    lines = _outbox_lines(ws2)
+    duplicated = sum(1 for n in lines.values() if n > 1)
+    lost = sum(1 for k in main if k in expected and sent.get(k) != "sent")
+    assert duplicated == 0 and lost == 0 and 0 < before < sum(lines.values())
+    catalogue("fault", "SIGTERM to `herald journey tick` mid-send "
+              f"({'Postgres' if store_url else 'SQLite'})",
+              f"no new batch; exit 1 after {before} messages, saying to tick again; the "
+              f"{len(kept)} reserved but not sent stay queued at their step (not moved on); "
+              "the next tick sent them once each and moved everyone on",
+              messages=len([k for k in main if k in expected]), lost=lost,
+              duplicated=duplicated)
+
+
 RE_ENTRY = """name: again
 entry: {source: crm, segment: nudge_entry, params: {min_score: 8}, key: id}
 re_entry: {cooldown: 2d, max: 2}

@@ -34,8 +34,10 @@ def journey_tick(name: str, workspace: WorkspaceOpt = None, now: NowOpt = None,
                  ) -> None:
     """Enter new recipients, then move everyone who can move now (one tick).
 
-    Exits 1 when a channel stopped (a fatal answer): whoever was not sent on it waits at
-    their send step for the next tick."""
+    Exits 1 when a channel stopped (a fatal answer) or a signal stopped the tick: whoever
+    was not sent waits at their send step for the next tick."""
+    from herald.flows.engine import stop_on_signals
+
     set_now(now)
     ws = open_workspace(workspace)
     if prefect:
@@ -43,11 +45,13 @@ def journey_tick(name: str, workspace: WorkspaceOpt = None, now: NowOpt = None,
         from herald.flows.journey import run as run_tick
 
         prefect_console(verbose=False)
-        summary = run_tick(ws, name, enter=enter)
+        with stop_on_signals():
+            summary = run_tick(ws, name, enter=enter)
     else:
         from herald.journeys.engine import tick_local
 
-        summary = tick_local(ws, name, enter=enter)
+        with stop_on_signals():
+            summary = tick_local(ws, name, enter=enter)
     if as_json:
         print_json(summary)
         return
