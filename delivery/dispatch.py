@@ -18,8 +18,8 @@ the ledger just before it goes out and settled right after.
   when the provider says so).
 - A fatal answer stops the channel for every chunk of the run in this process. The
   messages it kept from going out (that one and the rest) stay ``queued`` with the
-  reason when the job can be run again (a campaign run: its rerun sends them once the
-  channel is fixed), else they are recorded as failed with the reason (a journey tick).
+  reason, so that the job sends them once the channel is fixed: a campaign's rerun with
+  its run key, a journey's next tick (the recipients wait at their send step).
 - An unknown outcome (the provider took the message but did not answer) is never
   retried: the row stays ``sending`` with the reason, as after a crash mid-send.
 """
@@ -106,6 +106,18 @@ _stopped: dict[tuple[str, str], str] = {}
 _stopped_lock = threading.Lock()
 
 
+# The reasons of the messages a fatal answer kept from going out: ``fatal: DETAIL`` for
+# the one it answered, ``fatal: channel stopped: DETAIL`` for the rest.
+STOPPED = "fatal: channel stopped: "
+
+
+def fatal_cause(reason: str) -> str:
+    """The provider's answer in a stopped channel's reason (DETAIL above)."""
+    for prefix in ("fatal: ", "channel stopped: "):
+        reason = reason.removeprefix(prefix)
+    return reason
+
+
 def forget_run(run_id: str) -> None:
     """Drop what this process kept about a finished run (the channels a fatal answer
     stopped)."""
@@ -121,9 +133,6 @@ class Job:
     flow: str
     run_key: str
     run_id: str
-    # the status of messages a fatal answer kept from going out: ``queued`` when a rerun
-    # of the run key will send them, ``failed`` when nothing runs the job again
-    unsent: str = "failed"
 
 
 def open_channel(ws: Workspace, name: str, job: Job) -> Channel:
@@ -137,7 +146,8 @@ async def dispatch(ws: Workspace, job: Job, messages: dict[str, list[Message]]
                    ) -> list[ledger.Outcome]:
     """Send every message (grouped by channel name), settling each in the ledger.
     Returns the outcomes settled, as written: a message missing from them was not handed
-    to a provider (a stop) and its row is still ``queued``."""
+    to a provider (a stop) and its row is still ``queued``; so is a message settled
+    ``queued`` (a fatal answer stopped its channel: the reason says so)."""
     settled: list[ledger.Outcome] = []
     await asyncio.gather(*(_send_channel(ws, job, name, msgs, settled)
                            for name, msgs in messages.items() if msgs))
@@ -171,8 +181,8 @@ async def _send_channel(ws: Workspace, job: Job, name: str, messages: list[Messa
                 batch = messages[start:start + size]
                 if stopped:
                     await _settle(ws, job, [ledger.Outcome(
-                        m.recipient, job.unsent, f"fatal: channel stopped: {stopped}",
-                        attempts=0) for m in batch], settled)
+                        m.recipient, "queued", f"{STOPPED}{stopped}", attempts=0)
+                        for m in batch], settled)
                     continue
                 outcomes, fatal = await _send_batch(ws, job, channel, batch, limiter)
                 if not overlap:
@@ -248,7 +258,7 @@ async def _send_batch(ws: Workspace, job: Job, channel: Channel, batch: Sequence
                     kind = f"retryable, not retried: the channel stopped after {attempt} " \
                            "attempts"
                 elif result.outcome is Outcome.FATAL:
-                    status = job.unsent  # the provider refused it: it did not go out
+                    status = "queued"  # the provider refused it: it did not go out
                 done[message.recipient] = ledger.Outcome(
                     message.recipient, status, f"{kind}: {result.detail or 'no detail'}",
                     code=result.code, attempts=attempt)

@@ -194,8 +194,8 @@ def _run_chunk(job: ChunkJob) -> ChunkResult:
         ledger.settle(ws.store, flow.name, job.run_key, render_errors)
     if outgoing:
         # a fatal answer leaves what it kept from going out `queued` for the rerun
-        settled = asyncio.run(dispatch(ws, Job(flow.name, job.run_key, job.run_id,
-                                               unsent="queued"), group(outgoing)))
+        settled = asyncio.run(dispatch(ws, Job(flow.name, job.run_key, job.run_id),
+                                       group(outgoing)))
         # counted from the outcomes written, not read back from the ledger: each row of
         # these recipients is this chunk's (reserved above under the ledger lock)
         status_of = {o.recipient: o.status for o in settled}

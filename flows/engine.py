@@ -35,6 +35,7 @@ from herald.core.workspace import Workspace
 from herald.delivery import ledger_reads, run_records, suppression
 from herald.delivery.dispatch import (
     clear_stop,
+    fatal_cause,
     forget_run,
     request_stop,
     stop_requested,
@@ -222,17 +223,10 @@ def check_channels(ws: Workspace, prepared: Prepared) -> None:
     stopped = ledger_reads.stopped_channels(ws.store, prepared.run_id)
     if not stopped:
         return
-    why = "; ".join(f"channel {name} stopped ({_cause(reason)}): {n:,} message(s) not "
+    why = "; ".join(f"channel {name} stopped ({fatal_cause(reason)}): {n:,} message(s) not "
                     "sent" for name, (reason, n) in stopped.items())
     raise RunError(f"{why}. Fix it, then run again with the same run key to send them: "
                    f"herald run {prepared.flow} --run-key {prepared.run_key}")
-
-
-def _cause(reason: str) -> str:
-    """A stopped channel's reason without the words that say it stopped."""
-    for prefix in ("fatal: ", "channel stopped: "):
-        reason = reason.removeprefix(prefix)
-    return reason
 
 
 _signal_depth = [0]

@@ -24,7 +24,9 @@ from herald.core.workspace import Workspace
 from herald.core.workspace import adopt as adopt_workspace
 from herald.core.workspace import shared as workspace_at
 from herald.delivery import workers
+from herald.delivery.dispatch import stop_requested
 from herald.flows.artifacts import artifact_key, in_run_workers, untagged_tasks
+from herald.flows.engine import stop_on_signals
 from herald.flows.schedules import prefect_schedule
 from herald.journeys import engine, load, report
 from herald.journeys.chunks import ChunkJob, ChunkResult
@@ -45,7 +47,8 @@ def advance_chunk(job: ChunkJob) -> ChunkResult:
       validate_parameters=False)
 def journey(workspace: str, journey_name: str, now: str | None = None,
             enter: bool = True) -> dict[str, Any]:
-    """One tick: enter, claim chunks, move everyone who can move, report."""
+    """One tick: enter, claim chunks, move everyone who can move, report; fails after
+    that when a signal stopped it or a channel stopped (``engine.check``)."""
     with clock.using(clock.Clock(clock.parse(now)) if now else None), untagged_tasks():
         logger = get_run_logger()
         ws = workspace_at(workspace)
@@ -53,26 +56,35 @@ def journey(workspace: str, journey_name: str, now: str | None = None,
         logger.info("journey %s tick %s: %d entered, %d to look at in %d chunks",
                     journey_name, prepared.tick, prepared.entered, prepared.live,
                     len(prepared.chunks))
-        with workers.chunk_runner(ws.config.task_runner, prepared.tick, engine.run_chunk):
+        # SIGTERM (a cancelled flow run, a stopping worker): no new batch, as for a run
+        with stop_on_signals(), workers.chunk_runner(ws.config.task_runner, prepared.tick,
+                                                     engine.run_chunk):
             results = list(_advance_all(prepared.chunks, ws.config.max_workers))
-        summary = engine.finish(ws, prepared, results)
-        state = report.status(ws, journey_name)
-        create_table_artifact(
-            key=artifact_key(f"journey-{journey_name}", "funnel"),
-            description=f"Where everyone is in {journey_name} after {prepared.tick}",
-            table=[{"step": step, "active": n["active"], "waiting": n["waiting"],
-                    "moved this tick": sum(summary["steps"].get(step, {}).values())}
-                   for step, n in state["at_step"].items()]
-            + [{"step": "completed", "active": state["completed"], "waiting": 0,
-                "moved this tick": 0}]
-            + [{"step": f"exited: {reason}", "active": n, "waiting": 0,
-                "moved this tick": summary["exits"].get(reason, 0)}
-               for reason, n in state["exited"].items()])
-        logger.info("journey %s tick %s: %d looked at, moves %s, exits %s", journey_name,
-                    prepared.tick, summary["claimed"],
-                    {s: sum(o.values()) for s, o in summary["steps"].items()},
-                    summary["exits"])
+            summary = engine.finish(ws, prepared, results)
+            _funnel(ws, prepared, summary)
+            logger.info("journey %s tick %s: %d looked at, moves %s, exits %s",
+                        journey_name, prepared.tick, summary["claimed"],
+                        {s: sum(o.values()) for s, o in summary["steps"].items()},
+                        summary["exits"])
+            engine.check(prepared, results)  # stopped, or a channel stopped: the run fails
         return summary
+
+
+def _funnel(ws: Workspace, prepared: engine.Prepared, summary: dict[str, Any]) -> None:
+    """The artifact of where everyone is after the tick."""
+    name = prepared.journey
+    state = report.status(ws, name)
+    create_table_artifact(
+        key=artifact_key(f"journey-{name}", "funnel"),
+        description=f"Where everyone is in {name} after {prepared.tick}",
+        table=[{"step": step, "active": n["active"], "waiting": n["waiting"],
+                "moved this tick": sum(summary["steps"].get(step, {}).values())}
+               for step, n in state["at_step"].items()]
+        + [{"step": "completed", "active": state["completed"], "waiting": 0,
+            "moved this tick": 0}]
+        + [{"step": f"exited: {reason}", "active": n, "waiting": 0,
+            "moved this tick": summary["exits"].get(reason, 0)}
+           for reason, n in state["exited"].items()])
 
 
 def _advance_all(chunks: list[ChunkJob], workers: int
@@ -81,8 +93,10 @@ def _advance_all(chunks: list[ChunkJob], workers: int
     waiting = list(reversed(chunks))
     running: set[PrefectFuture[ChunkResult]] = set()
     while waiting or running:
-        while waiting and len(running) < workers:
+        while waiting and len(running) < workers and not stop_requested():
             running.add(advance_chunk.submit(waiting.pop()))
+        if not running:
+            return  # stopping: chunks not started are left to the next tick
         done = next(as_completed(list(running)))
         running.discard(done)
         yield done.result()

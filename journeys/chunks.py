@@ -49,6 +49,9 @@ class ChunkResult:
     claimed: int = 0
     moves: Counter[tuple[str, str]] = field(default_factory=Counter)  # (step, outcome)
     exits: Counter[str] = field(default_factory=Counter)  # reason
+    # channels a fatal answer stopped: the provider's answer and how many of this chunk's
+    # messages it kept from going out (their recipients wait at their send step)
+    stopped: dict[str, tuple[str, int]] = field(default_factory=dict)
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
 

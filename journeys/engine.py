@@ -4,12 +4,16 @@
     run_chunk()  claim a chunk of enrollments (lease), check exits, move each as far as
                  it can go now (branches, splits, sends, until a wait), release
     finish()     the tick's summary
+    check()      a tick stopped by a signal, or on which a channel stopped, fails
 
 Nothing here imports Prefect. An enrollment moves one step per *round*; each round of a
 chunk is one transaction (the enrollments' new state and their log rows, written only
 while this tick holds their lease), so a crash loses at most the round in progress and
 the next tick redoes it from the committed state. Sends go through the ledger with the
 run key ``e{entry}:{seq}:{step}``: a redone round finds its rows and sends nothing twice.
+A message that was not handed to a provider (a fatal answer stopped its channel, or a
+signal stopped the tick) stays ``queued``, its recipient at the send step, due: the next
+tick sends it.
 
 The work is done in ``entry`` (versions, entering), ``chunks`` (a chunk's job, its
 enrollments and their leases) and ``mover`` (moving a claimed chunk).
@@ -29,10 +33,11 @@ from sqlalchemy import select
 from herald.core import clock, collector
 from herald.core.db import JOURNEY_LIVE as LIVE
 from herald.core.db import journey_enrollments as enrollments
+from herald.core.errors import RunError
 from herald.core.workspace import Workspace
 from herald.core.workspace import shared as workspace_at
 from herald.delivery import render
-from herald.delivery.dispatch import forget_run
+from herald.delivery.dispatch import forget_run, stop_requested
 from herald.delivery.workers import chunk_runner
 from herald.journeys import load
 from herald.journeys.chunks import ChunkJob, ChunkResult, claim, claimable, release
@@ -84,6 +89,8 @@ def run_chunk(job: ChunkJob) -> ChunkResult:
     """Claim up to ``job.size`` enrollments, check exits, move them; release the leases."""
     if clock.current() != job.clock:  # a worker process started with another clock
         clock.install(job.clock)
+    if stop_requested():  # stopping: a chunk not started yet is left to the next tick
+        return ChunkResult()
     ws = workspace_at(job.workspace)
     owner = f"{job.tick}:{job.index}"
     items = claim(ws, job, owner)
@@ -124,11 +131,35 @@ def finish(ws: Workspace, prepared: Prepared, results: list[ChunkResult]) -> dic
     }
 
 
+def check(prepared: Prepared, results: list[ChunkResult]) -> None:
+    """After the chunks (whose moves are saved): a tick that a signal stopped, or on
+    which a channel stopped (a fatal answer: refused credentials, a suspended account),
+    fails saying so. Their recipients wait at their send step with the message
+    ``queued``; the next tick sends it, once."""
+    again = f"herald journey tick {prepared.journey}"
+    why = stop_requested()
+    if why:
+        raise RunError(f"journey {prepared.journey} stopped by {why}: batches in flight "
+                       "were finished and recorded, nothing more was sent; whoever was "
+                       f"not sent waits at their step: to go on, tick again: {again}")
+    stopped: dict[str, tuple[str, int]] = {}
+    for r in results:
+        for channel, (cause, n) in r.stopped.items():
+            first, total = stopped.get(channel, (cause, 0))
+            stopped[channel] = (first, total + n)
+    if stopped:
+        channels = "; ".join(f"channel {name} stopped ({cause}): {n:,} message(s) not sent"
+                             for name, (cause, n) in sorted(stopped.items()))
+        raise RunError(f"journey {prepared.journey}: {channels}; their recipients wait at "
+                       f"their send step. Fix it, then tick again to send them: {again}")
+
+
 def tick_local(ws: Workspace, name: str, max_workers: int | None = None,
                enter: bool = True) -> dict[str, Any]:
     """One tick without Prefect (CLI, tests, embedded use): at most ``max_workers``
     chunks at once, each in a thread, or in a worker process when the workspace's
-    ``task_runner`` is ``processes``."""
+    ``task_runner`` is ``processes``. Raises RunError after the tick when it was
+    stopped or a channel stopped (``check``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from herald.core.workspace import adopt as adopt_workspace
@@ -138,4 +169,6 @@ def tick_local(ws: Workspace, name: str, max_workers: int | None = None,
     with chunk_runner(ws.config.task_runner, prepared.tick, run_chunk) as run, \
             ThreadPoolExecutor(max_workers or ws.config.max_workers) as pool:
         results = list(pool.map(run, prepared.chunks))
-    return finish(ws, prepared, results)
+    summary = finish(ws, prepared, results)
+    check(prepared, results)
+    return summary

@@ -15,10 +15,13 @@ def render(data: dict[str, Any], state: dict[str, Any]) -> str:
     """The page for ``herald journey report NAME --html`` (``data``: the report's JSON)."""
     name = data["journey"]
     exited = ", ".join(f"{escape(r)} {n:,}" for r, n in data["exited"].items()) or "none"
+    queued = ", ".join(f"{escape(s)} {n:,}" for s, n in data["queued"].items())
     cards = [("entered", data["entered"]), ("inside", data["live"]),
              ("completed", data["completed"]), ("exited", sum(data["exited"].values()))]
     parts = [f"<h1>Journey {escape(name)}</h1>",
-             f"<p class=meta>version {escape(state['version'])}; exited: {exited}</p>",
+             f"<p class=meta>version {escape(state['version'])}; exited: {exited}"
+             + (f"; waiting with their message queued, not sent: {queued}" if queued else "")
+             + "</p>",
              "<div class=cards>" + "".join(f"<div class=card><b>{n:,}</b><span>{label}"
                                            "</span></div>" for label, n in cards) + "</div>",
              "<h2>Steps</h2>", funnel(data["steps"]), _steps(data)]

@@ -22,7 +22,14 @@ from herald.core.db import writing
 from herald.core.errors import RunError
 from herald.core.workspace import Workspace
 from herald.delivery import ledger, render, unsubscribe
-from herald.delivery.dispatch import Job, dispatch, group
+from herald.delivery.dispatch import (
+    STOPPED,
+    Job,
+    dispatch,
+    fatal_cause,
+    group,
+    stop_requested,
+)
 from herald.delivery.ledger import message_id
 from herald.delivery.policy import SEND, Decision, Policy
 from herald.delivery.render import RenderError
@@ -238,6 +245,10 @@ class Mover:
     def send(self, spec: JourneySpec, name: str, step: SendStep, items: list[Item]) -> None:
         """Policy, reservation, render and dispatch for the items at one send step."""
         ws, flow = self.ws, spec.flow
+        if stop_requested():  # stopping: they stay here, due, for the next tick
+            for item in items:
+                item.moving = False
+            return
         for item in items:  # a capped or deferred recipient back for another try
             item.status = "active"
         orphans = [it for it in items if step.tier_for(it.tier) is None]
@@ -280,7 +291,9 @@ class Mover:
             ledger.refresh_statistics(ws.store, written)
         for key, row in have.items():
             item = wanted[key]
-            if row.status == "queued":  # reserved by an interrupted tick: send it now
+            # reserved by an earlier tick that did not send it (interrupted, stopped, or
+            # its channel stopped): sent now, on the channel it was reserved for
+            if row.status == "queued":
                 entry = step.tier_for(item.tier)
                 assert entry is not None
                 decisions.append((item, Decision(item.recipient_row(), entry[0], SEND,
@@ -304,22 +317,49 @@ class Mover:
             # Hold the lease for the whole dispatch: renewed now, and nothing is sent if
             # another tick took over (a lease outrun by a slow round).
             self.renew(items)
-            asyncio.run(self._dispatch(flow, outgoing))
+            self.count_stopped(asyncio.run(self._dispatch(flow, outgoing)))
         with ws.store.connect() as conn:
             settled = _ledger_rows(conn, flow, wanted)
         for key, item in wanted.items():
             if not item.moving:
                 continue  # capped (wait) or deferred by quiet hours: decided again later
             row = settled.get(key)
+            if row is not None and row.status == "queued":
+                # Not handed to a provider (its channel stopped, or a stop): the step is
+                # not done. The message stays reserved and the recipient here, due now:
+                # the next tick sends it (this one does not claim them again).
+                self.park(item, self.now)
+                self.result.moves[name, "queued_waiting"] += 1
+                continue
             outcome = row.status if row else "lost"
             self.visit(item, "send", outcome, row.reason if row else None)
             self.go(item, step.next)
 
     async def _dispatch(self, flow: str, outgoing: dict[str, list[tuple[str, Message]]]
-                        ) -> None:
-        await asyncio.gather(*(dispatch(self.ws, Job(flow, run_key, self.job.tick),
-                                        group(messages))
-                               for run_key, messages in outgoing.items()))
+                        ) -> list[tuple[str, ledger.Outcome]]:
+        """Send; returns (channel, outcome) of each message a fatal answer kept from
+        going out (settled ``queued`` with the reason)."""
+        keys = list(outgoing)
+        answers = await asyncio.gather(*(
+            dispatch(self.ws, Job(flow, run_key, self.job.tick), group(outgoing[run_key]))
+            for run_key in keys))
+        channel = {(run_key, m.recipient): name for run_key in keys
+                   for name, m in outgoing[run_key]}
+        return [(channel[run_key, o.recipient], o)
+                for run_key, settled in zip(keys, answers, strict=True)
+                for o in settled if o.status == "queued"]
+
+    def count_stopped(self, kept: list[tuple[str, ledger.Outcome]]) -> None:
+        """Count, per channel a fatal answer stopped, the messages it kept from going
+        out, with the provider's answer (the one it gave, rather than the words that say
+        the channel had stopped)."""
+        reasons: dict[str, list[str]] = defaultdict(list)
+        for channel, outcome in kept:
+            reasons[channel].append(outcome.reason or "fatal: no detail")
+        for channel, found in reasons.items():
+            reason = min(found, key=lambda r: r.startswith(STOPPED))
+            cause, n = self.result.stopped.get(channel, (fatal_cause(reason), 0))
+            self.result.stopped[channel] = (cause, n + len(found))
 
     def render(self, spec: JourneySpec, name: str, step: SendStep, item: Item,
                d: Decision) -> Message:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, String, and_, cast, func, literal_column, select
 
 from herald.core import clock
 from herald.core.db import JOURNEY_LIVE as LIVE
@@ -27,7 +27,9 @@ BATCH = 5000
 
 
 def status(ws: Workspace, name: str) -> dict[str, Any]:
-    """How many are at each step (active or waiting), completed, and exited by reason."""
+    """How many are at each step (active or waiting), completed, and exited by reason;
+    ``queued``: per send step, how many of those waiting there have their message
+    reserved but not sent (a channel stopped, or a stop): the next tick sends it."""
     loaded = load.load(ws, name)
     c = enrollments.c
     at: dict[str, dict[str, int]] = {s: {"active": 0, "waiting": 0}
@@ -49,11 +51,30 @@ def status(ws: Workspace, name: str) -> dict[str, Any]:
                 exited[reason or "exited"] += n
         recipients = conn.execute(select(func.count(func.distinct(c.recipient))).where(
             c.journey == name)).scalar() or 0
+        specs = [loaded.spec] + [definition(ws, name, v) for v in versions
+                                 if v != loaded.version]
+        sends = {s for spec in specs for s, step in spec.steps.items()
+                 if isinstance(step, SendStep) and at.get(s, {}).get("waiting")}
+        queued = _queued(conn, name, loaded.spec.flow, sends) if sends else {}
     live = sum(a + w for a, w in (tuple(v.values()) for v in at.values()))
     return {"journey": name, "version": loaded.version, "enrollments": total,
             "recipients": int(recipients), "live": live, "at_step": at,
-            "completed": completed, "exited": dict(exited.most_common()),
+            "queued": queued, "completed": completed, "exited": dict(exited.most_common()),
             "live_by_version": dict(versions)}
+
+
+def _queued(conn: Any, name: str, flow: str, steps: set[str]) -> dict[str, int]:
+    """Per send step, the enrollments waiting there whose message of this visit (run
+    key ``e{entry}:{seq}:{step}``) is ``queued`` in the ledger."""
+    c, d = enrollments.c, ledger.deliveries.c
+    run_key: ColumnElement[str] = (literal_column("'e'", String) + cast(c.entry_no, String)
+                                   + ":" + cast(c.seq, String) + ":" + c.step)
+    query = select(c.step, func.count()).select_from(enrollments.join(
+        ledger.deliveries, and_(d.flow == flow, d.run_key == run_key,
+                                d.recipient == c.recipient))).where(
+        c.journey == name, c.status == "waiting", c.step.in_(sorted(steps)),
+        d.status == "queued").group_by(c.step)
+    return {str(step): int(n) for step, n in conn.execute(query)}
 
 
 def show(ws: Workspace, name: str, recipient: str) -> dict[str, Any]:
@@ -78,11 +99,17 @@ def show(ws: Workspace, name: str, recipient: str) -> dict[str, Any]:
                 if message is not None:
                     entry["channel"] = message.channel
                 path.append(entry)
+            # the message of the step they are at, when one is reserved and not yet
+            # sent (its channel or the tick stopped: the next tick sends it)
+            pending = sends.get(f"e{row.entry_no}:{row.seq}:{row.step}") \
+                if row.status in LIVE else None
             out.append({"entry": row.entry_no, "version": row.version,
                         "status": row.status, "step": row.step,
                         "exit_reason": row.exit_reason, "cohort": row.cohort,
                         "entered_at": _iso(row.entered_at), "due_at": _iso(row.due_at)
-                        if row.status == "waiting" else None, "path": path})
+                        if row.status == "waiting" else None, "path": path,
+                        "message": {"status": pending.status, "channel": pending.channel,
+                                    "reason": pending.reason} if pending else None})
     return {"journey": name, "recipient": recipient, "enrollments": out}
 
 
@@ -118,8 +145,8 @@ def report(ws: Workspace, name: str) -> dict[str, Any]:
     state = status(ws, name)
     goal = _goal(ws, spec, steps) if spec.goal else None
     return {"journey": name, "entered": state["enrollments"], "live": state["live"],
-            "completed": state["completed"], "exited": state["exited"],
-            "steps": steps, "goal": goal}
+            "queued": state["queued"], "completed": state["completed"],
+            "exited": state["exited"], "steps": steps, "goal": goal}
 
 
 def _goal(ws: Workspace, spec: JourneySpec, steps: dict[str, dict[str, Any]]

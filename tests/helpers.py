@@ -1,7 +1,8 @@
 """What tests share besides fixtures: the test workspace's files, CRM rows, and readers
 of what a run left behind (the outbox, the ledger and the suppression list, read through
 the workspace's own database so they work on SQLite and Postgres alike); the unsubscribe
-server; the test journey (``nudge``), its CRM events and its enrollments."""
+server; the test journey (``nudge``), its CRM events and its enrollments, and a journey
+that sends through a webhook (``hooked``)."""
 
 from __future__ import annotations
 
@@ -314,3 +315,27 @@ def enrollment_rows(ws: Workspace, name: str = "nudge") -> dict[str, Any]:
     with ws.store.connect() as conn:
         return {r.recipient: r for r in conn.execute(
             select(enrollments).where(enrollments.c.journey == name))}
+
+
+HOOKED = """name: hooked
+entry: {source: crm, segment: nudge_entry, params: {min_score: 0}, key: id, tier: tier}
+steps:
+  hello: {type: send, tiers: {default: {channels: [hook]}}, next: later}
+  later: {type: wait, for: 1d}
+"""
+
+
+def hooked_workspace(make_workspace: Any, peer: Any, store: str | None = None
+                     ) -> Workspace:
+    """Journey ``hooked``: one webhook send (a request at a time, so nothing goes out
+    after a fatal answer), 20 recipients (7 and 14 without an address) in two chunks."""
+    return make_workspace({
+        "config/herald.yaml": (
+            "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
+            "  email: {type: outbox, kind: email}\n  sms: {type: outbox, kind: sms}\n"
+            f"  hook: {{type: webhook, url: \"{peer.url}/hook\", address: email, "
+            "timeout: 1, concurrency: 1}\nchunk_size: 10\nmax_workers: 1\n"),
+        "config/journeys/hooked.yaml": HOOKED,
+        "audiences/nudge_entry.sql": JOURNEY_FILES["audiences/nudge_entry.sql"],
+        "templates/hooked/hello/default.webhook.txt.j2": "Hello {{ name }}"},
+        rows=20, store=store)

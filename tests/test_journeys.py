@@ -33,7 +33,9 @@ from .helpers import (
     crm_event,
     crm_events,
     enrollment_rows,
+    hooked_workspace,
     journey_tick,
+    ledger_rows,
 )
 
 
@@ -241,6 +243,172 @@ def test_a_tick_killed_mid_send_then_a_tick_loses_and_repeats_nothing(make_works
               f"moved everyone on; {len(unknown)} caught in flight stay `sending` (never "
               "resent blindly)", messages=len([k for k in main if k in expected]),
               lost=lost, duplicated=duplicated)
+
+
+# -- a send that did not go out ----------------------------------------------------------
+def _hooked(ws: Workspace) -> dict[str, tuple[str, str | None]]:
+    """{recipient: (status, reason)} of the journey's ledger."""
+    return ledger_rows(ws, "status", "reason", where="flow = 'journey:hooked'")
+
+
+WITH_ADDRESS = [str(i) for i in range(1, 21) if i % 7]
+
+
+def test_a_refused_credential_keeps_the_unsent_at_their_step_until_a_tick_sends_them(
+        make_workspace, peer, store_url, capsys, catalogue):
+    from herald.core.errors import RunError
+    from herald.flows.cli import main
+    from herald.journeys import html
+
+    ws = hooked_workspace(make_workspace, peer, store_url)
+    for key in map(str, range(4, 21)):  # a wrong key from the 4th request on
+        peer.script(key, *[("status", 401)] * 3)
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)), \
+            pytest.raises(RunError) as failed:
+        journey_tick(ws, "hooked")
+    rows = _hooked(ws)
+    sent = sorted(k for k, (status, _) in rows.items() if status == "sent")
+    kept = sorted(k for k, (status, _) in rows.items() if status == "queued")
+    assert sent and kept and sorted(sent + kept, key=int) == WITH_ADDRESS
+    assert all(str(rows[k][1]).startswith("fatal: ") for k in kept)
+    assert len(peer.requests) == len(sent) + 1  # nothing went out after the refusal
+    assert str(failed.value) == (
+        f"journey hooked: channel hook stopped (HTTP 401 Unauthorized: the endpoint "
+        f"refused the channel's credentials): {len(kept)} message(s) not sent; their "
+        "recipients wait at their send step. Fix it, then tick again to send them: "
+        "herald journey tick hooked")
+    enrolled = enrollment_rows(ws, "hooked")
+    assert all(r.lease_owner is None for r in enrolled.values())
+    for key, row in enrolled.items():
+        if key in kept:  # the step is not done: due again, no visit logged
+            assert (row.step, row.status, row.seq) == ("hello", "waiting", 0)
+            assert row.due_at.replace(tzinfo=None) == JOURNEY_START.replace(tzinfo=None)
+        else:  # sent, or no address: moved on as before
+            assert (row.step, row.status) == ("later", "waiting")
+    state = report.status(ws, "hooked")
+    assert state["queued"] == {"hello": len(kept)}
+    assert state["at_step"]["hello"] == {"active": 0, "waiting": len(kept)}
+    results = report.report(ws, "hooked")
+    assert results["queued"] == {"hello": len(kept)}
+    assert results["steps"]["hello"]["visited"] == len(sent) + 2  # 2 without an address
+    assert results["steps"]["hello"]["outcomes"] == {"sent": len(sent), "no_address": 2}
+    assert results["steps"]["hello"]["messages"]["queued"] == len(kept)
+    assert f"message queued, not sent: hello {len(kept)}" in html.render(results, state)
+    shown = report.show(ws, "hooked", kept[0])["enrollments"][0]
+    assert shown["path"] == [] and shown["message"]["status"] == "queued"
+    assert shown["message"]["channel"] == "hook"
+
+    # An hour later, still refused: the tick tries once more and fails again (exit 1).
+    later = (JOURNEY_START + timedelta(hours=1)).isoformat()
+    root = str(ws.root)
+    with pytest.raises(SystemExit) as done:
+        main(["-w", root, "--now", later, "journey", "tick", "hooked"])
+    err = capsys.readouterr().err
+    assert done.value.code == 1 and "channel hook stopped (HTTP 401" in err, err
+    assert f"{len(kept)} message(s) not sent" in err and "herald journey tick hooked" in err
+    assert len(peer.requests) == len(sent) + 2
+    with pytest.raises(SystemExit) as done:
+        main(["-w", root, "journey", "status", "hooked"])
+    assert done.value.code == 0
+    assert f"message queued, not sent yet (the next tick sends it): hello {len(kept)}" in \
+        capsys.readouterr().out
+
+    peer.scripts.clear()  # the credentials fixed
+    with clock.using(clock.Clock(JOURNEY_START + timedelta(hours=2), frozen=True)):
+        fixed = journey_tick(ws, "hooked")
+    assert fixed["steps"] == {"hello": {"sent": len(kept)}}
+    rows = _hooked(ws)
+    assert sorted(k for k, (status, _) in rows.items() if status == "sent") == sorted(
+        WITH_ADDRESS)
+    delivered = peer.delivered()
+    assert sorted(delivered, key=int) == WITH_ADDRESS and set(delivered.values()) == {1}
+    enrolled = enrollment_rows(ws, "hooked")
+    assert {(r.step, r.status) for r in enrolled.values()} == {("later", "waiting")}
+    assert report.status(ws, "hooked")["queued"] == {}
+    path = report.show(ws, "hooked", kept[0])["enrollments"][0]["path"]
+    assert [(p["step"], p["outcome"]) for p in path] == [("hello", "sent")]
+    duplicated = sum(1 for n in delivered.values() if n > 1)
+    catalogue("fault", "journey send: webhook 401, credentials refused (the channel stops) "
+              f"({'Postgres' if store_url else 'SQLite'})",
+              f"the tick fails naming the channel and its answer (exit 1); the {len(kept)} "
+              "not sent stay queued and their recipients at the step; after the fix the "
+              "next tick sends them once each and moves them on", messages=len(WITH_ADDRESS),
+              lost=len(WITH_ADDRESS) - len(delivered), duplicated=duplicated)
+
+
+def test_a_recipient_the_provider_refuses_fails_and_moves_on(make_workspace, peer,
+                                                             store_url):
+    ws = hooked_workspace(make_workspace, peer, store_url)
+    peer.script("3", ("status", 400))  # refused for this recipient only: not fatal
+    peer.script("9", ("status", 410))  # gone: failed, and the address suppressed
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        summary = journey_tick(ws, "hooked")
+    assert summary["steps"] == {"hello": {"sent": 16, "failed": 2, "no_address": 2}}
+    rows = _hooked(ws)
+    assert rows["3"][0] == rows["9"][0] == "failed"
+    assert str(rows["3"][1]).startswith("permanent: HTTP 400")
+    enrolled = enrollment_rows(ws, "hooked")
+    assert {(r.step, r.status) for r in enrolled.values()} == {("later", "waiting")}
+    assert report.status(ws, "hooked")["queued"] == {}
+    path = report.show(ws, "hooked", "3")["enrollments"][0]["path"]
+    assert [(p["step"], p["outcome"]) for p in path] == [("hello", "failed")]
+
+
+def test_a_stop_signal_mid_send_keeps_the_unsent_at_their_step(make_workspace, store_url,
+                                                               catalogue):
+    """SIGTERM to ``herald journey tick`` while it sends: no new batch; the batches in
+    flight are recorded; those not sent stay queued at the step (not moved on), the
+    leases are released, and the next tick sends them once each."""
+    ws = make_workspace({**JOURNEY_FILES, "config/herald.yaml": KILL_HERALD,
+                         "config/journeys/nudge.yaml": NUDGE.replace(
+                             "tiers: {default: {channels: [email, sms]}}\n    next: wait_visit",
+                             "tiers: {default: {channels: [sms]}}\n    next: wait_visit")},
+                        rows=300, store=store_url)
+    crm_events(ws)
+    code = "import sys; from herald.flows.cli import main; main(sys.argv[1:])"
+    proc = subprocess.Popen([sys.executable, "-c", code, "-w", str(ws.root), "--now",
+                             JOURNEY_START.isoformat(), "journey", "tick", "nudge"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while sum(_outbox_lines(ws).values()) < 40 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    _, err = proc.communicate(timeout=30)
+    took = time.monotonic() - signalled
+    assert proc.returncode == 1 and took < 5, (proc.returncode, took, err[-500:])
+    assert "stopped by SIGTERM" in err and "herald journey tick nudge" in err, err[-500:]
+    before = sum(_outbox_lines(ws).values())
+    expected = [k for k in map(str, range(1, 301)) if int(k) % 5]  # has a phone
+    flow_chunks.forget_workspace(ws.root)
+    ws2 = Workspace.open(ws.root)
+    first = {r.recipient: r.status for r in _deliveries(ws2)}
+    assert "sending" not in first.values()  # the batches in flight were recorded
+    kept = [k for k, status in first.items() if status == "queued"]
+    rows = enrollment_rows(ws2)
+    assert kept and all(rows[k].lease_owner is None for k in rows)
+    assert all((rows[k].step, rows[k].status) == ("first", "waiting") for k in kept)
+    assert all(rows[k].step == "wait_visit" for k, s in first.items() if s == "sent")
+    assert all([p["step"] for p in report.show(ws2, "nudge", k)["enrollments"][0]["path"]]
+               == ["split"] for k in kept)  # no visit of `first` for them
+    # within the stopped tick's lease time: its leases were released, not left to expire
+    with clock.using(clock.Clock(JOURNEY_START + timedelta(minutes=2), frozen=True)):
+        engine.tick_local(ws2, "nudge")
+    rows = enrollment_rows(ws2)
+    main = [k for k, r in rows.items() if r.cohort == "main"]
+    assert all(rows[k].step == "wait_visit" for k in main)
+    sent = {r.recipient: r.status for r in _deliveries(ws2)}
+    lines = _outbox_lines(ws2)
+    duplicated = sum(1 for n in lines.values() if n > 1)
+    lost = sum(1 for k in main if k in expected and sent.get(k) != "sent")
+    assert duplicated == 0 and lost == 0 and 0 < before < sum(lines.values())
+    catalogue("fault", "SIGTERM to `herald journey tick` mid-send "
+              f"({'Postgres' if store_url else 'SQLite'})",
+              f"no new batch; exit 1 after {before} messages, saying to tick again; the "
+              f"{len(kept)} reserved but not sent stay queued at their step (not moved on); "
+              "the next tick sent them once each and moved everyone on",
+              messages=len([k for k in main if k in expected]), lost=lost,
+              duplicated=duplicated)
 
 
 RE_ENTRY = """name: again

@@ -18,7 +18,7 @@ from prefect.client.schemas.filters import (
 from herald.core import clock
 from herald.flows import journey as journey_flow
 
-from .helpers import JOURNEY_FILES, JOURNEY_START, crm_events
+from .helpers import JOURNEY_FILES, JOURNEY_START, crm_events, hooked_workspace
 
 pytestmark = pytest.mark.prefect
 
@@ -75,6 +75,30 @@ def test_a_tick_is_one_flow_run_with_one_task_per_chunk(make_workspace, prefect_
     assert all(t.tags == [] for t in tasks)  # the tags are the flow run's (see flows.artifacts)
     funnel = next(a for a in artifacts if a.key == "herald-journey-slow-funnel")
     assert "exited: holdout" in str(funnel.data)
+
+
+def test_a_stopped_channel_fails_the_flow_run_after_its_funnel(make_workspace, peer,
+                                                                prefect_harness):
+    from herald.core.errors import RunError
+
+    ws = hooked_workspace(make_workspace, peer)
+    for key in map(str, range(1, 21)):  # the account suspended
+        peer.script(key, ("status", 403))
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)), pytest.raises(
+            RunError, match=r"journey hooked: channel hook stopped \(HTTP 403 Forbidden: "
+            r".*\): 18 message\(s\) not sent; .*herald journey tick hooked"):
+        journey_flow.run(ws, "hooked")
+    assert len(peer.requests) == 1
+
+    async def runs():
+        async with get_client() as client:
+            return await client.read_flow_runs(flow_run_filter=FlowRunFilter())
+    (mine,) = [r for r in asyncio.run(runs()) if r.name == "hooked"
+               and r.parameters.get("workspace") == str(ws.root)]
+    run, _, artifacts = _tasks(mine.id)
+    assert run.state.is_failed()
+    funnel = next(a for a in artifacts if a.key == "herald-journey-hooked-funnel")
+    assert "later" in str(funnel.data)
 
 
 def test_the_deployment_has_the_journeys_schedule(make_workspace):

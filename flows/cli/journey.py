@@ -32,7 +32,12 @@ def journey_tick(name: str, workspace: WorkspaceOpt = None, now: NowOpt = None,
                  enter: Annotated[bool, typer.Option(
                      "--enter/--no-enter", help="Run the entry segment first")] = True,
                  ) -> None:
-    """Enter new recipients, then move everyone who can move now (one tick)."""
+    """Enter new recipients, then move everyone who can move now (one tick).
+
+    Exits 1 when a channel stopped (a fatal answer) or a signal stopped the tick: whoever
+    was not sent waits at their send step for the next tick."""
+    from herald.flows.engine import stop_on_signals
+
     set_now(now)
     ws = open_workspace(workspace)
     if prefect:
@@ -40,11 +45,13 @@ def journey_tick(name: str, workspace: WorkspaceOpt = None, now: NowOpt = None,
         from herald.flows.journey import run as run_tick
 
         prefect_console(verbose=False)
-        summary = run_tick(ws, name, enter=enter)
+        with stop_on_signals():
+            summary = run_tick(ws, name, enter=enter)
     else:
         from herald.journeys.engine import tick_local
 
-        summary = tick_local(ws, name, enter=enter)
+        with stop_on_signals():
+            summary = tick_local(ws, name, enter=enter)
     if as_json:
         print_json(summary)
         return
@@ -74,11 +81,18 @@ def journey_status(name: str, workspace: WorkspaceOpt = None,
     for step, counts in data["at_step"].items():
         table.add_row(step, f"{counts['active']:,}", f"{counts['waiting']:,}")
     out.print(table)
+    if data["queued"]:
+        out.print(_queued_line(data["queued"]))
     if data["exited"]:
         out.print("exited: " + ", ".join(f"{r} {n:,}" for r, n in data["exited"].items()))
     if len(data["live_by_version"]) > 1:
         out.print("inside by version: " + ", ".join(
             f"{v} {n:,}" for v, n in data["live_by_version"].items()))
+
+
+def _queued_line(queued: dict[str, int]) -> str:
+    return ("waiting with their message queued, not sent yet (the next tick sends it): "
+            + ", ".join(f"{step} {n:,}" for step, n in queued.items()))
 
 
 @journey_app.command("show")
@@ -99,6 +113,10 @@ def journey_show(name: str, recipient: str, workspace: WorkspaceOpt = None,
                   + (f" at {e['step']}" + (f" until {e['due_at']}" if e["due_at"] else "")
                      if e["status"] in ("active", "waiting") else "")
                   + (f" ({e['exit_reason']})" if e["exit_reason"] else ""))
+        if e["message"]:
+            m = e["message"]
+            out.print(f"  message at {e['step']}: {m['status']} via {m['channel']}"
+                      + (f"  {m['reason']}" if m["reason"] else ""), markup=False)
         for p in e["path"]:
             out.print(f"  {p['at']}  {p['step']:<16} {p['outcome']}"
                       + (f" via {p['channel']}" if p.get("channel") else "")
@@ -135,6 +153,8 @@ def journey_report(name: str, workspace: WorkspaceOpt = None,
     out.print(f"journey {name}: {data['entered']:,} entered, {data['live']:,} inside, "
               f"{data['completed']:,} completed, exited: "
               + (", ".join(f"{r} {n:,}" for r, n in data["exited"].items()) or "none"))
+    if data["queued"]:
+        out.print(_queued_line(data["queued"]))
     # One line per step, unwrapped: a send step's outcomes are its ledger statuses
     # (the JSON also has them per step as "messages").
     width = max(len(step) for step in data["steps"])
