@@ -393,6 +393,25 @@ steps:
 """
 
 
+def test_unknown_keys_get_the_flows_suggestions(make_workspace):
+    """An unknown key of the journey or of a step (by its type) gets the closest field as
+    a did-you-mean, as in a flow; a deeper key, or one close to nothing, gets none."""
+    ws = make_workspace({**JOURNEY_FILES, "config/journeys/broken.yaml": BROKEN.replace(
+        "timeout: zz", "timeout: orphan").replace("next: a}]", "next: c}]")
+        .replace("key: id}", "key: id, sgment: x}\nmax_duraton: 3d\nzzz: 1")
+        .replace("within: 1d", "withn: 1d")})
+    with pytest.raises(ConfigError) as caught:
+        load.load(ws, "broken")
+    assert sorted(str(caught.value).splitlines()) == [
+        "config/journeys/broken.yaml:2 entry.sgment: unknown key 'sgment'",
+        "config/journeys/broken.yaml:3 max_duraton: unknown key 'max_duraton' "
+        "(did you mean 'max_duration'?)",
+        "config/journeys/broken.yaml:4 zzz: unknown key 'zzz'",
+        "config/journeys/broken.yaml:8 steps.c.within: required key is missing",
+        "config/journeys/broken.yaml:8 steps.c.withn: unknown key 'withn' "
+        "(did you mean 'within'?)"]
+
+
 def test_validation_names_file_line_and_field(make_workspace, catalogue):
     ws = make_workspace({**JOURNEY_FILES, "config/journeys/broken.yaml": BROKEN,
                          "templates/broken/a/default.email.subject.j2": "{{ nickname }}",
