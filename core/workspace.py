@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,15 @@ from herald.core.errors import (
     did_you_mean,
 )
 from herald.core.plugins import channel_type
-from herald.core.spec import DEFAULT_TIER, CapRule, FlowCapRule, FlowSpec, WorkspaceConfig
-from herald.core.yamlio import Located, load_yaml, problems_from, validate
+from herald.core.spec import (
+    DEFAULT_TIER,
+    CapRule,
+    FlowCapRule,
+    FlowSpec,
+    TierSpec,
+    WorkspaceConfig,
+)
+from herald.core.yamlio import Loc, Located, dotted, load_yaml, problems_from, validate
 
 CONFIG_FILE = "config/herald.yaml"
 FLOWS_DIR = "config/flows"
@@ -144,15 +151,7 @@ class Workspace:
                 f"{', '.join(self.config.sources) or 'none'})",
                 file=rel, line=doc.line_of(("conversion", "source")),
                 field="conversion.source"))
-        for tier_name, tier in spec.tiers.items():
-            for i, channel in enumerate(tier.channels):
-                if channel not in self.channels:
-                    loc = ("tiers", tier_name, "channels", i)
-                    problems.append(Problem(
-                        f"unknown channel '{channel}' (configured in {CONFIG_FILE}: "
-                        f"{', '.join(self.channels) or 'none'})",
-                        file=rel, line=doc.line_of(loc),
-                        field=f"tiers.{tier_name}.channels[{i}]"))
+        problems += tier_channel_problems(spec.tiers, doc, self.channels)
         problems += cap_problems(spec.caps, doc, self.channels, tiers=spec.tiers,
                                  tier_column=spec.audience.tier)
         if problems:
@@ -250,6 +249,31 @@ def misnamed_hint(folder: Path, name: str) -> str:
     another suffix, else ''."""
     found = [p.name for p in _misnamed(folder) if p.stem == name]
     return f" ({found[0]} is there: rename it to {name}.yaml)" if found else ""
+
+
+def tier_channel_problems(tiers: Mapping[str, TierSpec], doc: Located,
+                          channels: Collection[str], at: Loc = ()) -> list[Problem]:
+    """Each channel of a tier entry (a flow's, or a journey send step's at ``at``) is a
+    configured one, and listed once: the list is an order of preference, where a channel
+    listed again could only repeat what its first place decided."""
+    problems: list[Problem] = []
+    for tier, entry in tiers.items():
+        first: dict[str, int] = {}
+        for i, channel in enumerate(entry.channels):
+            loc = (*at, "tiers", tier, "channels", i)
+            if channel not in channels:
+                message = (f"unknown channel '{channel}'{did_you_mean(channel, channels)} "
+                           f"(configured in {CONFIG_FILE}: {', '.join(channels) or 'none'})")
+            elif channel in first:
+                message = (f"channel '{channel}' is listed twice (first at channels"
+                           f"[{first[channel]}]): list each channel once, in order of "
+                           "preference")
+            else:
+                first[channel] = i
+                continue
+            problems.append(Problem(message, file=doc.file, line=doc.line_of(loc),
+                                    field=dotted(loc)))
+    return problems
 
 
 def cap_problems(caps: Sequence[CapRule | FlowCapRule], doc: Located,

@@ -32,6 +32,7 @@ from herald.core.workspace import (
     Workspace,
     cap_problems,
     misnamed_hint,
+    tier_channel_problems,
 )
 from herald.core.yamlio import Located, dotted, load_yaml, readable_errors, unknown_key
 from herald.delivery.render import Templates, templates_for
@@ -161,12 +162,8 @@ def _check_refs(ws: Workspace, j: Loaded, name: str) -> list[Problem]:
         add(f"unknown source '{spec.goal.source}'", "goal", "source")
     for step_name, step in spec.steps.items():
         if isinstance(step, SendStep):
-            for tier, entry in step.tiers.items():
-                for i, channel in enumerate(entry.channels):
-                    if channel not in ws.channels:
-                        add(f"unknown channel '{channel}' (configured in config/herald.yaml: "
-                            f"{', '.join(ws.channels) or 'none'})",
-                            "steps", step_name, "tiers", tier, "channels", i)
+            problems += tier_channel_problems(step.tiers, j.doc, ws.channels,
+                                              ("steps", step_name))
     return problems + cap_problems(spec.caps, j.doc, ws.channels, tiers=spec.tier_names(),
                                    tier_column=spec.entry.tier)
 

@@ -181,6 +181,41 @@ def test_flow_cross_references(make_workspace) -> None:
     ]
 
 
+def test_a_channel_listed_twice_in_a_tier_is_refused_where_it_repeats(make_workspace) -> None:
+    """A tier's channels are an order of preference: a repeated one is a typo, refused at
+    its own line (flows and journey send steps alike), with an unknown one's hint."""
+    ws = make_workspace({**JOURNEY_FILES, "config/flows/promo.yaml": """\
+        name: promo
+        audience: {source: crm, segment: people, key: id, tier: tier}
+        tiers:
+          gold:
+            channels:
+              - sms
+              - email
+              - sms
+          default: {channels: [emial, email, email]}
+        """, "config/journeys/nudge.yaml": str(JOURNEY_FILES["config/journeys/nudge.yaml"])
+        .replace("tiers: {default: {channels: [email, sms]}}",
+                 "tiers: {default: {channels: [email, sms]}, gold: {channels: [sms, sms]}}")})
+    with pytest.raises(ConfigError) as exc:
+        ws.flow("promo")
+    assert problems(exc) == [
+        "config/flows/promo.yaml:8 tiers.gold.channels[2]: channel 'sms' is listed twice "
+        "(first at channels[0]): list each channel once, in order of preference",
+        "config/flows/promo.yaml:9 tiers.default.channels[0]: unknown channel 'emial' (did "
+        "you mean 'email'?) (configured in config/herald.yaml: email, sms)",
+        "config/flows/promo.yaml:9 tiers.default.channels[2]: channel 'email' is listed "
+        "twice (first at channels[1]): list each channel once, in order of preference",
+    ]
+    from herald.journeys import load as journeys
+
+    with pytest.raises(ConfigError) as exc:
+        journeys.load(ws, "nudge")
+    assert problems(exc) == [
+        "config/journeys/nudge.yaml:20 steps.first.tiers.gold.channels[1]: channel 'sms' is "
+        "listed twice (first at channels[0]): list each channel once, in order of preference"]
+
+
 def test_workspace_cap_scoped_to_unknown_channel_or_flow_is_refused(make_workspace) -> None:
     """A cap whose scope names nothing that exists would count and stop nothing."""
     with pytest.raises(ConfigError) as exc:

@@ -217,6 +217,21 @@ def test_report_by_run_key_runs_and_a_complete_rerun(make_workspace, capsys) -> 
     assert done["deliveries"]["sent"] == 98 and done["sent_by"] == first["run_id"]
 
 
+def test_a_repeated_channel_stops_validate_and_run_before_any_send(make_workspace,
+                                                                   capsys) -> None:
+    from .helpers import PROMO_YAML, ledger_rows, outbox_messages
+
+    ws = make_workspace({"config/flows/promo.yaml": PROMO_YAML.replace(
+        "gold: {channels: [email, sms]}", "gold: {channels: [sms, sms]}")})
+    line = ("config/flows/promo.yaml:11 tiers.gold.channels[1]: channel 'sms' is listed "
+            "twice (first at channels[0])")
+    code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+    assert code == 1 and line in err
+    code, out, err = cli(capsys, "run", "promo", "--json", "-w", str(ws.root))
+    assert code == 1 and out == "" and line in err
+    assert outbox_messages(ws) == 0 and ledger_rows(ws, "status") == {}
+
+
 def test_unknown_flows_runs_and_keys_get_did_you_mean(make_workspace, capsys) -> None:
     ws = make_workspace(rows=10)
     engine.run_local(ws, "promo", run_key="2026-11-22")
