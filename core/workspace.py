@@ -107,6 +107,19 @@ class Workspace:
     def journey_names(self) -> list[str]:
         return _stems(self.root / JOURNEYS_DIR)
 
+    def not_found(self, kind: str, name: str) -> WorkspaceError:
+        """``unknown flow 'X': config/flows/X.yaml not found`` (or journey), with what was
+        meant: the file saved as ``X.yml``, the closest name of that kind, else that it is
+        a name of the other kind (or close to one); then the names there are."""
+        folder, known, other, others = (
+            (FLOWS_DIR, self.flow_names(), "journey", self.journey_names()) if kind == "flow"
+            else (JOURNEYS_DIR, self.journey_names(), "flow", self.flow_names()))
+        hint = did_you_mean(name, known) or (
+            f" ('{name}' is a {other})" if name in others else did_you_mean(name, others, other))
+        return WorkspaceError(f"unknown {kind} '{name}': {folder}/{name}.yaml not found"
+                              + _misnamed_hint(self.root / folder, name) + hint
+                              + f" ({kind}s: {', '.join(known) or 'none'})")
+
     def misnamed(self) -> list[Problem]:
         """Files of ``config/flows`` and ``config/journeys`` Herald does not read because
         they do not end in ``.yaml`` (``promo.yml``): without this they are silently
@@ -127,11 +140,7 @@ class Workspace:
     def _load_flow(self, name: str) -> FlowSpec:
         rel = f"{FLOWS_DIR}/{name}.yaml"
         if not (self.root / rel).exists():  # a folder there is named by load_yaml
-            known = self.flow_names()
-            raise WorkspaceError(f"unknown flow '{name}': {rel} not found"
-                                 + misnamed_hint(self.root / FLOWS_DIR, name)
-                                 + did_you_mean(name, known)
-                                 + f" (flows: {', '.join(known) or 'none'})")
+            raise self.not_found("flow", name)
         doc = load_yaml(self.root / rel, rel)
         spec = validate(FlowSpec, doc)
         self._flow_docs[name] = doc
@@ -244,7 +253,7 @@ def _misnamed(folder: Path) -> list[Path]:
                   and p.suffix != ".yaml")
 
 
-def misnamed_hint(folder: Path, name: str) -> str:
+def _misnamed_hint(folder: Path, name: str) -> str:
     """`` (promo.yml is there: rename it to promo.yaml)`` when ``name`` was saved with
     another suffix, else ''."""
     found = [p.name for p in _misnamed(folder) if p.stem == name]

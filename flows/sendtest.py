@@ -45,7 +45,8 @@ def send_test(ws: Workspace, flow_name: str, tier: str, to: str, channel: str | 
     choices = [channel] if channel else list(entry[1].channels)
     if channel and channel not in entry[1].channels:
         raise HeraldError(f"--channel: tier '{entry[0]}' of {flow.name} does not use channel "
-                          f"'{channel}' (it uses: {', '.join(entry[1].channels)})")
+                          f"'{channel}'{did_you_mean(channel, entry[1].channels)} (it uses: "
+                          f"{', '.join(entry[1].channels)})")
     address, chosen, why = None, None, []
     for name in choices:
         address, problem = Addresses(ws).clean(name, to)

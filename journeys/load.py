@@ -31,7 +31,6 @@ from herald.core.workspace import (
     SourceError,
     Workspace,
     cap_problems,
-    misnamed_hint,
     tier_channel_problems,
 )
 from herald.core.yamlio import Located, dotted, load_yaml, readable_errors, unknown_key
@@ -89,9 +88,7 @@ def forget(ws: Workspace) -> None:
 def _load(ws: Workspace, name: str) -> Loaded:
     rel = f"{JOURNEYS_DIR}/{name}.yaml"
     if not (ws.root / rel).exists():  # a folder there is named by load_yaml
-        raise WorkspaceError(f"unknown journey '{name}': {rel} not found"
-                             f"{misnamed_hint(ws.root / JOURNEYS_DIR, name)} (journeys: "
-                             f"{', '.join(names(ws)) or 'none'})")
+        raise ws.not_found("journey", name)
     doc = load_yaml(ws.root / rel, rel)
     try:
         spec = JourneySpec.model_validate(doc.data)

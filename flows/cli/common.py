@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from herald.core.errors import HeraldError
+from herald.core.errors import HeraldError, did_you_mean
 from herald.core.files import file_in_the_way
 from herald.core.spec import Scalar
 from herald.core.workspace import Workspace
@@ -121,7 +121,8 @@ def print_json(data: Any) -> None:
 
 def check_channel(ws: Workspace, channel: str | None, where: str = "--channel") -> None:
     if channel and channel != "*" and channel not in ws.channels:
-        raise HeraldError(f"{where}: unknown channel '{channel}' "
+        raise HeraldError(f"{where}: unknown channel '{channel}'"
+                          f"{did_you_mean(channel, ws.channels)} "
                           f"(configured: {', '.join(ws.channels)})")
 
 
