@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, insert, select, text, update
+from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import DBAPIError
 
 from herald.audiences import inplace
-from herald.audiences.sql import Segment, db_message
+from herald.audiences.sql import Segment, db_message, driver_query, statement
 from herald.audiences.store import (
     INSERT_BATCH,
     Package,
@@ -203,21 +203,18 @@ def _open_rows(src: Connection, segment: Segment, stack: ExitStack
     SQLAlchemy streams them."""
     dialect = src.dialect
     if dialect.name == "sqlite" or dialect.driver == "psycopg":
-        compiled = text(segment.sql).compile(dialect=dialect)
-        values = compiled.construct_params(segment.params)
-        params: Any = ([values[n] for n in compiled.positiontup or ()] if compiled.positional
-                       else values)
+        sql, params = driver_query(segment.sql, segment.params, dialect)
         driver = src.connection.driver_connection
         assert driver is not None
         cursor = (driver.cursor(name=f"herald_build_{secrets.token_hex(4)}")
                   if dialect.name == "postgresql" else driver.cursor())
         # close the (server-side) cursor on every exit, a duplicate key included
         stack.callback(cursor.close)
-        cursor.execute(str(compiled), params)
+        cursor.execute(sql, params)
         return (lambda: cursor.fetchmany(INSERT_BATCH),
                 [d[0] for d in cursor.description])
     result = src.execution_options(stream_results=True, yield_per=INSERT_BATCH).execute(
-        text(segment.sql), segment.params)
+        statement(segment.sql, segment.params), segment.params)
     stack.callback(result.close)
     return (lambda: result.fetchmany(INSERT_BATCH)), list(result.keys())
 
@@ -289,7 +286,8 @@ def _source_duplicates(source: Engine, segment: Segment, key_col: str) -> list[s
              "\n) AS herald_segment) AS keyed WHERE k IS NOT NULL GROUP BY k "
              "HAVING count(*) > 1")
     with source.connect() as src:
-        return [str(k) for k in src.execute(text(query), segment.params).scalars()]
+        return [str(k) for k in src.execute(statement(query, segment.params),
+                                            segment.params).scalars()]
 
 
 # -- inside the database ----------------------------------------------------------------
@@ -329,9 +327,7 @@ def _build_in_sqlite(source_file: Path, store_file: Path, flow: FlowSpec, segmen
         conn.execute("PRAGMA herald_store.synchronous=NORMAL")
 
         def run(sql: str, params: dict[str, Any]) -> Any:
-            compiled = text(sql).compile(dialect=dialect)
-            values = compiled.construct_params(params)
-            return conn.execute(str(compiled), [values[n] for n in compiled.positiontup or ()])
+            return conn.execute(*driver_query(sql, params, dialect))
 
         try:
             columns = [d[0] for d in run(_probe_sql(segment), segment.params).description]

@@ -1,5 +1,6 @@
 """Segment SQL: reading ``audiences/NAME[.dialect].sql``, checking and binding its
-parameters (``:now`` from Herald's clock), and probing its result columns."""
+parameters (``:now`` from Herald's clock; a list for ``IN :name``), and probing its
+result columns."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Dialect, Engine, TextClause, bindparam, text
 from sqlalchemy.exc import DBAPIError
 
 from herald.core import clock
 from herald.core.errors import AudienceError, Problem, WorkspaceError
 from herald.core.files import read_text
-from herald.core.spec import FlowSpec, Scalar
+from herald.core.spec import FlowSpec, Param
 from herald.core.workspace import SegmentNotFound, Workspace
 
 
@@ -28,10 +29,10 @@ class Segment:
     file: str  # workspace-relative, for messages
     sql: str
     sha256: str
-    params: dict[str, Scalar]
+    params: dict[str, Param]
 
 
-def load_segment(ws: Workspace, flow: FlowSpec, overrides: Mapping[str, Scalar] | None = None
+def load_segment(ws: Workspace, flow: FlowSpec, overrides: Mapping[str, Param] | None = None
                  ) -> Segment:
     """Read the flow's segment SQL (the source dialect's variant if any) and bind params.
 
@@ -70,7 +71,7 @@ def segment_params(ws: Workspace, name: str, source: str) -> tuple[str, set[str]
     return ws.relative(path), set(text(sql).compile().binds)
 
 
-def load_sql(ws: Workspace, name: str, source: str, params: Mapping[str, Scalar],
+def load_sql(ws: Workspace, name: str, source: str, params: Mapping[str, Param],
              supplied: tuple[str, ...] = (), hint: str = "",
              defaults: Mapping[str, Any] | None = None) -> Segment:
     """Read ``audiences/NAME[.dialect].sql`` for ``source`` and check its parameters.
@@ -102,20 +103,60 @@ def load_sql(ws: Workspace, name: str, source: str, params: Mapping[str, Scalar]
         raise AudienceError(f"{rel}: unknown parameter{'s' if len(unused) > 1 else ''} "
                             f"{', '.join(unused)} (the SQL uses: "
                             f"{', '.join(sorted(used)) or 'none'})")
+    _check_lists(sql, rel, params)
     digest = hashlib.sha256(sql.encode("utf-8")).hexdigest()
     return Segment(name, rel, sql, digest, {k: params[k] for k in used if k in params})
+
+
+def statement(sql: str, params: Mapping[str, Any]) -> TextClause:
+    """``sql`` as a statement for ``params``: a list value is an expanding parameter, so
+    ``IN :ids`` is sent as ``IN (?, ?, ...)`` with each item bound on its own."""
+    return text(sql).bindparams(*(bindparam(name, expanding=True)
+                                  for name, value in params.items() if isinstance(value, list)))
+
+
+def driver_query(sql: str, params: Mapping[str, Any], dialect: Dialect) -> tuple[str, Any]:
+    """``sql`` and ``params`` as ``dialect``'s DB-API driver takes them, for a query run
+    on the driver's own cursor: its parameter style, each list expanded."""
+    compiled = statement(sql, params).params(dict(params)).compile(
+        dialect=dialect, compile_kwargs={"render_postcompile": True})
+    values = compiled.construct_params()
+    return str(compiled), ([values[n] for n in compiled.positiontup or ()]
+                           if compiled.positional else values)
 
 
 QUERY_WORDS = ("select", "with", "values")
 _COMMENTS_AND_STRINGS = re.compile(r"--[^\n]*|/\*.*?\*/|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"",
                                    re.S)
+_BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")  # a :name, as text() finds them
+_BEFORE_A_LIST = re.compile(r"\bIN\s*$", re.I)
+
+
+def _bare(sql: str) -> str:
+    """The SQL without its comments, and with every quoted string or name emptied."""
+    return _COMMENTS_AND_STRINGS.sub(lambda m: " " if m.group(0)[0] in "-/" else "''", sql)
+
+
+def _check_lists(sql: str, rel: str, params: Mapping[str, Any]) -> None:
+    """A list is bound as one value per item, which only ``IN :name`` takes: anywhere
+    else (``= :ids``, ``IN (:ids)``) it is refused before the query runs, naming it."""
+    lists = {name for name, value in params.items() if isinstance(value, list)}
+    if not lists:
+        return
+    bare = _bare(sql)
+    for found in _BIND.finditer(bare):
+        name = found.group(1)
+        if name in lists and not _BEFORE_A_LIST.search(bare, 0, found.start()):
+            raise AudienceError(f"{rel}: parameter :{name} is a list, which binds only as "
+                                f"IN :{name} (written without parentheses: each item is "
+                                "bound on its own)")
 
 
 def check_query(sql: str, rel: str) -> None:
     """A segment is one query: sources are read, never written. A statement that is not
     a SELECT (or WITH / VALUES) or a second statement is refused before anything runs;
     the source's read-only connection stops what a query hides (a writing CTE)."""
-    bare = _COMMENTS_AND_STRINGS.sub(lambda m: " " if m.group(0)[0] in "-/" else "''", sql)
+    bare = _bare(sql)
     words = bare.replace("(", " ( ").split()
     first = next((w for w in words if w != "("), "").lower()
     if first not in QUERY_WORDS:
@@ -139,7 +180,7 @@ def probe(ws: Workspace, source: str, segment: Segment, params: Mapping[str, Any
     wrapped = f"SELECT * FROM (\n{segment.sql}\n) AS herald_probe LIMIT 0"
     try:
         with engine.connect() as conn:
-            return list(conn.execute(text(wrapped), dict(params)).keys())
+            return list(conn.execute(statement(wrapped, params), dict(params)).keys())
     except DBAPIError as exc:
         raise AudienceError(f"{segment.file}: the query failed: {db_message(exc)}") from None
 

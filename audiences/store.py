@@ -36,7 +36,7 @@ from herald.core.db import (
     packages,
     writing,
 )
-from herald.core.errors import WorkspaceError
+from herald.core.errors import WorkspaceError, did_you_mean
 from herald.core.workspace import Workspace
 
 log = logging.getLogger("herald.audiences")
@@ -181,6 +181,8 @@ def prune(ws: Workspace, keep: int, flow: str | None = None) -> tuple[list[str],
     that used it is still ``running``."""
     from herald.core.db import deliveries, runs
 
+    if flow:
+        _check_flow(ws, flow)
     with ws.store.connect() as conn:
         query = select(packages.c.id, packages.c.flow).order_by(packages.c.built_at.desc())
         if flow:
@@ -212,12 +214,30 @@ def _package(row: Any) -> Package:
 def get(ws: Workspace, package_id: str) -> Package:
     with ws.store.connect() as conn:
         row = conn.execute(select(packages).where(packages.c.id == package_id)).first()
-    if row is None or row.status != "ready":
-        raise WorkspaceError(f"no audience package '{package_id}' (see: herald audience list)")
+        if row is None or row.status != "ready":
+            recent = conn.execute(select(packages.c.id).where(packages.c.status == "ready")
+                                  .order_by(packages.c.built_at.desc()).limit(200)).scalars()
+            raise WorkspaceError(f"no audience package '{package_id}'"
+                                 f"{did_you_mean(package_id, recent)} (see: herald audience "
+                                 "list)")
     return _package(row)
 
 
+def _check_flow(ws: Workspace, flow: str) -> None:
+    """``--flow``: a flow of the workspace, or one that packages were built for (its YAML
+    may be gone since); anything else is a typo, named with a did-you-mean."""
+    if flow in ws.flow_names():
+        return
+    with ws.store.connect() as conn:
+        built = list(conn.execute(select(packages.c.flow).distinct()).scalars())
+    if flow not in built:
+        raise WorkspaceError(f"--flow: unknown flow '{flow}'" + did_you_mean(
+            flow, [*ws.flow_names(), *built]) + f" (flows: {', '.join(ws.flow_names())})")
+
+
 def list_packages(ws: Workspace, flow: str | None = None, limit: int = 50) -> list[Package]:
+    if flow:
+        _check_flow(ws, flow)
     query = select(packages).where(packages.c.status == "ready")
     if flow:
         query = query.where(packages.c.flow == flow)

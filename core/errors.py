@@ -48,10 +48,11 @@ class Problem:
         return f"{where}: {self.message}" if where else self.message
 
 
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """`` (did you mean 'email'?)`` when one of ``choices`` is close to ``word``, else ''."""
+def did_you_mean(word: str, choices: Iterable[str], kind: str = "") -> str:
+    """`` (did you mean 'email'?)`` when one of ``choices`` is close to ``word``, else '';
+    with ``kind``, `` (did you mean journey 'nudge'?)``."""
     close = difflib.get_close_matches(word, list(dict.fromkeys(choices)), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return f" (did you mean {kind + ' ' if kind else ''}'{close[0]}'?)" if close else ""
 
 
 class _ProblemsError(HeraldError):

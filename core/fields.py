@@ -68,6 +68,25 @@ DatabaseUrl = Annotated[str, BeforeValidator(_check_url)]
 Scalar = str | int | float | bool | None
 
 
+def check_param(value: Any) -> Any:
+    """A segment parameter is one value, or a list of values for ``IN :name`` (the SQL
+    check in ``herald.audiences.sql`` sees that a list is used nowhere else)."""
+    if isinstance(value, dict):
+        raise ValueError("a parameter is a number, a text, true or false, or a list of "
+                         "them for IN :name, not a mapping")
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("an empty list would select nobody: give one value or more")
+        if any(isinstance(item, list | dict) for item in value):
+            raise ValueError("a list of numbers, texts, true or false, not of lists or "
+                             "mappings")
+    return value
+
+
+# Segment parameters (audience, conversion, condition and schedule params; -p)
+Param = Annotated[Scalar | list[Scalar], BeforeValidator(check_param)]
+
+
 class Strict(BaseModel):
     """Unknown keys are errors, and so are values of the wrong YAML type: pydantic's lax
     mode would read ``"yes"``, ``"on"`` or ``1`` as true (``exempt: "yes"`` would uncap a

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 
 from pydantic import Field, model_validator
 
-from herald.core.fields import Duration, Name, Scalar, Strict, TimeZone, format_duration
+from herald.core.fields import Duration, Name, Param, Strict, TimeZone, format_duration
 
 # Cron and RRule strings are checked as Prefect's server checks them, without importing
 # Prefect (about 1 s, which read-only commands such as validate and preview do not pay):
@@ -83,7 +83,7 @@ class ScheduleSpec(Strict):
     rrule: str | None = None
     timezone: TimeZone | None = None
     active: bool = True
-    params: dict[str, Scalar] = Field(default_factory=dict)
+    params: dict[str, Param] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_kind(self) -> ScheduleSpec:

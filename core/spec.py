@@ -24,7 +24,7 @@ from herald.core.fields import (
     DatabaseUrl,
     Duration,
     Name,
-    Scalar,
+    Param,
     Strict,
     TimeZone,
     Window,
@@ -263,7 +263,7 @@ def _in_memory(url: str) -> bool:
 class AudienceSpec(Strict):
     source: Name
     segment: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_/-]*$")
-    params: dict[str, Scalar] = Field(default_factory=dict)
+    params: dict[str, Param] = Field(default_factory=dict)
     key: str
     tier: str | None = None
     locale: str | None = None
@@ -285,7 +285,7 @@ class ConversionSpec(Strict):
     key: str | None = None  # default: the audience's key column
     at: str = "converted_at"
     amount: str | None = None
-    params: dict[str, Scalar] = Field(default_factory=dict)
+    params: dict[str, Param] = Field(default_factory=dict)
 
 
 class ExperimentSpec(Strict):

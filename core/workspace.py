@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,15 @@ from herald.core.errors import (
     did_you_mean,
 )
 from herald.core.plugins import channel_type
-from herald.core.spec import DEFAULT_TIER, CapRule, FlowCapRule, FlowSpec, WorkspaceConfig
-from herald.core.yamlio import Located, load_yaml, problems_from, validate
+from herald.core.spec import (
+    DEFAULT_TIER,
+    CapRule,
+    FlowCapRule,
+    FlowSpec,
+    TierSpec,
+    WorkspaceConfig,
+)
+from herald.core.yamlio import Loc, Located, dotted, load_yaml, problems_from, validate
 
 CONFIG_FILE = "config/herald.yaml"
 FLOWS_DIR = "config/flows"
@@ -102,6 +109,19 @@ class Workspace:
     def journey_names(self) -> list[str]:
         return _stems(self.root / JOURNEYS_DIR)
 
+    def not_found(self, kind: str, name: str) -> WorkspaceError:
+        """``unknown flow 'X': config/flows/X.yaml not found`` (or journey), with what was
+        meant: the file saved as ``X.yml``, the closest name of that kind, else that it is
+        a name of the other kind (or close to one); then the names there are."""
+        folder, known, other, others = (
+            (FLOWS_DIR, self.flow_names(), "journey", self.journey_names()) if kind == "flow"
+            else (JOURNEYS_DIR, self.journey_names(), "flow", self.flow_names()))
+        hint = did_you_mean(name, known) or (
+            f" ('{name}' is a {other})" if name in others else did_you_mean(name, others, other))
+        return WorkspaceError(f"unknown {kind} '{name}': {folder}/{name}.yaml not found"
+                              + _misnamed_hint(self.root / folder, name) + hint
+                              + f" ({kind}s: {', '.join(known) or 'none'})")
+
     def misnamed(self) -> list[Problem]:
         """Files of ``config/flows`` and ``config/journeys`` Herald does not read because
         they do not end in ``.yaml`` (``promo.yml``): without this they are silently
@@ -122,11 +142,7 @@ class Workspace:
     def _load_flow(self, name: str) -> FlowSpec:
         rel = f"{FLOWS_DIR}/{name}.yaml"
         if not (self.root / rel).exists():  # a folder there is named by load_yaml
-            known = self.flow_names()
-            raise WorkspaceError(f"unknown flow '{name}': {rel} not found"
-                                 + misnamed_hint(self.root / FLOWS_DIR, name)
-                                 + did_you_mean(name, known)
-                                 + f" (flows: {', '.join(known) or 'none'})")
+            raise self.not_found("flow", name)
         doc = load_yaml(self.root / rel, rel)
         spec = validate(FlowSpec, doc)
         self._flow_docs[name] = doc
@@ -146,15 +162,7 @@ class Workspace:
                 f"{', '.join(self.config.sources) or 'none'})",
                 file=rel, line=doc.line_of(("conversion", "source")),
                 field="conversion.source"))
-        for tier_name, tier in spec.tiers.items():
-            for i, channel in enumerate(tier.channels):
-                if channel not in self.channels:
-                    loc = ("tiers", tier_name, "channels", i)
-                    problems.append(Problem(
-                        f"unknown channel '{channel}' (configured in {CONFIG_FILE}: "
-                        f"{', '.join(self.channels) or 'none'})",
-                        file=rel, line=doc.line_of(loc),
-                        field=f"tiers.{tier_name}.channels[{i}]"))
+        problems += tier_channel_problems(spec.tiers, doc, self.channels)
         problems += cap_problems(spec.caps, doc, self.channels, tiers=spec.tiers,
                                  tier_column=spec.audience.tier)
         if problems:
@@ -247,11 +255,36 @@ def _misnamed(folder: Path) -> list[Path]:
                   and p.suffix != ".yaml")
 
 
-def misnamed_hint(folder: Path, name: str) -> str:
+def _misnamed_hint(folder: Path, name: str) -> str:
     """`` (promo.yml is there: rename it to promo.yaml)`` when ``name`` was saved with
     another suffix, else ''."""
     found = [p.name for p in _misnamed(folder) if p.stem == name]
     return f" ({found[0]} is there: rename it to {name}.yaml)" if found else ""
+
+
+def tier_channel_problems(tiers: Mapping[str, TierSpec], doc: Located,
+                          channels: Collection[str], at: Loc = ()) -> list[Problem]:
+    """Each channel of a tier entry (a flow's, or a journey send step's at ``at``) is a
+    configured one, and listed once: the list is an order of preference, where a channel
+    listed again could only repeat what its first place decided."""
+    problems: list[Problem] = []
+    for tier, entry in tiers.items():
+        first: dict[str, int] = {}
+        for i, channel in enumerate(entry.channels):
+            loc = (*at, "tiers", tier, "channels", i)
+            if channel not in channels:
+                message = (f"unknown channel '{channel}'{did_you_mean(channel, channels)} "
+                           f"(configured in {CONFIG_FILE}: {', '.join(channels) or 'none'})")
+            elif channel in first:
+                message = (f"channel '{channel}' is listed twice (first at channels"
+                           f"[{first[channel]}]): list each channel once, in order of "
+                           "preference")
+            else:
+                first[channel] = i
+                continue
+            problems.append(Problem(message, file=doc.file, line=doc.line_of(loc),
+                                    field=dotted(loc)))
+    return problems
 
 
 def cap_problems(caps: Sequence[CapRule | FlowCapRule], doc: Located,

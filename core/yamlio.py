@@ -8,7 +8,6 @@ line. Validation errors from pydantic are then mapped back to ``file:line field`
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -19,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from herald.core.errors import ConfigError, Problem
+from herald.core.errors import ConfigError, Problem, did_you_mean
 from herald.core.files import UnreadableFile, read_text
 
 Loc = tuple[str | int, ...]
@@ -222,10 +221,7 @@ def problems_from(exc: ValidationError, doc: Located, model: type[BaseModel] | N
     for loc, err, msg in readable_errors(exc):
         loc = (*prefix, *loc)
         if err["type"] == "extra_forbidden":
-            msg = f"unknown key '{loc[-1]}'"
-            hint = _suggest(model, loc[len(prefix):]) if model else None
-            if hint:
-                msg += f" (did you mean '{hint}'?)"
+            msg = unknown_key(loc[-1], _owner(model, loc[len(prefix):]) if model else None)
         problems.append(Problem(msg, file=doc.file, line=doc.line_of(loc),
                                 field=dotted(loc) or None))
     return problems
@@ -297,8 +293,16 @@ def _clean_loc(loc: tuple[Any, ...]) -> Loc:
         "[" in p and "]" in p or p in ("str", "int", "float", "dict", "list")))
 
 
-def _suggest(model: type[BaseModel], loc: Loc) -> str | None:
-    """Find the model that owns the unknown key and suggest its closest field."""
+def unknown_key(key: str | int, owner: Any) -> str:
+    """``unknown key 'X'``, with the closest field of ``owner`` (the model the key was
+    written in, if known) as a did-you-mean."""
+    fields = getattr(owner, "model_fields", None) or {}
+    return f"unknown key '{key}'" + did_you_mean(
+        str(key), [f.alias or n for n, f in fields.items()])
+
+
+def _owner(model: type[BaseModel], loc: Loc) -> Any:
+    """The model that owns the last key of ``loc`` (None when the path leaves models)."""
     current: Any = model
     for part in loc[:-1]:
         if isinstance(part, int) or current is None:
@@ -307,12 +311,7 @@ def _suggest(model: type[BaseModel], loc: Loc) -> str | None:
         if part in fields:
             current = _model_in(fields[part].annotation)
         # keys of a dict[str, Model] field: stay on the value model
-    fields = getattr(current, "model_fields", None)
-    if not fields:
-        return None
-    names = [f.alias or n for n, f in fields.items()]
-    match = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
-    return match[0] if match else None
+    return current
 
 
 def _model_in(annotation: Any) -> Any:

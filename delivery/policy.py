@@ -191,8 +191,10 @@ class Policy:
                                            if (n := found[where[zone]][key])})))
         return out
 
-    def _quiet(self, row: Recipient, tier: str, at: datetime) -> Decision | None:
-        """Quiet hours for someone we would send to now: skip or defer, else None."""
+    def _quiet(self, row: Recipient, tier: str, channel: str, at: datetime
+               ) -> Decision | None:
+        """Quiet hours for someone we would send to now through ``channel``: skip or
+        defer, else None."""
         if not self.quiet:
             return None
         zone = self.zone_of(row)
@@ -202,14 +204,16 @@ class Policy:
         quiet = (f"{at.astimezone(zone):%H:%M} in {zone.key} is within quiet hours "
                  f"{self.quiet.describe()}")
         if self.quiet.mode == "skip":
-            return Decision(row, tier, "quiet_hours", reason=f"skipped: {quiet}")
-        return Decision(row, tier, "deferred", not_before=until,
+            return Decision(row, tier, "quiet_hours", channel=channel,
+                            reason=f"skipped: {quiet}")
+        return Decision(row, tier, "deferred", channel=channel, not_before=until,
                         reason=f"deferred to {until:%Y-%m-%d %H:%M} UTC: {quiet}")
 
     def _send(self, row: Recipient, tier: str, channel: str, address: str,
               at: datetime) -> Decision:
-        """Someone the policy lets through: their variant, unless they wait for an
-        experiment's decision (or it stopped the rest), then quiet hours."""
+        """Someone the policy lets through on ``channel``: their variant, unless they wait
+        for an experiment's decision (or it stopped the rest), then quiet hours. What
+        stops them here is recorded on that channel, so reports count it in its row."""
         found = self.flow.experiment_for(tier)
         variant = None
         if found:
@@ -221,15 +225,15 @@ class Policy:
                 if state is None or not state.decided:
                     assert spec.decide_after is not None, "the spec requires it"
                     until = state.decide_at if state else at + spec.decide_after
-                    return Decision(row, tier, "deferred", not_before=until, reason=(
-                        f"experiment {name}: waiting for the winner, decided at "
-                        f"{until:%Y-%m-%d %H:%M} UTC"))
+                    return Decision(row, tier, "deferred", channel=channel, not_before=until,
+                                    reason=(f"experiment {name}: waiting for the winner, "
+                                            f"decided at {until:%Y-%m-%d %H:%M} UTC"))
                 if state.winner is None:
-                    return Decision(row, tier, "stopped", reason=(
+                    return Decision(row, tier, "stopped", channel=channel, reason=(
                         f"experiment {name}: no winner, fallback stop ({state.reason})"))
                 variant = state.winner
-        return self._quiet(row, tier, at) or Decision(row, tier, SEND, channel=channel,
-                                                      address=address, variant=variant)
+        return self._quiet(row, tier, channel, at) or Decision(
+            row, tier, SEND, channel=channel, address=address, variant=variant)
 
     def zone_of(self, row: Recipient) -> ZoneInfo:
         """The recipient's time zone (the audience's timezone column), else the flow's."""

@@ -36,7 +36,7 @@ from sqlalchemy.exc import DBAPIError
 from herald.core import clock
 from herald.core.db import describe_failure
 from herald.core.errors import HeraldError, RunError
-from herald.core.spec import Scalar, TaskRunnerSpec
+from herald.core.spec import Param, TaskRunnerSpec
 from herald.core.workspace import Workspace
 from herald.delivery import ledger, workers
 from herald.delivery.dispatch import stop_requested
@@ -48,7 +48,7 @@ from herald.reporting.text import delivery_markdown
 
 
 @task(name="build-audience", task_run_name="build-audience", cache_policy=NO_CACHE)
-def build_audience(ws: Workspace, flow_name: str, params: dict[str, Scalar], run_key: str,
+def build_audience(ws: Workspace, flow_name: str, params: dict[str, Param], run_key: str,
                    dry_run: bool) -> engine.Prepared | State:
     try:
         prepared = engine.prepare(ws, flow_name, params, run_key, dry_run)
@@ -142,7 +142,7 @@ def run_tags(ws: Workspace, flow_name: str) -> list[str]:
 @flow(name="herald-campaign", flow_run_name=_run_name, log_prints=False,
       validate_parameters=False)
 def campaign(workspace: str, flow_name: str, run_key: str | None = None,
-             params: dict[str, Scalar] | None = None, dry_run: bool = False,
+             params: dict[str, Param] | None = None, dry_run: bool = False,
              now: str | None = None, resend_render_errors: bool = False) -> dict[str, Any]:
     """Run one campaign: build its audience, send chunk by chunk, report.
 
@@ -169,7 +169,7 @@ DEBUG_ENV = "HERALD_DEBUG"  # set by `herald --debug run`: failures raise with a
 
 
 def _campaign(workspace: str, flow_name: str, run_key: str | None,
-              params: dict[str, Scalar] | None, dry_run: bool,
+              params: dict[str, Param] | None, dry_run: bool,
               resend_render_errors: bool = False) -> dict[str, Any]:
     logger = get_run_logger()
     started = clock.now()
@@ -336,7 +336,7 @@ def task_runner(spec: TaskRunnerSpec) -> TaskRunner[Any]:
                                           "dashboard_address": ":0"})  # any free port
 
 
-def run(ws: Workspace, flow_name: str, params: dict[str, Scalar] | None, run_key: str | None,
+def run(ws: Workspace, flow_name: str, params: dict[str, Param] | None, run_key: str | None,
         dry_run: bool, runner: TaskRunnerSpec | None = None,
         resend_render_errors: bool = False) -> dict[str, Any]:
     """Run the campaign flow here and now (``herald run``), tagged like a deployment's."""
@@ -373,7 +373,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _follow_up(flow_name: str, run_key: str, params: dict[str, Scalar], when: str) -> None:
+def _follow_up(flow_name: str, run_key: str, params: dict[str, Param], when: str) -> None:
     """Schedule the run that sends deferred recipients once their quiet hours end or the
     provider's back-off is over.
 

@@ -79,8 +79,7 @@ def _flows(ws: Workspace, names: list[str] | None) -> list[str]:
     known = ws.flow_names()
     unknown = [n for n in names or [] if n not in known]
     if unknown:
-        raise ConfigError([Problem(f"unknown flow '{n}' (flows: {', '.join(known)})")
-                           for n in unknown])
+        raise ConfigError([Problem(str(ws.not_found("flow", n))) for n in unknown])
     chosen = names or known
     if not chosen:
         raise ConfigError([Problem("no flows in config/flows/")])

@@ -30,7 +30,7 @@ from herald.audiences import builder, store
 from herald.core import clock
 from herald.core.db import describe_failure
 from herald.core.errors import HeraldError, Problem, RunError, ValidationFailed
-from herald.core.spec import Scalar, TaskRunnerSpec
+from herald.core.spec import Param, TaskRunnerSpec
 from herald.core.workspace import Workspace
 from herald.delivery import ledger_reads, run_records, suppression
 from herald.delivery.dispatch import (
@@ -99,7 +99,7 @@ def nothing_to_do(ws: Workspace, flow: str, run_key: str) -> dict[str, Any] | No
                        "failed; nothing to do"}
 
 
-def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None = None,
+def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Param] | None = None,
             run_key: str | None = None, dry_run: bool = False) -> Prepared:
     """Validate, record the run, build the package and plan its chunks."""
     adopt_workspace(ws)
@@ -286,7 +286,7 @@ def fail(ws: Workspace, run_id: str, error: BaseException) -> None:
     run_records.finish_run(ws.store, run_id, "failed", None, f"{type(error).__name__}: {error}")
 
 
-def run_local(ws: Workspace, flow_name: str, params: Mapping[str, Scalar] | None = None,
+def run_local(ws: Workspace, flow_name: str, params: Mapping[str, Param] | None = None,
               run_key: str | None = None, dry_run: bool = False,
               max_workers: int | None = None, runner: TaskRunnerSpec | None = None
               ) -> dict[str, Any]:

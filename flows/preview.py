@@ -12,11 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
-
+from herald.audiences.sql import statement
 from herald.audiences.store import Recipient, jsonable
 from herald.core.errors import AudienceError
-from herald.core.spec import DEFAULT_TIER, Scalar
+from herald.core.spec import DEFAULT_TIER, Param
 from herald.core.workspace import Workspace
 from herald.delivery import variants
 from herald.delivery.addresses import Addresses
@@ -28,7 +27,7 @@ from herald.flows.engine import default_run_key
 from herald.flows.validate import CheckedFlow, check_flow, did_you_mean
 
 
-def render_samples(ws: Workspace, flow_name: str, params: Mapping[str, Scalar],
+def render_samples(ws: Workspace, flow_name: str, params: Mapping[str, Param],
                    tier: str | None, limit: int) -> list[dict[str, Any]]:
     templates = templates_for(ws)
     checked = check_flow(ws, flow_name, params, templates, secrets=False)
@@ -125,12 +124,13 @@ def sample_recipients(ws: Workspace, checked: CheckedFlow, tier: str | None, lim
     sql = (f"SELECT * FROM (\n{checked.segment.sql}\n) AS herald_sample{where} "
            "LIMIT :herald_limit")
     with engine.connect() as conn:
-        rows = [dict(r) for r in conn.execute(text(sql), bind).mappings()]
+        rows = [dict(r) for r in conn.execute(statement(sql, bind), bind).mappings()]
     if tier and not rows:
         with engine.connect() as conn:
-            tiers = [str(t) for t in conn.execute(text(
+            tiers = [str(t) for t in conn.execute(statement(
                 f"SELECT DISTINCT herald_sample.{column} FROM (\n{checked.segment.sql}\n) "
-                "AS herald_sample"), checked.segment.params).scalars() if t is not None]
+                "AS herald_sample", checked.segment.params), checked.segment.params).scalars()
+                     if t is not None]
         known = sorted({*tiers, *(t for t in flow.tiers if t != "default")})
         raise AudienceError(f"--tier: no recipients in tier '{tier}'"
                             + (did_you_mean(tier, known) or "")

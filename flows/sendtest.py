@@ -19,7 +19,7 @@ from herald.channels.base import Message, Outcome
 from herald.core import clock
 from herald.core.db import test_sends, writing
 from herald.core.errors import HeraldError, quoted
-from herald.core.spec import Scalar
+from herald.core.spec import Param
 from herald.core.workspace import Workspace
 from herald.delivery.addresses import Addresses
 from herald.delivery.dispatch import Job, open_channel
@@ -33,7 +33,7 @@ TEST_RUN_KEY = "send-test"
 
 
 def send_test(ws: Workspace, flow_name: str, tier: str, to: str, channel: str | None = None,
-              params: Mapping[str, Scalar] | None = None) -> dict[str, Any]:
+              params: Mapping[str, Param] | None = None) -> dict[str, Any]:
     """Render the message of a sample recipient of ``tier`` and send it to ``to``."""
     templates = templates_for(ws)
     checked = check_flow(ws, flow_name, params, templates)  # secrets included: it sends
@@ -45,7 +45,8 @@ def send_test(ws: Workspace, flow_name: str, tier: str, to: str, channel: str | 
     choices = [channel] if channel else list(entry[1].channels)
     if channel and channel not in entry[1].channels:
         raise HeraldError(f"--channel: tier '{entry[0]}' of {flow.name} does not use channel "
-                          f"'{channel}' (it uses: {', '.join(entry[1].channels)})")
+                          f"'{channel}'{did_you_mean(channel, entry[1].channels)} (it uses: "
+                          f"{', '.join(entry[1].channels)})")
     address, chosen, why = None, None, []
     for name in choices:
         address, problem = Addresses(ws).clean(name, to)

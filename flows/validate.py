@@ -19,7 +19,7 @@ from herald.core.errors import (
     did_you_mean,
 )
 from herald.core.files import read_text
-from herald.core.spec import CapRule, FlowCapRule, FlowSpec, Scalar
+from herald.core.spec import CapRule, FlowCapRule, FlowSpec, Param
 from herald.core.workspace import Workspace
 from herald.delivery.render import Templates, templates_for
 
@@ -39,7 +39,7 @@ class CheckedFlow:
 OPT_OUT_MARKERS = ("退订", "回T", "拒收", "回TD")
 
 
-def check_flow(ws: Workspace, name: str, overrides: Mapping[str, Scalar] | None = None,
+def check_flow(ws: Workspace, name: str, overrides: Mapping[str, Param] | None = None,
                templates: Templates | None = None, secrets: bool = True) -> CheckedFlow:
     """Validate one flow; ValidationFailed lists every problem found. ``secrets``: also
     require the environment variables of the channels it sends through (everything
@@ -176,7 +176,7 @@ def _check_experiments(ws: Workspace, flow: FlowSpec, engine: Templates,
     return problems
 
 
-def param_problems(ws: Workspace, flow: FlowSpec, overrides: Mapping[str, Scalar]
+def param_problems(ws: Workspace, flow: FlowSpec, overrides: Mapping[str, Param]
                    ) -> list[Problem]:
     """Parameters given (in the flow's YAML or with -p) that the segment SQL does not
     use, each named where it was given, with the SQL's own parameters as the hint."""

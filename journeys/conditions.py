@@ -19,9 +19,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, text
-
-from herald.audiences.sql import Segment
+from herald.audiences.sql import Segment, statement
 from herald.core.workspace import Workspace
 from herald.reporting.conversions import bind_period, utc
 
@@ -37,12 +35,12 @@ def rows_for(ws: Workspace, source: str, query: Segment, key: str, columns: list
     sql = (f"SELECT CAST(herald_c.{quote(key)} AS VARCHAR(255)) AS herald_key, {wanted} "
            f"FROM (\n{query.sql}\n) AS herald_c "
            f"WHERE CAST(herald_c.{quote(key)} AS VARCHAR(255)) IN :herald_keys")
-    statement = text(sql).bindparams(bindparam("herald_keys", expanding=True))
     params = bind_period(engine, query, since, until)
+    query_keys = statement(sql, {**params, "herald_keys": keys})
     out: dict[str, list[Any]] = defaultdict(list)
     with engine.connect() as conn:
         for i in range(0, len(keys), SLICE):
-            for row in conn.execute(statement, {**params, "herald_keys": keys[i:i + SLICE]}):
+            for row in conn.execute(query_keys, {**params, "herald_keys": keys[i:i + SLICE]}):
                 out[row[0]].append(row[1:])
     return out
 

@@ -14,6 +14,7 @@ from sqlalchemy import Engine, func, insert, select, text
 from sqlalchemy import case as sql_case
 from sqlalchemy.exc import IntegrityError
 
+from herald.audiences.sql import statement
 from herald.core import clock
 from herald.core.db import JOURNEY_LIVE as LIVE
 from herald.core.db import journey_enrollments as enrollments
@@ -83,7 +84,7 @@ def enter_recipients(ws: Workspace, spec: JourneySpec, version: str) -> int:
     entered = 0
     with source.connect() as conn:
         result = conn.execution_options(stream_results=True, yield_per=ENTRY_BATCH).execute(
-            text(segment.sql), dict(segment.params))
+            statement(segment.sql, segment.params), dict(segment.params))
         columns = list(result.keys())
         for batch, part in enumerate(result.partitions(ENTRY_BATCH), start=1):
             rows = [dict(zip(columns, (_jsonable(v) for v in r), strict=True)) for r in part]

@@ -8,12 +8,10 @@ Each problem names the file, the line and the field, and all are reported at onc
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import weakref
 from dataclasses import dataclass
-from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -33,9 +31,9 @@ from herald.core.workspace import (
     SourceError,
     Workspace,
     cap_problems,
-    misnamed_hint,
+    tier_channel_problems,
 )
-from herald.core.yamlio import Located, dotted, load_yaml, readable_errors
+from herald.core.yamlio import Located, dotted, load_yaml, readable_errors, unknown_key
 from herald.delivery.render import Templates, templates_for
 from herald.journeys.spec import (
     PAUSES,
@@ -90,9 +88,7 @@ def forget(ws: Workspace) -> None:
 def _load(ws: Workspace, name: str) -> Loaded:
     rel = f"{JOURNEYS_DIR}/{name}.yaml"
     if not (ws.root / rel).exists():  # a folder there is named by load_yaml
-        raise WorkspaceError(f"unknown journey '{name}': {rel} not found"
-                             f"{misnamed_hint(ws.root / JOURNEYS_DIR, name)} (journeys: "
-                             f"{', '.join(names(ws)) or 'none'})")
+        raise ws.not_found("journey", name)
     doc = load_yaml(ws.root / rel, rel)
     try:
         spec = JourneySpec.model_validate(doc.data)
@@ -123,10 +119,7 @@ def _problems(exc: ValidationError, doc: Located) -> list[Problem]:
             del loc[2]
         kind = err["type"]
         if kind == "extra_forbidden":
-            msg = f"unknown key '{loc[-1]}'"
-            hint = _suggest(doc, loc)
-            if hint:
-                msg += f" (did you mean '{hint}'?)"
+            msg = unknown_key(loc[-1], _owner(doc, loc))
         elif kind in ("union_tag_not_found", "union_tag_invalid"):
             msg = f"type must be one of: {', '.join(STEP_TYPES)}"
             loc = [*loc, "type"] if loc[-1:] != ["type"] else loc
@@ -135,18 +128,13 @@ def _problems(exc: ValidationError, doc: Located) -> list[Problem]:
     return out
 
 
-def _suggest(doc: Located, loc: list[str | int]) -> str | None:
-    model: Any = JourneySpec
+def _owner(doc: Located, loc: list[str | int]) -> type[BaseModel] | None:
+    """The model an unknown key was written in: the journey's, or a step's by its type
+    (deeper keys get no suggestion)."""
     if len(loc) == 3 and loc[0] == "steps":
         step = doc.data.get("steps", {}).get(loc[1], {})
-        model = _STEP_MODELS.get(str(step.get("type")) if isinstance(step, dict) else "")
-    elif len(loc) != 1:
-        return None
-    if model is None:
-        return None
-    fields = [f.alias or n for n, f in model.model_fields.items()]
-    match = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.6)
-    return match[0] if match else None
+        return _STEP_MODELS.get(str(step.get("type")) if isinstance(step, dict) else "")
+    return JourneySpec if len(loc) == 1 else None
 
 
 def _check_refs(ws: Workspace, j: Loaded, name: str) -> list[Problem]:
@@ -171,12 +159,8 @@ def _check_refs(ws: Workspace, j: Loaded, name: str) -> list[Problem]:
         add(f"unknown source '{spec.goal.source}'", "goal", "source")
     for step_name, step in spec.steps.items():
         if isinstance(step, SendStep):
-            for tier, entry in step.tiers.items():
-                for i, channel in enumerate(entry.channels):
-                    if channel not in ws.channels:
-                        add(f"unknown channel '{channel}' (configured in config/herald.yaml: "
-                            f"{', '.join(ws.channels) or 'none'})",
-                            "steps", step_name, "tiers", tier, "channels", i)
+            problems += tier_channel_problems(step.tiers, j.doc, ws.channels,
+                                              ("steps", step_name))
     return problems + cap_problems(spec.caps, j.doc, ws.channels, tiers=spec.tier_names(),
                                    tier_column=spec.entry.tier)
 

@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from herald.core.fields import Clock, Duration, Name, Scalar, Strict, TimeZone
+from herald.core.fields import Clock, Duration, Name, Param, Scalar, Strict, TimeZone
 from herald.core.schedules import ScheduleSpec
 from herald.core.spec import AudienceSpec, FlowCapRule, QuietHours, TierSpec, tier_entry
 
@@ -49,7 +49,7 @@ class Condition(Strict):
     condition: str = Field(pattern=_SQL_NAME)
     source: Name | None = None
     at: str | None = None
-    params: dict[str, Scalar] = Field(default_factory=dict)
+    params: dict[str, Param] = Field(default_factory=dict)
 
 
 class ExitWhen(Condition):
@@ -83,7 +83,7 @@ class GoalSpec(Strict):
     key: str | None = None
     at: str = "converted_at"
     amount: str | None = None
-    params: dict[str, Scalar] = Field(default_factory=dict)
+    params: dict[str, Param] = Field(default_factory=dict)
     exit: bool = True
 
 

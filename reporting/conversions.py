@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, func, select, text
 from sqlalchemy.exc import DBAPIError
 
-from herald.audiences.sql import Segment, bind_time, load_sql, probe
+from herald.audiences.sql import Segment, bind_time, load_sql, probe, statement
 from herald.core import clock
 from herald.core.errors import AudienceError, HeraldError, Problem, WorkspaceError
 from herald.core.fields import format_duration
@@ -250,8 +250,9 @@ def _conversions(ws: Workspace, flow: FlowSpec, since: datetime, until: datetime
     found: dict[str, list[tuple[datetime, float]]] = {}
     try:
         with engine.connect() as conn:
+            params = bind_period(engine, query, since, until)
             result = conn.execution_options(stream_results=True, yield_per=5000).execute(
-                text(query.sql), bind_period(engine, query, since, until))
+                statement(query.sql, params), params)
             try:
                 have = list(result.keys())
                 missing = [c for c in columns.values() if c not in have]

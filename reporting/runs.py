@@ -34,9 +34,12 @@ def find_run(ws: Workspace, run: str | None, dry_runs: bool = False) -> Any:
         raise HeraldError(f"flow '{run}' has no {'' if dry_runs else 'real '}runs yet"
                           + ("" if dry_runs else " (--dry-runs to report dry runs)"))
     if run:
-        raise HeraldError(f"no run or flow '{run}'" + did_you_mean(run, [
+        journeys = ws.journey_names()
+        raise HeraldError(f"no run or flow '{run}'" + (did_you_mean(run, [
             *ws.flow_names(), *run_records.run_flows(ws.store),
-            *(r.id for r in run_records.list_runs(ws.store, 200))]))
+            *(r.id for r in run_records.list_runs(ws.store, 200))]) or (
+            f" ('{run}' is a journey: herald journey report {run})" if run in journeys
+            else did_you_mean(run, journeys, "journey"))))
     raise HeraldError("no runs yet" if dry_runs else "no real runs yet (--dry-runs to "
                       "report dry runs)")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from herald.audiences import builder, export, sql, store
 from herald.core.errors import AudienceError, WorkspaceError
 
-from .helpers import people
+from .helpers import PROMO_YAML, people
 
 
 def build(ws, params=None):
@@ -156,3 +157,76 @@ def test_a_byte_order_mark_before_the_segment_sql_is_ignored(make_workspace) -> 
     segment = sql.load_segment(ws, ws.flow("promo"))
     assert segment.sql.startswith("SELECT id")
     assert build(ws).size == 100
+
+
+# A segment with list parameters: `IN :name` takes a list, one bound value per item.
+LISTED_SQL = ("SELECT id, name, email, phone, tier, locale, score FROM people\n"
+              "WHERE score >= :min_score AND id IN :ids AND tier NOT IN :tiers\n"
+              "ORDER BY id\n")
+LISTED = {"audiences/people.sql": LISTED_SQL,
+          "config/flows/promo.yaml": PROMO_YAML.replace(
+              "{min_score: 0}", "{min_score: 0, ids: [1, 2, 3, 4, 5], tiers: [gold]}")}
+
+
+def test_a_list_parameter_binds_as_in(make_workspace, store_url, capsys) -> None:
+    """From the flow's YAML and from -p: a list is bound item by item for ``IN :ids``
+    (every way a package is built: inside SQLite, streamed into Postgres), in builds,
+    previews and runs."""
+    from herald.flows.cli import main
+    from herald.flows.engine import run_local
+
+    from .helpers import ledger_rows
+
+    ws = make_workspace(LISTED, rows=20, store=store_url)
+    package = build(ws)
+    assert package.params == {"min_score": 0, "ids": [1, 2, 3, 4, 5], "tiers": ["gold"]}
+    assert [r.key for r in store.read(ws, package.id)] == ["1", "2", "3", "5"]  # 4: gold
+    assert build(ws, {"ids": [7, 8], "tiers": ["nobody", "silver"]}).size == 2
+    with pytest.raises(SystemExit):
+        main(["audience", "build", "promo", "-p", "ids=[10, 11, 13]", "-p",
+              "tiers=[bronze]", "--json", "-w", str(ws.root)])
+    built = json.loads(capsys.readouterr().out)
+    assert (built["params"]["ids"], built["size"]) == ([10, 11, 13], 1)  # 13 is silver
+    with pytest.raises(SystemExit):
+        main(["preview", "promo", "-p", "ids=[1, 2, 3]", "--tier", "bronze", "--json",
+              "-w", str(ws.root)])
+    assert [s["recipient"] for s in json.loads(capsys.readouterr().out)] == ["2", "3"]
+    run_local(ws, "promo", {"ids": [6, 9]}, run_key="listed")
+    assert sorted(ledger_rows(ws, "status")) == ["6", "9"]
+
+
+@pytest.mark.parametrize(("where", "params", "message"), [
+    ("id = :ids", {"ids": [1, 2]},
+     "people.sql: parameter :ids is a list, which binds only as IN :ids (written without "
+     "parentheses"),
+    ("id IN (:ids)", {"ids": [1]}, "parameter :ids is a list, which binds only as IN :ids"),
+])
+def test_a_list_used_elsewhere_than_in_is_refused(make_workspace, where, params,
+                                                   message) -> None:
+    ws = make_workspace({"audiences/people.sql": f"SELECT * FROM people WHERE {where} AND "
+                         "score >= :min_score"})
+    with pytest.raises(AudienceError, match=re.escape(message)):
+        build(ws, params)
+    assert store.list_packages(ws) == []
+
+
+def test_list_parameters_that_cannot_be_are_refused_by_name(make_workspace, capsys) -> None:
+    from herald.core.errors import ConfigError
+    from herald.flows.cli import main
+
+    ws = make_workspace({**LISTED, "config/flows/promo.yaml": PROMO_YAML.replace(
+        "{min_score: 0}", "{min_score: 0, ids: [], tiers: {a: 1}}")})
+    with pytest.raises(ConfigError) as caught:
+        ws.flow("promo")
+    assert [str(p) for p in caught.value.problems] == [
+        "config/flows/promo.yaml:6 audience.params.ids: an empty list would select nobody: "
+        "give one value or more",
+        "config/flows/promo.yaml:6 audience.params.tiers: a parameter is a number, a text, "
+        "true or false, or a list of them for IN :name, not a mapping"]
+    for value, why in (("[]", "an empty list would select nobody"),
+                       ("[[1], 2]", "a list of numbers, texts, true or false, not of lists"),
+                       ("{a: 1}", "not a mapping")):
+        with pytest.raises(SystemExit) as exc:
+            main(["audience", "build", "promo", "-p", f"ids={value}", "-w", str(ws.root)])
+        err = " ".join(capsys.readouterr().err.split())
+        assert exc.value.code == 2 and "Invalid value for -p: ids: " in err and why in err

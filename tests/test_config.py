@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -165,12 +166,23 @@ def test_quiet_hours_errors_are_one_line_each_and_name_no_class() -> None:
 
 
 def test_flow_cross_references(make_workspace) -> None:
-    ws = make_workspace({"config/flows/promo.yaml": """\
+    """Sources and channels are configured ones; a tier's channels are an order of
+    preference, so one listed twice is refused at its own line (in a journey send step's
+    tiers too)."""
+    nudge = str(JOURNEY_FILES["config/journeys/nudge.yaml"])
+    ws = make_workspace({**JOURNEY_FILES, "config/flows/promo.yaml": """\
         name: promo
         audience: {source: nowhere, segment: people, key: id}
         tiers:
           gold: {channels: [email, wchat]}
-        """})
+          silver:
+            channels:
+              - sms
+              - emial
+              - sms
+        """, "config/journeys/nudge.yaml": nudge.replace(
+        "tiers: {default: {channels: [email, sms]}}",
+        "tiers: {default: {channels: [email, sms]}, gold: {channels: [sms, sms]}}")})
     with pytest.raises(ConfigError) as exc:
         ws.flow("promo")
     assert problems(exc) == [
@@ -178,7 +190,17 @@ def test_flow_cross_references(make_workspace) -> None:
         "(sources in config/herald.yaml: crm)",
         "config/flows/promo.yaml:4 tiers.gold.channels[1]: unknown channel 'wchat' "
         "(configured in config/herald.yaml: email, sms)",
+        "config/flows/promo.yaml:8 tiers.silver.channels[1]: unknown channel 'emial' (did "
+        "you mean 'email'?) (configured in config/herald.yaml: email, sms)",
+        "config/flows/promo.yaml:9 tiers.silver.channels[2]: channel 'sms' is listed twice "
+        "(first at channels[0]): list each channel once, in order of preference",
     ]
+    from herald.journeys import load as journeys
+
+    with pytest.raises(ConfigError, match=re.escape(
+            "config/journeys/nudge.yaml:20 steps.first.tiers.gold.channels[1]: channel 'sms' "
+            "is listed twice (first at channels[0])")):
+        journeys.load(ws, "nudge")
 
 
 def test_workspace_cap_scoped_to_unknown_channel_or_flow_is_refused(make_workspace) -> None:

@@ -113,6 +113,32 @@ def test_a_recipient_who_converts_during_a_wait_leaves_at_the_next_tick(journey_
         assert path[-1]["outcome"] == "exited" and path[-1]["detail"] == "purchased"
 
 
+def test_entry_and_condition_params_take_lists_for_in(make_workspace):
+    """A journey's SQL binds lists as its flows' do: ``IN :ids`` in the entry segment, and
+    in a condition (whose query Herald wraps to ask about a chunk's keys)."""
+    nudge = str(JOURNEY_FILES["config/journeys/nudge.yaml"])
+    ws = make_workspace({
+        **JOURNEY_FILES,
+        "config/journeys/nudge.yaml": nudge.replace(
+            "params: {min_score: 0}", "params: {min_score: 0, ids: [1, 2, 3, 5, 6, 7]}")
+        .replace("condition: visited\n", "condition: visited\n    params: {who: [2, 5]}\n"),
+        "audiences/nudge_entry.sql": str(JOURNEY_FILES["audiences/nudge_entry.sql"])
+        + " AND id IN :ids",
+        "audiences/visited.sql": str(JOURNEY_FILES["audiences/visited.sql"])
+        + " AND id IN :who"}, rows=10)
+    crm_events(ws)
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        assert journey_tick(ws)["entered"] == 6
+        waiting = {k for k, r in enrollment_rows(ws).items() if r.step == "wait_visit"}
+        assert {"2", "5", "6"} <= waiting
+        clock.advance(timedelta(hours=5))
+        for visitor in (2, 5, 6):  # 6 visits too, but the condition asks about 2 and 5
+            crm_event(ws, "visits", visitor, clock.now() - timedelta(hours=1))
+        journey_tick(ws)
+    steps = {k: r.step for k, r in enrollment_rows(ws).items()}
+    assert (steps["2"], steps["5"], steps["6"]) == ("done", "done", "wait_visit")
+
+
 def test_timeout_and_matched_lead_where_the_yaml_says(journey_ws):
     ws = journey_ws
     with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
@@ -559,6 +585,25 @@ steps:
   c: {type: wait_for, condition: visited, within: 1d, matched: a, timeout: zz}
   orphan: {type: exit}
 """
+
+
+def test_unknown_keys_get_the_flows_suggestions(make_workspace):
+    """An unknown key of the journey or of a step (by its type) gets the closest field as
+    a did-you-mean, as in a flow; a deeper key, or one close to nothing, gets none."""
+    ws = make_workspace({**JOURNEY_FILES, "config/journeys/broken.yaml": BROKEN.replace(
+        "timeout: zz", "timeout: orphan").replace("next: a}]", "next: c}]")
+        .replace("key: id}", "key: id, sgment: x}\nmax_duraton: 3d\nzzz: 1")
+        .replace("within: 1d", "withn: 1d")})
+    with pytest.raises(ConfigError) as caught:
+        load.load(ws, "broken")
+    assert sorted(str(caught.value).splitlines()) == [
+        "config/journeys/broken.yaml:2 entry.sgment: unknown key 'sgment'",
+        "config/journeys/broken.yaml:3 max_duraton: unknown key 'max_duraton' "
+        "(did you mean 'max_duration'?)",
+        "config/journeys/broken.yaml:4 zzz: unknown key 'zzz'",
+        "config/journeys/broken.yaml:8 steps.c.within: required key is missing",
+        "config/journeys/broken.yaml:8 steps.c.withn: unknown key 'withn' "
+        "(did you mean 'within'?)"]
 
 
 def test_validation_names_file_line_and_field(make_workspace, catalogue):

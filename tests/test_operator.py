@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from herald.core.errors import ConfigError
 from herald.flows import engine
 from herald.flows.cli import main
 
@@ -217,6 +218,21 @@ def test_report_by_run_key_runs_and_a_complete_rerun(make_workspace, capsys) -> 
     assert done["deliveries"]["sent"] == 98 and done["sent_by"] == first["run_id"]
 
 
+def test_a_repeated_channel_stops_validate_and_run_before_any_send(make_workspace,
+                                                                   capsys) -> None:
+    from .helpers import PROMO_YAML, ledger_rows, outbox_messages
+
+    ws = make_workspace({"config/flows/promo.yaml": PROMO_YAML.replace(
+        "gold: {channels: [email, sms]}", "gold: {channels: [sms, sms]}")})
+    line = ("config/flows/promo.yaml:11 tiers.gold.channels[1]: channel 'sms' is listed "
+            "twice (first at channels[0])")
+    code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+    assert code == 1 and line in err
+    code, out, err = cli(capsys, "run", "promo", "--json", "-w", str(ws.root))
+    assert code == 1 and out == "" and line in err
+    assert outbox_messages(ws) == 0 and ledger_rows(ws, "status") == {}
+
+
 def test_unknown_flows_runs_and_keys_get_did_you_mean(make_workspace, capsys) -> None:
     ws = make_workspace(rows=10)
     engine.run_local(ws, "promo", run_key="2026-11-22")
@@ -227,6 +243,46 @@ def test_unknown_flows_runs_and_keys_get_did_you_mean(make_workspace, capsys) ->
     assert code == 1 and "did you mean '2026-11-22'?" in err
     code, _, err = cli(capsys, "runs", "prom", "-w", str(ws.root))
     assert code == 1 and "unknown flow 'prom' (did you mean 'promo'?)" in err
+
+
+def test_every_command_taking_a_name_says_what_was_meant(make_workspace, capsys) -> None:
+    """Journeys, flows, packages and channels given by name: a typo gets the closest
+    name, a journey's name where a flow is wanted (or the reverse) says what it is."""
+    from herald.audiences import store
+    from herald.flows import deploy
+
+    from .helpers import JOURNEY_FILES
+
+    ws = make_workspace(JOURNEY_FILES, rows=10)
+    engine.run_local(ws, "promo", run_key="2026-11-22")
+    package = store.list_packages(ws)[0].id
+    w = ("-w", str(ws.root))
+    wanted = {
+        ("journey", "tick", "nudg"): "unknown journey 'nudg': config/journeys/nudg.yaml not "
+                                     "found (did you mean 'nudge'?) (journeys: nudge)",
+        ("journey", "status", "nudg"): "unknown journey 'nudg'",
+        ("journey", "show", "nudg", "1"): "unknown journey 'nudg'",
+        ("journey", "report", "nudg"): "unknown journey 'nudg'",
+        ("journey", "tick", "promo"): "not found ('promo' is a flow) (journeys: nudge)",
+        ("run", "nudge"): "not found ('nudge' is a journey) (flows: promo)",
+        ("validate", "nudg"): "unknown flow 'nudg': config/flows/nudg.yaml not found (did "
+                              "you mean journey 'nudge'?) (flows: promo)",
+        ("report", "nudge"): "no run or flow 'nudge' ('nudge' is a journey: herald journey "
+                             "report nudge)",
+        ("demo-data", "--simulate-response", "nudg"): "(did you mean journey 'nudge'?)",
+        ("audience", "list", "--flow", "prom"): "--flow: unknown flow 'prom' (did you mean "
+                                                "'promo'?)",
+        ("audience", "prune", "--keep", "0", "--flow", "prom"): "(did you mean 'promo'?)",
+        ("audience", "show", package[:-1]): f"(did you mean '{package}'?)",
+        ("suppress", "add", "x@y.z", "--channel", "emial"): "unknown channel 'emial' (did you mean "
+                                                    "'email'?)",
+    }
+    for args, message in wanted.items():
+        code, _, err = cli(capsys, *args, *w)
+        assert code == 1 and message in err, (args, err)
+    assert store.list_packages(ws) != []  # the prune of an unknown flow deleted nothing
+    with pytest.raises(ConfigError, match=r"unknown flow 'prom'.*did you mean 'promo'"):
+        deploy._flows_and_journeys(ws, ["prom", "nudge"])
 
 
 # -- errors, each one line with file:line field and a hint -------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from sqlalchemy import func, select
 
@@ -58,3 +60,23 @@ def test_duplicate_keys_on_postgres(make_workspace, pg_database) -> None:
     with pytest.raises(AudienceError, match=r"duplicate key '2'"):
         builder.build(ws, flow, sql.load_segment(ws, flow))
     assert store.list_packages(ws) == []
+
+
+def test_a_list_parameter_binds_as_in_on_a_postgres_source(make_workspace, pg_database,
+                                                           capsys) -> None:
+    from herald.flows.cli import main
+
+    from .test_audience import LISTED_SQL
+
+    ws = pg_workspace(make_workspace, pg_database, 20)
+    (ws.root / "audiences/people.sql").write_text(LISTED_SQL)
+    flow = ws.flow("promo")
+    segment = sql.load_segment(ws, flow, {"ids": [1, 2, 3, 4, 5], "tiers": ["gold"]})
+    package = builder.build(ws, flow, segment)
+    assert [r.key for r in store.read(ws, package.id)] == ["1", "2", "3", "5"]
+    with pytest.raises(SystemExit):
+        main(["preview", "promo", "-p", "ids=[1, 2, 3]", "-p", "tiers=[x]", "--tier",
+              "bronze", "--json", "-w", str(ws.root)])
+    assert [s["recipient"] for s in json.loads(capsys.readouterr().out)] == ["2", "3"]
+    summary = run_local(ws, "promo", {"ids": [6, 9], "tiers": ["gold"]}, run_key="listed")
+    assert summary["package"]["size"] == 2

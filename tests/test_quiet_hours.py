@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+import pytest
 from sqlalchemy import select
 
 from herald.core import clock
 from herald.core.spec import QuietHours
 from herald.delivery import ledger, ledger_reads, suppression
+from herald.flows.cli import main
 from herald.flows.engine import run_local
 
-from .helpers import outbox_messages
+from .helpers import ledger_rows, outbox_messages, people
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 
@@ -89,19 +93,46 @@ def test_defer_keeps_the_place_and_a_later_run_sends(make_workspace, store_url, 
     assert outbox_messages(ws) == 19
 
 
-def test_deferred_rows_hold_their_cap_slot(make_workspace, store_url, now) -> None:
-    other = (
+@pytest.mark.parametrize("mode", ["defer", "skip"])
+def test_report_counts_quiet_hours_in_each_channels_row(make_workspace, store_url, mode,
+                                                        capsys) -> None:
+    """Whoever quiet hours keep back is recorded on the channel they would have been sent
+    through, so `herald report`'s channel rows add up to its `all` row."""
+    status = "deferred" if mode == "defer" else "quiet_hours"
+    ws = make_workspace({"config/herald.yaml": CONFIG + around_now(mode)}, rows=20,
+                        store=store_url)
+    with clock.using(clock.Clock(datetime(2026, 11, 22, 16, 30, tzinfo=UTC), frozen=True)):
+        summary = run_local(ws, "promo", run_key="q")
+        with pytest.raises(SystemExit):
+            main(["report", "promo", "--json", "-w", str(ws.root)])
+    report = json.loads(capsys.readouterr().out)
+    expected: Counter[str] = Counter()  # gold: email, then sms; the others sms, then email
+    for person in people(20):
+        order = ["email", "phone"] if person["tier"] == "gold" else ["phone", "email"]
+        column = next((c for c in order if person[c]), None)
+        if column:
+            expected["email" if column == "email" else "sms"] += 1
+    assert report["deliveries"][status] == summary["deliveries"][status] == 20
+    for counts in (report, summary):
+        assert {channel: row[status] for channel, row in counts["by_channel"].items()
+                if row[status]} == expected
+    assert None not in {r.channel for r in statuses(ws).values() if r.status == status}
+
+
+# a second flow, without quiet hours, to the same people: sms first, then e-mail
+OTHER_FLOW = {
+    "config/flows/other.yaml": (
         "name: other\naudience: {source: crm, segment: people, params: {min_score: 0}, "
         "key: id, tier: tier}\ntiers: {default: {channels: [sms, email]}}\n"
-        "quiet_hours: false\n"
-    )
-    files = {
-        "config/herald.yaml": CONFIG + around_now("defer"),
-        "config/flows/other.yaml": other,
-        "templates/other/default.sms.txt.j2": "x {{ name }}",
-        "templates/other/default.email.subject.j2": "x",
-        "templates/other/default.email.txt.j2": "x {{ name }}",
-    }
+        "quiet_hours: false\n"),
+    "templates/other/default.sms.txt.j2": "x {{ name }}",
+    "templates/other/default.email.subject.j2": "x",
+    "templates/other/default.email.txt.j2": "x {{ name }}",
+}
+
+
+def test_deferred_rows_hold_their_cap_slot(make_workspace, store_url, now) -> None:
+    files = {"config/herald.yaml": CONFIG + around_now("defer"), **OTHER_FLOW}
     ws = make_workspace(files, rows=10, store=store_url)
     assert run_local(ws, "promo", run_key="q")["deliveries"]["deferred"] == 10
     # `other` turns quiet hours off, but the daily cap is taken by the deferred promo
@@ -116,3 +147,25 @@ def test_deferred_rows_hold_their_cap_slot(make_workspace, store_url, now) -> No
             .all()
             == ["capped"] * 10
         )
+
+
+def test_a_deferred_row_holds_its_channels_cap(make_workspace, store_url) -> None:
+    """Deferred on sms, a recipient's daily sms is taken: another flow that same day
+    reaches them by e-mail (or is capped without one); deferred on e-mail, by sms as
+    usual (e-mail without a phone)."""
+    config = CONFIG.replace("{max: 1, per: 1d}", "{channel: sms, max: 1, per: 1d}")
+    ws = make_workspace({"config/herald.yaml": config + around_now("defer"), **OTHER_FLOW},
+                        rows=10, store=store_url)
+    with clock.using(clock.Clock(datetime(2026, 11, 22, 16, 30, tzinfo=UTC), frozen=True)):
+        run_local(ws, "promo", run_key="q")
+        deferred = {k: r.channel for k, r in statuses(ws).items() if r.status == "deferred"}
+        run_local(ws, "other", run_key="q")
+    other = ledger_rows(ws, "channel", "status", where="flow = 'other'")
+    has = {str(p["id"]): p for p in people(10)}
+    assert set(deferred.values()) == {"sms", "email"}
+    for key, channel in deferred.items():
+        if channel == "sms":
+            expected = ("email", "sent") if has[key]["email"] else ("sms", "capped")
+        else:
+            expected = ("sms", "sent") if has[key]["phone"] else ("email", "sent")
+        assert other[key] == expected, key

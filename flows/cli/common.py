@@ -23,9 +23,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from herald.core.errors import HeraldError
+from herald.core.errors import HeraldError, did_you_mean
 from herald.core.files import file_in_the_way
-from herald.core.spec import Scalar
+from herald.core.spec import Param
 from herald.core.workspace import Workspace
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -99,19 +99,26 @@ def open_workspace(workspace: str | None) -> Workspace:
     return ws
 
 
-def parse_params(items: list[str] | None) -> dict[str, Scalar]:
-    """``-p days=30``: values are parsed like YAML scalars (30 is a number, "30" text)."""
+def parse_params(items: list[str] | None) -> dict[str, Param]:
+    """``-p days=30``: values are parsed like YAML scalars (30 is a number, "30" text), and
+    ``-p ids=[1,2]`` is a list (for ``IN :ids``), as in a flow's ``params``."""
+    from herald.core.errors import ConfigError
+    from herald.core.fields import check_param
     from herald.core.yamlio import parse_yaml
 
-    params: dict[str, Scalar] = {}
+    params: dict[str, Param] = {}
     for item in items or []:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             raise typer.BadParameter(f"'{item}' is not NAME=VALUE", param_hint="-p")
-        parsed = parse_yaml(value, "-p", {}).data if value.strip() else ""
-        if isinstance(parsed, dict | list):
-            parsed = value
-        params[name.strip()] = parsed
+        try:
+            params[name.strip()] = check_param(
+                parse_yaml(value, "-p", {}).data if value.strip() else "")
+        except (ConfigError, ValueError) as exc:
+            why = exc.problems[0].message if isinstance(exc, ConfigError) else str(exc)
+            raise typer.BadParameter(f"{name.strip()}: {why} (for the text itself, quote "
+                                     f"it: -p {name.strip()}='\"{value}\"')",
+                                     param_hint="-p") from None
     return params
 
 
@@ -121,7 +128,8 @@ def print_json(data: Any) -> None:
 
 def check_channel(ws: Workspace, channel: str | None, where: str = "--channel") -> None:
     if channel and channel != "*" and channel not in ws.channels:
-        raise HeraldError(f"{where}: unknown channel '{channel}' "
+        raise HeraldError(f"{where}: unknown channel '{channel}'"
+                          f"{did_you_mean(channel, ws.channels)} "
                           f"(configured: {', '.join(ws.channels)})")
 
 
