@@ -193,11 +193,34 @@ def param_problems(ws: Workspace, flow: FlowSpec, overrides: Mapping[str, Param]
                 file=ws.flow_file(flow.name),
                 line=ws.flow_line(flow.name, ("audience", "params", name)),
                 field=f"audience.params.{name}"))
-    for name in overrides:
+    for name, value in overrides.items():
         if name not in used:
             problems.append(Problem(f"-p {name}: {file} does not use :{name}"
                                     f"{did_you_mean(name, used)} (it uses: {listed})"))
+        elif name in flow.audience.params:
+            unlike = _unlike(value, flow.audience.params[name])
+            if unlike:
+                problems.append(Problem(
+                    f"-p {name}: {value!r} is not {unlike}, as the flow's value "
+                    f"{flow.audience.params[name]!r} is ({ws.flow_file(flow.name)}:"
+                    f"{ws.flow_line(flow.name, ('audience', 'params', name))})"))
     return problems
+
+
+def _unlike(value: Param, default: Param) -> str | None:
+    """What ``value`` (given with -p) should be to take the place of the flow's own
+    ``default``, or None when it may: a typo (``-p days=9O``) would otherwise be bound as
+    text and the segment would select another audience than meant."""
+    def number(v: object) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    if number(default) and not number(value):
+        return "a number"
+    if isinstance(default, bool) and not isinstance(value, bool):
+        return "true or false"
+    if isinstance(default, list) and not isinstance(value, list):
+        return "a list like [1, 2]"
+    return None
 
 
 def _opt_out_warnings(ws: Workspace, flow: FlowSpec, engine: Templates,

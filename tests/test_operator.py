@@ -287,7 +287,9 @@ def test_every_command_taking_a_name_says_what_was_meant(make_workspace, capsys)
 
 # -- errors, each one line with file:line field and a hint -------------------------------------
 def test_errors_name_the_line_and_give_a_hint(make_workspace, capsys, monkeypatch) -> None:
-    from .helpers import PROMO_YAML
+    from herald.audiences import store
+
+    from .helpers import PROMO_YAML, outbox_messages
 
     flow = "config/flows/promo.yaml"
     ws = make_workspace({flow: PROMO_YAML.replace("{min_score: 0}",
@@ -299,6 +301,15 @@ def test_errors_name_the_line_and_give_a_hint(make_workspace, capsys, monkeypatc
     code, _, err = cli(capsys, "preview", "promo", "-w", str(ws.root), "-p", "min_score=1",
                        "-p", "dayz=3")
     assert code == 1 and "-p dayz: audiences/people.sql does not use :dayz" in err
+    # a typo in a number would be bound as text and select another audience: refused,
+    # nothing built or sent
+    ws = make_workspace(folder="w1")
+    for value, what in (("1O", "'1O' is not a number"), ("true", "True is not a number")):
+        code, _, err = cli(capsys, "run", "promo", "-w", str(ws.root), "-p",
+                           f"min_score={value}")
+        assert code == 1 and (f"-p min_score: {what}, as the flow's value 0 is "
+                              f"({flow}:6)") in " ".join(err.split()), err
+    assert outbox_messages(ws) == 0 and store.list_packages(ws) == []
 
     ws = make_workspace({flow: PROMO_YAML + "holdout: 5%\n"}, folder="w2")
     code, _, err = cli(capsys, "validate", "-w", str(ws.root))
