@@ -35,7 +35,7 @@ from herald.delivery.policy import SEND, Decision, Policy
 from herald.delivery.render import RenderError
 from herald.delivery.variants import assign as assign_variant
 from herald.journeys import conditions, load
-from herald.journeys.chunks import GRACE, ChunkJob, ChunkResult, Item, among_ids
+from herald.journeys.chunks import GRACE, ChunkJob, ChunkResult, Item, among_ids, must
 from herald.journeys.entry import definition
 from herald.journeys.spec import (
     BranchStep,
@@ -292,8 +292,14 @@ class Mover:
         for key, row in have.items():
             item = wanted[key]
             # reserved by an earlier tick that did not send it (interrupted, stopped, or
-            # its channel stopped): sent now, on the channel it was reserved for
-            if row.status == "queued":
+            # its channel stopped), or deferred by the provider's back-off and due now:
+            # sent now, on the channel it was reserved for
+            if row.status == "deferred" and _due(row) > self.now:
+                # claimed within GRACE of its time: the provider's wait is kept to the
+                # second (it named it), so it waits on until then
+                self.park(item, _due(row))
+                continue
+            if row.status in ("queued", "deferred"):
                 entry = step.tier_for(item.tier)
                 assert entry is not None
                 decisions.append((item, Decision(item.recipient_row(), entry[0], SEND,
@@ -330,6 +336,14 @@ class Mover:
                 # the next tick sends it (this one does not claim them again).
                 self.park(item, self.now)
                 self.result.moves[name, "queued_waiting"] += 1
+                continue
+            if row is not None and row.status == "deferred":
+                # The provider kept answering "later" (throttled, busy) past this tick's
+                # retries: the step is not done either. The recipient waits here until
+                # the back-off ends, then a tick sends again; after MAX_TOTAL_ATTEMPTS
+                # attempts in all the row is `failed` and the recipient moves on.
+                self.park(item, _due(row))
+                self.result.moves[name, "deferred_waiting"] += 1
                 continue
             outcome = row.status if row else "lost"
             self.visit(item, "send", outcome, row.reason if row else None)
@@ -446,6 +460,11 @@ def item_version(items: list[Item]) -> str:
     return items[0].version
 
 
+def _due(row: Any) -> datetime:
+    """When a deferred ledger row may be sent again (its ``not_before``)."""
+    return must(row.not_before)
+
+
 def _ledger_rows(conn: Any, flow: str, wanted: dict[tuple[str, str], Item]
                  ) -> dict[tuple[str, str], Any]:
     """The ledger rows of (run key, recipient) pairs of ``flow``."""
@@ -453,8 +472,9 @@ def _ledger_rows(conn: Any, flow: str, wanted: dict[tuple[str, str], Item]
     out = {}
     recipients = sorted({k[1] for k in wanted})
     for part in ledger.among(conn, d.recipient, recipients):
-        for row in conn.execute(select(d.recipient, d.run_key, d.status, d.channel,
-                                       d.address, d.reason).where(d.flow == flow, part)):
+        for row in conn.execute(select(
+                d.recipient, d.run_key, d.status, d.channel, d.address, d.reason,
+                d.not_before).where(d.flow == flow, part)):
             if (row.run_key, row.recipient) in wanted:
                 out[row.run_key, row.recipient] = row
     return out

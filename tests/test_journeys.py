@@ -380,6 +380,34 @@ def test_a_recipient_the_provider_refuses_fails_and_moves_on(make_workspace, pee
     assert [(p["step"], p["outcome"]) for p in path] == [("hello", "failed")]
 
 
+
+def test_a_provider_that_says_later_keeps_the_recipient_at_the_step_until_then(
+        make_workspace, peer, store_url):
+    """A throttled answer whose wait outlasts the tick's retries (429, Retry-After: 120)
+    defers the message: the recipient waits at the send step until the back-off ends
+    and a tick then sends it once; nobody moves on without their message."""
+    ws = hooked_workspace(make_workspace, peer, store_url)
+    peer.script("5", ("status", 429, {"Retry-After": "120"}))
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        first = journey_tick(ws, "hooked")
+    assert first["steps"] == {"hello": {"sent": 17, "no_address": 2, "deferred_waiting": 1}}
+    status, reason = _hooked(ws)["5"]
+    assert status == "deferred" and "after 1 attempts" in str(reason)
+    row = enrollment_rows(ws, "hooked")["5"]
+    assert (row.step, row.status, row.seq) == ("hello", "waiting", 0)
+    assert row.due_at.replace(tzinfo=None) == (
+        JOURNEY_START + timedelta(minutes=2)).replace(tzinfo=None)
+    with clock.using(clock.Clock(JOURNEY_START + timedelta(minutes=1), frozen=True)):
+        early = journey_tick(ws, "hooked")  # the back-off is not over: not sent
+    assert early["steps"] == {} and peer.delivered().get("5") is None
+    with clock.using(clock.Clock(JOURNEY_START + timedelta(minutes=3), frozen=True)):
+        due = journey_tick(ws, "hooked")
+    assert due["steps"] == {"hello": {"sent": 1}}
+    assert _hooked(ws)["5"][0] == "sent" and peer.delivered()["5"] == 1
+    assert enrollment_rows(ws, "hooked")["5"].step == "later"
+    path = report.show(ws, "hooked", "5")["enrollments"][0]["path"]
+    assert [(p["step"], p["outcome"]) for p in path] == [("hello", "sent")]
+
 def test_a_stop_signal_mid_send_keeps_the_unsent_at_their_step(make_workspace, store_url,
                                                                catalogue):
     """SIGTERM to ``herald journey tick`` while it sends: no new batch; the batches in
