@@ -33,6 +33,24 @@ def normalize(value: str, region: str | None = None) -> str:
     return comparable(value, region)
 
 
+
+LISTED_SINCE = "recipient or address put on the suppression list after the message was reserved"
+
+
+def listed_since(conn: Connection, reserved: Iterable[tuple[str, str, str]],
+                 region: str | None = None) -> set[str]:
+    """Of messages reserved earlier and about to be sent, (key, channel, address) each,
+    the keys the suppression list stops now: the key or the address listed for every
+    channel or for this one. A message held back (a rerun after a stop, a journey's
+    message after a stopped channel or a provider's back-off) may go out days after its
+    reservation, and an unsubscribe meanwhile must still hold."""
+    forms = {(key, channel, address): (normalize(key, region), normalize(address, region))
+             for key, channel, address in reserved}
+    listed = suppressed(conn, [f for pair in forms.values() for f in pair], normalized=True)
+    return {key for (key, channel, _), (key_form, address_form) in forms.items()
+            if {ALL_CHANNELS, channel} & (listed.get(key_form, set())
+                                          | listed.get(address_form, set()))}
+
 def suppressed(conn: Connection, values: Iterable[str], region: str | None = None,
                normalized: bool = False) -> dict[str, set[str]]:
     """{normalized value: channels it is suppressed on ("*" for every channel)}

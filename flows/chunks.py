@@ -26,7 +26,7 @@ from herald.channels.base import Message
 from herald.core import clock, collector, workspace
 from herald.core.db import writing
 from herald.core.workspace import Workspace
-from herald.delivery import ledger, ledger_reads, render, unsubscribe, variants
+from herald.delivery import ledger, ledger_reads, render, suppression, unsubscribe, variants
 from herald.delivery.dispatch import (
     Job,
     dispatch,
@@ -270,15 +270,25 @@ def _lock_ledger(conn: Any) -> None:
 
 def _resume_decisions(ws: Workspace, flow: str, job: ChunkJob,
                       rows: list[store.Recipient]) -> list[Decision]:
-    """Queued rows from an interrupted run: send them on the channel they reserved."""
+    """Queued rows from an interrupted run: send them on the channel they reserved,
+    unless the suppression list stops them now (``suppressed``, settled here)."""
     out = []
     with ws.store.connect() as conn:
         found = ledger_reads.existing(conn, flow, job.run_key, [r.key for r in rows])
+        stopped = suppression.listed_since(
+            conn, [(r.key, found[r.key].channel, found[r.key].address) for r in rows],
+            ws.config.phone_region)
     for r in rows:
         entry = ws.flow(flow).tier_for(r.tier)
         assert entry is not None, "the row was reserved under this flow's tiers"
-        out.append(Decision(r, entry[0], SEND, channel=found[r.key].channel,
-                            address=found[r.key].address, variant=found[r.key].variant))
+        row = found[r.key]
+        out.append(Decision(r, entry[0], "suppressed" if r.key in stopped else SEND,
+                            channel=row.channel, address=row.address, variant=row.variant,
+                            reason=suppression.LISTED_SINCE if r.key in stopped else None))
+    if stopped and not job.dry_run:
+        ledger.settle(ws.store, flow, job.run_key, [
+            ledger.Outcome(key, "suppressed", suppression.LISTED_SINCE, attempts=0)
+            for key in stopped])
     return out
 
 

@@ -21,7 +21,7 @@ from herald.core.db import journey_log as log
 from herald.core.db import writing
 from herald.core.errors import RunError
 from herald.core.workspace import Workspace
-from herald.delivery import ledger, render, unsubscribe
+from herald.delivery import ledger, render, suppression, unsubscribe
 from herald.delivery.dispatch import (
     STOPPED,
     Job,
@@ -289,6 +289,7 @@ class Mover:
         written = sum(map(len, by_key.values()))
         if written >= 1000:  # as flows' chunks do (see the ledger)
             ledger.refresh_statistics(ws.store, written)
+        again: list[tuple[Item, Any]] = []  # reserved earlier: sent now
         for key, row in have.items():
             item = wanted[key]
             # reserved by an earlier tick that did not send it (interrupted, stopped, or
@@ -300,10 +301,24 @@ class Mover:
                 self.park(item, _due(row))
                 continue
             if row.status in ("queued", "deferred"):
+                again.append((item, row))
+        if again:  # unless the suppression list stops them now (settled `suppressed`)
+            with ws.store.connect() as conn:
+                stopped = suppression.listed_since(
+                    conn, [(it.recipient, row.channel, row.address) for it, row in again],
+                    ws.config.phone_region)
+            late: dict[str, list[ledger.Outcome]] = defaultdict(list)
+            for item, row in again:
+                if item.recipient in stopped:
+                    late[item.run_key].append(ledger.Outcome(
+                        item.recipient, "suppressed", suppression.LISTED_SINCE, attempts=0))
+                    continue
                 entry = step.tier_for(item.tier)
                 assert entry is not None
                 decisions.append((item, Decision(item.recipient_row(), entry[0], SEND,
                                                  channel=row.channel, address=row.address)))
+            for run_key, outcomes in late.items():
+                ledger.settle(ws.store, flow, run_key, outcomes)
         outgoing: dict[str, list[tuple[str, Message]]] = defaultdict(list)
         failed: dict[str, list[ledger.Outcome]] = defaultdict(list)
         for item, d in decisions:

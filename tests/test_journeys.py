@@ -339,27 +339,36 @@ def test_a_refused_credential_keeps_the_unsent_at_their_step_until_a_tick_sends_
     assert f"message queued, not sent yet (the next tick sends it): hello {len(kept)}" in \
         capsys.readouterr().out
 
+    # meanwhile one of them unsubscribes: what was reserved for them is not sent
+    from herald.delivery import suppression
+
+    suppression.suppress(ws.store, [(kept[-1], None, "unsubscribed")], "operator")
     peer.scripts.clear()  # the credentials fixed
     with clock.using(clock.Clock(JOURNEY_START + timedelta(hours=2), frozen=True)):
         fixed = journey_tick(ws, "hooked")
-    assert fixed["steps"] == {"hello": {"sent": len(kept)}}
+    assert fixed["steps"] == {"hello": {"sent": len(kept) - 1, "suppressed": 1}}
     rows = _hooked(ws)
+    assert rows[kept[-1]] == ("suppressed", suppression.LISTED_SINCE)
     assert sorted(k for k, (status, _) in rows.items() if status == "sent") == sorted(
-        WITH_ADDRESS)
+        k for k in WITH_ADDRESS if k != kept[-1])
     delivered = peer.delivered()
-    assert sorted(delivered, key=int) == WITH_ADDRESS and set(delivered.values()) == {1}
+    assert sorted(delivered, key=int) == [k for k in WITH_ADDRESS if k != kept[-1]]
+    assert set(delivered.values()) == {1}
     enrolled = enrollment_rows(ws, "hooked")
     assert {(r.step, r.status) for r in enrolled.values()} == {("later", "waiting")}
     assert report.status(ws, "hooked")["queued"] == {}
     path = report.show(ws, "hooked", kept[0])["enrollments"][0]["path"]
     assert [(p["step"], p["outcome"]) for p in path] == [("hello", "sent")]
+    path = report.show(ws, "hooked", kept[-1])["enrollments"][0]["path"]
+    assert [(p["step"], p["outcome"]) for p in path] == [("hello", "suppressed")]
     duplicated = sum(1 for n in delivered.values() if n > 1)
     catalogue("fault", "journey send: webhook 401, credentials refused (the channel stops) "
               f"({'Postgres' if store_url else 'SQLite'})",
               f"the tick fails naming the channel and its answer (exit 1); the {len(kept)} "
               "not sent stay queued and their recipients at the step; after the fix the "
-              "next tick sends them once each and moves them on", messages=len(WITH_ADDRESS),
-              lost=len(WITH_ADDRESS) - len(delivered), duplicated=duplicated)
+              "next tick sends them once each and moves them on, except one put on the "
+              "suppression list meanwhile (`suppressed`)", messages=len(WITH_ADDRESS),
+              lost=len(WITH_ADDRESS) - 1 - len(delivered), duplicated=duplicated)
 
 
 def test_a_recipient_the_provider_refuses_fails_and_moves_on(make_workspace, peer,

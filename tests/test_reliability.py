@@ -26,6 +26,7 @@ from aiosmtpd.controller import Controller
 
 from herald.core.errors import RunError
 from herald.core.spec import TaskRunnerSpec
+from herald.delivery import suppression
 from herald.flows import chunks, engine
 from herald.flows.cli import main
 
@@ -968,16 +969,28 @@ def test_refused_credentials_fail_the_run_and_its_rerun_sends_the_rest(
     kept = [r for r, (status, _) in before.items() if status == "queued"]
     assert kept and all(str(before[r][1]).startswith("fatal: ") for r in kept)
     assert all(s in ("sent", "queued", "no_address") for s, _ in before.values())
+    # meanwhile one of them unsubscribes and another's address bounces elsewhere: the
+    # rerun must not send them what was reserved before
+    assert len(kept) >= 3
+    with closing(sqlite3.connect(ws.root / ".herald" / "herald.db")) as conn:
+        (address,) = conn.execute("SELECT address FROM herald_deliveries WHERE recipient = ?",
+                                  (kept[1],)).fetchone()
+    suppression.suppress(ws.store, [(kept[0], None, "unsubscribed"),
+                                    (address, "hook", "bounced")], "operator")
     hook.scripts.clear()  # the credentials fixed
     summary = engine.run_local(ws, "promo", run_key="refused")
     ledger = _ledger(ws, "refused")
+    assert ledger[kept[0]] == ledger[kept[1]] == ("suppressed", suppression.LISTED_SINCE)
+    assert kept[0] not in hook.kept() and kept[1] not in hook.kept()
     lost, duplicated = _account(ledger, Counter(hook.kept()), every)
     assert lost == 0 and duplicated == 0
-    assert all(s in ("sent", "no_address") for s, _ in ledger.values())
-    assert summary["deliveries"]["sent"] == len(kept)
+    assert all(s in ("sent", "no_address", "suppressed") for s, _ in ledger.values())
+    assert summary["deliveries"]["sent"] == len(kept) - 2
+    assert summary["deliveries"]["suppressed"] == 2
     catalogue("fault", "webhook 401: credentials refused (the channel stops)",
               f"the run fails naming the channel and its answer; the {len(kept)} not sent "
-              f"stay queued, and the rerun with the run key sends them; nothing sent twice",
+              "stay queued, and the rerun with the run key sends them, except two put on "
+              "the suppression list meanwhile (recorded `suppressed`); nothing sent twice",
               messages=20, lost=lost, duplicated=duplicated)
 
 
