@@ -37,19 +37,23 @@ def normalize(value: str, region: str | None = None) -> str:
 LISTED_SINCE = "recipient or address put on the suppression list after the message was reserved"
 
 
-def listed_since(conn: Connection, reserved: Iterable[tuple[str, str, str]],
+def listed_since(conn: Connection, reserved: Iterable[tuple[str, str | None, str | None]],
                  region: str | None = None) -> set[str]:
     """Of messages reserved earlier and about to be sent, (key, channel, address) each,
     the keys the suppression list stops now: the key or the address listed for every
     channel or for this one. A message held back (a rerun after a stop, a journey's
     message after a stopped channel or a provider's back-off) may go out days after its
     reservation, and an unsubscribe meanwhile must still hold."""
-    forms = {(key, channel, address): (normalize(key, region), normalize(address, region))
+    forms = {(key, channel, address): (normalize(key, region),
+                                       normalize(address, region) if address else None)
              for key, channel, address in reserved}
-    listed = suppressed(conn, [f for pair in forms.values() for f in pair], normalized=True)
+    listed = suppressed(conn, [f for pair in forms.values() for f in pair if f],
+                        normalized=True)
+    none: set[str] = set()
     return {key for (key, channel, _), (key_form, address_form) in forms.items()
-            if {ALL_CHANNELS, channel} & (listed.get(key_form, set())
-                                          | listed.get(address_form, set()))}
+            if {ALL_CHANNELS, channel} & (listed.get(key_form, none)
+                                          | (listed.get(address_form, none)
+                                             if address_form else none))}
 
 def suppressed(conn: Connection, values: Iterable[str], region: str | None = None,
                normalized: bool = False) -> dict[str, set[str]]:
