@@ -419,8 +419,19 @@ def test_contact_fields_null_malformed_or_absurd_are_recorded_never_sent(
 
 def test_parameters_crafted_to_inject_sql_stay_data(make_workspace, capsys, catalogue
                                                     ) -> None:
-    ws = make_workspace(rows=10)
+    from .helpers import PROMO_YAML
+
     crafted = "0; DROP TABLE people; --"
+    # where the flow's YAML gives the parameter a number, text in its place is refused
+    ws = make_workspace(rows=10)
+    with pytest.raises(SystemExit) as exc:
+        main(["audience", "build", "promo", "-p", f"min_score={crafted}", "--json",
+              "-w", str(ws.root)])
+    assert exc.value.code == 1 and "-p min_score: '0; DROP TABLE people; --' is not a " \
+        "number" in capsys.readouterr().err
+    # where it gives none, the text is bound as data
+    ws = make_workspace({"config/flows/promo.yaml": PROMO_YAML.replace(
+        "  params: {min_score: 0}\n", "")}, rows=10, folder="untyped")
     with pytest.raises(SystemExit) as exc:
         main(["audience", "build", "promo", "-p", f"min_score={crafted}", "--json",
               "-w", str(ws.root)])
@@ -429,10 +440,12 @@ def test_parameters_crafted_to_inject_sql_stay_data(make_workspace, capsys, cata
     built = json.loads(out)
     # SQLite compares the text with the integer score: no row is >= a text, nothing runs
     assert built["size"] == 0 and built["params"]["min_score"] == crafted
-    with sqlite3.connect(ws.root / "crm.db") as conn:
-        assert conn.execute("SELECT count(*) FROM people").fetchone()[0] == 10
+    for root in (ws.root, ws.root.parent / "ws"):
+        with sqlite3.connect(root / "crm.db") as conn:
+            assert conn.execute("SELECT count(*) FROM people").fetchone()[0] == 10
     catalogue("input", "segment parameter crafted to inject SQL (`0; DROP TABLE people; --`)",
-              "bound as data: the query matched nothing, the table is intact")
+              "refused where the flow's YAML makes the parameter a number (not a number); "
+              "elsewhere bound as data: the query matched nothing, the table is intact")
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres",
