@@ -225,14 +225,20 @@ max_workers: 2
 """
 
 
-def test_a_tick_killed_mid_send_then_a_tick_loses_and_repeats_nothing(make_workspace,
-                                                                      store_url, catalogue):
+def _sms_only(make_workspace: Any, store_url: str | None) -> Workspace:
+    """The nudge journey over 300 people, its send on SMS (the outbox) only."""
     ws = make_workspace({**JOURNEY_FILES, "config/herald.yaml": KILL_HERALD,
                          "config/journeys/nudge.yaml": NUDGE.replace(
                              "tiers: {default: {channels: [email, sms]}}\n    next: wait_visit",
                              "tiers: {default: {channels: [sms]}}\n    next: wait_visit")},
                         rows=300, store=store_url)
     crm_events(ws)
+    return ws
+
+
+def test_a_tick_killed_mid_send_then_a_tick_loses_and_repeats_nothing(make_workspace,
+                                                                      store_url, catalogue):
+    ws = _sms_only(make_workspace, store_url)
     code = ("import sys; from herald.core.workspace import Workspace; "
             "from herald.journeys.engine import tick_local; "
             "tick_local(Workspace.open(sys.argv[1]), 'nudge')")
@@ -417,17 +423,13 @@ def test_a_provider_that_says_later_keeps_the_recipient_at_the_step_until_then(
     path = report.show(ws, "hooked", "5")["enrollments"][0]["path"]
     assert [(p["step"], p["outcome"]) for p in path] == [("hello", "sent")]
 
+
 def test_a_stop_signal_mid_send_keeps_the_unsent_at_their_step(make_workspace, store_url,
                                                                catalogue):
     """SIGTERM to ``herald journey tick`` while it sends: no new batch; the batches in
     flight are recorded; those not sent stay queued at the step (not moved on), the
     leases are released, and the next tick sends them once each."""
-    ws = make_workspace({**JOURNEY_FILES, "config/herald.yaml": KILL_HERALD,
-                         "config/journeys/nudge.yaml": NUDGE.replace(
-                             "tiers: {default: {channels: [email, sms]}}\n    next: wait_visit",
-                             "tiers: {default: {channels: [sms]}}\n    next: wait_visit")},
-                        rows=300, store=store_url)
-    crm_events(ws)
+    ws = _sms_only(make_workspace, store_url)
     code = "import sys; from herald.flows.cli import main; main(sys.argv[1:])"
     proc = subprocess.Popen([sys.executable, "-c", code, "-w", str(ws.root), "--now",
                              JOURNEY_START.isoformat(), "journey", "tick", "nudge"],
