@@ -121,6 +121,9 @@ def run_row(row: Any) -> dict[str, Any]:
 def list_runs(ws: Workspace, flow: str | None, limit: int = 20) -> list[dict[str, Any]]:
     """The latest runs (of ``flow``), newest first."""
     if flow and flow not in ws.flow_names() and flow not in run_records.run_flows(ws.store):
+        if flow in ws.journey_names():
+            raise HeraldError(f"'{flow}' is a journey, not a flow: its ticks are in "
+                              f"herald journey status {flow} and herald journey report {flow}")
         raise HeraldError(f"unknown flow '{flow}'" + did_you_mean(
             flow, [*ws.flow_names(), *run_records.run_flows(ws.store)]))
     return [run_row(r) for r in run_records.list_runs(ws.store, limit, flow=flow)]

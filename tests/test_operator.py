@@ -270,6 +270,8 @@ def test_every_command_taking_a_name_says_what_was_meant(make_workspace, capsys)
         ("report", "nudge"): "no run or flow 'nudge' ('nudge' is a journey: herald journey "
                              "report nudge)",
         ("demo-data", "--simulate-response", "nudg"): "(did you mean journey 'nudge'?)",
+        ("runs", "nudge"): "'nudge' is a journey, not a flow: its ticks are in herald "
+                           "journey status nudge and herald journey report nudge",
         ("audience", "list", "--flow", "prom"): "--flow: unknown flow 'prom' (did you mean "
                                                 "'promo'?)",
         ("audience", "prune", "--keep", "0", "--flow", "prom"): "(did you mean 'promo'?)",
