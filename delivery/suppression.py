@@ -33,7 +33,6 @@ def normalize(value: str, region: str | None = None) -> str:
     return comparable(value, region)
 
 
-
 LISTED_SINCE = "recipient or address put on the suppression list after the message was reserved"
 
 
@@ -44,16 +43,13 @@ def listed_since(conn: Connection, reserved: Iterable[tuple[str, str | None, str
     channel or for this one. A message held back (a rerun after a stop, a journey's
     message after a stopped channel or a provider's back-off) may go out days after its
     reservation, and an unsubscribe meanwhile must still hold."""
-    forms = {(key, channel, address): (normalize(key, region),
-                                       normalize(address, region) if address else None)
+    forms = {(key, channel): [normalize(v, region) for v in (key, address) if v]
              for key, channel, address in reserved}
-    listed = suppressed(conn, [f for pair in forms.values() for f in pair if f],
+    listed = suppressed(conn, [f for found in forms.values() for f in found],
                         normalized=True)
-    none: set[str] = set()
-    return {key for (key, channel, _), (key_form, address_form) in forms.items()
-            if {ALL_CHANNELS, channel} & (listed.get(key_form, none)
-                                          | (listed.get(address_form, none)
-                                             if address_form else none))}
+    return {key for (key, channel), found in forms.items()
+            if any({ALL_CHANNELS, channel} & listed.get(f, set()) for f in found)}
+
 
 def suppressed(conn: Connection, values: Iterable[str], region: str | None = None,
                normalized: bool = False) -> dict[str, set[str]]:
