@@ -27,8 +27,8 @@ class Segment:
 
     name: str
     file: str  # workspace-relative, for messages
-    sql: str
-    sha256: str
+    sql: str  # as text() takes it: each colon in a comment or quoted string escaped
+    sha256: str  # of the file's query as written
     params: dict[str, Param]
 
 
@@ -68,7 +68,7 @@ def segment_params(ws: Workspace, name: str, source: str) -> tuple[str, set[str]
     except UnicodeDecodeError:
         raise AudienceError(f"{ws.relative(path)}: cannot be read") from None
     check_query(sql, ws.relative(path))  # a statement that is not a query says so first
-    return ws.relative(path), set(text(sql).compile().binds)
+    return ws.relative(path), set(text(literal_colons(sql)).compile().binds)
 
 
 def load_sql(ws: Workspace, name: str, source: str, params: Mapping[str, Param],
@@ -91,6 +91,8 @@ def load_sql(ws: Workspace, name: str, source: str, params: Mapping[str, Param],
     if not sql:
         raise AudienceError(f"{rel}: the query is empty")
     check_query(sql, rel)
+    digest = hashlib.sha256(sql.encode("utf-8")).hexdigest()
+    sql = literal_colons(sql)
     used = set(text(sql).compile().binds)
     params = {**{k: v for k, v in (defaults or {}).items() if k in used}, **params}
     missing = sorted(used - params.keys() - set(supplied))
@@ -104,7 +106,6 @@ def load_sql(ws: Workspace, name: str, source: str, params: Mapping[str, Param],
                             f"{', '.join(unused)} (the SQL uses: "
                             f"{', '.join(sorted(used)) or 'none'})")
     _check_lists(sql, rel, params)
-    digest = hashlib.sha256(sql.encode("utf-8")).hexdigest()
     return Segment(name, rel, sql, digest, {k: params[k] for k in used if k in params})
 
 
@@ -130,6 +131,13 @@ _COMMENTS_AND_STRINGS = re.compile(r"--[^\n]*|/\*.*?\*/|'(?:[^']|'')*'|\"(?:[^\"
                                    re.S)
 _BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")  # a :name, as text() finds them
 _BEFORE_A_LIST = re.compile(r"\bIN\s*$", re.I)
+
+
+def literal_colons(sql: str) -> str:
+    """``sql`` with each colon inside a comment, a quoted string or a quoted name escaped,
+    so that only a ``:name`` in the statement itself binds a parameter: a JSON literal
+    (``'{"vip":true}'``) or a comment (``-- the last :days``) stays as written."""
+    return _COMMENTS_AND_STRINGS.sub(lambda m: m.group(0).replace(":", "\\:"), sql)
 
 
 def _bare(sql: str) -> str:

@@ -159,6 +159,33 @@ def test_a_byte_order_mark_before_the_segment_sql_is_ignored(make_workspace) -> 
     assert build(ws).size == 100
 
 
+def test_colons_in_comments_and_strings_are_not_parameters(make_workspace, store_url,
+                                                          capsys) -> None:
+    """Only a ``:name`` in the statement binds: a JSON literal, a time in a string and a
+    comment keep their colons, in builds (inside SQLite, streamed into Postgres),
+    validation and previews, and the package's hash is the file's as written."""
+    from herald.flows.cli import main
+
+    query = ("-- the last :days of orders, see :note\n"
+             "SELECT id, name, email, phone, tier, locale, score,\n"
+             "       '{\"vip\":true}' AS attrs, 'at :noon' AS slot /* :later */\n"
+             "FROM people WHERE score >= :min_score ORDER BY id\n")
+    ws = make_workspace({"audiences/people.sql": query}, rows=5, store=store_url)
+    segment = sql.load_segment(ws, ws.flow("promo"))
+    assert set(segment.params) == {"min_score"}
+    assert segment.sha256 == hashlib.sha256(query.strip().encode()).hexdigest()
+    package = build(ws)
+    row = next(iter(store.read(ws, package.id)))
+    assert (row.data["attrs"], row.data["slot"]) == ('{"vip":true}', "at :noon")
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", "-w", str(ws.root)])
+    assert (exit_.value.code, "9 columns") == (0, re.search(r"\d+ columns",
+                                                           capsys.readouterr().out)[0])
+    with pytest.raises(SystemExit):
+        main(["preview", "promo", "--json", "-w", str(ws.root)])
+    assert json.loads(capsys.readouterr().out)[0]["recipient"] == "1"
+
+
 # A segment with list parameters: `IN :name` takes a list, one bound value per item.
 LISTED_SQL = ("SELECT id, name, email, phone, tier, locale, score FROM people\n"
               "WHERE score >= :min_score AND id IN :ids AND tier NOT IN :tiers\n"
