@@ -261,9 +261,21 @@ class Templates:
                                 + (f" (or {shared[0]}, used by every tier without its own)"
                                    if shared else ""), field=f"tiers.{tier}"))
                         for name in self.variants(flow, tier, kind, part, variant):
+                            if name not in checked and self._blank(name):
+                                problems.append(Problem(
+                                    f"empty: every {kind} {PART_NAMES.get(part, part)} "
+                                    "rendered from it would be empty (write it, or delete "
+                                    "the file)", file=f"templates/{name}"))
                             problems.extend(self._check_one(name, available, columns,
                                                             checked))
         return problems
+
+    def _blank(self, name: str) -> bool:
+        """A message's template file that holds nothing but white space."""
+        try:
+            return not (self.root / name).read_bytes().decode("utf-8-sig").strip()
+        except (OSError, UnicodeDecodeError):
+            return False  # _check_one names what is wrong with it
 
     def variants(self, flow: FlowSpec, tier: str, kind: str, part: str,
                  variant: str | None = None) -> list[str]:

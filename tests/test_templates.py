@@ -116,6 +116,23 @@ def test_validate_syntax_error_and_missing_required_part(make_workspace) -> None
 
 
 
+def test_validate_refuses_an_empty_message_template(make_workspace) -> None:
+    """An empty (or only white space) file in a message's place would fail every send
+    that renders it: validate names it; an empty partial that a template includes is
+    harmless and passes."""
+    ws = make_workspace({"templates/promo/gold.sms.txt.j2": "  \n\n",
+                         "templates/promo/default.email.subject.j2": "",
+                         "templates/promo/default.email.txt.j2":
+                             "Hi {{ name }}{% include 'promo/footer.j2' %}\n",
+                         "templates/promo/footer.j2": ""})
+    with pytest.raises(ValidationFailed) as exc:
+        check_flow(ws, "promo")
+    assert sorted((p.file, p.message.split(":")[0]) for p in exc.value.problems) == [
+        ("templates/promo/default.email.subject.j2", "empty"),
+        ("templates/promo/gold.sms.txt.j2", "empty")]
+    assert "every sms text rendered from it would be empty" in str(exc.value)
+
+
 @pytest.mark.parametrize(("source", "said"), [
     ("Hi {{ name | shout }}\n", "No filter named 'shout'"),
     ("Hi\n{% if score > 1 %}{{ name | shout }}{% endif %}\n", "No filter named 'shout'"),
