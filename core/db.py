@@ -69,6 +69,7 @@ class Status(StrEnum):
     QUIET_HOURS = "quiet_hours"
     DEFERRED = "deferred"
     STOPPED = "stopped"  # an experiment without a winner and `fallback: stop`
+    WITHDRAWN = "withdrawn"  # reserved by a journey step; the person left before it went out
     DUPLICATE = "duplicate"  # reported only: a rerun found the row already there
     QUEUED = "queued"
     SENDING = "sending"

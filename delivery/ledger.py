@@ -44,6 +44,7 @@ from sqlalchemy import (
     any_,
     bindparam,
     func,
+    or_,
     select,
     text,
     update,
@@ -227,6 +228,24 @@ def adopt(conn: Connection, flow: str, run_key: str, recipients: Sequence[str],
             deliveries.c.flow == flow, deliveries.c.run_key == run_key,
             deliveries.c.status == "queued", part).values(
             run_id=run_id, updated_at=now()))
+
+
+def withdraw(conn: Connection, flow: str, rows: Sequence[tuple[str, str, str]]) -> None:
+    """Settle the still unsent (``queued`` or ``deferred``) rows of (run key, recipient,
+    reason) as ``withdrawn`` with the reason: a journey's enrollment left before its
+    message went out, so it neither goes out later nor counts against caps. A row that
+    is already sent or settled is left as it is."""
+    if not rows:
+        return
+    d = deliveries.c
+    stamp = now()
+    conn.execute(update(deliveries).where(
+        d.flow == flow, d.run_key == bindparam("w_run_key"),
+        d.recipient == bindparam("w_recipient"),
+        or_(d.status == "queued", d.status == "deferred")  # (no IN: an executemany)
+    ).values(status="withdrawn", reason=bindparam("w_reason"), not_before=None,
+             updated_at=stamp),
+        [{"w_run_key": k, "w_recipient": r, "w_reason": why} for k, r, why in rows])
 
 
 def mark(engine: Engine, flow: str, run_key: str, recipients: Sequence[str], status: str,

@@ -61,6 +61,9 @@ class Mover:
         self.result = result
         self.templates = render.shared(ws)
         self.now = clock.now()
+        # (flow, run key, recipient, reason) of messages reserved at a send step whose
+        # enrollment left before they went out: withdrawn with the exits' save
+        self.withdrawn: list[tuple[str, str, str, str]] = []
 
     def spec(self, item: Item) -> JourneySpec:
         return definition(self.ws, self.job.journey, item.version)
@@ -124,6 +127,12 @@ class Mover:
                                    spec.entry.key, cond.at, since, self.now)
 
     def exit(self, item: Item, reason: str) -> None:
+        spec = self.spec(item)
+        if item.status == "waiting" and isinstance(spec.steps.get(item.step), SendStep):
+            # waiting at a send step: a message may be reserved for it (queued after a
+            # stop, deferred by the provider), which must not go out now
+            self.withdrawn.append((spec.flow, item.run_key, item.recipient,
+                                   f"left the journey before it was sent: {reason}"))
         self.visit(item, "exit_check", "exited", reason)
         item.status, item.exit_reason, item.moving = "exited", reason, False
         self.result.exits[reason] += 1
@@ -467,6 +476,9 @@ class Mover:
                 conn.execute(statement, params)
             if logs:
                 conn.execute(insert(log), logs)
+            withdrawn, self.withdrawn = self.withdrawn, []
+            for flow in sorted({w[0] for w in withdrawn}):
+                ledger.withdraw(conn, flow, [w[1:] for w in withdrawn if w[0] == flow])
         for it in items:
             it.logs.clear()
 

@@ -96,8 +96,8 @@ def show(ws: Workspace, name: str, recipient: str) -> dict[str, Any]:
                                          "kind": step.kind, "outcome": step.outcome,
                                          "detail": step.detail, "at": _iso(step.at)}
                 message = sends.get(f"e{row.entry_no}:{step.seq}:{step.step}")
-                if message is not None:
-                    entry["channel"] = message.channel
+                if message is not None:  # the step's message (an exit: the one withdrawn)
+                    entry["channel"], entry["message"] = message.channel, message.status
                 path.append(entry)
             # the message of the step they are at, when one is reserved and not yet
             # sent (its channel or the tick stopped: the next tick sends it)

@@ -424,6 +424,57 @@ def test_a_provider_that_says_later_keeps_the_recipient_at_the_step_until_then(
     assert [(p["step"], p["outcome"]) for p in path] == [("hello", "sent")]
 
 
+@pytest.mark.parametrize("answer", ["fatal", "later"])
+def test_a_message_whose_recipient_leaves_the_journey_is_withdrawn(
+        make_workspace, peer, store_url, answer, capsys):
+    """A message kept at its send step (queued after a fatal answer, or deferred by the
+    provider's back-off) whose enrollment then leaves the journey (here: max_duration)
+    is settled ``withdrawn`` with the exit's reason: never sent afterwards, and no longer
+    counted against the caps."""
+    from herald.core.db import COUNTED
+    from herald.core.errors import RunError
+
+    ws = hooked_workspace(make_workspace, peer, store_url)
+    spec = ws.root / "config/journeys/hooked.yaml"
+    spec.write_text(spec.read_text() + "max_duration: 1h\n")
+    if answer == "fatal":
+        peer.script("5", ("status", 401))
+    else:
+        peer.script("5", ("status", 429, {"Retry-After": "7200"}))
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        if answer == "fatal":
+            with pytest.raises(RunError):
+                journey_tick(ws, "hooked")
+        else:
+            journey_tick(ws, "hooked")
+    rows = _hooked(ws)
+    waiting = sorted(k for k, (status, _) in rows.items() if status in ("queued", "deferred"))
+    assert "5" in waiting and peer.delivered().get("5") is None
+    peer.scripts.clear()
+    with clock.using(clock.Clock(JOURNEY_START + timedelta(hours=3), frozen=True)):
+        later = journey_tick(ws, "hooked")
+    assert later["exits"] == {"max_duration": len(WITH_ADDRESS) + 2}
+    rows = _hooked(ws)
+    for key in waiting:
+        assert rows[key] == ("withdrawn",
+                             "left the journey before it was sent: max_duration"), key
+    assert all(peer.delivered().get(k) is None for k in waiting)
+    assert report.status(ws, "hooked")["queued"] == {}
+    shown = report.show(ws, "hooked", waiting[0])["enrollments"][0]
+    assert (shown["status"], shown["message"]) == ("exited", None)
+    assert [(p["step"], p["outcome"], p["detail"], p["message"]) for p in shown["path"]] \
+        == [("hello", "exited", "max_duration", "withdrawn")]
+    from herald.flows.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["-w", str(ws.root), "journey", "show", "hooked", waiting[0]])
+    assert "exited (its message withdrawn via hook)  max_duration" in capsys.readouterr().out
+    with ws.store.connect() as conn:
+        assert conn.execute(select(ledger.deliveries.c.recipient).where(
+            ledger.deliveries.c.status.in_(COUNTED),
+            ledger.deliveries.c.recipient.in_(waiting))).first() is None
+
+
 def test_a_stop_signal_mid_send_keeps_the_unsent_at_their_step(make_workspace, store_url,
                                                                catalogue):
     """SIGTERM to ``herald journey tick`` while it sends: no new batch; the batches in

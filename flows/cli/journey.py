@@ -118,8 +118,9 @@ def journey_show(name: str, recipient: str, workspace: WorkspaceOpt = None,
             out.print(f"  message at {e['step']}: {m['status']} via {m['channel']}"
                       + (f"  {m['reason']}" if m["reason"] else ""), markup=False)
         for p in e["path"]:
+            said, via = p.get("message"), (f" via {p['channel']}" if p.get("channel") else "")
             out.print(f"  {p['at']}  {p['step']:<16} {p['outcome']}"
-                      + (f" via {p['channel']}" if p.get("channel") else "")
+                      + (via if said in (None, p["outcome"]) else f" (its message {said}{via})")
                       + (f"  {p['detail']}" if p["detail"] else ""), markup=False)
 
 
