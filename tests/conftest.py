@@ -4,6 +4,7 @@ Postgres databases made per test, and one Prefect test harness per session."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import textwrap
 import uuid
@@ -39,6 +40,14 @@ PG_URL = os.environ.get("HERALD_TEST_POSTGRES_URL",
                         "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 WorkspaceFactory = Callable[..., Workspace]
+
+# Started in the background by a shell without job control (`make test &`, nohup, a CI
+# runner), this process has SIGINT ignored, and every program the tests start would
+# inherit that: `herald serve`, stopped with Ctrl-C's signal as an operator stops it,
+# would ignore it and be killed after the tests' 30 s wait instead. The tests see SIGINT
+# as a terminal's user would send it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # -- the clock ----------------------------------------------------------------------------
