@@ -154,10 +154,26 @@ def _build_streamed(source: Engine, store: Engine, flow: FlowSpec, segment: Segm
 def _stream(source: Engine, store: Engine, flow: FlowSpec, segment: Segment,
             package_id: str, driver_error: type[Exception]
             ) -> tuple[Counter[str], list[str]]:
+    with source.connect() as src:
+        try:
+            return _stream_from(src, store, flow, segment, package_id, driver_error)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                # a signal (Ctrl-C, or SIGTERM: Prefect's TerminationSignal) while the
+                # source runs the query: the connection is closed, not handed back to the
+                # pool, whose rollback on a connection still busy failed with a
+                # traceback; closing it ends the query on the server too
+                src.invalidate()
+            raise
+
+
+def _stream_from(src: Connection, store: Engine, flow: FlowSpec, segment: Segment,
+                 package_id: str, driver_error: type[Exception]
+                 ) -> tuple[Counter[str], list[str]]:
     key_col, tier_col = flow.audience.key, flow.audience.tier
     tiers: Counter[str] = Counter()
     size = 0
-    with source.connect() as src, ExitStack() as stack:
+    with ExitStack() as stack:
         try:
             fetch, columns = _open_rows(src, segment, stack)
         except driver_error as exc:

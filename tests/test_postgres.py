@@ -62,6 +62,59 @@ def test_duplicate_keys_on_postgres(make_workspace, pg_database) -> None:
     assert store.list_packages(ws) == []
 
 
+class _Terminated(BaseException):
+    """What Prefect's SIGTERM handler raises in a flow run (a BaseException)."""
+
+
+def test_a_signal_during_the_segment_query_ends_it_without_a_traceback(
+        make_workspace, pg_database, caplog) -> None:
+    """SIGTERM while the Postgres source is still running the segment's query (a flow
+    run's handler raises a BaseException there): the build stops at once, the busy
+    connection is closed rather than handed back to the pool (whose rollback failed on
+    it and logged a traceback), the server's query ends, and nothing is stored."""
+    import signal
+    import threading
+    import time
+
+    from sqlalchemy import create_engine, text
+
+    ws = pg_workspace(make_workspace, pg_database, 10)
+    (ws.root / "audiences/people.sql").write_text(
+        "SELECT p.* FROM people p, pg_sleep(30) WHERE score >= :min_score")
+    flow = ws.flow("promo")
+
+    def terminated(signum, frame):
+        raise _Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    timer = threading.Timer(1.0, signal.pthread_kill,
+                            (threading.main_thread().ident, signal.SIGTERM))
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(_Terminated):
+            builder.build(ws, flow, sql.load_segment(ws, flow))
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+    assert time.monotonic() - started < 10
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    probe = create_engine(pg_database)
+    try:
+        for _ in range(50):  # the server notices the closed connection within moments
+            with probe.connect() as conn:
+                running = conn.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)%'"
+                    " AND pid <> pg_backend_pid()")).scalar_one()
+            if not running:
+                break
+            time.sleep(0.1)
+        assert running == 0
+    finally:
+        probe.dispose()
+    assert store.list_packages(ws) == []
+
+
 def test_a_list_parameter_binds_as_in_on_a_postgres_source(make_workspace, pg_database,
                                                            capsys) -> None:
     from herald.flows.cli import main
