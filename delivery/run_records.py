@@ -4,9 +4,11 @@ process running it). The deliveries of a run are in :mod:`herald.delivery.ledger
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import (
+    Connection,
     Engine,
     insert,
     select,
@@ -47,6 +49,17 @@ def close_abandoned_runs(engine: Engine) -> list[str]:
                                        "without finishing it (killed?); rerun with its run "
                                        "key to resume"))
     return [run_id for run_id, _ in found]
+
+
+def live_runs(conn: Connection, run_ids: Iterable[str | None]) -> set[str]:
+    """Those of ``run_ids`` still running: recorded ``running`` by a process that is not
+    known to have ended (on another host it never is). Their ``queued`` rows are theirs
+    to send: another run of the run key leaves them alone."""
+    wanted = sorted({r for r in run_ids if r})
+    if not wanted:
+        return set()
+    return {r.id for r in conn.execute(select(runs.c.id, runs.c.owner).where(
+        runs.c.id.in_(wanted), runs.c.status == "running")) if not owner_gone(r.owner)}
 
 
 def set_run_package(engine: Engine, run_id: str, package_id: str) -> None:

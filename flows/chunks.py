@@ -26,7 +26,15 @@ from herald.channels.base import Message
 from herald.core import clock, collector, workspace
 from herald.core.db import writing
 from herald.core.workspace import Workspace
-from herald.delivery import ledger, ledger_reads, render, suppression, unsubscribe, variants
+from herald.delivery import (
+    ledger,
+    ledger_reads,
+    render,
+    run_records,
+    suppression,
+    unsubscribe,
+    variants,
+)
 from herald.delivery.dispatch import (
     Job,
     dispatch,
@@ -127,15 +135,20 @@ def _run_chunk(job: ChunkJob) -> ChunkResult:
         _lock_ledger(conn)
         at = ledger.now()
         seen = ledger_reads.existing(conn, flow.name, job.run_key, [r.key for r in rows])
-        resumed = [r for r in rows if r.key in seen and seen[r.key].status == "queued"]
+        # queued rows of another run of this run key that is still going (started twice
+        # at once, say) are that run's to send: resuming them here would send them twice
+        busy = run_records.live_runs(conn, (o.run_id for o in seen.values()
+                                            if o.status == "queued" and o.run_id != job.run_id))
+        resumed = [r for r in rows if r.key in seen and seen[r.key].status == "queued"
+                   and seen[r.key].run_id not in busy]
         due = [r for r in rows if r.key in seen and seen[r.key].due(at)]
         for r in rows:
             old = seen.get(r.key)
-            if old and old.status != "queued" and not old.due(at) \
-                    and old.run_id != job.run_id:
-                # already handled under this run key by an earlier run (this run's own
-                # rows, met again when a chunk is retried, are counted from the ledger);
-                # a deferred row still waits
+            if old and (old.status != "queued" or old.run_id in busy) \
+                    and not old.due(at) and old.run_id != job.run_id:
+                # already handled under this run key by an earlier run, or being handled
+                # by one still going (this run's own rows, met again when a chunk is
+                # retried, are counted from the ledger); a deferred row still waits
                 status = WAITING if old.status == "deferred" else ALREADY
                 counts[status, old.tier, old.channel] += 1
         fresh = [r for r in rows if r.key not in seen]

@@ -82,6 +82,66 @@ def race(ws) -> list[dict[str, int]]:
     return results
 
 
+def test_the_same_run_started_twice_at_once_sends_each_recipient_once(
+        make_workspace, store_url) -> None:
+    """An operator (or two overlapping schedules) starts one flow with one run key twice
+    at the same moment: the runs share the work, and neither resumes the rows the other
+    has reserved and is still sending (its `queued` rows are not left over from a
+    crash), so each recipient gets the message once."""
+    if store_url:
+        fill_people(store_url, 300)
+    ws = workspace(make_workspace, store_url or "sqlite:///crm.db",
+                   store_url or "sqlite:///.herald/herald.db", 300, rate=", rate: 60/s")
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_run, args=(str(ws.root), "promo", "twice", start, out))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    time.sleep(2.0)  # both processes imported and waiting
+    start.set()
+    results = [out.get(timeout=240) for _ in procs]
+    assert not [r for r in results if "error" in r], results
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    reachable = sum(1 for p in people(300) if p["email"] or p["phone"])
+    assert sum(r["sent"] for r in results) == reachable, results
+    assert all(r["sent"] for r in results), results  # both took part: the race happened
+    delivered = outbox_recipients(ws)
+    assert len(delivered) == reachable and set(delivered.values()) == {1}
+    assert sent_per_recipient(ws) == Counter(dict.fromkeys(delivered, 1))
+
+
+def test_queued_rows_of_a_run_still_going_are_left_to_it(make_workspace, store_url) -> None:
+    """The rule the race above relies on, step by step: rows another run of the run key
+    has reserved are not resumed while that run is going (its process is alive and its
+    record `running`); once it has stopped (recorded failed), a rerun sends them once."""
+    from herald.core.db import process_owner, runs, writing
+    from herald.delivery import run_records
+    from herald.flows.engine import run_local
+
+    if store_url:
+        fill_people(store_url, 20)
+    ws = workspace(make_workspace, store_url or "sqlite:///crm.db",
+                   store_url or "sqlite:///.herald/herald.db", 20)
+    run_records.start_run(ws.store, "run-other", "promo", "k", False)
+    with writing(ws.store) as conn:  # as that run's first chunk left them: reserved
+        ledger.write_entries(conn, [ledger.Entry(str(i), "silver", "queued", "sms",
+                                                 f"+1415555{i:04d}") for i in (1, 2, 3)],
+                             flow="promo", run_key="k", run_id="run-other", package_id="p")
+        conn.execute(runs.update().where(runs.c.id == "run-other").values(
+            owner=process_owner()))  # this very process: alive
+    first = run_local(ws, "promo", run_key="k")
+    assert first["deliveries"]["duplicate"] == 3
+    assert not {"1", "2", "3"} & set(outbox_recipients(ws))
+    run_records.finish_run(ws.store, "run-other", "failed", None, "stopped")
+    second = run_local(ws, "promo", run_key="k")
+    assert second["deliveries"]["sent"] == 3
+    assert {k: n for k, n in outbox_recipients(ws).items() if k in ("1", "2", "3")} == {
+        "1": 1, "2": 1, "3": 1}
+
+
 def sent_per_recipient(ws) -> Counter[str]:
     with ws.store.connect() as conn:
         return Counter(conn.execute(select(ledger.deliveries.c.recipient).where(
