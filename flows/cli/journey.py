@@ -20,6 +20,7 @@ from herald.flows.cli.common import (
     prefect_env,
     print_json,
     set_now,
+    temporary_server_apart,
     write_page,
 )
 
@@ -42,6 +43,7 @@ def journey_tick(name: str, workspace: WorkspaceOpt = None, now: NowOpt = None,
     ws = open_workspace(workspace)
     if prefect:
         prefect_env()
+        temporary_server_apart()
         from herald.flows.journey import run as run_tick
 
         prefect_console(verbose=False)

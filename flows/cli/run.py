@@ -27,6 +27,7 @@ from herald.flows.cli.common import (
     require_server,
     set_now,
     state,
+    temporary_server_apart,
 )
 
 
@@ -81,6 +82,7 @@ def run(flow: str, param: ParamOpt = None,
             out.print(done["message"])
         return
     prefect_env()
+    temporary_server_apart()
     if not verbose:
         # Prefect's console lines (task states, temporary server) stay off stderr; its
         # logs still reach the Prefect API and UI, whose level is not changed. Herald's
