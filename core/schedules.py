@@ -58,9 +58,14 @@ def check_rrule(value: str) -> None:
     from dateutil.rrule import rrulestr
 
     try:
-        rrulestr(value, cache=True)
+        parsed = rrulestr(value, cache=True)
     except ValueError as exc:
         raise ValueError(f'Invalid RRule string "{value}": {exc}') from None
+    # dateutil takes INTERVAL=0 (or less) and then never finds an occurrence: Prefect's
+    # scheduler looped, then crashed (ZeroDivisionError) serving it
+    for rule in getattr(parsed, "_rrule", None) or [parsed]:
+        if getattr(rule, "_interval", 1) < 1:
+            raise ValueError(f'Invalid RRule string "{value}": INTERVAL must be 1 or more')
     if len(value) > MAX_RRULE_LENGTH:
         raise ValueError(f"Invalid RRule string: longer than {MAX_RRULE_LENGTH} characters")
 

@@ -543,7 +543,8 @@ def test_schedules_are_checked_with_line_and_field() -> None:
             "  - {rrule: 'FREQ=SOMETIMES'}\n"
             "  - {active: false}\n"
             "  - {cron: '0 9 * * 1', anchor: '2026-01-01T08:00'}\n"
-            "  - {interval: 1h, timezone: Moon/Base}\n")
+            "  - {interval: 1h, timezone: Moon/Base}\n"
+            "  - {rrule: 'FREQ=MINUTELY;INTERVAL=0'}\n")
     with pytest.raises(ConfigError) as exc:
         validate(FlowSpec, parse_yaml(text, "f.yaml", {}))
     found = problems(exc)
@@ -556,7 +557,9 @@ def test_schedules_are_checked_with_line_and_field() -> None:
     assert "f.yaml:9 schedules[4]: anchor applies to interval schedules only" in found
     assert any(p.startswith("f.yaml:10 schedules[5].timezone: unknown time zone 'Moon/Base'")
                for p in found)
-    assert len(found) == 6
+    assert ('f.yaml:11 schedules[6]: Invalid RRule string "FREQ=MINUTELY;INTERVAL=0": '
+            "INTERVAL must be 1 or more") in found
+    assert len(found) == 7
     twice = ("name: promo\naudience: {source: crm, segment: people, key: id}\n"
              "tiers: {default: {channels: [email]}}\nschedules:\n"
              "  - {name: a, cron: '0 9 * * *'}\n  - {name: a, interval: 2h}\n")
