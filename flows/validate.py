@@ -193,6 +193,19 @@ def param_problems(ws: Workspace, flow: FlowSpec, overrides: Mapping[str, Param]
                 file=ws.flow_file(flow.name),
                 line=ws.flow_line(flow.name, ("audience", "params", name)),
                 field=f"audience.params.{name}"))
+    for i, schedule in enumerate(flow.schedules):  # each run of it binds these
+        for name, value in schedule.params.items():
+            where = ("schedules", i, "params", name)
+            unlike = (_unlike(value, flow.audience.params[name])
+                      if name in flow.audience.params else None)
+            if name not in used or unlike:
+                problems.append(Problem(
+                    f"{file} does not use :{name}{did_you_mean(name, used)} (it uses: "
+                    f"{listed})" if name not in used else
+                    f"{value!r} is not {unlike}, as audience.params.{name} "
+                    f"({flow.audience.params[name]!r}) is",
+                    file=ws.flow_file(flow.name), line=ws.flow_line(flow.name, where),
+                    field=f"schedules[{i}].params.{name}"))
     for name, value in overrides.items():
         if name not in used:
             problems.append(Problem(f"-p {name}: {file} does not use :{name}"

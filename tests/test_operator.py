@@ -312,6 +312,22 @@ def test_errors_name_the_line_and_give_a_hint(make_workspace, capsys, monkeypatc
         assert code == 1 and (f"-p min_score: {what}, as the flow's value 0 is "
                               f"({flow}:6)") in " ".join(err.split()), err
     assert outbox_messages(ws) == 0 and store.list_packages(ws) == []
+    # a schedule's params are checked as -p values are, before serving: each of its
+    # runs would otherwise fail at the same point
+    ws = make_workspace({flow: PROMO_YAML + (
+        "schedules:\n  - {cron: '0 10 * * *', params: {min_score: abc}}\n"
+        "  - {cron: '0 11 * * *', params: {nosuch: 1}}\n")}, folder="w9")
+    code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+    said = " ".join(err.split())
+    assert code == 1 and (f"{flow}:14 schedules[0].params.min_score: 'abc' is not a "
+                          "number, as audience.params.min_score (0) is") in said, err
+    assert (f"{flow}:15 schedules[1].params.nosuch: audiences/people.sql does not use "
+            ":nosuch (it uses: :min_score)") in said, err
+    from herald.core.errors import ValidationFailed
+    from herald.flows import deploy
+
+    with pytest.raises(ValidationFailed, match=r"schedules\[0\]\.params\.min_score"):
+        deploy.deployment(ws, "promo")  # what herald serve and deploy build first
 
     ws = make_workspace({flow: PROMO_YAML + "holdout: 5%\n"}, folder="w2")
     code, _, err = cli(capsys, "validate", "-w", str(ws.root))
