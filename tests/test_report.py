@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from html.parser import HTMLParser
 
 import pytest
@@ -96,6 +97,35 @@ def test_report_to_a_folder_writes_into_it_and_a_bad_path_is_one_line(
     assert err.startswith(f"error: --to {blocker / 'r.html'}: cannot write") and \
         len(err.splitlines()) == 1, err
     assert blocker.read_text() == "x"
+    # a path that is neither an existing folder nor an .html file is refused, whatever
+    # is there: the workspace's own configuration stays as it was
+    config = reported.root / "config/herald.yaml"
+    before = config.read_text()
+    for target in (config, tmp_path / "not-yet"):
+        code, _, err = cli(capsys, "report", "promo", "-w", str(reported.root), "--to",
+                           str(target))
+        assert code == 1 and err == (f"error: --to {target}: neither a folder that exists "
+                                     "nor a file name ending in .html (create the folder "
+                                     "first to write into it)\n"), err
+    assert config.read_text() == before and not (tmp_path / "not-yet").exists()
+
+
+def test_a_run_key_with_slashes_stays_one_file_inside_reports(make_workspace,
+                                                               capsys) -> None:
+    """A run key is any text: `../../x` or `a/b` names one file inside reports/FLOW/,
+    never a path out of it."""
+    from herald.flows.engine import run_local
+
+    ws = make_workspace(FILES, rows=5)
+    write_orders(ws, ORDERS)
+    for key in ("../../../escaped", "a/b"):
+        run_local(ws, "promo", run_key=key)
+        code, out, _ = cli(capsys, "report", "promo", "--run-key", key, "--html", "--json",
+                           "-w", str(ws.root))
+        page = Path(json.loads(out)["html"])
+        assert code == 0 and page.parent == ws.root / "reports" / "promo", page
+        assert page.is_file() and page.name.endswith(".html")
+    assert not list(ws.root.parent.glob("**/escaped*"))
 
 
 class Tags(HTMLParser):

@@ -158,6 +158,21 @@ def writing_output(option: str, path: Path) -> Iterator[None]:
         raise HeraldError(f"{option} {path}: cannot write: {why}") from None
 
 
+def page_target(to: Path | None, default: Path, name: str) -> Path:
+    """Where a report page goes: ``default`` without ``--to``; into ``to`` as ``name``
+    when it is a folder that exists; else ``to`` itself, which must name an .html file
+    (``--to config/herald.yaml`` replaced the workspace's configuration with the page,
+    and a folder that does not exist yet became a file)."""
+    if to is None:
+        return default
+    if to.is_dir():
+        return to / name
+    if to.suffix.lower() not in (".html", ".htm"):
+        raise HeraldError(f"--to {to}: neither a folder that exists nor a file name ending "
+                          "in .html (create the folder first to write into it)")
+    return to
+
+
 def write_page(option: str, path: Path, text: str) -> None:
     """Write a report page (its folders made), or say in one line why it cannot be."""
     with writing_output(option, path):

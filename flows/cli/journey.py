@@ -16,6 +16,7 @@ from herald.flows.cli.common import (
     journey_app,
     open_workspace,
     out,
+    page_target,
     prefect_console,
     prefect_env,
     print_json,
@@ -144,9 +145,8 @@ def journey_report(name: str, workspace: WorkspaceOpt = None,
         from herald.journeys import html as journey_html
         from herald.journeys.report import status as journey_state
 
-        page = to or ws.root / "reports" / "journeys" / f"{name}.html"
-        if to is not None and to.is_dir():
-            page = to / f"{name}.html"
+        page = page_target(to, ws.root / "reports" / "journeys" / f"{name}.html",
+                           f"{name}.html")
         text = journey_html.render(data, journey_state(ws, name))
         write_page("--to" if to else "the HTML report", page, text)
         err.print(f"HTML report: {page}")

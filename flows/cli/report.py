@@ -17,6 +17,7 @@ from herald.flows.cli.common import (
     app,
     open_workspace,
     out,
+    page_target,
     print_json,
     print_summary,
     set_now,
@@ -82,9 +83,10 @@ def report(run_id: Annotated[str | None, typer.Argument(
         from herald.channels.outbox import safe_name
         from herald.reporting.htmlreport import render
 
-        path = to or ws.root / "reports" / row.flow / f"{row.run_key}.html"
-        if to is not None and to.is_dir():
-            path = to / f"{safe_name(row.flow)}-{safe_name(row.run_key)}.html"
+        # a run key is any text (`../x`, `a/b`): a file name of its own, inside reports/
+        path = page_target(to, ws.root / "reports" / safe_name(row.flow)
+                           / f"{safe_name(row.run_key)}.html",
+                           f"{safe_name(row.flow)}-{safe_name(row.run_key)}.html")
         _with_package_params(ws, data)
         page = render(data, conversion, runs.timeline(ws, row.flow, row.run_key),
                       _tier_messages(ws, row.flow), ws.config.currency, tested)
