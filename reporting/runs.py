@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import and_, case, func, select
 
+from herald.core.db import packages
 from herald.core.errors import HeraldError, did_you_mean
 from herald.core.workspace import Workspace
 from herald.delivery import ledger, ledger_reads, run_records
@@ -53,7 +54,8 @@ def run_report(ws: Workspace, row: Any) -> dict[str, Any]:
         counts.deliveries["duplicate"] = summary["deliveries"].get("duplicate", 0)
     data = {"run_id": row.id, "flow": row.flow, "run_key": row.run_key,
             "status": row.status, "dry_run": row.dry_run,
-            "package": summary["package"] if summary else {"id": row.package_id},
+            "package": summary["package"] if summary else {
+                "id": row.package_id, "size": _package_size(ws, row.package_id)},
             "error": row.error, **counts.to_dict(),
             "reasons": [{"channel": r.channel, "status": r.status, "reason": r.reason,
                          "count": int(r.n)} for r in ledger_reads.failures(ws.store, row.id)],
@@ -75,7 +77,7 @@ def key_report(ws: Workspace, flow: str, run_key: str, dry_runs: bool = False
     if not real:
         dry = [r for r in rows if r.dry_run]
         if dry and dry_runs:
-            return {**run_report(ws, dry[0]), "runs": [run_row(r) for r in dry]}
+            return {**run_report(ws, dry[0]), "runs": [run_row(ws, r) for r in dry]}
         known = sorted({r.run_key for r in run_records.list_runs(ws.store, 200, flow=flow)})
         raise HeraldError(f"no {'' if dry_runs else 'real '}run of {flow} under run key "
                           f"'{run_key}'" + (did_you_mean(run_key, known) or (
@@ -87,13 +89,14 @@ def key_report(ws: Workspace, flow: str, run_key: str, dry_runs: bool = False
     shown = rows if dry_runs else real
     return {"run_id": latest.id, "flow": flow, "run_key": run_key, "status": latest.status,
             "dry_run": False,
-            "package": summary["package"] if summary else {"id": first.package_id},
+            "package": summary["package"] if summary else {
+                "id": first.package_id, "size": _package_size(ws, first.package_id)},
             "error": latest.error, **counts.to_dict(),
             "reasons": [{"channel": r.channel, "status": r.status, "reason": r.reason,
                          "count": int(r.n)}
                         for r in ledger_reads.failures(ws.store, None, key=(flow, run_key))],
             "failure_reasons": failure_reasons(ws, flow, run_key),
-            "runs": [run_row(r) for r in shown]}
+            "runs": [run_row(ws, r) for r in shown]}
 
 
 def failure_reasons(ws: Workspace, flow: str, run_key: str, run_id: str | None = None,
@@ -103,19 +106,34 @@ def failure_reasons(ws: Workspace, flow: str, run_key: str, run_id: str | None =
             for r in ledger_reads.failure_reasons(ws.store, flow, run_key, limit, run_id)]
 
 
-def run_row(row: Any) -> dict[str, Any]:
-    """One run as ``herald runs`` lists it: key, status, counts, duration."""
+def run_row(ws: Workspace, row: Any) -> dict[str, Any]:
+    """One run as ``herald runs`` lists it: key, status, counts, duration. A run that
+    ended without its summary (stopped, failed, killed, still going) is counted from
+    its ledger rows: what it sent before it stopped is not shown as 0."""
     summary = json.loads(row.summary) if row.summary else {}
     deliveries = summary.get("deliveries", {})
+    size = summary.get("package", {}).get("size")
+    if not summary and not row.dry_run:
+        deliveries = ledger_reads.run_counts(ws.store, row.id).deliveries
+        size = _package_size(ws, row.package_id)
     started, finished = utc(row.started_at), utc(row.finished_at)
     return {"run_id": row.id, "flow": row.flow, "run_key": row.run_key,
             "status": row.status, "dry_run": bool(row.dry_run),
             "started_at": started.isoformat() if started else None,
             "duration_seconds": round((finished - started).total_seconds(), 1)
             if started and finished else None,
-            "recipients": summary.get("package", {}).get("size"),
+            "recipients": size,
             "sent": deliveries.get("sent", 0), "failed": deliveries.get("failed", 0),
             "duplicate": deliveries.get("duplicate", 0), "error": row.error}
+
+
+def _package_size(ws: Workspace, package_id: str | None) -> int | None:
+    """The size of a run's package, if it was built."""
+    if not package_id:
+        return None
+    with ws.store.connect() as conn:
+        return conn.execute(select(packages.c.size).where(
+            packages.c.id == package_id)).scalar_one_or_none()
 
 
 def list_runs(ws: Workspace, flow: str | None, limit: int = 20) -> list[dict[str, Any]]:
@@ -126,7 +144,7 @@ def list_runs(ws: Workspace, flow: str | None, limit: int = 20) -> list[dict[str
                               f"herald journey status {flow} and herald journey report {flow}")
         raise HeraldError(f"unknown flow '{flow}'" + did_you_mean(
             flow, [*ws.flow_names(), *run_records.run_flows(ws.store)]))
-    return [run_row(r) for r in run_records.list_runs(ws.store, limit, flow=flow)]
+    return [run_row(ws, r) for r in run_records.list_runs(ws.store, limit, flow=flow)]
 
 
 def measures(ws: Workspace, row: Any) -> bool:

@@ -151,8 +151,8 @@ def test_run_json_contract_and_rerun(make_workspace, prefect_harness, capsys) ->
     assert summary["package"]["tiers"] == {"bronze": 50, "gold": 25, "silver": 25}
     assert set(summary["deliveries"]) == {"sent", "failed", "capped", "suppressed",
                                           "held_out", "no_address", "render_error",
-                                          "quiet_hours", "deferred", "stopped", "duplicate",
-                                          "queued", "sending"}
+                                          "quiet_hours", "deferred", "stopped", "withdrawn",
+                                          "duplicate", "queued", "sending"}
     assert summary["deliveries"]["sent"] == 98
     assert summary["by_channel"]["email"]["sent"] + summary["by_channel"]["sms"]["sent"] == 98
     assert outbox_messages(ws) == 98

@@ -1574,6 +1574,11 @@ def test_stop_signal_takes_no_new_batch_and_says_how_to_resume(sig, make_workspa
     assert before < 400  # it stopped well before the end (598 have an address)
     first = _ledger(ws, "stop")
     assert not any(s == "sending" for s, _ in first.values())  # in flight: settled
+    from herald.reporting import runs as run_views
+
+    (stopped,) = run_views.list_runs(ws, "promo")  # counted from its rows: no summary
+    assert (stopped["status"], stopped["sent"], stopped["recipients"]) == (
+        "failed", before, 600), stopped
     chunks.forget_workspace(ws.root)
     from herald.core.workspace import Workspace
 

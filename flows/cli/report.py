@@ -94,7 +94,8 @@ def report(run_id: Annotated[str | None, typer.Argument(
     if as_json:
         print_json({**data, **({"html": str(path)} if path else {})})
         return
-    data.setdefault("package", {}).setdefault("size", "?")
+    if data.setdefault("package", {}).get("size") is None:
+        data["package"]["size"] = "?"
     print_summary(data)
     out.print(f"status: {row.status}" + (f" ({escape(row.error)})" if row.error else ""))
     if len(data.get("runs", [])) > 1:
