@@ -70,7 +70,15 @@ def parse(text: str) -> datetime:
                          "(expected e.g. 2026-12-01T10:00+08:00 or 2026-12-01)") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
+    # caps, waits and windows reach ten years either side of now: a clock near year 1 or
+    # 9999 overflowed deep inside a run instead of being refused here
+    if not EARLIEST_YEAR <= moment.year <= LATEST_YEAR:
+        raise ValueError(f"'{text}' is outside the years Herald computes with "
+                         f"({EARLIEST_YEAR} to {LATEST_YEAR})")
     return moment.astimezone(UTC)
+
+
+EARLIEST_YEAR, LATEST_YEAR = 1900, 9000
 
 
 def current() -> Clock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -26,6 +27,11 @@ def test_parse_accepts_iso_8601_and_names_what_is_wrong() -> None:
         clock.parse("next monday")
     with pytest.raises(ValueError, match="an empty time"):
         clock.parse("  ")
+    for far in ("9999-12-31T23:00Z", "0001-01-01", "1899-12-31T23:59+00:00"):
+        with pytest.raises(ValueError, match=re.escape(
+                f"'{far}' is outside the years Herald computes with (1900 to 9000)")):
+            clock.parse(far)
+    assert clock.parse("9000-12-31") == datetime(9000, 12, 31, tzinfo=UTC)
 
 
 def test_frozen_running_advanced_and_restored() -> None:
@@ -114,6 +120,9 @@ def test_a_bad_now_is_a_usage_error(make_workspace, capsys) -> None:
     code, _, err = cli(capsys, "run", "promo", "--dry-run", "--now", "tomorrow",
                        "-w", str(ws.root))
     assert code == 2 and "'tomorrow' is not an ISO 8601 time" in err
+    code, _, err = cli(capsys, "journey", "tick", "nudge", "--now", "9999-12-31T23:00Z",
+                       "-w", str(ws.root))
+    assert code == 2 and "outside the years Herald computes with" in err, err
     assert clock.current().anchor == before.anchor  # HERALD_NOW may set it afresh
 
 
