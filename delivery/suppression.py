@@ -142,13 +142,17 @@ def read_import(file: Path, channel: str | None, reason: str | None,
     problem is reported at once). ``check_channel(channel, where)`` raises for an unknown
     channel."""
     try:
-        text = file.read_bytes().decode("utf-8-sig")
+        raw = file.read_bytes()
     except FileNotFoundError:
         raise HeraldError(f"{file}: file not found") from None
     except IsADirectoryError:
         raise HeraldError(f"{file}: is a folder, not a file") from None
+    try:
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise HeraldError(f"{file}: not valid UTF-8 (byte {exc.start})") from None
+        bad_line = raw[:exc.start].count(b"\n") + 1
+        raise HeraldError(f"{file}:{bad_line}: not valid UTF-8 (byte {exc.start} of the file; "
+                          "save it as UTF-8)") from None
     lines = text.splitlines()
     data = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
     delimiter = ","
@@ -168,10 +172,15 @@ def read_import(file: Path, channel: str | None, reason: str | None,
         try:  # each line on its own: a stray quote cannot swallow the lines after it
             row = next(csv.reader([line], delimiter=delimiter, strict=True))
         except csv.Error:
-            problems.append(Problem("unbalanced quote (a value in quotes must end with "
-                                    "its quote)", file=str(file), line=number))
-            first = False
-            continue
+            # a mail client's export: "Smith, Bob" <bob@shop.example>, one address with a
+            # quoted display name (its comma is not a separator)
+            if import_value(line.strip(), region, keys)[0] is not None:
+                row = [line.strip()]
+            else:
+                problems.append(Problem("unbalanced quote (a value in quotes must end with "
+                                        "its quote)", file=str(file), line=number))
+                first = False
+                continue
         if first and row[0].strip().lower() in HEADERS:
             first = False
             names = [c.strip().lower() for c in row]

@@ -661,6 +661,8 @@ OPT_OUTS = [
      12),
     ("import: `Name <addr>`", ("import", "Ann Example <user16@example.com>"), 16),
     ("import: `mailto:addr`", ("import", "mailto:user20@example.com"), 20),
+    ("import: a quoted display name holding a comma (a mail client's export)",
+     ("import", '"Example, Ann" <user36@example.com>'), 36),
     ("import: semicolon CSV with a header (email;reason)", ("semicolon", "user24@example.com"),
      24),
     ("import: quoted value and a reason holding the delimiter",
@@ -744,7 +746,8 @@ IMPORT_REFUSALS = [
      ":1: 'Ann <ann@example.com' is not an address (Name <addr> expected)"),
     ("unknown header column", "email,notes\na@example.com,x\n",
      ":1: unknown column 'notes' in the header"),
-    ("non-UTF-8 import file", "caf\u00e9@example.com\n".encode("latin-1"), ": not valid UTF-8"),
+    ("non-UTF-8 import file", "a@example.com\ncaf\u00e9@example.com\n".encode("latin-1"),
+     ":2: not valid UTF-8"),
     ("recipient key with spaces (--keys)", "42\nnot a key\n", ":2: 'not a key' is not a "
                                                               "recipient key"),
 ]
