@@ -41,6 +41,7 @@ from herald.journeys.spec import (
     BranchStep,
     ExitStep,
     JourneySpec,
+    NotADate,
     SendStep,
     SplitStep,
     WaitForStep,
@@ -230,7 +231,15 @@ class Mover:
             if item.status == "waiting":
                 due = item.due_at
             else:
-                due = step.due(item.arrived_at, self.zone(spec, item), item.data)
+                try:
+                    due = step.due(item.arrived_at, self.zone(spec, item), item.data)
+                except NotADate as exc:
+                    # a wrong column or wrong data: not waiting at all would send the
+                    # next message at once; the person leaves, the reason in the log
+                    self.visit(item, "wait", "exited", str(exc))
+                    item.status, item.exit_reason, item.moving = "exited", "not_a_date", False
+                    self.result.exits["not_a_date"] += 1
+                    continue
             if due <= self.now + GRACE:
                 self.visit(item, "wait", "waited")
                 self.go(item, step.next)

@@ -155,11 +155,18 @@ class WaitStep(_Step):
         return until_moment(self.until, arrived, zone, data)
 
 
+class NotADate(ValueError):
+    """A wait's date column holds something that is not a date."""
+
+
 def until_moment(until: Until, arrived: datetime, zone: ZoneInfo,
                  data: dict[str, Any]) -> datetime:
     local = arrived.astimezone(zone)
     if until.date is not None:
-        day = as_date(data.get(until.date))
+        value = data.get(until.date)
+        day = as_date(value)
+        if day is None and value not in (None, ""):
+            raise NotADate(f"{until.date} holds {str(value)[:60]!r}, not a date")
         if day is None:  # no date: nothing to wait for
             return arrived
         at = datetime.combine(day, until.time or time(0), tzinfo=zone) + until.offset

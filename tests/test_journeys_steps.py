@@ -13,7 +13,7 @@ import pytest
 from herald.core import clock
 from herald.delivery import variants
 from herald.journeys import chunks, engine, mover, report
-from herald.journeys.spec import Until, When, until_moment
+from herald.journeys.spec import NotADate, Until, When, until_moment
 
 from .helpers import (
     JOURNEY_FILES,
@@ -50,6 +50,9 @@ def test_until_a_date_column_plus_an_offset():
                                                                     tzinfo=UTC)
     assert until_moment(before, arrived, SHANGHAI, {"renews_on": "2026-11-01"}) == arrived
     assert until_moment(before, arrived, SHANGHAI, {"renews_on": None}) == arrived
+    assert until_moment(before, arrived, SHANGHAI, {"renews_on": ""}) == arrived
+    with pytest.raises(NotADate, match="renews_on holds 'soon', not a date"):
+        until_moment(before, arrived, SHANGHAI, {"renews_on": "soon"})
 
 
 def test_variants_are_sticky_weighted_and_independent():
@@ -111,6 +114,33 @@ def test_already_matching_on_arrival_does_not_wait_and_tiers_without_entry(make_
     assert second["steps"]["wait_gold"] == {"timeout": 15}
     rows = enrollment_rows(ws, "arrival")
     assert all(r.status == "completed" for r in rows.values())
+
+
+DATED = """\
+name: dated
+entry: {source: crm, segment: nudge_entry, params: {min_score: 8}, key: id}
+steps:
+  pause: {type: wait, until: {date: COLUMN, offset: 1d, time: "09:00"}, next: hello}
+  hello: {type: send, tiers: {default: {channels: [email]}}}
+"""
+
+
+def test_a_wait_on_a_column_that_holds_no_date_is_an_exit_not_a_skip(make_workspace):
+    """`until: {date: name}` (a text column, by mistake): not waiting would send the
+    next message at once; each person leaves instead, the value named in their path."""
+    ws = make_workspace({**JOURNEY_FILES, "config/journeys/dated.yaml":
+                         DATED.replace("COLUMN", "name"),
+                         "templates/dated/hello/default.email.subject.j2": "Hi",
+                         "templates/dated/hello/default.email.txt.j2": "Hi {{ name }}"},
+                        rows=20)
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        summary = journey_tick(ws, "dated")
+    assert summary["exits"] == {"not_a_date": 4}  # scores 8 and 9: ids 8, 9, 18, 19
+    assert "hello" not in summary["steps"]
+    path = report.show(ws, "dated", "8")["enrollments"][0]["path"]
+    assert [(p["step"], p["outcome"], p["detail"]) for p in path] == [
+        ("pause", "exited", "name holds 'User 8', not a date")]
+    assert report.status(ws, "dated")["exited"] == {"not_a_date": 4}
 
 
 CAPPED = """\
