@@ -7,6 +7,7 @@ only names it (``window: Duration``) and the YAML's position survives validation
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import time, timedelta
 from typing import Annotated, Any
@@ -74,6 +75,10 @@ def check_param(value: Any) -> Any:
     if isinstance(value, dict):
         raise ValueError("a parameter is a number, a text, true or false, or a list of "
                          "them for IN :name, not a mapping")
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, float) and not math.isfinite(item):
+            # 1e400 is infinity: bound, it selected nobody or everybody without a word
+            raise ValueError(f"{item} is not a finite number")
     if isinstance(value, list):
         if not value:
             raise ValueError("an empty list would select nobody: give one value or more")

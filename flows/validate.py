@@ -202,8 +202,8 @@ def param_problems(ws: Workspace, flow: FlowSpec, overrides: Mapping[str, Param]
                 problems.append(Problem(
                     f"{file} does not use :{name}{did_you_mean(name, used)} (it uses: "
                     f"{listed})" if name not in used else
-                    f"{value!r} is not {unlike}, as audience.params.{name} "
-                    f"({flow.audience.params[name]!r}) is",
+                    f"{_shown(value)} is not {unlike}, as audience.params.{name} "
+                    f"({_shown(flow.audience.params[name])}) is",
                     file=ws.flow_file(flow.name), line=ws.flow_line(flow.name, where),
                     field=f"schedules[{i}].params.{name}"))
     for name, value in overrides.items():
@@ -214,10 +214,17 @@ def param_problems(ws: Workspace, flow: FlowSpec, overrides: Mapping[str, Param]
             unlike = _unlike(value, flow.audience.params[name])
             if unlike:
                 problems.append(Problem(
-                    f"-p {name}: {value!r} is not {unlike}, as the flow's value "
-                    f"{flow.audience.params[name]!r} is ({ws.flow_file(flow.name)}:"
+                    f"-p {name}: {_shown(value)} is not {unlike}, as the flow's value "
+                    f"{_shown(flow.audience.params[name])} is ({ws.flow_file(flow.name)}:"
                     f"{ws.flow_line(flow.name, ('audience', 'params', name))})"))
     return problems
+
+
+def _shown(value: Param | None) -> str:
+    """A parameter's value as YAML and -p write it (true, null), texts quoted."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return repr(value)
 
 
 def _unlike(value: Param, default: Param) -> str | None:

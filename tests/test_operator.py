@@ -306,11 +306,13 @@ def test_errors_name_the_line_and_give_a_hint(make_workspace, capsys, monkeypatc
     # a typo in a number would be bound as text and select another audience: refused,
     # nothing built or sent
     ws = make_workspace(folder="w1")
-    for value, what in (("1O", "'1O' is not a number"), ("true", "True is not a number")):
+    for value, what in (("1O", "'1O' is not a number"), ("true", "true is not a number")):
         code, _, err = cli(capsys, "run", "promo", "-w", str(ws.root), "-p",
                            f"min_score={value}")
         assert code == 1 and (f"-p min_score: {what}, as the flow's value 0 is "
                               f"({flow}:6)") in " ".join(err.split()), err
+    code, _, err = cli(capsys, "run", "promo", "-w", str(ws.root), "-p", "min_score=1e400")
+    assert code == 2 and "min_score: inf is not a finite number" in " ".join(err.split()), err
     assert outbox_messages(ws) == 0 and store.list_packages(ws) == []
     # a schedule's params are checked as -p values are, before serving: each of its
     # runs would otherwise fail at the same point
