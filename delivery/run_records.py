@@ -4,6 +4,7 @@ process running it). The deliveries of a run are in :mod:`herald.delivery.ledger
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,6 +22,7 @@ from herald.core.db import (
     runs,
     writing,
 )
+from herald.core.errors import HeraldError
 from herald.delivery.ledger import now
 
 
@@ -60,6 +62,28 @@ def live_runs(conn: Connection, run_ids: Iterable[str | None]) -> set[str]:
         return set()
     return {r.id for r in conn.execute(select(runs.c.id, runs.c.owner).where(
         runs.c.id.in_(wanted), runs.c.status == "running")) if not owner_gone(r.owner)}
+
+
+def close_run(engine: Engine, run_id: str) -> str:
+    """Close a run left ``running`` by a process that cannot be seen to have ended (on
+    another host, say): ``failed``, so that a rerun of its run key sends its ``queued``
+    rows. Refused while its process runs on this host. Returns what was done."""
+    with writing(engine) as conn:
+        row = conn.execute(select(runs.c.status, runs.c.owner).where(
+            runs.c.id == run_id)).first()
+        if row is None:
+            raise HeraldError(f"no run '{run_id}' (see: herald runs)")
+        if row.status != "running":
+            raise HeraldError(f"run {run_id} is {row.status}, not running: nothing to close")
+        host, _, pid = (row.owner or "").rpartition(":")
+        if host == socket.gethostname() and not owner_gone(row.owner):
+            raise HeraldError(f"run {run_id} is still running here (process {pid}): stop "
+                              "it (Ctrl-C or SIGTERM) instead")
+        conn.execute(update(runs).where(runs.c.id == run_id, runs.c.status == "running")
+                     .values(status="failed", finished_at=now(),
+                             error=f"closed by the operator: its process ({row.owner}) "
+                                   "was not seen to end; rerun with its run key to resume"))
+    return f"run {run_id} closed as failed; its queued rows go out with the next run of its key"
 
 
 def set_run_package(engine: Engine, run_id: str, package_id: str) -> None:

@@ -142,6 +142,46 @@ def test_queued_rows_of_a_run_still_going_are_left_to_it(make_workspace, store_u
         "1": 1, "2": 1, "3": 1}
 
 
+def test_a_run_left_running_on_another_host_is_closed_by_hand(make_workspace,
+                                                               capsys) -> None:
+    """A run recorded by a process on another host is never presumed gone: its queued
+    rows wait. `herald runs --close RUN` closes it (refused for a run still going on
+    this host), and the next run of its key sends them once."""
+    from herald.core.db import process_owner, runs, writing
+    from herald.delivery import run_records
+    from herald.flows.cli import main
+    from herald.flows.engine import run_local
+
+    ws = workspace(make_workspace, "sqlite:///crm.db", "sqlite:///.herald/herald.db", 20)
+    for run_id, owner in (("run-far", "elsewhere.example:4242"),
+                          ("run-here", process_owner())):
+        run_records.start_run(ws.store, run_id, "promo", run_id, False)
+        with writing(ws.store) as conn:
+            ledger.write_entries(conn, [ledger.Entry("1", "silver", "queued", "sms",
+                                                     "+14155550001")],
+                                 flow="promo", run_key=run_id, run_id=run_id, package_id="p")
+            conn.execute(runs.update().where(runs.c.id == run_id).values(owner=owner))
+    assert run_local(ws, "promo", run_key="run-far")["deliveries"]["duplicate"] == 1
+
+    def close(run_id: str) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as done:
+            main(["-w", str(ws.root), "runs", "--close", run_id])
+        said = capsys.readouterr()
+        return int(done.value.code or 0), " ".join((said.out + said.err).split())
+
+    code, said = close("run-here")
+    assert code == 1 and "is still running here (process" in said, said
+    code, said = close("run-nope")
+    assert code == 1 and "no run 'run-nope'" in said, said
+    code, said = close("run-far")
+    assert code == 0 and said == ("run run-far closed as failed; its queued rows go out "
+                                  "with the next run of its key"), said
+    code, said = close("run-far")
+    assert code == 1 and "is failed, not running" in said, said
+    assert run_local(ws, "promo", run_key="run-far")["deliveries"]["sent"] == 1
+    assert outbox_recipients(ws)["1"] == 1
+
+
 def sent_per_recipient(ws) -> Counter[str]:
     with ws.store.connect() as conn:
         return Counter(conn.execute(select(ledger.deliveries.c.recipient).where(

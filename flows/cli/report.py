@@ -155,11 +155,21 @@ def _tier_messages(ws: Any, flow: str) -> list[dict[str, Any]]:
 def runs_command(flow: Annotated[str | None, typer.Argument(help="Only this flow")] = None,
                  limit: Annotated[int, typer.Option("--limit", min=1)] = 20,
                  workspace: WorkspaceOpt = None,
-                 as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+                 as_json: Annotated[bool, typer.Option("--json")] = False,
+                 close: Annotated[str | None, typer.Option(
+                     "--close", metavar="RUN", help="Close a run left running by a "
+                     "process that ended where Herald cannot see it (another host)")] = None
+                 ) -> None:
     """List runs, newest first: run key, status, counts and duration."""
     from herald.reporting import runs
 
-    found = runs.list_runs(open_workspace(workspace), flow, limit)
+    ws = open_workspace(workspace)
+    if close:
+        from herald.delivery import run_records
+
+        out.print(run_records.close_run(ws.store, close))
+        return
+    found = runs.list_runs(ws, flow, limit)
     if as_json:
         print_json(found)
         return
