@@ -186,30 +186,33 @@ def param_problems(ws: Workspace, flow: FlowSpec, overrides: Mapping[str, Param]
         return []  # the segment itself is reported by load_segment
     problems = []
     listed = ", ".join(f":{u}" for u in sorted(used)) or "none"
+
+    def unused(name: str) -> str:
+        return f"{file} does not use :{name}{did_you_mean(name, used)} (it uses: {listed})"
+
     for name in flow.audience.params:
         if name not in used and name not in overrides:
             problems.append(Problem(
-                f"{file} does not use :{name}{did_you_mean(name, used)} (it uses: {listed})",
-                file=ws.flow_file(flow.name),
+                unused(name), file=ws.flow_file(flow.name),
                 line=ws.flow_line(flow.name, ("audience", "params", name)),
                 field=f"audience.params.{name}"))
     for i, schedule in enumerate(flow.schedules):  # each run of it binds these
         for name, value in schedule.params.items():
-            where = ("schedules", i, "params", name)
-            unlike = (_unlike(value, flow.audience.params[name])
-                      if name in flow.audience.params else None)
-            if name not in used or unlike:
-                problems.append(Problem(
-                    f"{file} does not use :{name}{did_you_mean(name, used)} (it uses: "
-                    f"{listed})" if name not in used else
-                    f"{_shown(value)} is not {unlike}, as audience.params.{name} "
-                    f"({_shown(flow.audience.params[name])}) is",
-                    file=ws.flow_file(flow.name), line=ws.flow_line(flow.name, where),
-                    field=f"schedules[{i}].params.{name}"))
+            if name not in used:
+                message = unused(name)
+            elif name in flow.audience.params and (
+                    unlike := _unlike(value, flow.audience.params[name])):
+                message = (f"{_shown(value)} is not {unlike}, as audience.params.{name} "
+                           f"({_shown(flow.audience.params[name])}) is")
+            else:
+                continue
+            problems.append(Problem(
+                message, file=ws.flow_file(flow.name),
+                line=ws.flow_line(flow.name, ("schedules", i, "params", name)),
+                field=f"schedules[{i}].params.{name}"))
     for name, value in overrides.items():
         if name not in used:
-            problems.append(Problem(f"-p {name}: {file} does not use :{name}"
-                                    f"{did_you_mean(name, used)} (it uses: {listed})"))
+            problems.append(Problem(f"-p {name}: {unused(name)}"))
         elif name in flow.audience.params:
             unlike = _unlike(value, flow.audience.params[name])
             if unlike:

@@ -135,6 +135,10 @@ class Mover:
             self.withdrawn.append((spec.flow, item.run_key, item.recipient,
                                    f"left the journey before it was sent: {reason}"))
         self.visit(item, "exit_check", "exited", reason)
+        self.leave(item, reason)
+
+    def leave(self, item: Item, reason: str) -> None:
+        """The enrollment ends here, exited for ``reason`` (its step logged already)."""
         item.status, item.exit_reason, item.moving = "exited", reason, False
         self.result.exits[reason] += 1
 
@@ -194,8 +198,7 @@ class Mover:
             self.visit(item, "split", f"cohort:{cohort}")
             if chosen.holdout:
                 item.cohort = cohort
-                item.status, item.exit_reason, item.moving = "exited", "holdout", False
-                self.result.exits["holdout"] += 1
+                self.leave(item, "holdout")
             else:
                 self.go(item, chosen.next)
 
@@ -237,8 +240,7 @@ class Mover:
                     # a wrong column or wrong data: not waiting at all would send the
                     # next message at once; the person leaves, the reason in the log
                     self.visit(item, "wait", "exited", str(exc))
-                    item.status, item.exit_reason, item.moving = "exited", "not_a_date", False
-                    self.result.exits["not_a_date"] += 1
+                    self.leave(item, "not_a_date")
                     continue
             if due <= self.now + GRACE:
                 self.visit(item, "wait", "waited")

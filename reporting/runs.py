@@ -54,8 +54,7 @@ def run_report(ws: Workspace, row: Any) -> dict[str, Any]:
         counts.deliveries["duplicate"] = summary["deliveries"].get("duplicate", 0)
     data = {"run_id": row.id, "flow": row.flow, "run_key": row.run_key,
             "status": row.status, "dry_run": row.dry_run,
-            "package": summary["package"] if summary else {
-                "id": row.package_id, "size": _package_size(ws, row.package_id)},
+            "package": summary["package"] if summary else _package(ws, row.package_id),
             "error": row.error, **counts.to_dict(),
             "reasons": [{"channel": r.channel, "status": r.status, "reason": r.reason,
                          "count": int(r.n)} for r in ledger_reads.failures(ws.store, row.id)],
@@ -89,8 +88,7 @@ def key_report(ws: Workspace, flow: str, run_key: str, dry_runs: bool = False
     shown = rows if dry_runs else real
     return {"run_id": latest.id, "flow": flow, "run_key": run_key, "status": latest.status,
             "dry_run": False,
-            "package": summary["package"] if summary else {
-                "id": first.package_id, "size": _package_size(ws, first.package_id)},
+            "package": summary["package"] if summary else _package(ws, first.package_id),
             "error": latest.error, **counts.to_dict(),
             "reasons": [{"channel": r.channel, "status": r.status, "reason": r.reason,
                          "count": int(r.n)}
@@ -115,7 +113,7 @@ def run_row(ws: Workspace, row: Any) -> dict[str, Any]:
     size = summary.get("package", {}).get("size")
     if not summary and not row.dry_run:
         deliveries = ledger_reads.run_counts(ws.store, row.id).deliveries
-        size = _package_size(ws, row.package_id)
+        size = _package(ws, row.package_id)["size"]
     started, finished = utc(row.started_at), utc(row.finished_at)
     return {"run_id": row.id, "flow": row.flow, "run_key": row.run_key,
             "status": row.status, "dry_run": bool(row.dry_run),
@@ -127,13 +125,14 @@ def run_row(ws: Workspace, row: Any) -> dict[str, Any]:
             "duplicate": deliveries.get("duplicate", 0), "error": row.error}
 
 
-def _package_size(ws: Workspace, package_id: str | None) -> int | None:
-    """The size of a run's package, if it was built."""
+def _package(ws: Workspace, package_id: str | None) -> dict[str, Any]:
+    """A run's package as its summary names it (id, size) when the run left no summary:
+    the size None if it was never built, or since removed."""
     if not package_id:
-        return None
+        return {"id": package_id, "size": None}
     with ws.store.connect() as conn:
-        return conn.execute(select(packages.c.size).where(
-            packages.c.id == package_id)).scalar_one_or_none()
+        return {"id": package_id, "size": conn.execute(select(packages.c.size).where(
+            packages.c.id == package_id)).scalar_one_or_none()}
 
 
 def list_runs(ws: Workspace, flow: str | None, limit: int = 20) -> list[dict[str, Any]]:
