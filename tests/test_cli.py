@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -186,6 +188,88 @@ def test_cli_runs_without_a_prefect_server(make_workspace, tmp_path) -> None:
     assert summary["deliveries"]["sent"] == 20 and summary["dry_run"] is False
     assert proc.stderr == ""  # --json: stdout holds the object, stderr stays quiet
     assert outbox_messages(ws) == 20
+
+
+def _servers_of(pid: int) -> list[int]:
+    """The Prefect servers (uvicorn with Prefect's app) that process ``pid`` started."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                ppid = int(stat.read().rpartition(")")[2].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                command = cmdline.read()
+        except (OSError, ValueError):
+            continue
+        if ppid == pid and b"prefect.server.api.server:create_app" in command:
+            found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads processes from /proc")
+def test_the_temporary_server_ends_with_a_killed_command(make_workspace, tmp_path) -> None:
+    """`herald run` starts Prefect's temporary server as it starts; killed (SIGKILL, no
+    chance to stop anything), it leaves no server behind: the server stops itself."""
+    slow = ("WITH RECURSIVE burn(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM burn "
+            "WHERE x < 30000000)\nSELECT id, name, email, phone, tier, locale, score\n"
+            "FROM people WHERE score >= :min_score AND (SELECT count(*) FROM burn) > 0")
+    ws = make_workspace({"audiences/people.sql": slow}, rows=20)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    herald = os.path.join(os.path.dirname(sys.executable), "herald")
+    proc = subprocess.Popen([herald, "run", "promo", "-w", str(ws.root)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (servers := _servers_of(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert servers, "no temporary server started"
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 15
+    while any(map(_alive, servers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_alive, servers)), "the temporary server outlived its command"
+
+
+@pytest.mark.prefect
+def test_a_server_named_by_a_prefect_profile_is_used(make_workspace, prefect_harness,
+                                                     tmp_path) -> None:
+    """The temporary server is started early, before Prefect's settings are read; a
+    server named in the operator's Prefect profile (not the environment) still wins: the
+    run is recorded there, and the early server is stopped."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    (home / "profiles.toml").write_text(
+        f'active = "ops"\n[profiles.ops]\nPREFECT_API_URL = "{PREFECT_API_URL.value()}"\n')
+    ws = make_workspace(rows=20)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(home)
+    herald = os.path.join(os.path.dirname(sys.executable), "herald")
+    proc = subprocess.run([herald, "run", "promo", "--run-key", "profiled", "--json", "-w",
+                           str(ws.root)], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["deliveries"]["sent"] == 20
+
+    async def names() -> list[str]:
+        async with get_client() as client:
+            return [r.name for r in await client.read_flow_runs()]
+
+    assert "promo/profiled" in asyncio.run(names())
 
 
 def test_the_temporary_prefect_server_is_given_time_to_start(monkeypatch) -> None:

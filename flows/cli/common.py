@@ -10,11 +10,9 @@ usage errors exit 2.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -208,34 +206,6 @@ def prefect_env() -> None:
     # 20 s: the run then failed before sending anything. Wait longer before giving up.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
                           str(EPHEMERAL_STARTUP_SECONDS))
-
-
-def temporary_server_apart() -> None:
-    """Without PREFECT_API_URL, Prefect starts a temporary server as a child process,
-    in the terminal's process group: Ctrl-C stopped it too, and a run that was finishing
-    its batches in flight lost its API (minutes of retried connections, then a
-    ConnectError instead of "stopped by SIGINT"). Started in a session of its own, the
-    server hears no terminal signal; Prefect still stops it when the command exits."""
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    class Apart(SubprocessASGIServer):
-        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
-            popen = subprocess.Popen
-            # Prefect's own command line, started with start_new_session=True (another
-            # thread starting a process at this instant would get a session of its own
-            # too, which changes nothing for it but terminal signals)
-            subprocess.Popen = functools.partial(popen, start_new_session=True)  # type: ignore[misc,assignment]
-            try:
-                return super()._run_uvicorn_command()
-            finally:
-                subprocess.Popen = popen  # type: ignore[misc]
-
-    if None not in SubprocessASGIServer._instances:
-        Apart()  # Prefect's SubprocessASGIServer() now returns this instance
 
 
 class _HeraldOnly(logging.Filter):

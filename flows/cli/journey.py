@@ -21,9 +21,9 @@ from herald.flows.cli.common import (
     prefect_env,
     print_json,
     set_now,
-    temporary_server_apart,
     write_page,
 )
+from herald.flows.cli.server import TemporaryServer
 
 
 @journey_app.command("tick")
@@ -41,14 +41,17 @@ def journey_tick(name: str, workspace: WorkspaceOpt = None, now: NowOpt = None,
     from herald.flows.engine import stop_on_signals
 
     set_now(now)
-    ws = open_workspace(workspace)
+    server = TemporaryServer()
     if prefect:
         prefect_env()
-        temporary_server_apart()
+        server.start()  # it gets ready while the journey is checked and Prefect imported
+    ws = open_workspace(workspace)
+    if prefect:
         from herald.flows.journey import run as run_tick
 
         prefect_console(verbose=False)
         with stop_on_signals():
+            server.attach()
             summary = run_tick(ws, name, enter=enter)
     else:
         from herald.journeys.engine import tick_local

@@ -27,8 +27,8 @@ from herald.flows.cli.common import (
     require_server,
     set_now,
     state,
-    temporary_server_apart,
 )
+from herald.flows.cli.server import TemporaryServer
 
 
 # -- run and report ---------------------------------------------------------------------
@@ -58,6 +58,16 @@ def run(flow: str, param: ParamOpt = None,
     stderr shows one line per chunk (a progress bar on a terminal); with --json, stdout
     holds the JSON object only and stderr stays quiet unless --verbose."""
     set_now(now)
+    prefect_env()
+    if not verbose:
+        # Prefect's console lines (task states, temporary server) stay off stderr; its
+        # logs still reach the Prefect API and UI, whose level is not changed. Herald's
+        # own lines: with --json only errors (a run's warnings, failure reasons, are in
+        # its JSON).
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL",
+                              "ERROR" if as_json else "WARNING")
+    server = TemporaryServer()
+    server.start()  # it gets ready while the flow is checked and Prefect imported
     ws = open_workspace(workspace)
     params = parse_params(param)
     if run_key is not None and not run_key.strip():
@@ -76,20 +86,12 @@ def run(flow: str, param: ParamOpt = None,
     done = None if dry_run or resend_render_errors else engine.nothing_to_do(
         ws, flow, run_key or engine.default_run_key(ws, flow))
     if done is not None:  # a complete run key: no package, no Prefect run
+        server.stop()
         if as_json:
             print_json(done)
         else:
             out.print(done["message"])
         return
-    prefect_env()
-    temporary_server_apart()
-    if not verbose:
-        # Prefect's console lines (task states, temporary server) stay off stderr; its
-        # logs still reach the Prefect API and UI, whose level is not changed. Herald's
-        # own lines: with --json only errors (a run's warnings, failure reasons, are in
-        # its JSON).
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL",
-                              "ERROR" if as_json else "WARNING")
     if state.debug:
         os.environ["HERALD_DEBUG"] = "1"  # the flow raises with its traceback
     from herald.flows import campaign
@@ -101,6 +103,7 @@ def run(flow: str, param: ParamOpt = None,
     watcher = LiveReport(err)
     try:
         with stop_on_signals(sending=False):
+            server.attach()  # a signal while it starts stops the command like any other
             if as_json or verbose:
                 summary = campaign.run(ws, flow, params, run_key, dry_run, runner,
                                        resend_render_errors)

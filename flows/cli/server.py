@@ -1,0 +1,155 @@
+"""Prefect's temporary server for ``herald run`` and ``herald journey tick --prefect``,
+started when the command starts.
+
+Without an API address (``PREFECT_API_URL``), Prefect starts a temporary server the
+first time a flow needs its API: it imports its server package into the command's
+process (1.4 s on the 2-core machine of BENCHMARKS.md), starts ``uvicorn`` with its app
+in a child process, and waits while the child imports the same package again and
+creates the app (4-5 s more). Herald starts that same child as the command starts, with
+Prefect's own command line, so the server gets ready on the other core while the command
+checks the flow and imports Prefect; the command then points Prefect at it and never
+imports the server package. The child is started in a session of its own (a terminal's
+Ctrl-C reaches the command, which stops between batches, not the server it still needs)
+and stopped when the command's process exits.
+
+Whether Prefect has an address of its own (the environment, a profile, ``prefect.toml``
+or ``.env``) is only known once Prefect's settings are read: a server started early for
+a command that turns out not to need it is stopped then.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from herald.core.errors import RunError
+
+# uvicorn's exit status when its address is taken: another port is tried, as Prefect does
+ADDRESS_IN_USE = 3
+
+# The child: uvicorn with the arguments given, and a thread that stops it once the
+# command's process is gone, however it ended (SIGKILL included), so that no server
+# outlives its command: SIGTERM (uvicorn's graceful shutdown), and an exit 5 s later if
+# that has not ended it (a server still starting finishes its start first).
+_CHILD = """\
+import os, signal, sys, threading, time
+parent = int(sys.argv[1])  # not getppid(): the command may be gone already
+def watch():
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+    os._exit(1)
+threading.Thread(target=watch, daemon=True).start()
+import uvicorn
+uvicorn.main(sys.argv[2:], prog_name="uvicorn")
+"""
+
+
+class TemporaryServer:
+    """A Prefect server in a child process, for one command."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self._stopped_at_exit = False
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self) -> None:
+        """Start the server now, unless Prefect is told of one: PREFECT_API_URL in the
+        environment, or Prefect already imported (a test harness's settings)."""
+        if self.process is None and "PREFECT_API_URL" not in os.environ \
+                and "prefect.settings" not in sys.modules:
+            self._launch()
+
+    def attach(self) -> None:
+        """Point Prefect at this server: once its settings are read, and only if they name
+        no server of their own and allow a temporary one; otherwise the server started
+        early is stopped. Waits until the server answers."""
+        import prefect.context
+        from prefect.settings import (
+            PREFECT_API_URL,
+            PREFECT_SERVER_EPHEMERAL_ENABLED,
+            PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        )
+
+        if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+            self.stop()
+            return
+        if self.process is None:
+            self._launch()
+        self._wait(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        os.environ["PREFECT_API_URL"] = self.api_url  # the run's child processes too
+        prefect.context.refresh_global_settings_context()
+
+    def _launch(self) -> None:
+        prefect_spec = importlib.util.find_spec("prefect")  # not imported: 1.8 s
+        assert prefect_spec is not None and prefect_spec.origin is not None
+        self.port = _free_port()
+        # Prefect's SubprocessASGIServer: its app, no UI, and the services of a
+        # temporary server
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(os.getpid()), "--app-dir",
+             str(Path(prefect_spec.origin).parent.parent), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
+             str(self.port), "--log-level", "error", "--lifespan", "on"],
+            env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                 "PREFECT__SERVER_FINAL": "1"},
+            start_new_session=True)
+        if not self._stopped_at_exit:
+            atexit.register(self.stop)
+            self._stopped_at_exit = True
+
+    def _wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=5) as client:
+            while True:
+                assert self.process is not None
+                status = self.process.poll()
+                if status == ADDRESS_IN_USE:
+                    self._launch()
+                elif status is not None:
+                    self.process = None
+                    raise RunError(f"Prefect's temporary server exited with status {status} "
+                                   "before answering (its output is above); or start one "
+                                   "with `prefect server start` and set PREFECT_API_URL")
+                try:
+                    if client.get(f"{self.api_url}/health").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RunError(f"Prefect's temporary server did not answer within "
+                                   f"{timeout:g} s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT"
+                                   "_SECONDS); or start one with `prefect server start` and "
+                                   "set PREFECT_API_URL")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
