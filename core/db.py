@@ -18,7 +18,7 @@ import socket
 import sqlite3
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
@@ -490,6 +490,13 @@ def copy_escapes(value: str) -> bool:
 def copy_text(value: str) -> str:
     """``value`` as a field of Postgres's COPY text format."""
     return value.translate(_COPY_ESCAPES) if copy_escapes(value) else value
+
+
+def to_driver(conn: Connection, column: Any) -> Callable[[Any], Any]:
+    """The dialect's conversion of a Python value for ``column``, for a statement written
+    for the driver (SQLite stores times as text), or the identity when there is none."""
+    process = column.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+    return process or (lambda value: value)
 
 
 def driver_mark(dialect: Any) -> str:

@@ -54,7 +54,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import UserDefinedType
 
 from herald.core import clock
-from herald.core.db import at_driver, copy_text, deliveries, writing
+from herald.core.db import at_driver, copy_text, deliveries, to_driver, writing
 
 log = logging.getLogger("herald.ledger")
 
@@ -170,7 +170,7 @@ def write_entries(conn: Connection, entries: Iterable[Entry], *, flow: str, run_
         return
     # elsewhere (SQLite) one executemany at the driver: the times converted once, not
     # by SQLAlchemy for each value of each row
-    when = _to_db(conn, deliveries.c.created_at)
+    when = to_driver(conn, deliveries.c.created_at)
     fixed = when(stamp)
     conn.exec_driver_sql(_INSERT_SQL, [
         (*row[:13], when(row[13]) if row[13] is not None else None, row[14], fixed, fixed)
@@ -211,13 +211,6 @@ def _copy_or_null(value: str | None) -> str:
 
 _INSERT_SQL = (f"INSERT INTO {deliveries.name} ({', '.join(ENTRY_COLUMNS)}) "
                f"VALUES ({', '.join('?' for _ in ENTRY_COLUMNS)})")
-
-
-def _to_db(conn: Connection, column: Any) -> Any:
-    """The dialect's conversion of a Python value for ``column`` (SQLite stores times as
-    text), or the identity when there is none."""
-    process = column.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
-    return process or (lambda value: value)
 
 
 def adopt(conn: Connection, flow: str, run_key: str, recipients: Sequence[str],
@@ -304,7 +297,7 @@ def _settle_many(conn: Connection, flow: str, run_key: str, outcomes: Sequence[O
                  stamp: datetime) -> None:
     """SQLite: one UPDATE ... FROM the answers as a JSON array (an executemany where
     SQLite is older than 3.38), the times converted once."""
-    when = _to_db(conn, deliveries.c.updated_at)
+    when = to_driver(conn, deliveries.c.updated_at)
     fixed = when(stamp)
     if not SQLITE_JSON:
         conn.exec_driver_sql(_SETTLE_SQL, [

@@ -91,7 +91,9 @@ class Item:
     data: dict[str, Any]
     exit_reason: str | None = None
     moving: bool = True
-    logs: list[dict[str, Any]] = field(default_factory=list)
+    # its new log rows: (enrollment id, journey, recipient, entry no, seq, step, kind,
+    # outcome, detail), their time and tick added when saved
+    logs: list[tuple[Any, ...]] = field(default_factory=list)
 
     @property
     def run_key(self) -> str:

@@ -22,6 +22,7 @@ from .helpers import (
     crm_events,
     enrollment_rows,
     journey_tick,
+    table_rows,
 )
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -247,6 +248,49 @@ def test_a_tick_that_lost_its_lease_sends_nothing(make_workspace):
         with pytest.raises(RunError, match="lost the lease on .* before sending"):
             moving.run(items)
     assert outbox_messages(ws) == 0
+
+
+def test_a_round_whose_lease_was_lost_saves_nothing(make_workspace):
+    """A round's states and log rows are saved together, and only while the tick holds
+    every enrollment of the round: one taken by another tick and nothing is written."""
+    from sqlalchemy import update
+
+    from herald.core.db import journey_enrollments as enrollments
+    from herald.core.errors import RunError
+
+    ws = make_workspace({**JOURNEY_FILES, **CAPPED_FILES,
+                         "config/journeys/capped.yaml": CAPPED.replace("ON", "skip")},
+                        rows=30)
+    crm_events(ws)
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        prepared = engine.prepare(ws, "capped")
+        (job,) = prepared.chunks
+        items = chunks.claim(ws, job, "slow-tick")
+        before = enrollment_rows(ws, "capped")
+        moving = mover.Mover(ws, job, "slow-tick", chunks.ChunkResult())
+        for item in items:
+            moving.visit(item, "exit", "completed")
+            item.status = "completed"
+        with ws.store.begin() as conn:  # another tick took one over meanwhile
+            conn.execute(update(enrollments).where(enrollments.c.id == items[0].id).values(
+                lease_owner="other-tick"))
+        with pytest.raises(RunError, match="lost the lease on 1 enrollments .* nothing of "
+                                           "this round was saved"):
+            moving.persist(items)
+        after = enrollment_rows(ws, "capped")
+        assert [(r.status, r.seq) for r in after.values()] == \
+            [(r.status, r.seq) for r in before.values()]
+        assert table_rows(ws, "herald_journey_log", "seq") == []
+        with ws.store.begin() as conn:  # given back: the same round is saved whole
+            conn.execute(update(enrollments).values(lease_owner="slow-tick"))
+        moving.persist(items)
+    after = enrollment_rows(ws, "capped")
+    assert {r.status for r in after.values()} == {"completed"}
+    assert all(r.lease_owner is None and r.lease_until is None for r in after.values())
+    logged = table_rows(ws, "herald_journey_log", "enrollment_id", "outcome", "at", "tick")
+    assert sorted(r[0] for r in logged) == sorted(it.id for it in items)
+    assert {(r[1], r[3]) for r in logged} == {("completed", job.tick)}
+    assert {str(r[2])[:19] for r in logged} == {"2026-11-23 02:00:00"}  # the tick's clock
 
 
 def test_quiet_hours_defer_a_send_until_the_window_ends(make_workspace):
