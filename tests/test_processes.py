@@ -288,6 +288,14 @@ def test_a_killed_worker_s_chunks_are_retried_in_new_workers(make_workspace,
 
     def kill_one() -> None:
         wait_for_outbox(ws, 60)
+        # a worker holds at most 40 rows `sending` (a batch of 20 per channel): with more,
+        # both have a batch in flight, whichever is killed (one waiting for the channel's
+        # rate between batches has none)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and sum(
+                1 for (s,) in ledger_rows(ws, "status", where="run_key = 'oom'").values()
+                if s == "sending") <= 40:
+            time.sleep(0.01)
         found = _spawned_workers(os.getpid())
         if found:
             os.kill(found[0], signal.SIGKILL)
