@@ -151,3 +151,27 @@ def test_serve_and_deploy_take_flows_and_journeys(make_workspace):
         "name: slow", "name: promo")}, rows=10, folder="clash")
     with pytest.raises(ConfigError, match=r"promo.yaml:1 name: a flow is also named 'promo'"):
         load.load(clash, "promo")
+
+
+def test_a_prefect_tick_from_the_command_line_without_a_server(make_workspace, tmp_path):
+    """`herald journey tick --prefect` in a fresh process with no Prefect server: the
+    temporary server it starts as it starts serves the tick's flow run, and is gone
+    with the command."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    ws = make_workspace(JOURNEY_FILES, rows=30)
+    crm_events(ws)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    herald = os.path.join(os.path.dirname(sys.executable), "herald")
+    proc = subprocess.run([herald, "-w", str(ws.root), "--now", JOURNEY_START.isoformat(),
+                           "journey", "tick", "nudge", "--prefect", "--json"],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    assert summary["entered"] == 30 and set(summary["exits"]) == {"holdout"}
+    assert sum(summary["steps"]["first"].values()) + summary["exits"]["holdout"] == 30
+    assert (tmp_path / "prefect-home" / "prefect.db").exists()  # its runs were kept there
