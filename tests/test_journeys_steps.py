@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -226,6 +227,17 @@ def test_a_failing_chunk_releases_its_leases_and_a_retry_takes_it_again(make_wor
     assert again.claimed == len(waiting) and not again.moves
 
 
+def _claimed(make_workspace: Any) -> tuple[Any, Any, list[Any]]:
+    """A journey whose first step sends, its one chunk claimed by tick "slow-tick" (the
+    clock set by the caller)."""
+    ws = make_workspace({**JOURNEY_FILES, **CAPPED_FILES,
+                         "config/journeys/capped.yaml": CAPPED.replace("ON", "skip")},
+                        rows=30)
+    crm_events(ws)
+    (job,) = engine.prepare(ws, "capped").chunks
+    return ws, job, chunks.claim(ws, job, "slow-tick")
+
+
 def test_a_tick_that_lost_its_lease_sends_nothing(make_workspace):
     from sqlalchemy import update
 
@@ -234,14 +246,8 @@ def test_a_tick_that_lost_its_lease_sends_nothing(make_workspace):
 
     from .helpers import outbox_messages
 
-    ws = make_workspace({**JOURNEY_FILES, **CAPPED_FILES,  # its first step sends
-                         "config/journeys/capped.yaml": CAPPED.replace("ON", "skip")},
-                        rows=30)
-    crm_events(ws)
     with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
-        prepared = engine.prepare(ws, "capped")
-        (job,) = prepared.chunks
-        items = chunks.claim(ws, job, "slow-tick")
+        ws, job, items = _claimed(make_workspace)
         with ws.store.begin() as conn:  # another tick took them over meanwhile
             conn.execute(update(enrollments).values(lease_owner="other-tick"))
         moving = mover.Mover(ws, job, "slow-tick", chunks.ChunkResult())
@@ -258,14 +264,8 @@ def test_a_round_whose_lease_was_lost_saves_nothing(make_workspace):
     from herald.core.db import journey_enrollments as enrollments
     from herald.core.errors import RunError
 
-    ws = make_workspace({**JOURNEY_FILES, **CAPPED_FILES,
-                         "config/journeys/capped.yaml": CAPPED.replace("ON", "skip")},
-                        rows=30)
-    crm_events(ws)
     with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
-        prepared = engine.prepare(ws, "capped")
-        (job,) = prepared.chunks
-        items = chunks.claim(ws, job, "slow-tick")
+        ws, job, items = _claimed(make_workspace)
         before = enrollment_rows(ws, "capped")
         moving = mover.Mover(ws, job, "slow-tick", chunks.ChunkResult())
         for item in items:
