@@ -25,7 +25,7 @@ import logging
 import secrets
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from itertools import repeat
 from pathlib import Path
@@ -226,6 +226,8 @@ def _open_rows(src: Connection, segment: Segment, stack: ExitStack
                   if dialect.name == "postgresql" else driver.cursor())
         # close the (server-side) cursor on every exit, a duplicate key included
         stack.callback(cursor.close)
+        if dialect.name == "sqlite":
+            stack.enter_context(signals_reach(driver))
         cursor.execute(sql, params)
         return (lambda: cursor.fetchmany(INSERT_BATCH),
                 [d[0] for d in cursor.description])
@@ -333,54 +335,103 @@ def _build_in_sqlite(source_file: Path, store_file: Path, flow: FlowSpec, segmen
                      package_id: str) -> tuple[Counter[str], list[str]] | None:
     """The source opened read-only (``mode=ro``: never written, never created) with the
     workspace database attached, and one INSERT ... SELECT into it."""
-    dialect = sqlite_dialect.dialect()
     conn = sqlite3.connect(f"{source_file.as_uri()}?mode=ro", uri=True, timeout=30,
                            isolation_level=None)
     try:
-        conn.create_function("herald_text", 1, str, deterministic=True)
-        conn.create_function("herald_json", 1, encode_value, deterministic=True)
-        conn.execute("ATTACH DATABASE ? AS herald_store", (f"{store_file.as_uri()}?mode=rw",))
-        conn.execute("PRAGMA herald_store.synchronous=NORMAL")
-
-        def run(sql: str, params: dict[str, Any]) -> Any:
-            return conn.execute(*driver_query(sql, params, dialect))
-
-        try:
-            columns = [d[0] for d in run(_probe_sql(segment), segment.params).description]
-        except sqlite3.Error as exc:
-            raise _driver_error(segment, exc) from None
-        _check_columns(columns, flow, segment)
-        if any(_renamed_twin(name, columns) for name in columns):
-            # a name twice: SQLite calls the second "name:1" in a subquery, the streamed
-            # build keeps the last of the two, as a dict does
-            return None
-        row = inplace.sqlite_row(columns, flow.audience.key, flow.audience.tier,
-                                 DEFAULT_TIER)
-        params = {**segment.params, **row.params, "herald_package": package_id}
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            run(inplace.insert_select(f"herald_store.{package_rows.name}", segment.sql, row),
-                params)
-            tiers = Counter(dict(conn.execute(
-                f"SELECT tier, count(*) FROM herald_store.{package_rows.name} "
-                "WHERE package_id = ? GROUP BY tier", (package_id,)).fetchall()))
-            conn.execute("COMMIT")
-        except sqlite3.IntegrityError:
-            conn.execute("ROLLBACK")
-            null_at = run(inplace.null_key_sql(segment.sql, flow.audience.key),
-                          segment.params).fetchone()
-            if null_at:
-                raise _null_key(segment, flow.audience.key, null_at[0]) from None
-            dup = [k for (k,) in run(inplace.duplicate_keys_sql(segment.sql, row),
-                                     params).fetchall()]
-            raise _duplicates(segment, dup) from None
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise _driver_error(segment, exc) from None
-        return tiers, columns
+        with signals_reach(conn):
+            return _insert_select(conn, store_file, flow, segment, package_id)
     finally:
         conn.close()
+
+
+def _insert_select(conn: sqlite3.Connection, store_file: Path, flow: FlowSpec,
+                   segment: Segment, package_id: str
+                   ) -> tuple[Counter[str], list[str]] | None:
+    dialect = sqlite_dialect.dialect()
+    conn.create_function("herald_text", 1, str, deterministic=True)
+    conn.create_function("herald_json", 1, encode_value, deterministic=True)
+    conn.execute("ATTACH DATABASE ? AS herald_store", (f"{store_file.as_uri()}?mode=rw",))
+    conn.execute("PRAGMA herald_store.synchronous=NORMAL")
+
+    def run(sql: str, params: dict[str, Any]) -> Any:
+        return conn.execute(*driver_query(sql, params, dialect))
+
+    try:
+        columns = [d[0] for d in run(_probe_sql(segment), segment.params).description]
+    except sqlite3.Error as exc:
+        raise _driver_error(segment, exc) from None
+    _check_columns(columns, flow, segment)
+    if any(_renamed_twin(name, columns) for name in columns):
+        # a name twice: SQLite calls the second "name:1" in a subquery, the streamed
+        # build keeps the last of the two, as a dict does
+        return None
+    row = inplace.sqlite_row(columns, flow.audience.key, flow.audience.tier, DEFAULT_TIER)
+    params = {**segment.params, **row.params, "herald_package": package_id}
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        run(inplace.insert_select(f"herald_store.{package_rows.name}", segment.sql, row),
+            params)
+        tiers = Counter(dict(conn.execute(
+            f"SELECT tier, count(*) FROM herald_store.{package_rows.name} "
+            "WHERE package_id = ? GROUP BY tier", (package_id,)).fetchall()))
+        conn.execute("COMMIT")
+    except sqlite3.IntegrityError:
+        conn.execute("ROLLBACK")
+        null_at = run(inplace.null_key_sql(segment.sql, flow.audience.key),
+                      segment.params).fetchone()
+        if null_at:
+            raise _null_key(segment, flow.audience.key, null_at[0]) from None
+        dup = [k for (k,) in run(inplace.duplicate_keys_sql(segment.sql, row),
+                                 params).fetchall()]
+        raise _duplicates(segment, dup) from None
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise _driver_error(segment, exc) from None
+    return tiers, columns
+
+
+@contextmanager
+def signals_reach(conn: sqlite3.Connection) -> Iterator[None]:
+    """While SQLite runs a statement, Python's signal handlers wait for it to return: a
+    Ctrl-C or SIGTERM during a long segment waited for the whole statement. A progress
+    handler lets them run every 50,000 of SQLite's steps; one that raises
+    (KeyboardInterrupt, Prefect's TerminationSignal) aborts the statement, and that
+    exception, not SQLite's "interrupted", comes out of here. Signal handlers run in
+    the main thread only: elsewhere the statement still finishes first."""
+    caught: list[BaseException] = []
+    checks = _checks(caught)
+    next(checks)
+    # the generator's own __next__: no Python function is entered before its ``try``
+    conn.set_progress_handler(checks.__next__, 50_000)
+    try:
+        yield
+    except Exception as exc:
+        if caught:
+            raise caught[0] from None
+        if isinstance(exc, AudienceError | sqlite3.OperationalError) \
+                and str(exc).endswith("interrupted"):
+            # only a handler's exception aborts the statement: one raised where it could
+            # not be kept (SQLite's module swallows it) still stops the build
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        conn.set_progress_handler(None, 0)
+        checks.close()
+
+
+def _checks(caught: list[BaseException]) -> Generator[int, None, None]:
+    """Where the signal handlers that are due run: the interpreter runs them as a
+    generator resumes, here inside the ``try`` around its ``yield``."""
+    abort = 0
+    while True:
+        try:
+            yield abort
+        except GeneratorExit:  # closed: the statement is over
+            return
+        except BaseException as exc:  # noqa: BLE001 - given back by signals_reach
+            caught.append(exc)
+            abort = 1
 
 
 def _renamed_twin(name: str, columns: list[str]) -> bool:

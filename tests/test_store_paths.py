@@ -197,6 +197,33 @@ def test_a_sqlite_source_is_attached_read_only(make_workspace, caplog) -> None:
     assert sorted(p.name for p in ws.root.glob("crm.db*")) == ["crm.db"]
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["inside", "streamed"])
+def test_a_signal_stops_a_long_sqlite_segment(make_workspace, stream) -> None:
+    """Ctrl-C while SQLite runs a segment that would take minutes: the statement stops
+    within a second or so (not when it is done), KeyboardInterrupt comes out, and nothing
+    of the package is left."""
+    import os
+    import signal
+    import threading
+    import time
+
+    slow = ("WITH RECURSIVE burn(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM burn "
+            "WHERE x < 300000000)\nSELECT id, name, email, phone, tier, locale, score\n"
+            "FROM people WHERE score >= :min_score AND (SELECT count(*) FROM burn) > 0")
+    ws = make_workspace({"audiences/people.sql": slow}, rows=20)
+    spec = ws.flow("promo")
+    segment = sql.load_segment(ws, spec)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    started = time.monotonic()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        builder.build(ws, spec, segment, stream=stream)
+    took = time.monotonic() - started
+    timer.join()
+    assert took < 5, took
+    assert store.list_packages(ws) == []
+
+
 @pytest.mark.postgres
 def test_postgres_refuses_a_writing_cte(make_workspace, request,
                                                       caplog) -> None:
