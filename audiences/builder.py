@@ -406,14 +406,9 @@ def signals_reach(conn: sqlite3.Connection) -> Iterator[None]:
     conn.set_progress_handler(checks.__next__, 50_000)
     try:
         yield
-    except Exception as exc:
+    except Exception:
         if caught:
             raise caught[0] from None
-        if isinstance(exc, AudienceError | sqlite3.OperationalError) \
-                and str(exc).endswith("interrupted"):
-            # only a handler's exception aborts the statement: one raised where it could
-            # not be kept (SQLite's module swallows it) still stops the build
-            raise KeyboardInterrupt from None
         raise
     finally:
         conn.set_progress_handler(None, 0)
@@ -422,16 +417,17 @@ def signals_reach(conn: sqlite3.Connection) -> Iterator[None]:
 
 def _checks(caught: list[BaseException]) -> Generator[int, None, None]:
     """Where the signal handlers that are due run: the interpreter runs them as a
-    generator resumes, here inside the ``try`` around its ``yield``."""
-    abort = 0
+    generator resumes and on each turn of a loop, here all inside the ``try``. The
+    first exception is kept; every later check aborts."""
+    try:
+        while True:
+            yield 0
+    except GeneratorExit:  # closed: the statement is over
+        return
+    except BaseException as exc:  # noqa: BLE001 - given back by signals_reach
+        caught.append(exc)
     while True:
-        try:
-            yield abort
-        except GeneratorExit:  # closed: the statement is over
-            return
-        except BaseException as exc:  # noqa: BLE001 - given back by signals_reach
-            caught.append(exc)
-            abort = 1
+        yield 1
 
 
 def _renamed_twin(name: str, columns: list[str]) -> bool:

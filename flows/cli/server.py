@@ -60,7 +60,7 @@ class TemporaryServer:
     def __init__(self) -> None:
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
-        self._stopped_at_exit = False
+        atexit.register(self.stop)  # nothing to do unless it was started
 
     @property
     def api_url(self) -> str:
@@ -107,9 +107,6 @@ class TemporaryServer:
             env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                  "PREFECT__SERVER_FINAL": "1"},
             start_new_session=True)
-        if not self._stopped_at_exit:
-            atexit.register(self.stop)
-            self._stopped_at_exit = True
 
     def _wait(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
