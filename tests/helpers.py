@@ -155,6 +155,30 @@ SLOW_WORKERS_YAML = (
     "chunk_size: 100\nmax_workers: 2\ntask_runner: {type: processes, workers: 2}\n")
 
 
+def process_state(pid: int) -> str:
+    """A process's state letter from /proc (``Z``: ended, not yet reaped), or "gone"."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def child_processes(pid: int, marker: str) -> list[int]:
+    """The processes ``pid`` started whose command line holds ``marker``, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and marker in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
 def run_script(ws: Workspace, run_key: str, stop_on_signals: bool = False) -> Path:
     """A script that runs the workspace's ``promo`` under ``run_key`` in a process of its
     own, behind the main guard that worker processes need (``stop_on_signals``: as

@@ -13,7 +13,10 @@ import pytest
 
 from herald.flows.cli import main
 
-from .helpers import outbox_messages, people
+from .helpers import child_processes, outbox_messages, people, process_state
+
+# the command line of Prefect's server (uvicorn with Prefect's app)
+SERVER_APP = "prefect.server.api.server:create_app"
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -190,30 +193,8 @@ def test_cli_runs_without_a_prefect_server(make_workspace, tmp_path) -> None:
     assert outbox_messages(ws) == 20
 
 
-def _servers_of(pid: int) -> list[int]:
-    """The Prefect servers (uvicorn with Prefect's app) that process ``pid`` started."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                ppid = int(stat.read().rpartition(")")[2].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                command = cmdline.read()
-        except (OSError, ValueError):
-            continue
-        if ppid == pid and b"prefect.server.api.server:create_app" in command:
-            found.append(int(entry))
-    return found
-
-
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
+    return process_state(pid) not in ("Z", "gone")
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads processes from /proc")
@@ -231,7 +212,8 @@ def test_the_temporary_server_ends_with_a_killed_command(make_workspace, tmp_pat
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        while not (servers := _servers_of(proc.pid)) and time.monotonic() < deadline:
+        while not (servers := child_processes(proc.pid, SERVER_APP)) \
+                and time.monotonic() < deadline:
             time.sleep(0.05)
         assert servers, "no temporary server started"
     finally:

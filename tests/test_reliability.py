@@ -34,12 +34,14 @@ from .helpers import (
     HERALD_YAML,
     PROMO_YAML,
     SLOW_WORKERS_YAML,
+    child_processes,
     fill_people,
     free_port,
     ledger_rows,
     outbox_files,
     outbox_messages,
     outbox_recipients,
+    process_state,
     run_script,
     wait_for_outbox,
 )
@@ -1484,7 +1486,7 @@ def test_run_process_killed_with_chunks_in_worker_processes(make_workspace,
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed = time.monotonic()
-    while any(Path(f"/proc/{w}").exists() and "Z" not in _state(w) for w in workers) \
+    while any(Path(f"/proc/{w}").exists() and "Z" not in process_state(w) for w in workers) \
             and time.monotonic() - killed < 5:
         time.sleep(0.01)
     gone = time.monotonic() - killed
@@ -1524,29 +1526,10 @@ def _rerun(ws: Any, run_key: str, n: int
     return ledger, lost, duplicated, sum(1 for s, _ in ledger.values() if s == "sending")
 
 
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"
-
-
 def _spawned_workers(pid: int) -> list[int]:
     """The worker processes a run's process spawned (not multiprocessing's resource
     tracker), read from /proc."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == pid and "spawn_main" in cmdline:
-            found.append(int(entry.name))
-    return sorted(found)
+    return child_processes(pid, "spawn_main")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
