@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -179,18 +180,40 @@ def test_run_json_contract_and_rerun(make_workspace, prefect_harness, capsys) ->
 
 
 def test_cli_runs_without_a_prefect_server(make_workspace, tmp_path) -> None:
-    """The installed `herald` command, in a fresh process with no PREFECT_API_URL."""
+    """`herald run` in a fresh process with no PREFECT_API_URL runs on the temporary
+    server it starts; before stopping it, every task run's state reached it (they travel
+    as events), and the process is left pointing at no server, so a second command
+    called in the same process does not talk to one that is gone."""
     ws = make_workspace(rows=20)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    herald = os.path.join(os.path.dirname(sys.executable), "herald")
-    proc = subprocess.run([herald, "run", "promo", "--json", "-w", str(ws.root)],
-                          capture_output=True, text=True, env=env, timeout=240)
+    home = tmp_path / "prefect-home"
+    env["PREFECT_HOME"] = str(home)
+    script = (
+        "import json, os, sys\n"
+        "from herald.flows.cli import main\n"
+        "try:\n"
+        f"    main(['run', 'promo', '--json', '-w', {str(ws.root)!r}])\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 0, exc.code\n"
+        "from prefect.settings import PREFECT_API_URL\n"
+        "from prefect.events.worker import EventsWorker\n"
+        "print(json.dumps({'env': os.environ.get('PREFECT_API_URL'),\n"
+        "                  'setting': PREFECT_API_URL.value(),\n"
+        "                  'services': len(EventsWorker._instances)}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads(proc.stdout)
+    summary_text, after_line = proc.stdout.strip().rsplit("\n", 1)
+    summary = json.loads(summary_text)
     assert summary["deliveries"]["sent"] == 20 and summary["dry_run"] is False
     assert proc.stderr == ""  # --json: stdout holds the object, stderr stays quiet
     assert outbox_messages(ws) == 20
+    assert json.loads(after_line) == {"env": None, "setting": None, "services": 0}
+    with sqlite3.connect(home / "prefect.db") as db:  # the temporary server's database
+        flows = db.execute("SELECT id, state_type FROM flow_run").fetchall()
+        tasks = db.execute("SELECT name, state_type FROM task_run ORDER BY name").fetchall()
+    assert [state for _, state in flows] == ["COMPLETED"]
+    assert tasks == [("build-audience", "COMPLETED"), ("chunk-0000", "COMPLETED")], tasks
 
 
 def _alive(pid: int) -> bool:

@@ -27,7 +27,8 @@ from herald.flows.cli.server import TemporaryServer
 
 
 @journey_app.command("tick")
-def journey_tick(name: str, workspace: WorkspaceOpt = None, now: NowOpt = None,
+def journey_tick(ctx: typer.Context, name: str, workspace: WorkspaceOpt = None,
+                 now: NowOpt = None,
                  as_json: Annotated[bool, typer.Option("--json")] = False,
                  prefect: Annotated[bool, typer.Option(
                      "--prefect", help="Run the tick as a Prefect flow run")] = False,
@@ -41,7 +42,7 @@ def journey_tick(name: str, workspace: WorkspaceOpt = None, now: NowOpt = None,
     from herald.flows.engine import stop_on_signals
 
     set_now(now)
-    server = TemporaryServer()
+    server = TemporaryServer(ctx)
     if prefect:
         prefect_env()
         server.start()  # it gets ready while the journey is checked and Prefect imported

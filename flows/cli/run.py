@@ -33,7 +33,7 @@ from herald.flows.cli.server import TemporaryServer
 
 # -- run and report ---------------------------------------------------------------------
 @app.command()
-def run(flow: str, param: ParamOpt = None,
+def run(ctx: typer.Context, flow: str, param: ParamOpt = None,
         run_key: Annotated[str | None, typer.Option("--run-key", help="Default: today's date "
                                                     "in the flow's time zone")] = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Decide and render; send "
@@ -66,7 +66,7 @@ def run(flow: str, param: ParamOpt = None,
         # its JSON).
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL",
                               "ERROR" if as_json else "WARNING")
-    server = TemporaryServer()
+    server = TemporaryServer(ctx)
     server.start()  # it gets ready while the flow is checked and Prefect imported
     ws = open_workspace(workspace)
     params = parse_params(param)

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import httpx
+import typer
 
 from herald.core.errors import RunError
 
@@ -57,10 +58,14 @@ uvicorn.main(sys.argv[2:], prog_name="uvicorn")
 class TemporaryServer:
     """A Prefect server in a child process, for one command."""
 
-    def __init__(self) -> None:
+    def __init__(self, command: typer.Context) -> None:
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
-        atexit.register(self.stop)  # nothing to do unless it was started
+        self.attached: str | None = None  # PREFECT_API_URL before it named this server
+        # stopped when the command ends, also when it is called in-process, and failing
+        # that at exit; nothing to do unless started
+        command.call_on_close(self.stop)
+        atexit.register(self.stop)
 
     @property
     def api_url(self) -> str:
@@ -90,6 +95,7 @@ class TemporaryServer:
         if self.process is None:
             self._launch()
         self._wait(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        self.attached = os.environ.get("PREFECT_API_URL", "")  # an empty one, say
         os.environ["PREFECT_API_URL"] = self.api_url  # the run's child processes too
         prefect.context.refresh_global_settings_context()
 
@@ -135,15 +141,38 @@ class TemporaryServer:
                 time.sleep(0.05)
 
     def stop(self) -> None:
+        """Stop the server; if Prefect was pointed at it, first deliver what Prefect still
+        holds for it (task run states travel as events, logs in batches), then point Prefect
+        back where it was, so that nothing later in this process (a second command called
+        in-process) talks to a server that is gone."""
         process, self.process = self.process, None
         if process is None:
             return
+        if self.attached is not None:
+            _detach(self.attached)
+            self.attached = None
         process.terminate()
         try:
             process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _detach(api_url: str) -> None:
+    import prefect.context
+    from prefect.events.worker import EventsWorker
+
+    # Prefect's event and log workers are one family of services: draining it stops
+    # them all once their queues are sent; the next flow run starts new ones, with the
+    # settings of its time. (Prefect drains them at exit, but that comes after the
+    # command's end has stopped this server: "Error logging to API".)
+    EventsWorker.drain_all(timeout=30)
+    if api_url:
+        os.environ["PREFECT_API_URL"] = api_url
+    else:
+        os.environ.pop("PREFECT_API_URL", None)
+    prefect.context.refresh_global_settings_context()
 
 
 def _free_port() -> int:
