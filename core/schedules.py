@@ -49,8 +49,25 @@ def check_cron(value: str) -> None:
             said = only or str(exc).removeprefix("Bad ").strip()
             where = (f"bad {said} field '{fields[_CRON_FIELDS.index(said)]}'"
                      if said in _CRON_FIELDS else str(exc))
+            if said == "day-of-month" and _any_month(plain):
+                where = (f"day-of-month '{fields[2]}' never falls in month '{fields[3]}', "
+                         "so the schedule would never run")
             raise ValueError(f'Invalid cron string: "{value}": {where} (fields: minute hour '
                              "day-of-month month day-of-week [second])") from None
+
+
+def _any_month(plain: list[str]) -> bool:
+    """Whether the day-of-month field is good on its own (then the month excludes it:
+    '30' in February)."""
+    import datetime as dt
+
+    from cronsim import CronSim, CronSimError
+
+    try:
+        CronSim(" ".join([*plain[:3], "*", plain[4]]), dt.datetime(2026, 1, 1))
+    except CronSimError:
+        return False
+    return True
 
 
 def check_rrule(value: str) -> None:

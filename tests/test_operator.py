@@ -62,7 +62,14 @@ def test_bad_cron_names_the_field_without_prefect(make_workspace, capsys) -> Non
                         folder="ws2")
     code, _, err = cli(capsys, "validate", "-w", str(ws.root))
     assert code == 1 and "bad day-of-week field 'FRY'" in err
-    for good in ("0 10 * * MON-FRI", "@daily", "*/15 9-17 * * 1#2"):
+    # a day every month named lacks: Prefect takes it and never runs it
+    ws = make_workspace({"config/flows/promo.yaml": _with_schedule("0 9 30 2 *")},
+                        folder="ws3")
+    code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+    assert code == 1 and ("day-of-month '30' never falls in month '2', so the schedule "
+                          "would never run") in " ".join(err.split()), err
+    for good in ("0 10 * * MON-FRI", "@daily", "*/15 9-17 * * 1#2", "0 9 31 * *",
+                 "0 9 30 2 MON"):
         ws = make_workspace({"config/flows/promo.yaml": _with_schedule(good)},
                             folder=f"ok{abs(hash(good))}")
         code, _, err = cli(capsys, "validate", "-w", str(ws.root))
