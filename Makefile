@@ -57,7 +57,7 @@ browser:
 	fi
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 # mypy checks the package as it is imported (herald.core, herald.flows, ...): the folders
 # are mapped onto herald.* by pyproject's package-dir, which mypy cannot read, so a tree
