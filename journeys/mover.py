@@ -201,11 +201,16 @@ class Mover:
 
     def branch(self, spec: JourneySpec, step: BranchStep, items: list[Item]) -> None:
         left = list(items)
+        # whoever a case could not test (a number against text) and no later case took:
+        # their default is logged as such, not as an ordinary miss
+        unreadable: set[str] = set()
         for i, case in enumerate(step.cases):
             if not left:
                 break
             if case.when is not None:
-                hits = {it.recipient for it in left if case.when.matches(it.data)}
+                tests = {it.recipient: case.when.test(it.data) for it in left}
+                hits = {recipient for recipient, hit in tests.items() if hit}
+                unreadable.update(r for r, hit in tests.items() if hit is None)
             else:
                 assert case.condition is not None
                 hits = set(self.matching(spec, case.condition,
@@ -215,7 +220,8 @@ class Mover:
                 self.go(item, case.next)
             left = [it for it in left if it.recipient not in hits]
         for item in left:
-            self.visit(item, "branch", "default", step.default)
+            self.visit(item, "branch", "default_not_a_number" if item.recipient in unreadable
+                       else "default", step.default)
             self.go(item, step.default)
 
     def zone(self, spec: JourneySpec, item: Item) -> ZoneInfo:

@@ -229,6 +229,11 @@ class When(Strict):
         return self
 
     def matches(self, data: dict[str, Any]) -> bool:
+        return self.test(data) is True
+
+    def test(self, data: dict[str, Any]) -> bool | None:
+        """Whether the row passes; None when an order test (gt, gte, lt, lte) cannot
+        compare: one side is a number and the other is not (``gt: 50`` on 'n/a')."""
         value = data.get(self.column)
         test = next(k for k in ("eq", "ne", "in_", "not_in", "gt", "gte", "lt", "lte",
                                 "is_null") if k in self.model_fields_set)
@@ -243,12 +248,38 @@ class When(Strict):
             return hit if test == "in_" else not hit
         if value is None:
             return False
-        try:
-            left: Any = float(value) if isinstance(expected, float | int) else str(value)
-        except (TypeError, ValueError):
-            return False
-        return {"gt": left > expected, "gte": left >= expected, "lt": left < expected,
-                "lte": left <= expected}[test]
+        pair = _ordered(value, expected)
+        if pair is None:
+            return None
+        left, right = pair
+        return {"gt": left > right, "gte": left >= right, "lt": left < right,
+                "lte": left <= right}[test]
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return float(str(value))
+    except ValueError:
+        return None
+
+
+def _ordered(value: Any, expected: Any) -> tuple[Any, Any] | None:
+    """The two sides of an order test: as numbers when both read as numbers (a text
+    column holding '900' is below 1000, and below '1000' too, which text order would
+    not say); as text when neither is a number (dates as ISO text); None when one
+    side is a number and the other cannot be read as one."""
+    left, right = _number(value), _number(expected)
+    if left is not None and right is not None:
+        return left, right
+    numeric = (isinstance(value, int | float) and not isinstance(value, bool)) or \
+        (isinstance(expected, int | float) and not isinstance(expected, bool))
+    if numeric:
+        return None
+    return str(value), str(expected)
 
 
 def _same(value: Any, expected: Any) -> bool:

@@ -79,6 +79,14 @@ def test_branch_tests_on_columns():
     assert When(column="points", lt=1000).matches(row) is False
     assert When(column="city", is_null=True).matches(row)
     assert When(column="city", gt=3).matches(row) is False
+    # order tests: numbers when both sides read as numbers, text when neither does
+    assert When(column="points", lt="900").test(row) is False  # text order would say True
+    assert When(column="points", gt=999.5).test({"points": 1000}) is True
+    assert When(column="day", gte="2026-01-05").test({"day": "2026-01-10"}) is True
+    # a number against text that is not one cannot be compared: neither True nor False
+    assert When(column="points", gt=3).test({"points": "n/a"}) is None
+    assert When(column="points", gt="lots").test({"points": 12}) is None
+    assert When(column="points", gt=3).test({"points": True}) is None
     with pytest.raises(ValueError, match="exactly one test"):
         When(column="tier", eq="gold", ne="silver")
 
@@ -310,3 +318,40 @@ def test_quiet_hours_defer_a_send_until_the_window_ends(make_workspace):
         clock.advance(timedelta(minutes=31))  # 09:01
         later = journey_tick(ws, "capped")
     assert later["steps"]["one"] == {"sent": 4} and later["steps"]["two"] == {"sent": 4}
+
+
+PICK = """name: pick
+entry: {source: crm, segment: pick_entry, key: id}
+steps:
+  pick:
+    type: branch
+    cases:
+      - {when: {column: points, gte: 5}, next: high}
+      - {when: {column: points, eq: gone}, next: gone}
+    default: low
+  high: {type: exit, reason: high}
+  gone: {type: exit, reason: gone}
+  low: {type: exit, reason: low}
+"""
+
+
+def test_a_branch_logs_who_took_the_default_because_a_value_was_not_a_number(
+        make_workspace):
+    """`gte: 5` on a text column: numbers read from text compare as numbers ('10' >= 5,
+    which text order would deny), and text that is no number matches no order test; who
+    then takes the default is logged `default_not_a_number`, not an ordinary miss."""
+    entry = ("SELECT id, CASE WHEN id % 10 = 0 THEN 'n/a' WHEN id % 10 = 1 THEN 'gone' "
+             "ELSE CAST(score + 5 * (id % 2) AS TEXT) END AS points FROM people")
+    ws = make_workspace({"config/journeys/pick.yaml": PICK,
+                         "audiences/pick_entry.sql": entry}, rows=40)
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        summary = journey_tick(ws, "pick")
+    # ids 1-40: 4 'n/a' (10, 20, 30, 40), 4 'gone', the rest numbers score + 5 * odd
+    numbers = [i % 10 + 5 * (i % 2) for i in range(1, 41) if i % 10 not in (0, 1)]
+    high = sum(n >= 5 for n in numbers)
+    assert summary["steps"]["pick"] == {"case:1": high, "case:2": 4,
+                                        "default": len(numbers) - high,
+                                        "default_not_a_number": 4}
+    assert summary["steps"]["low"] == {"completed": len(numbers) - high + 4}
+    outcomes = report.report(ws, "pick")["steps"]["pick"]["outcomes"]
+    assert outcomes["default_not_a_number"] == 4 and outcomes["default"] == 8
