@@ -94,6 +94,7 @@ class Item:
     # its new log rows: (enrollment id, journey, recipient, entry no, seq, step, kind,
     # outcome, detail), their time and tick added when saved
     logs: list[tuple[Any, ...]] = field(default_factory=list)
+    passed: set[str] = field(default_factory=set)  # the steps it left in this tick
 
     @property
     def run_key(self) -> str:

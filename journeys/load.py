@@ -36,7 +36,6 @@ from herald.core.workspace import (
 from herald.core.yamlio import Located, dotted, load_yaml, readable_errors, unknown_key
 from herald.delivery.render import Templates, templates_for
 from herald.journeys.spec import (
-    PAUSES,
     STEP_TYPES,
     BranchStep,
     Condition,
@@ -223,15 +222,20 @@ def graph_problems(j: Loaded) -> list[Problem]:
             problems.append(Problem(f"step '{name}' is not reachable from the first step "
                                     f"'{j.spec.first}'", file=j.file,
                                     line=j.line("steps", name), field=f"steps.{name}"))
-    # A cycle whose steps are all instant would move a recipient forever within a tick.
-    instant = {n: [d for d in following[n]] for n, s in steps.items() if s.type not in PAUSES}
+    # A cycle that can take no time would move a recipient round it forever within a
+    # tick, sending at each turn. What always takes time: a wait for a duration or until
+    # a time of day, and a wait_for's timeout. What may not: a wait_for's matched branch
+    # (a condition that already holds does not wait) and a wait until a date column (a
+    # date in the past, or none, does not wait).
+    instant: dict[str, list[str]] = {n: [] for n in steps}
+    for src, dst, loc in edges:
+        if dst in steps and _takes_no_time(steps[src], loc):
+            instant[src].append(dst)
     state: dict[str, int] = {}
 
     def visit(node: str, path: list[str]) -> list[str] | None:
         state[node] = 1
-        for nxt in instant.get(node, []):
-            if nxt not in instant:
-                continue
+        for nxt in instant[node]:
             if state.get(nxt) == 1:
                 return [*path[path.index(nxt):], nxt] if nxt in path else [node, nxt]
             if nxt not in state:
@@ -246,10 +250,22 @@ def graph_problems(j: Loaded) -> list[Problem]:
             cycle = visit(node, [node])
             if cycle:
                 problems.append(Problem(
-                    f"the cycle {' -> '.join(cycle)} passes no wait or wait_for step",
+                    f"the cycle {' -> '.join(cycle)} can go round without waiting (a "
+                    "wait_for's matched branch and a wait until a date column take no "
+                    "time when the condition holds or the date has passed): put a "
+                    "`wait: {for: ...}` in it",
                     file=j.file, line=j.line("steps", cycle[0]), field=f"steps.{cycle[0]}"))
                 break
     return problems
+
+
+def _takes_no_time(step: BaseModel, loc: tuple[str | int, ...]) -> bool:
+    """Whether following this successor of ``step`` may happen in the same instant."""
+    if isinstance(step, WaitStep):
+        return step.until is not None and step.until.date is not None
+    if isinstance(step, WaitForStep):
+        return loc[-1] == "matched"
+    return True
 
 
 # -- the deeper check: SQL, columns, templates -----------------------------------------

@@ -155,9 +155,15 @@ class Mover:
         if nxt is None:
             item.status, item.exit_reason, item.moving = "completed", None, False
             return
+        item.passed.add(item.step)
         item.step, item.status = nxt, "active"
         item.arrived_at = item.due_at = self.now
         item.deadline = None
+        if nxt in item.passed:
+            # round a cycle that took no time (validation refuses those; a definition
+            # an earlier Herald accepted may still hold one): it stops here, due now,
+            # and goes on at the next tick instead of round again, sending at each turn
+            item.moving = False
 
     def park(self, item: Item, until: datetime, deadline: datetime | None = None) -> None:
         item.status, item.due_at, item.deadline, item.moving = "waiting", until, deadline, False

@@ -351,7 +351,6 @@ class ExitStep(_Step):
 Step = Annotated[SendStep | WaitStep | WaitForStep | BranchStep | SplitStep | ExitStep,
                  Field(discriminator="type")]
 STEP_TYPES = ("send", "wait", "wait_for", "branch", "split", "exit")
-PAUSES = ("wait", "wait_for")  # steps that end a tick's moves (a cycle must pass one)
 
 
 class JourneySpec(Strict):

@@ -675,13 +675,15 @@ steps:
   c: {type: wait_for, condition: visited, within: 1d, matched: a, timeout: zz}
   orphan: {type: exit}
 """
+# BROKEN with its graph mended (every step known and reachable, no instant cycle)
+MENDED = BROKEN.replace("timeout: zz", "timeout: orphan").replace(
+    "next: a}]", "next: c}]").replace("matched: a,", "matched: orphan,")
 
 
 def test_unknown_keys_get_the_flows_suggestions(make_workspace):
     """An unknown key of the journey or of a step (by its type) gets the closest field as
     a did-you-mean, as in a flow; a deeper key, or one close to nothing, gets none."""
-    ws = make_workspace({**JOURNEY_FILES, "config/journeys/broken.yaml": BROKEN.replace(
-        "timeout: zz", "timeout: orphan").replace("next: a}]", "next: c}]")
+    ws = make_workspace({**JOURNEY_FILES, "config/journeys/broken.yaml": MENDED
         .replace("key: id}", "key: id, sgment: x}\nmax_duraton: 3d\nzzz: 1")
         .replace("within: 1d", "withn: 1d")})
     with pytest.raises(ConfigError) as caught:
@@ -705,16 +707,14 @@ def test_validation_names_file_line_and_field(make_workspace, catalogue):
     text = str(caught.value)
     assert "config/journeys/broken.yaml:6 steps.c.timeout: unknown step 'zz'" in text
     assert "config/journeys/broken.yaml:7 steps.orphan: step 'orphan' is not reachable" in text
-    assert "the cycle a -> b -> a passes no wait" in text
-    ws2 = make_workspace({**JOURNEY_FILES, "config/journeys/broken.yaml": BROKEN.replace(
-        "timeout: zz", "timeout: orphan").replace("next: a}]", "next: c}]")
+    assert "the cycle a -> b -> a can go round without waiting" in text
+    ws2 = make_workspace({**JOURNEY_FILES, "config/journeys/broken.yaml": MENDED
         .replace("a: {type: send", "a: {type: send, on_capd: skip"), }, folder="ws2")
     with pytest.raises(ConfigError) as caught:
         load.load(ws2, "broken")
     assert ("config/journeys/broken.yaml:4 steps.a.on_capd: unknown key 'on_capd' "
             "(did you mean 'on_capped'?)") in str(caught.value)
-    ws3 = make_workspace({**JOURNEY_FILES, "config/journeys/broken.yaml": BROKEN.replace(
-        "timeout: zz", "timeout: orphan").replace("next: a}]", "next: c}]"),
+    ws3 = make_workspace({**JOURNEY_FILES, "config/journeys/broken.yaml": MENDED,
         "templates/broken/a/default.email.subject.j2": "{{ nickname }}",
         "templates/broken/a/default.email.txt.j2": "x",
         "audiences/visited.sql": "SELECT visited_at FROM visits WHERE visited_at >= :since"},
@@ -735,8 +735,7 @@ def test_validation_names_file_line_and_field(make_workspace, catalogue):
 
 @pytest.mark.parametrize("value", ["sometimes", "3", "[never]"])
 def test_re_entry_other_than_never_or_a_mapping_says_what_is_accepted(make_workspace, value):
-    ws = make_workspace({**JOURNEY_FILES, "config/journeys/broken.yaml": BROKEN.replace(
-        "timeout: zz", "timeout: orphan").replace("next: a}]", "next: c}]").replace(
+    ws = make_workspace({**JOURNEY_FILES, "config/journeys/broken.yaml": MENDED.replace(
         "steps:", f"re_entry: {value}\nsteps:")}, folder="ws")
     with pytest.raises(ConfigError) as caught:
         load.load(ws, "broken")

@@ -355,3 +355,76 @@ def test_a_branch_logs_who_took_the_default_because_a_value_was_not_a_number(
     assert summary["steps"]["low"] == {"completed": len(numbers) - high + 4}
     outcomes = report.report(ws, "pick")["steps"]["pick"]["outcomes"]
     assert outcomes["default_not_a_number"] == 4 and outcomes["default"] == 8
+
+
+LOOP = """name: loop
+entry: {source: crm, segment: loop_entry, key: id}
+exempt: true
+steps:
+  hello: {type: send, tiers: {default: {channels: [email]}}, next: again}
+  again: {type: wait_for, condition: anyone, within: 1d, matched: hello, timeout: bye}
+  bye: {type: exit}
+"""
+LOOP_FILES = {"config/journeys/loop.yaml": LOOP,
+              "audiences/loop_entry.sql": "SELECT id, name, email FROM people WHERE id = 1",
+              "audiences/anyone.sql": "SELECT id FROM people",
+              "templates/loop/hello/default.email.subject.j2": "Hi",
+              "templates/loop/hello/default.email.txt.j2": "Hi {{ name }}"}
+
+
+@pytest.mark.parametrize(("edit", "refused"), [
+    ({}, True),  # a wait_for's matched branch: no wait when the condition holds
+    ({"matched: hello, timeout: bye": "matched: bye, timeout: hello"}, False),  # its timeout
+    ({"again: {type: wait_for, condition: anyone, within: 1d, matched: hello, timeout: bye}":
+      "again: {type: wait, until: {date: signup}, next: hello}",
+      "  bye: {type: exit}\n": ""}, True),
+    ({"again: {type: wait_for, condition: anyone, within: 1d, matched: hello, timeout: bye}":
+      "again: {type: wait, until: {time: '10:00'}, next: hello}",
+      "  bye: {type: exit}\n": ""}, False),
+    ({"again: {type: wait_for, condition: anyone, within: 1d, matched: hello, timeout: bye}":
+      "again: {type: wait, for: 1h, next: hello}",
+      "  bye: {type: exit}\n": ""}, False),
+], ids=["wait_for-matched", "wait_for-timeout", "until-a-date", "until-a-time", "for"])
+def test_a_cycle_must_take_time_whatever_the_data(make_workspace, edit, refused):
+    """A wait_for whose condition already holds does not wait, nor does a wait until a
+    date that has passed: a cycle through only those is refused before any tick (it
+    sent one person 500 messages in a tick); a wait for a duration, until a time of day,
+    or a wait_for's timeout always takes time."""
+    from herald.core.errors import ConfigError
+    from herald.journeys import load
+
+    text = LOOP
+    for old, new in edit.items():
+        text = text.replace(old, new)
+    entry = "SELECT id, name, email, '2020-01-01' AS signup FROM people WHERE id = 1"
+    ws = make_workspace({**LOOP_FILES, "config/journeys/loop.yaml": text,
+                         "audiences/loop_entry.sql": entry}, rows=5)
+    if not refused:
+        load.load(ws, "loop")
+        return
+    with pytest.raises(ConfigError) as caught:
+        load.load(ws, "loop")
+    assert str(caught.value) == (
+        "config/journeys/loop.yaml:5 steps.hello: the cycle hello -> again -> hello can go "
+        "round without waiting (a wait_for's matched branch and a wait until a date column "
+        "take no time when the condition holds or the date has passed): put a "
+        "`wait: {for: ...}` in it")
+
+
+def test_a_cycle_that_took_no_time_stops_for_the_tick(make_workspace, monkeypatch):
+    """A definition an earlier Herald accepted may hold such a cycle: a recipient goes
+    round it at most once a tick (one message), not until the tick's safety net."""
+    from herald.journeys import load
+
+    monkeypatch.setattr(load, "graph_problems", lambda j: [])  # accepted, as before
+    ws = make_workspace(LOOP_FILES, rows=5)
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        first = journey_tick(ws, "loop")
+        clock.advance(timedelta(hours=1))
+        second = journey_tick(ws, "loop")
+    assert first["steps"] == {"hello": {"sent": 1}, "again": {"matched": 1}}
+    assert second["steps"] == {"hello": {"sent": 1}, "again": {"matched": 1}}
+    assert table_rows(ws, "herald_deliveries", "recipient", "status") == [
+        ("1", "sent"), ("1", "sent")]
+    row = enrollment_rows(ws, "loop")["1"]
+    assert (row.step, row.status) == ("hello", "active")
