@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import create_engine, insert
 
 from herald.audiences.demo_rows import DEFAULT_SEED
-from herald.audiences.demo_shop import order_table
+from herald.audiences.demo_shop import check_ours, order_table
 
 # The chance that a lapsed customer orders again within the attribution window, per
 # win-back tier: (held out, contacted). Better customers come back more often anyway, and
@@ -70,6 +70,7 @@ def simulate_response(url: str, contacts: Iterable[tuple[Any, ...]],
     engine = create_engine(url)
     tally: dict[tuple[str, bool, str], list[int]] = {}
     try:
+        check_ours(engine, url)
         with engine.begin() as conn:
             stream = iter(contacts)
             while part := list(itertools.islice(stream, 500)):

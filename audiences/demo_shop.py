@@ -46,11 +46,13 @@ from sqlalchemy import (
     Table,
     create_engine,
     insert,
+    inspect,
 )
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Engine, make_url
 
 from herald.audiences.demo_rows import DEFAULT_CUSTOMERS, DEFAULT_SEED, generate
+from herald.core.errors import WorkspaceError
 
 T = TypeVar("T")
 
@@ -107,13 +109,42 @@ member_table = Table(
     Column("level_since", Date, nullable=False),
 )
 
+# Made with the shop's tables: this database's customers, orders and members are the
+# demo's, which demo-data may replace and --simulate-response may add orders to.
+marker_table = Table(
+    "herald_demo_shop", metadata,
+    Column("seed", Integer, nullable=False),
+    Column("customers", Integer, nullable=False),
+)
+
+
+def check_ours(engine: Engine, url: str) -> None:
+    """Refuse a database whose shop tables demo-data did not make: they would be dropped
+    (or written to) with a real source's data. A database made before the marker table
+    passes when its tables have exactly the demo's columns."""
+    inspector = inspect(engine)
+    names = set(inspector.get_table_names())
+    if marker_table.name in names:
+        return
+    foreign = [t.name for t in (customer_table, order_table, member_table)
+               if t.name in names and {c["name"] for c in inspector.get_columns(t.name)}
+               != set(t.columns.keys())]
+    if foreign:
+        shown = make_url(url).render_as_string(hide_password=True)
+        raise WorkspaceError(
+            f"{shown} holds {', '.join(foreign)}, which the demo shop did not make (their "
+            "columns are not the demo's): demo-data would replace them with demo rows, so "
+            "it stops; give it another source (--source), or drop those tables yourself")
+
+
 # -- database -------------------------------------------------------------------------------
 def build_demo_shop(url: str, customers: int = DEFAULT_CUSTOMERS, seed: int = DEFAULT_SEED,
                     today: date | None = None) -> dict[str, int]:
     """(Re)create the demo shop's tables at ``url`` and fill them; return rows per table.
 
     Works on any SQLAlchemy URL (``sqlite:///path``, ``postgresql+psycopg://...``). Existing
-    ``customers``, ``orders`` and ``members`` tables there are dropped first.
+    ``customers``, ``orders`` and ``members`` tables there are dropped first, if the demo
+    made them (``check_ours``).
     """
     if customers < 1:
         raise ValueError("customers must be at least 1")
@@ -123,9 +154,11 @@ def build_demo_shop(url: str, customers: int = DEFAULT_CUSTOMERS, seed: int = DE
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url)
     try:
+        check_ours(engine, url)
         metadata.drop_all(engine)
         metadata.create_all(engine)
         with engine.begin() as conn:
+            conn.execute(insert(marker_table), {"seed": seed, "customers": customers})
             for table, rows in ((customer_table, customer_rows), (order_table, order_rows),
                                 (member_table, member_rows)):
                 for batch in _batches(rows, INSERT_BATCH):
@@ -158,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.customers < 1:
         parser.error("--customers must be at least 1")
     started = timer.perf_counter()
-    counts = build_demo_shop(args.url, args.customers, args.seed, args.today)
+    try:
+        counts = build_demo_shop(args.url, args.customers, args.seed, args.today)
+    except WorkspaceError as exc:
+        parser.exit(1, f"error: {exc}\n")
     elapsed = timer.perf_counter() - started
     for table, n in counts.items():
         print(f"{table:<10} {n:>8}")

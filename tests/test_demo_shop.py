@@ -7,7 +7,7 @@ import re
 import sqlite3
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from datetime import date
+from datetime import date, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from herald.audiences.demo_rows import LEVELS
 from herald.audiences.demo_shop import build_demo_shop
 from herald.audiences.sql import bind_time
 from herald.core import clock
+from herald.core.errors import WorkspaceError
 
 ROOT = Path(__file__).resolve().parents[1]
 GLOBALS = {"flow", "tier", "run_key", "channel"}
@@ -159,6 +160,48 @@ def test_same_seed_and_day_give_the_same_shop(tmp_path: Path) -> None:
     # Everything happened before the day the data is relative to.
     assert max(row[8] for row in first["customers"]) < "2026-03-15"
     assert max(row[2] for row in first["orders"]) < "2026-03-15"
+
+
+def test_a_source_the_demo_did_not_make_is_left_alone(make_workspace, capsys) -> None:
+    """`herald demo-data` pointed at a real source's database (its own `orders`, a
+    `customers` table of other columns) drops nothing and adds nothing: exit 1, one line
+    naming the tables; nor does --simulate-response add orders there. A database the
+    demo made, with the marker or (made before it) the demo's exact columns, is rebuilt."""
+    from herald.flows.cli import main
+
+    ws = make_workspace(rows=5)
+    crm = ws.root / "crm.db"
+    with sqlite3.connect(crm) as conn:
+        conn.execute("CREATE TABLE orders (customer_id INTEGER, placed_at TEXT, amount REAL)")
+        conn.execute("INSERT INTO orders VALUES (424242, '2026-01-01', 99.5)")
+        conn.execute("CREATE TABLE customers (x TEXT)")
+    def everything() -> dict[str, list[tuple[Any, ...]]]:
+        with sqlite3.connect(crm) as conn:
+            names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master "
+                                                "WHERE type = 'table' ORDER BY 1")]
+            return {n: conn.execute(f'SELECT * FROM "{n}" ORDER BY 1').fetchall()
+                    for n in names}
+
+    before = everything()
+    with pytest.raises(SystemExit) as done:
+        main(["demo-data", "--source", "crm", "--customers", "100", "-w", str(ws.root)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert done.value.code == 1, err
+    assert f"sqlite:///{crm} holds customers, orders, which the demo shop did not make" in err
+    assert everything() == before
+    from herald.audiences.demo_response import simulate_response
+
+    with pytest.raises(WorkspaceError, match="holds customers, orders"):
+        simulate_response(sqlite_url(crm), [(1, "default", True, clock.now())],
+                          timedelta(days=7))
+    assert everything() == before
+
+    made = ws.root / "made.db"
+    build_demo_shop(sqlite_url(made), customers=100)
+    build_demo_shop(sqlite_url(made), customers=120)  # the marker: rebuilt
+    with sqlite3.connect(made) as conn:
+        conn.execute("DROP TABLE herald_demo_shop")  # as made before the marker
+    assert build_demo_shop(sqlite_url(made), customers=100)["customers"] == 100
 
 
 def test_default_build(shop: tuple[Path, dict[str, int]]) -> None:
