@@ -79,6 +79,12 @@ def check_param(value: Any) -> Any:
         if isinstance(item, float) and not math.isfinite(item):
             # 1e400 is infinity: bound, it selected nobody or everybody without a word
             raise ValueError(f"{item} is not a finite number")
+        if isinstance(item, int) and not isinstance(item, bool) and \
+                not -2**63 <= item < 2**63:
+            # databases store whole numbers in 64 bits: SQLite's driver raised
+            # OverflowError deep in the query, Postgres an out-of-range error
+            raise ValueError(f"{item} is outside the whole numbers a database stores "
+                             "(-9223372036854775808 to 9223372036854775807)")
     if isinstance(value, list):
         if not value:
             raise ValueError("an empty list would select nobody: give one value or more")

@@ -320,7 +320,18 @@ def test_errors_name_the_line_and_give_a_hint(make_workspace, capsys, monkeypatc
                               f"({flow}:6)") in " ".join(err.split()), err
     code, _, err = cli(capsys, "run", "promo", "-w", str(ws.root), "-p", "min_score=1e400")
     assert code == 2 and "min_score: inf is not a finite number" in " ".join(err.split()), err
+    huge = "99999999999999999999999"  # no database stores it: was a traceback
+    for command in (["run", "promo"], ["preview", "promo"], ["audience", "build", "promo"]):
+        code, _, err = cli(capsys, *command, "-w", str(ws.root), "-p", f"min_score={huge}")
+        said = " ".join(err.split())
+        assert code == 2 and "Traceback" not in err and (
+            f"min_score: {huge} is outside the whole numbers a database stores") in said, err
     assert outbox_messages(ws) == 0 and store.list_packages(ws) == []
+    ws = make_workspace({flow: PROMO_YAML.replace("{min_score: 0}", f"{{min_score: {huge}}}")},
+                        folder="w2")
+    code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+    assert code == 1 and (f"{flow}:6 audience.params.min_score: {huge} is outside the whole "
+                          "numbers") in " ".join(err.split()), err
     # a schedule's params are checked as -p values are, before serving: each of its
     # runs would otherwise fail at the same point
     ws = make_workspace({flow: PROMO_YAML + (
