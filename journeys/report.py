@@ -22,6 +22,7 @@ from herald.journeys import conditions, load
 from herald.journeys.entry import definition
 from herald.journeys.spec import JourneySpec, SendStep
 from herald.reporting import stats
+from herald.reporting.conversions import money
 
 BATCH = 5000
 
@@ -228,8 +229,8 @@ def _amounts(ws: Workspace, source: str, query: Any, spec: JourneySpec,
             continue
         for at, amount in found:
             moment = _utc(at)
-            if moment and start <= moment < min(now, start + goal.window) and amount:
-                out[key] += float(amount)
+            if moment and start <= moment < min(now, start + goal.window):
+                out[key] += money(amount, query.file, goal.amount)
     return out
 
 

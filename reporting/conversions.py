@@ -20,6 +20,7 @@ bounded by ``:since`` / ``:until``); the ledger is read in slices, never whole.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -272,13 +273,29 @@ def _conversions(ws: Workspace, flow: FlowSpec, since: datetime, until: datetime
                     assert stamp is not None
                     amount = row[columns["amount"]] if "amount" in columns else None
                     found.setdefault(str(key), []).append(
-                        (stamp, float(amount) if amount is not None else 0.0))
+                        (stamp, money(amount, query.file, columns.get("amount", ""))))
             finally:
                 result.close()
     except DBAPIError as exc:
         first = str(exc.orig or exc).strip().splitlines()[0]
         raise AudienceError(f"{query.file}: the query failed: {first}") from None
     return query.file, found
+
+
+def money(value: Any, file: str, column: str) -> float:
+    """An order's amount as a number (None or empty: 0). Text that is no number, NaN or infinity
+    would crash the report or print 'nan' (and --json would emit NaN, which JSON readers
+    refuse): named in one line instead."""
+    if value is None or value == "":
+        return 0.0
+    try:
+        amount = float(value)
+    except (TypeError, ValueError):
+        amount = math.nan
+    if isinstance(value, bool) or not math.isfinite(amount):
+        raise AudienceError(f"{file}: column '{column}' holds {str(value)[:60]!r}, not an "
+                            "amount (a finite number)")
+    return amount
 
 
 # -- the report -------------------------------------------------------------------------

@@ -246,3 +246,20 @@ def test_a_bad_timestamp_is_named(measured) -> None:
     with pytest.raises(AudienceError, match=r"column 'placed_at' holds '2026-11-02 "
                                             r"yesterday', not a timestamp"):
         compute(measured, "promo", "k1")
+
+
+@pytest.mark.parametrize("amount", ["'abc'", "'NaN'", "'Infinity'", "1e999"])
+def test_an_amount_that_is_no_finite_number_is_named(measured, amount) -> None:
+    """A text amount crashed the report; NaN or infinity printed 'nan' and --json gave
+    NaN, which JSON readers refuse. An empty amount counts as none."""
+    with sqlite3.connect(measured.root / "crm.db") as conn:
+        conn.execute("INSERT INTO orders VALUES (1, '2026-11-02 10:00:00', '')")
+    compute(measured, "promo", "k1")
+    with sqlite3.connect(measured.root / "crm.db") as conn:
+        conn.execute(f"INSERT INTO orders VALUES (1, '2026-11-02 10:00:00', {amount})")
+        shown = conn.execute("SELECT amount FROM orders WHERE amount <> '' "
+                             "ORDER BY rowid DESC LIMIT 1").fetchone()[0]
+    with pytest.raises(AudienceError) as caught:
+        compute(measured, "promo", "k1")
+    assert str(caught.value) == (f"audiences/orders_after.sql: column 'amount' holds "
+                                 f"{str(shown)!r}, not an amount (a finite number)")
