@@ -41,7 +41,7 @@ from jinja2 import (
 from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
-from herald.core.errors import Problem
+from herald.core.errors import Problem, did_you_mean
 from herald.core.files import UnreadableFile, read_text
 from herald.core.spec import FlowSpec
 from herald.core.workspace import Workspace
@@ -242,6 +242,18 @@ class Templates:
         problems: list[Problem] = []
         checked: set[str] = set()
         available = columns | self.globals
+        for tier in kinds_by_tier:
+            named = flow.tiers[tier].template if tier in flow.tiers else None
+            if named and not self._any_file(named):
+                # a tier may take some parts from FLOW/default, but a template: that names
+                # no file at all is a typo, and every message would quietly be the default
+                folder = (self.root / named).parent
+                near = [str(Path(named).parent / p.name.split(".")[0])
+                        for p in sorted(folder.glob("*.j2"))] if folder.is_dir() else []
+                problems.append(Problem(
+                    f"no template file starts with templates/{named}. (like "
+                    f"templates/{named}.email.txt.j2){did_you_mean(named, near)}",
+                    field=f"tiers.{tier}.template"))
         for tier, kinds in kinds_by_tier.items():
             experiment = flow.experiment_for(tier)
             for variant in ([None, *experiment[1].variants] if experiment else [None]):
@@ -269,6 +281,14 @@ class Templates:
                             problems.extend(self._check_one(name, available, columns,
                                                             checked))
         return problems
+
+    def _any_file(self, prefix: str) -> bool:
+        """Whether any template file (any kind, part or locale) has this prefix, or a
+        content variant's folder beside it does."""
+        folder = (self.root / prefix).parent
+        stem = Path(prefix).name
+        return folder.is_dir() and (any(folder.glob(f"{stem}.*.j2"))
+                                    or any(folder.glob(f"*/{stem}.*.j2")))
 
     def _blank(self, name: str) -> bool:
         """A message's template file that holds nothing but white space."""

@@ -76,6 +76,29 @@ def test_bad_cron_names_the_field_without_prefect(make_workspace, capsys) -> Non
         assert code == 0, err
 
 
+def test_a_tier_template_naming_no_file_is_refused(make_workspace, capsys) -> None:
+    """A tier's `template:` may take some parts from FLOW/default, but one that names no
+    file at all (a typo) sent every message of the tier with the default templates."""
+    from .helpers import PROMO_YAML
+
+    typo = PROMO_YAML.replace("gold: {channels: [email, sms]}",
+                              "gold: {channels: [email, sms], template: promo/vip_typo}")
+    vip = {"templates/promo/vip.email.txt.j2": "VIP {{ name }}"}
+    ws = make_workspace({"config/flows/promo.yaml": typo, **vip})
+    code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+    assert code == 1 and ("config/flows/promo.yaml:11 tiers.gold.template: no template file "
+                          "starts with templates/promo/vip_typo. (like templates/promo/"
+                          "vip_typo.email.txt.j2) (did you mean 'promo/vip'?)"
+                          ) in " ".join(err.split()), err
+    code, _, err = cli(capsys, "run", "promo", "--dry-run", "-w", str(ws.root))
+    assert code == 1 and "tiers.gold.template: no template file" in err, err
+    # naming a real prefix, it takes the parts it lacks (the subject) from promo/default
+    ws = make_workspace({"config/flows/promo.yaml": typo.replace("vip_typo", "vip"), **vip},
+                        folder="ok")
+    code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+    assert code == 0, err
+
+
 def _with_schedule(cron: str) -> str:
     from .helpers import PROMO_YAML
 
