@@ -30,6 +30,7 @@ from herald.flows.engine import stop_on_signals
 from herald.flows.schedules import prefect_schedule
 from herald.journeys import engine, load, report
 from herald.journeys.chunks import ChunkJob, ChunkResult
+from herald.journeys.entry import SKIPPED_HINT
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -56,6 +57,9 @@ def journey(workspace: str, journey_name: str, now: str | None = None,
         logger.info("journey %s tick %s: %d entered, %d to look at in %d chunks",
                     journey_name, prepared.tick, prepared.entered, prepared.live,
                     len(prepared.chunks))
+        if prepared.skipped:
+            logger.warning("journey %s: entry rows not entered: %s (%s)", journey_name,
+                           prepared.skipped, SKIPPED_HINT)
         # SIGTERM (a cancelled flow run, a stopping worker): no new batch, as for a run
         with stop_on_signals(), workers.chunk_runner(ws.config.task_runner, prepared.tick,
                                                      engine.run_chunk):

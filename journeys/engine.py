@@ -41,7 +41,7 @@ from herald.delivery.dispatch import forget_run, stop_requested
 from herald.delivery.workers import chunk_runner
 from herald.journeys import load
 from herald.journeys.chunks import ChunkJob, ChunkResult, claim, claimable, release
-from herald.journeys.entry import definition, enter_recipients, store_version
+from herald.journeys.entry import Entered, definition, enter_recipients, store_version
 from herald.journeys.mover import Mover
 
 
@@ -54,6 +54,7 @@ class Prepared:
     live: int
     chunks: list[ChunkJob]
     started: datetime
+    skipped: dict[str, int]  # entry rows not entered: no_key, duplicate_key
 
 
 def new_tick_id() -> str:
@@ -67,7 +68,7 @@ def prepare(ws: Workspace, name: str, enter: bool = True) -> Prepared:
     spec = checked.loaded.spec
     version = store_version(ws, checked.loaded)
     tick = new_tick_id()
-    entered = enter_recipients(ws, spec, version) if enter else 0
+    entry = enter_recipients(ws, spec, version) if enter else Entered()
     moment = clock.now()
     every = any(definition(ws, name, v).checks_every_tick()
                 for v in live_versions(ws, name)) or spec.checks_every_tick()
@@ -75,7 +76,8 @@ def prepare(ws: Workspace, name: str, enter: bool = True) -> Prepared:
     size = spec.chunk_size or ws.config.chunk_size
     chunks = [ChunkJob(str(ws.root), name, tick, i, size, moment, every, clock.current())
               for i in range(math.ceil(live / size))]
-    return Prepared(name, tick, version, entered, live, chunks, started)
+    return Prepared(name, tick, version, entry.entered, live, chunks, started,
+                    dict(sorted(entry.skipped.items())))
 
 
 def live_versions(ws: Workspace, journey: str) -> list[str]:
@@ -123,7 +125,8 @@ def finish(ws: Workspace, prepared: Prepared, results: list[ChunkResult]) -> dic
     finished = clock.now()
     return {
         "journey": prepared.journey, "tick": prepared.tick, "version": prepared.version,
-        "entered": prepared.entered, "claimed": sum(r.claimed for r in results),
+        "entered": prepared.entered, "entry_skipped": prepared.skipped,
+        "claimed": sum(r.claimed for r in results),
         "chunks": len(prepared.chunks), "steps": dict(steps), "exits": dict(exits),
         "workers": sorted({r.worker for r in results}),
         "started_at": prepared.started.isoformat(), "finished_at": finished.isoformat(),

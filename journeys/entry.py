@@ -6,6 +6,8 @@ re-entry rules.
 from __future__ import annotations
 
 import json
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
@@ -77,23 +79,39 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def enter_recipients(ws: Workspace, spec: JourneySpec, version: str) -> int:
-    """Run the entry segment and enroll whoever may enter now; return how many did."""
+SKIPPED_HINT = ("no_key: NULL in the entry's key column; duplicate_key: a key an "
+                "earlier row had, whose row was entered")
+
+
+@dataclass
+class Entered:
+    """What an entry pass did: how many entered, and the rows it could not enter
+    (``no_key``: NULL in the key column; ``duplicate_key``: a key an earlier row of the
+    same pass had, whose row was used)."""
+
+    entered: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+def enter_recipients(ws: Workspace, spec: JourneySpec, version: str) -> Entered:
+    """Run the entry segment and enroll whoever may enter now."""
     segment = load.entry_segment(ws, spec)
     source = ws.source(spec.entry.source)
-    entered = 0
+    done = Entered()
+    seen: set[str] = set()  # keys of this pass (a flow refuses duplicates; a journey
+    # runs on a schedule, so it enters the first row and says how many it passed over)
     with source.connect() as conn:
         result = conn.execution_options(stream_results=True, yield_per=ENTRY_BATCH).execute(
             statement(segment.sql, segment.params), dict(segment.params))
         columns = list(result.keys())
         for batch, part in enumerate(result.partitions(ENTRY_BATCH), start=1):
             rows = [dict(zip(columns, (_jsonable(v) for v in r), strict=True)) for r in part]
-            entered += _enter_batch(ws, spec, version, rows)
+            done.entered += _enter_batch(ws, spec, version, rows, seen, done.skipped)
             if batch & (batch - 1) == 0:  # after batches 1, 2, 4, 8, ...
                 refresh_statistics(ws.store)
-    if entered:
+    if done.entered:
         refresh_statistics(ws.store)
-    return entered
+    return done
 
 
 def refresh_statistics(engine: Engine) -> None:
@@ -111,13 +129,20 @@ def refresh_statistics(engine: Engine) -> None:
 
 
 def _enter_batch(ws: Workspace, spec: JourneySpec, version: str,
-                 rows: list[dict[str, Any]]) -> int:
+                 rows: list[dict[str, Any]], seen: set[str], skipped: Counter[str]) -> int:
     entry = spec.entry
     by_key: dict[str, dict[str, Any]] = {}
     for row in rows:
         value = row.get(entry.key)
-        if value is not None:
-            by_key.setdefault(str(value), row)
+        if value is None:
+            skipped["no_key"] += 1
+            continue
+        key = str(value)
+        if key in seen:
+            skipped["duplicate_key"] += 1
+            continue
+        seen.add(key)
+        by_key[key] = row
     if not by_key:
         return 0
     now = clock.now()

@@ -3,6 +3,7 @@ cohorts, branch tests, wait_for on arrival, on_capped, max_duration, the goal as
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -428,3 +429,29 @@ def test_a_cycle_that_took_no_time_stops_for_the_tick(make_workspace, monkeypatc
         ("1", "sent"), ("1", "sent")]
     row = enrollment_rows(ws, "loop")["1"]
     assert (row.step, row.status) == ("hello", "active")
+
+
+def test_entry_rows_without_a_key_or_with_a_repeated_one_are_counted(make_workspace,
+                                                                     capsys):
+    """A flow refuses a segment with NULL or repeated keys; a journey's entry runs on a
+    schedule, so it enters the first row of each key and says, in the tick's summary and
+    on stderr, how many rows it passed over (they vanished without a word)."""
+    from herald.flows.cli import main
+
+    entry = ("SELECT CASE WHEN id > 30 AND id <= 35 THEN NULL WHEN id > 35 THEN id - 30 "
+             "ELSE id END AS id, name, email FROM people")
+    ws = make_workspace({**LOOP_FILES, "config/journeys/loop.yaml": LOOP.replace(
+        "matched: hello, timeout: bye", "matched: bye, timeout: hello"),
+        "audiences/loop_entry.sql": entry}, rows=40)
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        summary = journey_tick(ws, "loop")
+    assert summary["entered"] == 30
+    assert summary["entry_skipped"] == {"duplicate_key": 5, "no_key": 5}
+    # the first row of a key is the one entered: id 1's own, not row 31's
+    assert json.loads(enrollment_rows(ws, "loop")["1"].data)["name"] == "User 1"
+    with pytest.raises(SystemExit) as done:
+        main(["-w", str(ws.root), "--now", (JOURNEY_START + timedelta(hours=1)).isoformat(),
+              "journey", "tick", "loop"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert done.value.code == 0
+    assert "warning: entry rows not entered: duplicate_key=5, no_key=5 (no_key: NULL" in err

@@ -65,6 +65,12 @@ def journey_tick(ctx: typer.Context, name: str, workspace: WorkspaceOpt = None,
     out.print(f"journey {name} tick {summary['tick']}: entered {summary['entered']}, "
               f"looked at {summary['claimed']} in {summary['chunks']} chunks, "
               f"{summary['duration_seconds']}s")
+    if summary["entry_skipped"]:
+        from herald.journeys.entry import SKIPPED_HINT
+
+        err.print("[yellow]warning:[/] entry rows not entered: " + ", ".join(
+            f"{why}={n}" for why, n in summary["entry_skipped"].items())
+            + f" ({SKIPPED_HINT})", markup=True)
     for step, outcomes in summary["steps"].items():
         out.print(f"  {step}: " + ", ".join(f"{o}={n}" for o, n in outcomes.items()))
     if summary["exits"]:
