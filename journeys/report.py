@@ -230,7 +230,7 @@ def _amounts(ws: Workspace, source: str, query: Any, spec: JourneySpec,
         for at, amount in found:
             moment = _utc(at)
             if moment and start <= moment < min(now, start + goal.window):
-                out[key] += money(amount, query.file, goal.amount)
+                out[key] += money(amount, query.file, goal.amount or "")
     return out
 
 
