@@ -89,20 +89,34 @@ def _clean(kind: str, value: str, region: str | None, special_use: bool
     if len(text) > 512:
         return None, "too long"
     if kind == "email":
+        # no SMTPUTF8: a message to a non-ASCII local part ('ｅｖｅ@…') cannot be built
+        # by the e-mail channels, so it is refused here, where a dry run sees it too; an
+        # internationalized domain is kept in its ASCII (IDNA) form, the form a message
+        # header and the SMTP envelope carry (and one form per address for deduplication)
         try:
-            return validate_email(text, check_deliverability=False).normalized, None
+            valid = validate_email(text, check_deliverability=False, allow_smtputf8=False)
+            return valid.ascii_email or valid.normalized, None
         except EmailNotValidError:
             if not special_use or not _special_use(text):
-                return None, "invalid"
+                return None, _why_invalid(text)
         # a special-use domain, allowed here: check the syntax with a public suffix added
         try:
-            checked = validate_email(f"{text}.com", check_deliverability=False)
+            checked = validate_email(f"{text}.com", check_deliverability=False,
+                                     allow_smtputf8=False)
         except EmailNotValidError:
-            return None, "invalid"
-        return checked.normalized.removesuffix(".com"), None
+            return None, _why_invalid(f"{text}.com")
+        return (checked.ascii_email or checked.normalized).removesuffix(".com"), None
     if kind == "sms":
         return e164(text, region)
     return text, None
+
+
+def _why_invalid(text: str) -> str:
+    try:
+        validate_email(text, check_deliverability=False)
+    except EmailNotValidError:
+        return "invalid"
+    return "invalid (non-ASCII before the @, which the e-mail channels cannot send)"
 
 
 def _special_use(address: str) -> bool:

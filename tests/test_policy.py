@@ -305,6 +305,26 @@ def test_a_cleaned_addresss_compared_form_is_the_suppression_lists(make_workspac
             == comparable(address, "CN"), raw
 
 
+def test_an_email_address_is_kept_in_the_form_a_message_can_carry() -> None:
+    """A non-ASCII local part passed screening and the dry run, then failed the real
+    send (no message can carry it without SMTPUTF8): refused at screening, saying why.
+    An internationalized domain is kept in its IDNA form, which headers and the SMTP
+    envelope carry (it went out as an RFC 2047 word inside the address)."""
+    from herald.channels.base import Message
+    from herald.channels.mime import build_email
+    from herald.delivery.addresses import clean_address
+
+    for local in ("\uff45\uff56\uff45", "用户", "zoë"):
+        assert clean_address("email", f"{local}@shop.example") == (
+            None, "invalid (non-ASCII before the @, which the e-mail channels cannot send)")
+    assert clean_address("email", "a b@shop.example") == (None, "invalid")
+    address, why = clean_address("email", "Zoe@Bücher.de")
+    assert (address, why) == ("Zoe@xn--bcher-kva.de", None)
+    sent = build_email(Message("1", address, "email", "hi", "Hi"), "shop@example.com",
+                       None, {})
+    assert sent["To"] == "Zoe@xn--bcher-kva.de" and b"=?utf-8?" not in bytes(sent)
+
+
 def test_special_use_email_domains_are_a_workspace_setting(make_workspace) -> None:
     from herald.delivery.addresses import clean_address
 
