@@ -1,12 +1,15 @@
 """``herald preview``: render a flow's messages for a few recipients, send nothing.
 
 Preview reads sample rows straight from the segment (no package is stored), picks each
-recipient's channel by the tier's order and the addresses present, and renders. It does
-not consult caps or the suppression list: it shows what the message would look like.
+recipient's channel by the tier's order, the addresses present and the suppression list
+(a recipient or address listed for a channel, or for all, is passed over there as a run
+would), and renders. It does not consult caps or quiet hours: ``herald run --dry-run``
+decides with everything.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +17,7 @@ from typing import Any
 
 from herald.audiences.sql import statement
 from herald.audiences.store import Recipient, jsonable
+from herald.core.db import ALL_CHANNELS
 from herald.core.errors import AudienceError
 from herald.core.spec import DEFAULT_TIER, Param
 from herald.core.workspace import Workspace
@@ -22,6 +26,7 @@ from herald.delivery.addresses import Addresses
 from herald.delivery.dispatch import Job
 from herald.delivery.policy import SEND, Decision
 from herald.delivery.render import RenderError, templates_for
+from herald.delivery.suppression import normalize, suppressed
 from herald.flows.chunks import build_message
 from herald.flows.engine import default_run_key
 from herald.flows.validate import CheckedFlow, check_flow, did_you_mean
@@ -36,6 +41,7 @@ def render_samples(ws: Workspace, flow_name: str, params: Mapping[str, Param],
     job = Job(flow.name, default_run_key(ws, flow_name), "preview")
     samples = []
     addresses = Addresses(ws)
+    listed = _suppressed(ws, addresses, flow, recipients)
     for recipient in recipients:
         row_tier, data = recipient.tier, recipient.data
         entry = flow.tier_for(row_tier)
@@ -45,8 +51,14 @@ def render_samples(ws: Workspace, flow_name: str, params: Mapping[str, Param],
             sample.update(status="no_tier", error=f"tier '{row_tier}' has no entry in tiers")
             samples.append(sample)
             continue
+        passed_over = []
         for channel in entry[1].channels:
             address, _ = addresses.of(channel, data)
+            if address and {ALL_CHANNELS, channel} & (
+                    listed.get(normalize(recipient.key, addresses.region), set())
+                    | listed.get(normalize(address, addresses.region), set())):
+                passed_over.append(channel)
+                continue
             if address:
                 experiment = flow.experiment_for(entry[0])
                 variant = (variants.assign(flow.name, experiment[0], recipient.key,
@@ -63,9 +75,29 @@ def render_samples(ws: Workspace, flow_name: str, params: Mapping[str, Param],
                 sample.update(subject=message.subject, body=message.body, html=message.html)
                 break
         else:
-            sample["error"] = "no address for any of " + ", ".join(entry[1].channels)
+            if passed_over:
+                sample.update(status="suppressed", error="on the suppression list for "
+                              + ", ".join(passed_over) + ", the channels it has an "
+                              "address for")
+            else:
+                sample["error"] = "no address for any of " + ", ".join(entry[1].channels)
         samples.append(sample)
     return samples
+
+
+def _suppressed(ws: Workspace, addresses: Addresses, flow: Any,
+                recipients: list[Recipient]) -> dict[str, set[str]]:
+    """The suppression list's entries for the samples' keys and addresses."""
+    values = []
+    for recipient in recipients:
+        values.append(recipient.key)
+        entry = flow.tier_for(recipient.tier)
+        for channel in entry[1].channels if entry else []:
+            address, _ = addresses.of(channel, recipient.data)
+            if address:
+                values.append(address)
+    with ws.store.connect() as conn:
+        return suppressed(conn, values, addresses.region)
 
 
 def write_samples(ws: Workspace, flow: str, samples: list[dict[str, Any]], folder: Path
@@ -119,12 +151,23 @@ def sample_recipients(ws: Workspace, checked: CheckedFlow, tier: str | None, lim
             raise AudienceError(f"--tier: flow '{flow.name}' has no audience.tier column")
         column = engine.dialect.identifier_preparer.quote(flow.audience.tier)
         where = f" WHERE herald_sample.{column} = :herald_tier"
-        bind["herald_tier"] = tier
-    bind["herald_limit"] = limit
-    sql = (f"SELECT * FROM (\n{checked.segment.sql}\n) AS herald_sample{where} "
-           "LIMIT :herald_limit")
-    with engine.connect() as conn:
-        rows = [dict(r) for r in conn.execute(statement(sql, bind), bind).mappings()]
+    if tier == DEFAULT_TIER:
+        # whoever the default entry serves: no tier, or one without an entry of its own,
+        # decided on the value as text as a run does (so here, whatever the column's type)
+        tier_column = flow.audience.tier or ""
+        sql = f"SELECT * FROM (\n{checked.segment.sql}\n) AS herald_sample"
+        with engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=1000).execute(
+                statement(sql, bind), bind).mappings()
+            rows = list(itertools.islice(
+                (dict(r) for r in result if _by_default(flow, r[tier_column])), limit))
+            result.close()
+    else:
+        bind.update({"herald_limit": limit, **({"herald_tier": tier} if tier else {})})
+        sql = (f"SELECT * FROM (\n{checked.segment.sql}\n) AS herald_sample{where} "
+               "LIMIT :herald_limit")
+        with engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(statement(sql, bind), bind).mappings()]
     if tier and not rows:
         with engine.connect() as conn:
             tiers = [str(t) for t in conn.execute(statement(
@@ -142,3 +185,9 @@ def sample_recipients(ws: Workspace, checked: CheckedFlow, tier: str | None, lim
             else DEFAULT_TIER
         out.append(Recipient(i, str(data[flow.audience.key]), row_tier, data))
     return out
+
+
+def _by_default(flow: Any, value: Any) -> bool:
+    """Whether a recipient with this tier value gets the flow's ``default`` entry."""
+    entry = flow.tier_for(str(value or DEFAULT_TIER))
+    return entry is not None and entry[0] == DEFAULT_TIER
