@@ -293,9 +293,18 @@ def _same(value: Any, expected: Any) -> bool:
 
 
 class Case(Strict):
+    """``{when: {...}, next: S}``, or ``{condition: NAME, next: S}`` (a condition's SQL
+    file, as a wait_for names it; ``{condition: {condition: NAME, at: ..., params: ...}}``
+    for its other fields)."""
+
     when: When | None = None
     condition: Condition | None = None
     next: Name
+
+    @field_validator("condition", mode="before")
+    @classmethod
+    def _named(cls, value: Any) -> Any:
+        return {"condition": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _one(self) -> Case:

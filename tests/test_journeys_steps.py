@@ -455,3 +455,31 @@ def test_entry_rows_without_a_key_or_with_a_repeated_one_are_counted(make_worksp
     err = " ".join(capsys.readouterr().err.split())
     assert done.value.code == 0
     assert "warning: entry rows not entered: duplicate_key=5, no_key=5 (no_key: NULL" in err
+
+
+def test_a_branch_case_names_its_condition_as_a_wait_for_does(make_workspace):
+    """`{condition: NAME, next: S}` (as the README and a wait_for write it) was refused
+    ('must be a mapping'); the long form keeps `at` and `params`."""
+    from herald.journeys import load
+
+    pick = """name: pick
+entry: {source: crm, segment: loop_entry, key: id}
+steps:
+  pick:
+    type: branch
+    cases:
+      - {condition: gold, next: yes}
+      - {condition: {condition: gold, params: {}}, next: yes}
+    default: no
+  yes: {type: exit, reason: gold}
+  no: {type: exit, reason: other}
+"""
+    ws = make_workspace({**LOOP_FILES, "config/journeys/pick.yaml": pick,
+                         "audiences/loop_entry.sql": "SELECT id, name, email FROM people",
+                         "audiences/gold.sql": "SELECT id FROM people WHERE tier = 'gold'"},
+                        rows=12)
+    spec = load.load(ws, "pick").spec
+    assert [c.condition.condition for c in spec.steps["pick"].cases] == ["gold", "gold"]
+    with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
+        summary = journey_tick(ws, "pick")
+    assert summary["steps"]["pick"] == {"case:1": 3, "default": 9}
