@@ -4,6 +4,7 @@ zone, checked as Prefect's server checks them."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 from pydantic import Field, model_validator
 
@@ -85,6 +86,28 @@ def check_rrule(value: str) -> None:
             raise ValueError(f'Invalid RRule string "{value}": INTERVAL must be 1 or more')
     if len(value) > MAX_RRULE_LENGTH:
         raise ValueError(f"Invalid RRule string: longer than {MAX_RRULE_LENGTH} characters")
+    # BYMONTHDAY=30 in February: no occurrence ever, and dateutil (so Prefect's scheduler)
+    # searches up to the year 9999 for one, seconds of CPU for a daily rule
+    if "BYMONTHDAY=" in value.upper():
+        rules = getattr(parsed, "_rrule", None) or [parsed]
+        if not getattr(parsed, "_rdate", None) and all(_no_such_day(r) for r in rules):
+            raise ValueError(f'Invalid RRule string "{value}": no month it names has '
+                             "the day of the month it names, so it would never run")
+
+
+# the most days each month has (February in a leap year)
+_MONTH_DAYS = {1: 31, 2: 29, 3: 31, 4: 30, 5: 31, 6: 30, 7: 31, 8: 31, 9: 30, 10: 31,
+               11: 30, 12: 31}
+
+
+def _no_such_day(rule: Any) -> bool:
+    """Whether every day of the month the rule names is past the end of every month it
+    names (counting from the month's end, BYMONTHDAY=-1, always exists)."""
+    days = getattr(rule, "_bymonthday", None) or ()
+    if not days or getattr(rule, "_bynmonthday", None):
+        return False
+    months = getattr(rule, "_bymonth", None) or range(1, 13)
+    return all(day > _MONTH_DAYS[month] for month in months for day in days)
 
 
 class ScheduleSpec(Strict):

@@ -53,6 +53,8 @@ def test_read_only_commands_do_not_import_prefect(make_workspace) -> None:
 
 
 def test_bad_cron_names_the_field_without_prefect(make_workspace, capsys) -> None:
+    from .helpers import PROMO_YAML
+
     ws = make_workspace({"config/flows/promo.yaml": _with_schedule("0 25 * * *")})
     code, _, err = cli(capsys, "validate", "-w", str(ws.root))
     assert code == 1
@@ -68,6 +70,14 @@ def test_bad_cron_names_the_field_without_prefect(make_workspace, capsys) -> Non
     code, _, err = cli(capsys, "validate", "-w", str(ws.root))
     assert code == 1 and ("day-of-month '30' never falls in month '2', so the schedule "
                           "would never run") in " ".join(err.split()), err
+    # the same day as an RRule (dateutil would search up to the year 9999 for it)
+    ws = make_workspace({"config/flows/promo.yaml": PROMO_YAML + (
+        "schedules:\n  - {rrule: 'FREQ=DAILY;BYMONTH=2;BYMONTHDAY=30'}\n")}, folder="ws4")
+    code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+    assert code == 1 and ('config/flows/promo.yaml:14 schedules[0]: Invalid RRule string '
+                          '"FREQ=DAILY;BYMONTH=2;BYMONTHDAY=30": no month it names has the '
+                          "day of the month it names, so it would never run"
+                          ) in " ".join(err.split()), err
     for good in ("0 10 * * MON-FRI", "@daily", "*/15 9-17 * * 1#2", "0 9 31 * *",
                  "0 9 30 2 MON"):
         ws = make_workspace({"config/flows/promo.yaml": _with_schedule(good)},
