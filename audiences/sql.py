@@ -188,9 +188,30 @@ def probe(ws: Workspace, source: str, segment: Segment, params: Mapping[str, Any
     wrapped = f"SELECT * FROM (\n{segment.sql}\n) AS herald_probe LIMIT 0"
     try:
         with engine.connect() as conn:
-            return list(conn.execute(statement(wrapped, params), dict(params)).keys())
+            columns = list(conn.execute(statement(wrapped, params), dict(params)).keys())
     except DBAPIError as exc:
         raise AudienceError(f"{segment.file}: the query failed: {db_message(exc)}") from None
+    twice = _named_twice(columns)
+    if twice:
+        raise AudienceError(f"{segment.file}: the result has more than one column named "
+                            f"'{twice}': give each its own name (AS ...); a recipient's "
+                            "row, and so the templates, would hold only one of them")
+    return columns
+
+
+def _named_twice(columns: list[str]) -> str | None:
+    """A column name the result has more than once: as it is (Postgres), or as SQLite
+    renames the second in a subquery (``score:1``; its names are case-insensitive)."""
+    seen: set[str] = set()
+    for name in columns:
+        if name.lower() in seen:
+            return name
+        seen.add(name.lower())
+    for name in columns:
+        base, colon, number = name.rpartition(":")
+        if colon and number.isdigit() and base.lower() in seen:
+            return base
+    return None
 
 
 def db_message(exc: DBAPIError) -> str:

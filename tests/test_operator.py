@@ -694,3 +694,21 @@ def test_a_missing_unsubscribe_secret_stops_senders_only(make_workspace, capsys,
     monkeypatch.setenv("HERALD_TEST_NO_UNSUB", "short")
     code, _, err = cli(capsys, "suppress", "list", "-w", str(ws.root))
     assert code == 1 and "16 characters or more" in err
+
+
+def test_a_segment_naming_a_column_twice_is_refused(make_workspace, capsys) -> None:
+    """`score` twice (or `name` and `Name` on SQLite, whose names are case-insensitive):
+    templates got one of the two without a word, and the build kept the other."""
+    from .helpers import outbox_messages
+
+    for select, twice in (("score, 'DUP' AS score", "score"), ("'X' AS Name", "Name")):
+        sql = (f"SELECT id, name, email, phone, tier, locale, score, {select} FROM people "
+               "WHERE score >= :min_score")
+        ws = make_workspace({"audiences/people.sql": sql}, folder=f"w{twice}")
+        code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+        said = " ".join(err.split())
+        assert code == 1 and ("audiences/people.sql: the result has more than one column "
+                              f"named '{twice}': give each its own name (AS ...)") in said, err
+        code, _, err = cli(capsys, "run", "promo", "-w", str(ws.root))
+        assert code == 1 and "more than one column named" in err
+        assert outbox_messages(ws) == 0
