@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
-_DURATION = re.compile(r"^\s*(\d+)\s*(m|min|h|d|w)\s*$")
+_DURATION = re.compile(r"^\s*([-+]?\d+)\s*(m|min|h|d|w)\s*$")
 _UNIT = {"m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -30,8 +30,11 @@ def parse_duration(value: Any) -> timedelta:
     if isinstance(value, timedelta):
         return value
     match = _DURATION.match(str(value))
-    if not match or int(match.group(1)) <= 0:
+    if not match:
         raise ValueError("duration must look like 30m, 12h, 7d or 2w")
+    if int(match.group(1)) <= 0:
+        raise ValueError(f"duration must be more than 0 (got {str(value).strip()}; e.g. "
+                         "30m, 12h, 7d or 2w)")
     seconds = int(match.group(1)) * _UNIT[match.group(2)]
     if seconds > MAX_DURATION.total_seconds():
         raise ValueError("duration must be at most 3650d (ten years)")
@@ -49,7 +52,8 @@ def _check_timezone(value: str) -> str:
 
 def _check_name(value: str) -> str:
     if not _NAME.match(value):
-        raise ValueError(f"'{value}' is not a valid name (letters, digits, _ and -)")
+        raise ValueError(f"'{value}' is not a valid name (ASCII letters, digits, _ and -, "
+                         "starting with a letter or _)")
     return value
 
 

@@ -161,7 +161,7 @@ def _convert(node: yaml.Node, loc: Loc, lines: dict[Loc, int], problems: list[Pr
     if "${" in value:
         value = _interpolate(value, env, lambda msg: problems.append(
             Problem(msg, file=file, line=lines[loc], field=dotted(loc))))
-        return value  # an interpolated value is always a string
+        return EnvText(value)  # an interpolated value is always a string
     if node.style is not None:  # quoted or block scalar: a string, whatever it looks like
         return value
     if _NULL.match(value):
@@ -173,6 +173,13 @@ def _convert(node: yaml.Node, loc: Loc, lines: dict[Loc, int], problems: list[Pr
     if _FLOAT.match(value):
         return float(value)
     return value
+
+
+class EnvText(str):
+    """A value with ``${NAME}`` in it: text, whatever it looks like (a model's field
+    keeps it as a plain str); its type errors say where the text came from."""
+
+    __slots__ = ()
 
 
 def _interpolate(value: str, env: Mapping[str, str], report: Any) -> str:
@@ -276,11 +283,16 @@ def _wrong_type(expected: str, value: Any, yes_no: bool = False) -> str:
         word = value.strip().lower()
         if yes_no and word in ("yes", "no", "on", "off", "y", "n", "true", "false"):
             why = " (YAML 1.2 reads yes, no, on, off and quoted words as text)"
+        elif isinstance(value, EnvText):
+            why = (" (a ${NAME} value is always text: outside channels write the number "
+                   "itself)")
         elif _INT.match(word) or _FLOAT.match(word):
             why = " (a quoted number is text)"
         else:
             why = ""
         return f"must be {expected}, not text{why}"
+    if isinstance(value, float) and expected == "a whole number":
+        return f"must be {expected}, not a fraction"
     if isinstance(value, int | float):
         return f"must be {expected}, not a number"
     kind = {list: "a list", dict: "a mapping", type(None): "empty"}.get(type(value))

@@ -97,6 +97,19 @@ def test_values_of_the_wrong_yaml_type_are_not_coerced() -> None:
     assert sorted(problems(exc)) == [
         "h.yaml:1 chunk_size: must be a whole number, not true",
         "h.yaml:2 email.allow_special_use_domains: must be true or false, not a number"]
+    # what was written, said as such: a fraction, a number from the environment
+    with pytest.raises(ConfigError) as exc:
+        validate(WorkspaceConfig, parse_yaml("chunk_size: ${CHUNK:-100}\nmax_workers: 1.5\n",
+                                             "h.yaml", {}))
+    assert sorted(problems(exc)) == [
+        "h.yaml:1 chunk_size: must be a whole number, not text (a ${NAME} value is always "
+        "text: outside channels write the number itself)",
+        "h.yaml:2 max_workers: must be a whole number, not a fraction"]
+    from herald.core.fields import parse_duration
+
+    for zero in ("0d", "-1d"):  # they look like durations: what is wrong is the sign
+        with pytest.raises(ValueError, match=rf"duration must be more than 0 \(got {zero};"):
+            parse_duration(zero)
 
 
 def test_strict_types_still_read_what_yaml_means() -> None:
