@@ -3,13 +3,14 @@ caps that count them now, suppression and holdout status. A read: it writes noth
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 
 from herald.core import clock
-from herald.core.db import deliveries
+from herald.core.db import deliveries, package_rows, packages
 from herald.core.spec import CapRule
 from herald.core.workspace import Workspace
 from herald.delivery import ledger_reads, suppression
@@ -28,8 +29,9 @@ def recipient_view(ws: Workspace, key: str, limit: int = 50) -> dict[str, Any]:
             deliveries.c.code, deliveries.c.created_at, deliveries.c.sent_at,
             deliveries.c.counted).where(deliveries.c.recipient == key).order_by(
             deliveries.c.created_at.desc()).limit(limit)))
-        addresses = sorted({r.address for r in rows if r.address})
-        listed = suppression.suppressed(conn, [key, *addresses])
+        addresses = sorted({r.address for r in rows if r.address}
+                           | _package_addresses(ws, conn, key))
+        listed = suppression.suppressed(conn, [key, *addresses], ws.config.phone_region)
         rules: list[tuple[str | None, CapRule]] = [(None, r) for r in ws.config.caps]
         for name in ws.flow_names():
             rules += [(name, r) for r in ws.flow(name).cap_rules()]
@@ -59,3 +61,25 @@ def recipient_view(ws: Workspace, key: str, limit: int = 50) -> dict[str, Any]:
         "held_out": holdout,
     }
 
+
+def _package_addresses(ws: Workspace, conn: Connection, key: str) -> set[str]:
+    """The recipient's addresses in each flow's latest ready package: the ledger holds an
+    address only for the channels a run picked (none for a recipient never sent to, or
+    held back by quiet hours), and the suppression list may name another of them."""
+    found: set[str] = set()
+    for name in ws.flow_names():
+        latest = conn.execute(select(packages.c.id).where(
+            packages.c.flow == name, packages.c.status == "ready").order_by(
+            packages.c.built_at.desc()).limit(1)).scalar()
+        if latest is None:
+            continue
+        data = conn.execute(select(package_rows.c.data).where(
+            package_rows.c.package_id == latest, package_rows.c.key == key)).scalar()
+        if data is None:
+            continue
+        row = json.loads(data)
+        for channel in ws.flow(name).channel_names():
+            value = row.get(ws.address_column(channel))
+            if value not in (None, ""):
+                found.add(str(value))
+    return found

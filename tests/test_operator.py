@@ -565,6 +565,18 @@ def test_recipient_history_caps_suppression_and_holdout(make_workspace, capsys) 
     assert code == 0 and "held out: promo" in out and "held_out" in out
     code, out, _ = cli(capsys, "recipient", "nobody", "-w", str(ws.root))
     assert code == 0 and "history: no ledger rows" in out
+    # an address the ledger does not hold (the held-out recipient was never sent to):
+    # read from the flow's latest package; suppressed there, it is said
+    held_email = f"user{held}@example.com" if int(held) % 7 else None
+    held_phone = f"+1415555{int(held):04d}"
+    listed = held_email or held_phone
+    code, out, _ = cli(capsys, "suppress", "add", listed.upper(), "-w", str(ws.root))
+    assert code == 0
+    code, out, _ = cli(capsys, "recipient", held, "-w", str(ws.root), "--json")
+    assert code == 0 and json.loads(out)["suppressed"] == [
+        {"value": listed.lower(), "channels": ["*"]}], out
+    code, _, err = cli(capsys, "recipient", " ", "-w", str(ws.root))
+    assert code == 2 and "an empty key names nobody" in err
 
 
 # -- unsubscribe ---------------------------------------------------------------------------------

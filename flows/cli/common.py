@@ -122,6 +122,12 @@ def parse_params(items: list[str] | None) -> dict[str, Param]:
     return params
 
 
+def require_key(value: str, hint: str) -> None:
+    """A recipient key given on the command line: an empty one names nobody."""
+    if not value.strip():
+        raise typer.BadParameter("an empty key names nobody", param_hint=hint)
+
+
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n")
 

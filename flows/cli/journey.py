@@ -20,6 +20,7 @@ from herald.flows.cli.common import (
     prefect_console,
     prefect_env,
     print_json,
+    require_key,
     set_now,
     write_page,
 )
@@ -114,6 +115,7 @@ def journey_show(name: str, recipient: str, workspace: WorkspaceOpt = None,
     """One recipient's path through a journey, step by step."""
     from herald.journeys.report import show
 
+    require_key(recipient, "RECIPIENT")
     data = show(open_workspace(workspace), name, recipient)
     if as_json:
         print_json(data)

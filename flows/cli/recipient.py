@@ -9,7 +9,15 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from herald.flows.cli.common import WorkspaceOpt, app, mask, open_workspace, out, print_json
+from herald.flows.cli.common import (
+    WorkspaceOpt,
+    app,
+    mask,
+    open_workspace,
+    out,
+    print_json,
+    require_key,
+)
 
 
 @app.command()
@@ -22,6 +30,7 @@ def recipient(key: Annotated[str, typer.Argument(help="The recipient's key (the 
     they are suppressed or held out."""
     from herald.reporting.recipient import recipient_view
 
+    require_key(key, "KEY")
     view = recipient_view(open_workspace(workspace), key, limit)
     if as_json:
         print_json(view)
