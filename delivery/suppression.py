@@ -132,15 +132,15 @@ HEADERS = ("value", "address", "email", "phone", "key")
 
 
 def read_import(file: Path, channel: str | None, reason: str | None,
-                check_channel: Callable[[str | None, str], None],
+                check_channel: Callable[[str | None, str, str], None],
                 region: str | None = None, keys: bool = False) -> list[Item]:
     """The items of an import file: one value per line, or CSV value[,channel[,reason]]
     separated by commas, or semicolons or tabs when no line has a comma (a header line
     and ``#`` comments skipped). A value is an e-mail address (also ``Name <addr>`` and
     ``mailto:addr``) or a phone number, or with ``keys`` a recipient key. Every line that
     yields none is refused with file:line; one refusal refuses the whole file (every
-    problem is reported at once). ``check_channel(channel, where)`` raises for an unknown
-    channel."""
+    problem is reported at once). ``check_channel(channel, where, value)`` raises for an
+    unknown channel, or one the value can never be an address of."""
     try:
         raw = file.read_bytes()
     except FileNotFoundError:
@@ -210,7 +210,7 @@ def read_import(file: Path, channel: str | None, reason: str | None,
             continue
         row_channel = cell("channel") if len(row) > 1 else channel
         try:
-            check_channel(row_channel, where)
+            check_channel(row_channel, where, value)
         except HeraldError as exc:
             problems.append(Problem(str(exc).removeprefix(f"{where}: "), file=str(file),
                                     line=number))

@@ -724,3 +724,20 @@ def test_a_segment_naming_a_column_twice_is_refused(make_workspace, capsys) -> N
         code, _, err = cli(capsys, "run", "promo", "-w", str(ws.root))
         assert code == 1 and "more than one column named" in err
         assert outbox_messages(ws) == 0
+
+
+def test_suppress_add_refuses_an_address_its_channel_never_sends_to(make_workspace,
+                                                                   capsys) -> None:
+    """An e-mail address suppressed for the SMS channel (or a number for e-mail) can
+    never match anything: refused, nothing added; on every channel it is taken."""
+    ws = make_workspace(rows=1)
+    for value, channel in (("bob@shop.example", "sms"), ("+14155550002", "email")):
+        code, _, err = cli(capsys, "suppress", "add", value, "--channel", channel,
+                           "-w", str(ws.root))
+        assert code == 1 and "suppressed there it would never match" in " ".join(
+            err.split()) and "nothing added" in err, err
+    code, out, _ = cli(capsys, "suppress", "list", "--json", "-w", str(ws.root))
+    assert json.loads(out) == []
+    code, out, _ = cli(capsys, "suppress", "add", "bob@shop.example", "--channel", "email",
+                       "-w", str(ws.root))
+    assert code == 0 and "1 added" in out

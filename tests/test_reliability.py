@@ -752,6 +752,9 @@ IMPORT_REFUSALS = [
      ":2: not valid UTF-8"),
     ("recipient key with spaces (--keys)", "42\nnot a key\n", ":2: 'not a key' is not a "
                                                               "recipient key"),
+    ("an e-mail address for an SMS channel (it would never match)",
+     "a@example.com\tsms\n", ":1: a***@example.com is an e-mail address, and channel 'sms' "
+                              "sends sms (to phone): suppressed there it would never match"),
 ]
 
 

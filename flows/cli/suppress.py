@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from herald.core.errors import HeraldError
+from herald.core.workspace import Workspace
 from herald.flows.cli.common import (
     ChannelOpt,
     WorkspaceOpt,
@@ -36,6 +37,9 @@ def suppress_add(values: list[str], channel: ChannelOpt = None,
     region = ws.config.phone_region
     checked = [suppression.import_value(v, region, keys) if v.strip()
                else (None, "an empty value") for v in values]
+    if not keys:
+        checked = [(v, _never_its_address(ws, channel, v)) if v else (v, why)
+                   for v, why in checked]
     refused = [why for _, why in checked if why]
     if len(refused) == 1:
         raise HeraldError(f"{refused[0]}; nothing added")
@@ -61,8 +65,13 @@ def suppress_import(file: Path, channel: ChannelOpt = None,
     ws = open_workspace(workspace)
     check_channel(ws, channel)
     region = ws.config.phone_region
-    items = suppression.read_import(file, channel, reason,
-                                    lambda c, where: check_channel(ws, c, where), region, keys)
+    def check(row_channel: str | None, where: str, value: str) -> None:
+        check_channel(ws, row_channel, where)
+        never = None if keys else _never_its_address(ws, row_channel, value)
+        if never:
+            raise HeraldError(f"{where}: {never}")
+
+    items = suppression.read_import(file, channel, reason, check, region, keys)
     suppression.migrate(ws.store, region)
     added = suppression.suppress(ws.store, items, "import", region)
     out.print(f"{added} added, {len(items) - added} already suppressed")
@@ -100,3 +109,18 @@ def suppress_remove(value: str, channel: ChannelOpt = None,
     if not removed:
         raise HeraldError(f"'{mask(value)}' is not on the suppression list")
     out.print(f"{removed} removed")
+
+
+def _never_its_address(ws: Workspace, channel: str | None, value: str) -> str | None:
+    """Why an address suppressed for one channel would never match there (an e-mail
+    address on an SMS channel), else None."""
+    if channel is None or channel == "*" or channel not in ws.channels:
+        return None
+    kind = ws.channel_kind(channel)
+    is_email = "@" in value
+    if (kind == "email" and not is_email) or (kind == "sms" and is_email):
+        what = "an e-mail address" if is_email else "a phone number"
+        return (f"{mask(value)} is {what}, and channel '{channel}' sends {kind} (to "
+                f"{ws.address_column(channel)}): suppressed there it would never match; "
+                "leave --channel out to suppress it on every channel")
+    return None
