@@ -72,9 +72,11 @@ def parse(text: str) -> datetime:
         moment = moment.replace(tzinfo=UTC)
     # caps, waits and windows reach ten years either side of now: a clock near year 1 or
     # 9999 overflowed deep inside a run instead of being refused here
-    if not EARLIEST_YEAR <= moment.year <= LATEST_YEAR:
+    # (in UTC too: 1900-01-01T00:00+14:00 is a moment of 1899)
+    if not EARLIEST_YEAR <= moment.year <= LATEST_YEAR or \
+            not EARLIEST_YEAR <= moment.astimezone(UTC).year <= LATEST_YEAR:
         raise ValueError(f"'{text}' is outside the years Herald computes with "
-                         f"({EARLIEST_YEAR} to {LATEST_YEAR})")
+                         f"({EARLIEST_YEAR} to {LATEST_YEAR}, in UTC)")
     return moment.astimezone(UTC)
 
 

@@ -27,9 +27,11 @@ def test_parse_accepts_iso_8601_and_names_what_is_wrong() -> None:
         clock.parse("next monday")
     with pytest.raises(ValueError, match="an empty time"):
         clock.parse("  ")
-    for far in ("9999-12-31T23:00Z", "0001-01-01", "1899-12-31T23:59+00:00"):
+    # the years are UTC's: 1900-01-01T00:00+14:00 is 1899-12-31T10:00Z
+    for far in ("9999-12-31T23:00Z", "0001-01-01", "1899-12-31T23:59+00:00",
+                "1900-01-01T00:00+14:00", "9000-12-31T23:59-14:00"):
         with pytest.raises(ValueError, match=re.escape(
-                f"'{far}' is outside the years Herald computes with (1900 to 9000)")):
+                f"'{far}' is outside the years Herald computes with (1900 to 9000, in UTC)")):
             clock.parse(far)
     assert clock.parse("9000-12-31") == datetime(9000, 12, 31, tzinfo=UTC)
 
