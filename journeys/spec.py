@@ -275,9 +275,7 @@ def _ordered(value: Any, expected: Any) -> tuple[Any, Any] | None:
     left, right = _number(value), _number(expected)
     if left is not None and right is not None:
         return left, right
-    numeric = (isinstance(value, int | float) and not isinstance(value, bool)) or \
-        (isinstance(expected, int | float) and not isinstance(expected, bool))
-    if numeric:
+    if _is_number(value) or _is_number(expected):
         return None
     return str(value), str(expected)
 
@@ -287,9 +285,16 @@ def _same(value: Any, expected: Any) -> bool:
         return value is None and expected is None
     if isinstance(expected, bool) or isinstance(value, bool):
         return bool(value) == bool(expected)
-    if isinstance(expected, int | float) and not isinstance(value, str):
-        return float(value) == float(expected)
+    if _is_number(expected) or _is_number(value):  # a number on one side: as numbers
+        # (' 40 ' and 40.0 are 40), as text only when the other is no number
+        left, right = _number(value), _number(expected)
+        if left is not None and right is not None:
+            return left == right
     return str(value) == str(expected)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class Case(Strict):

@@ -88,6 +88,11 @@ def test_branch_tests_on_columns():
     assert When(column="points", gt=3).test({"points": "n/a"}) is None
     assert When(column="points", gt="lots").test({"points": 12}) is None
     assert When(column="points", gt=3).test({"points": True}) is None
+    # equality alike: a number on one side compares as numbers, text as text
+    assert When.model_validate({"column": "p", "in": [30, 40]}).test({"p": " 40 "}) is True
+    assert When(column="p", eq=40).test({"p": 40.0}) is True
+    assert When(column="p", eq="007").test({"p": "7"}) is False  # codes stay text
+    assert When(column="p", eq=7).test({"p": "n/a"}) is False
     with pytest.raises(ValueError, match="exactly one test"):
         When(column="tier", eq="gold", ne="silver")
 
