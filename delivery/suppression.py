@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import email.utils
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -131,6 +132,10 @@ def list_suppressions(engine: Engine, limit: int | None = None) -> list[Any]:
 HEADERS = ("value", "address", "email", "phone", "key")
 
 
+# "Display, Name" <addr>, then the line's other columns (after the separator)
+_NAMED_ADDRESS = re.compile(r'^\s*(?P<value>"[^"]*"\s*<[^<>]*>)\s*(?:[,;\t](?P<rest>.*))?$')
+
+
 def read_import(file: Path, channel: str | None, reason: str | None,
                 check_channel: Callable[[str | None, str, str], None],
                 region: str | None = None, keys: bool = False) -> list[Item]:
@@ -155,11 +160,14 @@ def read_import(file: Path, channel: str | None, reason: str | None,
                           "save it as UTF-8)") from None
     lines = text.splitlines()
     data = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    # separators are counted outside quotes: a display name's comma ("Smith, Bob" <b@…>)
+    # made a semicolon file read as commas, and every line of it was refused
+    bare = [re.sub(r'"[^"]*"', "", line) for line in data]
     delimiter = ","
-    if not any("," in line for line in data):
-        if any(";" in line for line in data):
+    if not any("," in line for line in bare):
+        if any(";" in line for line in bare):
             delimiter = ";"
-        elif any("\t" in line for line in data):
+        elif any("\t" in line for line in bare):
             delimiter = "\t"
     items: list[Item] = []
     problems: list[Problem] = []
@@ -173,9 +181,12 @@ def read_import(file: Path, channel: str | None, reason: str | None,
             row = next(csv.reader([line], delimiter=delimiter, strict=True))
         except csv.Error:
             # a mail client's export: "Smith, Bob" <bob@shop.example>, one address with a
-            # quoted display name (its comma is not a separator)
-            if import_value(line.strip(), region, keys)[0] is not None:
-                row = [line.strip()]
+            # quoted display name (its comma is not a separator), maybe with more columns
+            named = _NAMED_ADDRESS.match(line)
+            if named and import_value(named["value"], region, keys)[0] is not None:
+                rest = named["rest"]
+                row = [named["value"], *(next(csv.reader([rest], delimiter=delimiter))
+                                         if rest else [])]
             else:
                 problems.append(Problem("unbalanced quote (a value in quotes must end with "
                                         "its quote)", file=str(file), line=number))

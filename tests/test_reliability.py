@@ -667,6 +667,8 @@ OPT_OUTS = [
      ("import", '"Example, Ann" <user36@example.com>'), 36),
     ("import: semicolon CSV with a header (email;reason)", ("semicolon", "user24@example.com"),
      24),
+    ("import: semicolon CSV, a quoted display name holding a comma",
+     ("semicolon", '"Example, Ann" <user40@example.com>'), 40),
     ("import: quoted value and a reason holding the delimiter",
      ("import", '"user32@example.com",,"said ""stop"", twice"'), 32),
     ("import: a national phone number (phone_region CN)", ("import", "13800138002"), 11),
