@@ -243,8 +243,10 @@ class Workspace:
 
 
 def _stems(folder: Path) -> list[str]:
-    """The names of the YAML files in ``folder`` (flows, journeys), sorted."""
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    """The names of the YAML files in ``folder`` (flows, journeys), sorted; hidden files
+    (``.promo.yaml``, macOS's ``._promo.yaml``, an editor's copies) are not flows."""
+    return sorted(p.stem for p in folder.glob("*.yaml") if not p.name.startswith(".")
+                  ) if folder.is_dir() else []
 
 
 def _misnamed(folder: Path) -> list[Path]:
@@ -252,7 +254,7 @@ def _misnamed(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".yml", ".yaml")
-                  and p.suffix != ".yaml")
+                  and p.suffix != ".yaml" and not p.name.startswith("."))
 
 
 def _misnamed_hint(folder: Path, name: str) -> str:

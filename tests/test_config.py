@@ -347,6 +347,13 @@ def test_flow_or_journey_saved_as_yml_is_reported_not_ignored(make_workspace,
         ws.flow("promo")
     with pytest.raises(WorkspaceError, match=r"\(nudge.YML is there: rename it to nudge.yaml"):
         journeys.load(ws, "nudge")
+    # hidden files (macOS's ._other.yaml beside a copied flow, an editor's) are not flows
+    (ws.root / "config/flows/._other.yaml").write_bytes(b"\x00\x05\x16\x07binary")
+    (ws.root / "config/flows/.draft.yml").write_text("name: draft\n")
+    assert ws.flow_names() == ["other"]
+    with pytest.raises(SystemExit):
+        main(["validate", "-w", str(ws.root)])
+    assert "._other" not in capsys.readouterr().err
 
 
 def test_unknown_channel_type_lists_installed(make_workspace) -> None:
