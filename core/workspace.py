@@ -73,8 +73,18 @@ class Workspace:
             raise WorkspaceError(f"{path} is not a Herald workspace: {CONFIG_FILE} not found "
                                  "(use --workspace DIR or set HERALD_WORKSPACE)")
         doc = load_yaml(path / CONFIG_FILE, CONFIG_FILE)
-        config = validate(WorkspaceConfig, doc)
-        channels, kinds, problems = _channel_settings(config, doc)
+        try:
+            config = validate(WorkspaceConfig, doc)
+        except ConfigError as exc:
+            # every problem at once: the channels' own settings too, where they are
+            # mappings, not only once the rest of the file is right
+            raw = doc.data.get("channels") if isinstance(doc.data, dict) else None
+            more = _channel_settings(raw, doc)[2] if isinstance(raw, dict) and all(
+                isinstance(v, dict) for v in raw.values()) else []
+            seen = {p.field for p in exc.problems}
+            raise ConfigError([*exc.problems, *(p for p in more if p.field not in seen)]
+                              ) from None
+        channels, kinds, problems = _channel_settings(config.channels, doc)
         driver = driver_problem(config.store)
         if driver:
             problems.append(Problem(driver, file=doc.file, line=doc.line_of(("store",)),
@@ -325,14 +335,14 @@ def cap_problems(caps: Sequence[CapRule | FlowCapRule], doc: Located,
     return problems
 
 
-def _channel_settings(config: WorkspaceConfig, doc: Located
+def _channel_settings(channels: Mapping[str, Any], doc: Located
                       ) -> tuple[dict[str, ChannelSettings], dict[str, str], list[Problem]]:
     """Validate each channel's settings against its adapter's Settings model, and decide
     the kind each carries."""
     out: dict[str, ChannelSettings] = {}
     kinds: dict[str, str] = {}
     problems: list[Problem] = []
-    for name, raw in config.channels.items():
+    for name, raw in channels.items():
         loc: tuple[str, ...] = ("channels", name)
         type_name = raw.get("type")
         if not isinstance(type_name, str):

@@ -370,6 +370,18 @@ def test_unknown_channel_type_lists_installed(make_workspace) -> None:
     assert "outbox" in found[0] and "smtp" in found[0]
     assert found[1] == ("config/herald.yaml:4 channels.email.prot: unknown key 'prot' "
                         "(did you mean 'port'?)")
+    # with a problem elsewhere in the file too: all of them at once, not pass by pass
+    with pytest.raises(ConfigError) as exc:
+        make_workspace({"config/herald.yaml": """\
+            timezone: Asia/Shangai
+            sources: {crm: "sqlite:///crm.db"}
+            channels:
+              email: {type: outbx, kind: email}
+              sms: {type: outbox, kind: emial}
+            """}, folder="both")
+    found = problems(exc)
+    assert [p.split(":")[1].split(" ")[0] + " " + p.split(" ")[1] for p in found] == [
+        "1 timezone:", "4 channels.email.type:", "5 channels.sms.kind:"], found
 
 
 
