@@ -18,7 +18,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Protocol
 
 from herald.core.channel_settings import ChannelSettings
-from herald.core.errors import ChannelError
+from herald.core.errors import ChannelError, did_you_mean
 
 GROUP = "herald.channels"
 
@@ -46,7 +46,8 @@ def load(type_name: str) -> Any:
     """The object registered as ``type_name``; ChannelError names the case."""
     eps = _entry_points()
     if type_name not in eps:
-        raise ChannelError(f"unknown channel type '{type_name}' "
+        raise ChannelError(f"unknown channel type '{type_name}'"
+                           f"{did_you_mean(type_name, eps)} "
                            f"(installed: {', '.join(installed()) or 'none'})")
     try:
         return eps[type_name].load()

@@ -73,8 +73,8 @@ def test_a_registered_third_party_channel_is_found_and_sends(make_workspace,
     with pytest.raises(ChannelError, match=r"channel 'broken' failed to import: "
                                            r"ModuleNotFoundError"):
         registry.channel_class("broken")
-    with pytest.raises(ChannelError, match=r"unknown channel type 'pigon' \(installed: .*"
-                                           r"pigeon"):
+    with pytest.raises(ChannelError, match=r"unknown channel type 'pigon' \(did you mean "
+                                           r"'pigeon'\?\) \(installed: .*pigeon"):
         registry.channel_class("pigon")
     ws = make_workspace({
         "config/herald.yaml": (
