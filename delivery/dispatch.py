@@ -230,7 +230,7 @@ async def _send_batch(ws: Workspace, job: Job, channel: Channel, batch: Sequence
     for attempt in range(1, MAX_ATTEMPTS + 1):
         results = await (send_paced(channel, pending, limiter) if limiter
                          else _guarded(channel, pending))
-        retry: list[Message] = []
+        retry: list[tuple[Message, SendResult]] = []
         waits: list[float] = []
         for message, result in zip(pending, results, strict=True):
             if result.outcome is Outcome.SENT:
@@ -244,20 +244,17 @@ async def _send_batch(ws: Workspace, job: Job, channel: Channel, batch: Sequence
                     message.recipient, "sending",
                     f"outcome unknown, not resent: {result.detail or 'no detail'} "
                     "(check the provider's logs)", code=result.code, attempts=attempt)
-            elif result.outcome is Outcome.RETRYABLE and not fatal:
+            elif result.outcome is Outcome.RETRYABLE:
                 wait = result.retry_after if result.retry_after is not None \
                     else BACKOFF_SECONDS * 2 ** (attempt - 1)
                 if attempt < MAX_ATTEMPTS and wait <= MAX_WAIT_IN_RUN:
-                    retry.append(message)
+                    retry.append((message, result))
                     waits.append(wait)
                 else:
                     later.append((message, result, attempt, wait))
             else:
                 kind, status = result.outcome.value, "failed"
-                if result.outcome is Outcome.RETRYABLE:
-                    kind = f"retryable, not retried: the channel stopped after {attempt} " \
-                           "attempts"
-                elif result.outcome is Outcome.FATAL:
+                if result.outcome is Outcome.FATAL:
                     status = "queued"  # the provider refused it: it did not go out
                 done[message.recipient] = ledger.Outcome(
                     message.recipient, status, f"{kind}: {result.detail or 'no detail'}",
@@ -268,10 +265,19 @@ async def _send_batch(ws: Workspace, job: Job, channel: Channel, batch: Sequence
                     suppress.append((message.address, channel.name,
                                      f"provider: {result.code or ''} {result.detail or ''}"
                                      .strip()))
+        if fatal:
+            # the channel stopped: a retryable answer means the provider did not take the
+            # message, so it stays queued for the rerun, and nothing is sent again now
+            for message, result in retry:
+                done[message.recipient] = ledger.Outcome(
+                    message.recipient, "queued",
+                    f"not retried, the channel stopped: {result.detail or 'no detail'}",
+                    code=result.code, attempts=attempt)
+            retry = []
         if not retry:
             break
         await asyncio.sleep(max(waits))
-        pending = retry
+        pending = [message for message, _ in retry]
     if later:
         for outcome in await asyncio.to_thread(_defer, ws, job, later):
             done[outcome.recipient] = outcome

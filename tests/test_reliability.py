@@ -850,6 +850,33 @@ def test_http_provider_faults(fault, make_workspace, hook, catalogue) -> None:
               lost=lost, duplicated=duplicated)
 
 
+def test_a_retryable_answer_beside_a_fatal_one_stays_queued_for_the_rerun(
+        make_workspace, hook, catalogue) -> None:
+    """Recipient 1 meets a 503 (retryable) in the batch where recipient 2 meets a 401
+    (fatal, the channel stops): 1 was recorded `failed` and never sent, not even by the
+    rerun, and a retry could go out after the channel had stopped. Now 1 stays queued,
+    nothing is sent after the stop, and the rerun sends everyone once."""
+    ws = hook_ws(make_workspace, hook)
+    every = [str(i) for i in range(1, 21)]
+    hook.script("1", ("status", 503))
+    hook.script("2", ("status", 401))
+    with pytest.raises(Exception, match="stopped"):
+        engine.run_local(ws, "promo", run_key="mixed")
+    ledger = _ledger(ws, "mixed")
+    assert ledger["1"][0] == "queued" and "not retried, the channel stopped" in \
+        str(ledger["1"][1]), ledger["1"]
+    assert ledger["2"][0] == "queued"
+    assert Counter(str(r.json()["recipient"]) for r in hook.requests)["1"] == 1
+    summary = engine.run_local(ws, "promo", run_key="mixed")
+    lost, duplicated = _account(_ledger(ws, "mixed"), Counter(hook.kept()), every)
+    assert lost == 0 and duplicated == 0 and Counter(hook.kept())["1"] == 1
+    assert summary["status"] == "completed"
+    catalogue("fault", "a retryable answer (503) in the batch where another message's "
+              "answer stopped the channel (401)", "the retryable one stays `queued`, not "
+              "retried after the stop; the rerun sends it and the rest once",
+              messages=20, lost=lost, duplicated=duplicated)
+
+
 def test_http_malformed_answer_fails_that_message_only(make_workspace, hook, catalogue
                                                        ) -> None:
     """A load balancer answers some requests with a bad status line: those messages
