@@ -2,15 +2,16 @@
 
 Answers are classified per message: accepted → sent (with the server's queue id when it
 gives one); a refused recipient or message with a 5xx → permanent (hard bounces such as
-550/551/553 also go to the suppression list); 450/451 (greylisting and other "try later"
-answers) → retryable after GREYLIST_WAIT, which defers the recipient to a later run;
-another 4xx → retryable; a connection dropped or timed out before the message's data
-was handed over, or closed by the server without its answer (it abandoned the
-transaction) → retryable, and the next message reconnects; a timeout once the data was
-sent (a relay scanning content past the client's timeout) → outcome unknown: the server
-is still at it and may queue it, so it is never resent (the ledger row stays
-``sending``); bad credentials, a refused sender or a server that cannot be reached
-→ fatal for the channel.
+550/551/553 about the mailbox, 5.1.x or 5.2.x or no enhanced code, also go to the
+suppression list; a 5.7.x policy answer such as a blocklisted sending host does not);
+450/451 (greylisting and other "try later" answers) → retryable after GREYLIST_WAIT,
+which defers the recipient to a later run; another 4xx → retryable; a connection
+dropped or timed out before the message's data was handed over, or closed by the server
+without its answer (it abandoned the transaction) → retryable, and the next message
+reconnects; a timeout once the data was sent (a relay scanning content past the
+client's timeout) → outcome unknown: the server is still at it and may queue it, so it
+is never resent (the ledger row stays ``sending``); bad credentials, a refused sender
+or a server that cannot be reached → fatal for the channel.
 """
 
 from __future__ import annotations
@@ -183,4 +184,19 @@ def _classify(code: int, text: str, recipient: bool) -> SendResult:
     if 400 <= code < 500:
         return SendResult.retryable(str(code), detail)
     return SendResult.permanent(str(code), detail,
-                                suppress=recipient and code in HARD_BOUNCES)
+                                suppress=recipient and code in HARD_BOUNCES
+                                and _about_the_mailbox(text))
+
+
+# RFC 3463's enhanced status code at the start of the text: class.subject.detail
+_ENHANCED = re.compile(r"^\s*[245]\.(\d{1,3})\.\d{1,3}\b")
+
+
+def _about_the_mailbox(text: str) -> bool:
+    """Whether a hard bounce is about the recipient's address or mailbox (X.1.x: no
+    such user, bad address; X.2.x: mailbox disabled), or says nothing finer. A policy
+    answer (X.7.x: the sending host is on a blocklist, relaying denied) or a system or
+    network one is about the sender's side: suppressing would drop the address for
+    good, for every recipient such a server refuses."""
+    found = _ENHANCED.match(text)
+    return found is None or found.group(1) in ("1", "2")

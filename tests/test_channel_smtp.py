@@ -104,14 +104,24 @@ def test_refusals_are_classified_per_recipient(smtp_server, tmp_path) -> None:
     handler, port = smtp_server
     handler.refuse = {"user1@example.com": "550 5.1.1 no such user",
                       "user2@example.com": "450 4.2.1 mailbox busy",
-                      "user3@example.com": "554 5.7.1 rejected"}
-    results = send(channel(port, tmp_path), [message(i) for i in range(5)])
+                      "user3@example.com": "554 5.7.1 rejected",
+                      # a policy answer about the sender (its host on a blocklist): the
+                      # recipient's address is fine, so it is not suppressed
+                      "user4@example.com": "550 5.7.1 Client host [127.0.0.1] blocked "
+                                           "using zen.spamhaus.org",
+                      "user5@example.com": "550 5.2.1 mailbox disabled",
+                      "user6@example.com": "550 Requested action not taken: mailbox "
+                                           "unavailable"}
+    results = send(channel(port, tmp_path), [message(i) for i in range(8)])
     assert [r.outcome for r in results] == [Outcome.SENT, Outcome.PERMANENT,
                                             Outcome.RETRYABLE, Outcome.PERMANENT,
-                                            Outcome.SENT]
+                                            Outcome.PERMANENT, Outcome.PERMANENT,
+                                            Outcome.PERMANENT, Outcome.SENT]
     assert (results[1].code, results[1].suppress) == ("550", True)
     assert results[1].detail == "550 5.1.1 no such user"
     assert (results[3].code, results[3].suppress) == ("554", False)
+    assert (results[4].code, results[4].suppress) == ("550", False)
+    assert [r.suppress for r in results[5:7]] == [True, True]
     assert len(handler.received) == 2
 
 
