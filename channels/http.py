@@ -63,7 +63,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             # httpx decodes Content-Encoding itself: the body is handed over as it came
             self._session = aiohttp.ClientSession(
                 connector=connector, auto_decompress=False,
-                timeout=aiohttp.ClientTimeout(total=self.seconds))
+                # connecting has its own limit, a little inside the request's, so a
+                # request that never left is told from one whose answer was lost
+                timeout=aiohttp.ClientTimeout(total=self.seconds,
+                                              connect=self.seconds * 0.9))
         return self._session
 
     async def send(self, method: str, url: str, headers: Any, content: bytes | None,
@@ -73,6 +76,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             async with self.session().request(method, url, headers=headers, data=content,
                                               allow_redirects=False) as answer:
                 body = await answer.read()
+        except aiohttp.ConnectionTimeoutError:  # no connection: nothing was sent
+            raise httpx.ConnectTimeout(f"no connection within {self.seconds:g} s",
+                                       request=request) from None
         except TimeoutError:  # aiohttp's total timeout: the request's deadline
             raise httpx.ReadTimeout(f"no complete answer within {self.seconds:g} s",
                                     request=request) from None
@@ -188,6 +194,13 @@ class HttpChannel(Channel):
     def concurrency(self) -> int:
         return self.http.concurrency
 
+    def resends_safely(self) -> bool:
+        """Whether a request whose answer was lost may be sent again: only to an API that
+        drops a repeat by its idempotency key (the webhook's and the generic gateway's
+        ``Idempotency-Key``). Twilio's, Aliyun's and WeChat's take none, and a message
+        whose request timed out or was cut off after it was sent may have gone out."""
+        return False
+
     @abstractmethod
     async def request(self, message: Message) -> SendResult:
         """Send one message as the provider's request and classify its answer; transport
@@ -196,17 +209,27 @@ class HttpChannel(Channel):
     async def send_one(self, message: Message) -> SendResult:
         try:
             return await self.request(message)
+        except (httpx.ConnectTimeout, httpx.ConnectError) as exc:  # nothing was sent
+            return SendResult.retryable("connection", "could not connect: "
+                                        f"{type(exc).__name__}")
         except httpx.TimeoutException:
-            return SendResult.retryable("timeout", "no complete answer within "
-                                        f"{self.http.timeout:g} s")
+            detail = f"no complete answer within {self.http.timeout:g} s"
+            if self.resends_safely():
+                return SendResult.retryable("timeout", detail)
+            return SendResult.unknown("timeout", f"{detail}: {self._maybe_sent}")
         except (httpx.UnsupportedProtocol, httpx.InvalidURL):
             return SendResult.permanent("bad_url", "not an http(s) URL")
         except MalformedAnswer as exc:
             return SendResult.permanent("unexpected_answer", f"{exc}; outcome unknown, "
                                         "not retried")
         except httpx.TransportError as exc:
-            return SendResult.retryable("connection", "connection failed: "
-                                        f"{type(exc).__name__}")
+            detail = f"connection lost before the answer: {type(exc).__name__}"
+            if self.resends_safely():
+                return SendResult.retryable("connection", detail)
+            return SendResult.unknown("connection", f"{detail}: {self._maybe_sent}")
+
+    _maybe_sent = ("the provider may have taken the message (its API takes no idempotency "
+                   "key), so it is not resent")
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -125,6 +125,10 @@ class SmsChannel(HttpChannel):
     kinds = frozenset({"sms"})
     Settings = SmsSettings
     batch_size = 100
+
+    def resends_safely(self) -> bool:
+        return self.options.provider == "generic"  # its Idempotency-Key; Twilio's and
+        # Aliyun's APIs take none
     max_body = 1000
 
     def __init__(self, name: str, settings: ChannelSettings, context: ChannelContext) -> None:
@@ -163,6 +167,10 @@ class SmsChannel(HttpChannel):
             return SendResult.permanent(str(code), detail, suppress=True)
         if code in TWILIO_FATAL or response.status_code in (401, 403):
             return SendResult.fatal(str(code or response.status_code), detail)
+        if response.status_code == 500:  # Twilio 20500: the message may have been
+            # processed, and a retry could send it twice (Twilio's error reference)
+            return SendResult.unknown(str(code or 500), f"{detail}: Twilio may have taken "
+                                      "it (an internal error), so it is not resent")
         if code in TWILIO_RETRY or response.status_code == 429 or response.status_code >= 500:
             return SendResult.retryable(str(code or response.status_code), detail,
                                         retry_after(response.headers.get("Retry-After")),

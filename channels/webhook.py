@@ -98,6 +98,9 @@ class WebhookChannel(HttpChannel):
     kinds = frozenset({"webhook"})
     Settings = WebhookSettings
     batch_size = 200
+
+    def resends_safely(self) -> bool:
+        return True  # the receiver drops a repeat by its Idempotency-Key
     max_body = 1_000_000  # characters of a JSON body
 
     def __init__(self, name: str, settings: ChannelSettings, context: ChannelContext) -> None:
