@@ -32,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
+import httpx
 from pydantic import SecretStr
 from sqlalchemy import Engine, select
 
@@ -184,14 +185,22 @@ class WechatChannel(HttpChannel):
             log.warning("WeChat channel %s: a fresh access token was refused too; asking "
                         "stable_token for a new one in force-refresh mode (this revokes "
                         "the token of every service on AppID %s)", self.name, key[1])
-        response = await self.client().post(
-            f"{self.options.base_url}/cgi-bin/stable_token",
-            json={"grant_type": "client_credential", "appid": self.options.appid,
-                  "secret": self.options.secret.get_secret_value(), "force_refresh": force})
+        try:
+            response = await self.client().post(
+                f"{self.options.base_url}/cgi-bin/stable_token",
+                json={"grant_type": "client_credential", "appid": self.options.appid,
+                      "secret": self.options.secret.get_secret_value(),
+                      "force_refresh": force})
+        except httpx.HTTPError as exc:  # no token yet, and no message sent
+            raise TokenUnavailable(f"{type(exc).__name__} {exc}".strip()) from None
         body = json_body(response)
         if not body.get("access_token"):
-            raise TokenRefused(int(body.get("errcode") or response.status_code),
-                               str(body.get("errmsg") or response.reason_phrase))
+            code = int(body.get("errcode") or response.status_code)
+            said = str(body.get("errmsg") or response.reason_phrase)
+            if code == -1 or response.status_code == 429 or response.status_code >= 500:
+                # WeChat busy (-1), a gateway's 502: try again, the credentials are fine
+                raise TokenUnavailable(f"{code} {said}")
+            raise TokenRefused(code, said)
         token = str(body["access_token"])
         # WeChat's servers decide when it expires: the real clock, not Herald's
         expires = datetime.now(UTC) + timedelta(seconds=int(body.get("expires_in", 7200)))
@@ -205,6 +214,8 @@ class WechatChannel(HttpChannel):
         except TokenRefused as exc:
             return SendResult.fatal(str(exc.code), f"access token refused: {exc.code} "
                                     f"{exc.message}")
+        except TokenUnavailable as exc:
+            return SendResult.retryable("token", f"no access token for now: {exc}")
 
     async def _send(self, message: Message) -> SendResult:
         try:
@@ -316,6 +327,10 @@ def _reserve_force(store: Engine, key: tuple[str, str]) -> tuple[str, bool] | No
             conn.execute(token_forces.update().where(token_forces.c.account == account)
                          .values(day=day, count=count + 1, last_at=at))
     return None
+
+
+class TokenUnavailable(Exception):
+    """The token endpoint did not answer, or was busy: nothing wrong with the account."""
 
 
 class TokenRefused(Exception):

@@ -242,3 +242,20 @@ def test_field_limits() -> None:
     assert check_fields({"first": "x" * 200}, "template") == []
     assert check_fields({"first": "x" * 201}, "template") == [
         "first: 201 characters (template fields: 200 at most)"]
+
+
+@pytest.mark.parametrize("busy", [
+    ("json", 200, {"errcode": -1, "errmsg": "system error"}),
+    ("status", 502),
+    ("timeout", 2.0)], ids=["errcode -1", "gateway 502", "no answer"])
+def test_a_busy_token_endpoint_is_tried_again_not_a_stopped_channel(
+        busy, make_workspace, wechat, monkeypatch) -> None:
+    """WeChat's -1 ('system busy, retry'), a gateway's 502 or no answer from
+    stable_token said nothing about the credentials, yet stopped the channel and failed
+    the run: the message is tried again and sent."""
+    ws = wechat_ws(make_workspace, wechat, "subscribe", monkeypatch, rows=1,
+                   extra=", timeout: 1")
+    wechat.script("token", busy, ("json", 200, {"access_token": "T1", "expires_in": 7200}))
+    engine.run_local(ws, "promo", run_key="busy")
+    assert ledger(ws)["1"][0] == "sent"
+    assert [token_of(r) for r in wechat.requests if key(r) == openid(1)] == ["T1"]
