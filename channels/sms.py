@@ -97,7 +97,18 @@ ALIYUN_PERMANENT = {"isv.MOBILE_NUMBER_ILLEGAL", "isv.MOBILE_COUNT_OVER_LIMIT",
                     "isv.INVALID_JSON_PARAM", "isv.TEMPLATE_MISSING_PARAMETERS"}
 ALIYUN_THROTTLE = {"isv.BUSINESS_LIMIT_CONTROL", "Throttling.User", "isp.SYSTEM_ERROR",
                    "isv.DAY_LIMIT_CONTROL", "ServiceUnavailable"}
-ALIYUN_THROTTLE_RATE = {"isv.BUSINESS_LIMIT_CONTROL", "Throttling.User"}  # slow down
+ALIYUN_THROTTLE_RATE = {"Throttling.User"}  # the account's rate: slow down
+TWILIO_QUEUE_FULL_WAIT = 600.0  # 21611: seconds before a recipient is tried again
+
+
+def _number_limit_wait(said: str) -> float:
+    """Seconds until Aliyun's per-number allowance named in its message renews: 天级
+    (a day's), 小时级 (an hour's), else a minute's."""
+    if "天级" in said or "day" in said.lower():
+        return 86_400.0
+    if "小时级" in said or "hour" in said.lower():
+        return 3_600.0
+    return 60.0
 ALIYUN_FATAL = {"InvalidAccessKeyId.NotFound", "SignatureDoesNotMatch",
                 "isv.ACCOUNT_NOT_EXISTS", "isv.ACCOUNT_ABNORMAL", "isv.AMOUNT_NOT_ENOUGH",
                 "isv.SMS_TEMPLATE_ILLEGAL", "isv.SMS_SIGNATURE_ILLEGAL",
@@ -171,6 +182,10 @@ class SmsChannel(HttpChannel):
             # processed, and a retry could send it twice (Twilio's error reference)
             return SendResult.unknown(str(code or 500), f"{detail}: Twilio may have taken "
                                       "it (an internal error), so it is not resent")
+        if code == 21611:  # the sender's queue is full (over 10 hours of messages):
+            # Twilio's remedy is to slow down and send later, nothing about the recipient
+            return SendResult.retryable(str(code), detail, TWILIO_QUEUE_FULL_WAIT,
+                                        throttled=True)
         if code in TWILIO_RETRY or response.status_code == 429 or response.status_code >= 500:
             return SendResult.retryable(str(code or response.status_code), detail,
                                         retry_after(response.headers.get("Retry-After")),
@@ -214,6 +229,12 @@ class SmsChannel(HttpChannel):
                                    segments=None)
         if code in ALIYUN_FATAL or response.status_code in (401, 403):
             return SendResult.fatal(code, detail)
+        if code == "isv.BUSINESS_LIMIT_CONTROL":
+            # Aliyun's flow control per number (the same signature and template to one
+            # number: a minute's, an hour's or a day's allowance used up): that recipient
+            # waits until it renews; the account's rate is not the cause
+            return SendResult.retryable(code, detail, _number_limit_wait(
+                str(body.get("Message") or "")))
         if code in ALIYUN_THROTTLE or response.status_code == 429 \
                 or response.status_code >= 500:
             # Aliyun documents no Retry-After; its per-number flow control counts by the

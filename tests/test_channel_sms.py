@@ -89,6 +89,10 @@ def test_twilio_answers(make_workspace, twilio) -> None:
     twilio.script(number(7), ("reset",))
     twilio.script(number(9), ("json", 500, {"code": 20500, "message": "Internal Server "
                                             "Error", "status": 500}))
+    # the sender's queue is full: Twilio says send later, nothing about the recipient
+    twilio.script(number(11), ("json", 400, {"code": 21611, "message": "This 'From' number "
+                                             "has exceeded the maximum number of queued "
+                                             "messages", "status": 400}))
     summary = engine.run_local(ws, "promo", run_key="tw")
     rows = ledger(ws)
     assert rows["1"][:2] == ("failed", "21211") and "Invalid 'To'" in rows["1"][4]
@@ -108,6 +112,7 @@ def test_twilio_answers(make_workspace, twilio) -> None:
     assert rows["7"][0] == rows["9"][0] == "sending", (rows["7"], rows["9"])
     assert all(len([r for r in twilio.requests if form(r)["To"] == number(i)]) == 1
                for i in (7, 9))
+    assert rows["11"][:2] == ("deferred", "21611"), rows["11"]
     requests = [r for r in twilio.requests if form(r)["To"] == number(8)]
     assert len(requests) == 1
     sent = form(requests[0])
@@ -186,6 +191,11 @@ def test_aliyun_signed_requests_and_codes(make_workspace, aliyun, monkeypatch) -
     aliyun.script("14155550002", ("json", 200, {"Code": "Throttling.User",
                                                 "Message": "Request was denied due to user "
                                                 "flow control."}))
+    # the per-number allowances (Aliyun's error table: this number's minute, hour or day)
+    for i, level in ((3, "触发分钟级流控Permits:1"), (4, "触发小时级流控Permits:5"),
+                     (6, "触发天级流控Permits:10")):
+        aliyun.script(f"141555500{i:02d}", ("json", 200, {"Code": "isv.BUSINESS_LIMIT_CONTROL",
+                                                          "Message": level}))
     summary = engine.run_local(ws, "promo", run_key="ali")
     rows = ledger(ws)
     assert rows["1"][:2] == ("failed", "isv.MOBILE_NUMBER_ILLEGAL")
@@ -198,8 +208,19 @@ def test_aliyun_signed_requests_and_codes(make_workspace, aliyun, monkeypatch) -
                 if form(r)["PhoneNumbers"] == "14155550008")
     assert json.loads(sent["TemplateParam"]) == {"name": "User 8", "score": "8"}
     assert rows["2"][0] == "sent"  # flow control: retried, then sent
-    # 12 people, 2 without a phone (5 and 10), 1 refused number
-    assert summary["deliveries"]["sent"] == 9 and summary["deliveries"]["failed"] == 1
+    # a number over its own allowance waits until it renews (a later run of the run key),
+    # without slowing the account: a minute, an hour, a day
+    waits = {}
+    with ws.store.connect() as conn:
+        for key, made, until in conn.exec_driver_sql(
+                "SELECT recipient, updated_at, not_before FROM herald_deliveries "
+                "WHERE status = 'deferred'"):
+            waits[key] = (datetime.fromisoformat(str(until))
+                          - datetime.fromisoformat(str(made))).total_seconds()
+    assert set(waits) == {"3", "4", "6"}, rows
+    assert 55 < waits["3"] < 400 and 3500 < waits["4"] < 3700 and 86_300 < waits["6"], waits
+    # 12 people, 2 without a phone (5 and 10), 1 refused number, 3 deferred
+    assert summary["deliveries"]["sent"] == 6 and summary["deliveries"]["failed"] == 1
 
 
 def test_aliyun_balance_exhausted_is_fatal(make_workspace, aliyun) -> None:
