@@ -218,7 +218,7 @@ def test_aliyun_signed_requests_and_codes(make_workspace, aliyun, monkeypatch) -
             waits[key] = (datetime.fromisoformat(str(until))
                           - datetime.fromisoformat(str(made))).total_seconds()
     assert set(waits) == {"3", "4", "6"}, rows
-    assert 55 < waits["3"] < 400 and 3500 < waits["4"] < 3700 and 86_300 < waits["6"], waits
+    assert 55 < waits["3"] < 400 and 3500 < waits["4"] < 3700 and waits["6"] > 86_300, waits
     # 12 people, 2 without a phone (5 and 10), 1 refused number, 3 deferred
     assert summary["deliveries"]["sent"] == 6 and summary["deliveries"]["failed"] == 1
 
