@@ -248,14 +248,18 @@ def stopped_channels(engine: Engine, run_id: str) -> dict[str, tuple[str, int]]:
 def failures(engine: Engine, run_id: str | None, limit: int = 20,
              key: tuple[str, str] | None = None) -> list[Any]:
     """The most common reasons recipients of a run (or of a (flow, run key)) were not
-    sent, with their counts."""
+    sent, with their counts: those who will not be (failed, capped, ...) and those still
+    waiting (deferred, queued after a stopped channel, sending with the outcome unknown)."""
     where = (deliveries.c.run_id == run_id) if key is None else (
         (deliveries.c.flow == key[0]) & (deliveries.c.run_key == key[1]))
     query = select(deliveries.c.channel, deliveries.c.status, deliveries.c.reason,
                    func.count().label("n")).where(
         where,
         deliveries.c.status.in_(("failed", "render_error", "capped", "suppressed",
-                                 "no_address"))).group_by(
+                                 "no_address"))
+        # waiting rows with a reason: a row queued before its first send has none
+        | (deliveries.c.status.in_(("deferred", "queued", "sending"))
+           & deliveries.c.reason.is_not(None))).group_by(
         deliveries.c.channel, deliveries.c.status, deliveries.c.reason).order_by(
         func.count().desc()).limit(limit)
     with engine.connect() as conn:

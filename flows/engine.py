@@ -96,7 +96,10 @@ def nothing_to_do(ws: Workspace, flow: str, run_key: str) -> dict[str, Any] | No
             "status": "nothing_to_do", "sent_by": done[-1].id, "package": None,
             **counts.to_dict(),
             "message": f"already sent under run key {run_key}: {sent:,} sent, {failed:,} "
-                       "failed; nothing to do"}
+                       "failed" + (f", {unknown:,} with the outcome unknown (`sending`: check "
+                                   "the provider's logs; never resent)"
+                                   if (unknown := counts.deliveries.get("sending", 0))
+                                   else "") + "; nothing to do"}
 
 
 def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Param] | None = None,

@@ -94,6 +94,8 @@ def key_report(ws: Workspace, flow: str, run_key: str, dry_runs: bool = False
                          "count": int(r.n)}
                         for r in ledger_reads.failures(ws.store, None, key=(flow, run_key))],
             "failure_reasons": failure_reasons(ws, flow, run_key),
+            "deferred_until": (when.isoformat() if (when := ledger_reads.deferred_until(
+                ws.store, flow, run_key)) else None),
             "runs": [run_row(ws, r) for r in shown]}
 
 

@@ -18,6 +18,7 @@ import threading
 import time
 from collections import Counter
 from contextlib import closing
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -1307,6 +1308,11 @@ def test_smtp_timeout_after_data_is_an_unknown_outcome(make_workspace, catalogue
         assert "outcome unknown, not resent" in str(ledger[r][1])
     assert first["deliveries"]["sending"] == 3 and first["deliveries"]["sent"] == 15
     assert again["deliveries"]["sent"] == 0
+    # a rerun after the run completed says the three are unknown, not only "nothing to do"
+    from herald.flows.engine import nothing_to_do
+
+    said = nothing_to_do(ws, "promo", "slow")
+    assert said is not None and "3 with the outcome unknown (`sending`" in said["message"]
     every = [str(i) for i in range(1, 21)]
     lost, duplicated = _account(ledger, delivered, every)
     assert lost == 0 and duplicated == 0 and max(delivered.values()) == 1
@@ -1911,3 +1917,20 @@ def test_render_errors_of_a_run_key_resent_after_the_fix(make_workspace, prefect
               "`herald run --run-key K --resend-render-errors` sent the 9 who had "
               "render_error, once each, and nobody else", messages=40, lost=lost,
               duplicated=duplicated)
+
+
+def test_the_report_says_why_rows_wait_and_until_when(make_workspace, hook) -> None:
+    """`herald report` listed reasons only for rows that will never be sent: a deferred
+    row's provider answer and its time, a row queued by a stopped channel and one left
+    `sending` (outcome unknown) were counted without a word."""
+    from herald.reporting.runs import key_report
+
+    ws = hook_ws(make_workspace, hook)
+    hook.script("3", *[("status", 503)] * 3)
+    engine.run_local(ws, "promo", run_key="waits")
+    report = key_report(ws, "promo", "waits")
+    waiting = [r for r in report["reasons"] if r["status"] == "deferred"]
+    assert len(waiting) == 1 and waiting[0]["count"] == 1 and "HTTP 503" in waiting[0]["reason"]
+    until = datetime.fromisoformat(report["deferred_until"])
+    assert f"deferred to {until:%Y-%m-%d %H:%M:%S} UTC" in waiting[0]["reason"]
+    assert until > engine.clock.now() + timedelta(seconds=50)
