@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from abc import ABC
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ from sqlalchemy import Engine
 from herald.core.channel_settings import KINDS, ChannelSettings, Rate, channel_kind, parse_rate
 
 log = logging.getLogger("herald.channels")
+# a throttling answer asking for this many seconds or more pauses the channel: every
+# request meanwhile would only be refused (and count against the account)
+PAUSE_AFTER = 30.0
 
 __all__ = ["KINDS", "Channel", "ChannelContext", "ChannelSettings", "Message", "Outcome",
            "Rate", "SendResult", "parse_rate"]
@@ -144,6 +148,10 @@ class Channel(ABC):
         self.name = name
         self.settings = settings
         self.context = context
+        # a throttling answer that asked for a long wait (429 with Retry-After: 120):
+        # until then this channel sends nothing, its messages deferred without a request
+        self._paused_until = 0.0
+        self._paused_by: SendResult | None = None
 
     @property
     def kind(self) -> str:
@@ -180,6 +188,12 @@ class Channel(ABC):
                     results[i] = SendResult.fatal(fatal[0].code, "not sent: the channel "
                                                   f"stopped: {fatal[0].detail}")
                     continue
+                paused = self._paused_until - time.monotonic()
+                if paused > 0 and self._paused_by is not None:
+                    results[i] = SendResult.retryable(
+                        self._paused_by.code, "not sent: the provider asked the channel "
+                        f"to wait ({self._paused_by.detail})", retry_after=paused)
+                    continue
                 try:
                     result = await self.send_one(messages[i])
                 except Exception as exc:  # noqa: BLE001 - one message's failure, not the batch's
@@ -189,6 +203,10 @@ class Channel(ABC):
                                                   "not retried")
                 if result.outcome is Outcome.FATAL:
                     fatal.append(result)
+                elif result.throttled and (result.retry_after or 0) >= PAUSE_AFTER:
+                    self._paused_until = max(self._paused_until,
+                                             time.monotonic() + (result.retry_after or 0))
+                    self._paused_by = result
                 results[i] = result
 
         workers = min(self.concurrency(), len(messages))

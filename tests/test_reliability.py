@@ -1934,3 +1934,37 @@ def test_the_report_says_why_rows_wait_and_until_when(make_workspace, hook) -> N
     until = datetime.fromisoformat(report["deferred_until"])
     assert f"deferred to {until:%Y-%m-%d %H:%M:%S} UTC" in waiting[0]["reason"]
     assert until > engine.clock.now() + timedelta(seconds=50)
+
+
+def test_a_long_retry_after_pauses_the_channel_instead_of_asking_again(make_workspace,
+                                                                       hook) -> None:
+    """A 429 asking for 120 s held back only the message it answered: every other
+    message was still requested (and refused) at once. Now the channel sends nothing
+    until then: the rest are deferred past that time without a request, and the rerun
+    after it sends everyone once."""
+    ws = make_workspace(_hook_files(hook), rows=20)
+    every = [str(i) for i in range(1, 21)]
+    hook.script("3", ("status", 429, {"Retry-After": "120"}))
+    for r in every[3:]:
+        hook.script(r, ("status", 429, {"Retry-After": "120"}))  # what the rest would get
+    summary = engine.run_local(ws, "promo", run_key="pause")
+    ledger = _ledger(ws, "pause")
+    asked = Counter(str(r.json()["recipient"]) for r in hook.requests)
+    assert asked["3"] == 1 and sum(asked[r] for r in every[3:]) == 0, asked
+    assert summary["deliveries"]["sent"] == 2  # 1 and 2, before the 429
+    held = [r for r in every[2:] if ledger[r][0] != "no_address"]
+    assert all(ledger[r][0] == "deferred" for r in held), ledger
+    assert "the provider asked the channel to wait" in str(ledger["4"][1])
+
+
+def _hook_files(peer: Peer) -> dict[str, str]:
+    """hook_ws's files with one request at a time (the order of the answers is the
+    order of the recipients)."""
+    return {
+        "config/herald.yaml": (
+            "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
+            f"  hook: {{type: webhook, url: \"{peer.url}/send\", address: email, "
+            "timeout: 1, concurrency: 1}\nchunk_size: 40\n"),
+        FLOW: PROMO_YAML.replace("gold: {channels: [email, sms]}", "gold: {channels: [hook]}")
+        .replace("default: {channels: [sms, email]}", "default: {channels: [hook]}"),
+        "templates/promo/default.webhook.txt.j2": "Hello {{ name }}"}
