@@ -399,15 +399,21 @@ def test_a_recipient_the_provider_refuses_fails_and_moves_on(make_workspace, pee
 def test_a_provider_that_says_later_keeps_the_recipient_at_the_step_until_then(
         make_workspace, peer, store_url):
     """A throttled answer whose wait outlasts the tick's retries (429, Retry-After: 120)
-    defers the message: the recipient waits at the send step until the back-off ends
-    and a tick then sends it once; nobody moves on without their message."""
+    defers the message and pauses the channel in that chunk (what it would send meanwhile
+    is deferred without a request): the recipients wait at the send step until the
+    back-off ends and a tick then sends each once; nobody moves on without their
+    message."""
     ws = hooked_workspace(make_workspace, peer, store_url)
     peer.script("5", ("status", 429, {"Retry-After": "120"}))
     with clock.using(clock.Clock(JOURNEY_START, frozen=True)):
         first = journey_tick(ws, "hooked")
-    assert first["steps"] == {"hello": {"sent": 17, "no_address": 2, "deferred_waiting": 1}}
+    # chunk 1 (ids 1-10, 7 without an address): 1-4 sent, 5 throttled, 6, 8, 9 and 10
+    # held by the pause; chunk 2 (11-20, 14 without an address) all sent
+    assert first["steps"] == {"hello": {"sent": 13, "no_address": 2, "deferred_waiting": 5}}
     status, reason = _hooked(ws)["5"]
     assert status == "deferred" and "after 1 attempts" in str(reason)
+    assert "asked the channel to wait" in str(_hooked(ws)["6"][1])
+    assert all(peer.delivered().get(r) is None for r in ("5", "6", "8", "9", "10"))
     row = enrollment_rows(ws, "hooked")["5"]
     assert (row.step, row.status, row.seq) == ("hello", "waiting", 0)
     assert row.due_at.replace(tzinfo=None) == (
@@ -417,8 +423,9 @@ def test_a_provider_that_says_later_keeps_the_recipient_at_the_step_until_then(
     assert early["steps"] == {} and peer.delivered().get("5") is None
     with clock.using(clock.Clock(JOURNEY_START + timedelta(minutes=3), frozen=True)):
         due = journey_tick(ws, "hooked")
-    assert due["steps"] == {"hello": {"sent": 1}}
-    assert _hooked(ws)["5"][0] == "sent" and peer.delivered()["5"] == 1
+    assert due["steps"] == {"hello": {"sent": 5}}
+    assert _hooked(ws)["5"][0] == "sent" and all(
+        peer.delivered()[r] == 1 for r in ("5", "6", "8", "9", "10"))
     assert enrollment_rows(ws, "hooked")["5"].step == "later"
     path = report.show(ws, "hooked", "5")["enrollments"][0]["path"]
     assert [(p["step"], p["outcome"]) for p in path] == [("hello", "sent")]
