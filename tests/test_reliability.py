@@ -809,13 +809,15 @@ def hook(tmp_path: Path) -> Any:
     server.server_close()
 
 
-def hook_ws(make_workspace: Any, peer: Peer, rows: int = 20, store: str | None = None
-            ) -> Any:
+def hook_ws(make_workspace: Any, peer: Peer, rows: int = 20, store: str | None = None,
+            settings: str = "") -> Any:
+    """A promo flow sending through a webhook to ``peer``; ``settings`` are more of the
+    channel's (``, concurrency: 1``: one request at a time, in the recipients' order)."""
     return make_workspace({
         "config/herald.yaml": (
             "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
             f"  hook: {{type: webhook, url: \"{peer.url}/send\", address: email, "
-            "timeout: 1}\nchunk_size: 40\n"),
+            f"timeout: 1{settings}}}\nchunk_size: 40\n"),
         FLOW: PROMO_YAML.replace("gold: {channels: [email, sms]}", "gold: {channels: [hook]}")
         .replace("default: {channels: [sms, email]}", "default: {channels: [hook]}"),
         "templates/promo/default.webhook.txt.j2": "Hello {{ name }}"}, rows=rows, store=store)
@@ -1942,7 +1944,7 @@ def test_a_long_retry_after_pauses_the_channel_instead_of_asking_again(make_work
     message was still requested (and refused) at once. Now the channel sends nothing
     until then: the rest are deferred past that time without a request, and the rerun
     after it sends everyone once."""
-    ws = make_workspace(_hook_files(hook), rows=20)
+    ws = hook_ws(make_workspace, hook, settings=", concurrency: 1")
     every = [str(i) for i in range(1, 21)]
     hook.script("3", ("status", 429, {"Retry-After": "120"}))
     for r in every[3:]:
@@ -1955,16 +1957,3 @@ def test_a_long_retry_after_pauses_the_channel_instead_of_asking_again(make_work
     held = [r for r in every[2:] if ledger[r][0] != "no_address"]
     assert all(ledger[r][0] == "deferred" for r in held), ledger
     assert "the provider asked the channel to wait" in str(ledger["4"][1])
-
-
-def _hook_files(peer: Peer) -> dict[str, str]:
-    """hook_ws's files with one request at a time (the order of the answers is the
-    order of the recipients)."""
-    return {
-        "config/herald.yaml": (
-            "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
-            f"  hook: {{type: webhook, url: \"{peer.url}/send\", address: email, "
-            "timeout: 1, concurrency: 1}\nchunk_size: 40\n"),
-        FLOW: PROMO_YAML.replace("gold: {channels: [email, sms]}", "gold: {channels: [hook]}")
-        .replace("default: {channels: [sms, email]}", "default: {channels: [hook]}"),
-        "templates/promo/default.webhook.txt.j2": "Hello {{ name }}"}
