@@ -15,9 +15,11 @@ mode, at most 20 a day and 30 s apart, counted in the workspace database), and t
 message retried once more.
 
 Answers: 43004 (not following), 43101 (refused), 40003 (invalid openid) and 43019
-(blocked) fail the recipient and suppress the openid; 40037 (template id invalid or
-banned) and 45009 (daily quota) stop the channel without failing the run; 45011 (minute
-quota) and -1 (system busy) are retried, then deferred (see the dispatcher).
+(blocked) fail the recipient and suppress the openid (not 43101 on a subscription
+notification: the user's one-time consent is used up, another may come); 40037
+(template id invalid or banned) and 45009 (daily quota) stop the channel without
+failing the run; 45011 (minute quota) and -1 (system busy) are retried, then deferred
+(see the dispatcher).
 """
 
 from __future__ import annotations
@@ -259,6 +261,11 @@ class WechatChannel(HttpChannel):
         detail = f"WeChat {code}: {errmsg}".strip()
         if code == 0:
             return SendResult.sent(provider_id=str(body.get("msgid") or "") or None)
+        if code == 43101 and self.options.message == "subscribe":
+            # a subscription notification needs the user's one-time consent: none is
+            # left, and the user may give another (a suppression would be for good)
+            return SendResult.permanent(str(code), f"{detail} (no consent the user gave "
+                                        "is left for this notification)")
         if code in SUPPRESS:
             return SendResult.permanent(str(code), f"{detail} ({SUPPRESS[code]})",
                                         suppress=True)
