@@ -44,12 +44,19 @@ def listed_since(conn: Connection, reserved: Iterable[tuple[str, str | None, str
     channel or for this one. A message held back (a rerun after a stop, a journey's
     message after a stopped channel or a provider's back-off) may go out days after its
     reservation, and an unsubscribe meanwhile must still hold."""
+    return {key for key, _ in stopping(conn, reserved, region)}
+
+
+def stopping(conn: Connection, messages: Iterable[tuple[str, str | None, str | None]],
+             region: str | None = None) -> set[tuple[str, str | None]]:
+    """Of (key, channel, address) messages, the (key, channel) pairs the suppression list
+    stops: the key or the address listed for every channel or for this one."""
     forms = {(key, channel): [normalize(v, region) for v in (key, address) if v]
-             for key, channel, address in reserved}
+             for key, channel, address in messages}
     listed = suppressed(conn, [f for found in forms.values() for f in found],
                         normalized=True)
-    return {key for (key, channel), found in forms.items()
-            if any({ALL_CHANNELS, channel} & listed.get(f, set()) for f in found)}
+    return {pair for pair, found in forms.items()
+            if any({ALL_CHANNELS, pair[1]} & listed.get(f, set()) for f in found)}
 
 
 def suppressed(conn: Connection, values: Iterable[str], region: str | None = None,

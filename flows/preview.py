@@ -17,16 +17,14 @@ from typing import Any
 
 from herald.audiences.sql import statement
 from herald.audiences.store import Recipient, jsonable
-from herald.core.db import ALL_CHANNELS
 from herald.core.errors import AudienceError
 from herald.core.spec import DEFAULT_TIER, Param
 from herald.core.workspace import Workspace
-from herald.delivery import variants
+from herald.delivery import suppression, variants
 from herald.delivery.addresses import Addresses
 from herald.delivery.dispatch import Job
 from herald.delivery.policy import SEND, Decision
 from herald.delivery.render import RenderError, templates_for
-from herald.delivery.suppression import normalize, suppressed
 from herald.flows.chunks import build_message
 from herald.flows.engine import default_run_key
 from herald.flows.validate import CheckedFlow, check_flow, did_you_mean
@@ -41,9 +39,16 @@ def render_samples(ws: Workspace, flow_name: str, params: Mapping[str, Param],
     job = Job(flow.name, default_run_key(ws, flow_name), "preview")
     samples = []
     addresses = Addresses(ws)
-    listed = _suppressed(ws, addresses, flow, recipients)
-    for recipient in recipients:
-        row_tier, data = recipient.tier, recipient.data
+    # each sample's channels in the tier's order, with its address for each (or None)
+    options = [[(c, addresses.of(c, r.data)[0]) for c in entry[1].channels]
+               if (entry := flow.tier_for(r.tier)) else [] for r in recipients]
+    messages = [(r.key, channel, address)
+                for r, found in zip(recipients, options, strict=True)
+                for channel, address in found if address]
+    with ws.store.connect() as conn:  # passed over where the suppression list stops them
+        stopped = suppression.stopping(conn, messages, addresses.region)
+    for recipient, found in zip(recipients, options, strict=True):
+        row_tier = recipient.tier
         entry = flow.tier_for(row_tier)
         sample: dict[str, Any] = {"recipient": recipient.key, "tier": row_tier,
                                   "channel": None, "status": "no_address"}
@@ -52,11 +57,8 @@ def render_samples(ws: Workspace, flow_name: str, params: Mapping[str, Param],
             samples.append(sample)
             continue
         passed_over = []
-        for channel in entry[1].channels:
-            address, _ = addresses.of(channel, data)
-            if address and {ALL_CHANNELS, channel} & (
-                    listed.get(normalize(recipient.key, addresses.region), set())
-                    | listed.get(normalize(address, addresses.region), set())):
+        for channel, address in found:
+            if address and (recipient.key, channel) in stopped:
                 passed_over.append(channel)
                 continue
             if address:
@@ -83,21 +85,6 @@ def render_samples(ws: Workspace, flow_name: str, params: Mapping[str, Param],
                 sample["error"] = "no address for any of " + ", ".join(entry[1].channels)
         samples.append(sample)
     return samples
-
-
-def _suppressed(ws: Workspace, addresses: Addresses, flow: Any,
-                recipients: list[Recipient]) -> dict[str, set[str]]:
-    """The suppression list's entries for the samples' keys and addresses."""
-    values = []
-    for recipient in recipients:
-        values.append(recipient.key)
-        entry = flow.tier_for(recipient.tier)
-        for channel in entry[1].channels if entry else []:
-            address, _ = addresses.of(channel, recipient.data)
-            if address:
-                values.append(address)
-    with ws.store.connect() as conn:
-        return suppressed(conn, values, addresses.region)
 
 
 def write_samples(ws: Workspace, flow: str, samples: list[dict[str, Any]], folder: Path
