@@ -3,14 +3,14 @@ caps that count them now, suppression and holdout status. A read: it writes noth
 
 from __future__ import annotations
 
-import json
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, select
 
+from herald.audiences import store
 from herald.core import clock
-from herald.core.db import deliveries, package_rows, packages
+from herald.core.db import deliveries, package_rows
 from herald.core.spec import CapRule
 from herald.core.workspace import Workspace
 from herald.delivery import ledger_reads, suppression
@@ -68,16 +68,14 @@ def _package_addresses(ws: Workspace, conn: Connection, key: str) -> set[str]:
     held back by quiet hours), and the suppression list may name another of them."""
     found: set[str] = set()
     for name in ws.flow_names():
-        latest = conn.execute(select(packages.c.id).where(
-            packages.c.flow == name, packages.c.status == "ready").order_by(
-            packages.c.built_at.desc()).limit(1)).scalar()
-        if latest is None:
+        latest = store.list_packages(ws, name, limit=1)
+        if not latest:
             continue
         data = conn.execute(select(package_rows.c.data).where(
-            package_rows.c.package_id == latest, package_rows.c.key == key)).scalar()
+            package_rows.c.package_id == latest[0].id, package_rows.c.key == key)).scalar()
         if data is None:
             continue
-        row = json.loads(data)
+        row = store.decode_row(data)
         for channel in ws.flow(name).channel_names():
             value = row.get(ws.address_column(channel))
             if value not in (None, ""):
