@@ -149,6 +149,11 @@ class DeadlineTransport(httpx.AsyncBaseTransport):
         await self.inner.aclose()
 
 
+# why a lost answer is not retried where the provider takes no idempotency key
+MAYBE_SENT = ("the provider may have taken the message (its API takes no idempotency key), "
+              "so it is not resent")
+
+
 class HttpChannel(Channel):
     """Base class of the channels that talk HTTP to a provider."""
 
@@ -216,7 +221,7 @@ class HttpChannel(Channel):
             detail = f"no complete answer within {self.http.timeout:g} s"
             if self.resends_safely():
                 return SendResult.retryable("timeout", detail)
-            return SendResult.unknown("timeout", f"{detail}: {self._maybe_sent}")
+            return SendResult.unknown("timeout", f"{detail}: {MAYBE_SENT}")
         except (httpx.UnsupportedProtocol, httpx.InvalidURL):
             return SendResult.permanent("bad_url", "not an http(s) URL")
         except MalformedAnswer as exc:
@@ -226,10 +231,7 @@ class HttpChannel(Channel):
             detail = f"connection lost before the answer: {type(exc).__name__}"
             if self.resends_safely():
                 return SendResult.retryable("connection", detail)
-            return SendResult.unknown("connection", f"{detail}: {self._maybe_sent}")
-
-    _maybe_sent = ("the provider may have taken the message (its API takes no idempotency "
-                   "key), so it is not resent")
+            return SendResult.unknown("connection", f"{detail}: {MAYBE_SENT}")
 
     async def aclose(self) -> None:
         if self._client is not None:

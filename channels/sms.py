@@ -90,15 +90,20 @@ TWILIO_SUPPRESS = {21610}  # the recipient replied STOP
 TWILIO_PERMANENT = {21211, 21214, 21217, 21612, 21614, 21408, 21635, 30003, 30005, 30006}
 TWILIO_FATAL = {20003, 20005, 20404, 21606, 21659, 21660, 30002}  # auth, sender, account
 TWILIO_RETRY = {20429, 30001, 30008}
+TWILIO_QUEUE_FULL_WAIT = 600.0  # 21611: seconds before a recipient is tried again
 
 # Aliyun Dysmsapi SendSms codes.
 ALIYUN_PERMANENT = {"isv.MOBILE_NUMBER_ILLEGAL", "isv.MOBILE_COUNT_OVER_LIMIT",
                     "isv.BLACK_KEY_CONTROL_LIMIT", "isv.PARAM_LENGTH_LIMIT",
                     "isv.INVALID_JSON_PARAM", "isv.TEMPLATE_MISSING_PARAMETERS"}
-ALIYUN_THROTTLE = {"isv.BUSINESS_LIMIT_CONTROL", "Throttling.User", "isp.SYSTEM_ERROR",
-                   "isv.DAY_LIMIT_CONTROL", "ServiceUnavailable"}
+# (isv.BUSINESS_LIMIT_CONTROL, a limit of one number, has a branch of its own)
+ALIYUN_THROTTLE = {"Throttling.User", "isp.SYSTEM_ERROR", "isv.DAY_LIMIT_CONTROL",
+                   "ServiceUnavailable"}
 ALIYUN_THROTTLE_RATE = {"Throttling.User"}  # the account's rate: slow down
-TWILIO_QUEUE_FULL_WAIT = 600.0  # 21611: seconds before a recipient is tried again
+ALIYUN_FATAL = {"InvalidAccessKeyId.NotFound", "SignatureDoesNotMatch",
+                "isv.ACCOUNT_NOT_EXISTS", "isv.ACCOUNT_ABNORMAL", "isv.AMOUNT_NOT_ENOUGH",
+                "isv.SMS_TEMPLATE_ILLEGAL", "isv.SMS_SIGNATURE_ILLEGAL",
+                "isp.RAM_PERMISSION_DENY", "isv.OUT_OF_SERVICE", "Forbidden.RAM"}
 
 
 def _number_limit_wait(said: str) -> float:
@@ -109,10 +114,6 @@ def _number_limit_wait(said: str) -> float:
     if "小时级" in said or "hour" in said.lower():
         return 3_600.0
     return 60.0
-ALIYUN_FATAL = {"InvalidAccessKeyId.NotFound", "SignatureDoesNotMatch",
-                "isv.ACCOUNT_NOT_EXISTS", "isv.ACCOUNT_ABNORMAL", "isv.AMOUNT_NOT_ENOUGH",
-                "isv.SMS_TEMPLATE_ILLEGAL", "isv.SMS_SIGNATURE_ILLEGAL",
-                "isp.RAM_PERMISSION_DENY", "isv.OUT_OF_SERVICE", "Forbidden.RAM"}
 
 
 def percent_encode(value: str) -> str:
@@ -136,16 +137,16 @@ class SmsChannel(HttpChannel):
     kinds = frozenset({"sms"})
     Settings = SmsSettings
     batch_size = 100
-
-    def resends_safely(self) -> bool:
-        return self.options.provider == "generic"  # its Idempotency-Key; Twilio's and
-        # Aliyun's APIs take none
     max_body = 1000
 
     def __init__(self, name: str, settings: ChannelSettings, context: ChannelContext) -> None:
         super().__init__(name, settings, context)
         assert isinstance(settings, SmsSettings)
         self.options = settings
+
+    def resends_safely(self) -> bool:
+        # the generic gateway's Idempotency-Key; Twilio's and Aliyun's APIs take none
+        return self.options.provider == "generic"
 
     async def request(self, message: Message) -> SendResult:
         if self.options.provider == "twilio":

@@ -98,15 +98,15 @@ class WebhookChannel(HttpChannel):
     kinds = frozenset({"webhook"})
     Settings = WebhookSettings
     batch_size = 200
-
-    def resends_safely(self) -> bool:
-        return True  # the receiver drops a repeat by its Idempotency-Key
     max_body = 1_000_000  # characters of a JSON body
 
     def __init__(self, name: str, settings: ChannelSettings, context: ChannelContext) -> None:
         super().__init__(name, settings, context)
         assert isinstance(settings, WebhookSettings)
         self.options = settings
+
+    def resends_safely(self) -> bool:
+        return True  # the receiver drops a repeat by its Idempotency-Key
 
     async def request(self, message: Message) -> SendResult:
         return await self._post(message)
