@@ -202,6 +202,7 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
     table = cast(UUID, create_markdown_artifact(
         key=artifact_key(flow_name, "sending"), markdown=figures.markdown(),
         description=f"Sending {flow_name} {key}: figures as chunks finish"))
+    publisher = _Publisher(progress, table, figures)
     live.notify("begin", figures)
     results: list[chunks.ChunkResult] = []
     try:
@@ -211,16 +212,16 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
                 results.append(result)
                 line = figures.add(job, result)
                 logger.info("%s", line)
-                _publish(progress, table, figures)
+                publisher.chunk_done()
                 live.notify("chunk", figures, line)
             engine.check_stopped(prepared)  # a signal stopped it: fail, saying how to resume
             engine.check_channels(ws, prepared)  # a channel could not work: likewise
     except BaseException as exc:
+        publisher.flush_quietly()
         engine.fail(ws, prepared.run_id, exc)
         _emit_failed(flow_name, key, prepared.run_id, exc)
         raise
-    if not prepared.chunks:
-        _publish(progress, table, figures)
+    publisher.flush()
     live.notify("end", figures)
     summary = engine.finish(ws, prepared, results, started)
     failures = [] if dry_run else runs.failure_reasons(ws, flow_name, key, prepared.run_id)
@@ -248,11 +249,47 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
     return summary
 
 
-def _publish(progress: UUID, table: UUID, figures: live.Progress) -> None:
-    """The progress artifact's percentage and headline, and the figures' table."""
-    update_progress_artifact(progress, figures.percent, description=figures.headline())
-    with get_client(sync_client=True) as client:
-        client.update_artifact(table, ArtifactUpdate(data=figures.markdown()))
+# The progress artifacts are written at most this often while chunks finish (seconds),
+# and always once the last chunk is counted: two API calls per chunk cost the Prefect
+# server about 15 ms of CPU each time, 1.5 s of a 100-chunk run (BENCHMARKS.md).
+PUBLISH_EVERY = 2.0
+
+
+class _Publisher:
+    """Writes a run's figures into its progress and sending artifacts: the first chunk's
+    at once, then at most every PUBLISH_EVERY seconds, and the last figures always (on
+    success through ``flush``; when the run fails, as far as they got)."""
+
+    def __init__(self, progress: UUID, table: UUID, figures: live.Progress) -> None:
+        self.progress, self.table, self.figures = progress, table, figures
+        self.shown = -1  # chunks counted in what the artifacts show (-1: not written yet)
+        self.at = 0.0  # time.monotonic() of the last write
+
+    def chunk_done(self) -> None:
+        figures = self.figures
+        if (self.shown < 0 or figures.done == figures.chunks
+                or time.monotonic() - self.at >= PUBLISH_EVERY):
+            self._write()
+
+    def flush(self) -> None:
+        if self.shown != self.figures.done:
+            self._write()
+
+    def flush_quietly(self) -> None:
+        """``flush`` when the run is failing: a server that cannot take the figures must
+        not hide why the run failed."""
+        try:
+            self.flush()
+        except Exception as exc:
+            get_run_logger().warning("the progress artifacts could not be updated: %s", exc)
+
+    def _write(self) -> None:
+        figures = self.figures
+        update_progress_artifact(self.progress, figures.percent,
+                                 description=figures.headline())
+        with get_client(sync_client=True) as client:
+            client.update_artifact(self.table, ArtifactUpdate(data=figures.markdown()))
+        self.shown, self.at = figures.done, time.monotonic()
 
 
 def _send_all(jobs: list[chunks.ChunkJob], workers: int

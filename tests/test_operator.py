@@ -117,7 +117,8 @@ def _with_schedule(cron: str) -> str:
 
 # -- live progress ------------------------------------------------------------------------
 @pytest.mark.prefect
-def test_progress_lines_and_artifacts_mid_run(make_workspace, prefect_harness) -> None:
+def test_progress_lines_and_artifacts_mid_run(make_workspace, prefect_harness,
+                                              monkeypatch) -> None:
     """Chunk by chunk, the CLI's lines and the Prefect artifacts carry the same figures;
     the artifacts are read back from the Prefect API while the run is still sending."""
     import io
@@ -129,6 +130,7 @@ def test_progress_lines_and_artifacts_mid_run(make_workspace, prefect_harness) -
     from herald.flows.cli.live import LiveReport
     from herald.flows.progress import watching
 
+    monkeypatch.setattr(campaign, "PUBLISH_EVERY", 0.0)  # every chunk's figures written
     ws = make_workspace(rows=100)  # 40 a chunk: 3 chunks, 2 recipients without address
     seen: list[tuple[int, str, str, float]] = []
 
@@ -168,6 +170,47 @@ def test_progress_lines_and_artifacts_mid_run(make_workspace, prefect_harness) -
                                                              "chunk 3/3"]
     sent = sum(int(line.split("sent ")[1].split(",")[0]) for line in chunk_lines)
     assert sent == 98 and chunk_lines[-1].endswith("100/100 recipients")
+
+
+@pytest.mark.prefect
+def test_progress_artifacts_are_written_at_most_every_few_seconds(
+        make_workspace, prefect_harness, monkeypatch) -> None:
+    """Between the first chunk's figures and the last's, the artifacts are rewritten only
+    once PUBLISH_EVERY seconds have passed (two API calls each: a run of many chunks
+    cost the server more for them than for its task runs); the last figures always
+    reach them."""
+    from prefect.artifacts import Artifact
+
+    from herald.flows import campaign
+    from herald.flows.progress import watching
+
+    monkeypatch.setattr(campaign, "PUBLISH_EVERY", 3600.0)
+    ws = make_workspace(rows=100)  # 40 a chunk: 3 chunks
+    seen: list[tuple[int, str]] = []
+    tables: list[str] = []
+
+    class Spy:
+        def begin(self, progress) -> None:
+            pass
+
+        def chunk(self, progress, line) -> None:
+            bar = Artifact.get("herald-promo-progress")
+            assert bar is not None
+            seen.append((progress.done, str(bar.description)))
+
+        def end(self, progress) -> None:
+            table = Artifact.get("herald-promo-sending")
+            assert table is not None
+            tables.append(str(table.data))
+
+    with watching(Spy()):
+        summary = campaign.run(ws, "promo", {}, "k-throttled", False)
+    assert summary["deliveries"]["sent"] == 98
+    assert [done for done, _ in seen] == [1, 2, 3]
+    assert seen[0][1].startswith("1/3 chunks")  # the first at once
+    assert seen[1][1].startswith("1/3 chunks")  # the second within the interval: not yet
+    assert seen[2][1].startswith("3/3 chunks · 100/100 recipients · sent 98")  # the last
+    assert len(tables) == 1 and "| chunks | 3 / 3 |" in tables[0]
 
 
 # -- failures an operator can act on --------------------------------------------------------
