@@ -11,7 +11,8 @@ messages (tests/test_store_paths.py):
 - Streamed through Herald: the segment's rows fetched in batches from the driver's
   cursor (server-side on Postgres, on the source's read-only session), encoded once to
   JSON and stored with one COPY for the whole build on Postgres, one executemany a
-  batch elsewhere. Memory stays O(batch) whatever the audience size.
+  batch elsewhere (in a thread of its own, beside the next batch's fetching and
+  encoding). Memory stays O(batch) whatever the audience size.
 
 A Postgres source and store in one database stream too: an ``INSERT ... SELECT`` there
 would run the segment in the store's writable session, where a function the segment
@@ -26,7 +27,8 @@ import secrets
 import sqlite3
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager, suppress
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ from herald.audiences.store import (
 )
 from herald.core import clock
 from herald.core.db import (
+    SQLITE_JSON,
     at_driver,
     copy_escapes,
     copy_text,
@@ -274,14 +277,23 @@ def _row_writer(store: Engine, package_id: str, segment: Segment
     mark = driver_mark(store.dialect)
     statement = (f"INSERT INTO {package_rows.name} (package_id, seq, key, tier, data) "
                  f"VALUES ({', '.join([mark] * 5)})")
+    # SQLite: a batch is one statement over its rows as one JSON array of [key, tier,
+    # data], which the driver runs without the interpreter lock (an executemany takes
+    # the lock back for every row)
+    whole = store.dialect.name == "sqlite" and SQLITE_JSON
 
-    def insert_rows(start: int, keys: list[str], tiers: list[str], data: list[str]) -> None:
+    def insert_rows(start: int, keys: list[str], tiers: list[str], data: list[str],
+                    rows: str | None) -> None:
         try:
             with writing(store) as conn, at_driver(conn, statement) as driver:
                 cursor = driver.cursor()
                 try:
-                    cursor.executemany(statement, zip(
-                        repeat(package_id), range(start, start + len(keys)), keys, tiers, data))
+                    if rows is not None:
+                        cursor.execute(_INSERT_JSON, (package_id, start, rows))
+                    else:
+                        cursor.executemany(statement, zip(
+                            repeat(package_id), range(start, start + len(keys)), keys,
+                            tiers, data))
                 finally:
                     cursor.close()
         except integrity_errors():
@@ -294,7 +306,40 @@ def _row_writer(store: Engine, package_id: str, segment: Segment
                         package_rows.c.key.in_(list(counts)))).scalars())
             raise _duplicates(segment, dup) from None
 
-    yield insert_rows
+    # Each batch is written by a thread of its own while the next one is fetched and
+    # encoded: the database works without the interpreter lock, so the two overlap on
+    # two cores. One batch at most waits to be written (memory stays two batches), and a
+    # batch's failure (a duplicate key) is raised at the next batch or at the end.
+    with ThreadPoolExecutor(1, thread_name_prefix="herald-build") as writer:
+        flight: list[Future[None]] = []
+
+        def write_behind(start: int, keys: list[str], tiers: list[str],
+                         data: list[str]) -> None:
+            rows = None
+            if whole and "\x00" not in "".join(keys) and "\x00" not in "".join(tiers):
+                # (SQLite's ->> ends a text at a NUL: such a rare batch goes row by row)
+                rows = orjson.dumps(list(zip(keys, tiers, data, strict=True))).decode()
+            if flight:
+                flight.pop().result()
+            flight.append(writer.submit(insert_rows, start, keys, tiers, data, rows))
+
+        try:
+            yield write_behind
+        except BaseException:
+            # the build stops (the package is discarded): the batch in flight ends first,
+            # and what it raises is not the build's error
+            for future in flight:
+                with suppress(Exception):
+                    future.result()
+            raise
+        for future in flight:
+            future.result()
+
+
+_INSERT_JSON = f"""
+INSERT INTO {package_rows.name} (package_id, seq, key, tier, data)
+SELECT ?1, ?2 + j.key, j.value ->> 0, j.value ->> 1, j.value ->> 2 FROM json_each(?3) AS j
+"""
 
 
 def _source_duplicates(source: Engine, segment: Segment, key_col: str) -> list[str]:

@@ -95,6 +95,9 @@ runs = Table(
     Column("owner", String(128)),  # host:pid of the process running it
 )
 
+# SQLite has JSON functions built in from 3.38 (the ->> operator too)
+SQLITE_JSON = sqlite3.sqlite_version_info >= (3, 38)
+
 deliveries = Table(
     "herald_deliveries", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),

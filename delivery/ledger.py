@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -54,7 +53,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import UserDefinedType
 
 from herald.core import clock
-from herald.core.db import at_driver, copy_text, deliveries, to_driver, writing
+from herald.core.db import SQLITE_JSON, at_driver, copy_text, deliveries, to_driver, writing
 
 log = logging.getLogger("herald.ledger")
 
@@ -332,8 +331,6 @@ WHERE d.flow = ?4 AND d.run_key = ?5 AND d.recipient = a.recipient
 # (materialised, so that SQLite walks the answers and looks each row up by its key,
 # not the run key's rows with a scan of the answers for each)
 
-# SQLite has JSON functions built in from 3.38 (the ->> operator too)
-SQLITE_JSON = sqlite3.sqlite_version_info >= (3, 38)
 
 
 # One statement for a whole batch: the answers travel as one array per column.

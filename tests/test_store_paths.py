@@ -188,6 +188,56 @@ def test_the_paths_refuse_the_same_segments_alike(backend, make_workspace, reque
         assert conn.execute(text("SELECT count(*) FROM herald_package_rows")).scalar() == 0
 
 
+ODD_KEYS = [("a\x00b", "t\x00ier"), ('quote " and \\ back', "x"), ("\u2028 line", "中文"),
+            ("😀", "\ttab"), ("plain", "x"), ("a", "t")]
+
+
+@pytest.mark.parametrize("json_rows", [True, False], ids=["one-statement", "executemany"])
+def test_streamed_batches_into_sqlite_keep_every_key_exactly(make_workspace, caplog,
+                                                             monkeypatch, json_rows) -> None:
+    """Streamed into a SQLite workspace database, a batch is one statement over its rows
+    as JSON (an executemany where SQLite has no ->>), written by a thread beside the next
+    batch: keys and tiers come back exactly, a NUL inside one included (SQLite's JSON
+    functions would cut it there: such a batch goes by executemany, and 'a' stays apart
+    from 'a\x00b'), in order, over several batches."""
+    monkeypatch.setattr(builder, "INSERT_BATCH", 2)
+    monkeypatch.setattr(builder, "SQLITE_JSON", json_rows)
+    ws = make_workspace({"config/flows/kinds.yaml": KINDS_FLOW,
+                         "audiences/kinds.sql": "SELECT * FROM kinds ORDER BY seq"})
+    with sqlite3.connect(ws.root / "crm.db") as conn:
+        conn.execute("CREATE TABLE kinds (seq INTEGER, id, tier, note)")
+        conn.executemany("INSERT INTO kinds VALUES (?, ?, ?, ?)",
+                         [(i, key, tier, f"row {i} \\ \"") for i, (key, tier)
+                          in enumerate(ODD_KEYS)])
+    package = _build(ws, "kinds", True, caplog)
+    rows = store.read(ws, package.id)
+    assert [(r.seq, r.key, r.tier) for r in rows] == [
+        (i, key, tier) for i, (key, tier) in enumerate(ODD_KEYS)]
+    assert [r.data["note"] for r in rows] == [f"row {i} \\ \"" for i in range(6)]
+    assert rows[0].data["id"] == "a\x00b"
+
+
+def test_a_duplicate_in_a_later_batch_is_refused_and_nothing_kept(make_workspace, caplog,
+                                                                  monkeypatch) -> None:
+    """The batch that meets an earlier batch's key fails in the writer's thread; the
+    build fails with the duplicate's message (at the next batch or at the end) and the
+    package's rows are gone."""
+    monkeypatch.setattr(builder, "INSERT_BATCH", 3)
+    ws = make_workspace(rows=20)
+    # the second 2 in the last batch; the second 5 beside the first in the second batch,
+    # with several batches after it
+    for key, order in (("2", "id = 2, id"), ("5", "id > 5, id")):
+        (ws.root / "audiences/people.sql").write_text(
+            "SELECT * FROM (SELECT * FROM people WHERE score >= :min_score "
+            f"UNION ALL SELECT * FROM people WHERE id = {key}) ORDER BY {order}")
+        with pytest.raises(AudienceError, match=rf"duplicate key '{key}' in the result"):
+            _build(ws, "promo", True, caplog)
+        assert store.list_packages(ws) == []
+        with ws.store.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM herald_package_rows")
+                                ).scalar() == 0
+
+
 def test_a_sqlite_source_is_attached_read_only(make_workspace, caplog) -> None:
     ws = make_workspace(rows=50)
     before = hashlib.sha256((ws.root / "crm.db").read_bytes()).hexdigest()
