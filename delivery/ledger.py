@@ -25,6 +25,7 @@ batch in one statement; what reads the ledger (cap counts, reports) is in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -333,34 +334,50 @@ WHERE d.flow = ?4 AND d.run_key = ?5 AND d.recipient = a.recipient
 
 
 
-# One statement for a whole batch: the answers travel as one array per column.
-_SETTLE_ARRAYS = f"""
+# One statement for a whole batch: the answers travel as one array per column, except
+# the columns every answer of the batch shares (all `sent`, no reason, one attempt...),
+# which travel as one value each: the server neither parses nor unnests those arrays
+# (settling 100,000 rows in batches of 500: 0.3-0.5 µs a row less, BENCHMARKS.md).
+_SETTLE_TYPES = {"recipient": "text", "status": "text", "reason": "text", "code": "text",
+                 "provider_id": "text", "attempts": "int", "segments": "int",
+                 "not_before": "timestamptz"}
+
+
+@functools.cache
+def _settle_statement(shared: frozenset[str]) -> str:
+    """The settlement's UPDATE with the ``shared`` columns as single values."""
+    varying = [c for c in _SETTLE_TYPES if c not in shared]
+
+    def value(column: str) -> str:
+        return f"%({column})s::{_SETTLE_TYPES[column]}" if column in shared else f"a.{column}"
+
+    arrays = ", ".join(f"%({c})s::{_SETTLE_TYPES[c]}[]" for c in varying)
+    return f"""
 UPDATE {deliveries.name} AS d
-SET status = a.status, reason = a.reason, code = a.code, provider_id = a.provider_id,
-    attempts = d.attempts + a.attempts, updated_at = %(stamp)s,
-    sent_at = CASE WHEN a.status = 'sent' THEN %(stamp)s END,
-    segments = a.segments, not_before = a.not_before
-FROM unnest(%(recipient)s::text[], %(status)s::text[], %(reason)s::text[],
-            %(code)s::text[], %(provider_id)s::text[], %(attempts)s::int[],
-            %(segments)s::int[], %(not_before)s::timestamptz[])
-     AS a(recipient, status, reason, code, provider_id, attempts, segments, not_before)
+SET status = {value("status")}, reason = {value("reason")}, code = {value("code")},
+    provider_id = {value("provider_id")}, attempts = d.attempts + {value("attempts")},
+    updated_at = %(stamp)s, sent_at = CASE WHEN {value("status")} = 'sent' THEN %(stamp)s END,
+    segments = {value("segments")}, not_before = {value("not_before")}
+FROM unnest({arrays}) AS a({", ".join(varying)})
 WHERE d.flow = %(flow)s AND d.run_key = %(run_key)s AND d.recipient = a.recipient
 """
 
 
 def _settle_arrays(conn: Connection, flow: str, run_key: str, outcomes: Sequence[Outcome],
                    stamp: datetime) -> None:
-    with at_driver(conn, _SETTLE_ARRAYS) as raw, raw.cursor() as cursor:
-        cursor.execute(_SETTLE_ARRAYS, {
-            "flow": flow, "run_key": run_key, "stamp": stamp,
-            "recipient": pg_array([o.recipient for o in outcomes]),
-            "status": pg_array([o.status for o in outcomes]),
-            "reason": pg_array([o.reason for o in outcomes]),
-            "code": pg_array([o.code for o in outcomes]),
-            "provider_id": pg_array([o.provider_id for o in outcomes]),
-            "attempts": pg_array([o.attempts for o in outcomes]),
-            "segments": pg_array([o.segments for o in outcomes]),
-            "not_before": pg_array([o.not_before for o in outcomes])})
+    params: dict[str, Any] = {"flow": flow, "run_key": run_key, "stamp": stamp}
+    shared = set()
+    for column in _SETTLE_TYPES:
+        values = [getattr(o, column) for o in outcomes]
+        first = values[0]
+        if column != "recipient" and values.count(first) == len(values):
+            shared.add(column)
+            params[column] = first
+        else:
+            params[column] = pg_array(values)
+    statement = _settle_statement(frozenset(shared))
+    with at_driver(conn, statement) as raw, raw.cursor() as cursor:
+        cursor.execute(statement, params)
 
 
 SETTLE_ATTEMPTS = 6

@@ -105,6 +105,21 @@ def test_batch_settle_writes_every_outcome(make_workspace, store_url,
             ledger.deliveries.c.attempts).where(ledger.deliveries.c.recipient == "3")
         ).scalar_one()
     assert attempts == 5  # added to the earlier attempts
+    # a batch whose answers share every column but the recipient (on Postgres those go
+    # as one value each, not as arrays): a deferral with one time, reason and code
+    ledger.mark(ws.store, "promo", "k", ["5", "6"], "sending")
+    ledger.settle(ws.store, "promo", "k", [
+        ledger.Outcome(k, "deferred", 'busy: "try" \\ later, {NULL}', code="429",
+                       attempts=2, not_before=later) for k in ("5", "6")])
+    with ws.store.connect() as conn:
+        rows = conn.execute(ledger.deliveries.select().where(
+            ledger.deliveries.c.recipient.in_(["5", "6"]))).all()
+    assert len(rows) == 2
+    for row in rows:
+        assert (row.status, row.reason, row.code, row.attempts, row.provider_id,
+                row.sent_at) == ("deferred", 'busy: "try" \\ later, {NULL}', "429", 2,
+                                 None, None)
+        assert row.not_before.replace(tzinfo=None) == later.replace(tzinfo=None)
 
 
 def test_deduplication_finds_addresses_through_the_index(make_workspace, store_url) -> None:
