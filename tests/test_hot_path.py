@@ -67,6 +67,7 @@ def test_a_chunk_on_sqlite_older_than_3_38(make_workspace, monkeypatch) -> None:
     test_a_chunks_counts_match_the_ledger_after_settlement(make_workspace, None)
     test_batch_settle_writes_every_outcome(make_workspace, None, folder="settle")
     test_recipient_sets_and_answers_with_awkward_text(make_workspace, None, folder="odd")
+    test_mark_moves_exactly_the_rows_named(make_workspace, None, folder="mark")
 
 
 def test_batch_settle_writes_every_outcome(make_workspace, store_url,
@@ -179,6 +180,36 @@ def test_recipient_sets_and_answers_with_awkward_text(make_workspace, store_url,
     for i, k in enumerate(keys[:-1]):
         assert (got[k].status, got[k].reason) == ("failed", reasons[k]), k
         assert got[k].code == (None if i % 2 else '4,0"4')
+
+
+def test_mark_moves_exactly_the_rows_named(make_workspace, store_url,
+                                           folder: str = "ws") -> None:
+    """A mark (one statement at the driver, the keys bound as one array) moves the rows
+    named, awkward keys included, stamps them with the clock and sets a reason only when
+    given; other rows and other run keys stay as they were."""
+    ws = make_workspace(rows=4, store=store_url, folder=folder)
+    keys = ['a"b', "c\\d", "e,f", "{g}", "NULL", " h ", "ü 中", ""]
+    with writing(ws.store) as conn:
+        for run_key in ("k", "other"):
+            ledger.write_entries(conn, [ledger.Entry(k, "gold", "queued", "sms", None,
+                                                     "old reason") for k in keys],
+                                 flow="promo", run_key=run_key, run_id="r", package_id="p")
+    at = ledger.now().replace(microsecond=0) + timedelta(hours=1)
+    with clock.using(clock.Clock(at, frozen=True)):
+        ledger.mark(ws.store, "promo", "k", keys[:4], "sending")
+        ledger.mark(ws.store, "promo", "k", keys[4:6], "queued", 'stopped: "x" \\ y')
+    with ws.store.connect() as conn:
+        got = {(r.run_key, r.recipient): r for r in conn.execute(
+            ledger.deliveries.select())}
+    for k in keys[:4]:
+        row = got["k", k]
+        assert (row.status, row.reason) == ("sending", "old reason"), k
+        assert row.updated_at.replace(tzinfo=None) == at.replace(tzinfo=None)
+    for k in keys[4:6]:
+        assert (got["k", k].status, got["k", k].reason) == ("queued", 'stopped: "x" \\ y')
+    for k in keys[6:]:
+        assert (got["k", k].status, got["k", k].reason) == ("queued", "old reason")
+    assert all(got["other", k].status == "queued" for k in keys)
 
 
 def test_new_rows_are_written_exactly(make_workspace, store_url) -> None:
