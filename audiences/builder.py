@@ -10,9 +10,10 @@ messages (tests/test_store_paths.py):
   (``herald.audiences.inplace`` writes the statement).
 - Streamed through Herald: the segment's rows fetched in batches from the driver's
   cursor (server-side on Postgres, on the source's read-only session), encoded once to
-  JSON and stored with one COPY for the whole build on Postgres, one executemany a
-  batch elsewhere (in a thread of its own, beside the next batch's fetching and
-  encoding). Memory stays O(batch) whatever the audience size.
+  JSON and stored with one COPY for the whole build on Postgres; on SQLite one
+  ``INSERT ... SELECT`` a batch over the batch as one JSON array, written by a thread
+  of its own beside the next batch's fetching and encoding. Memory stays O(batch)
+  whatever the audience size.
 
 A Postgres source and store in one database stream too: an ``INSERT ... SELECT`` there
 would run the segment in the store's writable session, where a function the segment
@@ -249,8 +250,10 @@ def _row_writer(store: Engine, package_id: str, segment: Segment
                 ) -> Iterator[Callable[[int, list[str], list[str], list[str]], None]]:
     """What stores a batch of rows: on Postgres one COPY for the whole build (in one
     transaction: the server stores a batch while Herald encodes the next; the text
-    written whole, not row by row); elsewhere one executemany a batch, each in its own
-    short transaction (SQLite's write lock is held a batch at a time).
+    written whole, not row by row); elsewhere a statement a batch (on SQLite one
+    ``INSERT ... SELECT`` over the batch as JSON, an executemany where SQLite is older
+    than 3.38 or a key holds a NUL), each in its own short transaction (SQLite's write
+    lock is held a batch at a time), written by a thread beside the next batch.
 
     Both go straight to the driver: building SQLAlchemy parameters for each row cost
     more than the database's own work (see BENCHMARKS.md).

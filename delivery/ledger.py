@@ -286,7 +286,9 @@ _MARK_SQLITE = {with_reason: (
 
 def settle(engine: Engine, flow: str, run_key: str, outcomes: Sequence[Outcome]) -> None:
     """Write providers' answers for a batch in one transaction and one statement: on
-    Postgres one UPDATE ... FROM the answers bound as arrays, elsewhere one executemany."""
+    Postgres one UPDATE ... FROM the answers bound as arrays (a column they all share as
+    one value), on SQLite one UPDATE ... FROM the answers as a JSON array (an executemany
+    before SQLite 3.38)."""
     if not outcomes:
         return
     stamp = now()
@@ -361,7 +363,6 @@ WHERE d.flow = ?4 AND d.run_key = ?5 AND d.recipient = a.recipient
 """
 # (materialised, so that SQLite walks the answers and looks each row up by its key,
 # not the run key's rows with a scan of the answers for each)
-
 
 
 # One statement for a whole batch: the answers travel as one array per column, except
