@@ -212,8 +212,35 @@ def test_cli_runs_without_a_prefect_server(make_workspace, tmp_path) -> None:
     with sqlite3.connect(home / "prefect.db") as db:  # the temporary server's database
         flows = db.execute("SELECT id, state_type FROM flow_run").fetchall()
         tasks = db.execute("SELECT name, state_type FROM task_run ORDER BY name").fetchall()
+        events = dict(db.execute("SELECT event, count(*) FROM events GROUP BY event"))
     assert [state for _, state in flows] == ["COMPLETED"]
     assert tasks == [("build-audience", "COMPLETED"), ("chunk-0000", "COMPLETED")], tasks
+    # no flow-run heartbeats to a server that ends with the command (Prefect joined their
+    # thread at the flow's end, up to a second); the run's own events are all there
+    assert events.get("prefect.flow-run.Running") == 1
+    assert "prefect.flow-run.heartbeat" not in events, events
+
+
+def test_heartbeats_stay_on_against_a_server_of_ones_own() -> None:
+    """Only a flow run on the command's temporary server goes without heartbeats: until
+    the server is attached (PREFECT_API_URL names another one, or a profile does) the
+    settings stay Prefect's."""
+    import typer.core
+    from prefect.settings import get_current_settings
+
+    from herald.flows.cli.server import TemporaryServer
+
+    before = get_current_settings().flows.heartbeat_frequency
+    assert before is not None  # Prefect's default: heartbeats on
+    with typer.core.TyperCommand("x").make_context("x", []) as ctx:
+        server = TemporaryServer(ctx)
+        with server.serving():
+            assert get_current_settings().flows.heartbeat_frequency == before
+        server.attached = ""  # as attach() leaves it once Prefect points at the server
+        with server.serving():
+            assert get_current_settings().flows.heartbeat_frequency is None
+        server.attached = None
+    assert get_current_settings().flows.heartbeat_frequency == before
 
 
 def _alive(pid: int) -> bool:

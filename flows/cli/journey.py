@@ -54,7 +54,8 @@ def journey_tick(ctx: typer.Context, name: str, workspace: WorkspaceOpt = None,
         prefect_console(verbose=False)
         with stop_on_signals():
             server.attach()
-            summary = run_tick(ws, name, enter=enter)
+            with server.serving():
+                summary = run_tick(ws, name, enter=enter)
     else:
         from herald.journeys.engine import tick_local
 

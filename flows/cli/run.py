@@ -104,13 +104,14 @@ def run(ctx: typer.Context, flow: str, param: ParamOpt = None,
     try:
         with stop_on_signals(sending=False):
             server.attach()  # a signal while it starts stops the command like any other
-            if as_json or verbose:
-                summary = campaign.run(ws, flow, params, run_key, dry_run, runner,
-                                       resend_render_errors)
-            else:
-                with watching(watcher):
+            with server.serving():
+                if as_json or verbose:
                     summary = campaign.run(ws, flow, params, run_key, dry_run, runner,
                                            resend_render_errors)
+                else:
+                    with watching(watcher):
+                        summary = campaign.run(ws, flow, params, run_key, dry_run,
+                                               runner, resend_render_errors)
     except (HeraldError, DBAPIError):
         raise  # the CLI names the file or the database in one line
     except KeyboardInterrupt as exc:

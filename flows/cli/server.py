@@ -26,6 +26,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -98,6 +100,22 @@ class TemporaryServer:
         self.attached = os.environ.get("PREFECT_API_URL", "")  # an empty one, say
         os.environ["PREFECT_API_URL"] = self.api_url  # the run's child processes too
         prefect.context.refresh_global_settings_context()
+
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """Prefect's settings for the command's flow run on this server (once attached):
+        no flow-run heartbeats. They tell a watching server that the run's process is
+        alive; this server is stopped with the command, so nothing is left to watch, and
+        Prefect joins the heartbeat thread at the flow's end while it sleeps out its
+        current second (0.4-1 s of every run; BENCHMARKS.md). Against a server of the
+        user's own they stay as Prefect sets them."""
+        if self.attached is None:
+            yield
+            return
+        from prefect.settings import temporary_settings
+
+        with temporary_settings(updates={"flows.heartbeat_frequency": None}):
+            yield
 
     def _launch(self) -> None:
         prefect_spec = importlib.util.find_spec("prefect")  # not imported: 1.8 s
