@@ -254,7 +254,7 @@ def mark(engine: Engine, flow: str, run_key: str, recipients: Sequence[str], sta
             with at_driver(conn, statement) as raw, raw.cursor() as cursor:
                 cursor.execute(statement, {
                     "status": status, "stamp": now(), "reason": reason, "flow": flow,
-                    "run_key": run_key, "keys": pg_array(list(recipients))})
+                    "run_key": run_key, "keys": pg_text_array(list(recipients))})
             return
         if name == "sqlite" and SQLITE_JSON:
             stamp = to_driver(conn, deliveries.c.updated_at)(now())
@@ -271,12 +271,14 @@ def mark(engine: Engine, flow: str, run_key: str, recipients: Sequence[str], sta
             ).values(**values))
 
 
-# mark's statements, without and with a reason
+# mark's statements, without and with a reason (on Postgres the keys a text[] parameter,
+# as among() binds them: not a cast in the statement, which a sequential scan evaluated
+# for every row)
 _MARK_PG = {with_reason: (
     f"UPDATE {deliveries.name} SET status = %(status)s, updated_at = %(stamp)s"
     + (", reason = %(reason)s" if with_reason else "")
     + " WHERE flow = %(flow)s AND run_key = %(run_key)s"
-      " AND recipient = ANY(%(keys)s::text[])") for with_reason in (False, True)}
+      " AND recipient = ANY(%(keys)s)") for with_reason in (False, True)}
 _MARK_SQLITE = {with_reason: (
     f"UPDATE {deliveries.name} SET status = ?, updated_at = ?"
     + (", reason = ?" if with_reason else "")
