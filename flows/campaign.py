@@ -7,10 +7,12 @@ for the audience summary, the delivery report and the sending progress.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 from uuid import UUID
@@ -50,11 +52,19 @@ from herald.reporting.text import delivery_markdown
 @task(name="build-audience", task_run_name="build-audience", cache_policy=NO_CACHE)
 def build_audience(ws: Workspace, flow_name: str, params: dict[str, Param], run_key: str,
                    dry_run: bool) -> engine.Prepared | State:
-    try:
-        prepared = engine.prepare(ws, flow_name, params, run_key, dry_run)
-    except (HeraldError, DBAPIError) as exc:
-        # one line naming the file or the database, never the SQL and its parameters
-        message = describe_failure(exc) if isinstance(exc, DBAPIError) else str(exc)
+    early = _early_build(flow_name, params, run_key, dry_run)
+    if early is not None:  # built by `herald run` while Prefect's temporary server started
+        early.taken = True
+        early.replay()
+        prepared, message = early.prepared, early.failure
+    else:
+        prepared, message = None, None
+        try:
+            prepared = engine.prepare(ws, flow_name, params, run_key, dry_run)
+        except (HeraldError, DBAPIError) as exc:
+            # one line naming the file or the database, never the SQL and its parameters
+            message = describe_failure(exc) if isinstance(exc, DBAPIError) else str(exc)
+    if prepared is None:
         # for the Prefect UI: `herald run` prints the failure itself, in one line
         get_run_logger().error("%s", message, extra={"ui_only": True})
         return Failed(message=message)
@@ -71,6 +81,86 @@ def build_audience(ws: Workspace, flow_name: str, params: dict[str, Param], run_
                   f"- SQL sha256: `{package.sql_sha256}`\n- size: **{package.size}**\n"
                   f"- params: `{package.params}`\n\n| tier | recipients |\n|---|---|\n{rows}\n"))
     return prepared
+
+
+@dataclass
+class EarlyBuild:
+    """An audience ``herald run`` built before its flow run began, while Prefect's
+    temporary server started (2-3 s of its own on the 2-core machine of BENCHMARKS.md,
+    during which the command would otherwise wait): the flow run's build-audience task
+    takes it instead of building, with what the build logged (for the Prefect UI) and,
+    when the build failed, its one-line reason. One that no task took is closed as a
+    failed run by ``close_unused``."""
+
+    flow_name: str
+    run_key: str
+    params: dict[str, Param]
+    dry_run: bool
+    prepared: engine.Prepared | None = None
+    failure: str | None = None
+    seconds: float = 0.0
+    records: list[logging.LogRecord] = field(default_factory=list)
+    taken: bool = False
+
+    def replay(self) -> None:
+        """What the build logged, into the task run's logs; the console showed it as it
+        happened (``replayed`` keeps it off the console now)."""
+        logger = get_run_logger()
+        for record in self.records:
+            logger.log(record.levelno, "%s", record.getMessage(),
+                       extra={"ui_only": True, "replayed": True})
+        logger.info("built in %.1f s before this flow run began, while Prefect's "
+                    "temporary server started", self.seconds)
+
+    def close_unused(self, ws: Workspace, why: BaseException | str) -> None:
+        if self.prepared is not None and not self.taken:
+            self.taken = True
+            engine.fail(ws, self.prepared.run_id,
+                        why if isinstance(why, BaseException) else RunError(why))
+
+
+class _Keep(logging.Handler):
+    def __init__(self, into: list[logging.LogRecord]) -> None:
+        super().__init__()
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record)
+
+
+def build_early(ws: Workspace, flow_name: str, params: dict[str, Param] | None,
+                run_key: str | None, dry_run: bool) -> EarlyBuild:
+    """Build the audience of a run about to start (see ``EarlyBuild``). A failure the
+    build task would report in one line (a file's mistake, the database's) is kept for
+    it; anything else (a signal) is raised, the run recorded as failed."""
+    key = run_key or engine.default_run_key(ws, flow_name)
+    early = EarlyBuild(flow_name, key, dict(params or {}), dry_run)
+    keep = _Keep(early.records)
+    herald_log = logging.getLogger("herald")
+    herald_log.addHandler(keep)
+    started = time.perf_counter()
+    try:
+        early.prepared = engine.prepare(ws, flow_name, early.params, key, dry_run)
+    except (HeraldError, DBAPIError) as exc:
+        early.failure = describe_failure(exc) if isinstance(exc, DBAPIError) else str(exc)
+    finally:
+        herald_log.removeHandler(keep)
+        early.seconds = time.perf_counter() - started
+    return early
+
+
+_early: ContextVar[EarlyBuild | None] = ContextVar("herald_early_build", default=None)
+
+
+def _early_build(flow_name: str, params: dict[str, Param], run_key: str, dry_run: bool
+                 ) -> EarlyBuild | None:
+    """The early build handed to this flow run by ``run``, if it is this run's."""
+    early = _early.get()
+    if early is None or early.taken or (early.flow_name, early.run_key, early.params,
+                                        early.dry_run) != (flow_name, run_key,
+                                                           dict(params), dry_run):
+        return None
+    return early
 
 
 @task(name="send-chunk", task_run_name="chunk-{job.index:04d}", cache_policy=NO_CACHE,
@@ -181,8 +271,10 @@ def _campaign(workspace: str, flow_name: str, run_key: str | None,
         released = ledger.release_render_errors(ws.store, flow_name, key)
         logger.info("%d recipients of %s %s whose message failed to render: deciding and "
                     "sending again", released, flow_name, key)
-    # released render errors are work to do, though no row of the key is open any more
-    done = None if dry_run or resend_render_errors else engine.nothing_to_do(
+    # released render errors are work to do, though no row of the key is open any more;
+    # an early build comes of a command that checked this a moment ago
+    done = None if (dry_run or resend_render_errors or _early_build(
+        flow_name, dict(params or {}), key, dry_run)) else engine.nothing_to_do(
         ws, flow_name, key)
     if done is not None:
         logger.info("%s", done["message"])
@@ -375,17 +467,23 @@ def task_runner(spec: TaskRunnerSpec) -> TaskRunner[Any]:
 
 def run(ws: Workspace, flow_name: str, params: dict[str, Param] | None, run_key: str | None,
         dry_run: bool, runner: TaskRunnerSpec | None = None,
-        resend_render_errors: bool = False) -> dict[str, Any]:
-    """Run the campaign flow here and now (``herald run``), tagged like a deployment's."""
+        resend_render_errors: bool = False, early: EarlyBuild | None = None
+        ) -> dict[str, Any]:
+    """Run the campaign flow here and now (``herald run``), tagged like a deployment's;
+    ``early``: its audience, built already (``build_early``)."""
     chunks.adopt_workspace(ws)
     configured = campaign.with_options(task_runner=task_runner(runner or ws.config.task_runner))
-    chosen = _runner.set(runner)
+    chosen, handed = _runner.set(runner), _early.set(early)
     try:
         with tags(*run_tags(ws, flow_name)):
             state = configured(str(ws.root), flow_name, run_key, params or {}, dry_run,
                                resend_render_errors=resend_render_errors, return_state=True)
     finally:
+        _early.reset(handed)
         _runner.reset(chosen)
+        if early is not None:
+            early.close_unused(ws, "the flow run ended before its build task took the "
+                               "audience built for it")
     if state.is_failed():
         outcome = state.result(raise_on_failure=False)
         if isinstance(outcome, BaseException) and not isinstance(outcome, FailedRun):

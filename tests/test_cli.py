@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 import pytest
 
+from herald.core.db import runs
+from herald.delivery.run_records import list_runs
 from herald.flows.cli import main
 
 from .helpers import child_processes, outbox_messages, people, process_state
@@ -185,6 +189,13 @@ def test_cli_runs_without_a_prefect_server(make_workspace, tmp_path) -> None:
     as events), and the process is left pointing at no server, so a second command
     called in the same process does not talk to one that is gone."""
     ws = make_workspace(rows=20)
+    # a run a killed process left running: the build closes it, with a warning
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    with ws.store.begin() as conn:
+        conn.execute(runs.insert().values(
+            id="run-abandoned", flow="promo", run_key="k", dry_run=False, status="running",
+            started_at=datetime(2026, 1, 1), owner=f"{socket.gethostname()}:{gone.pid}"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     home = tmp_path / "prefect-home"
     env["PREFECT_HOME"] = str(home)
@@ -219,6 +230,86 @@ def test_cli_runs_without_a_prefect_server(make_workspace, tmp_path) -> None:
     # thread at the flow's end, up to a second); the run's own events are all there
     assert events.get("prefect.flow-run.Running") == 1
     assert "prefect.flow-run.heartbeat" not in events, events
+    # the audience was built while the server started; what the build logged is in its
+    # task run's logs all the same (and was not printed: stderr is empty)
+    with sqlite3.connect(home / "prefect.db") as db:
+        logs = [m for (m,) in db.execute(
+            "SELECT message FROM log JOIN task_run ON task_run.id = log.task_run_id "
+            "WHERE task_run.name = 'build-audience' ORDER BY log.timestamp")]
+    assert any(m.startswith("run run-abandoned was left running by a process that "
+                            "ended") for m in logs), logs
+    assert any(m.startswith("built in ") and "before this flow run began" in m
+               for m in logs), logs
+    assert {r.id: r.status for r in list_runs(ws.store)} == {
+        "run-abandoned": "failed", summary["run_id"]: "completed"}
+
+
+def test_an_early_build_that_fails_fails_its_flow_run(make_workspace, tmp_path) -> None:
+    """A segment that fails (a key twice) while the temporary server starts: the command
+    says why in one line naming the segment's file, sends nothing, and the Prefect flow
+    run is failed at its build-audience task, as when the task builds."""
+    columns = "SELECT id, name, email, phone, tier, locale, score FROM people"
+    broken = f"{columns} WHERE score >= :min_score\nUNION ALL\n{columns} WHERE id = 1"
+    ws = make_workspace({"audiences/people.sql": broken}, rows=20)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    home = tmp_path / "prefect-home"
+    env["PREFECT_HOME"] = str(home)
+    herald = os.path.join(os.path.dirname(sys.executable), "herald")
+    proc = subprocess.run([herald, "run", "promo", "-w", str(ws.root)], capture_output=True,
+                          text=True, env=env, timeout=240)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "people.sql" in lines[0] and "duplicate" in lines[0], lines
+    assert outbox_messages(ws) == 0
+    with sqlite3.connect(home / "prefect.db") as db:
+        flows = [state for (state,) in db.execute("SELECT state_type FROM flow_run")]
+        tasks = db.execute("SELECT name, state_type FROM task_run").fetchall()
+    assert flows == ["FAILED"] and tasks == [("build-audience", "FAILED")], (flows, tasks)
+    [record] = list_runs(ws.store)
+    assert record.status == "failed" and record.error == lines[0].removeprefix("error: ")
+
+
+def test_an_early_build_is_closed_when_the_server_never_answers(make_workspace,
+                                                                tmp_path) -> None:
+    """The audience built while the temporary server starts belongs to a run that fails
+    when the server does not answer: recorded as failed with the reason, nothing sent."""
+    ws = make_workspace(rows=20)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "0"
+    herald = os.path.join(os.path.dirname(sys.executable), "herald")
+    proc = subprocess.run([herald, "run", "promo", "-w", str(ws.root)], capture_output=True,
+                          text=True, env=env, timeout=240)
+    assert proc.returncode == 1
+    assert "did not answer within 0 s" in proc.stderr, proc.stderr[-2000:]
+    assert outbox_messages(ws) == 0
+    [record] = list_runs(ws.store)
+    assert record.status == "failed" and record.package_id is not None
+    assert "did not answer within 0 s" in record.error
+
+
+def test_replayed_build_records_are_printed_once() -> None:
+    """An early build's records, printed as they happened, are replayed into its task
+    run's logs for the Prefect UI; no console handler prints them again, --verbose or
+    not."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from herald.flows.cli.common import prefect_console
+
+    handler = PrefectConsoleHandler()  # as Prefect's logging setup puts on Herald's logger
+    logging.getLogger("herald").addHandler(handler)
+    replayed = logging.makeLogRecord({"msg": "package built", "replayed": True})
+    fresh = logging.makeLogRecord({"msg": "package built", "name": "herald.build",
+                                   "pathname": __file__})
+    try:
+        for verbose in (True, False, True):
+            prefect_console(verbose)
+            assert not handler.filter(replayed)
+            assert handler.filter(fresh)
+    finally:
+        logging.getLogger("herald").removeHandler(handler)
 
 
 def test_heartbeats_stay_on_against_a_server_of_ones_own() -> None:

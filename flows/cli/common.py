@@ -227,6 +227,14 @@ class _HeraldOnly(logging.Filter):
                     or getattr(record, "ui_only", False))
 
 
+class _NotReplayed(logging.Filter):
+    """Keeps a record off the console a second time: what an early audience build logged
+    (shown as it happened) replayed into its task run's logs for the Prefect UI."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "replayed", False)
+
+
 def prefect_console_handlers() -> set[logging.StreamHandler[Any]]:
     """Prefect's console handlers, on whichever loggers its logging setup put them (the
     root, Prefect's, and Herald's through PREFECT_LOGGING_EXTRA_LOGGERS)."""
@@ -246,13 +254,15 @@ def prefect_console(verbose: bool) -> None:
     ``extra={"ui_only": True}``: a failed build's reason, printed as the command's one
     error line). Herald's warnings (the main failure reasons, a failure-rate alert) are
     still printed. All of them reach the Prefect API and UI, through other handlers.
-    With ``verbose``, everything is printed."""
+    With ``verbose``, everything is printed once (an early build's records replayed into
+    its task run's logs are not printed again)."""
     import prefect
 
     prefect_code = os.path.dirname(prefect.__file__) + os.sep
     for handler in prefect_console_handlers():
-        for found in [f for f in handler.filters if isinstance(f, _HeraldOnly)]:
+        for found in [f for f in handler.filters if isinstance(f, _HeraldOnly | _NotReplayed)]:
             handler.removeFilter(found)
+        handler.addFilter(_NotReplayed())
         if not verbose:
             handler.addFilter(_HeraldOnly(prefect_code))
 

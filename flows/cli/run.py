@@ -103,15 +103,26 @@ def run(ctx: typer.Context, flow: str, param: ParamOpt = None,
     watcher = LiveReport(err)
     try:
         with stop_on_signals(sending=False):
-            server.attach()  # a signal while it starts stops the command like any other
+            # a signal while the audience is built or the server starts stops the
+            # command like any other
+            early = None
+            if server.starting and not resend_render_errors:
+                # the server takes 2-3 s more to answer: the audience is built meanwhile
+                early = campaign.build_early(ws, flow, params, run_key, dry_run)
+            try:
+                server.attach()
+            except BaseException as exc:
+                if early is not None:
+                    early.close_unused(ws, exc)
+                raise
             with server.serving():
                 if as_json or verbose:
                     summary = campaign.run(ws, flow, params, run_key, dry_run, runner,
-                                           resend_render_errors)
+                                           resend_render_errors, early)
                 else:
                     with watching(watcher):
                         summary = campaign.run(ws, flow, params, run_key, dry_run,
-                                               runner, resend_render_errors)
+                                               runner, resend_render_errors, early)
     except (HeraldError, DBAPIError):
         raise  # the CLI names the file or the database in one line
     except KeyboardInterrupt as exc:

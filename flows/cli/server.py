@@ -70,6 +70,11 @@ class TemporaryServer:
         atexit.register(self.stop)
 
     @property
+    def starting(self) -> bool:
+        """Whether a server was started for this command (``start``) and not stopped."""
+        return self.process is not None
+
+    @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"
 
