@@ -38,22 +38,37 @@ from herald.core.errors import RunError
 # uvicorn's exit status when its address is taken: another port is tried, as Prefect does
 ADDRESS_IN_USE = 3
 
-# The child: uvicorn with the arguments given, and a thread that stops it once the
+# The child: uvicorn with the arguments given, and two threads. One stops it once the
 # command's process is gone, however it ended (SIGKILL included), so that no server
 # outlives its command: SIGTERM (uvicorn's graceful shutdown), and an exit 5 s later if
-# that has not ended it (a server still starting finishes its start first).
+# that has not ended it (a server still starting finishes its start first). The other
+# asks the API for its greeting as soon as the server listens: Prefect's API answers its
+# first request (any but /health) 0.4-0.5 s late on the 2-core machine of BENCHMARKS.md
+# while it builds its routes, and the command, busy building the audience, need not be
+# the one that waits for it.
 _CHILD = """\
-import os, signal, sys, threading, time
-parent = int(sys.argv[1])  # not getppid(): the command may be gone already
+import os, signal, sys, threading, time, urllib.error, urllib.request
+parent, warm = int(sys.argv[1]), sys.argv[2]  # not getppid(): the command may be gone
 def watch():
     while os.getppid() == parent:
         time.sleep(0.5)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(5)
     os._exit(1)
+def warm_up():
+    for _ in range(6000):
+        try:
+            urllib.request.urlopen(warm, timeout=30).close()
+        except urllib.error.HTTPError:
+            pass  # it answered (401: the environment sets an API auth string)
+        except OSError:  # not listening yet
+            time.sleep(0.02)
+            continue
+        return
 threading.Thread(target=watch, daemon=True).start()
+threading.Thread(target=warm_up, daemon=True).start()
 import uvicorn
-uvicorn.main(sys.argv[2:], prog_name="uvicorn")
+uvicorn.main(sys.argv[3:], prog_name="uvicorn")
 """
 
 
@@ -77,6 +92,12 @@ class TemporaryServer:
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"
+
+    @property
+    def _ready_url(self) -> str:
+        """Answers once the server can take the run's requests without a first delay:
+        its greeting, which the child asks for as soon as it listens (``_CHILD``)."""
+        return f"{self.api_url}/hello"
 
     def start(self) -> None:
         """Start the server now, unless Prefect is told of one: PREFECT_API_URL in the
@@ -129,7 +150,7 @@ class TemporaryServer:
         # Prefect's SubprocessASGIServer: its app, no UI, and the services of a
         # temporary server
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, str(os.getpid()), "--app-dir",
+            [sys.executable, "-c", _CHILD, str(os.getpid()), self._ready_url, "--app-dir",
              str(Path(prefect_spec.origin).parent.parent), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
              str(self.port), "--log-level", "error", "--lifespan", "on"],
@@ -151,7 +172,8 @@ class TemporaryServer:
                                    "before answering (its output is above); or start one "
                                    "with `prefect server start` and set PREFECT_API_URL")
                 try:
-                    if client.get(f"{self.api_url}/health").status_code == 200:
+                    # (401: PREFECT_SERVER_API_AUTH_STRING in the environment)
+                    if client.get(self._ready_url).status_code < 500:
                         return
                 except httpx.TransportError:
                     pass
