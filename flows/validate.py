@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from herald.audiences.sql import Segment, load_segment, probe_columns, segment_params
+from herald.channels.outbox import OutboxSettings
 from herald.core.errors import (
     AudienceError,
     Problem,
@@ -18,9 +20,9 @@ from herald.core.errors import (
     WorkspaceError,
     did_you_mean,
 )
-from herald.core.files import read_text
+from herald.core.files import file_in_the_way, read_text
 from herald.core.spec import CapRule, FlowCapRule, FlowSpec, Param
-from herald.core.workspace import Workspace
+from herald.core.workspace import CONFIG_FILE, Workspace
 from herald.delivery.render import Templates, templates_for
 
 
@@ -33,6 +35,26 @@ class CheckedFlow:
     columns: list[str]
     templates: int
     warnings: tuple[str, ...] = ()
+
+
+def outbox_problems(ws: Workspace, channels: Collection[str]) -> list[Problem]:
+    """Outbox channels whose folder cannot be made: a file where its ``dir`` or one of
+    the folders above it should be (a run would stop at its first write)."""
+    found = []
+    for name in channels:
+        settings = ws.channels.get(name)
+        if not isinstance(settings, OutboxSettings):
+            continue
+        base = Path(settings.dir)
+        base = base if base.is_absolute() else ws.root / base
+        blocking = base if base.exists() and not base.is_dir() else file_in_the_way(base)
+        if blocking is not None:
+            found.append(Problem(
+                f"channel '{name}' writes under {settings.dir}, but "
+                f"{ws.relative(blocking)} is a file, not a folder", file=CONFIG_FILE,
+                line=ws.config_line(("channels", name, "dir"))
+                or ws.config_line(("channels", name)), field=f"channels.{name}.dir"))
+    return found
 
 
 # Carriers in mainland China require marketing SMS to say how to opt out.
@@ -51,6 +73,7 @@ def check_flow(ws: Workspace, name: str, overrides: Mapping[str, Param] | None =
         raise ValidationFailed(problems)
     if secrets:
         problems.extend(ws.missing_secrets(flow.channel_names()))
+        problems.extend(outbox_problems(ws, flow.channel_names()))
     try:
         segment = load_segment(ws, flow, overrides)
         columns = probe_columns(ws, flow, segment)

@@ -42,6 +42,25 @@ def test_validate_ok_and_problems(make_workspace, capsys) -> None:
     assert "templates/promo/gold.email.txt.j2:1: uses 'nickname'" in err
 
 
+def test_an_outbox_folder_that_is_a_file_is_found_before_sending(make_workspace,
+                                                                 capsys) -> None:
+    """`.herald/outbox` made a file (a careless `>` redirect): validate names the channels
+    and their line in herald.yaml, and a run stops before anything is reserved."""
+    ws = make_workspace()
+    (ws.root / ".herald").mkdir(exist_ok=True)
+    (ws.root / ".herald/outbox").write_text("not a folder\n")
+    code, _, err = cli(capsys, "validate", "-w", str(ws.root))
+    assert code == 1
+    for name, line in (("email", 6), ("sms", 7)):
+        assert (f"config/herald.yaml:{line} channels.{name}.dir: channel '{name}' writes "
+                f"under .herald/outbox, but .herald/outbox is a file, not a folder") in err
+    code, out, err = cli(capsys, "run", "promo", "-w", str(ws.root), "--json")
+    assert code == 1 and out == ""
+    assert ".herald/outbox is a file, not a folder" in err
+    assert list_runs(ws.store) == []  # stopped before the run was recorded
+    assert (ws.root / ".herald/outbox").read_text() == "not a folder\n"
+
+
 def test_bad_template_stops_run_before_anything_is_sent(make_workspace, capsys) -> None:
     ws = make_workspace({"templates/promo/default.sms.txt.j2": "{{ points }} left"})
     code, out, err = cli(capsys, "run", "promo", "-w", str(ws.root), "--json")

@@ -240,12 +240,14 @@ def test_dry_run_says_which_rule_stops_whom(make_workspace) -> None:
 
 def test_an_outbox_that_cannot_be_written_fails_the_run_and_its_rerun_sends(
         make_workspace) -> None:
+    # (the outbox's own folder made a file is found before the run: tests/test_cli.py)
     ws = make_workspace(rows=100)
-    blocked = ws.root / ".herald" / "outbox"
-    blocked.parent.mkdir(exist_ok=True)
+    blocked = ws.root / ".herald" / "outbox" / "promo"
+    blocked.parent.mkdir(parents=True)
     blocked.write_text("not a folder\n")
     with pytest.raises(RunError, match=r"channel (email|sms) stopped \(cannot write "
-                       r".*: \.herald/outbox is a file, not a folder\): \d+ message\(s\) "
+                       r".*: \.herald/outbox/promo is a file, not a folder\): \d+ "
+                       r"message\(s\) "
                        r"not sent.*herald run promo --run-key k1"):
         run_local(ws, "promo", run_key="k1")
     expected = {k for k, c in expected_channels(100).items() if c}
