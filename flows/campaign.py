@@ -40,7 +40,7 @@ from herald.core.db import describe_failure
 from herald.core.errors import HeraldError, RunError
 from herald.core.spec import Param, TaskRunnerSpec
 from herald.core.workspace import Workspace
-from herald.delivery import ledger, workers
+from herald.delivery import ledger, run_records, workers
 from herald.delivery.dispatch import stop_requested
 from herald.flows import chunks, engine
 from herald.flows import progress as live
@@ -113,10 +113,17 @@ class EarlyBuild:
                     "temporary server started", self.seconds)
 
     def close_unused(self, ws: Workspace, why: BaseException | str) -> None:
-        if self.prepared is not None and not self.taken:
-            self.taken = True
-            engine.fail(ws, self.prepared.run_id,
-                        why if isinstance(why, BaseException) else RunError(why))
+        """Record the run of an audience no task took as failed, saying ``why``."""
+        if self.prepared is None or self.taken:
+            return
+        self.taken = True
+        if isinstance(why, str):
+            reason = why
+        elif isinstance(why, Exception):
+            reason = f"{type(why).__name__}: {why}"
+        else:  # a signal while the server started
+            reason = f"stopped by {why or 'a signal'} before sending: nothing was sent"
+        run_records.finish_run(ws.store, self.prepared.run_id, "failed", None, reason)
 
 
 class _Keep(logging.Handler):

@@ -307,6 +307,32 @@ def test_an_early_build_is_closed_when_the_server_never_answers(make_workspace,
     assert "did not answer within 0 s" in record.error
 
 
+def test_an_early_build_no_task_took_is_recorded_failed(make_workspace) -> None:
+    """The run of an audience built early that no flow run's task took (the server never
+    answered, a signal while it started, a flow run that ended first) is closed as
+    failed with the reason, once; one a task took is left to its run."""
+    from herald.core.errors import RunError
+    from herald.flows.campaign import build_early
+
+    ws = make_workspace(rows=20)
+    reasons = {"signal": KeyboardInterrupt("SIGTERM"), "server": RunError("no answer"),
+               "ended": "the flow run ended first"}
+    for key, why in reasons.items():
+        early = build_early(ws, "promo", {}, key, False)
+        assert early.prepared is not None and early.failure is None
+        early.close_unused(ws, why)
+        early.close_unused(ws, "again")  # recorded once
+    taken = build_early(ws, "promo", {}, "taken", False)
+    taken.taken = True
+    taken.close_unused(ws, "not used")
+    records = {r.run_key: (r.status, r.error) for r in list_runs(ws.store)}
+    assert records == {
+        "signal": ("failed", "stopped by SIGTERM before sending: nothing was sent"),
+        "server": ("failed", "RunError: no answer"),
+        "ended": ("failed", "the flow run ended first"),
+        "taken": ("running", None)}
+
+
 def test_replayed_build_records_are_printed_once() -> None:
     """An early build's records, printed as they happened, are replayed into its task
     run's logs for the Prefect UI; no console handler prints them again, --verbose or
