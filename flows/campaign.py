@@ -7,12 +7,10 @@ for the audience summary, the delivery report and the sending progress.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 from uuid import UUID
@@ -40,7 +38,7 @@ from herald.core.db import describe_failure
 from herald.core.errors import HeraldError, RunError
 from herald.core.spec import Param, TaskRunnerSpec
 from herald.core.workspace import Workspace
-from herald.delivery import ledger, run_records, workers
+from herald.delivery import ledger, workers
 from herald.delivery.dispatch import stop_requested
 from herald.flows import chunks, engine
 from herald.flows import progress as live
@@ -53,9 +51,14 @@ from herald.reporting.text import delivery_markdown
 def build_audience(ws: Workspace, flow_name: str, params: dict[str, Param], run_key: str,
                    dry_run: bool) -> engine.Prepared | State:
     early = _early_build(flow_name, params, run_key, dry_run)
-    if early is not None:  # built by `herald run` while Prefect's temporary server started
+    if early is not None:  # built by `herald run` while Prefect started
         early.taken = True
-        early.replay()
+        logger = get_run_logger()
+        for record in early.records:  # the console showed them; the UI gets them here
+            logger.log(record.levelno, "%s", record.getMessage(),
+                       extra={"ui_only": True, "replayed": True})
+        logger.info("built in %.1f s before this flow run began, while Prefect started",
+                    early.seconds)
         prepared, message = early.prepared, early.failure
     else:
         prepared, message = None, None
@@ -83,84 +86,12 @@ def build_audience(ws: Workspace, flow_name: str, params: dict[str, Param], run_
     return prepared
 
 
-@dataclass
-class EarlyBuild:
-    """An audience ``herald run`` built before its flow run began, while Prefect's
-    temporary server started (2-3 s of its own on the 2-core machine of BENCHMARKS.md,
-    during which the command would otherwise wait): the flow run's build-audience task
-    takes it instead of building, with what the build logged (for the Prefect UI) and,
-    when the build failed, its one-line reason. One that no task took is closed as a
-    failed run by ``close_unused``."""
-
-    flow_name: str
-    run_key: str
-    params: dict[str, Param]
-    dry_run: bool
-    prepared: engine.Prepared | None = None
-    failure: str | None = None
-    seconds: float = 0.0
-    records: list[logging.LogRecord] = field(default_factory=list)
-    taken: bool = False
-
-    def replay(self) -> None:
-        """What the build logged, into the task run's logs; the console showed it as it
-        happened (``replayed`` keeps it off the console now)."""
-        logger = get_run_logger()
-        for record in self.records:
-            logger.log(record.levelno, "%s", record.getMessage(),
-                       extra={"ui_only": True, "replayed": True})
-        logger.info("built in %.1f s before this flow run began, while Prefect's "
-                    "temporary server started", self.seconds)
-
-    def close_unused(self, ws: Workspace, why: BaseException | str) -> None:
-        """Record the run of an audience no task took as failed, saying ``why``."""
-        if self.prepared is None or self.taken:
-            return
-        self.taken = True
-        if isinstance(why, str):
-            reason = why
-        elif isinstance(why, Exception):
-            reason = f"{type(why).__name__}: {why}"
-        else:  # a signal while the server started
-            reason = f"stopped by {why or 'a signal'} before sending: nothing was sent"
-        run_records.finish_run(ws.store, self.prepared.run_id, "failed", None, reason)
-
-
-class _Keep(logging.Handler):
-    def __init__(self, into: list[logging.LogRecord]) -> None:
-        super().__init__()
-        self.into = into
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.into.append(record)
-
-
-def build_early(ws: Workspace, flow_name: str, params: dict[str, Param] | None,
-                run_key: str | None, dry_run: bool) -> EarlyBuild:
-    """Build the audience of a run about to start (see ``EarlyBuild``). A failure the
-    build task would report in one line (a file's mistake, the database's) is kept for
-    it; anything else (a signal) is raised, the run recorded as failed."""
-    key = run_key or engine.default_run_key(ws, flow_name)
-    early = EarlyBuild(flow_name, key, dict(params or {}), dry_run)
-    keep = _Keep(early.records)
-    herald_log = logging.getLogger("herald")
-    herald_log.addHandler(keep)
-    started = time.perf_counter()
-    try:
-        early.prepared = engine.prepare(ws, flow_name, early.params, key, dry_run)
-    except (HeraldError, DBAPIError) as exc:
-        early.failure = describe_failure(exc) if isinstance(exc, DBAPIError) else str(exc)
-    finally:
-        herald_log.removeHandler(keep)
-        early.seconds = time.perf_counter() - started
-    return early
-
-
-_early: ContextVar[EarlyBuild | None] = ContextVar("herald_early_build", default=None)
+_early: ContextVar[engine.EarlyBuild | None] = ContextVar("herald_early_build",
+                                                         default=None)
 
 
 def _early_build(flow_name: str, params: dict[str, Param], run_key: str, dry_run: bool
-                 ) -> EarlyBuild | None:
+                 ) -> engine.EarlyBuild | None:
     """The early build handed to this flow run by ``run``, if it is this run's."""
     early = _early.get()
     if early is None or early.taken or (early.flow_name, early.run_key, early.params,
@@ -474,10 +405,10 @@ def task_runner(spec: TaskRunnerSpec) -> TaskRunner[Any]:
 
 def run(ws: Workspace, flow_name: str, params: dict[str, Param] | None, run_key: str | None,
         dry_run: bool, runner: TaskRunnerSpec | None = None,
-        resend_render_errors: bool = False, early: EarlyBuild | None = None
+        resend_render_errors: bool = False, early: engine.EarlyBuild | None = None
         ) -> dict[str, Any]:
     """Run the campaign flow here and now (``herald run``), tagged like a deployment's;
-    ``early``: its audience, built already (``build_early``)."""
+    ``early``: its audience, built already (``engine.build_early``)."""
     chunks.adopt_workspace(ws)
     configured = campaign.with_options(task_runner=task_runner(runner or ws.config.task_runner))
     chosen, handed = _runner.set(runner), _early.set(early)

@@ -16,10 +16,11 @@ import logging
 import secrets
 import signal
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -137,6 +138,77 @@ def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Param] | None = 
                        min(start + size, package.size), dry_run, clock.current())
               for i, start in enumerate(range(0, package.size, size))]
     return Prepared(run_id, flow.name, key, dry_run, package, chunks, checked.templates)
+
+
+@dataclass
+class EarlyBuild:
+    """An audience ``herald run`` built before its flow run began, while Prefect was
+    imported and its temporary server started (the command used to wait for both): the
+    flow run's build-audience task takes it instead of building, with what the build
+    logged (for the Prefect UI) and, when the build failed, its one-line reason. One that
+    no task took is closed as a failed run by ``close_unused``."""
+
+    flow_name: str
+    run_key: str
+    params: dict[str, Param]
+    dry_run: bool
+    prepared: Prepared | None = None
+    failure: str | None = None
+    seconds: float = 0.0
+    records: list[logging.LogRecord] = field(default_factory=list)
+    held: bool = False  # its records are not shown yet (see ``build_early``)
+    taken: bool = False
+
+    def show(self) -> None:
+        """Print the records held back, now that logging is set up (``build_early``)."""
+        held, self.held = self.held, False
+        for record in self.records if held else ():
+            logging.getLogger(record.name).handle(record)
+
+    def close_unused(self, ws: Workspace, why: BaseException | str) -> None:
+        """Record the run of an audience no task took as failed, saying ``why``."""
+        if self.prepared is None or self.taken:
+            return
+        self.taken = True
+        if isinstance(why, str):
+            reason = why
+        elif isinstance(why, Exception):
+            reason = f"{type(why).__name__}: {why}"
+        else:  # a signal while Prefect started
+            reason = f"stopped by {why or 'a signal'} before sending: nothing was sent"
+        run_records.finish_run(ws.store, self.prepared.run_id, "failed", None, reason)
+
+
+class _Keep(logging.Handler):
+    def __init__(self, into: list[logging.LogRecord]) -> None:
+        super().__init__()
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record)
+
+
+def build_early(ws: Workspace, flow_name: str, params: Mapping[str, Param] | None,
+                run_key: str | None, dry_run: bool, hold: bool = False) -> EarlyBuild:
+    """Build the audience of a run about to start (see ``EarlyBuild``). A failure the
+    build task would report in one line (a file's mistake, the database's) is kept for
+    it; anything else (a signal) is raised, the run recorded as failed. ``hold``: no
+    handler prints Herald's records yet (Prefect sets up logging once imported), and
+    they are kept for ``EarlyBuild.show`` instead of Python's last-resort printing."""
+    key = run_key or default_run_key(ws, flow_name)
+    early = EarlyBuild(flow_name, key, dict(params or {}), dry_run, held=hold)
+    keep = _Keep(early.records)
+    herald_log = logging.getLogger("herald")
+    herald_log.addHandler(keep)
+    started = time.perf_counter()
+    try:
+        early.prepared = prepare(ws, flow_name, early.params, key, dry_run)
+    except (HeraldError, DBAPIError) as exc:
+        early.failure = describe_failure(exc) if isinstance(exc, DBAPIError) else str(exc)
+    finally:
+        herald_log.removeHandler(keep)
+        early.seconds = time.perf_counter() - started
+    return early
 
 
 def _build_failure(exc: BaseException) -> str:

@@ -208,13 +208,7 @@ def test_cli_runs_without_a_prefect_server(make_workspace, tmp_path) -> None:
     as events), and the process is left pointing at no server, so a second command
     called in the same process does not talk to one that is gone."""
     ws = make_workspace(rows=20)
-    # a run a killed process left running: the build closes it, with a warning
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    with ws.store.begin() as conn:
-        conn.execute(runs.insert().values(
-            id="run-abandoned", flow="promo", run_key="k", dry_run=False, status="running",
-            started_at=datetime(2026, 1, 1), owner=f"{socket.gethostname()}:{gone.pid}"))
+    _abandoned_run(ws)  # the build closes it, with a warning
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     home = tmp_path / "prefect-home"
     env["PREFECT_HOME"] = str(home)
@@ -263,13 +257,25 @@ def test_cli_runs_without_a_prefect_server(make_workspace, tmp_path) -> None:
         "run-abandoned": "failed", summary["run_id"]: "completed"}
 
 
+def _abandoned_run(ws) -> None:
+    """A run a killed process left running (run key ``k``)."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    with ws.store.begin() as conn:
+        conn.execute(runs.insert().values(
+            id="run-abandoned", flow="promo", run_key="k", dry_run=False, status="running",
+            started_at=datetime(2026, 1, 1), owner=f"{socket.gethostname()}:{gone.pid}"))
+
+
 def test_an_early_build_that_fails_fails_its_flow_run(make_workspace, tmp_path) -> None:
     """A segment that fails (a key twice) while the temporary server starts: the command
     says why in one line naming the segment's file, sends nothing, and the Prefect flow
-    run is failed at its build-audience task, as when the task builds."""
+    run is failed at its build-audience task, as when the task builds. A warning of the
+    build (made before Prefect's logging is set up) is printed once, before that line."""
     columns = "SELECT id, name, email, phone, tier, locale, score FROM people"
     broken = f"{columns} WHERE score >= :min_score\nUNION ALL\n{columns} WHERE id = 1"
     ws = make_workspace({"audiences/people.sql": broken}, rows=20)
+    _abandoned_run(ws)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     home = tmp_path / "prefect-home"
     env["PREFECT_HOME"] = str(home)
@@ -277,15 +283,18 @@ def test_an_early_build_that_fails_fails_its_flow_run(make_workspace, tmp_path) 
     proc = subprocess.run([herald, "run", "promo", "-w", str(ws.root)], capture_output=True,
                           text=True, env=env, timeout=240)
     assert proc.returncode == 1, proc.stderr[-2000:]
+    said = " ".join(proc.stderr.split())  # (a terminal's width wraps the warning)
+    assert said.count("run run-abandoned was left running by a process that ended") == 1
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "people.sql" in lines[0] and "duplicate" in lines[0], lines
+    assert "people.sql" in lines[-1] and "duplicate" in lines[-1], lines
+    assert not any("people.sql" in line for line in lines[:-1]), lines
     assert outbox_messages(ws) == 0
     with sqlite3.connect(home / "prefect.db") as db:
         flows = [state for (state,) in db.execute("SELECT state_type FROM flow_run")]
         tasks = db.execute("SELECT name, state_type FROM task_run").fetchall()
     assert flows == ["FAILED"] and tasks == [("build-audience", "FAILED")], (flows, tasks)
-    [record] = list_runs(ws.store)
-    assert record.status == "failed" and record.error == lines[0].removeprefix("error: ")
+    [record] = [r for r in list_runs(ws.store) if r.id != "run-abandoned"]
+    assert record.status == "failed" and record.error == lines[-1].removeprefix("error: ")
 
 
 def test_an_early_build_is_closed_when_the_server_never_answers(make_workspace,
@@ -312,7 +321,7 @@ def test_an_early_build_no_task_took_is_recorded_failed(make_workspace) -> None:
     answered, a signal while it started, a flow run that ended first) is closed as
     failed with the reason, once; one a task took is left to its run."""
     from herald.core.errors import RunError
-    from herald.flows.campaign import build_early
+    from herald.flows.engine import build_early
 
     ws = make_workspace(rows=20)
     reasons = {"signal": KeyboardInterrupt("SIGTERM"), "server": RunError("no answer"),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import threading
 from typing import Annotated
 
 import typer
@@ -94,21 +97,29 @@ def run(ctx: typer.Context, flow: str, param: ParamOpt = None,
         return
     if state.debug:
         os.environ["HERALD_DEBUG"] = "1"  # the flow raises with its traceback
-    from herald.flows import campaign
-    prefect_console(verbose)
     from herald.flows.cli.live import LiveReport
-    from herald.flows.engine import began_sending, stop_on_signals
+    from herald.flows.engine import began_sending, build_early, stop_on_signals
     from herald.flows.progress import watching
 
     watcher = LiveReport(err)
     try:
         with stop_on_signals(sending=False):
-            # a signal while the audience is built or the server starts stops the
-            # command like any other
+            # a signal while the audience is built or Prefect starts stops the command
+            # like any other
             early = None
-            if server.starting and not resend_render_errors:
-                # the server takes 2-3 s more to answer: the audience is built meanwhile
-                early = campaign.build_early(ws, flow, params, run_key, dry_run)
+            if not resend_render_errors:
+                # Prefect is imported (1 s) and its temporary server, if any, gets ready
+                # (2-3 s more) while the audience is built
+                held = "prefect.main" not in sys.modules  # Prefect's logging not set up
+                importing = _import_prefect()
+                try:
+                    early = build_early(ws, flow, params, run_key, dry_run, hold=held)
+                finally:
+                    importing.join()
+            from herald.flows import campaign
+            prefect_console(verbose)
+            if early is not None:
+                early.show()
             try:
                 server.attach()
             except BaseException as exc:
@@ -143,6 +154,20 @@ def run(ctx: typer.Context, flow: str, param: ParamOpt = None,
         out.print(summary["message"])
     else:
         print_summary(summary)
+
+
+def _import_prefect() -> threading.Thread:
+    """Import Prefect's package in a thread of its own while the audience is built (the
+    build mostly waits for its database). Not ``prefect.main``, which sets up logging:
+    that is left to the command's thread, once the build's records are kept."""
+    def load() -> None:
+        with contextlib.suppress(BaseException):  # the command's own import says why
+            import prefect.flows
+            import prefect.tasks  # noqa: F401
+
+    thread = threading.Thread(target=load, name="herald-import-prefect", daemon=True)
+    thread.start()
+    return thread
 
 
 def _runner(ws: Workspace, kind: str | None, address: str | None) -> TaskRunnerSpec | None:

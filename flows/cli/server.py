@@ -7,10 +7,10 @@ process (1.4 s on the 2-core machine of BENCHMARKS.md), starts ``uvicorn`` with 
 in a child process, and waits while the child imports the same package again and
 creates the app (4-5 s more). Herald starts that same child as the command starts, with
 Prefect's own command line, so the server gets ready on the other core while the command
-checks the flow and imports Prefect; the command then points Prefect at it and never
-imports the server package. The child is started in a session of its own (a terminal's
-Ctrl-C reaches the command, which stops between batches, not the server it still needs)
-and stopped when the command's process exits.
+checks the flow, builds its audience and imports Prefect; the command then points
+Prefect at it and never imports the server package. The child is started in a session
+of its own (a terminal's Ctrl-C reaches the command, which stops between batches, not
+the server it still needs) and stopped when the command's process exits.
 
 Whether Prefect has an address of its own (the environment, a profile, ``prefect.toml``
 or ``.env``) is only known once Prefect's settings are read: a server started early for
@@ -83,11 +83,6 @@ class TemporaryServer:
         # that at exit; nothing to do unless started
         command.call_on_close(self.stop)
         atexit.register(self.stop)
-
-    @property
-    def starting(self) -> bool:
-        """Whether a server was started for this command (``start``) and not stopped."""
-        return self.process is not None
 
     @property
     def api_url(self) -> str:
