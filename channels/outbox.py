@@ -38,6 +38,19 @@ class OutboxSettings(ChannelSettings):
     sender: str = "Herald outbox <outbox@herald.invalid>"  # the From of .eml files
 
 
+def outbox_dir(settings: OutboxSettings, workspace: Path) -> Path:
+    """The folder an outbox channel writes under (a relative ``dir``: in the workspace)."""
+    base = Path(settings.dir)
+    return base if base.is_absolute() else workspace / base
+
+
+def blocked(settings: OutboxSettings, workspace: Path) -> Path | None:
+    """A file where the channel's folder, or a folder above it, should be (nothing can be
+    written under it); None when there is none."""
+    base = outbox_dir(settings, workspace)
+    return base if base.exists() and not base.is_dir() else file_in_the_way(base)
+
+
 def safe_name(key: str) -> str:
     """A file name for a recipient key: readable, and distinct for distinct keys."""
     cleaned = _UNSAFE.sub("_", key)[:80].lstrip(".") or "_"
@@ -58,10 +71,8 @@ class OutboxChannel(Channel):
     def folder(self) -> Path:
         settings = self.settings
         assert isinstance(settings, OutboxSettings)
-        base = Path(settings.dir)
-        if not base.is_absolute():
-            base = self.context.workspace / base
-        return base / safe_name(self.context.flow) / safe_name(self.context.run_key)
+        return (outbox_dir(settings, self.context.workspace) / safe_name(self.context.flow)
+                / safe_name(self.context.run_key))
 
     async def send_batch(self, messages: Sequence[Message]) -> list[SendResult]:
         # file I/O off the event loop: other channels of the chunk keep sending

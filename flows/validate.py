@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from herald.audiences.sql import Segment, load_segment, probe_columns, segment_params
+from herald.channels import outbox
 from herald.channels.outbox import OutboxSettings
 from herald.core.errors import (
     AudienceError,
@@ -20,7 +20,7 @@ from herald.core.errors import (
     WorkspaceError,
     did_you_mean,
 )
-from herald.core.files import file_in_the_way, read_text
+from herald.core.files import read_text
 from herald.core.spec import CapRule, FlowCapRule, FlowSpec, Param
 from herald.core.workspace import CONFIG_FILE, Workspace
 from herald.delivery.render import Templates, templates_for
@@ -45,9 +45,7 @@ def outbox_problems(ws: Workspace, channels: Collection[str]) -> list[Problem]:
         settings = ws.channels.get(name)
         if not isinstance(settings, OutboxSettings):
             continue
-        base = Path(settings.dir)
-        base = base if base.is_absolute() else ws.root / base
-        blocking = base if base.exists() and not base.is_dir() else file_in_the_way(base)
+        blocking = outbox.blocked(settings, ws.root)
         if blocking is not None:
             found.append(Problem(
                 f"channel '{name}' writes under {settings.dir}, but "
