@@ -10,10 +10,10 @@ import sqlite3
 import subprocess
 import sys
 import time
-from datetime import datetime
 
 import pytest
 
+from herald.core import clock
 from herald.core.db import runs
 from herald.delivery.run_records import list_runs
 from herald.flows.cli import main
@@ -264,7 +264,7 @@ def _abandoned_run(ws) -> None:
     with ws.store.begin() as conn:
         conn.execute(runs.insert().values(
             id="run-abandoned", flow="promo", run_key="k", dry_run=False, status="running",
-            started_at=datetime(2026, 1, 1), owner=f"{socket.gethostname()}:{gone.pid}"))
+            started_at=clock.now(), owner=f"{socket.gethostname()}:{gone.pid}"))
 
 
 def test_an_early_build_that_fails_fails_its_flow_run(make_workspace, tmp_path) -> None:
