@@ -96,6 +96,13 @@ class SendResult:
                    throttled=throttled)
 
     @classmethod
+    def held_back(cls, by: SendResult, seconds: float) -> SendResult:
+        """A message not sent because throttling answer ``by`` paused its channel for
+        ``seconds`` more (the provider asked for a long wait): retryable after them."""
+        return cls(Outcome.RETRYABLE, code=by.code, retry_after=seconds,
+                   detail=f"not sent: the provider asked the channel to wait ({by.detail})")
+
+    @classmethod
     def permanent(cls, code: str | None, detail: str, suppress: bool = False) -> SendResult:
         return cls(Outcome.PERMANENT, code=code, detail=detail, suppress=suppress)
 
@@ -188,11 +195,9 @@ class Channel(ABC):
                     results[i] = SendResult.fatal(fatal[0].code, "not sent: the channel "
                                                   f"stopped: {fatal[0].detail}")
                     continue
-                paused = self._paused_until - time.monotonic()
-                if paused > 0 and self._paused_by is not None:
-                    results[i] = SendResult.retryable(
-                        self._paused_by.code, "not sent: the provider asked the channel "
-                        f"to wait ({self._paused_by.detail})", retry_after=paused)
+                held = self.held()
+                if held is not None:
+                    results[i] = SendResult.held_back(*held)
                     continue
                 try:
                     result = await self.send_one(messages[i])
@@ -204,9 +209,7 @@ class Channel(ABC):
                 if result.outcome is Outcome.FATAL:
                     fatal.append(result)
                 elif result.throttled and (result.retry_after or 0) >= PAUSE_AFTER:
-                    self._paused_until = max(self._paused_until,
-                                             time.monotonic() + (result.retry_after or 0))
-                    self._paused_by = result
+                    self.pause(result, result.retry_after or 0)
                 results[i] = result
 
         workers = min(self.concurrency(), len(messages))
@@ -215,6 +218,20 @@ class Channel(ABC):
         else:
             await asyncio.gather(*(worker() for _ in range(workers)))
         return [r for r in results if r is not None]
+
+    def pause(self, by: SendResult, seconds: float) -> None:
+        """Send nothing for ``seconds``: each message meanwhile is held back (retryable
+        after the wait) without a request. ``by`` is the throttling answer that asked for
+        the wait, this instance's or, through the channel's shared rate limit, another
+        process's (herald.delivery.ratelimit)."""
+        until = time.monotonic() + seconds
+        if until > self._paused_until:
+            self._paused_until, self._paused_by = until, by
+
+    def held(self) -> tuple[SendResult, float] | None:
+        """The pause in force: the answer that asked for it and the seconds left."""
+        left = self._paused_until - time.monotonic()
+        return (self._paused_by, left) if left > 0 and self._paused_by is not None else None
 
     async def aclose(self) -> None:
         """Release connections. Safe to call more than once."""

@@ -249,7 +249,8 @@ channel_token_forces = Table(
 
 # A channel's rate limit, the provider account's, shared by every process that sends on
 # it (herald.delivery.ratelimit): the next free sending slot and the rate now in force
-# (halved on throttling, recovering with sends), as seconds on the database's clock.
+# (halved on throttling, recovering with sends) and a pause the provider asked for, as
+# seconds on the database's clock.
 rate_limits = Table(
     "herald_rate_limits", metadata,
     Column("channel", String(64), primary_key=True),
@@ -257,6 +258,11 @@ rate_limits = Table(
     Column("rate", Float, nullable=False),  # the rate in force (AIMD)
     Column("next_at", Float, nullable=False),  # the next free slot
     Column("cut_at", Float, nullable=False),  # when the rate was last halved
+    # a throttling answer's long wait (429 with Retry-After: 120): nothing is sent on the
+    # channel before paused_until; the answer's code and detail say why
+    Column("paused_until", Float),
+    Column("paused_code", String(64)),
+    Column("paused_detail", Text),
 )
 
 

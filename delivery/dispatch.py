@@ -360,7 +360,9 @@ async def send_paced(channel: Channel, messages: Sequence[Message], limiter: Rat
     tenth of a second's worth, each handed over at its claimed slot. Slices overlap when
     the provider answers slower than the rate allows, as many as the channel's
     concurrency holds. A fatal answer stops the slices not yet handed over; a throttling
-    answer slows the shared rate down at once, not at the end of the batch."""
+    answer slows the shared rate down at once, not at the end of the batch, and one that
+    asks for a long wait pauses the channel: the slices after it, here and in every
+    process claiming on the channel, are held back without a request."""
     size, concurrency, slices = limiter.slice_size(), channel.concurrency(), 1
     if size < concurrency:  # whole slices in flight that fill the channel's concurrency
         slices = concurrency // size
@@ -382,12 +384,20 @@ async def send_paced(channel: Channel, messages: Sequence[Message], limiter: Rat
         for start in range(0, len(messages), size):
             part = messages[start:start + size]
             await room.acquire()
-            if not fatal:
-                await limiter.acquire(len(part))
+            held = channel.held()  # its own answer's pause, or a shared one seen before
+            if not fatal and held is None:
+                claim = await limiter.acquire(len(part))
+                if claim.paused_by is not None:  # another slice's, chunk's or process's
+                    channel.pause(claim.paused_by, claim.paused_for)
+                    held = channel.held()
             if fatal:
                 room.release()
                 parts.append([SendResult.fatal(fatal[0].code, "not sent: the channel "
                                                f"stopped: {fatal[0].detail}")] * len(part))
+                continue
+            if held is not None:
+                room.release()
+                parts.append([SendResult.held_back(*held)] * len(part))
                 continue
             parts.append(asyncio.create_task(send(part)))
         await asyncio.gather(*(p for p in parts if isinstance(p, asyncio.Task)))

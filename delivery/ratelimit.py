@@ -24,6 +24,14 @@ flight is one signal), down to a 64th of the configured rate. Each process's suc
 sends add back 5% of the configured rate per second's worth of sends, so the processes
 together recover at the pace one process would. A channel idle for a minute, or whose
 configured rate changed, starts again at the configured rate.
+
+Pauses: a throttling answer that asks for a long wait (Retry-After of PAUSE_AFTER
+seconds or more: 429 with Retry-After: 120) pauses the channel for every process, not
+only for the chunk that was told: the row keeps until when (``paused_until``) and the
+answer's code and detail. A claim during the pause takes no slot and returns the pause,
+and the sender holds its messages back without a request (``SendResult.held_back``:
+retried after the wait when it is short, else deferred past it), as the channel that got
+the answer does itself.
 """
 
 from __future__ import annotations
@@ -34,10 +42,11 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from sqlalchemy import Engine, text
 
-from herald.channels.base import Outcome, SendResult
+from herald.channels.base import PAUSE_AFTER, Outcome, SendResult
 from herald.core.db import clock_sql, writing
 
 log = logging.getLogger("herald.dispatch")
@@ -46,6 +55,16 @@ SLICE_SECONDS = 0.1  # the slots claimed in one round trip: a tenth of a second'
 IDLE_RESET = 60.0  # seconds without a claim after which a slowed rate starts afresh
 RECOVERY = 0.05  # of the configured rate, per second's worth of successful sends
 FLOOR = 1 / 64  # the lowest rate throttling brings, as a share of the configured one
+
+
+class Claim(NamedTuple):
+    """A claim's answer: the seconds to wait for the first slot, or, when the channel is
+    paused, no slot (``wait`` 0) and the throttling answer that paused it with the
+    seconds left."""
+
+    wait: float
+    paused_by: SendResult | None = None
+    paused_for: float = 0.0
 
 
 class RateLimiter:
@@ -61,10 +80,17 @@ class RateLimiter:
         self._cut_seen = float("-inf")  # when this process last halved the rate
         self._lock = threading.Lock()
         clock = clock_sql(store.dialect.name)
+        # paused: no slot taken (next_at stays), the pause's seconds left returned
         self._claim = text(
-            "UPDATE herald_rate_limits SET next_at = CASE WHEN next_at > "
-            f"{clock} THEN next_at ELSE {clock} END + :n / rate WHERE channel = :channel "
-            f"RETURNING next_at - :n / rate - {clock}, rate")
+            f"UPDATE herald_rate_limits SET next_at = CASE WHEN paused_until > {clock} "
+            f"THEN next_at WHEN next_at > {clock} THEN next_at + :n / rate "
+            f"ELSE {clock} + :n / rate END WHERE channel = :channel "
+            f"RETURNING next_at - :n / rate - {clock}, rate, paused_until - {clock}, "
+            "paused_code, paused_detail")
+        self._pause = text(
+            f"UPDATE herald_rate_limits SET paused_until = {clock} + :seconds, "
+            "paused_code = :code, paused_detail = :detail WHERE channel = :channel AND "
+            f"(paused_until IS NULL OR paused_until < {clock} + :seconds)")
         step = f"{RECOVERY} * ceiling * :sent / (CASE WHEN rate > 1 THEN rate ELSE 1 END)"
         self._recover = text(
             f"UPDATE herald_rate_limits SET rate = CASE WHEN rate + {step} > ceiling "
@@ -87,8 +113,9 @@ class RateLimiter:
         """How many messages to claim at once: a tenth of a second's worth, at least one."""
         return max(1, int(self.rate * SLICE_SECONDS))
 
-    def claim(self, n: int) -> float:
-        """Claim the next ``n`` slots; the seconds to wait for the first of them."""
+    def claim(self, n: int) -> Claim:
+        """Claim the next ``n`` slots: the seconds to wait for the first of them, or the
+        pause in force (no slot taken)."""
         with self._lock:
             sent, self._sent = self._sent, 0
         with writing(self.store) as conn:
@@ -98,9 +125,21 @@ class RateLimiter:
             if row is None:  # the row went (a database emptied by hand): start afresh
                 conn.execute(self._insert, {"channel": self.channel, "rate": self.ceiling})
                 row = conn.execute(self._claim, {"channel": self.channel, "n": n}).one()
-        wait, rate = row
+        wait, rate, paused, code, detail = row
         self.rate = float(rate)
-        return max(0.0, float(wait))
+        if paused is not None and paused > 0:
+            return Claim(0.0, SendResult.retryable(code, detail or "no detail",
+                                                   throttled=True), float(paused))
+        return Claim(max(0.0, float(wait)))
+
+    def pause(self, by: SendResult, seconds: float) -> None:
+        """A throttling answer asked for a long wait: every process sends nothing on the
+        channel for ``seconds`` (unless a longer pause is already in force)."""
+        with writing(self.store) as conn:
+            conn.execute(self._pause, {"channel": self.channel, "seconds": seconds,
+                                       "code": by.code, "detail": by.detail})
+        log.warning("channel %s: the provider asked for a wait of %.0f s; no process sends "
+                    "on the channel meanwhile (%s)", self.channel, seconds, by.detail)
 
     def slow_down(self) -> None:
         """A throttling answer: halve the shared rate, unless some process did within
@@ -122,17 +161,22 @@ class RateLimiter:
             with self._lock:
                 self._sent += sent
 
-    async def acquire(self, n: int) -> None:
-        """Wait until ``n`` messages may go (their slots are claimed)."""
-        wait = await asyncio.to_thread(self.claim, n)
-        if wait > 0:
-            await asyncio.sleep(wait)
+    async def acquire(self, n: int) -> Claim:
+        """Wait until ``n`` messages may go (their slots are claimed); when the channel
+        is paused, at once, saying so (no slots claimed)."""
+        claim = await asyncio.to_thread(self.claim, n)
+        if claim.wait > 0:
+            await asyncio.sleep(claim.wait)
+        return claim
 
     async def observe(self, results: Sequence[SendResult]) -> None:
-        """Adapt the shared rate to a slice's answers."""
+        """Adapt the shared rate to a slice's answers; share a long wait asked for."""
         self.recover(sum(r.outcome is Outcome.SENT for r in results))
         if any(r.throttled for r in results):
             await asyncio.to_thread(self.slow_down)
+            longest = max(results, key=lambda r: (r.retry_after or 0) if r.throttled else 0)
+            if longest.throttled and (longest.retry_after or 0) >= PAUSE_AFTER:
+                await asyncio.to_thread(self.pause, longest, longest.retry_after or 0)
 
 
 _limiters: weakref.WeakKeyDictionary[Engine, dict[tuple[str, float], RateLimiter]] = \

@@ -810,14 +810,15 @@ def hook(tmp_path: Path) -> Any:
 
 
 def hook_ws(make_workspace: Any, peer: Peer, rows: int = 20, store: str | None = None,
-            settings: str = "") -> Any:
+            settings: str = "", chunk_size: int = 40, config: str = "") -> Any:
     """A promo flow sending through a webhook to ``peer``; ``settings`` are more of the
-    channel's (``, concurrency: 1``: one request at a time, in the recipients' order)."""
+    channel's (``, concurrency: 1``: one request at a time, in the recipients' order),
+    ``config`` more lines of herald.yaml."""
     return make_workspace({
         "config/herald.yaml": (
             "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
             f"  hook: {{type: webhook, url: \"{peer.url}/send\", address: email, "
-            f"timeout: 1{settings}}}\nchunk_size: 40\n"),
+            f"timeout: 1{settings}}}\nchunk_size: {chunk_size}\n{config}"),
         FLOW: PROMO_YAML.replace("gold: {channels: [email, sms]}", "gold: {channels: [hook]}")
         .replace("default: {channels: [sms, email]}", "default: {channels: [hook]}"),
         "templates/promo/default.webhook.txt.j2": "Hello {{ name }}"}, rows=rows, store=store)
@@ -1957,3 +1958,29 @@ def test_a_long_retry_after_pauses_the_channel_instead_of_asking_again(make_work
     held = [r for r in every[2:] if ledger[r][0] != "no_address"]
     assert all(ledger[r][0] == "deferred" for r in held), ledger
     assert "the provider asked the channel to wait" in str(ledger["4"][1])
+
+
+def test_a_long_retry_after_pauses_the_channel_in_every_worker_process(
+        make_workspace, hook, store_url) -> None:
+    """The pause after a 429 asking for 120 s held only the chunk that was told: with
+    chunks in two worker processes, every chunk after it asked again (and was refused,
+    counting against the account) before pausing itself. Now the channel's shared rate
+    limit carries the pause: once told, no process asks until then."""
+    ws = hook_ws(make_workspace, hook, rows=80, store=store_url, chunk_size=8,
+                 settings=", concurrency: 1, rate: 20/s",
+                 config="max_workers: 2\ntask_runner: {type: processes, workers: 2}\n")
+    every = [str(i) for i in range(1, 81)]
+    for r in every:  # what anyone asked after the pause began would get
+        hook.script(r, ("status", 429, {"Retry-After": "120"}))
+    summary = engine.run_local(ws, "promo", run_key="pause")
+    ledger = _ledger(ws, "pause")
+    asked = [str(r.json()["recipient"]) for r in hook.requests]
+    assert summary["deliveries"]["sent"] == 0
+    # the first answer paused the channel; the other process may have claimed its next
+    # slice (two messages at 20/s) before the pause was written, and nobody asks more
+    assert 1 <= len(asked) <= 3, asked
+    held = [r for r in every if ledger[r][0] not in ("no_address", "held_out")]
+    assert len(held) > 40 and all(ledger[r][0] == "deferred" for r in held), ledger
+    waited = [r for r in held if r not in asked]
+    assert all("the provider asked the channel to wait (HTTP 429" in str(ledger[r][1])
+               for r in waited), ledger
