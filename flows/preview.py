@@ -39,17 +39,18 @@ def render_samples(ws: Workspace, flow_name: str, params: Mapping[str, Param],
     job = Job(flow.name, default_run_key(ws, flow_name), "preview")
     samples = []
     addresses = Addresses(ws)
-    # each sample's channels in the tier's order, with its address for each (or None)
-    options = [[(c, addresses.of(c, r.data)[0]) for c in entry[1].channels]
-               if (entry := flow.tier_for(r.tier)) else [] for r in recipients]
+    # each sample's tier entry, and its channels in the tier's order with its address
+    # for each (or None)
+    entries = [flow.tier_for(r.tier) for r in recipients]
+    options = [[(c, addresses.of(c, r.data)[0]) for c in entry[1].channels] if entry else []
+               for r, entry in zip(recipients, entries, strict=True)]
     messages = [(r.key, channel, address)
                 for r, found in zip(recipients, options, strict=True)
                 for channel, address in found if address]
     with ws.store.connect() as conn:  # passed over where the suppression list stops them
         stopped = suppression.stopping(conn, messages, addresses.region)
-    for recipient, found in zip(recipients, options, strict=True):
+    for recipient, entry, found in zip(recipients, entries, options, strict=True):
         row_tier = recipient.tier
-        entry = flow.tier_for(row_tier)
         sample: dict[str, Any] = {"recipient": recipient.key, "tier": row_tier,
                                   "channel": None, "status": "no_address"}
         if entry is None:
