@@ -50,6 +50,14 @@ class SourceError(WorkspaceError):
     add no location of their own)."""
 
 
+def _with_unset(problems: list[Problem], doc: Located) -> list[Problem]:
+    """``problems`` of config/herald.yaml, and the channels' unset environment variables
+    (left to the commands that send when the file is right) after them: the file is
+    refused anyway, and its operator fixes everything at once."""
+    seen = {p.field for p in problems}
+    return [*problems, *(p for p in doc.missing_env if p.field not in seen)]
+
+
 class Workspace:
     """The operator's files and the databases they name."""
 
@@ -82,7 +90,8 @@ class Workspace:
             more = _channel_settings(raw, doc)[2] if isinstance(raw, dict) and all(
                 isinstance(v, dict) for v in raw.values()) else []
             seen = {p.field for p in exc.problems}
-            raise ConfigError([*exc.problems, *(p for p in more if p.field not in seen)]
+            raise ConfigError(_with_unset([*exc.problems, *(p for p in more
+                                                             if p.field not in seen)], doc)
                               ) from None
         channels, kinds, problems = _channel_settings(config.channels, doc)
         driver = driver_problem(config.store)
@@ -99,7 +108,7 @@ class Workspace:
                 f"{', '.join(config.sources) or 'none'})", file=doc.file,
                 line=doc.line_of(("writeback", "source")), field="writeback.source"))
         if problems:
-            raise ConfigError(problems)
+            raise ConfigError(_with_unset(problems, doc))
         return cls(path, config, channels, kinds, doc)
 
     def missing_secrets(self, channels: Iterable[str]) -> list[Problem]:

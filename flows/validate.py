@@ -67,11 +67,12 @@ def check_flow(ws: Workspace, name: str, overrides: Mapping[str, Param] | None =
     flow = ws.flow(name)  # ConfigError for the YAML itself
     file = ws.flow_file(name)
     problems: list[Problem] = param_problems(ws, flow, overrides or {})
-    if problems:
-        raise ValidationFailed(problems)
+    wrong_params = bool(problems)
     if secrets:
         problems.extend(ws.missing_secrets(flow.channel_names()))
         problems.extend(outbox_problems(ws, flow.channel_names()))
+    if wrong_params:  # the segment cannot be run: what else is known is said with them
+        raise ValidationFailed(problems)
     try:
         segment = load_segment(ws, flow, overrides)
         columns = probe_columns(ws, flow, segment)

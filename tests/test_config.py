@@ -435,6 +435,38 @@ def test_missing_secret_env_var_is_named_not_printed(make_workspace, monkeypatch
     assert ws.missing_secrets(["sms"]) == []
 
 
+def test_unset_secrets_are_listed_with_the_other_problems(make_workspace, monkeypatch,
+                                                            capsys) -> None:
+    """An unset secret was said only once everything else was right: an operator who
+    fixed a typo in herald.yaml, or a wrong --param, learnt of it at the next try."""
+    monkeypatch.delenv("HERALD_TEST_SMTP_PASSWORD", raising=False)
+    smtp = ('  email: {type: smtp, host: mx.example.com, sender: "a@example.com",\n'
+            '          password: "${HERALD_TEST_SMTP_PASSWORD}"}\n')
+    unset = ("config/herald.yaml:4 channels.email.password: environment variable "
+             "HERALD_TEST_SMTP_PASSWORD is not set")
+    ws = make_workspace({"config/herald.yaml": 'sources: {crm: "sqlite:///crm.db"}\n'
+                         "channels:\n" + smtp + "  sms: {type: outbox, kind: sms}\n"})
+    with pytest.raises(ValidationFailed) as exc:
+        check_flow(ws, "promo", {"min_score": "lots"})
+    assert len(problems(exc)) == 2 and problems(exc)[1] == unset, problems(exc)
+    assert "min_score" in problems(exc)[0]
+    for typo, said in (("chunk_size: lots\n", "chunk_size: must be"),
+                       ("chunk_sise: 10\n", "unknown key 'chunk_sise'"),
+                       ("caps: [{max: 1, per: day, channel: fax}]\n", "unknown channel 'fax'")):
+        (ws.root / "config/herald.yaml").write_text(
+            'sources: {crm: "sqlite:///crm.db"}\nchannels:\n' + smtp
+            + "  sms: {type: outbox, kind: sms}\n" + typo)
+        with pytest.raises(ConfigError) as err:
+            Workspace.open(ws.root)
+        assert len(problems(err)) == 2 and said in problems(err)[0], problems(err)
+        assert problems(err)[1] == unset
+        with pytest.raises(SystemExit) as done:
+            main(["validate", "-w", str(ws.root)])
+        assert done.value.code == 1
+        printed = capsys.readouterr().err
+        assert said in printed and unset in printed, printed
+
+
 def test_not_a_workspace(tmp_path) -> None:
     with pytest.raises(WorkspaceError, match="not a Herald workspace"):
         Workspace.open(tmp_path)
