@@ -2,8 +2,10 @@
 
 Answers are classified per message: accepted → sent (with the server's queue id when it
 gives one); a refused recipient or message with a 5xx → permanent (hard bounces such as
-550/551/553 about the mailbox, 5.1.x or 5.2.x or no enhanced code, also go to the
-suppression list; a 5.7.x policy answer such as a blocklisted sending host does not);
+550/551/553 saying the address is dead, 5.1.1/5.1.2/5.1.3/5.1.6/5.1.10/5.2.1 or no
+enhanced code, also go to the suppression list; one about the sender's address (5.1.7,
+5.1.8), a full mailbox or a 5.7.x policy answer such as a blocklisted sending host does
+not); a message over the server's SIZE (552 to MAIL FROM, RFC 1870) → permanent for it;
 450/451 (greylisting and other "try later" answers) → retryable after GREYLIST_WAIT,
 which defers the recipient to a later run; another 4xx → retryable; a connection
 dropped or timed out before the message's data was handed over, or closed by the server
@@ -139,6 +141,9 @@ class SmtpChannel(Channel):
             refused = exc.recipients[0]
             return _classify(refused.code, refused.message, recipient=True)
         except aiosmtplib.SMTPSenderRefused as exc:
+            if exc.code == 552:  # RFC 1870: this message is over the server's SIZE
+                return SendResult.permanent("552", f"the message is too large for "
+                                            f"{where}: {exc.message[:120]}")
             if exc.code >= 500:
                 return SendResult.fatal(str(exc.code), f"sender refused: {exc.code} "
                                                        f"{exc.message[:120]}")
@@ -189,14 +194,20 @@ def _classify(code: int, text: str, recipient: bool) -> SendResult:
 
 
 # RFC 3463's enhanced status code at the start of the text: class.subject.detail
-_ENHANCED = re.compile(r"^\s*[245]\.(\d{1,3})\.\d{1,3}\b")
+_ENHANCED = re.compile(r"^\s*[245]\.(\d{1,3}\.\d{1,3})\b")
+# the enhanced codes of a hard bounce that say the recipient's address is dead (IANA's
+# registry): 1.1 bad mailbox, 1.2 bad destination system, 1.3 bad address syntax, 1.6
+# mailbox moved without a forwarding address, 1.10 a domain that accepts no mail (RFC
+# 7505), 2.1 mailbox disabled
+_DEAD_ADDRESS = frozenset({"1.1", "1.2", "1.3", "1.6", "1.10", "2.1"})
 
 
 def _about_the_mailbox(text: str) -> bool:
-    """Whether a hard bounce is about the recipient's address or mailbox (X.1.x: no
-    such user, bad address; X.2.x: mailbox disabled), or says nothing finer. A policy
-    answer (X.7.x: the sending host is on a blocklist, relaying denied) or a system or
-    network one is about the sender's side: suppressing would drop the address for
-    good, for every recipient such a server refuses."""
+    """Whether a hard bounce says the recipient's address is dead (see _DEAD_ADDRESS),
+    or says nothing finer. Anything else is not: the sender's address or domain (X.1.7,
+    X.1.8: its DNS or SPF), a full mailbox or a message too long (X.2.2, X.2.3), a
+    policy answer (X.7.x: the sending host is on a blocklist, relaying denied), the
+    system or the network. Suppressing on those would drop the address for good, for
+    every recipient such a server refuses."""
     found = _ENHANCED.match(text)
-    return found is None or found.group(1) in ("1", "2")
+    return found is None or found.group(1) in _DEAD_ADDRESS

@@ -111,18 +111,46 @@ def test_refusals_are_classified_per_recipient(smtp_server, tmp_path) -> None:
                                            "using zen.spamhaus.org",
                       "user5@example.com": "550 5.2.1 mailbox disabled",
                       "user6@example.com": "550 Requested action not taken: mailbox "
-                                           "unavailable"}
-    results = send(channel(port, tmp_path), [message(i) for i in range(8)])
+                                           "unavailable",
+                      # about the sender's own address or domain (its DNS, its SPF), as
+                      # Postfix answers RCPT: every recipient there gets it, none is dead
+                      "user8@example.com": "553 5.1.8 <news@shop.example>: Sender address "
+                                           "rejected: Domain not found",
+                      "user9@example.com": "550 5.1.7 Bad sender's mailbox address syntax",
+                      "user10@example.com": "552 5.2.2 mailbox full",
+                      "user11@example.com": "550 5.1.10 Recipient address has null MX"}
+    results = send(channel(port, tmp_path), [message(i) for i in range(12)])
     assert [r.outcome for r in results] == [Outcome.SENT, Outcome.PERMANENT,
                                             Outcome.RETRYABLE, Outcome.PERMANENT,
                                             Outcome.PERMANENT, Outcome.PERMANENT,
-                                            Outcome.PERMANENT, Outcome.SENT]
+                                            Outcome.PERMANENT, Outcome.SENT,
+                                            *[Outcome.PERMANENT] * 4]
+    assert [r.suppress for r in results[8:]] == [False, False, False, True]
     assert (results[1].code, results[1].suppress) == ("550", True)
     assert results[1].detail == "550 5.1.1 no such user"
     assert (results[3].code, results[3].suppress) == ("554", False)
     assert (results[4].code, results[4].suppress) == ("550", False)
     assert [r.suppress for r in results[5:7]] == [True, True]
     assert len(handler.received) == 2
+
+
+def test_a_message_over_the_servers_size_fails_alone(tmp_path) -> None:
+    """A server with SIZE answers MAIL FROM for a message over its limit with 552 (RFC
+    1870), as aiosmtpd does by itself: that message failed as if the sender were
+    refused, stopping the channel for every message after it."""
+    handler = Handler()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port, data_size_limit=2000)
+    controller.start()
+    try:
+        results = send(channel(port, tmp_path), [message(1), message(2, body="x" * 5000),
+                                                 message(3)])
+    finally:
+        controller.stop()
+    assert [r.outcome for r in results] == [Outcome.SENT, Outcome.PERMANENT, Outcome.SENT]
+    assert results[1].code == "552" and "too large" in (results[1].detail or "")
+    assert not results[1].suppress
+    assert [m["To"] for m in handler.received] == ["user1@example.com", "user3@example.com"]
 
 
 def test_dropped_connection_reconnects_for_the_rest(smtp_server, tmp_path) -> None:
