@@ -152,6 +152,10 @@ class DeadlineTransport(httpx.AsyncBaseTransport):
 # why a lost answer is not retried where the provider takes no idempotency key
 MAYBE_SENT = ("the provider may have taken the message (its API takes no idempotency key), "
               "so it is not resent")
+# answers after which such a provider may have taken the message all the same: an
+# internal error, or a gateway's (502, 504) in front of it, which may have passed the
+# request on before failing; 503 (not available) and 429 say it was not taken
+MAYBE_TAKEN = frozenset({500, 502, 504})
 
 
 class HttpChannel(Channel):
@@ -294,8 +298,13 @@ def provider_error(response: httpx.Response) -> tuple[str | None, str | None]:
             " ".join(message.split())[:MAX_PROVIDER_TEXT] if message else None)
 
 
-def classify(response: httpx.Response, message_id: str) -> SendResult:
-    """One HTTP answer as a SendResult (see the module's table)."""
+def classify(response: httpx.Response, message_id: str, *, resends_safely: bool,
+             own_endpoint: bool = False) -> SendResult:
+    """One HTTP answer as a SendResult (the webhook channel's table). ``resends_safely``:
+    the request carried an Idempotency-Key the endpoint drops repeats by (else a 500,
+    502 or 504 may have let the message through, and it is not resent);
+    ``own_endpoint``: the URL is the recipient's own, not the channel's (a refusal of
+    credentials is then about that recipient's endpoint, not about every message)."""
     status = response.status_code
     code = str(status)
     if 200 <= status < 300:
@@ -312,12 +321,23 @@ def classify(response: httpx.Response, message_id: str) -> SendResult:
     if own_code or own_message:  # the provider's own words, which an operator can act on
         code = own_code or code
         detail += ": " + ": ".join(x for x in (own_code, own_message) if x)
+    if status in MAYBE_TAKEN and not resends_safely:
+        return SendResult.unknown(code, f"{detail}: {MAYBE_SENT}")
     if status in (408, 425, 429) or status >= 500:
         return SendResult.retryable(code, detail, retry_after(response.headers.get(
             "Retry-After")), throttled=status == 429)
+    if status == 409 and resends_safely:
+        # the Idempotency-Key draft's answer to a repeat of a request still being
+        # processed (a retry after a timeout): the first may well go through
+        return SendResult.unknown(code, f"{detail}: the endpoint is still processing an "
+                                  "earlier request with this Idempotency-Key, so the "
+                                  "message is not resent")
     if status in (401, 403):
+        if own_endpoint:  # one recipient's endpoint: the others' are not its
+            return SendResult.permanent(code, f"{detail}: the recipient's endpoint refused "
+                                              "the request")
         return SendResult.fatal(code, f"{detail}: the endpoint refused the channel's "
                                       "credentials")
-    if status == 410:
+    if status == 410:  # the webhook's contract: this recipient's address is gone
         return SendResult.permanent(code, f"{detail}: the endpoint is gone", suppress=True)
     return SendResult.permanent(code, detail)

@@ -23,15 +23,25 @@ import hmac
 import json
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time, timedelta
 from typing import Literal
 from urllib.parse import quote
+from zoneinfo import ZoneInfo
 
 import orjson
 from pydantic import SecretStr, model_validator
 
 from herald.channels.base import ChannelContext, ChannelSettings, Message, Outcome, SendResult
-from herald.channels.http import HttpChannel, HttpSettings, classify, json_body, retry_after
+from herald.channels.http import (
+    MAYBE_SENT,
+    MAYBE_TAKEN,
+    HttpChannel,
+    HttpSettings,
+    classify,
+    json_body,
+    retry_after,
+)
+from herald.core import clock
 
 DEFAULT_URLS = {"twilio": "https://api.twilio.com", "aliyun": "https://dysmsapi.aliyuncs.com"}
 
@@ -88,7 +98,11 @@ class SmsSettings(HttpSettings):
 # Twilio error codes (https://www.twilio.com/docs/api/errors) by what they mean here.
 TWILIO_SUPPRESS = {21610}  # the recipient replied STOP
 TWILIO_PERMANENT = {21211, 21214, 21217, 21612, 21614, 21408, 21635, 30003, 30005, 30006}
-TWILIO_FATAL = {20003, 20005, 20404, 21606, 21659, 21660, 30002}  # auth, sender, account
+# auth, account, and the sender or Messaging Service every message goes out from: 21212
+# invalid From, 21601 not a number of the account, 21603 From or MessagingServiceSid
+# missing, 21703-21705 a Messaging Service without numbers or invalid
+TWILIO_FATAL = {20003, 20005, 20404, 21212, 21601, 21603, 21606, 21659, 21660, 21703, 21704,
+                21705, 30002}
 TWILIO_RETRY = {20429, 30001, 30008}
 TWILIO_QUEUE_FULL_WAIT = 600.0  # 21611: seconds before a recipient is tried again
 
@@ -96,14 +110,21 @@ TWILIO_QUEUE_FULL_WAIT = 600.0  # 21611: seconds before a recipient is tried aga
 ALIYUN_PERMANENT = {"isv.MOBILE_NUMBER_ILLEGAL", "isv.MOBILE_COUNT_OVER_LIMIT",
                     "isv.BLACK_KEY_CONTROL_LIMIT", "isv.PARAM_LENGTH_LIMIT",
                     "isv.INVALID_JSON_PARAM", "isv.TEMPLATE_MISSING_PARAMETERS"}
-# (isv.BUSINESS_LIMIT_CONTROL, a limit of one number, has a branch of its own)
-ALIYUN_THROTTLE = {"Throttling.User", "isp.SYSTEM_ERROR", "isv.DAY_LIMIT_CONTROL",
-                   "ServiceUnavailable"}
-ALIYUN_THROTTLE_RATE = {"Throttling.User"}  # the account's rate: slow down
-ALIYUN_FATAL = {"InvalidAccessKeyId.NotFound", "SignatureDoesNotMatch",
+# (isv.BUSINESS_LIMIT_CONTROL, a limit of one number, has a branch of its own; the
+# gateway's Throttling, Throttling.Api, Throttling.User... slow the account's rate down)
+ALIYUN_THROTTLE = {"isp.SYSTEM_ERROR", "ServiceUnavailable", "SignatureNonceUsed"}
+# the sending limits set in the console: the account's day or month (a natural day or
+# month in China's time) is used up, and the channel pauses until it renews
+ALIYUN_QUOTAS = {"isv.DAY_LIMIT_CONTROL": "day", "isv.MONTH_LIMIT_CONTROL": "month"}
+# the account, its key, its clock or its settings: no message can go out
+ALIYUN_FATAL = {"InvalidAccessKeyId.NotFound", "InvalidAccessKeyId.Inactive",
+                "SignatureDoesNotMatch", "InvalidTimeStamp.Expired",
                 "isv.ACCOUNT_NOT_EXISTS", "isv.ACCOUNT_ABNORMAL", "isv.AMOUNT_NOT_ENOUGH",
                 "isv.SMS_TEMPLATE_ILLEGAL", "isv.SMS_SIGNATURE_ILLEGAL",
+                "isv.SIGN_STATE_ILLEGAL", "isv.SMS_SIGNATURE_SCENE_ILLEGAL",
+                "isv.PRODUCT_UN_SUBSCRIPT", "isv.DENY_IP_RANGE",
                 "isp.RAM_PERMISSION_DENY", "isv.OUT_OF_SERVICE", "Forbidden.RAM"}
+CHINA = ZoneInfo("Asia/Shanghai")
 
 
 def _number_limit_wait(said: str) -> float:
@@ -114,6 +135,18 @@ def _number_limit_wait(said: str) -> float:
     if "小时级" in said or "hour" in said.lower():
         return 3_600.0
     return 60.0
+
+
+def _quota_wait(period: str, now: datetime) -> float:
+    """Seconds from ``now`` until Aliyun's day (``period`` "day") or month renews: the
+    next midnight, or the first of the next month, in China's time."""
+    local = now.astimezone(CHINA)
+    if period == "day":
+        renews = datetime.combine(local.date() + timedelta(days=1), time(), CHINA)
+    else:
+        month = local.replace(day=28) + timedelta(days=4)  # into the next month
+        renews = datetime.combine(month.date().replace(day=1), time(), CHINA)
+    return (renews - local).total_seconds()
 
 
 def percent_encode(value: str) -> str:
@@ -179,10 +212,12 @@ class SmsChannel(HttpChannel):
             return SendResult.permanent(str(code), detail, suppress=True)
         if code in TWILIO_FATAL or response.status_code in (401, 403):
             return SendResult.fatal(str(code or response.status_code), detail)
-        if response.status_code == 500:  # Twilio 20500: the message may have been
-            # processed, and a retry could send it twice (Twilio's error reference)
-            return SendResult.unknown(str(code or 500), f"{detail}: Twilio may have taken "
-                                      "it (an internal error), so it is not resent")
+        if response.status_code in MAYBE_TAKEN:  # Twilio 20500: the message may have been
+            # processed, and a retry could send it twice (Twilio's error reference); a
+            # gateway's 502 or 504 may have passed it on before it failed
+            return SendResult.unknown(str(code or response.status_code),
+                                      f"{detail}: Twilio may have taken it, so it is not "
+                                      "resent")
         if code == 21611:  # the sender's queue is full (over 10 hours of messages):
             # Twilio's remedy is to slow down and send later, nothing about the recipient
             return SendResult.retryable(str(code), detail, TWILIO_QUEUE_FULL_WAIT,
@@ -230,20 +265,29 @@ class SmsChannel(HttpChannel):
                                    segments=None)
         if code in ALIYUN_FATAL or response.status_code in (401, 403):
             return SendResult.fatal(code, detail)
+        if code in ALIYUN_QUOTAS:
+            # the limit set in the console: nothing more goes out until it renews (the
+            # channel pauses; recipients are deferred past it)
+            return SendResult.retryable(code, detail, _quota_wait(ALIYUN_QUOTAS[code],
+                                                                  clock.now()),
+                                        throttled=True)
         if code == "isv.BUSINESS_LIMIT_CONTROL":
             # Aliyun's flow control per number (the same signature and template to one
             # number: a minute's, an hour's or a day's allowance used up): that recipient
             # waits until it renews; the account's rate is not the cause
             return SendResult.retryable(code, detail, _number_limit_wait(
                 str(body.get("Message") or "")))
-        if code in ALIYUN_THROTTLE or response.status_code == 429 \
-                or response.status_code >= 500:
-            # Aliyun documents no Retry-After; its per-number flow control counts by the
-            # minute, so a limit code waits a minute (deferred), the rest retry at once
-            return SendResult.retryable(code, detail, 60.0 if "LIMIT" in code else
+        if response.status_code in MAYBE_TAKEN and "Code" not in body:
+            # a gateway's 502 or 504 (not Aliyun's answer): it may have passed the
+            # request on, and Aliyun's API takes no idempotency key
+            return SendResult.unknown(code, f"{detail}: {MAYBE_SENT}")
+        throttling = code.startswith("Throttling") or response.status_code == 429
+        if throttling or code in ALIYUN_THROTTLE or response.status_code >= 500:
+            # Aliyun documents no Retry-After: these retry at once, the gateway's
+            # throttling after the account's rate is halved
+            return SendResult.retryable(code, detail,
                                         retry_after(response.headers.get("Retry-After")),
-                                        throttled=code in ALIYUN_THROTTLE_RATE
-                                        or response.status_code == 429)
+                                        throttled=throttling)
         return SendResult.permanent(code, detail)
 
     # -- generic --------------------------------------------------------------------
@@ -255,7 +299,7 @@ class SmsChannel(HttpChannel):
         body = orjson.dumps({"to": message.address, "text": message.body,
                              "message_id": message.message_id})
         response = await self.exchange("POST", o.url, body, headers)
-        result = classify(response, message.message_id)
+        result = classify(response, message.message_id, resends_safely=True)
         if result.outcome is Outcome.SENT:
             return SendResult.sent(result.provider_id, segments=segments(message.body))
         return result

@@ -13,7 +13,12 @@ How an answer is classified:
 429, 408, 425, 5xx               retryable (``Retry-After`` honoured)
 timeout, connection reset/drop   retryable (the Idempotency-Key covers a
                                  request that did arrive)
-401, 403                         fatal: the channel's credentials are refused
+409 Conflict                     outcome unknown, not resent: the receiver is
+                                 still processing a request with this
+                                 Idempotency-Key (a retry after a timeout)
+401, 403                         the channel's ``url``: fatal (its credentials
+                                 are refused); a recipient's own URL: permanent
+                                 for that recipient
 410 Gone                         permanent, and the address is suppressed
 other 4xx                        permanent for this recipient
 ===============================  ==========================================
@@ -126,7 +131,8 @@ class WebhookChannel(HttpChannel):
             headers[SIGNATURE_HEADER] = sign(self.options.secret.get_secret_value(),
                                              timestamp, body)
         response = await self.exchange("POST", url, body, headers)
-        return classify(response, message.message_id)
+        return classify(response, message.message_id, resends_safely=True,
+                        own_endpoint=not self.options.url)
 
     def payload(self, message: Message) -> dict[str, Any]:
         return {"message_id": message.message_id, "recipient": message.recipient,

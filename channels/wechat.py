@@ -14,9 +14,11 @@ the message retried; only if that token is refused too is one forced (force-refr
 mode, at most 20 a day and 30 s apart, counted in the workspace database), and the
 message retried once more.
 
-Answers: 43004 (not following), 43101 (refused), 40003 (invalid openid) and 43019
-(blocked) fail the recipient and suppress the openid (not 43101 on a subscription
-notification: the user's one-time consent is used up, another may come); 40037
+Answers: 43004 (not following), 43101 (refused) and 43019 (blocked) fail the recipient
+and suppress the openid (not 43101 on a subscription notification: the user's one-time
+consent is used up, another may come); 40003 (invalid openid) fails the recipient
+without suppressing it: WeChat says it also of an openid of another account, as when
+the channel's appid is not the one the openids came from, a setting to fix; 40037
 (template id invalid or banned) and 45009 (daily quota) stop the channel without
 failing the run; 45011 (minute quota) and -1 (system busy) are retried, then deferred
 (see the dispatcher).
@@ -53,7 +55,11 @@ _WECHAT_DAY = ZoneInfo("Asia/Shanghai")
 
 TOKEN_ERRORS = {40001, 40014, 42001}
 SUPPRESS = {43004: "the user does not follow the account", 43101: "the user refused",
-            40003: "invalid openid", 43019: "the user blocked the account"}
+            43019: "the user blocked the account"}
+# 40003: WeChat's reference: check that the user follows the account, or whether the
+# openid is another account's (a wrong appid makes every openid invalid): not suppressed
+NOT_OURS = {40003: "invalid openid: not a follower of this account, or an openid of "
+                   "another account (check the channel's appid)"}
 STOP = {40037: "the template id is invalid or banned", 45009: "the daily API quota is used up",
         40164: "this server's IP is not on the account's whitelist",
         40013: "invalid appid", 40125: "invalid appsecret", 48001: "API unauthorized"}
@@ -246,7 +252,8 @@ class WechatChannel(HttpChannel):
                                                 params={"access_token": token}, json=payload)
             body = json_body(response)
             if response.status_code != 200 and not isinstance(body.get("errcode"), int):
-                return classify(response, message.message_id)  # a proxy's or gateway's
+                # a proxy's or gateway's answer (WeChat takes no idempotency key)
+                return classify(response, message.message_id, resends_safely=False)
             if response.status_code == 200 and not isinstance(body.get("errcode"), int):
                 # WeChat answers every call with errcode (0: success)
                 return SendResult.unexpected(response, "an errcode")
@@ -269,6 +276,8 @@ class WechatChannel(HttpChannel):
         if code in SUPPRESS:
             return SendResult.permanent(str(code), f"{detail} ({SUPPRESS[code]})",
                                         suppress=True)
+        if code in NOT_OURS:
+            return SendResult.permanent(str(code), f"{detail} ({NOT_OURS[code]})")
         if code in STOP:
             return SendResult.fatal(str(code), f"{detail} ({STOP[code]})")
         if code in RETRY:

@@ -10,13 +10,15 @@ import hmac
 import json
 import sqlite3
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from email.utils import format_datetime
 from urllib.parse import parse_qs, quote
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from herald.channels.sms import segments
+from herald.core import clock
 from herald.core.errors import RunError
 from herald.flows import engine
 
@@ -89,6 +91,7 @@ def test_twilio_answers(make_workspace, twilio) -> None:
     twilio.script(number(7), ("reset",))
     twilio.script(number(9), ("json", 500, {"code": 20500, "message": "Internal Server "
                                             "Error", "status": 500}))
+    twilio.script(number(11), ("status", 502))  # a gateway's, in front of Twilio
     summary = engine.run_local(ws, "promo", run_key="tw")
     rows = ledger(ws)
     assert rows["1"][:2] == ("failed", "21211") and "Invalid 'To'" in rows["1"][4]
@@ -105,9 +108,9 @@ def test_twilio_answers(make_workspace, twilio) -> None:
     assert len([r for r in twilio.requests if form(r)["To"] == number(6)]) == 1
     # so is one whose connection was cut after the request, and a Twilio 20500 (its
     # reference: the message may have been processed, a retry may send it twice)
-    assert rows["7"][0] == rows["9"][0] == "sending", (rows["7"], rows["9"])
+    assert rows["7"][0] == rows["9"][0] == rows["11"][0] == "sending", rows
     assert all(len([r for r in twilio.requests if form(r)["To"] == number(i)]) == 1
-               for i in (7, 9))
+               for i in (7, 9, 11))
     requests = [r for r in twilio.requests if form(r)["To"] == number(8)]
     assert len(requests) == 1
     sent = form(requests[0])
@@ -129,6 +132,26 @@ def test_twilio_bad_credentials_stop_the_channel(make_workspace, twilio) -> None
     assert sorted(r[0] for r in ledger(ws).values()) == ["no_address"] * 2 + ["queued"] * 10
     assert len(twilio.requests) == 1  # nothing more was sent after the refusal
     assert suppressed(ws) == set()
+
+
+@pytest.mark.parametrize(("code", "message"), [
+    (21212, "The 'From' number +15005550006 is not a valid phone number"),
+    (21601, "Phone number is not a valid SMS-capable inbound phone number"),
+    (21603, "A 'From' or 'MessagingServiceSid' parameter is required to send a message"),
+    (21705, "The Messaging Service is invalid")])
+def test_a_wrong_sender_stops_the_channel(make_workspace, twilio, code, message) -> None:
+    """Twilio's answers about the sender or the Messaging Service hold for every message:
+    they failed each recipient in turn, and the rerun after fixing the sender sent
+    nobody (a failed row is final under its run key)."""
+    ws = sms_workspace(make_workspace, f'provider: twilio, base_url: "{twilio.url}", '
+                       'account_sid: AC123, auth_token: "tok", sender: "+15005550006", '
+                       "concurrency: 1")
+    for i in range(1, 13):
+        twilio.script(number(i), ("json", 400, {"code": code, "message": message}))
+    with pytest.raises(RunError, match=r"channel text stopped \(.*\): 10 message\(s\) not sent"):
+        engine.run_local(ws, "promo", run_key="from")
+    assert sorted(r[0] for r in ledger(ws).values()) == ["no_address"] * 2 + ["queued"] * 10
+    assert len(twilio.requests) == 1 and suppressed(ws) == set()
 
 
 def test_invalid_numbers_are_recorded_never_sent(make_workspace, twilio) -> None:
@@ -186,6 +209,14 @@ def test_aliyun_signed_requests_and_codes(make_workspace, aliyun, monkeypatch) -
     aliyun.script("14155550002", ("json", 200, {"Code": "Throttling.User",
                                                 "Message": "Request was denied due to user "
                                                 "flow control."}))
+    # the gateway's own throttling (HTTP 400) and a reused nonce are retried too; a 502
+    # from a gateway in front of Aliyun may have passed the request on: not resent
+    aliyun.script("14155550007", ("json", 400, {"Code": "Throttling.Api", "Message":
+                                                "Request was denied due to api flow control."}))
+    aliyun.script("14155550009", ("json", 400, {"Code": "SignatureNonceUsed",
+                                                "Message": "The request signature nonce "
+                                                "has been used."}))
+    aliyun.script("14155550011", ("status", 502))
     # the per-number allowances (Aliyun's error table: this number's minute, hour or day)
     for i, level in ((3, "触发分钟级流控Permits:1"), (4, "触发小时级流控Permits:5"),
                      (6, "触发天级流控Permits:10")):
@@ -202,7 +233,9 @@ def test_aliyun_signed_requests_and_codes(make_workspace, aliyun, monkeypatch) -
     sent = next(check_aliyun(r) for r in aliyun.requests
                 if form(r)["PhoneNumbers"] == "14155550008")
     assert json.loads(sent["TemplateParam"]) == {"name": "User 8", "score": "8"}
-    assert rows["2"][0] == "sent"  # flow control: retried, then sent
+    assert rows["2"][0] == rows["7"][0] == rows["9"][0] == "sent"  # retried, then sent
+    assert rows["11"][0] == "sending" and "not resent" in rows["11"][4], rows["11"]
+    assert len([r for r in aliyun.requests if form(r)["PhoneNumbers"] == "14155550011"]) == 1
     # a number over its own allowance waits until it renews (a later run of the run key),
     # without slowing the account: a minute, an hour, a day
     waits = {}
@@ -214,21 +247,72 @@ def test_aliyun_signed_requests_and_codes(make_workspace, aliyun, monkeypatch) -
                           - datetime.fromisoformat(str(made))).total_seconds()
     assert set(waits) == {"3", "4", "6"}, rows
     assert 55 < waits["3"] < 400 and 3500 < waits["4"] < 3700 and waits["6"] > 86_300, waits
-    # 12 people, 2 without a phone (5 and 10), 1 refused number, 3 deferred
-    assert summary["deliveries"]["sent"] == 6 and summary["deliveries"]["failed"] == 1
+    # 12 people, 2 without a phone (5 and 10), 1 refused number, 3 deferred, 1 unknown
+    assert summary["deliveries"]["sent"] == 5 and summary["deliveries"]["failed"] == 1
 
 
-def test_aliyun_balance_exhausted_is_fatal(make_workspace, aliyun) -> None:
+@pytest.mark.parametrize(("status", "code", "message"), [
+    (200, "isv.AMOUNT_NOT_ENOUGH", "账户余额不足"),
+    (200, "isv.PRODUCT_UN_SUBSCRIPT", "产品未开通"),
+    (200, "isv.DENY_IP_RANGE", "源IP地址所在的地区被禁用"),
+    (200, "isv.SIGN_STATE_ILLEGAL", "签名状态不合法"),
+    (200, "isv.SMS_SIGNATURE_SCENE_ILLEGAL", "签名和模板类型不一致"),
+    (400, "InvalidTimeStamp.Expired", "Specified time stamp or date value is expired."),
+    (400, "InvalidAccessKeyId.Inactive", "Specified access key is disabled.")])
+def test_aliyun_account_answers_stop_the_channel(make_workspace, aliyun, status, code,
+                                                 message) -> None:
+    """Answers about the account, its key, its clock or its signature hold for every
+    message: they stop the channel with the rest queued for the rerun (several of them
+    failed each recipient in turn, and the rerun after the fix sent nobody)."""
     ws = sms_workspace(make_workspace, f'provider: aliyun, base_url: "{aliyun.url}", '
                        f'access_key_id: K, access_key_secret: "{SECRET}", sign_name: S, '
                        'template_code: SMS_1, concurrency: 1',
                        template='{"name": {{ name|tojson }}}')
     for i in range(1, 13):
-        aliyun.script(f"1415555{i:04d}", ("json", 200, {"Code": "isv.AMOUNT_NOT_ENOUGH",
-                                                        "Message": "账户余额不足"}))
+        aliyun.script(f"1415555{i:04d}", ("json", status, {"Code": code, "Message": message}))
     with pytest.raises(RunError, match=r"channel text stopped \(.*\): 10 message\(s\) not sent"):
         engine.run_local(ws, "promo", run_key="broke")
-    assert "sent" not in {r[0] for r in ledger(ws).values()} and len(aliyun.requests) == 1
+    assert sorted(r[0] for r in ledger(ws).values()) == ["no_address"] * 2 + ["queued"] * 10
+    assert len(aliyun.requests) == 1
+
+
+def test_aliyun_sending_limits_pause_the_channel_until_they_renew(make_workspace,
+                                                                   aliyun) -> None:
+    """The day's limit set in Aliyun's console (isv.DAY_LIMIT_CONTROL) was retried after
+    a minute: every follow-up run asked again for each recipient until, after 12
+    attempts in about 40 minutes, each failed for good, long before the day renewed. Now
+    the channel pauses until the next midnight in China (the month's limit: the first of
+    the next month) and the recipients are deferred past it."""
+    from herald.channels.sms import _quota_wait
+
+    # 01:00 on 1 February in China: the day renews in 23 hours, the month on 1 March
+    now = datetime(2026, 1, 31, 17, 0, tzinfo=UTC)
+    assert _quota_wait("day", now) == 23 * 3600
+    assert _quota_wait("month", now) == (27 * 24 + 23) * 3600
+    assert _quota_wait("month", datetime(2026, 12, 31, 15, 30, tzinfo=UTC)) == 30 * 60
+
+    ws = sms_workspace(make_workspace, f'provider: aliyun, base_url: "{aliyun.url}", '
+                       f'access_key_id: K, access_key_secret: "{SECRET}", sign_name: S, '
+                       'template_code: SMS_1, concurrency: 1',
+                       template='{"name": {{ name|tojson }}}')
+    aliyun.script("14155550003", ("json", 200, {"Code": "isv.DAY_LIMIT_CONTROL",
+                                                "Message": "触发日发送限额"}))
+    summary = engine.run_local(ws, "promo", run_key="quota")
+    rows = ledger(ws)
+    assert summary["deliveries"]["sent"] == 2  # 1 and 2, before the limit
+    asked = [form(r)["PhoneNumbers"] for r in aliyun.requests]
+    assert asked == ["14155550001", "14155550002", "14155550003"]  # none after it
+    held = [k for k, r in rows.items() if r[0] not in ("sent", "no_address")]
+    assert len(held) == 8 and all(rows[k][0] == "deferred" for k in held), rows
+    with ws.store.connect() as conn:
+        until = [datetime.fromisoformat(str(v)).astimezone(ZoneInfo("Asia/Shanghai"))
+                 for (v,) in conn.exec_driver_sql(
+                     "SELECT not_before FROM herald_deliveries WHERE status = 'deferred'")]
+    # the next midnight in China on Herald's clock (the held ones a moment before it: the
+    # pause's time left when each was held back)
+    midnight = datetime.combine(clock.now().astimezone(ZoneInfo("Asia/Shanghai")).date()
+                                + timedelta(days=1), time(), ZoneInfo("Asia/Shanghai"))
+    assert all(abs((u - midnight).total_seconds()) < 60 for u in until), (until, midnight)
 
 
 def test_generic_gateway(make_workspace, monkeypatch) -> None:

@@ -120,6 +120,51 @@ def test_refused_credentials_stop_the_channel(make_workspace, peer, monkeypatch)
     assert suppressed(ws) == set()
 
 
+def test_a_recipients_own_endpoint_refusing_fails_that_recipient_only(
+        make_workspace, peer, monkeypatch) -> None:
+    """Without ``url`` each recipient's address is their own endpoint: one answering 401
+    or 403 refused that recipient, not the channel's credentials, yet it stopped the
+    channel for everyone after it, and again at every rerun."""
+    import sqlite3
+
+    ws = make_workspace({
+        "config/herald.yaml": (
+            "timezone: UTC\nsources:\n  crm: \"sqlite:///crm.db\"\nchannels:\n"
+            "  hook: {type: webhook, address: email, timeout: 1, concurrency: 1, "
+            "allow_private_addresses: true}\n"),
+        "config/flows/promo.yaml": PROMO_YAML.replace(
+            "gold: {channels: [email, sms]}", "gold: {channels: [hook]}").replace(
+            "default: {channels: [sms, email]}", "default: {channels: [hook]}"),
+        "templates/promo/default.webhook.txt.j2": "Hello {{ name }}",
+    }, rows=12)
+    with sqlite3.connect(ws.root / "crm.db") as conn:
+        conn.execute("UPDATE people SET email = ? || '/r/' || id WHERE email IS NOT NULL",
+                     (peer.url,))
+    peer.script("2", ("status", 401))
+    peer.script("3", ("status", 403))
+    summary = engine.run_local(ws, "promo", run_key="own")
+    rows = ledger(ws)
+    assert rows["2"][:2] == ("failed", "401") and "recipient's endpoint" in rows["2"][4]
+    assert rows["3"][:2] == ("failed", "403")
+    assert summary["deliveries"]["sent"] == 9 and summary["deliveries"]["failed"] == 2
+    assert {r.json()["recipient"] for r in peer.requests} == {
+        str(i) for i in range(1, 13) if i != 7}  # 7 has no address
+    assert suppressed(ws) == set()
+
+
+def test_a_409_to_a_retried_request_leaves_its_outcome_unknown(make_workspace, peer,
+                                                              monkeypatch) -> None:
+    """The first request timed out after the receiver had it; the retry, with the same
+    Idempotency-Key, is answered 409 (the Idempotency-Key draft's answer while the first
+    is still being processed). It was recorded failed, for a message that went out."""
+    ws = hook_workspace(make_workspace, peer, monkeypatch)
+    peer.script("3", ("timeout", 1.5), ("status", 409))
+    engine.run_local(ws, "promo", run_key="conflict")
+    rows = ledger(ws)
+    assert rows["3"][0] == "sending" and "still processing" in rows["3"][4], rows["3"]
+    assert len([r for r in peer.requests if r.json()["recipient"] == "3"]) == 2
+
+
 def test_transport_failures_over_the_real_connection_pool(tmp_path: Path) -> None:
     """Nothing listening, a URL that is not http(s), a URL that does not parse: each that
     message's own result, as httpx's errors would have made them."""

@@ -85,6 +85,8 @@ def test_subscription_notifications_one_shared_token_and_answers(
                                             "errmsg": "access_token expired"}))
     wechat.script(openid(4), ("json", 200, {"errcode": -1, "errmsg": "system error"}))
     wechat.script(openid(6), ("json", 200, {"errcode": 43004, "errmsg": "require subscribe"}))
+    wechat.script(openid(9), ("json", 200, {"errcode": 40003, "errmsg": "invalid openid"}))
+    wechat.script(openid(11), ("status", 502))  # a gateway's, in front of WeChat
     with sqlite3.connect(ws.root / "crm.db") as conn:
         conn.execute("UPDATE people SET name = ? WHERE id = 8", ("A" * 25,))
     summary = engine.run_local(ws, "promo", run_key="wx")
@@ -105,6 +107,12 @@ def test_subscription_notifications_one_shared_token_and_answers(
     # not following: suppressed; 43101 on a subscription notification only says the
     # user's one-time consent is used up, and they may give another: not suppressed
     assert suppressed(ws) == {(openid(6), "wx")}
+    # an openid WeChat does not know for this account (another account's, say: a wrong
+    # appid makes them all so) fails without being suppressed for good
+    assert rows["9"][:3] == ("failed", "wx", "40003") and "appid" in rows["9"][4]
+    # a 502 from a gateway may have passed the request on: not resent (no idempotency key)
+    assert rows["11"][0] == "sending" and "not resent" in rows["11"][4], rows["11"]
+    assert len([r for r in wechat.requests if key(r) == openid(11)]) == 1
     assert rows["4"][0] == "sent"  # system busy: retried
     assert rows["8"][:3] == ("failed", "wx", "data")
     assert "thing1: 25 characters, thing allows 20" in rows["8"][4]
@@ -115,7 +123,7 @@ def test_subscription_notifications_one_shared_token_and_answers(
                     "data": {"thing1": {"value": "User 1"}, "number2": {"value": "1"}}}
     assert all(r.path.startswith("/cgi-bin/message/subscribe/bizsend")
                for r in wechat.requests if key(r) != "token")
-    assert summary["deliveries"]["failed"] == 3
+    assert summary["deliveries"]["failed"] == 4
 
     # a second run (another run key) reuses the stored token: no token request
     before = len(token_requests)
