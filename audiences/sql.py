@@ -15,6 +15,7 @@ from sqlalchemy import Dialect, Engine, TextClause, bindparam, text
 from sqlalchemy.exc import DBAPIError
 
 from herald.core import clock
+from herald.core.db import driver_message
 from herald.core.errors import AudienceError, Problem, WorkspaceError
 from herald.core.files import read_text
 from herald.core.spec import FlowSpec, Param
@@ -215,4 +216,4 @@ def _named_twice(columns: list[str]) -> str | None:
 
 
 def db_message(exc: DBAPIError) -> str:
-    return str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc).splitlines()[0]
+    return driver_message(exc)

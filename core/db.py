@@ -14,6 +14,7 @@ workspace behaves the same wherever Herald is started from.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sqlite3
 import time
@@ -48,7 +49,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
-from herald.core.errors import WorkspaceError
+from herald.core.errors import HeraldError, WorkspaceError
 from herald.core.files import check_readable
 
 # Every table Herald keeps in the workspace database is declared on this one MetaData.
@@ -525,8 +526,34 @@ def describe_failure(exc: DBAPIError) -> str:
     return f"{getattr(exc, DATABASE_NOTE, 'a database')}: {_what_went_wrong(exc)}"
 
 
+def describe_exception(exc: BaseException) -> str:
+    """One line for why something failed, fit for a run's record, its logs and the
+    console: a HeraldError's own words; a database error's database and what went wrong
+    (not the statement and parameters SQLAlchemy quotes, which may hold contact details);
+    else the exception's type and message."""
+    if isinstance(exc, HeraldError):
+        return str(exc)
+    if isinstance(exc, DBAPIError):
+        return describe_failure(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+# SQLite's driver on a stored text that is not UTF-8; the text it quotes is the value's
+_NOT_UTF8 = re.compile(r"Could not decode to UTF-8 column '(.*?)' with text '.*", re.DOTALL)
+
+
+def driver_message(exc: BaseException) -> str:
+    """The first line of what the driver said (a DBAPIError's driver error, or the
+    driver's own), without a stored value it quotes."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    lines = str(orig or exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    not_utf8 = _NOT_UTF8.match(text)
+    return not_utf8_text(not_utf8.group(1)) if not_utf8 else text
+
+
 def _what_went_wrong(exc: DBAPIError) -> str:
-    text = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+    text = driver_message(exc) if exc.orig else type(exc).__name__
     hint = ""
     if "not a database" in text or "malformed" in text:
         hint = " (the file is damaged or is not a SQLite database: restore it from a backup)"
@@ -535,6 +562,13 @@ def _what_went_wrong(exc: DBAPIError) -> str:
     elif "locked" in text:
         hint = " (another process holds it: try again when it is done)"
     return f"{text}{hint}"
+
+
+def not_utf8_text(column: str) -> str:
+    """What to say of a column whose stored text is not UTF-8 (never the value: it is a
+    person's data)."""
+    return (f"column '{column}' holds text that is not UTF-8 (bytes in another encoding, "
+            "as SQLite keeps them): convert it in the segment's query or in the source")
 
 
 def render_url(url: str) -> str:

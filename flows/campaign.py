@@ -34,7 +34,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from sqlalchemy.exc import DBAPIError
 
 from herald.core import clock
-from herald.core.db import describe_failure
+from herald.core.db import describe_exception, describe_failure
 from herald.core.errors import HeraldError, RunError
 from herald.core.spec import Param, TaskRunnerSpec
 from herald.core.workspace import Workspace
@@ -187,8 +187,7 @@ def campaign(workspace: str, flow_name: str, run_key: str | None = None,
                 raise  # `herald run --debug`: the traceback
             # One line in the logs (and in `herald serve`'s console) and the run's state
             # message, rather than a traceback an operator has to read through.
-            detail = str(exc) if isinstance(exc, HeraldError) else \
-                f"{type(exc).__name__}: {exc}"
+            detail = describe_exception(exc)
             get_run_logger().error("run of %s failed: %s", flow_name, detail)
             return Failed(message=detail)  # type: ignore[return-value]
 
@@ -383,7 +382,7 @@ def _emit_finished(ws: Workspace, summary: dict[str, Any]) -> None:
 
 def _emit_failed(flow_name: str, run_key: str, run_id: str | None,
                  error: BaseException | str) -> None:
-    detail = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    detail = error if isinstance(error, str) else describe_exception(error)
     emit_event(event="herald.run.failed", resource=_resource(flow_name, run_key, run_id),
                payload={"error": detail})
 

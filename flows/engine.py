@@ -29,7 +29,7 @@ from sqlalchemy.exc import DBAPIError
 
 from herald.audiences import builder, store
 from herald.core import clock
-from herald.core.db import describe_failure
+from herald.core.db import describe_exception, describe_failure
 from herald.core.errors import HeraldError, Problem, RunError, ValidationFailed
 from herald.core.spec import Param, TaskRunnerSpec
 from herald.core.workspace import Workspace
@@ -173,7 +173,7 @@ class EarlyBuild:
         if isinstance(why, str):
             reason = why
         elif isinstance(why, Exception):
-            reason = f"{type(why).__name__}: {why}"
+            reason = describe_exception(why)
         else:  # a signal while Prefect started
             reason = f"stopped by {why or 'a signal'} before sending: nothing was sent"
         run_records.finish_run(ws.store, self.prepared.run_id, "failed", None, reason)
@@ -213,13 +213,9 @@ def build_early(ws: Workspace, flow_name: str, params: Mapping[str, Param] | Non
 
 def _build_failure(exc: BaseException) -> str:
     """Why a run failed before sending, for its record."""
-    if isinstance(exc, HeraldError):
-        return str(exc)
-    if isinstance(exc, DBAPIError):
-        return describe_failure(exc)
     if not isinstance(exc, Exception):  # a signal (Prefect's handler or Ctrl-C)
         return "stopped by a signal while the audience was built: nothing was sent"
-    return f"{type(exc).__name__}: {exc}"
+    return describe_exception(exc)
 
 
 def tidy(ws: Workspace) -> None:
@@ -358,7 +354,7 @@ def began_sending() -> bool:
 
 
 def fail(ws: Workspace, run_id: str, error: BaseException) -> None:
-    run_records.finish_run(ws.store, run_id, "failed", None, f"{type(error).__name__}: {error}")
+    run_records.finish_run(ws.store, run_id, "failed", None, describe_exception(error))
 
 
 def run_local(ws: Workspace, flow_name: str, params: Mapping[str, Param] | None = None,

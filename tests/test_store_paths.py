@@ -175,6 +175,13 @@ def test_the_paths_refuse_the_same_segments_alike(backend, make_workspace, reque
         "failing query": ("SELECT nope FROM people WHERE score >= :min_score",
                           r"audiences/people.sql: the query failed: .*nope"),
     }
+    if backend == "sqlite":  # SQLite keeps text as given: one name in another encoding
+        cases["text not UTF-8"] = (
+            "SELECT id, CASE WHEN id = 12 THEN CAST(X'4AC3' AS TEXT) ELSE name END AS name, "
+            "tier FROM people WHERE score >= :min_score",
+            r"^audiences/people.sql: the query failed: column 'name' holds text that is not "
+            r"UTF-8 \(bytes in another encoding, as SQLite keeps them\): convert it in the "
+            r"segment's query or in the source$")
     for name, (segment, expected) in cases.items():
         (ws.root / "audiences/people.sql").write_text(segment)
         messages = []
@@ -320,3 +327,30 @@ def test_rows_read_back_as_written() -> None:
         assert back == row and repr(back) == repr(row), row
     assert decode_row(encode_row({"nan": float("nan")})) == {"nan": None}
     assert decode_row('{"x": NaN, "y": 1}')["y"] == 1  # json's NaN, as written before
+
+
+def test_a_database_error_is_told_without_its_statement_or_values(tmp_path) -> None:
+    """A run that failed on a database error recorded and printed SQLAlchemy's text of
+    it: the statement, its parameters, and with a value in another encoding the value
+    itself (a person's name, address or number)."""
+    from sqlalchemy.exc import DBAPIError
+
+    from herald.core.db import describe_exception, open_store
+
+    engine = open_store(f"sqlite:///{tmp_path / 'h.db'}", tmp_path)
+    where = f"the workspace database sqlite:///{tmp_path / 'h.db'}"
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE people (name TEXT UNIQUE)"))
+        conn.execute(text("INSERT INTO people VALUES (CAST(X'4AC3' AS TEXT))"))
+        conn.execute(text("INSERT INTO people VALUES ('someone@example.com')"))
+    with pytest.raises(DBAPIError) as caught, engine.connect() as conn:
+        conn.execute(text("SELECT name FROM people")).all()
+    assert "with text 'J" in str(caught.value)  # the driver quotes the value
+    assert describe_exception(caught.value) == (
+        f"{where}: column 'name' holds text that is not UTF-8 (bytes in another encoding, "
+        "as SQLite keeps them): convert it in the segment's query or in the source")
+    with pytest.raises(DBAPIError) as caught, engine.begin() as conn:
+        conn.execute(text("INSERT INTO people VALUES (:who)"), {"who": "someone@example.com"})
+    assert "[SQL" in str(caught.value) and "someone@example.com" in str(caught.value)
+    assert describe_exception(caught.value) == f"{where}: UNIQUE constraint failed: people.name"
+    engine.dispose()
