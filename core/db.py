@@ -50,7 +50,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from herald.core.errors import HeraldError, WorkspaceError
-from herald.core.files import check_readable
+from herald.core.files import check_readable, file_in_the_way
 
 # Every table Herald keeps in the workspace database is declared on this one MetaData.
 metadata = MetaData()
@@ -389,7 +389,16 @@ def make_engine(url: str, root: Path, store: bool = False, read_only: bool = Fal
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         if store and parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(parsed.database).parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                blocking = file_in_the_way(folder / "x")
+                raise WorkspaceError(
+                    f"the workspace database {render_url(resolved)}: its folder cannot be "
+                    "made: " + (f"{blocking} is a file, not a folder" if blocking else
+                                f"{folder}: {(exc.strerror or type(exc).__name__).lower()}")
+                ) from None
         kwargs["connect_args"] = {"timeout": 30}
         if read_only and parsed.database and parsed.database != ":memory:" \
                 and not parsed.database.startswith("file:"):

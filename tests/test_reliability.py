@@ -294,6 +294,28 @@ def test_an_empty_run_key_is_a_usage_error(make_workspace, capsys, catalogue) ->
               "exit 2 (usage): an empty run key; nothing sent")
 
 
+@pytest.mark.parametrize("command", [["runs"], ["suppress", "list"], ["recipient", "1"],
+                                     ["audience", "list"], ["preview", "promo"]])
+def test_a_file_where_the_workspace_databases_folder_goes_is_one_line(
+        command, make_workspace, capsys, catalogue) -> None:
+    """`.herald` made a file: the commands that read the workspace database printed a
+    traceback (FileExistsError) instead of saying what is in the way."""
+    ws = make_workspace(rows=5)
+    (ws.root / ".herald").write_text("not a folder")
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "-w", str(ws.root)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "Traceback" not in err, err
+    said = " ".join(err.split())  # as printed, whatever the console's width
+    assert said == (f"error: the workspace database sqlite:///{ws.root}/.herald/herald.db: "
+                    f"its folder cannot be made: {ws.root}/.herald is a file, not a folder"
+                    ), err
+    if command == ["runs"]:
+        catalogue("input", "a file where the workspace database's folder goes (`.herald`)",
+                  "exit 1: the workspace database's folder cannot be made: .herald is a "
+                  "file, not a folder")
+
+
 @pytest.mark.parametrize("command", [["suppress", "list"], ["audience", "list"],
                                      ["report", "promo"], ["suppress", "add", "a@example.com"],
                                      ["run", "promo"]])
