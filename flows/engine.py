@@ -86,12 +86,17 @@ def nothing_to_do(ws: Workspace, flow: str, run_key: str) -> dict[str, Any] | No
     and no recipient of it waits for a send: none queued, none deferred), else None.
 
     Such a rerun would build a whole package only to find every recipient a duplicate;
-    its answer instead is the run key's figures and one line saying so."""
+    its answer instead is the run key's figures and one line saying so. A run key whose
+    runs reached nobody (an empty audience: a parameter mistyped, the data not there
+    yet) is not complete: its rerun builds the audience again, as no one can get a
+    message twice."""
     found = run_records.list_runs(ws.store, 1000, flow=flow, run_key=run_key)
     done = [r for r in found if r.status == "completed" and not r.dry_run]
     if not done or ledger_reads.open_rows(ws.store, flow, run_key):
         return None
     counts = ledger_reads.key_counts(ws.store, flow, run_key)
+    if not any(counts.deliveries.values()):
+        return None
     sent, failed = counts.deliveries.get("sent", 0), counts.deliveries.get("failed", 0)
     return {"run_id": None, "flow": flow, "run_key": run_key, "dry_run": False,
             "status": "nothing_to_do", "sent_by": done[-1].id, "package": None,
@@ -126,6 +131,11 @@ def prepare(ws: Workspace, flow_name: str, params: Mapping[str, Param] | None = 
                 file=ws.flow_file(flow.name), line=ws.flow_line(flow.name, ("tiers",)),
                 field="tiers")])
         run_records.set_run_package(ws.store, run_id, package.id)
+        if package.size == 0:
+            shown = ", ".join(f"{k}={v!r}" for k, v in checked.segment.params.items())
+            log.warning("the audience of %s is empty: %s returned no rows%s; nothing is "
+                        "sent (a rerun of run key %s builds it again)", flow.name,
+                        checked.segment.file, f" with {shown}" if shown else "", key)
         if not dry_run and flow.experiments():
             from herald.flows.experiments import advance
 

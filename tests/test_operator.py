@@ -301,6 +301,31 @@ def test_report_by_run_key_runs_and_a_complete_rerun(make_workspace, capsys) -> 
     assert done["deliveries"]["sent"] == 98 and done["sent_by"] == first["run_id"]
 
 
+def test_a_run_key_that_reached_nobody_is_not_used_up(make_workspace, capsys, caplog
+                                                      ) -> None:
+    """A mistyped parameter made the audience empty: the run completed without a word,
+    and the corrected run under the same run key answered "already sent: 0 sent;
+    nothing to do". Now the empty audience is said, and the rerun builds it again."""
+    from herald.flows import engine
+
+    from .helpers import outbox_messages
+
+    ws = make_workspace(rows=20)
+    with caplog.at_level("WARNING", logger="herald"):
+        summary = engine.run_local(ws, "promo", {"min_score": 100000}, run_key="k")
+    assert summary["deliveries"]["sent"] == 0
+    assert ("the audience of promo is empty: audiences/people.sql returned no rows with "
+            "min_score=100000; nothing is sent (a rerun of run key k builds it again)"
+            ) in caplog.messages, caplog.messages
+    code, out, err = cli(capsys, "run", "promo", "--run-key", "k", "-w", str(ws.root),
+                         "--json")
+    again = json.loads(out)
+    assert code == 0 and again["status"] != "nothing_to_do"
+    assert again["deliveries"]["sent"] > 0 and outbox_messages(ws) == again["deliveries"]["sent"]
+    code, out, _ = cli(capsys, "run", "promo", "--run-key", "k", "-w", str(ws.root))
+    assert code == 0 and "nothing to do" in out  # now it reached people: complete
+
+
 def test_a_repeated_channel_stops_validate_and_run_before_any_send(make_workspace,
                                                                    capsys) -> None:
     from .helpers import PROMO_YAML, ledger_rows, outbox_messages
