@@ -201,7 +201,9 @@ class WorkspaceConfig(Strict):
     store: DatabaseUrl = "sqlite:///.herald/herald.db"
     channels: dict[Name, dict[str, Any]] = Field(default_factory=dict)
     caps: list[CapRule] = Field(default_factory=list)
-    quiet_hours: QuietHours | None = None
+    # false (as in a flow) or left out: no quiet hours unless a flow sets its own
+    quiet_hours: Annotated[QuietHours | None, BeforeValidator(
+        lambda value: None if value is False else value)] = None
     chunk_size: int = Field(default=2000, ge=1, le=100_000)
     max_workers: int = Field(default=4, ge=1, le=64)
     alerts: Alerts = Field(default_factory=lambda: Alerts())

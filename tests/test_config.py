@@ -654,3 +654,17 @@ def test_schedules_become_prefect_schedules(make_workspace) -> None:
         0, "Asia/Shanghai")
     assert (rrule.rrule, rrule.timezone, rrule.parameters) == ("FREQ=WEEKLY;BYDAY=MO", "UTC",
                                                                {})
+
+
+def test_quiet_hours_false_in_herald_yaml_turns_them_off(make_workspace) -> None:
+    """The README says `quiet_hours: false` turns quiet hours off, and a window from a
+    time to itself is refused saying to write it; herald.yaml refused it ("must be a
+    mapping, not false"), only a flow took it."""
+    ws = make_workspace()
+    (ws.root / "config/herald.yaml").write_text(
+        HERALD_YAML + 'quiet_hours: {from: "21:00", to: "21:00"}\n')
+    with pytest.raises(ConfigError) as exc:
+        Workspace.open(ws.root)
+    assert "write quiet_hours: false" in problems(exc)[0]
+    (ws.root / "config/herald.yaml").write_text(HERALD_YAML + "quiet_hours: false\n")
+    assert Workspace.open(ws.root).config.quiet_hours is None
