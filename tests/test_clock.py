@@ -128,6 +128,18 @@ def test_a_bad_now_is_a_usage_error(make_workspace, capsys) -> None:
     assert clock.current().anchor == before.anchor  # HERALD_NOW may set it afresh
 
 
+def test_a_bad_herald_now_is_named_as_the_environments(make_workspace, capsys,
+                                                       monkeypatch) -> None:
+    """HERALD_NOW=garbage was refused as "Invalid value for --now", an option the
+    operator never gave."""
+    ws = make_workspace()
+    monkeypatch.setenv(clock.ENV, "garbage")
+    code, _, err = cli(capsys, "recipient", "1", "-w", str(ws.root))
+    said = " ".join(err.split())
+    assert code == 2 and "Invalid value for HERALD_NOW (the environment): 'garbage' is " \
+                         "not an ISO 8601 time" in said, err
+
+
 @pytest.mark.prefect
 def test_dry_run_rehearsal_at_a_set_time(make_workspace, prefect_harness, capsys) -> None:
     ws = make_workspace({"config/herald.yaml": (

@@ -70,7 +70,10 @@ def set_now(value: str | None) -> None:
     try:
         clock.set_to(clock.parse(value))
     except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--now") from None
+        # the value may come from the environment rather than the command line
+        hint = (f"{clock.ENV} (the environment)" if value == os.environ.get(clock.ENV)
+                else "--now")
+        raise typer.BadParameter(str(exc), param_hint=hint) from None
 
 
 def _version(value: bool) -> None:
