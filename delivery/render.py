@@ -87,6 +87,15 @@ def _render(template: Template, names: dict[str, Any]) -> str:
 OUTSIDE = "is a link to a file outside templates/ (templates are read only from there)"
 
 
+# What Herald sets in every campaign message's variables, over the segment's columns of
+# the same name (herald.flows.chunks.build_message; flows/validate.py warns of a column
+# so hidden)
+OWN_VARIABLES = {"flow": "the flow's name", "tier": "the recipient's tier",
+                 "run_key": "the run key", "channel": "the channel's name",
+                 "variant": "the experiment's variant", "unsubscribe_url": "the recipient's "
+                 "unsubscribe link"}
+
+
 class _Loader(FileSystemLoader):
     """Jinja's file loader, refusing a file whose real path is outside its folder (a
     link out of templates/): validation refuses it first, and a run never reads it."""

@@ -23,7 +23,7 @@ from herald.core.errors import (
 from herald.core.files import read_text
 from herald.core.spec import CapRule, FlowCapRule, FlowSpec, Param
 from herald.core.workspace import CONFIG_FILE, Workspace
-from herald.delivery.render import Templates, templates_for
+from herald.delivery.render import OWN_VARIABLES, Templates, templates_for
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,8 @@ def check_flow(ws: Workspace, name: str, overrides: Mapping[str, Param] | None =
              for name in engine.variants(flow, tier, kind, part, variant)}
     warnings = [*cap_tier_warnings(flow.caps, flow.tiers, file,
                                    lambda loc: ws.flow_line(name, loc)),
-                *_opt_out_warnings(ws, flow, engine, kinds)]
+                *_opt_out_warnings(ws, flow, engine, kinds),
+                *_hidden_columns(flow, segment.file, columns)]
     return CheckedFlow(flow, segment, columns, len(files), tuple(warnings))
 
 
@@ -138,6 +139,18 @@ def cap_tier_warnings(caps: Sequence[CapRule | FlowCapRule], tiers: Collection[s
                 f"{', '.join(tiers) or 'none'})",
                 file, line_of(("caps", i, "tier")), f"caps[{i}].tier")))
     return found
+
+
+def _hidden_columns(flow: FlowSpec, segment_file: str, columns: Sequence[str]
+                    ) -> list[str]:
+    """Columns of the segment that templates never see: Herald's own variable of that
+    name takes their place (a column 'tier' that is the audience's tier column holds the
+    same value, and is not hidden)."""
+    return [f"{segment_file}: column '{column}' is hidden in the templates by Herald's own "
+            f"'{column}' ({OWN_VARIABLES[column]}): rename it in the query (... AS "
+            f"{column}_) to use it"
+            for column in columns if column in OWN_VARIABLES
+            and not (column == "tier" and flow.audience.tier == "tier")]
 
 
 def _variants_of(flow: FlowSpec, tier: str) -> list[str | None]:

@@ -668,3 +668,21 @@ def test_quiet_hours_false_in_herald_yaml_turns_them_off(make_workspace) -> None
     assert "write quiet_hours: false" in problems(exc)[0]
     (ws.root / "config/herald.yaml").write_text(HERALD_YAML + "quiet_hours: false\n")
     assert Workspace.open(ws.root).config.quiet_hours is None
+
+
+def test_a_column_hidden_by_heralds_own_variable_is_warned_of(make_workspace, capsys
+                                                              ) -> None:
+    """A segment's `flow` or `channel` column was replaced in every template by Herald's
+    own variable of that name without a word."""
+    ws = make_workspace({"audiences/people.sql": (
+        "SELECT id, name, email, phone, tier, locale, score, 'crm' AS flow, 'x' AS channel "
+        "FROM people WHERE score >= :min_score")})
+    with pytest.raises(SystemExit) as done:
+        main(["validate", "-w", str(ws.root)])
+    assert done.value.code == 0
+    err = " ".join(capsys.readouterr().err.split())
+    for column, what in (("flow", "the flow's name"), ("channel", "the channel's name")):
+        assert (f"warning: audiences/people.sql: column '{column}' is hidden in the templates "
+                f"by Herald's own '{column}' ({what}): rename it in the query (... AS "
+                f"{column}_) to use it") in err, err
+    assert "column 'tier'" not in err  # the audience's tier column: the same value
