@@ -453,13 +453,14 @@ def _refuse_text_not_utf8(conn: sqlite3.Connection, table: str, package_id: str,
     encoding went into the package, and every read of it failed (a run's chunks, with
     the value in the message). The streamed build meets it as it reads the source; here
     the package's rows are checked after the INSERT, a span of rows joined by SQLite and
-    decoded at once (about a tenth of the build's time), the offending row found only
-    when a span fails."""
+    decoded at once (5-6% of the build's time at 100,000 rows), the offending row found
+    only when a span fails."""
     first, last = conn.execute(f"SELECT min(seq), max(seq) FROM {table} "
                                "WHERE package_id = ?", (package_id,)).fetchone()
     if first is None:
         return
-    joined = (f"SELECT CAST(group_concat(key || tier || data, '') AS BLOB) FROM {table} "
+    # a row's data holds its key's and tier's values too: it is the one to check
+    joined = (f"SELECT CAST(group_concat(data, '') AS BLOB) FROM {table} "
               "WHERE package_id = ? AND seq >= ? AND seq < ?")
     for start in range(first, last + 1, NOT_UTF8_SPAN):
         span = (package_id, start, start + NOT_UTF8_SPAN)
