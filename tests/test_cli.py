@@ -337,7 +337,7 @@ def test_an_early_build_no_task_took_is_recorded_failed(make_workspace) -> None:
     records = {r.run_key: (r.status, r.error) for r in list_runs(ws.store)}
     assert records == {
         "signal": ("failed", "stopped by SIGTERM before sending: nothing was sent"),
-        "server": ("failed", "RunError: no answer"),
+        "server": ("failed", "no answer"),
         "ended": ("failed", "the flow run ended first"),
         "taken": ("running", None)}
 
