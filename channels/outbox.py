@@ -28,7 +28,7 @@ from herald.channels.base import (
     SendResult,
 )
 from herald.core import clock
-from herald.core.files import file_in_the_way
+from herald.core.files import file_in_the_way, folder_blocked
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.@+-]")
 
@@ -47,8 +47,7 @@ def outbox_dir(settings: OutboxSettings, workspace: Path) -> Path:
 def blocked(settings: OutboxSettings, workspace: Path) -> Path | None:
     """A file where the channel's folder, or a folder above it, should be (nothing can be
     written under it); None when there is none."""
-    base = outbox_dir(settings, workspace)
-    return base if base.exists() and not base.is_dir() else file_in_the_way(base)
+    return folder_blocked(outbox_dir(settings, workspace))
 
 
 def safe_name(key: str) -> str:

@@ -50,7 +50,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from herald.core.errors import HeraldError, WorkspaceError
-from herald.core.files import check_readable, file_in_the_way
+from herald.core.files import check_readable, folder_blocked
 
 # Every table Herald keeps in the workspace database is declared on this one MetaData.
 metadata = MetaData()
@@ -393,7 +393,7 @@ def make_engine(url: str, root: Path, store: bool = False, read_only: bool = Fal
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                blocking = file_in_the_way(folder / "x")
+                blocking = folder_blocked(folder)
                 raise WorkspaceError(
                     f"the workspace database {render_url(resolved)}: its folder cannot be "
                     "made: " + (f"{blocking} is a file, not a folder" if blocking else

@@ -47,6 +47,12 @@ def file_in_the_way(path: Path) -> Path | None:
     return next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
 
 
+def folder_blocked(folder: Path) -> Path | None:
+    """A file where ``folder``, or a folder above it, should be (nothing can be written
+    under it); None when there is none."""
+    return folder if folder.exists() and not folder.is_dir() else file_in_the_way(folder)
+
+
 def unreadable_reason(path: Path, exc: OSError) -> str:
     """Why ``path`` could not be read, in the words of an error message."""
     if isinstance(exc, IsADirectoryError) or path.is_dir():
