@@ -34,7 +34,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from sqlalchemy.exc import DBAPIError
 
 from herald.core import clock
-from herald.core.db import describe_exception, describe_failure
+from herald.core.db import describe_exception
 from herald.core.errors import HeraldError, RunError
 from herald.core.spec import Param, TaskRunnerSpec
 from herald.core.workspace import Workspace
@@ -66,7 +66,7 @@ def build_audience(ws: Workspace, flow_name: str, params: dict[str, Param], run_
             prepared = engine.prepare(ws, flow_name, params, run_key, dry_run)
         except (HeraldError, DBAPIError) as exc:
             # one line naming the file or the database, never the SQL and its parameters
-            message = describe_failure(exc) if isinstance(exc, DBAPIError) else str(exc)
+            message = describe_exception(exc)
     if prepared is None:
         # for the Prefect UI: `herald run` prints the failure itself, in one line
         get_run_logger().error("%s", message, extra={"ui_only": True})

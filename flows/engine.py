@@ -29,7 +29,7 @@ from sqlalchemy.exc import DBAPIError
 
 from herald.audiences import builder, store
 from herald.core import clock
-from herald.core.db import describe_exception, describe_failure
+from herald.core.db import describe_exception
 from herald.core.errors import HeraldError, Problem, RunError, ValidationFailed
 from herald.core.spec import Param, TaskRunnerSpec
 from herald.core.workspace import Workspace
@@ -214,7 +214,7 @@ def build_early(ws: Workspace, flow_name: str, params: Mapping[str, Param] | Non
     try:
         early.prepared = prepare(ws, flow_name, early.params, key, dry_run)
     except (HeraldError, DBAPIError) as exc:
-        early.failure = describe_failure(exc) if isinstance(exc, DBAPIError) else str(exc)
+        early.failure = describe_exception(exc)
     finally:
         herald_log.removeHandler(keep)
         early.seconds = time.perf_counter() - started
